@@ -1,0 +1,68 @@
+"""Backend choice and argument validation through the public API."""
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import dispatch
+
+
+def test_reference_is_always_available():
+    assert "reference" in fastgpt.available_backends()
+    status = dispatch.backend_status()
+    assert set(status) == set(dispatch.BACKENDS)
+    for name, reason in status.items():
+        assert reason is None or isinstance(reason, str) and reason, name
+
+
+def test_unknown_backend_is_rejected():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
+        fastgpt.causal_attention(q, q, q, backend="fast")
+
+
+def test_env_override_picks_reference(monkeypatch):
+    monkeypatch.setenv("FASTGPT_BACKEND", "reference")
+    dispatch.choose_backend.cache_clear()
+    q = torch.randn(1, 2, 5, 8)
+    torch.testing.assert_close(fastgpt.causal_attention(q, q, q), fastgpt.causal_attention(q, q, q, backend="reference"))
+    assert dispatch.choose_backend("causal_attention", "auto", "cpu", torch.float32, (("head_dim", 8),)) == "reference"
+    dispatch.choose_backend.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "make_args, error, pattern",
+    [
+        (lambda q: (q[0], q, q), ValueError, r"q must have 4 dimensions, got 3"),
+        (lambda q: (q.tolist(), q, q), TypeError, r"q must be a torch.Tensor, got list"),
+        (lambda q: (q, q.half(), q), TypeError, r"k must have the dtype of q \(torch.float32\), got torch.float16"),
+        (lambda q: (q.long(), q.long(), q.long()), TypeError, r"q must be a floating-point tensor .*got dtype torch.int64"),
+        (lambda q: (q, q[:, :, :3], q[:, :, :3]), ValueError, r"q_len must be <= kv_len .*q_len=4, kv_len=3"),
+        (lambda q: (q, q[:, :4], q[:, :4]), ValueError, r"multiple of k's kv_heads .*heads=6, kv_heads=4"),
+        (lambda q: (q, q, q[..., :4]), ValueError, r"v must have shape \(2, 6, 4, 8\), got \(2, 6, 4, 4\)"),
+    ],
+)
+def test_attention_bad_input(make_args, error, pattern):
+    q = torch.randn(2, 6, 4, 8)
+    with pytest.raises(error, match=pattern):
+        fastgpt.causal_attention(*make_args(q), backend="reference")
+
+
+def test_cross_entropy_target_checks():
+    x, weight = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\) or equal ignore_index=-100, got 10"):
+        fastgpt.linear_cross_entropy(x, weight, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(TypeError, match=r"targets must be an int64 .*got dtype torch.int32"):
+        fastgpt.linear_cross_entropy(x, weight, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"reduction must be one of .*got 'avg'"):
+        fastgpt.linear_cross_entropy(x, weight, torch.tensor([0, 1, 2, 3]), reduction="avg")
+
+
+def test_ffn_and_layer_norm_checks():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"activation must be one of .*got 'tanh'"):
+        fastgpt.fused_ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, activation="tanh")
+    with pytest.raises(ValueError, match=r"proj_weight must have shape \(out_features, 16\)"):
+        fastgpt.fused_ffn(x, torch.randn(16, 8), None, torch.randn(8, 15), None)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
+        fastgpt.layer_norm(x, torch.randn(7), None)
