@@ -1,0 +1,75 @@
+"""Compile every GPU configuration of the Triton kernels for sm_80 and sm_90 without a GPU.
+
+Each Triton kernel module listed in KERNEL_MODULES exposes `gpu_compile_cases(capability)`, returning
+one CompileCase per (kernel, autotune configuration, dtype) that it would launch on a GPU of that
+compute capability. `python -m fastgpt.ops.triton_compile` compiles them all with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))` and prints one JSON record
+per case: shared memory used, whether the PTX holds tensor-core instructions, or the error.
+
+It must run in a process where TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields
+interpreted functions, which cannot be compiled. tests/test_triton_compile.py runs it that way.
+"""
+
+import dataclasses
+import importlib
+import json
+import sys
+
+CAPABILITIES = (80, 90)
+# Largest shared memory one block may use (opt-in), in bytes: A100 (sm_80) and H100/H200 (sm_90).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+KERNEL_MODULES = ("fastgpt.ops.triton_attention",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCase:
+    name: str  # readable: kernel, dtype and configuration
+    kernel: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict  # constexpr name -> value
+    num_warps: int
+    num_stages: int
+    tensor_cores: bool  # True when the PTX must hold mma (sm_80) / mma or wgmma (sm_90)
+
+
+def compile_case(case, capability):
+    """Compile one case; returns a JSON-ready record."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    record = {"name": case.name, "capability": capability, "tensor_cores_expected": case.tensor_cores}
+    try:
+        compiled = compile(
+            ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs),
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+        )
+    except Exception as error:  # report every failure instead of stopping at the first
+        record["error"] = f"{type(error).__name__}: {error}"[:2000]
+        return record
+    ptx = compiled.asm["ptx"]
+    record.update(
+        shared_bytes=compiled.metadata.shared,
+        shared_limit=SHARED_MEMORY_LIMIT[capability],
+        has_mma="mma.sync" in ptx,
+        has_wgmma="wgmma" in ptx,
+    )
+    return record
+
+
+def all_cases():
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        for capability in CAPABILITIES:
+            for case in module.gpu_compile_cases(capability):
+                yield case, capability
+
+
+def main():
+    for case, capability in all_cases():
+        print(json.dumps(compile_case(case, capability)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
