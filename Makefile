@@ -21,7 +21,7 @@ demo: install
 	$(PYTHON) -m fastgpt demo
 
 test: install
-	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint:
 	$(PYTHON) -m ruff check fastgpt tests benchmarks
