@@ -48,9 +48,12 @@ def check_against_reference(q, k, v, softmax_scale=None, names=("out", "dq", "dk
     dout = torch.randn_like(out)
     actual = (out, *torch.autograd.grad(out, (q, k, v), dout))
     upcast = [leaf(t.double()) for t in (q, k, v)]
-    expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=softmax_scale)
-    eager = attention_and_grads(reference.causal_attention, *(leaf(t) for t in (q, k, v)), dout,
-                                softmax_scale=softmax_scale)
+    expected = attention_and_grads(
+        reference.causal_attention, *upcast, dout.double(), softmax_scale=softmax_scale
+    )
+    eager = attention_and_grads(
+        reference.causal_attention, *(leaf(t) for t in (q, k, v)), dout, softmax_scale=softmax_scale
+    )
     actual, expected, eager = ([t.detach() for t in results] for results in (actual, expected, eager))
     checked = dict(zip(("out", "dq", "dk", "dv"), zip(actual, expected, eager)))
     for name in names:
@@ -87,9 +90,9 @@ def test_packed_qkv_views_are_read_in_place(monkeypatch):
     launched = []
     original_launch = triton_attention._launch
 
-    def recording_launch(kernel_name, device, grid, *args, **constexprs):
+    def recording_launch(kernel_name, inputs, grid, *args, **constexprs):
         launched.append((kernel_name, args))
-        return original_launch(kernel_name, device, grid, *args, **constexprs)
+        return original_launch(kernel_name, inputs, grid, *args, **constexprs)
 
     monkeypatch.setattr(triton_attention, "_launch", recording_launch)
     out = fastgpt.causal_attention(q, k, v, backend="triton")
@@ -170,9 +173,11 @@ def test_huge_logits_do_not_overflow():
     for grad in (dq, dk, dv):
         assert torch.isfinite(grad).all()
     dout = torch.randn_like(out)
-    (dv,) = torch.autograd.grad(fastgpt.causal_attention(q, k, v, softmax_scale=scale, backend="triton"), v, dout)
+    out = fastgpt.causal_attention(q, k, v, softmax_scale=scale, backend="triton")
+    (dv,) = torch.autograd.grad(out, v, dout)
     upcast = [leaf(t.double()) for t in (q, k, v)]
-    (dv64,) = torch.autograd.grad(reference.causal_attention(*upcast, softmax_scale=scale), upcast[2], dout.double())
+    out64 = reference.causal_attention(*upcast, softmax_scale=scale)
+    (dv64,) = torch.autograd.grad(out64, upcast[2], dout.double())
     recompute_bound = 4 * torch.finfo(torch.float32).eps * max_score * dout.abs().max().item()
     assert (dv.double() - dv64).abs().max().item() <= recompute_bound
 
@@ -188,7 +193,9 @@ def test_nan_stays_in_its_row():
     assert int(dq.isnan().any(-1).sum()) == 1
 
 
-@pytest.mark.parametrize("shape_q, shape_kv", [((0, 2, 5, 16), (0, 1, 5, 16)), ((1, 2, 0, 16), (1, 2, 6, 16))])
+@pytest.mark.parametrize(
+    "shape_q, shape_kv", [((0, 2, 5, 16), (0, 1, 5, 16)), ((1, 2, 0, 16), (1, 2, 6, 16))]
+)
 def test_empty_inputs(shape_q, shape_kv):
     q = leaf(torch.randn(shape_q, device=DEVICE))
     k, v = leaf(torch.randn(shape_kv, device=DEVICE)), leaf(torch.randn(shape_kv, device=DEVICE))
@@ -240,11 +247,17 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "batch, heads, kv_heads, q_len, kv_len, head_dim",
-    [(2, 8, 8, 1024, 1024, 128), (2, 8, 2, 1000, 1000, 64), (1, 4, 1, 300, 1337, 128), (1, 2, 2, 129, 129, 256),
-     (1, 4, 4, 255, 255, 80)],
+    [
+        (2, 8, 8, 1024, 1024, 128),
+        (2, 8, 2, 1000, 1000, 64),
+        (1, 4, 1, 300, 1337, 128),
+        (1, 2, 2, 129, 129, 256),
+        (1, 4, 4, 255, 255, 80),
+    ],
 )
 def test_gpu_matches_reference(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
-    check_against_reference(*random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda"))
+    inputs = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
+    check_against_reference(*inputs)
 
 
 @pytest.mark.gpu

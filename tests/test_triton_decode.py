@@ -71,10 +71,13 @@ def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
             return launch
 
     if triton_decode.INTERPRETER:
-        monkeypatch.setattr(triton_decode, "_decode_partial_kernel", RecordingKernel(triton_decode._decode_partial_kernel))
+        kernel = RecordingKernel(triton_decode._decode_partial_kernel)
+        monkeypatch.setattr(triton_decode, "_decode_partial_kernel", kernel)
     else:
         autotuned = triton_decode._autotuned_partial
-        monkeypatch.setattr(triton_decode, "_autotuned_partial", lambda *key: RecordingKernel(autotuned(*key)))
+        monkeypatch.setattr(
+            triton_decode, "_autotuned_partial", lambda *key: RecordingKernel(autotuned(*key))
+        )
     q = torch.randn(2, 8, 1, 64, device=DEVICE)
     k, v = cache_views(2, 2, 97, 64, torch.float32, capacity=160)
     check_decode(q, k, v)
@@ -82,9 +85,9 @@ def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
     (grid, args, kwargs), = launches
     assert args[1].data_ptr() == k.data_ptr() and args[1].stride() == k.stride()
     assert args[2].data_ptr() == v.data_ptr() and args[2].stride() == v.stride()
-    assert grid[1] == 2 * 2  # one program per (batch, kv head) and split
+    assert grid[0] == 2 * 2  # one program per (batch, kv head) and split
     if triton_decode.INTERPRETER:
-        assert grid[0] > 1, "97 keys should span several splits under the interpreter"
+        assert grid[1] > 1, "97 keys should span several splits under the interpreter"
     assert kwargs["BLOCK_H"] >= 4
 
 
@@ -138,7 +141,8 @@ def test_empty_batch():
 
 def test_rejects_more_than_one_query():
     q = torch.randn(1, 2, 3, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"q must have shape \(batch, heads, 1, head_dim\), got \(1, 2, 3, 16\)"):
+    expected = r"q must have shape \(batch, heads, 1, head_dim\), got \(1, 2, 3, 16\)"
+    with pytest.raises(ValueError, match=expected):
         triton_decode.decode_attention(q, q, q, 0.25)
 
 
@@ -169,4 +173,13 @@ def test_torch_compile_fullgraph():
 )
 def test_gpu_matches_reference(batch, heads, kv_heads, kv_len, head_dim, dtype):
     q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device="cuda")
-    check_decode(q, *cache_views(batch, kv_heads, kv_len, head_dim, dtype, capacity=kv_len + 512, device="cuda"))
+    k, v = cache_views(batch, kv_heads, kv_len, head_dim, dtype, capacity=kv_len + 512, device="cuda")
+    check_decode(q, k, v)
+
+
+def test_head_span_beyond_32_bits_is_rejected():
+    """Inside one (batch, head) slice the kernels index with 32-bit integers; a layout whose slice
+    spans 2**31 elements or more is refused before any launch (shapes only: a meta tensor)."""
+    cache = torch.empty_strided((1, 1, 3, 16), (0, 0, 2**30, 1), device="meta")
+    with pytest.raises(ValueError, match=r"k spans 2147483663 elements within one \(batch, head\) slice"):
+        triton_decode.check_head_span("k", cache)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
-from fastgpt.ops.triton_decode import decode_attention
+from fastgpt.ops.triton_decode import check_head_span, decode_attention
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -41,8 +41,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # tl.dot needs every dimension >= 16, so head_dim is padded to at least this.
 MIN_BLOCK_D = 16
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
+# Used inside the kernels, hence tl.constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to natural log
 
 # Set before this module is imported, TRITON_INTERPRET=1 makes @triton.jit yield interpreted
 # functions; they run on CPU tensors with numpy, one program at a time.
@@ -128,10 +129,26 @@ DQ_CONFIGS = {
     },
     "other": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 16, 8, 2)]},
 }
+# float32 inputs take exact fp32 products ("ieee": FMA, no tensor cores), a correctness path rather
+# than a fast one. Four-byte elements double every tile, so one small tile per head size, unpipelined
+# (one stage), on any capability: at most 98 KiB of shared memory (D=256), under every limit above.
+# 8 warps, because FMA products hold whole operand rows in registers (at 4 warps the D=256 forward
+# spills 6 KiB; at 8, under 0.5 KiB).
+FLOAT32_CONFIGS = {
+    "forward": {64: [(64, 32, 8, 2)], 128: [(64, 32, 8, 1)], 256: [(32, 32, 8, 1)]},
+    "dkdv": {64: [(32, 64, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+    "dq": {64: [(64, 32, 8, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def _tile_ptrs(base, rows, cols, stride_row, stride_col):
+    """Pointers to the (rows, cols) tile of the matrix at `base` with the given strides."""
+    return base + rows[:, None] * stride_row + cols[None, :] * stride_col
 
 
 @triton.jit
@@ -207,9 +224,12 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision
 ):
-    # Query blocks near the end see the most keys: launch them first so the short ones fill the tail.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch_head = tl.program_id(1)
+    # A 1-D grid of (query block, batch * head), so batch * heads is not capped at 65535. The query
+    # blocks of a head run side by side (sharing its K/V in L2), the last ones first: they see the
+    # most keys, and the short blocks launched last fill the tail of the grid.
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    batch_head = tl.program_id(0) // num_m_blocks
+    start_m = (num_m_blocks - 1 - tl.program_id(0) % num_m_blocks) * BLOCK_M
     batch = (batch_head // heads).to(tl.int64)
     head = (batch_head % heads).to(tl.int64)
     kv_head = head // group
@@ -218,15 +238,15 @@ def _attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < q_len
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
     q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
-    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634  # log2(e)
+    qk_scale = softmax_scale * LOG2E
 
     diag_offset = kv_len - q_len
     # Keys [0, full_end) are seen by every query of the block (the first sees j <= start_m + diag_offset).
@@ -244,9 +264,9 @@ def _attention_forward_kernel(
     )
 
     out = acc / row_sum[:, None]
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    lse = (row_max + tl.log2(row_sum)) * 0.6931471805599453  # ln(2): base 2 -> natural log
+    lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
     tl.store(Lse + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=rows_ok)
 
 
@@ -260,14 +280,15 @@ def _attention_backward_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
 ):
-    batch_head = tl.program_id(1)
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)  # 1-D grid of (row block, batch * head)
+    batch_head = tl.program_id(0) // num_m_blocks
     batch = (batch_head // heads).to(tl.int64)
     head = (batch_head % heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) % num_m_blocks * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < q_len
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    g_ptrs = dOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
+    g_ptrs = _tile_ptrs(dOut + batch * stride_gb + head * stride_gh, offs_m, offs_d, stride_gt, stride_gd)
     o = _load_tile(o_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
     do = _load_tile(g_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
     tl.store(Delta + batch_head.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=rows_ok)
@@ -293,7 +314,7 @@ def _backward_dkdv_inner(
         rows_ok = queries < q_len
         # Rows past q_len read as zeros (q, dO, lse, delta), so they add exactly 0 to dK and dV.
         q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0) * 1.4426950408889634  # base-2 lse
+        lse2 = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0) * LOG2E
         # Work transposed, keys along rows, so P^T and dS^T come out ready for the dK/dV products.
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(scores_t * qk_scale - lse2[None, :])
@@ -329,8 +350,11 @@ def _attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     DOT_PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    batch_kv_head = tl.program_id(1)
+    # 1-D grid of (key block, batch * kv head). The first key blocks are seen by the most queries
+    # and run first.
+    num_n_blocks = tl.cdiv(kv_len, BLOCK_N)
+    batch_kv_head = tl.program_id(0) // num_n_blocks
+    start_n = tl.program_id(0) % num_n_blocks * BLOCK_N
     kv_heads = heads // group
     batch = (batch_kv_head // kv_heads).to(tl.int64)
     kv_head = (batch_kv_head % kv_heads).to(tl.int64)
@@ -339,26 +363,27 @@ def _attention_backward_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     keys_ok = offs_n < kv_len
-    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
     k = _load_tile(k_ptrs, keys_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(v_ptrs, keys_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
 
     diag_offset = kv_len - q_len
     # Query i sees key j when i >= j - diag_offset. Query blocks before the one holding query
     # start_n - diag_offset see none of these keys and are skipped; blocks from full_start on see
     # all of them (their first query sees the block's last key) and run unmasked.
     query_start = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
-    full_start = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M, q_len)
+    full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+    full_start = tl.minimum(full_start, q_len)
     for member in range(group):
         head = kv_head * group + member
-        q_ptrs = Q + batch * stride_qb + head * stride_qh + (query_start + offs_m)[:, None] * stride_qt
-        q_ptrs += offs_d[None, :] * stride_qd
-        do_ptrs = dOut + batch * stride_gb + head * stride_gh + (query_start + offs_m)[:, None] * stride_gt
-        do_ptrs += offs_d[None, :] * stride_gd
+        queries = query_start + offs_m
+        q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, queries, offs_d, stride_qt, stride_qd)
+        do_base = dOut + batch * stride_gb + head * stride_gh
+        do_ptrs = _tile_ptrs(do_base, queries, offs_d, stride_gt, stride_gd)
         row_stats = (batch * heads + head) * q_len
         dk, dv = _backward_dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_stats, Delta + row_stats, stride_qt, stride_gt, offs_n,
@@ -374,8 +399,10 @@ def _attention_backward_dkdv_kernel(
 
     dk *= softmax_scale  # d(scores)/dk = softmax_scale * q
     store_mask = keys_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = dK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    dv_ptrs = dV + batch * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+    dk_base = dK + batch * stride_dkb + kv_head * stride_dkh
+    dv_base = dV + batch * stride_dvb + kv_head * stride_dvh
+    dk_ptrs = _tile_ptrs(dk_base, offs_n, offs_d, stride_dkt, stride_dkd)
+    dv_ptrs = _tile_ptrs(dv_base, offs_n, offs_d, stride_dvt, stride_dvd)
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=store_mask)
 
@@ -429,8 +456,9 @@ def _attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
-    batch_head = tl.program_id(1)
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)  # the forward's grid layout: longest rows first
+    batch_head = tl.program_id(0) // num_m_blocks
+    start_m = (num_m_blocks - 1 - tl.program_id(0) % num_m_blocks) * BLOCK_M
     batch = (batch_head // heads).to(tl.int64)
     head = (batch_head % heads).to(tl.int64)
     kv_head = head // group
@@ -439,33 +467,33 @@ def _attention_backward_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < q_len
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    do_ptrs = dOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
+    do_ptrs = _tile_ptrs(dOut + batch * stride_gb + head * stride_gh, offs_m, offs_d, stride_gt, stride_gd)
     q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(do_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
     row_stats = batch_head.to(tl.int64) * q_len + offs_m
-    lse2 = tl.load(Lse + row_stats, mask=rows_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + row_stats, mask=rows_ok, other=0.0) * LOG2E
     delta = tl.load(Delta + row_stats, mask=rows_ok, other=0.0)
-    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
 
     diag_offset = kv_len - q_len
     full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N  # as in the forward
     causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
     dq = _backward_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end, diag_offset,
-        kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
+        diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
     )
     dq = _backward_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt, stride_vt,
-        offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-        DOT_PRECISION,
+        dq, q, do, lse2, delta, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt,
+        stride_vt, offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D,
+        BLOCK_N, True, DOT_PRECISION,
     )
 
     dq *= softmax_scale  # d(scores)/dq = softmax_scale * k
-    dq_ptrs = dQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    dq_ptrs = _tile_ptrs(dQ + batch * stride_dqb + head * stride_dqh, offs_m, offs_d, stride_dqt, stride_dqd)
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -486,38 +514,38 @@ def _head_dim_class(block_d):
     return max(block_d, 64)
 
 
-def _table_for(table, capability):
-    return table.get(capability, table["other"])
-
-
-def gpu_configs(kernel_name, capability, block_d):
-    """The autotune candidates of one kernel on a GPU of compute capability `capability` (80, 90, ...)."""
+def gpu_configs(kernel_name, capability, block_d, dtype):
+    """The autotune candidates of one kernel for `dtype` inputs on a GPU of compute capability
+    `capability` (80, 90, ...)."""
     head_dims = _head_dim_class(block_d)
     if kernel_name == "preprocess":
         return [
             triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
             for block_m, warps in PREPROCESS_CONFIGS[head_dims]
         ]
-    table = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel_name]
+    if dtype == torch.float32:
+        table = FLOAT32_CONFIGS[kernel_name]
+    else:
+        tables = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel_name]
+        table = tables.get(capability, tables["other"])
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m, block_n, warps, stages in _table_for(table, capability)[head_dims]
+        for block_m, block_n, warps, stages in table[head_dims]
     ]
 
 
-# Autotune keys: the padded head size and the length's octave (the dtype is added by Triton).
-AUTOTUNE_KEYS = {"forward": ["BLOCK_D", "tune_len"], "preprocess": ["BLOCK_D"], "dkdv": ["BLOCK_D", "tune_len"],
-                 "dq": ["BLOCK_D", "tune_len"]}
+# Autotune keys: the length's octave (the dtype is added by Triton; the head size and capability
+# select the autotuner itself).
+AUTOTUNE_KEYS = {"forward": ["tune_len"], "preprocess": [], "dkdv": ["tune_len"], "dq": ["tune_len"]}
 
 
 @functools.cache
-def _autotuned(kernel_name, capability, block_d):
-    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size). Every
-    kernel overwrites its outputs completely and accumulates only in registers, so re-running a
-    kernel while tuning cannot corrupt results: no reset_to_zero or restore_value is needed."""
-    return triton.autotune(configs=gpu_configs(kernel_name, capability, block_d), key=AUTOTUNE_KEYS[kernel_name])(
-        KERNELS[kernel_name]
-    )
+def _autotuned(kernel_name, capability, block_d, dtype):
+    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size, dtype).
+    Every kernel overwrites its outputs completely and accumulates only in registers, so re-running
+    a kernel while tuning cannot corrupt results: no reset_to_zero or restore_value is needed."""
+    configs = gpu_configs(kernel_name, capability, block_d, dtype)
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEYS[kernel_name])(KERNELS[kernel_name])
 
 
 @functools.cache
@@ -526,14 +554,15 @@ def _capability(device_index):
     return major * 10 + minor
 
 
-def _launch(kernel_name, device, grid, *args, **constexprs):
-    """Launch one kernel: the fixed interpreter configuration on CPU, the autotuned one on a GPU.
-    `grid` maps a configuration's meta-parameters to the launch grid."""
+def _launch(kernel_name, inputs, grid, *args, **constexprs):
+    """Launch one kernel on `inputs`' device for their dtype: the fixed interpreter configuration on
+    CPU, the autotuned one on a GPU. `grid` maps a configuration's meta-parameters to the grid."""
     if INTERPRETER:
         config = INTERPRETER_CONFIGS[kernel_name]
         KERNELS[kernel_name][grid(config)](*args, **constexprs, **config)
     else:
-        kernel = _autotuned(kernel_name, _capability(device.index), constexprs["BLOCK_D"])
+        capability = _capability(inputs.device.index)
+        kernel = _autotuned(kernel_name, capability, constexprs["BLOCK_D"], inputs.dtype)
         kernel[grid](*args, **constexprs)
 
 
@@ -564,8 +593,10 @@ def attention_forward(q, k, v, softmax_scale):
     lse = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
     if out.numel() == 0:
         return out, lse
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_head_span(name, tensor)
     _launch(
-        "forward", q.device, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
+        "forward", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, out, lse, softmax_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, heads // kv_heads, q_len, kv_len, _tune_len(kv_len),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
@@ -585,22 +616,23 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
         return dq, dk, dv
     if dq.numel() == 0:  # no query sees any key (q_len == 0): the gradients are zero
         return dq, dk.zero_(), dv.zero_()
+    check_head_span("the output gradient", dout)
     block_d = _block_d(head_dim)
     group = heads // kv_heads
     delta = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
     _launch(
-        "preprocess", q.device, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
+        "preprocess", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
         out, dout, delta, *out.stride(), *dout.stride(), heads, q_len, HEAD_DIM=head_dim, BLOCK_D=block_d,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(q.dtype)}
     _launch(
-        "dkdv", q.device, lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads),
+        "dkdv", q, lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
         q, k, v, dout, lse, delta, dk, dv, softmax_scale, *strides, *dk.stride(), *dv.stride(),
         heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
     )
     _launch(
-        "dq", q.device, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
+        "dq", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, dout, lse, delta, dq, softmax_scale, *strides, *dq.stride(),
         heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
     )
@@ -626,7 +658,12 @@ def _(q, k, v, softmax_scale):
 
 @torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
 def attention_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, softmax_scale)
@@ -707,18 +744,20 @@ def unit_feature_strides(kernel):
 
 def gpu_compile_cases(capability):
     """One CompileCase per (kernel, autotune configuration, dtype, head size) launched on a GPU of
-    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256."""
+    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. (The float32 path's
+    FMA kernels take 6-20 s each to compile, too slow for CI; it is verified by hand.)"""
     shapes = [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16) for head_dim in (64, 128)]
     shapes.append((torch.bfloat16, 256))
     cases = []
     for dtype, head_dim in shapes:
+        block_d = _block_d(head_dim)
         for kernel_name, kernel in KERNELS.items():
-            for config in gpu_configs(kernel_name, capability, _block_d(head_dim)):
-                constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
+            for config in gpu_configs(kernel_name, capability, block_d, dtype):
+                constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=block_d)
                 constexprs.update(unit_feature_strides(kernel))
                 if kernel_name != "preprocess":
                     constexprs["DOT_PRECISION"] = _dot_precision(dtype)
-                blocks = "x".join(str(value) for key, value in config.kwargs.items())
+                blocks = "x".join(str(value) for value in config.kwargs.values())
                 cases.append(
                     CompileCase(
                         name=f"attention_{kernel_name} {TRITON_TYPES[dtype]} D={head_dim} {blocks} "

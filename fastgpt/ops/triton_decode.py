@@ -30,6 +30,9 @@ from fastgpt.ops.triton_compile import CompileCase
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Used inside the kernels, hence tl.constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to natural log
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16: head_dim and the group of query heads are padded to it
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -61,6 +64,8 @@ DECODE_CONFIGS = {
     # Others (99 KiB on sm_86/89): 2 stages of a tile that fits.
     "other": {64: [(64, 4, 2)], 128: [(64, 4, 2)], 256: [(32, 4, 2)]},
 }
+# float32 inputs (exact FMA products): 4-byte tiles, so 2 stages of 32 KiB K+V tiles on any GPU.
+FLOAT32_CONFIGS = {64: [(64, 4, 2)], 128: [(32, 4, 2)], 256: [(16, 4, 2)]}
 # The combine kernel reads (splits, BLOCK_D) fp32 once: 4 warps, or 8 for D=256 to keep the
 # 64 x 256 tile at 64 registers/thread.
 COMBINE_WARPS = {64: 4, 128: 4, 256: 8}
@@ -91,8 +96,8 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
 ):
-    split = tl.program_id(0)
-    batch_kv_head = tl.program_id(1)
+    batch_kv_head = tl.program_id(0)  # on axis 0, which is not capped at 65535
+    split = tl.program_id(1)
     batch = (batch_kv_head // kv_heads).to(tl.int64)
     kv_head = (batch_kv_head % kv_heads).to(tl.int64)
 
@@ -115,7 +120,7 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
     row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634  # log2(e): base-2 online softmax
+    qk_scale = softmax_scale * LOG2E
     for start_n in range(key_start, key_end, BLOCK_N):
         keys_ok = start_n + offs_n < key_end
         tile_mask = keys_ok[:, None] & dims_ok[None, :]
@@ -133,10 +138,11 @@ def _decode_partial_kernel(
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
 
-    partial = ((batch * kv_heads + kv_head) * group + offs_h) * num_splits + split  # (BLOCK_H,) rows of (B*H*S)
+    # (BLOCK_H,) rows of the (B * H * S, D) partial outputs
+    partial = ((batch * kv_heads + kv_head) * group + offs_h) * num_splits + split
     out_ptrs = PartialOut + partial[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(out_ptrs, acc / row_sum[:, None], mask=heads_ok[:, None] & dims_ok[None, :])
-    lse = (row_max + tl.log2(row_sum)) * 0.6931471805599453  # ln(2): base 2 -> natural log
+    lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
     tl.store(PartialLse + partial, lse, mask=heads_ok)
 
 
@@ -160,11 +166,12 @@ def _decode_combine_kernel(
     dims_ok = offs_d < HEAD_DIM
     rows = batch_head.to(tl.int64) * num_splits + offs_s  # (BLOCK_S,)
     lse = tl.load(PartialLse + rows, mask=splits_ok, other=float("-inf"))
-    weight = tl.exp2((lse - tl.max(lse, 0)) * 1.4426950408889634)  # padded splits weigh exp(-inf) = 0
-    partial = tl.load(PartialOut + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=splits_ok[:, None] & dims_ok[None, :],
-                      other=0.0)  # (BLOCK_S, BLOCK_D)
+    weight = tl.exp2((lse - tl.max(lse, 0)) * LOG2E)  # padded splits weigh exp(-inf) = 0
+    partial_ptrs = PartialOut + rows[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK_S, BLOCK_D)
+    partial = tl.load(partial_ptrs, mask=splits_ok[:, None] & dims_ok[None, :], other=0.0)
     out = tl.sum(weight[:, None] * partial, 0) / tl.sum(weight, 0)
-    tl.store(Out + batch * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=dims_ok)
+    out_ptrs = Out + batch * stride_ob + head * stride_oh + offs_d * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=dims_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +182,12 @@ def _head_dim_class(block_d):
     return max(block_d, 64)
 
 
-def gpu_configs(capability, block_d):
-    """The autotune candidates of the partial kernel on a GPU of this compute capability."""
-    table = DECODE_CONFIGS.get(capability, DECODE_CONFIGS["other"])
+def gpu_configs(capability, block_d, dtype):
+    """The autotune candidates of the partial kernel for `dtype` inputs on a GPU of this capability."""
+    if dtype == torch.float32:
+        table = FLOAT32_CONFIGS
+    else:
+        table = DECODE_CONFIGS.get(capability, DECODE_CONFIGS["other"])
     return [
         triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_n, warps, stages in table[_head_dim_class(block_d)]
@@ -185,12 +195,12 @@ def gpu_configs(capability, block_d):
 
 
 @functools.cache
-def _autotuned_partial(capability, block_d):
-    """Built on first use. Keyed on the tile shapes (and dtype) only, not the cache length, which
-    grows every decoding step; the kernel only writes its outputs, so tuning re-runs are harmless."""
-    return triton.autotune(configs=gpu_configs(capability, block_d), key=["BLOCK_D", "BLOCK_H"])(
-        _decode_partial_kernel
-    )
+def _autotuned_partial(capability, block_d, dtype):
+    """Built on first use per (capability, head size, dtype). Keyed on the group's padded size, not
+    on the cache length, which grows every decoding step; the kernel only writes its outputs, so
+    tuning re-runs are harmless."""
+    configs = gpu_configs(capability, block_d, dtype)
+    return triton.autotune(configs=configs, key=["BLOCK_H"])(_decode_partial_kernel)
 
 
 @functools.cache
@@ -207,13 +217,26 @@ def _block_d(head_dim):
 def _split_len(programs_per_split, kv_len, device):
     """Keys per split: see the split sizing constants."""
     if INTERPRETER:
-        wanted_splits, min_keys, align = INTERPRETER_SPLITS, INTERPRETER_MIN_SPLIT_KEYS, INTERPRETER_SPLIT_ALIGN
+        wanted_splits = INTERPRETER_SPLITS
+        min_keys, align = INTERPRETER_MIN_SPLIT_KEYS, INTERPRETER_SPLIT_ALIGN
     else:
         sms = _device_facts(device.index)[1]
         wanted_splits = triton.cdiv(WAVES_PER_SM * sms, programs_per_split)
         min_keys, align = MIN_SPLIT_KEYS, SPLIT_ALIGN
     split_len = max(min_keys, triton.cdiv(kv_len, min(wanted_splits, MAX_SPLITS)))
     return triton.cdiv(split_len, align) * align
+
+
+def check_head_span(name, tensor):
+    """The attention kernels (here and in triton_attention) offset a (batch, head) slice with 64-bit
+    integers but index inside it with 32-bit ones, which cover every realistic layout: a packed qkv
+    at T=32k, H=32, D=128 spans 2^28.6 elements. Raises ValueError for a slice they cannot cover."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape[2:], tensor.stride()[2:]))
+    if span >= 2**31:
+        raise ValueError(
+            f"causal_attention: {name} spans {span} elements within one (batch, head) slice (shape "
+            f"{tuple(tensor.shape)}, strides {tensor.stride()}); the triton kernels need fewer than 2**31"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +250,8 @@ def decode_forward(q, k, v, softmax_scale):
     out = new_output(q.shape, q.dtype, q.device)  # (B, H, 1, D)
     if out.numel() == 0:
         return out
+    for name, tensor in (("k", k), ("v", v)):
+        check_head_span(name, tensor)
     group = heads // kv_heads
     split_len = _split_len(batch * kv_heads, kv_len, q.device)
     num_splits = triton.cdiv(kv_len, split_len)  # every split holds at least one key
@@ -241,11 +266,11 @@ def decode_forward(q, k, v, softmax_scale):
         "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_H": max(MIN_BLOCK, triton.next_power_of_2(group)),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
-    grid = (num_splits, batch * kv_heads)
+    grid = (batch * kv_heads, num_splits)
     if INTERPRETER:
         _decode_partial_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
     else:
-        _autotuned_partial(_device_facts(q.device.index)[0], block_d)[grid](*args, **constexprs)
+        _autotuned_partial(_device_facts(q.device.index)[0], block_d, q.dtype)[grid](*args, **constexprs)
     _decode_combine_kernel[(batch * heads,)](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), out.stride(3), heads, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
@@ -259,7 +284,9 @@ def decode_forward(q, k, v, softmax_scale):
 
 
 @torch.library.custom_op("fastgpt::triton_decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def decode_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
+) -> torch.Tensor:
     return decode_forward(q, k, v, softmax_scale)
 
 
@@ -273,7 +300,9 @@ def decode_attention(q, k, v, softmax_scale):
     strides (a view cache[:, :, :L] is read in place). Equals causal_attention for q_len == 1.
     Arguments are otherwise assumed validated (dispatch.validate_attention); inference only."""
     if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"decode_attention: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
+        raise ValueError(
+            f"decode_attention: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}"
+        )
     return decode_attention_op(q, k, v, softmax_scale)
 
 
@@ -307,7 +336,7 @@ def gpu_compile_cases(capability):
         block_d = _block_d(head_dim)
         element = "*" + TRITON_TYPES[dtype]
         shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
-        for config in gpu_configs(capability, block_d):
+        for config in gpu_configs(capability, block_d, dtype):
             cases.append(
                 _compile_case(
                     f"decode_partial {TRITON_TYPES[dtype]} D={head_dim} N={config.kwargs['BLOCK_N']} "
@@ -321,7 +350,8 @@ def gpu_compile_cases(capability):
             _compile_case(
                 f"decode_combine {TRITON_TYPES[dtype]} D={head_dim} S={MAX_SPLITS}",
                 _decode_combine_kernel, element, ("PartialOut", "PartialLse", "Out"),
-                dict(shape, BLOCK_S=MAX_SPLITS), COMBINE_WARPS[_head_dim_class(block_d)], 1, tensor_cores=False,
+                dict(shape, BLOCK_S=MAX_SPLITS), COMBINE_WARPS[_head_dim_class(block_d)], 1,
+                tensor_cores=False,
             )
         )
     return cases
