@@ -206,6 +206,15 @@ def test_empty_inputs(shape_q, shape_kv):
     assert not dk.any() and not dv.any()  # no query sees any key
 
 
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="a limit of the CPU interpreter only")
+def test_bfloat16_is_declined_under_the_interpreter():
+    """The interpreter would compute bfloat16 on its raw bits; dispatch refuses it instead."""
+    q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+    expected = r"supports dtypes \(float16, float32\) for causal_attention, got torch.bfloat16"
+    with pytest.raises(TypeError, match=expected):
+        fastgpt.causal_attention(q, q, q, backend="triton")
+
+
 def test_rejects_head_dim_over_256():
     q = torch.randn(1, 1, 2, 257, device=DEVICE)
     with pytest.raises(ValueError, match=r"head_dim <= 256, got head_dim=257"):

@@ -93,7 +93,7 @@ def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
 
 def test_single_query_without_grad_uses_the_decode_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(triton_attention, "decode_attention", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(triton_attention, "decode_attention_op", lambda *args: calls.append(args) or args[0])
     q = torch.randn(1, 2, 1, 16, device=DEVICE)
     k, v = cache_views(1, 1, 30, 16, torch.float32, capacity=30)
     with torch.no_grad():
@@ -139,11 +139,14 @@ def test_empty_batch():
         assert fastgpt.causal_attention(q, k, v, backend="triton").shape == q.shape
 
 
-def test_rejects_more_than_one_query():
+def test_direct_calls_are_validated():
     q = torch.randn(1, 2, 3, 16, device=DEVICE)
     expected = r"q must have shape \(batch, heads, 1, head_dim\), got \(1, 2, 3, 16\)"
     with pytest.raises(ValueError, match=expected):
-        triton_decode.decode_attention(q, q, q, 0.25)
+        triton_decode.decode_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"multiple of k's kv_heads .*heads=2, kv_heads=3"):
+        kv = torch.randn(1, 3, 5, 16, device=DEVICE)
+        triton_decode.decode_attention(q[:, :, :1], kv, kv)
 
 
 def test_opcheck():

@@ -32,12 +32,11 @@ import triton.language as tl
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
-from fastgpt.ops.triton_decode import check_head_span, decode_attention
+from fastgpt.ops.triton_decode import check_head_span, decode_attention_op
 
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # tl.dot needs every dimension >= 16, so head_dim is padded to at least this.
 MIN_BLOCK_D = 16
@@ -48,6 +47,12 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to 
 # Set before this module is imported, TRITON_INTERPRET=1 makes @triton.jit yield interpreted
 # functions; they run on CPU tensors with numpy, one program at a time.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter has no bfloat16 arithmetic (numpy has no such type: it computes on the raw bits and
+# returns garbage), so under it bfloat16 is declined rather than answered wrongly.
+if INTERPRETER:
+    SUPPORTED_DTYPES = (torch.float16, torch.float32)
+else:
+    SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The one configuration the interpreter runs. Its cost grows with the number of programs, so blocks
 # are small but not minimal; BLOCK_M != BLOCK_N on purpose, as on the GPU, so the tests exercise the
@@ -697,7 +702,7 @@ def causal_attention(q, k, v, softmax_scale):
     the whole GPU instead of one program per head."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] == 1 and not needs_grad:
-        return decode_attention(q, k, v, softmax_scale)
+        return decode_attention_op(q, k, v, softmax_scale)
     out, _ = attention_forward_op(q, k, v, softmax_scale)
     return out
 

@@ -22,19 +22,24 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt import dispatch
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
 
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 # Used inside the kernels, hence tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to natural log
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16: head_dim and the group of query heads are padded to it
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# No bfloat16 under the interpreter, which computes it on the raw bits (see triton_attention).
+if INTERPRETER:
+    SUPPORTED_DTYPES = (torch.float16, torch.float32)
+else:
+    SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
 
 # Split sizing. On a GPU: enough (split, kv head) programs to fill every SM about twice, but no
 # split shorter than 256 keys, below which the combine pass and the per-program setup cost more
@@ -295,14 +300,20 @@ def _(q, k, v, softmax_scale):
     return q.new_empty(q.shape)
 
 
-def decode_attention(q, k, v, softmax_scale):
+def decode_attention(q, k, v, softmax_scale=None):
     """Attention of a single query per head to a KV cache: q (B, H, 1, D); k, v (B, Hkv, L, D), any
-    strides (a view cache[:, :, :L] is read in place). Equals causal_attention for q_len == 1.
-    Arguments are otherwise assumed validated (dispatch.validate_attention); inference only."""
-    if q.dim() != 4 or q.shape[2] != 1:
+    strides (a view cache[:, :, :L] is read in place). Equals fastgpt.causal_attention for q_len == 1
+    (which routes such calls here when no gradient is needed); inference only. Validates its
+    arguments like causal_attention, plus q_len == 1."""
+    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale)
+    if q.shape[2] != 1:
         raise ValueError(
             f"decode_attention: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}"
         )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"decode_attention: q must have a dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention: head_dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
     return decode_attention_op(q, k, v, softmax_scale)
 
 
@@ -329,29 +340,27 @@ def _compile_case(name, kernel, element, pointers, constexprs, num_warps, num_st
 
 def gpu_compile_cases(capability):
     """Each partial-kernel configuration of each head-size class, for a GQA group of up to 16 query
-    heads, and the combine kernel. fp16 and bf16 share every line of these kernels, so each head
-    size is compiled in one of them (the attention kernels' check covers both)."""
+    heads, and the combine kernel at D=128. fp16 and bf16 share every line of these kernels, so each
+    head size is compiled in one of them (the attention kernels' cases cover both dtypes)."""
     cases = []
     for dtype, head_dim in ((torch.float16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256)):
         block_d = _block_d(head_dim)
-        element = "*" + TRITON_TYPES[dtype]
-        shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+        shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_H": MIN_BLOCK, "DOT_PRECISION": "tf32"}
+        pointers = ("Q", "K", "V", "PartialOut", "PartialLse")
         for config in gpu_configs(capability, block_d, dtype):
             cases.append(
                 _compile_case(
                     f"decode_partial {TRITON_TYPES[dtype]} D={head_dim} N={config.kwargs['BLOCK_N']} "
                     f"w{config.num_warps} s{config.num_stages}",
-                    _decode_partial_kernel, element, ("Q", "K", "V", "PartialOut", "PartialLse"),
-                    dict(config.kwargs, **shape, BLOCK_H=MIN_BLOCK, DOT_PRECISION="tf32"),
+                    _decode_partial_kernel, "*" + TRITON_TYPES[dtype], pointers, dict(config.kwargs, **shape),
                     config.num_warps, config.num_stages, tensor_cores=True,
                 )
             )
-        cases.append(
-            _compile_case(
-                f"decode_combine {TRITON_TYPES[dtype]} D={head_dim} S={MAX_SPLITS}",
-                _decode_combine_kernel, element, ("PartialOut", "PartialLse", "Out"),
-                dict(shape, BLOCK_S=MAX_SPLITS), COMBINE_WARPS[_head_dim_class(block_d)], 1,
-                tensor_cores=False,
-            )
+    cases.append(
+        _compile_case(
+            f"decode_combine bf16 D=128 S={MAX_SPLITS}", _decode_combine_kernel, "*bf16",
+            ("PartialOut", "PartialLse", "Out"), {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": MAX_SPLITS},
+            COMBINE_WARPS[128], 1, tensor_cores=False,
         )
+    )
     return cases
