@@ -649,9 +649,10 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
 
 
 @torch.library.custom_op("fastgpt::triton_attention_forward", mutates_args=())
-def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def attention_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v."""
     return attention_forward(q, k, v, softmax_scale)
 
 
@@ -671,6 +672,7 @@ def attention_backward_op(
     lse: torch.Tensor,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results."""
     return attention_backward(dout, q, k, v, out, lse, softmax_scale)
 
 
@@ -749,8 +751,9 @@ def unit_feature_strides(kernel):
 
 def gpu_compile_cases(capability):
     """One CompileCase per (kernel, autotune configuration, dtype, head size) launched on a GPU of
-    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. (The float32 path's
-    FMA kernels take 6-20 s each to compile, too slow for CI; it is verified by hand.)"""
+    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. The float32 path is left
+    out: its FMA kernels take 6-20 s each to compile, too slow for CI (its D=256 tiles were compiled
+    for sm_80 and sm_90 when they were chosen: at most 98 KiB of shared memory)."""
     shapes = [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16) for head_dim in (64, 128)]
     shapes.append((torch.bfloat16, 256))
     cases = []
