@@ -1,0 +1,781 @@
+"""Causal attention in Triton, after FlashAttention-2: forward, backward, and their custom ops.
+
+Layouts follow SDPA: q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 and Tq <= Tk. The
+causal mask is aligned to the bottom right: query i sees keys j <= i + (Tk - Tq). Every tensor is
+read and written through its own strides, so views of a fused qkv projection are never copied.
+
+Forward: one program per (block of BLOCK_M queries, batch * head). It streams the keys in blocks of
+BLOCK_N with an online softmax in float32, in base 2: the scores are multiplied by
+softmax_scale * log2(e) once, so every exponential is a single exp2. Key blocks wholly above the
+diagonal are never visited (the loop stops before them); key blocks wholly below it run without a
+mask; only the few blocks crossing the diagonal are masked. It saves the logsumexp of each row,
+in float32 and natural log (the reference's convention): lse = log(sum_j exp(scale * q.k_j)).
+
+Backward: delta = rowsum(dO * O) first; then one program per block of BLOCK_N keys of a kv head
+accumulates dK and dV over the query blocks that see those keys, for every query head of its GQA
+group in turn (so the group's sum is formed in registers: no atomics, deterministic); then one
+program per block of queries accumulates dQ over the key blocks it sees. Both recompute
+P = exp2(scale * log2(e) * q.k - lse * log2(e)) from the saved logsumexp.
+
+head_dim is padded to BLOCK_D, the next power of two (at least 16, the smallest tl.dot K), with
+masked loads and stores. Autotune configurations are chosen per GPU capability, built lazily on the
+first launch (importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
+configuration runs, so the CPU tests stay fast.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgpt.ops.memory import new_output
+from fastgpt.ops.triton_compile import CompileCase
+from fastgpt.ops.triton_decode import check_head_span, decode_attention_op
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+
+MAX_HEAD_DIM = 256
+# tl.dot needs every dimension >= 16, so head_dim is padded to at least this.
+MIN_BLOCK_D = 16
+# Used inside the kernels, hence tl.constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to natural log
+
+# Set before this module is imported, TRITON_INTERPRET=1 makes @triton.jit yield interpreted
+# functions; they run on CPU tensors with numpy, one program at a time.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter has no bfloat16 arithmetic (numpy has no such type: it computes on the raw bits and
+# returns garbage), so under it bfloat16 is declined rather than answered wrongly.
+if INTERPRETER:
+    SUPPORTED_DTYPES = (torch.float16, torch.float32)
+else:
+    SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The one configuration the interpreter runs. Its cost grows with the number of programs, so blocks
+# are small but not minimal; BLOCK_M != BLOCK_N on purpose, as on the GPU, so the tests exercise the
+# diagonal bookkeeping of unequal blocks (a query block spanning two key blocks and the reverse).
+INTERPRETER_CONFIGS = {
+    "forward": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "preprocess": {"BLOCK_M": 32},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+}
+
+# GPU configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), by kernel, capability and padded
+# head_dim (64 stands for every BLOCK_D <= 64). The binding limit is registers, not shared memory:
+# each figure quoted below ("R regs, S KiB") is what ptxas reports for the bf16 kernel compiled as
+# a launch specialises it (16-byte aligned pointers and strides, unit feature stride), and every
+# listed configuration compiles without spills (at most 4 bytes). Bigger tiles that spilled were
+# dropped: e.g. the forward at 128x128 for D=128 on sm_90 (100 bytes) or dK/dV at 64x128 (588 bytes).
+# Shared memory limits: 227 KiB per block on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89.
+FORWARD_CONFIGS = {
+    90: {
+        # Small heads: a 128x128 score tile at 8 warps amortises the softmax bookkeeping over more
+        # keys (207 regs, 112 KiB for 3 stages); 128x64 at 4 warps (one warpgroup, 254 regs) wins
+        # when there are few query blocks per head.
+        64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+        # D=128: two warpgroups each own 64 query rows (the wgmma M); the accumulator is 64
+        # regs/thread, the 128x64 score tile 32 (244 regs). Q 32 KiB + 3 stages of K and V 32 KiB
+        # = 128 KiB. 64x64 at 4 warps (230 regs) for short sequences with few query blocks.
+        128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        # D=256: the accumulator alone is 128 regs/thread at 8 warps, so only 32 keys per step
+        # (254 regs); Q 64 KiB + 2 stages of K and V 32 KiB = 128 KiB.
+        256: [(128, 32, 8, 2)],
+    },
+    80: {
+        # mma.sync keeps operands in registers, so tiles are smaller than on sm_90 for the same budget:
+        # 128x64 at 8 warps (183 regs) and 64x64 at 4 warps (185 regs).
+        64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        # D=128: 128x32 at 8 warps (196 regs) or 64x64 at 4 warps (255 regs, no spill); 128x64 spills.
+        128: [(128, 32, 8, 3), (64, 64, 4, 3)],
+        # D=256: 64x32 at 8 warps (228 regs, 68 KiB).
+        256: [(64, 32, 8, 2)],
+    },
+    # Any other capability (sm_75, sm_86/89, newer parts): one modest tile per head size that fits
+    # 99 KiB of shared memory at 2 stages.
+    "other": {64: [(64, 64, 4, 2)], 128: [(64, 64, 4, 2)], 256: [(64, 32, 8, 2)]},
+}
+# The preprocess reads O and dO once and reduces along D: bandwidth-bound, no tensor cores, no
+# pipelining. 64 rows per program at 4 warps; 32 rows at D=256 keeps two fp32 tiles at 64 regs.
+PREPROCESS_CONFIGS = {64: [(64, 4)], 128: [(64, 4)], 256: [(32, 4)]}
+# dK/dV: the program holds K, V (BLOCK_N x D, in shared memory) and the fp32 dK, dV accumulators
+# (2 * BLOCK_N * D * 4 bytes over the threads: 128 regs/thread at 128x128 on 8 warps) and streams
+# Q and dO in blocks of BLOCK_M rows. Every product has BLOCK_N as its M dimension, so BLOCK_N=128
+# at 8 warps feeds two wgmma warpgroups; what registers remain go to the BLOCK_N x BLOCK_M score,
+# P, dP and dS tiles, which is why BLOCK_M is only 16-32.
+DKDV_CONFIGS = {
+    90: {
+        64: [(32, 128, 8, 3), (32, 64, 4, 3)],  # 218 and 247 regs
+        128: [(16, 128, 8, 3), (32, 64, 8, 3)],  # 244 regs, 88 KiB; 255 regs, 81 KiB
+        256: [(16, 32, 8, 2)],  # the accumulators are 64 regs at 32 keys on 8 warps
+    },
+    80: {
+        64: [(32, 128, 8, 2), (32, 64, 4, 3)],  # 214 and 254 regs
+        128: [(32, 64, 8, 2), (16, 64, 8, 3)],  # 246 and 220 regs; BLOCK_N=128 spills here
+        256: [(16, 32, 8, 2)],  # 224 regs
+    },
+    "other": {64: [(32, 64, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
+}
+# dQ: the program holds Q, dO and the fp32 dQ accumulator (BLOCK_M x D) and streams K and V: the
+# mirror image of dK/dV with one accumulator instead of two, so BLOCK_M=128 at 8 warps fits.
+DQ_CONFIGS = {
+    90: {
+        64: [(128, 64, 8, 3), (64, 64, 4, 3)],  # 169 and 166 regs
+        128: [(128, 64, 8, 2), (128, 32, 8, 3)],  # 246 regs, 128 KiB; 193 regs, 112 KiB
+        256: [(64, 32, 8, 2)],  # 248 regs
+    },
+    80: {
+        64: [(128, 64, 8, 2), (64, 32, 4, 3)],  # 242 and 168 regs
+        128: [(128, 32, 8, 2), (64, 64, 8, 3)],  # 255 (no spill) and 209 regs
+        256: [(64, 16, 8, 2)],  # 219 regs
+    },
+    "other": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 16, 8, 2)]},
+}
+# float32 inputs take exact fp32 products ("ieee": FMA, no tensor cores), a correctness path rather
+# than a fast one. Four-byte elements double every tile, so one small tile per head size, unpipelined
+# (one stage), on any capability: at most 98 KiB of shared memory (D=256), under every limit above.
+# 8 warps, because FMA products hold whole operand rows in registers (at 4 warps the D=256 forward
+# spills 6 KiB; at 8, under 0.5 KiB).
+FLOAT32_CONFIGS = {
+    "forward": {64: [(64, 32, 8, 2)], 128: [(64, 32, 8, 1)], 256: [(32, 32, 8, 1)]},
+    "dkdv": {64: [(32, 64, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+    "dq": {64: [(64, 32, 8, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile_ptrs(base, rows, cols, stride_row, stride_col):
+    """Pointers to the (rows, cols) tile of the matrix at `base` with the given strides."""
+    return base + rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile, masking rows and/or columns only where the caller needs it
+    (out-of-range elements read as 0)."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _forward_inner(
+    acc, row_sum, row_max,  # running output (BLOCK_M, BLOCK_D) fp32, softmax sum and max (BLOCK_M,)
+    q,  # (BLOCK_M, BLOCK_D) query tile
+    k_ptrs, v_ptrs,  # pointers to the first key/value tile of the range, (BLOCK_N, BLOCK_D)
+    stride_kt, stride_vt,  # strides between keys, between values
+    offs_m, offs_d,  # query positions (BLOCK_M,), feature offsets (BLOCK_D,)
+    key_start, key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
+    diag_offset,  # kv_len - q_len: query i sees keys j <= i + diag_offset
+    kv_len,
+    qk_scale,  # softmax_scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal (mask scores and ragged keys)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (eager fp32 matmuls do not use TF32)
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(key_start, key_end, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_tile(k_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if ON_DIAGONAL:
+            scores = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, scores, float("-inf"))
+        # Key 0 is in the first block visited and every query sees it, so the max is finite from the
+        # first iteration on and -inf - -inf never happens.
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V,  # inputs: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), any strides
+    Out,  # output (B, H, Tq, D) in q's dtype, any strides
+    Lse,  # output (B, H, Tq) float32, contiguous: natural-log logsumexp of each score row
+    softmax_scale,  # float: scores are softmax_scale * q.k
+    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
+    stride_ob, stride_oh, stride_ot, stride_od,  # out strides
+    heads,  # H
+    group,  # H // Hkv: query heads per kv head
+    q_len, kv_len,  # Tq <= Tk
+    tune_len,  # next power of two of Tk: an autotune key only, so lengths of one octave share a tuning
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    DOT_PRECISION: tl.constexpr,  # tl.dot input_precision
+):
+    # A 1-D grid of (query block, batch * head), so batch * heads is not capped at 65535. The query
+    # blocks of a head run side by side (sharing its K/V in L2), the last ones first: they see the
+    # most keys, and the short blocks launched last fill the tail of the grid.
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    batch_head = tl.program_id(0) // num_m_blocks
+    start_m = (num_m_blocks - 1 - tl.program_id(0) % num_m_blocks) * BLOCK_M
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    kv_head = head // group
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < q_len
+    q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
+    q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    diag_offset = kv_len - q_len
+    # Keys [0, full_end) are seen by every query of the block (the first sees j <= start_m + diag_offset).
+    full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N
+    # Keys past causal_end are seen by none: those blocks are skipped, not masked.
+    causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
+    acc, row_sum, row_max = _forward_inner(
+        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
+        diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+    )
+    acc, row_sum, row_max = _forward_inner(
+        acc, row_sum, row_max, q, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt,
+        stride_vt, offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D,
+        BLOCK_N, True, DOT_PRECISION,
+    )
+
+    out = acc / row_sum[:, None]
+    o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
+    tl.store(Lse + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=rows_ok)
+
+
+@triton.jit
+def _attention_backward_preprocess_kernel(
+    Out, dOut,  # (B, H, Tq, D) forward output and its gradient, any strides
+    Delta,  # output (B, H, Tq) float32, contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot, stride_od,  # out strides
+    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
+    heads, q_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program
+):
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)  # 1-D grid of (row block, batch * head)
+    batch_head = tl.program_id(0) // num_m_blocks
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    offs_m = tl.program_id(0) % num_m_blocks * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < q_len
+    o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
+    g_ptrs = _tile_ptrs(dOut + batch * stride_gb + head * stride_gh, offs_m, offs_d, stride_gt, stride_gd)
+    o = _load_tile(o_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
+    do = _load_tile(g_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
+    tl.store(Delta + batch_head.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=rows_ok)
+
+
+@triton.jit
+def _backward_dkdv_inner(
+    dk, dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
+    k, v,  # (BLOCK_N, BLOCK_D) key and value tiles
+    q_ptrs, do_ptrs,  # pointers to the query / output-gradient tile at query query_start
+    lse_ptr, delta_ptr,  # pointers to the row statistics of query 0 of this head
+    stride_qt, stride_gt,  # strides between queries, between output-gradient rows
+    offs_n, offs_d,  # key positions (BLOCK_N,), feature offsets (BLOCK_D,)
+    query_start, query_end,  # the range of queries to visit, query_start a multiple of BLOCK_M
+    diag_offset, q_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal: mask P
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(query_start, query_end, BLOCK_M):
+        queries = start_m + offs_m
+        rows_ok = queries < q_len
+        # Rows past q_len read as zeros (q, dO, lse, delta), so they add exactly 0 to dK and dV.
+        q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        lse2 = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0) * LOG2E
+        # Work transposed, keys along rows, so P^T and dS^T come out ready for the dK/dV products.
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(scores_t * qk_scale - lse2[None, :])
+        if ON_DIAGONAL:
+            p_t = tl.where(offs_n[:, None] <= queries[None, :] + diag_offset, p_t, 0.0)
+        do = _load_tile(do_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_ptr + queries, mask=rows_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_gt
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    Q, K, V, dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
+    Lse, Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
+    dK, dV,  # outputs (B, Hkv, Tk, D) in k's dtype, any strides
+    softmax_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
+    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # dk strides
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,  # dv strides
+    heads, group, q_len, kv_len,
+    tune_len,  # next power of two of Tk, an autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per iteration
+    BLOCK_N: tl.constexpr,  # keys per program
+    DOT_PRECISION: tl.constexpr,
+):
+    # 1-D grid of (key block, batch * kv head). The first key blocks are seen by the most queries
+    # and run first.
+    num_n_blocks = tl.cdiv(kv_len, BLOCK_N)
+    batch_kv_head = tl.program_id(0) // num_n_blocks
+    start_n = tl.program_id(0) % num_n_blocks * BLOCK_N
+    kv_heads = heads // group
+    batch = (batch_kv_head // kv_heads).to(tl.int64)
+    kv_head = (batch_kv_head % kv_heads).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_ok = offs_n < kv_len
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
+    k = _load_tile(k_ptrs, keys_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(v_ptrs, keys_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    diag_offset = kv_len - q_len
+    # Query i sees key j when i >= j - diag_offset. Query blocks before the one holding query
+    # start_n - diag_offset see none of these keys and are skipped; blocks from full_start on see
+    # all of them (their first query sees the block's last key) and run unmasked.
+    query_start = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
+    full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+    full_start = tl.minimum(full_start, q_len)
+    for member in range(group):
+        head = kv_head * group + member
+        queries = query_start + offs_m
+        q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, queries, offs_d, stride_qt, stride_qd)
+        do_base = dOut + batch * stride_gb + head * stride_gh
+        do_ptrs = _tile_ptrs(do_base, queries, offs_d, stride_gt, stride_gd)
+        row_stats = (batch * heads + head) * q_len
+        dk, dv = _backward_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_stats, Delta + row_stats, stride_qt, stride_gt, offs_n,
+            offs_d, query_start, full_start, diag_offset, q_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+            DOT_PRECISION,
+        )
+        skipped = full_start - query_start
+        dk, dv = _backward_dkdv_inner(
+            dk, dv, k, v, q_ptrs + skipped * stride_qt, do_ptrs + skipped * stride_gt, Lse + row_stats,
+            Delta + row_stats, stride_qt, stride_gt, offs_n, offs_d, full_start, q_len, diag_offset, q_len,
+            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_PRECISION,
+        )
+
+    dk *= softmax_scale  # d(scores)/dk = softmax_scale * q
+    store_mask = keys_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dk_base = dK + batch * stride_dkb + kv_head * stride_dkh
+    dv_base = dV + batch * stride_dvb + kv_head * stride_dvh
+    dk_ptrs = _tile_ptrs(dk_base, offs_n, offs_d, stride_dkt, stride_dkd)
+    dv_ptrs = _tile_ptrs(dv_base, offs_n, offs_d, stride_dvt, stride_dvd)
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _backward_dq_inner(
+    dq,  # running (BLOCK_M, BLOCK_D) fp32 gradient of this query block
+    q, do,  # (BLOCK_M, BLOCK_D) query and output-gradient tiles
+    lse2, delta,  # (BLOCK_M,) base-2 logsumexp and rowsum(dO * O)
+    k_ptrs, v_ptrs,  # pointers to the first key/value tile of the range
+    stride_kt, stride_vt,
+    offs_m, offs_d,
+    key_start, key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
+    diag_offset, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal: mask P and ragged keys
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(key_start, key_end, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_tile(k_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(scores * qk_scale - lse2[:, None])
+        if ON_DIAGONAL:
+            p = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    Q, K, V, dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
+    Lse, Delta,  # (B, H, Tq) float32, contiguous
+    dQ,  # output (B, H, Tq, D) in q's dtype, any strides
+    softmax_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
+    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,  # dq strides
+    heads, group, q_len, kv_len,
+    tune_len,  # next power of two of Tk, an autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    DOT_PRECISION: tl.constexpr,
+):
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)  # the forward's grid layout: longest rows first
+    batch_head = tl.program_id(0) // num_m_blocks
+    start_m = (num_m_blocks - 1 - tl.program_id(0) % num_m_blocks) * BLOCK_M
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    kv_head = head // group
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < q_len
+    q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
+    do_ptrs = _tile_ptrs(dOut + batch * stride_gb + head * stride_gh, offs_m, offs_d, stride_gt, stride_gd)
+    q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(do_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    row_stats = batch_head.to(tl.int64) * q_len + offs_m
+    lse2 = tl.load(Lse + row_stats, mask=rows_ok, other=0.0) * LOG2E
+    delta = tl.load(Delta + row_stats, mask=rows_ok, other=0.0)
+    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    diag_offset = kv_len - q_len
+    full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N  # as in the forward
+    causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
+    dq = _backward_dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
+        diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+    )
+    dq = _backward_dq_inner(
+        dq, q, do, lse2, delta, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt,
+        stride_vt, offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D,
+        BLOCK_N, True, DOT_PRECISION,
+    )
+
+    dq *= softmax_scale  # d(scores)/dq = softmax_scale * k
+    dq_ptrs = _tile_ptrs(dQ + batch * stride_dqb + head * stride_dqh, offs_m, offs_d, stride_dqt, stride_dqd)
+    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+KERNELS = {
+    "forward": _attention_forward_kernel,
+    "preprocess": _attention_backward_preprocess_kernel,
+    "dkdv": _attention_backward_dkdv_kernel,
+    "dq": _attention_backward_dq_kernel,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration choice
+
+
+def _head_dim_class(block_d):
+    """The configuration table column for a padded head_dim: 64 covers 16, 32 and 64."""
+    return max(block_d, 64)
+
+
+def gpu_configs(kernel_name, capability, block_d, dtype):
+    """The autotune candidates of one kernel for `dtype` inputs on a GPU of compute capability
+    `capability` (80, 90, ...)."""
+    head_dims = _head_dim_class(block_d)
+    if kernel_name == "preprocess":
+        return [
+            triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
+            for block_m, warps in PREPROCESS_CONFIGS[head_dims]
+        ]
+    if dtype == torch.float32:
+        table = FLOAT32_CONFIGS[kernel_name]
+    else:
+        tables = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel_name]
+        table = tables.get(capability, tables["other"])
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m, block_n, warps, stages in table[head_dims]
+    ]
+
+
+# Autotune keys: the length's octave (the dtype is added by Triton; the head size and capability
+# select the autotuner itself).
+AUTOTUNE_KEYS = {"forward": ["tune_len"], "preprocess": [], "dkdv": ["tune_len"], "dq": ["tune_len"]}
+
+
+@functools.cache
+def _autotuned(kernel_name, capability, block_d, dtype):
+    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size, dtype).
+    Every kernel overwrites its outputs completely and accumulates only in registers, so re-running
+    a kernel while tuning cannot corrupt results: no reset_to_zero or restore_value is needed."""
+    configs = gpu_configs(kernel_name, capability, block_d, dtype)
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEYS[kernel_name])(KERNELS[kernel_name])
+
+
+@functools.cache
+def _capability(device_index):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
+def _launch(kernel_name, inputs, grid, *args, **constexprs):
+    """Launch one kernel on `inputs`' device for their dtype: the fixed interpreter configuration on
+    CPU, the autotuned one on a GPU. `grid` maps a configuration's meta-parameters to the grid."""
+    if INTERPRETER:
+        config = INTERPRETER_CONFIGS[kernel_name]
+        KERNELS[kernel_name][grid(config)](*args, **constexprs, **config)
+    else:
+        capability = _capability(inputs.device.index)
+        kernel = _autotuned(kernel_name, capability, constexprs["BLOCK_D"], inputs.dtype)
+        kernel[grid](*args, **constexprs)
+
+
+def _block_d(head_dim):
+    return max(MIN_BLOCK_D, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products ("ieee"), as eager fp32 matmuls (TF32 is off in torch by
+    # default). 16-bit inputs ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tune_len(length):
+    return triton.next_power_of_2(max(length, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def attention_forward(q, k, v, softmax_scale):
+    """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
+    (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    out = new_output((batch, heads, q_len, head_dim), q.dtype, q.device)  # (B, H, Tq, D)
+    lse = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
+    if out.numel() == 0:
+        return out, lse
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_head_span(name, tensor)
+    _launch(
+        "forward", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        q, k, v, out, lse, softmax_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, heads // kv_heads, q_len, kv_len, _tune_len(kv_len),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, softmax_scale):
+    """Gradients of attention_forward: (dq (B, H, Tq, D), dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, D)), in the
+    inputs' dtype. dout and out are (B, H, Tq, D) in any strides; lse is attention_forward's."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    dq = new_output(q.shape, q.dtype, q.device)  # (B, H, Tq, D)
+    dk = new_output(k.shape, k.dtype, k.device)  # (B, Hkv, Tk, D)
+    dv = new_output(v.shape, v.dtype, v.device)  # (B, Hkv, Tk, D)
+    if dk.numel() == 0:
+        return dq, dk, dv
+    if dq.numel() == 0:  # no query sees any key (q_len == 0): the gradients are zero
+        return dq, dk.zero_(), dv.zero_()
+    check_head_span("the output gradient", dout)
+    block_d = _block_d(head_dim)
+    group = heads // kv_heads
+    delta = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
+    _launch(
+        "preprocess", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        out, dout, delta, *out.stride(), *dout.stride(), heads, q_len, HEAD_DIM=head_dim, BLOCK_D=block_d,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(q.dtype)}
+    _launch(
+        "dkdv", q, lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
+        q, k, v, dout, lse, delta, dk, dv, softmax_scale, *strides, *dk.stride(), *dv.stride(),
+        heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
+    )
+    _launch(
+        "dq", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        q, k, v, dout, lse, delta, dq, softmax_scale, *strides, *dq.stride(),
+        heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and autograd
+
+
+@torch.library.custom_op("fastgpt::triton_attention_forward", mutates_args=())
+def attention_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v."""
+    return attention_forward(q, k, v, softmax_scale)
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, softmax_scale):
+    batch, heads, q_len, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
+def attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results."""
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale)
+
+
+@attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, ctx.softmax_scale)
+    return dq, dk, dv, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_attention(q, k, v, softmax_scale):
+    """The triton backend of fastgpt.causal_attention (arguments validated by dispatch). A single
+    query that needs no gradient goes to the split-KV decode kernel, which spreads a long cache over
+    the whole GPU instead of one program per head."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.shape[2] == 1 and not needs_grad:
+        return decode_attention_op(q, k, v, softmax_scale)
+    out, _ = attention_forward_op(q, k, v, softmax_scale)
+    return out
+
+
+def unsupported_reason(op, head_dim=None, **facts):
+    """Why this backend declines a call dispatch is about to make, or None."""
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return f"the triton {op} kernel supports head_dim <= {MAX_HEAD_DIM}, got head_dim={head_dim}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU compile check (fastgpt.ops.triton_compile)
+
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Pointer arguments that are always float32 (softmax statistics); other pointers have the input dtype.
+FLOAT32_POINTERS = {"Lse", "Delta"}
+POINTERS = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
+FLOAT_SCALARS = {"softmax_scale"}
+
+
+def _signature(kernel, dtype, constexprs):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in FLOAT32_POINTERS:
+            signature[name] = "*fp32"
+        elif name in POINTERS:
+            signature[name] = "*" + TRITON_TYPES[dtype]
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def unit_feature_strides(kernel):
+    """{name: 1} for the kernel's feature-dimension strides (stride_*d). A launch specialises an
+    integer argument equal to 1 into a constant, and real tensors have a contiguous last dimension,
+    so compiling with these constants checks the vectorised code that actually runs."""
+    return {name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")}
+
+
+def gpu_compile_cases(capability):
+    """One CompileCase per (kernel, autotune configuration, dtype, head size) launched on a GPU of
+    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. The float32 path is left
+    out: its FMA kernels take 6-20 s each to compile, too slow for CI (its D=256 tiles were compiled
+    for sm_80 and sm_90 when they were chosen: at most 98 KiB of shared memory)."""
+    shapes = [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16) for head_dim in (64, 128)]
+    shapes.append((torch.bfloat16, 256))
+    cases = []
+    for dtype, head_dim in shapes:
+        block_d = _block_d(head_dim)
+        for kernel_name, kernel in KERNELS.items():
+            for config in gpu_configs(kernel_name, capability, block_d, dtype):
+                constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=block_d)
+                constexprs.update(unit_feature_strides(kernel))
+                if kernel_name != "preprocess":
+                    constexprs["DOT_PRECISION"] = _dot_precision(dtype)
+                blocks = "x".join(str(value) for value in config.kwargs.values())
+                cases.append(
+                    CompileCase(
+                        name=f"attention_{kernel_name} {TRITON_TYPES[dtype]} D={head_dim} {blocks} "
+                        f"w{config.num_warps} s{config.num_stages}",
+                        kernel=kernel,
+                        signature=_signature(kernel, dtype, constexprs),
+                        constexprs=constexprs,
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                        tensor_cores=kernel_name != "preprocess",
+                    )
+                )
+    return cases

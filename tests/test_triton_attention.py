@@ -1,0 +1,277 @@
+"""The Triton causal attention kernels (forward and backward) against the float64 reference.
+
+On CPU they run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), in float32 and
+float16; bfloat16 and larger shapes run in the `gpu` tests. Every output and gradient is checked with
+the FlashAttention tolerance rule against eager PyTorch in the same dtype.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tolerance import assert_close
+
+import fastgpt
+from fastgpt import reference
+from fastgpt.ops import triton_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends(), reason="the triton backend is not available here"
+)
+
+
+def leaf(tensor):
+    return tensor.detach().requires_grad_()
+
+
+def random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device=DEVICE):
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype, device=device)
+    return leaf(q), leaf(k), leaf(v)
+
+
+def attention_and_grads(fn, q, k, v, dout, **kwargs):
+    out = fn(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def check_against_reference(q, k, v, softmax_scale=None, names=("out", "dq", "dk", "dv")):
+    """Runs the triton backend, float64 reference and same-dtype eager on the same inputs and
+    asserts the tolerance rule on the output and the three gradients (those in `names`)."""
+    out = fastgpt.causal_attention(q, k, v, softmax_scale=softmax_scale, backend="triton")
+    assert out.dtype == q.dtype and out.shape == q.shape
+    dout = torch.randn_like(out)
+    actual = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    upcast = [leaf(t.double()) for t in (q, k, v)]
+    expected = attention_and_grads(
+        reference.causal_attention, *upcast, dout.double(), softmax_scale=softmax_scale
+    )
+    eager = attention_and_grads(
+        reference.causal_attention, *(leaf(t) for t in (q, k, v)), dout, softmax_scale=softmax_scale
+    )
+    actual, expected, eager = ([t.detach() for t in results] for results in (actual, expected, eager))
+    checked = dict(zip(("out", "dq", "dk", "dv"), zip(actual, expected, eager)))
+    for name in names:
+        assert_close(name, *checked[name])
+    return actual
+
+
+# (batch, heads, kv_heads, q_len, kv_len, head_dim, dtype): each length paired with a few head dims,
+# GQA/MQA groups and q_len < kv_len, rather than the full product (the interpreter is slow).
+SHAPES = [
+    (1, 2, 2, 1, 1, 16, torch.float32),
+    (2, 4, 2, 17, 17, 80, torch.float32),
+    (1, 2, 1, 17, 60, 128, torch.float16),
+    (1, 2, 2, 97, 97, 16, torch.float32),
+    (1, 4, 1, 97, 130, 64, torch.float32),
+    (1, 4, 2, 97, 97, 80, torch.float16),
+    (1, 2, 2, 257, 257, 64, torch.float16),
+    (1, 2, 1, 40, 257, 128, torch.float32),
+    (1, 1, 1, 33, 50, 200, torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, q_len, kv_len, head_dim, dtype", SHAPES)
+def test_matches_reference(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
+    check_against_reference(*random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype))
+
+
+def test_packed_qkv_views_are_read_in_place(monkeypatch):
+    """q, k, v split from a fused (B, T, 3, H, D) projection reach the kernels as the same strided
+    memory: no copy on the way, in the forward and in the backward."""
+    batch, seq, heads, head_dim = 2, 45, 3, 32
+    qkv = leaf(torch.randn(batch, seq, 3, heads, head_dim, device=DEVICE))
+    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))  # (B, H, T, D), non-contiguous
+    launched = []
+    original_launch = triton_attention._launch
+
+    def recording_launch(kernel_name, inputs, grid, *args, **constexprs):
+        launched.append((kernel_name, args))
+        return original_launch(kernel_name, inputs, grid, *args, **constexprs)
+
+    monkeypatch.setattr(triton_attention, "_launch", recording_launch)
+    out = fastgpt.causal_attention(q, k, v, backend="triton")
+    dout = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+
+    assert [name for name, _ in launched] == ["forward", "preprocess", "dkdv", "dq"]
+    for name, args in launched:
+        if name == "preprocess":
+            continue
+        for view, argument in zip((q, k, v), args[:3]):
+            assert argument.data_ptr() == view.data_ptr() and argument.stride() == view.stride(), name
+
+    qkv64 = leaf(qkv.double())
+    out64 = reference.causal_attention(*(qkv64[:, :, i].permute(0, 2, 1, 3) for i in range(3)))
+    (dqkv64,) = torch.autograd.grad(out64, qkv64, dout.double())
+    qkv32 = leaf(qkv)
+    out32 = reference.causal_attention(*(qkv32[:, :, i].permute(0, 2, 1, 3) for i in range(3)))
+    (dqkv32,) = torch.autograd.grad(out32, qkv32, dout)
+    assert_close("out", out.detach(), out64.detach(), out32.detach())
+    assert_close("dqkv", dqkv, dqkv64, dqkv32)
+
+
+def test_strided_output_gradient_and_transposed_inputs():
+    """Inputs in (B, T, H, D) memory order viewed as (B, H, T, D), and an output gradient with a
+    zero stride (what .sum() sends back), are handled through their strides."""
+    q = leaf(torch.randn(1, 50, 4, 64, device=DEVICE).transpose(1, 2))
+    k = leaf(torch.randn(1, 50, 2, 64, device=DEVICE).transpose(1, 2))
+    v = leaf(torch.randn(1, 50, 2, 64, device=DEVICE).transpose(1, 2))
+    out = fastgpt.causal_attention(q, k, v, backend="triton")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    upcast = [leaf(t.double()) for t in (q, k, v)]
+    out64 = reference.causal_attention(*upcast)
+    grads64 = torch.autograd.grad(out64.sum(), upcast)
+    eager = [leaf(t) for t in (q, k, v)]
+    out32 = reference.causal_attention(*eager)
+    grads32 = torch.autograd.grad(out32.sum(), eager)
+    assert_close("out", out.detach(), out64.detach(), out32.detach())
+    for name, actual, expected, same_dtype in zip(("dq", "dk", "dv"), grads, grads64, grads32):
+        assert_close(name, actual, expected, same_dtype)
+
+
+def test_gqa_gradients_are_deterministic():
+    """dK/dV sum over a GQA group inside one program, without atomics: bitwise repeatable."""
+    q, k, v = random_qkv(1, 4, 1, 70, 70, 32, torch.float32)
+    dout = torch.randn(1, 4, 70, 32, device=DEVICE)
+    first = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
+    second = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="changes the interpreter's fixed block sizes")
+def test_other_block_geometries(monkeypatch):
+    """The diagonal bookkeeping holds for block shapes the other way round from the default ones:
+    forward and dQ with BLOCK_M < BLOCK_N, dK/dV with BLOCK_M > BLOCK_N."""
+    monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "forward", {"BLOCK_M": 16, "BLOCK_N": 32})
+    monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "dkdv", {"BLOCK_M": 32, "BLOCK_N": 16})
+    monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "dq", {"BLOCK_M": 16, "BLOCK_N": 32})
+    check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
+    check_against_reference(*random_qkv(1, 2, 2, 70, 70, 16, torch.float32))
+
+
+def test_huge_logits_do_not_overflow():
+    """Scores around +-1e4: the online softmax subtracts the running max before exponentiating, so
+    the output matches the reference and every gradient is finite.
+
+    The gradients cannot meet the 2x-eager rule here, by design of FlashAttention's backward: eager
+    keeps P, which is exactly one-hot at this scale, while the kernel recomputes it from the saved
+    logsumexp, and a probability recomputed from a float32 score of magnitude S is off by a few
+    ulps of S (relative 4 * eps * S, ~1e-2 here). dV = P^T dO is held to that bound; dQ and dK are
+    0 up to rounding noise of rowsum(dO * O) amplified by softmax_scale, so only finiteness is checked."""
+    q, k, v = random_qkv(1, 2, 2, 50, 50, 64, torch.float32)
+    scale = 1000.0
+    max_score = (q.detach() @ k.detach().transpose(-2, -1)).abs().max().item() * scale
+    assert max_score > 1e4
+    out, dq, dk, dv = check_against_reference(q, k, v, softmax_scale=scale, names=("out",))
+    for grad in (dq, dk, dv):
+        assert torch.isfinite(grad).all()
+    dout = torch.randn_like(out)
+    out = fastgpt.causal_attention(q, k, v, softmax_scale=scale, backend="triton")
+    (dv,) = torch.autograd.grad(out, v, dout)
+    upcast = [leaf(t.double()) for t in (q, k, v)]
+    out64 = reference.causal_attention(*upcast, softmax_scale=scale)
+    (dv64,) = torch.autograd.grad(out64, upcast[2], dout.double())
+    recompute_bound = 4 * torch.finfo(torch.float32).eps * max_score * dout.abs().max().item()
+    assert (dv.double() - dv64).abs().max().item() <= recompute_bound
+
+
+def test_nan_stays_in_its_row():
+    """NaN in one query row makes that row's output and dq NaN and leaves every other row exact."""
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 16, torch.float32)
+    with torch.no_grad():
+        q[0, 1, 21] = float("nan")
+    out, dq, *_ = check_against_reference(q, k, v, names=("out", "dq"))
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows[0, 1, 21] and int(nan_rows.sum()) == 1
+    assert int(dq.isnan().any(-1).sum()) == 1
+
+
+@pytest.mark.parametrize(
+    "shape_q, shape_kv", [((0, 2, 5, 16), (0, 1, 5, 16)), ((1, 2, 0, 16), (1, 2, 6, 16))]
+)
+def test_empty_inputs(shape_q, shape_kv):
+    q = leaf(torch.randn(shape_q, device=DEVICE))
+    k, v = leaf(torch.randn(shape_kv, device=DEVICE)), leaf(torch.randn(shape_kv, device=DEVICE))
+    out = fastgpt.causal_attention(q, k, v, backend="triton")
+    assert out.shape == q.shape
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert not dk.any() and not dv.any()  # no query sees any key
+
+
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="a limit of the CPU interpreter only")
+def test_bfloat16_is_declined_under_the_interpreter():
+    """The interpreter would compute bfloat16 on its raw bits; dispatch refuses it instead."""
+    q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+    expected = r"supports dtypes \(float16, float32\) for causal_attention, got torch.bfloat16"
+    with pytest.raises(TypeError, match=expected):
+        fastgpt.causal_attention(q, q, q, backend="triton")
+
+
+def test_rejects_head_dim_over_256():
+    q = torch.randn(1, 1, 2, 257, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head_dim <= 256, got head_dim=257"):
+        fastgpt.causal_attention(q, q, q, backend="triton")
+
+
+def test_opcheck():
+    q, k, v = random_qkv(1, 2, 1, 9, 12, 16, torch.float32)
+    torch.library.opcheck(torch.ops.fastgpt.triton_attention_forward.default, (q, k, v, 0.3))
+    out, lse = torch.ops.fastgpt.triton_attention_forward(q, k, v, 0.3)
+    dout = torch.randn_like(out)
+    args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse)
+    torch.library.opcheck(torch.ops.fastgpt.triton_attention_backward.default, (*args, 0.3))
+    _, expected_lse = reference.causal_attention(q.double(), k.double(), v.double(), 0.3, return_lse=True)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    def attention_block(q, k, v):
+        return fastgpt.causal_attention(q, k, v, backend="triton").mul(2.0)
+
+    q, k, v = random_qkv(1, 2, 1, 20, 20, 16, torch.float32)
+    compiled = torch.compile(attention_block, fullgraph=True)
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = attention_block(q, k, v)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for actual, wanted in zip(grads, expected_grads):
+        torch.testing.assert_close(actual, wanted, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, q_len, kv_len, head_dim",
+    [
+        (2, 8, 8, 1024, 1024, 128),
+        (2, 8, 2, 1000, 1000, 64),
+        (1, 4, 1, 300, 1337, 128),
+        (1, 2, 2, 129, 129, 256),
+        (1, 4, 4, 255, 255, 80),
+    ],
+)
+def test_gpu_matches_reference(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
+    inputs = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
+    check_against_reference(*inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_qkv_bf16():
+    batch, seq, heads, head_dim = 2, 777, 12, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (leaf(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
+    check_against_reference(q, k, v, softmax_scale=1.0 / math.sqrt(head_dim))

@@ -1,0 +1,188 @@
+"""The split-KV decode kernel: one query per head against a KV cache, against the float64 reference.
+
+Under the interpreter the cache is cut into splits of a few dozen keys (see triton_decode), so
+lengths 17/97/257 cover one split, several splits, and ragged ones.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tolerance import assert_close
+
+import fastgpt
+from fastgpt import reference
+from fastgpt.ops import triton_attention, triton_decode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends(), reason="the triton backend is not available here"
+)
+
+
+def cache_views(batch, kv_heads, kv_len, head_dim, dtype, capacity, device=DEVICE):
+    """k and v as views cache[:, :, :kv_len] of preallocated (B, Hkv, capacity, D) caches."""
+    k_cache = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+    return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
+
+def check_decode(q, k, v, softmax_scale=None):
+    with torch.no_grad():
+        out = fastgpt.causal_attention(q, k, v, softmax_scale=softmax_scale, backend="triton")
+        expected = reference.causal_attention(q.double(), k.double(), v.double(), softmax_scale)
+        eager = reference.causal_attention(q, k, v, softmax_scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close("out", out, expected, eager)
+    return out
+
+
+# (batch, heads, kv_heads, kv_len, head_dim, dtype)
+SHAPES = [
+    (1, 1, 1, 1, 16, torch.float32),
+    (1, 4, 4, 17, 80, torch.float32),
+    (2, 8, 2, 97, 64, torch.float32),
+    (1, 4, 1, 257, 128, torch.float16),
+    (2, 6, 3, 97, 256, torch.float16),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, kv_len, head_dim, dtype", SHAPES)
+def test_matches_reference(batch, heads, kv_heads, kv_len, head_dim, dtype):
+    q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=DEVICE)
+    check_decode(q, *cache_views(batch, kv_heads, kv_len, head_dim, dtype, capacity=kv_len + 40))
+
+
+def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
+    """The partial kernel gets the cache views themselves (pointer and strides), in several splits,
+    with all the query heads of a GQA group in one program."""
+    launches = []
+
+    class RecordingKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    if triton_decode.INTERPRETER:
+        kernel = RecordingKernel(triton_decode._decode_partial_kernel)
+        monkeypatch.setattr(triton_decode, "_decode_partial_kernel", kernel)
+    else:
+        autotuned = triton_decode._autotuned_partial
+        monkeypatch.setattr(
+            triton_decode, "_autotuned_partial", lambda *key: RecordingKernel(autotuned(*key))
+        )
+    q = torch.randn(2, 8, 1, 64, device=DEVICE)
+    k, v = cache_views(2, 2, 97, 64, torch.float32, capacity=160)
+    check_decode(q, k, v)
+
+    (grid, args, kwargs), = launches
+    assert args[1].data_ptr() == k.data_ptr() and args[1].stride() == k.stride()
+    assert args[2].data_ptr() == v.data_ptr() and args[2].stride() == v.stride()
+    assert grid[0] == 2 * 2  # one program per (batch, kv head) and split
+    if triton_decode.INTERPRETER:
+        assert grid[1] > 1, "97 keys should span several splits under the interpreter"
+    assert kwargs["BLOCK_H"] >= 4
+
+
+def test_single_query_without_grad_uses_the_decode_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_attention, "decode_attention_op", lambda *args: calls.append(args) or args[0])
+    q = torch.randn(1, 2, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 1, 30, 16, torch.float32, capacity=30)
+    with torch.no_grad():
+        fastgpt.causal_attention(q, k, v, backend="triton")
+    assert len(calls) == 1
+    fastgpt.causal_attention(q.requires_grad_(), k, v, backend="triton")
+    assert len(calls) == 1, "a query that needs a gradient must take the differentiable kernel"
+
+
+def test_single_query_with_grad_is_differentiable():
+    q = torch.randn(1, 4, 1, 32, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 45, 32, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 2, 45, 32, device=DEVICE, requires_grad=True)
+    out = fastgpt.causal_attention(q, k, v, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    upcast = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = reference.causal_attention(*upcast)
+    grads64 = torch.autograd.grad(out64, upcast, dout.double())
+    same_dtype = [t.detach().requires_grad_() for t in (q, k, v)]
+    out32 = reference.causal_attention(*same_dtype)
+    grads32 = torch.autograd.grad(out32, same_dtype, dout)
+    assert_close("out", out.detach(), out64.detach(), out32.detach())
+    for name, actual, expected, eager in zip(("dq", "dk", "dv"), grads, grads64, grads32):
+        assert_close(name, actual, expected, eager)
+
+
+def test_huge_logits_and_nan_stay_contained():
+    """Scores ~1e4 do not overflow; a NaN query head poisons only its own output, not the other
+    heads of its GQA group that share the program."""
+    q = torch.randn(1, 4, 1, 64, device=DEVICE)
+    k, v = cache_views(1, 1, 97, 64, torch.float32, capacity=97)
+    check_decode(q, k, v, softmax_scale=1000.0)
+    q[0, 2] = float("nan")
+    out = check_decode(q, k, v)
+    assert out[0, 2].isnan().all() and not out[0, [0, 1, 3]].isnan().any()
+
+
+def test_empty_batch():
+    q = torch.randn(0, 4, 1, 16, device=DEVICE)
+    k, v = cache_views(0, 2, 10, 16, torch.float32, capacity=10)
+    with torch.no_grad():
+        assert fastgpt.causal_attention(q, k, v, backend="triton").shape == q.shape
+
+
+def test_direct_calls_are_validated():
+    q = torch.randn(1, 2, 3, 16, device=DEVICE)
+    expected = r"q must have shape \(batch, heads, 1, head_dim\), got \(1, 2, 3, 16\)"
+    with pytest.raises(ValueError, match=expected):
+        triton_decode.decode_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"multiple of k's kv_heads .*heads=2, kv_heads=3"):
+        kv = torch.randn(1, 3, 5, 16, device=DEVICE)
+        triton_decode.decode_attention(q[:, :, :1], kv, kv)
+
+
+def test_opcheck():
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 2, 40, 16, torch.float32, capacity=48)
+    torch.library.opcheck(torch.ops.fastgpt.triton_decode_attention.default, (q, k, v, 0.25))
+
+
+def test_torch_compile_fullgraph():
+    @torch.compile(fullgraph=True)
+    def decode_step(q, k, v):
+        return fastgpt.causal_attention(q, k, v, backend="triton") + 1.0
+
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 2, 40, 16, torch.float32, capacity=48)
+    with torch.no_grad():
+        out = decode_step(q, k, v)
+        expected = triton_decode.decode_attention(q, k, v, 0.25) + 1.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, kv_len, head_dim",
+    [(4, 32, 8, 4000, 128), (1, 12, 12, 1025, 64), (16, 16, 1, 300, 128), (1, 8, 2, 8191, 256)],
+)
+def test_gpu_matches_reference(batch, heads, kv_heads, kv_len, head_dim, dtype):
+    q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device="cuda")
+    k, v = cache_views(batch, kv_heads, kv_len, head_dim, dtype, capacity=kv_len + 512, device="cuda")
+    check_decode(q, k, v)
+
+
+def test_head_span_beyond_32_bits_is_rejected():
+    """Inside one (batch, head) slice the kernels index with 32-bit integers; a layout whose slice
+    spans 2**31 elements or more is refused before any launch (shapes only: a meta tensor)."""
+    cache = torch.empty_strided((1, 1, 3, 16), (0, 0, 2**30, 1), device="meta")
+    with pytest.raises(ValueError, match=r"k spans 2147483663 elements within one \(batch, head\) slice"):
+        triton_decode.check_head_span("k", cache)
