@@ -1,0 +1,495 @@
+"""Shared Triton building blocks: a tiled GEMM with fused epilogues, and a deterministic row-sum.
+
+`matmul` computes C = A @ B for A (M, K) and B (K, N) given by pointers and strides, so transposed
+operands (x^T, W^T, dH^T) are read in place and never copied. The FFN and the linear cross-entropy
+choose what happens around the product with compile-time flags:
+
+- A_ACTIVATION: A is replaced by act(A) as its tiles load (dWproj from the saved pre-activation h);
+- ONES_ROW: A gets a virtual row M of ones; its output row, sum_k B[k, :], is a bias gradient;
+- epilogues: + bias; store h and act(h) (STORE_PREACT); multiply by act'(h) (GRAD_ACTIVATION);
+  + residual; + an fp32 accumulator (ACCUMULATE); per-tile column sums (COLUMN_SUMS);
+- split-K: grid axis 1 splits K; each split writes an fp32 partial, summed by `sum_rows`.
+
+`sum_rows` adds the rows of an fp32 (R, N) buffer into one row of N in a fixed order: the second
+stage of every deterministic, atomic-free reduction in the Triton backend (bias gradients, LayerNorm
+weight gradients, split-K partials).
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgpt.dispatch import triton_interpreter_enabled
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+
+ACTIVATION_IDS = {"gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
+NO_ACTIVATION: tl.constexpr = tl.constexpr(0)
+GELU_TANH: tl.constexpr = tl.constexpr(1)
+GELU_ERF: tl.constexpr = tl.constexpr(2)
+RELU: tl.constexpr = tl.constexpr(3)
+SILU: tl.constexpr = tl.constexpr(4)
+
+# Epilogue modes of the GEMM.
+PLAIN: tl.constexpr = tl.constexpr(0)
+STORE_PREACT: tl.constexpr = tl.constexpr(1)  # C = act(acc + bias), aux = acc + bias
+GRAD_ACTIVATION: tl.constexpr = tl.constexpr(2)  # C = acc * act'(aux)
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
+INV_SQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+
+# Tiles are grouped GROUP_M rows of tiles at a time, so the programs running together share B
+# column panels and A row panels in L2 (the Triton matmul tutorial's "grouped ordering").
+GROUP_M = 8
+
+# GPU configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). All BLOCK_M are >= 64,
+# which bounds the rows of the COLUMN_SUMS partial buffer (see MIN_BLOCK_M).
+GPU_CONFIGS = {
+    80: (
+        # A100: 164 KiB shared memory, 108 SMs.
+        (128, 256, 64, 3, 8),  # big GEMMs: 2 x 64 KiB... = 48 KiB/stage bf16, 3 stages = 144 KiB
+        (256, 128, 64, 3, 8),  # the same area for tall outputs (tokens x C of GEMM2 and dx)
+        (128, 128, 64, 4, 4),  # 32 KiB/stage x 4: more tiles when M x N is too small for 256-wide tiles
+        (128, 128, 32, 4, 4),  # 16 KiB/stage: fp32 (4-byte) operands and short K
+        (64, 128, 32, 4, 4),  # small outputs (C x C weight grads at small C): twice the programs
+    ),
+    90: (
+        # H100/H200: 228 KiB shared memory, 132 SMs; Triton emits wgmma for 4- and 8-warp tiles.
+        (128, 256, 64, 4, 8),  # 48 KiB/stage x 4 = 192 KiB: the workhorse of large bf16 GEMMs
+        (256, 128, 64, 3, 8),  # tall outputs, 3 stages keep 144 KiB
+        (128, 128, 64, 4, 8),  # 32 KiB/stage: when 128 x 256 tiles leave SMs idle
+        (128, 128, 32, 4, 4),  # fp32 (4-byte) operands and short K
+        (64, 128, 64, 4, 4),  # small outputs: twice the programs of 128 x 128
+    ),
+}
+MIN_BLOCK_M = 64
+# The interpreter runs one program at a time: 32 x 32 x 32 tiles keep tests quick while ragged sizes
+# (33, 70, 131) still leave partial tiles in every dimension, and GROUP_M 2 exercises grouping.
+INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
+INTERPRETER_GROUP_M = 2
+
+# sum_rows: a (BLOCK_R, BLOCK_N) fp32 tile per step. 32 x 256 = 8192 elements: 32 registers per thread
+# over 8 warps, enough bytes in flight per program to stream the partial buffer.
+SUM_ROWS_BLOCK_R = 32
+SUM_ROWS_BLOCK_N = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp2(-z * LOG2E))
+
+
+@triton.jit
+def activation(h, ACTIVATION: tl.constexpr):
+    """act(h) in fp32. gelu_tanh = h * sigmoid(2u) since 0.5 * (1 + tanh(u)) = sigmoid(2u)."""
+    if ACTIVATION == GELU_TANH:
+        inner = SQRT_2_OVER_PI * (h + GELU_TANH_CUBIC * h * h * h)
+        out = h * _sigmoid(2.0 * inner)
+    elif ACTIVATION == GELU_ERF:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * INV_SQRT_2))
+    elif ACTIVATION == RELU:
+        out = tl.where(h < 0.0, 0.0, h)  # keeps NaN, as torch.relu does
+    elif ACTIVATION == SILU:
+        out = h * _sigmoid(h)
+    else:
+        out = h
+    return out
+
+
+@triton.jit
+def activation_grad(h, ACTIVATION: tl.constexpr):
+    """d act(h) / dh in fp32, exact. With s = sigmoid(2u): 1 - tanh(u)^2 = 4 s (1 - s)."""
+    if ACTIVATION == GELU_TANH:
+        inner = SQRT_2_OVER_PI * (h + GELU_TANH_CUBIC * h * h * h)
+        d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * h * h)
+        s = _sigmoid(2.0 * inner)
+        grad = s + 2.0 * h * s * (1.0 - s) * d_inner
+    elif ACTIVATION == GELU_ERF:
+        grad = 0.5 * (1.0 + tl.math.erf(h * INV_SQRT_2)) + h * INV_SQRT_2PI * tl.exp2(-0.5 * h * h * LOG2E)
+    elif ACTIVATION == RELU:
+        grad = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACTIVATION == SILU:
+        s = _sigmoid(h)
+        grad = s * (1.0 + h * (1.0 - s))
+    else:
+        grad = h * 0.0 + 1.0
+    return grad
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr,  # A (M, K), read through (stride_am, stride_ak)
+    b_ptr,  # B (K, N), read through (stride_bk, stride_bn)
+    c_ptr,  # C (M, N); with split-K, SPLIT_K fp32 partials stride_c_split apart
+    M,  # rows of A and C (not counting the ONES_ROW row); 0 only with ONES_ROW
+    N,  # columns of B and C
+    K,  # the reduced dimension
+    stride_am, stride_ak,  # A's strides, in elements
+    stride_bk, stride_bn,  # B's strides
+    stride_cm, stride_cn,  # C's strides
+    stride_c_split,  # distance between split-K partials of C
+    bias_ptr,  # (N,) added to every row (BIAS)
+    aux_ptr,  # (M, N) pre-activation h: written (STORE_PREACT) or read (GRAD_ACTIVATION)
+    stride_xm, stride_xn,  # aux's strides
+    residual_ptr,  # (M, N) added after the activation (RESIDUAL)
+    stride_rm, stride_rn,  # residual's strides
+    accumulate_ptr,  # (M, N) fp32 added to the product (ACCUMULATE); may alias C
+    stride_um, stride_un,  # accumulate's strides
+    column_sums_ptr,  # fp32 (>= cdiv(M, BLOCK_M), N): row pid_m gets the column sums of this tile of C
+    bias_grad_ptr,  # (N,) output row of A's virtual row of ones (ONES_ROW); fp32 when accumulating
+    ACTIVATION: tl.constexpr,  # activation applied to A (A_ACTIVATION) or used by the epilogue
+    A_ACTIVATION: tl.constexpr,  # replace A by act(A) as its tiles load
+    ONES_ROW: tl.constexpr,  # append a row of ones to A, its output row going to bias_grad_ptr
+    EPILOGUE: tl.constexpr,  # PLAIN, STORE_PREACT or GRAD_ACTIVATION
+    BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    COLUMN_SUMS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands: exact fp32 products, as torch without TF32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: walk GROUP_M tile rows down one tile column before moving right.
+    pid = tl.program_id(0)
+    rows = M + ONES_ROW
+    num_pid_m = tl.cdiv(rows, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # This split's range of K.
+    split = tl.program_id(1)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+    k_start = split * k_per_split
+    k_end = min(K, k_start + k_per_split)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    # Rows and columns past the edge wrap around to valid ones, so only K needs a load mask; the
+    # stores below drop the wrapped results. 64-bit row offsets: M x stride can pass 2^31. With
+    # ONES_ROW, A's rows are masked instead (A may have no rows at all).
+    load_m = (offs_m % tl.maximum(M, 1)).to(tl.int64)
+    load_n = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + load_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + load_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_mask = (k + offs_k) < k_end  # (BLOCK_K,)
+        if ONES_ROW:
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if A_ACTIVATION:
+            a = activation(a.to(tl.float32), ACTIVATION).to(b.dtype)  # act(0) = 0: padding stays 0
+        if ONES_ROW:
+            a = tl.where((offs_m[:, None] == M) & k_mask[None, :], 1.0, a).to(b.dtype)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs_m64 = offs_m.to(tl.int64)
+    if ONES_ROW:
+        # Only the tile holding row M stores it.
+        ones_row = tl.sum(tl.where(offs_m[:, None] == M, acc, 0.0), axis=0)  # (BLOCK_N,)
+        ones_mask = mask_n & ((tl.zeros((BLOCK_N,), dtype=tl.int32) + pid_m) == M // BLOCK_M)
+        if ACCUMULATE:
+            ones_row += tl.load(bias_grad_ptr + offs_n, mask=ones_mask, other=0.0)
+        tl.store(bias_grad_ptr + offs_n, ones_row.to(bias_grad_ptr.dtype.element_ty), mask=ones_mask)
+    if ACCUMULATE:
+        acc_ptrs = accumulate_ptr + offs_m64[:, None] * stride_um + offs_n[None, :] * stride_un
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+    if BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    out = acc
+    if EPILOGUE == STORE_PREACT:
+        # h is rounded to the storage dtype first, so act(h) here equals the backward's recomputation.
+        h = acc.to(aux_ptr.dtype.element_ty)
+        tl.store(aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, h, mask=mask)
+        out = activation(h.to(tl.float32), ACTIVATION)
+    elif EPILOGUE == GRAD_ACTIVATION:
+        h = tl.load(aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+        out = acc * activation_grad(h.to(tl.float32), ACTIVATION)
+    if RESIDUAL:
+        out += tl.load(residual_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(
+            tl.float32
+        )
+    if COLUMN_SUMS:
+        partial = tl.sum(tl.where(mask_m[:, None], out, 0.0), axis=0)  # (BLOCK_N,)
+        tl.store(column_sums_ptr + pid_m.to(tl.int64) * N + offs_n, partial, mask=mask_n)
+    c_ptrs = c_ptr + split.to(tl.int64) * stride_c_split + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_rows_kernel(
+    partials_ptr,  # fp32 (R, N), rows contiguous
+    out_ptr,  # (N,) sum over the R rows, in out's dtype
+    R,  # rows to add
+    N,  # length of a row
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for r in range(0, R, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        ptrs = partials_ptr + offs_r.to(tl.int64)[:, None] * N + offs_n[None, :]
+        acc += tl.load(ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+_AUTOTUNE_KEY = [
+    "M", "N", "K", "stride_ak", "stride_bk", "ACTIVATION", "A_ACTIVATION", "ONES_ROW", "EPILOGUE", "BIAS",
+    "RESIDUAL", "ACCUMULATE", "COLUMN_SUMS",
+]  # fmt: skip
+_CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def _gpu_config(config, capability):
+    block_m, block_n, block_k, num_stages, num_warps = config
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M},
+        num_stages=num_stages,
+        num_warps=num_warps,
+    )
+
+
+def gpu_configs(capability):
+    """The GEMM configurations tried on a GPU of this compute capability (sm_80 set below 90)."""
+    return GPU_CONFIGS[90 if capability >= 90 else 80]
+
+
+def shared_memory_bytes(config, element_size):
+    block_m, block_n, block_k, num_stages, _ = config
+    return num_stages * (block_m * block_k + block_k * block_n) * element_size
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Drop configurations whose operand pipeline does not fit next to the epilogue (fp32 operands
+    take twice the bytes of bf16); keep the smallest if none fits."""
+    element_size = named_args["a_ptr"].element_size()
+    limit = 160 * 1024 if torch.cuda.get_device_capability()[0] < 9 else 224 * 1024
+    fitting = [
+        config
+        for config in configs
+        if shared_memory_bytes(tuple(config.kwargs[name] for name in _CONFIG_NAMES) + (config.num_stages, 0), element_size)
+        <= limit
+    ]
+    return fitting or [min(configs, key=lambda config: config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"])]
+
+
+@functools.cache
+def _autotuned_matmul(capability, accumulates):
+    """matmul_kernel autotuned over this capability's configurations, built on first use. Kernels that
+    read and rewrite their outputs (ACCUMULATE) get their outputs restored between trial runs."""
+    restore = ["c_ptr", "accumulate_ptr", "bias_grad_ptr"] if accumulates else None
+    return triton.autotune(
+        configs=[_gpu_config(config, capability) for config in gpu_configs(capability)],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_by_shared_memory},
+        restore_value=restore,
+    )(matmul_kernel)
+
+
+def multiprocessor_count(device):
+    """SMs on a CUDA device; the interpreter pretends to have 2, so split heuristics still trigger."""
+    if device.type != "cuda":
+        return 2
+    return _cuda_multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_multiprocessor_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _strides(tensor):
+    return (tensor.stride(0), tensor.stride(1)) if tensor is not None else (0, 0)
+
+
+def matmul_arguments(
+    a, b, c, *, bias=None, aux=None, residual=None, accumulate=None, column_sums=None, bias_grad=None,
+    activation=None, a_activation=False, epilogue="plain", split_k=1,
+):  # fmt: skip
+    """The kernel arguments (runtime and flag constexprs) of one GEMM; shared by the launcher and the
+    compile check so both see the same signature. Unused pointers point at C."""
+    M, K = a.shape
+    N = b.shape[1]
+    placeholder = c
+    return {
+        "a_ptr": a, "b_ptr": b, "c_ptr": c, "M": M, "N": N, "K": K,
+        "stride_am": a.stride(0), "stride_ak": a.stride(1), "stride_bk": b.stride(0), "stride_bn": b.stride(1),
+        "stride_cm": c.stride(-2), "stride_cn": c.stride(-1), "stride_c_split": c.stride(0) if c.dim() == 3 else 0,
+        "bias_ptr": bias if bias is not None else placeholder,
+        "aux_ptr": aux if aux is not None else placeholder, "stride_xm": _strides(aux)[0], "stride_xn": _strides(aux)[1],
+        "residual_ptr": residual if residual is not None else placeholder,
+        "stride_rm": _strides(residual)[0], "stride_rn": _strides(residual)[1],
+        "accumulate_ptr": accumulate if accumulate is not None else placeholder,
+        "stride_um": _strides(accumulate)[0], "stride_un": _strides(accumulate)[1],
+        "column_sums_ptr": column_sums if column_sums is not None else placeholder,
+        "bias_grad_ptr": bias_grad if bias_grad is not None else placeholder,
+        "ACTIVATION": ACTIVATION_IDS[activation] if activation else 0,
+        "A_ACTIVATION": a_activation,
+        "ONES_ROW": int(bias_grad is not None),
+        "EPILOGUE": {"plain": 0, "store_preact": 1, "grad_activation": 2}[epilogue],
+        "BIAS": bias is not None,
+        "RESIDUAL": residual is not None,
+        "ACCUMULATE": accumulate is not None,
+        "COLUMN_SUMS": column_sums is not None,
+        "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
+    }  # fmt: skip
+
+
+def column_sums_rows(M):
+    """Rows of the COLUMN_SUMS partial buffer: one per tile row for the smallest BLOCK_M in use.
+    Larger tiles leave rows untouched, so the buffer starts at zero."""
+    block_m = INTERPRETER_CONFIG[0] if triton_interpreter_enabled() else MIN_BLOCK_M
+    return triton.cdiv(M, block_m)
+
+
+def matmul(a, b, c, *, split_k=1, **options):
+    """C = epilogue(A @ B) for A (M, K), B (K, N) and C (M, N), or C (split_k, M, N) fp32 partials.
+
+    Options are those of `matmul_arguments`. Any strides; nothing is copied. An output with no rows
+    or no columns launches nothing (column_sums then keeps its zeros).
+    """
+    args = matmul_arguments(a, b, c, split_k=split_k, **options)
+    N = args["N"]
+    rows = args["M"] + args["ONES_ROW"]
+    if rows == 0 or N == 0:
+        return c
+    if triton_interpreter_enabled():
+        block_m, block_n, block_k, _, _ = INTERPRETER_CONFIG
+        grid = (triton.cdiv(rows, block_m) * triton.cdiv(N, block_n), split_k)
+        matmul_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=INTERPRETER_GROUP_M)
+        return c
+    capability = torch.cuda.get_device_capability(a.device)
+    kernel = _autotuned_matmul(capability[0] * 10 + capability[1], args["ACCUMULATE"] or args["ONES_ROW"])
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+
+    kernel[grid](**args)
+    return c
+
+
+def split_k_for(M, N, K, device):
+    """Splits of K for a GEMM whose output has too few tiles to fill the GPU (the linear
+    cross-entropy's dx chunk: a few thousand tokens x C, reduced over the whole vocabulary). Aims for
+    two programs per SM, with at least 4 K-tiles per split so the pipeline stays full."""
+    block_m, block_n, block_k = INTERPRETER_CONFIG[:3] if triton_interpreter_enabled() else (128, 128, 64)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    wanted = triton.cdiv(2 * multiprocessor_count(device), tiles)
+    return max(1, min(wanted, triton.cdiv(K, 4 * block_k), 16))
+
+
+def sum_rows(partials, out):
+    """out (N,) = partials (R, N) fp32 summed over rows, in a fixed order (deterministic)."""
+    R, N = partials.shape
+    if N == 0:
+        return out
+    grid = (triton.cdiv(N, SUM_ROWS_BLOCK_N),)
+    sum_rows_kernel[grid](partials, out, R, N, BLOCK_R=SUM_ROWS_BLOCK_R, BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# No-GPU compile check
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
+
+
+def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
+    """A triton_compile.CompileCase from launch arguments, specialised as a launch would be: integers
+    equal to 1 (unit strides) become constants."""
+    from fastgpt.ops.triton_compile import CompileCase
+
+    signature, constexprs = {}, dict(meta)
+    for param in kernel.params:
+        arg_name = param.name
+        value = meta[arg_name] if arg_name in meta else args[arg_name]
+        if param.is_constexpr:
+            signature[arg_name] = "constexpr"
+            constexprs[arg_name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[arg_name] = "*" + _TRITON_TYPES[value.dtype]
+        elif value == 1:
+            signature[arg_name] = "constexpr"
+            constexprs[arg_name] = 1
+        else:
+            signature[arg_name] = "i32" if abs(value) < 2**31 else "i64"
+    return CompileCase(
+        name=name,
+        kernel=kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        tensor_cores=tensor_cores,
+    )
+
+
+def matmul_compile_cases(capability, variant_name, make_arguments, dtypes=(torch.bfloat16,), all_configs=False):
+    """Compile cases of one GEMM variant: every GPU configuration, or only the largest (the one with
+    the most shared memory and registers, so the one an epilogue is most likely to break).
+    `make_arguments(dtype)` returns the matmul_arguments of a representative launch on meta tensors."""
+    configs = gpu_configs(capability) if all_configs else gpu_configs(capability)[:1]
+    cases = []
+    for dtype in dtypes:
+        args = make_arguments(dtype)
+        for config in configs:
+            block_m, block_n, block_k, num_stages, num_warps = config
+            if shared_memory_bytes(config, dtype.itemsize) > (160 if capability < 90 else 224) * 1024:
+                continue
+            meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M}
+            name = f"matmul[{variant_name}] {str(dtype).replace('torch.', '')} {block_m}x{block_n}x{block_k} s{num_stages} w{num_warps}"
+            cases.append(compile_case(name, matmul_kernel, args, meta, num_warps, num_stages, tensor_cores=True))
+    return cases
+
+
+def gpu_compile_cases(capability):
+    """The plain GEMM (x @ W^T) in bf16 for every configuration and in fp16 for the largest, and sum_rows.
+    The modules using the GEMM add their epilogue variants."""
+
+    def plain(dtype):
+        a = torch.empty(4096, 768, dtype=dtype, device="meta")
+        b = torch.empty(3072, 768, dtype=dtype, device="meta").t()
+        return matmul_arguments(a, b, torch.empty(4096, 3072, dtype=dtype, device="meta"))
+
+    cases = matmul_compile_cases(capability, "plain", plain, all_configs=True)
+    cases += matmul_compile_cases(capability, "plain", plain, dtypes=(torch.float16,))
+    for dtype in (torch.bfloat16, torch.float32):
+        partials = torch.empty(64, 768, dtype=torch.float32, device="meta")
+        args = {"partials_ptr": partials, "out_ptr": torch.empty(768, dtype=dtype, device="meta"), "R": 64, "N": 768}
+        meta = {"BLOCK_R": SUM_ROWS_BLOCK_R, "BLOCK_N": SUM_ROWS_BLOCK_N}
+        cases.append(compile_case(f"sum_rows {dtype}", sum_rows_kernel, args, meta, 8, 3, tensor_cores=False))
+    return cases
