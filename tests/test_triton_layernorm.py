@@ -8,6 +8,7 @@ import torch
 
 import fastgpt
 from fastgpt import dispatch, reference
+from fastgpt.ops import triton_layernorm  # noqa: F401  (registers the fastgpt::triton_layer_norm ops)
 from tolerance import assert_close
 
 pytestmark = pytest.mark.skipif("triton" not in fastgpt.available_backends(), reason="Triton backend unavailable")

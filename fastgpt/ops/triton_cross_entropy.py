@@ -28,12 +28,12 @@ import triton.language as tl
 
 from fastgpt.dispatch import triton_interpreter_enabled
 from fastgpt.ops.memory import new_output
-from fastgpt.ops.triton_gemm import LOG2E, compile_case, matmul, matmul_arguments, matmul_compile_cases, split_k_for, sum_rows
+from fastgpt.ops.triton_gemm import GEMM_DTYPES, LOG2E, compile_case, matmul, matmul_arguments, matmul_compile_cases, split_k_for, sum_rows
 
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = GEMM_DTYPES
 
 # Scale of dlogits in the row kernel.
 SCALE_ONE: tl.constexpr = tl.constexpr(0)  # 'sum'
@@ -62,7 +62,7 @@ def chunk_rows(tokens, channels, element_size):
     rows >= 1024 keeps that GEMM compute-bound on A100/H100, where smaller chunks would not.
     """
     rows = max(CHUNK_ROW_MULTIPLE, (4 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
-    return min(rows, max(tokens, 1))
+    return min(rows, tokens)
 
 
 def _block_v(vocab):
@@ -156,11 +156,17 @@ def _rows_arguments(logits, targets, losses, lse, kept, row_scale, ignore_index,
 
 
 def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, row_scale, scale, grads):
-    """Runs the chunks. `grads` is None (loss only) or (dx2, dweight, dbias); with `row_scale` the
-    lse is given and only gradients are formed. Returns nothing: it fills the tensors it is given."""
+    """Runs the chunks. `grads` is None (loss only) or (dx2, dweight, dbias) to fill; with `row_scale`
+    the lse is given and only gradients are formed. Fills the tensors it is given."""
     tokens, channels = x2.shape
     vocab = weight.shape[0]
     dtype, device = x2.dtype, x2.device
+    if tokens == 0:
+        if grads is not None:
+            for grad in grads[1:]:
+                if grad is not None:
+                    grad.zero_()
+        return
     rows_per_chunk = chunk_rows(tokens, channels, dtype.itemsize)
     chunk_starts = range(0, tokens, rows_per_chunk)
     logits = torch.empty((rows_per_chunk, vocab), dtype=dtype, device=device)  # reused by every chunk
@@ -169,11 +175,6 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
 
     if grads is not None:
         dx2, dweight, dbias = grads
-        if tokens == 0:
-            dweight.zero_()
-            if dbias is not None:
-                dbias.zero_()
-            return
         # fp32 weights accumulate in dW itself; 16-bit ones in an fp32 buffer, unless one chunk does it all.
         in_place = dtype == torch.float32 or len(chunk_starts) == 1
         weight_accumulator = dweight if in_place else torch.empty((vocab, channels), dtype=torch.float32, device=device)
@@ -368,7 +369,7 @@ def gpu_compile_cases(capability):
 
     def dx_gemm(dtype):
         partial = meta(4, rows, channels, dtype=torch.float32)
-        return matmul_arguments(meta(rows, vocab, dtype=dtype), meta(vocab, channels, dtype=dtype), partial, split_k=4)
+        return matmul_arguments(meta(rows, vocab, dtype=dtype), meta(vocab, channels, dtype=dtype), partial)
 
     def weight_gemm(dtype):
         accumulator = meta(vocab, channels, dtype=torch.float32)

@@ -23,13 +23,12 @@ from typing import Optional
 import torch
 
 from fastgpt.ops.memory import new_output
-from fastgpt.ops.triton_gemm import column_sums_rows, matmul, matmul_arguments, matmul_compile_cases, sum_rows
+from fastgpt.ops.triton_gemm import GEMM_DTYPES, column_sums_rows, matmul, matmul_arguments, matmul_compile_cases, sum_rows
 
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+SUPPORTED_DTYPES = GEMM_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +177,8 @@ def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu
 
 def gpu_compile_cases(capability):
     """Each GEMM variant the FFN launches, in bf16 with the largest configuration (triton_gemm compiles
-    every configuration of the kernel), at GPT-2 small shapes: 8192 tokens, C 768, H 3072."""
+    every configuration of the kernel), at GPT-2 small shapes: 8192 tokens, C 768, H 3072; gelu, relu
+    and silu with the smallest."""
     tokens, channels, hidden = 8192, 768, 3072
 
     def meta(*shape, dtype):
@@ -215,12 +215,12 @@ def gpu_compile_cases(capability):
 
     variants = {
         "ffn fc+gelu_tanh": forward_fc("gelu_tanh"),
-        "ffn fc+gelu": forward_fc("gelu"),
-        "ffn fc+relu": forward_fc("relu"),
-        "ffn fc+silu": forward_fc("silu"),
         "ffn proj+residual": forward_proj,
         "ffn dH=dA*act'(h)": backward_dh,
         "ffn dWproj^T=act(h)^T dY": backward_proj_weight,
         "ffn dWfc=dH^T x": backward_fc_weight,
     }
-    return [case for name, make in variants.items() for case in matmul_compile_cases(capability, name, make)]
+    cases = [case for name, make in variants.items() for case in matmul_compile_cases(capability, name, make)]
+    for activation in ("gelu", "relu", "silu"):  # the other activations' code, with the quickest configuration
+        cases += matmul_compile_cases(capability, f"ffn fc+{activation}", forward_fc(activation), configs="smallest")
+    return cases

@@ -16,7 +16,6 @@ weight gradients, split-K partials).
 """
 
 import functools
-import math
 
 import torch
 import triton
@@ -27,12 +26,17 @@ from fastgpt.dispatch import triton_interpreter_enabled
 # ----------------------------------------------------------------------------------------------
 # Constants
 
-ACTIVATION_IDS = {"gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
-NO_ACTIVATION: tl.constexpr = tl.constexpr(0)
+# The interpreter runs tl.dot on bfloat16's raw bits (numpy has no bfloat16): bf16 GEMMs need a GPU.
+GEMM_DTYPES = (
+    (torch.float16, torch.float32) if triton_interpreter_enabled() else (torch.float16, torch.bfloat16, torch.float32)
+)
+
+# Activation codes (the kernels' ACTIVATION); 0 means none.
 GELU_TANH: tl.constexpr = tl.constexpr(1)
 GELU_ERF: tl.constexpr = tl.constexpr(2)
 RELU: tl.constexpr = tl.constexpr(3)
 SILU: tl.constexpr = tl.constexpr(4)
+ACTIVATION_IDS = {"gelu_tanh": GELU_TANH.value, "gelu": GELU_ERF.value, "relu": RELU.value, "silu": SILU.value}
 
 # Epilogue modes of the GEMM.
 PLAIN: tl.constexpr = tl.constexpr(0)
@@ -54,7 +58,7 @@ GROUP_M = 8
 GPU_CONFIGS = {
     80: (
         # A100: 164 KiB shared memory, 108 SMs.
-        (128, 256, 64, 3, 8),  # big GEMMs: 2 x 64 KiB... = 48 KiB/stage bf16, 3 stages = 144 KiB
+        (128, 256, 64, 3, 8),  # big GEMMs: (128x64 + 64x256) bf16 = 48 KiB/stage, 3 stages = 144 KiB
         (256, 128, 64, 3, 8),  # the same area for tall outputs (tokens x C of GEMM2 and dx)
         (128, 128, 64, 4, 4),  # 32 KiB/stage x 4: more tiles when M x N is too small for 256-wide tiles
         (128, 128, 32, 4, 4),  # 16 KiB/stage: fp32 (4-byte) operands and short K
@@ -70,6 +74,9 @@ GPU_CONFIGS = {
     ),
 }
 MIN_BLOCK_M = 64
+# Shared memory a configuration's operand pipeline may take, below the opt-in limits (A100 163 KiB,
+# H100/H200 227 KiB) to leave room for the epilogue's layout conversions.
+SHARED_MEMORY_BUDGET = {80: 160 * 1024, 90: 224 * 1024}
 # The interpreter runs one program at a time: 32 x 32 x 32 tiles keep tests quick while ragged sizes
 # (33, 70, 131) still leave partial tiles in every dimension, and GROUP_M 2 exercises grouping.
 INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
@@ -92,7 +99,8 @@ def _sigmoid(z):
 
 @triton.jit
 def activation(h, ACTIVATION: tl.constexpr):
-    """act(h) in fp32. gelu_tanh = h * sigmoid(2u) since 0.5 * (1 + tanh(u)) = sigmoid(2u)."""
+    """act(h) in fp32 for ACTIVATION in (GELU_TANH, GELU_ERF, RELU, SILU).
+    gelu_tanh = h * sigmoid(2u), since 0.5 * (1 + tanh(u)) = sigmoid(2u): no tanh needed."""
     if ACTIVATION == GELU_TANH:
         inner = SQRT_2_OVER_PI * (h + GELU_TANH_CUBIC * h * h * h)
         out = h * _sigmoid(2.0 * inner)
@@ -100,10 +108,8 @@ def activation(h, ACTIVATION: tl.constexpr):
         out = 0.5 * h * (1.0 + tl.math.erf(h * INV_SQRT_2))
     elif ACTIVATION == RELU:
         out = tl.where(h < 0.0, 0.0, h)  # keeps NaN, as torch.relu does
-    elif ACTIVATION == SILU:
-        out = h * _sigmoid(h)
     else:
-        out = h
+        out = h * _sigmoid(h)  # SILU
     return out
 
 
@@ -119,11 +125,9 @@ def activation_grad(h, ACTIVATION: tl.constexpr):
         grad = 0.5 * (1.0 + tl.math.erf(h * INV_SQRT_2)) + h * INV_SQRT_2PI * tl.exp2(-0.5 * h * h * LOG2E)
     elif ACTIVATION == RELU:
         grad = tl.where(h > 0.0, 1.0, 0.0)
-    elif ACTIVATION == SILU:
+    else:  # SILU
         s = _sigmoid(h)
         grad = s * (1.0 + h * (1.0 - s))
-    else:
-        grad = h * 0.0 + 1.0
     return grad
 
 
@@ -132,7 +136,7 @@ def matmul_kernel(
     a_ptr,  # A (M, K), read through (stride_am, stride_ak)
     b_ptr,  # B (K, N), read through (stride_bk, stride_bn)
     c_ptr,  # C (M, N); with split-K, SPLIT_K fp32 partials stride_c_split apart
-    M,  # rows of A and C (not counting the ONES_ROW row); 0 only with ONES_ROW
+    M,  # rows of A and C (not counting the ONES_ROW row); may be 0 with ONES_ROW
     N,  # columns of B and C
     K,  # the reduced dimension
     stride_am, stride_ak,  # A's strides, in elements
@@ -183,22 +187,20 @@ def matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    # Rows and columns past the edge wrap around to valid ones, so only K needs a load mask; the
-    # stores below drop the wrapped results. 64-bit row offsets: M x stride can pass 2^31. With
-    # ONES_ROW, A's rows are masked instead (A may have no rows at all).
-    load_m = (offs_m % tl.maximum(M, 1)).to(tl.int64)
-    load_n = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + load_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + load_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Edge rows and columns are masked rather than wrapped (as the Triton tutorial does): a mask keeps
+    # the contiguity of a transposed (M-contiguous) A, so its loads still vectorise and pipeline.
+    # 64-bit row offsets: M x stride can pass 2^31.
+    offs_m64 = offs_m.to(tl.int64)
+    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         k_mask = (k + offs_k) < k_end  # (BLOCK_K,)
-        if ONES_ROW:
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
         if A_ACTIVATION:
             a = activation(a.to(tl.float32), ACTIVATION).to(b.dtype)  # act(0) = 0: padding stays 0
         if ONES_ROW:
@@ -207,10 +209,7 @@ def matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    offs_m64 = offs_m.to(tl.int64)
     if ONES_ROW:
         # Only the tile holding row M stores it.
         ones_row = tl.sum(tl.where(offs_m[:, None] == M, acc, 0.0), axis=0)  # (BLOCK_N,)
@@ -238,7 +237,7 @@ def matmul_kernel(
             tl.float32
         )
     if COLUMN_SUMS:
-        partial = tl.sum(tl.where(mask_m[:, None], out, 0.0), axis=0)  # (BLOCK_N,)
+        partial = tl.sum(tl.where(mask_m[:, None], out, 0.0), axis=0)  # (BLOCK_N,), rows past M left out
         tl.store(column_sums_ptr + pid_m.to(tl.int64) * N + offs_n, partial, mask=mask_n)
     c_ptrs = c_ptr + split.to(tl.int64) * stride_c_split + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
@@ -273,7 +272,7 @@ _AUTOTUNE_KEY = [
 _CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-def _gpu_config(config, capability):
+def _gpu_config(config):
     block_m, block_n, block_k, num_stages, num_warps = config
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M},
@@ -295,27 +294,29 @@ def shared_memory_bytes(config, element_size):
 def _prune_by_shared_memory(configs, named_args, **kwargs):
     """Drop configurations whose operand pipeline does not fit next to the epilogue (fp32 operands
     take twice the bytes of bf16); keep the smallest if none fits."""
-    element_size = named_args["a_ptr"].element_size()
-    limit = 160 * 1024 if torch.cuda.get_device_capability()[0] < 9 else 224 * 1024
+    a = named_args["a_ptr"]
+    limit = SHARED_MEMORY_BUDGET[90 if torch.cuda.get_device_capability(a.device)[0] >= 9 else 80]
     fitting = [
         config
         for config in configs
-        if shared_memory_bytes(tuple(config.kwargs[name] for name in _CONFIG_NAMES) + (config.num_stages, 0), element_size)
+        if shared_memory_bytes(tuple(config.kwargs[name] for name in _CONFIG_NAMES) + (config.num_stages, 0), a.element_size())
         <= limit
     ]
     return fitting or [min(configs, key=lambda config: config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"])]
 
 
 @functools.cache
-def _autotuned_matmul(capability, accumulates):
-    """matmul_kernel autotuned over this capability's configurations, built on first use. Kernels that
-    read and rewrite their outputs (ACCUMULATE) get their outputs restored between trial runs."""
-    restore = ["c_ptr", "accumulate_ptr", "bias_grad_ptr"] if accumulates else None
+def _autotuned_matmul(capability, accumulates, column_sums):
+    """matmul_kernel autotuned over this capability's configurations, built on first use. Trial runs
+    must not leave traces: kernels that read and rewrite their outputs (ACCUMULATE) get them restored
+    after each trial, and the COLUMN_SUMS buffer (whose rows in use depend on BLOCK_M) is zeroed
+    before each trial and before the chosen configuration runs."""
     return triton.autotune(
-        configs=[_gpu_config(config, capability) for config in gpu_configs(capability)],
+        configs=[_gpu_config(config) for config in gpu_configs(capability)],
         key=_AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune_by_shared_memory},
-        restore_value=restore,
+        restore_value=["c_ptr", "accumulate_ptr", "bias_grad_ptr"] if accumulates else None,
+        reset_to_zero=["column_sums_ptr"] if column_sums else None,
     )(matmul_kernel)
 
 
@@ -337,7 +338,7 @@ def _strides(tensor):
 
 def matmul_arguments(
     a, b, c, *, bias=None, aux=None, residual=None, accumulate=None, column_sums=None, bias_grad=None,
-    activation=None, a_activation=False, epilogue="plain", split_k=1,
+    activation=None, a_activation=False, epilogue="plain",
 ):  # fmt: skip
     """The kernel arguments (runtime and flag constexprs) of one GEMM; shared by the launcher and the
     compile check so both see the same signature. Unused pointers point at C."""
@@ -359,7 +360,7 @@ def matmul_arguments(
         "ACTIVATION": ACTIVATION_IDS[activation] if activation else 0,
         "A_ACTIVATION": a_activation,
         "ONES_ROW": int(bias_grad is not None),
-        "EPILOGUE": {"plain": 0, "store_preact": 1, "grad_activation": 2}[epilogue],
+        "EPILOGUE": {"plain": PLAIN.value, "store_preact": STORE_PREACT.value, "grad_activation": GRAD_ACTIVATION.value}[epilogue],
         "BIAS": bias is not None,
         "RESIDUAL": residual is not None,
         "ACCUMULATE": accumulate is not None,
@@ -381,7 +382,7 @@ def matmul(a, b, c, *, split_k=1, **options):
     Options are those of `matmul_arguments`. Any strides; nothing is copied. An output with no rows
     or no columns launches nothing (column_sums then keeps its zeros).
     """
-    args = matmul_arguments(a, b, c, split_k=split_k, **options)
+    args = matmul_arguments(a, b, c, **options)
     N = args["N"]
     rows = args["M"] + args["ONES_ROW"]
     if rows == 0 or N == 0:
@@ -392,7 +393,7 @@ def matmul(a, b, c, *, split_k=1, **options):
         matmul_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=INTERPRETER_GROUP_M)
         return c
     capability = torch.cuda.get_device_capability(a.device)
-    kernel = _autotuned_matmul(capability[0] * 10 + capability[1], args["ACCUMULATE"] or args["ONES_ROW"])
+    kernel = _autotuned_matmul(capability[0] * 10 + capability[1], args["ACCUMULATE"], args["COLUMN_SUMS"])
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
@@ -416,8 +417,9 @@ def sum_rows(partials, out):
     R, N = partials.shape
     if N == 0:
         return out
+    block_r = min(SUM_ROWS_BLOCK_R, triton.next_power_of_2(max(R, 1)))  # split-K has only a few rows
     grid = (triton.cdiv(N, SUM_ROWS_BLOCK_N),)
-    sum_rows_kernel[grid](partials, out, R, N, BLOCK_R=SUM_ROWS_BLOCK_R, BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=8)
+    sum_rows_kernel[grid](partials, out, R, N, BLOCK_R=block_r, BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=8)
     return out
 
 
@@ -458,17 +460,19 @@ def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
     )
 
 
-def matmul_compile_cases(capability, variant_name, make_arguments, dtypes=(torch.bfloat16,), all_configs=False):
-    """Compile cases of one GEMM variant: every GPU configuration, or only the largest (the one with
-    the most shared memory and registers, so the one an epilogue is most likely to break).
+def matmul_compile_cases(capability, variant_name, make_arguments, dtypes=(torch.bfloat16,), configs="largest"):
+    """Compile cases of one GEMM variant for configs "all", "largest" (the most shared memory and
+    registers: where an epilogue is most likely to break) or "smallest" (the quickest to compile).
     `make_arguments(dtype)` returns the matmul_arguments of a representative launch on meta tensors."""
-    configs = gpu_configs(capability) if all_configs else gpu_configs(capability)[:1]
+    configs = {"all": gpu_configs(capability), "largest": gpu_configs(capability)[:1], "smallest": gpu_configs(capability)[-1:]}[
+        configs
+    ]
     cases = []
     for dtype in dtypes:
         args = make_arguments(dtype)
         for config in configs:
             block_m, block_n, block_k, num_stages, num_warps = config
-            if shared_memory_bytes(config, dtype.itemsize) > (160 if capability < 90 else 224) * 1024:
+            if shared_memory_bytes(config, dtype.itemsize) > SHARED_MEMORY_BUDGET[90 if capability >= 90 else 80]:
                 continue
             meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M}
             name = f"matmul[{variant_name}] {str(dtype).replace('torch.', '')} {block_m}x{block_n}x{block_k} s{num_stages} w{num_warps}"
@@ -485,11 +489,11 @@ def gpu_compile_cases(capability):
         b = torch.empty(3072, 768, dtype=dtype, device="meta").t()
         return matmul_arguments(a, b, torch.empty(4096, 3072, dtype=dtype, device="meta"))
 
-    cases = matmul_compile_cases(capability, "plain", plain, all_configs=True)
+    cases = matmul_compile_cases(capability, "plain", plain, configs="all")
     cases += matmul_compile_cases(capability, "plain", plain, dtypes=(torch.float16,))
     for dtype in (torch.bfloat16, torch.float32):
         partials = torch.empty(64, 768, dtype=torch.float32, device="meta")
         args = {"partials_ptr": partials, "out_ptr": torch.empty(768, dtype=dtype, device="meta"), "R": 64, "N": 768}
         meta = {"BLOCK_R": SUM_ROWS_BLOCK_R, "BLOCK_N": SUM_ROWS_BLOCK_N}
-        cases.append(compile_case(f"sum_rows {dtype}", sum_rows_kernel, args, meta, 8, 3, tensor_cores=False))
+        cases.append(compile_case(f"sum_rows to {str(dtype).replace('torch.', '')}", sum_rows_kernel, args, meta, 8, 3, tensor_cores=False))
     return cases

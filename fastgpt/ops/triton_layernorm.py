@@ -322,9 +322,8 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
     normed_input, weight, mean, rstd = ctx.saved_tensors
     if dout is None:  # only the sum x + residual was used
         dout = torch.zeros_like(normed_input)
-    dx, dweight, dbias = _layer_norm_backward_op(
-        dout, normed_input, weight, mean, rstd, dsum, ctx.has_weight, ctx.has_bias
-    )
+    dsum = dsum if ctx.has_residual else None  # without a residual the sum output is an empty placeholder
+    dx, dweight, dbias = _layer_norm_backward_op(dout, normed_input, weight, mean, rstd, dsum, ctx.has_weight, ctx.has_bias)
     return (
         dx,
         dweight if ctx.has_weight else None,
