@@ -9,14 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from tolerance import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt
 from fastgpt import reference
 from fastgpt.ops import triton_cross_entropy
-from tolerance import assert_close
 
-pytestmark = pytest.mark.skipif("triton" not in fastgpt.available_backends(), reason="Triton backend unavailable")
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends(), reason="Triton backend unavailable"
+)
 
 IGNORE = -100
 
@@ -32,12 +34,16 @@ def make_inputs(lead, channels, vocab, dtype, *, bias=True, ignored=2, device="c
 
 def loss_and_grads(inputs, reduction, backend, grad_out=None, dtype=None):
     x, weight, bias, targets = inputs
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    leaves = [
+        t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in (x, weight, bias)
+    ]
     x, weight, bias = leaves
     if backend == "reference":
         loss = reference.linear_cross_entropy(x, weight, targets, bias, IGNORE, reduction)
     else:
-        loss = fastgpt.linear_cross_entropy(x, weight, targets, bias=bias, ignore_index=IGNORE, reduction=reduction, backend=backend)
+        loss = fastgpt.linear_cross_entropy(
+            x, weight, targets, bias=bias, ignore_index=IGNORE, reduction=reduction, backend=backend
+        )
     if grad_out is None:
         grad_out = torch.rand_like(loss) + 0.5
     present = [t for t in leaves if t is not None]
@@ -65,7 +71,9 @@ def test_reference_is_f_cross_entropy():
     logits = F.linear(x, weight, bias)
     for reduction in ("mean", "sum", "none"):
         expected = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
-        torch.testing.assert_close(reference.linear_cross_entropy(x, weight, targets, bias, IGNORE, reduction), expected)
+        torch.testing.assert_close(
+            reference.linear_cross_entropy(x, weight, targets, bias, IGNORE, reduction), expected
+        )
 
 
 @pytest.mark.parametrize(
@@ -108,7 +116,9 @@ def test_empty_batch(reduction):
     expected = F.cross_entropy(F.linear(x, weight, bias), targets, reduction=reduction)
     torch.testing.assert_close(loss, expected, equal_nan=True)
     assert grads["x"].shape == (0, 16)
-    assert torch.equal(grads["weight"], torch.zeros_like(weight)) and torch.equal(grads["bias"], torch.zeros_like(bias))
+    assert torch.equal(grads["weight"], torch.zeros_like(weight)) and torch.equal(
+        grads["bias"], torch.zeros_like(bias)
+    )
 
 
 def test_nan_stays_in_its_row():
@@ -134,7 +144,9 @@ def test_opcheck():
     _, lse, *_ = forward(x, weight, targets, bias, IGNORE, "none", False)
     backward = torch.ops.fastgpt.triton_linear_cross_entropy_backward.default
     grad_loss = torch.randn(2, 5)
-    torch.library.opcheck(backward, (grad_loss, x.detach(), weight.detach(), targets, bias.detach(), lse, IGNORE))
+    torch.library.opcheck(
+        backward, (grad_loss, x.detach(), weight.detach(), targets, bias.detach(), lse, IGNORE)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +170,9 @@ class PeakMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "fastgpt":
             with self:  # run the op's CPU implementation with this mode watching its allocations
-                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+                out = func.redispatch(
+                    torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {})
+                )
         else:
             out = func(*args, **(kwargs or {}))
         for tensor in pytree.tree_leaves(out):
@@ -175,11 +189,20 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def peak_memory(run, existing):
-    tracker = PeakMemory(existing)
+def peak_memory_of_backward(loss_fn, *inputs):
+    """Peak memory of loss_fn(*inputs).backward(), counting only what it allocates."""
+    tracker = PeakMemory(inputs)
     with tracker:
-        run()
+        loss_fn(*inputs).backward()
     return tracker
+
+
+def triton_loss(x, weight, targets):
+    return fastgpt.linear_cross_entropy(x, weight, targets, backend="triton")
+
+
+def eager_loss(x, weight, targets):
+    return F.cross_entropy(x @ weight.t(), targets)
 
 
 class _NoLaunch:
@@ -207,11 +230,7 @@ def test_extra_memory_is_bounded_by_one_chunk(monkeypatch, dtype):
         x = torch.randn(tokens, channels, dtype=dtype, requires_grad=True)
         weight = torch.randn(vocab, channels, dtype=dtype, requires_grad=True)
         targets = torch.randint(0, vocab, (tokens,))
-
-        def ours():
-            fastgpt.linear_cross_entropy(x, weight, targets, backend="triton").backward()
-
-        mine = peak_memory(ours, [x, weight, targets])
+        mine = peak_memory_of_backward(triton_loss, x, weight, targets)
         gradients = (tokens + vocab) * channels * element  # dx and dW
         accumulator = vocab * channels * 4 if dtype != torch.float32 else 0
         # Forward: one chunk of logits, the fp32 dW accumulator (16-bit only) and the gradients it keeps.
@@ -225,11 +244,7 @@ def test_extra_memory_is_bounded_by_one_chunk(monkeypatch, dtype):
     assert peaks[many] - peaks[few] <= (many - few) * (2 * channels * element + 64)
 
     if dtype == torch.float32:  # eager on CPU in fp16 is too slow for the test budget
-
-        def eager():
-            F.cross_entropy(x @ weight.t(), targets).backward()
-
-        theirs = peak_memory(eager, [x, weight, targets])
+        theirs = peak_memory_of_backward(eager_loss, x, weight, targets)
         assert theirs.peak >= 3 * tokens * vocab * element
         assert mine.peak <= 0.25 * theirs.peak
 
@@ -237,4 +252,6 @@ def test_extra_memory_is_bounded_by_one_chunk(monkeypatch, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bfloat16_on_gpu(reduction):
-    check_against_reference(make_inputs((4, 1000), 768, 50257, torch.bfloat16, bias=False, ignored=100, device="cuda"), reduction)
+    check_against_reference(
+        make_inputs((4, 1000), 768, 50257, torch.bfloat16, bias=False, ignored=100, device="cuda"), reduction
+    )

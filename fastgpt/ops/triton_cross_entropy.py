@@ -20,15 +20,22 @@ per-row lse (fp32, one per token) and its backward repeats the chunk loop with t
 gradient as the scale (one more logits GEMM; the online logsumexp pass is skipped thanks to lse).
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from fastgpt.dispatch import triton_interpreter_enabled
 from fastgpt.ops.memory import new_output
-from fastgpt.ops.triton_gemm import GEMM_DTYPES, LOG2E, compile_case, matmul, matmul_arguments, matmul_compile_cases, split_k_for, sum_rows
+from fastgpt.ops.triton_gemm import (
+    GEMM_DTYPES,
+    LOG2E,
+    compile_case,
+    matmul,
+    matmul_arguments,
+    matmul_compile_cases,
+    split_k_for,
+    sum_rows,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -84,14 +91,14 @@ def cross_entropy_rows_kernel(
     lse_ptr,  # (rows,) fp32 logsumexp: written, or read when LSE_GIVEN
     kept_ptr,  # () int64 number of rows whose target is not ignore_index (SCALE == SCALE_MEAN)
     row_scale_ptr,  # (rows,) upstream gradient of each row's loss (SCALE == SCALE_PER_ROW)
-    stride_row_scale,
+    stride_row_scale,  # row_scale's stride (0 when broadcast)
     V,  # vocabulary size
-    ignore_index,
-    COMPUTE_LOSS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    LSE_GIVEN: tl.constexpr,
-    SCALE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ignore_index,  # rows with this target add nothing
+    COMPUTE_LOSS: tl.constexpr,  # write loss_ptr
+    COMPUTE_GRAD: tl.constexpr,  # overwrite the logits with dloss/dlogits
+    LSE_GIVEN: tl.constexpr,  # read lse_ptr instead of computing it
+    SCALE: tl.constexpr,  # SCALE_ONE, SCALE_MEAN or SCALE_PER_ROW
+    BLOCK_V: tl.constexpr,  # vocabulary entries per step
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * stride_lm
@@ -142,17 +149,26 @@ def cross_entropy_rows_kernel(
 # Host launchers
 
 
-def _rows_arguments(logits, targets, losses, lse, kept, row_scale, ignore_index, compute_loss, compute_grad, lse_given, scale):
+def _rows_arguments(
+    logits, targets, losses, lse, kept, row_scale, ignore_index, compute_loss, compute_grad, lse_given, scale
+):
     placeholder = lse
     return {
-        "logits_ptr": logits, "stride_lm": logits.stride(0), "targets_ptr": targets,
-        "loss_ptr": losses if losses is not None else placeholder, "lse_ptr": lse,
+        "logits_ptr": logits,
+        "stride_lm": logits.stride(0),
+        "targets_ptr": targets,
+        "loss_ptr": losses if losses is not None else placeholder,
+        "lse_ptr": lse,
         "kept_ptr": kept if kept is not None else targets,
         "row_scale_ptr": row_scale if row_scale is not None else placeholder,
         "stride_row_scale": row_scale.stride(0) if row_scale is not None else 0,
-        "V": logits.shape[1], "ignore_index": ignore_index,
-        "COMPUTE_LOSS": compute_loss, "COMPUTE_GRAD": compute_grad, "LSE_GIVEN": lse_given, "SCALE": scale,
-    }  # fmt: skip
+        "V": logits.shape[1],
+        "ignore_index": ignore_index,
+        "COMPUTE_LOSS": compute_loss,
+        "COMPUTE_GRAD": compute_grad,
+        "LSE_GIVEN": lse_given,
+        "SCALE": scale,
+    }
 
 
 def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, row_scale, scale, grads):
@@ -177,9 +193,16 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
         dx2, dweight, dbias = grads
         # fp32 weights accumulate in dW itself; 16-bit ones in an fp32 buffer, unless one chunk does it all.
         in_place = dtype == torch.float32 or len(chunk_starts) == 1
-        weight_accumulator = dweight if in_place else torch.empty((vocab, channels), dtype=torch.float32, device=device)
-        bias_accumulator = torch.empty(vocab, dtype=torch.float32, device=device) if dbias is not None else None
-        splits = {rows: split_k_for(rows, channels, vocab, device) for rows in {rows_per_chunk, tokens - chunk_starts[-1]}}
+        weight_accumulator = (
+            dweight if in_place else torch.empty((vocab, channels), dtype=torch.float32, device=device)
+        )
+        bias_accumulator = (
+            torch.empty(vocab, dtype=torch.float32, device=device) if dbias is not None else None
+        )
+        splits = {
+            rows: split_k_for(rows, channels, vocab, device)
+            for rows in {rows_per_chunk, tokens - chunk_starts[-1]}
+        }
         partial_size = max(split * rows * channels if split > 1 else 0 for rows, split in splits.items())
         partials = torch.empty(partial_size, dtype=torch.float32, device=device)
 
@@ -190,10 +213,18 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
         matmul(x_chunk, weight.t(), chunk_logits, bias=bias)
         row_scale_chunk = row_scale[start : start + rows] if row_scale is not None else None
         args = _rows_arguments(
-            chunk_logits, targets[start : start + rows], losses[start : start + rows] if losses is not None else None,
-            lse[start : start + rows], kept, row_scale_chunk, ignore_index,
-            compute_loss=losses is not None, compute_grad=grads is not None, lse_given=row_scale is not None, scale=scale,
-        )  # fmt: skip
+            chunk_logits,
+            targets[start : start + rows],
+            losses[start : start + rows] if losses is not None else None,
+            lse[start : start + rows],
+            kept,
+            row_scale_chunk,
+            ignore_index,
+            compute_loss=losses is not None,
+            compute_grad=grads is not None,
+            lse_given=row_scale is not None,
+            scale=scale,
+        )
         cross_entropy_rows_kernel[(rows,)](**args, BLOCK_V=block_v, num_warps=num_warps)
         if grads is None:
             continue
@@ -211,9 +242,12 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
         last = start + rows == tokens
         out = dweight if (last or in_place) else weight_accumulator
         matmul(
-            x_chunk.t(), chunk_logits, out.t(),
-            accumulate=weight_accumulator.t() if index > 0 else None, bias_grad=bias_accumulator,
-        )  # fmt: skip
+            x_chunk.t(),
+            chunk_logits,
+            out.t(),
+            accumulate=weight_accumulator.t() if index > 0 else None,
+            bias_grad=bias_accumulator,
+        )
 
     if grads is not None and dbias is not None:
         dbias.copy_(bias_accumulator)
@@ -234,9 +268,25 @@ def cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, com
     grads = None
     if compute_grads and reduction != "none":
         dbias = new_output((vocab,), dtype, device) if bias is not None else None
-        grads = (new_output((tokens, channels), dtype, device), new_output((vocab, channels), dtype, device), dbias)
+        grads = (
+            new_output((tokens, channels), dtype, device),
+            new_output((vocab, channels), dtype, device),
+            dbias,
+        )
     scale = SCALE_MEAN.value if reduction == "mean" else SCALE_ONE.value
-    _chunk_loop(x2, weight, targets1, bias, ignore_index, losses=losses, lse=lse, kept=kept, row_scale=None, scale=scale, grads=grads)
+    _chunk_loop(
+        x2,
+        weight,
+        targets1,
+        bias,
+        ignore_index,
+        losses=losses,
+        lse=lse,
+        kept=kept,
+        row_scale=None,
+        scale=scale,
+        grads=grads,
+    )
 
     if reduction == "none":
         loss = losses.view(targets.shape)
@@ -258,11 +308,24 @@ def cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore
     vocab = weight.shape[0]
     dtype, device = x.dtype, x.device
     dbias = new_output((vocab,), dtype, device) if bias is not None else None
-    grads = (new_output((tokens, channels), dtype, device), new_output((vocab, channels), dtype, device), dbias)
+    grads = (
+        new_output((tokens, channels), dtype, device),
+        new_output((vocab, channels), dtype, device),
+        dbias,
+    )
     _chunk_loop(
-        x2, weight, targets.reshape(-1).contiguous(), bias, ignore_index, losses=None, lse=lse, kept=None,
-        row_scale=grad_loss.reshape(-1), scale=SCALE_PER_ROW.value, grads=grads,
-    )  # fmt: skip
+        x2,
+        weight,
+        targets.reshape(-1).contiguous(),
+        bias,
+        ignore_index,
+        losses=None,
+        lse=lse,
+        kept=None,
+        row_scale=grad_loss.reshape(-1),
+        scale=SCALE_PER_ROW.value,
+        grads=grads,
+    )
     dx2, dweight, dbias = grads
     return dx2.view(x.shape), dweight, dbias if dbias is not None else x.new_empty(0)
 
@@ -276,7 +339,7 @@ def _linear_cross_entropy_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
     compute_grads: bool,
@@ -300,7 +363,7 @@ def _linear_cross_entropy_backward_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lse: torch.Tensor,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -331,10 +394,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
         x, weight, targets, bias, lse = ctx.saved_tensors
-        dx, dweight, dbias = _linear_cross_entropy_backward_op(grad_loss, x, weight, targets, bias, lse, ctx.ignore_index)
+        dx, dweight, dbias = _linear_cross_entropy_backward_op(
+            grad_loss, x, weight, targets, bias, lse, ctx.ignore_index
+        )
     else:
         if not ctx.compute_grads:
-            raise RuntimeError("linear_cross_entropy: the forward ran with compute_grads=False, so it kept no gradients")
+            raise RuntimeError(
+                "linear_cross_entropy: the forward ran with compute_grads=False, so it kept no gradients"
+            )
         dx, dweight, dbias = (grad * grad_loss for grad in ctx.saved_tensors)
     return dx, dweight, None, dbias if ctx.has_bias else None, None, None, None
 
@@ -364,8 +431,12 @@ def gpu_compile_cases(capability):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
     def logits_gemm(dtype):
-        return matmul_arguments(meta(rows, channels, dtype=dtype), meta(vocab, channels, dtype=dtype).t(),
-                                meta(rows, vocab, dtype=dtype), bias=meta(vocab, dtype=dtype))  # fmt: skip
+        return matmul_arguments(
+            meta(rows, channels, dtype=dtype),
+            meta(vocab, channels, dtype=dtype).t(),
+            meta(rows, vocab, dtype=dtype),
+            bias=meta(vocab, dtype=dtype),
+        )
 
     def dx_gemm(dtype):
         partial = meta(4, rows, channels, dtype=torch.float32)
@@ -374,26 +445,43 @@ def gpu_compile_cases(capability):
     def weight_gemm(dtype):
         accumulator = meta(vocab, channels, dtype=torch.float32)
         return matmul_arguments(
-            meta(rows, channels, dtype=dtype).t(), meta(rows, vocab, dtype=dtype), meta(vocab, channels, dtype=dtype).t(),
-            accumulate=accumulator.t(), bias_grad=meta(vocab, dtype=torch.float32),
-        )  # fmt: skip
+            meta(rows, channels, dtype=dtype).t(),
+            meta(rows, vocab, dtype=dtype),
+            meta(vocab, channels, dtype=dtype).t(),
+            accumulate=accumulator.t(),
+            bias_grad=meta(vocab, dtype=torch.float32),
+        )
 
     cases = []
-    for name, make in (("ce logits+bias", logits_gemm), ("ce dx split-K", dx_gemm), ("ce dW^T+=x^T dlogits, db", weight_gemm)):
+    for name, make in (
+        ("ce logits+bias", logits_gemm),
+        ("ce dx split-K", dx_gemm),
+        ("ce dW^T+=x^T dlogits, db", weight_gemm),
+    ):
         cases += matmul_compile_cases(capability, name, make)
     logits, targets = meta(rows, vocab), meta(rows, dtype=torch.int64)
     per_row, kept = meta(rows, dtype=torch.float32), meta((), dtype=torch.int64)
-    forms = {
-        "forward mean": dict(losses=per_row, kept=kept, row_scale=None, compute_loss=True, lse_given=False, scale=1),
-        "backward none": dict(losses=None, kept=None, row_scale=per_row, compute_loss=False, lse_given=True, scale=2),
+    forms = {  # form: (losses, kept, row_scale, lse_given, scale)
+        "forward mean": (per_row, kept, None, False, SCALE_MEAN.value),
+        "backward none": (None, None, per_row, True, SCALE_PER_ROW.value),
     }
-    for form, options in forms.items():
+    for form, (losses, kept_count, row_scale, lse_given, scale) in forms.items():
         args = _rows_arguments(
-            logits, targets, options["losses"], per_row, options["kept"], options["row_scale"], -100,
-            compute_loss=options["compute_loss"], compute_grad=True, lse_given=options["lse_given"], scale=options["scale"],
-        )  # fmt: skip
+            logits,
+            targets,
+            losses,
+            per_row,
+            kept_count,
+            row_scale,
+            -100,
+            compute_loss=losses is not None,
+            compute_grad=True,
+            lse_given=lse_given,
+            scale=scale,
+        )
+        name = f"cross_entropy_rows bf16 {form}"
+        meta_args = {"BLOCK_V": BLOCK_V}
         cases.append(
-            compile_case(f"cross_entropy_rows bf16 {form}", cross_entropy_rows_kernel, args,
-                         {"BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS, 3, tensor_cores=False)  # fmt: skip
+            compile_case(name, cross_entropy_rows_kernel, args, meta_args, ROW_KERNEL_WARPS, 3, False)
         )
     return cases

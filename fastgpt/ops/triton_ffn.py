@@ -18,12 +18,17 @@ views; nothing is copied. Saved for the backward: x and h (plus the weights), i.
 token, against (C + 2H) for eager F.linear -> gelu -> F.linear.
 """
 
-from typing import Optional
-
 import torch
 
 from fastgpt.ops.memory import new_output
-from fastgpt.ops.triton_gemm import GEMM_DTYPES, column_sums_rows, matmul, matmul_arguments, matmul_compile_cases, sum_rows
+from fastgpt.ops.triton_gemm import (
+    GEMM_DTYPES,
+    column_sums_rows,
+    matmul,
+    matmul_arguments,
+    matmul_compile_cases,
+    sum_rows,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -62,20 +67,41 @@ def ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, pro
 
     # dH = (dY @ Wproj) * act'(h), with per-tile column sums of dH for db_fc.
     dh = new_output((tokens, hidden), dtype, device)
-    partial_fc_bias = torch.zeros(column_sums_rows(tokens), hidden, dtype=torch.float32, device=device) if fc_bias_grad else None
-    matmul(dy2, proj_weight, dh, aux=h2, activation=activation, epilogue="grad_activation", column_sums=partial_fc_bias)
+    partial_fc_bias = (
+        torch.zeros(column_sums_rows(tokens), hidden, dtype=torch.float32, device=device)
+        if fc_bias_grad
+        else None
+    )
+    matmul(
+        dy2,
+        proj_weight,
+        dh,
+        aux=h2,
+        activation=activation,
+        epilogue="grad_activation",
+        column_sums=partial_fc_bias,
+    )
 
     # dWproj^T (H, C_out) = act(h)^T @ dY, written through dWproj's transposed view; the ones row gives db_proj.
     proj_weight_grad = new_output((out_features, hidden), dtype, device)
     proj_bias_grad_out = new_output((out_features,), dtype, device) if proj_bias_grad else None
-    matmul(h2.t(), dy2, proj_weight_grad.t(), activation=activation, a_activation=True, bias_grad=proj_bias_grad_out)
+    matmul(
+        h2.t(),
+        dy2,
+        proj_weight_grad.t(),
+        activation=activation,
+        a_activation=True,
+        bias_grad=proj_bias_grad_out,
+    )
 
     fc_weight_grad = new_output((hidden, channels), dtype, device)
     matmul(dh.t(), x2, fc_weight_grad)  # dWfc (H, C) = dH^T @ x
     dx = new_output(x.shape, dtype, device)
     matmul(dh, fc_weight, dx.view(tokens, channels))  # dx (M, C) = dH @ Wfc
 
-    fc_bias_grad_out = sum_rows(partial_fc_bias, new_output((hidden,), dtype, device)) if fc_bias_grad else None
+    fc_bias_grad_out = (
+        sum_rows(partial_fc_bias, new_output((hidden,), dtype, device)) if fc_bias_grad else None
+    )
     return (
         dx,
         fc_weight_grad,
@@ -93,11 +119,11 @@ def ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, pro
 def _fused_ffn_op(
     x: torch.Tensor,
     fc_weight: torch.Tensor,
-    fc_bias: Optional[torch.Tensor],
+    fc_bias: torch.Tensor | None,
     proj_weight: torch.Tensor,
-    proj_bias: Optional[torch.Tensor],
+    proj_bias: torch.Tensor | None,
     activation: str,
-    residual: Optional[torch.Tensor],
+    residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return ffn_forward(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
 
@@ -186,28 +212,55 @@ def gpu_compile_cases(capability):
 
     def forward_fc(activation):
         def make(dtype):
-            x, w, b = meta(tokens, channels, dtype=dtype), meta(hidden, channels, dtype=dtype), meta(hidden, dtype=dtype)
+            x, w, b = (
+                meta(tokens, channels, dtype=dtype),
+                meta(hidden, channels, dtype=dtype),
+                meta(hidden, dtype=dtype),
+            )
             out, h = meta(tokens, hidden, dtype=dtype), meta(tokens, hidden, dtype=dtype)
-            return matmul_arguments(x, w.t(), out, bias=b, aux=h, activation=activation, epilogue="store_preact")
+            return matmul_arguments(
+                x, w.t(), out, bias=b, aux=h, activation=activation, epilogue="store_preact"
+            )
 
         return make
 
     def forward_proj(dtype):
-        a, w, b = meta(tokens, hidden, dtype=dtype), meta(channels, hidden, dtype=dtype), meta(channels, dtype=dtype)
+        a, w, b = (
+            meta(tokens, hidden, dtype=dtype),
+            meta(channels, hidden, dtype=dtype),
+            meta(channels, dtype=dtype),
+        )
         y, residual = meta(tokens, channels, dtype=dtype), meta(tokens, channels, dtype=dtype)
         return matmul_arguments(a, w.t(), y, bias=b, residual=residual)
 
     def backward_dh(dtype):
-        dy, w, h = meta(tokens, channels, dtype=dtype), meta(channels, hidden, dtype=dtype), meta(tokens, hidden, dtype=dtype)
+        dy, w, h = (
+            meta(tokens, channels, dtype=dtype),
+            meta(channels, hidden, dtype=dtype),
+            meta(tokens, hidden, dtype=dtype),
+        )
         sums = meta(column_sums_rows(tokens), hidden, dtype=torch.float32)
         return matmul_arguments(
-            dy, w, meta(tokens, hidden, dtype=dtype), aux=h, activation="gelu_tanh", epilogue="grad_activation", column_sums=sums
+            dy,
+            w,
+            meta(tokens, hidden, dtype=dtype),
+            aux=h,
+            activation="gelu_tanh",
+            epilogue="grad_activation",
+            column_sums=sums,
         )
 
     def backward_proj_weight(dtype):
         h, dy = meta(tokens, hidden, dtype=dtype), meta(tokens, channels, dtype=dtype)
         grad = meta(channels, hidden, dtype=dtype)
-        return matmul_arguments(h.t(), dy, grad.t(), activation="gelu_tanh", a_activation=True, bias_grad=meta(channels, dtype=dtype))
+        return matmul_arguments(
+            h.t(),
+            dy,
+            grad.t(),
+            activation="gelu_tanh",
+            a_activation=True,
+            bias_grad=meta(channels, dtype=dtype),
+        )
 
     def backward_fc_weight(dtype):
         dh, x = meta(tokens, hidden, dtype=dtype), meta(tokens, channels, dtype=dtype)
@@ -221,6 +274,12 @@ def gpu_compile_cases(capability):
         "ffn dWfc=dH^T x": backward_fc_weight,
     }
     cases = [case for name, make in variants.items() for case in matmul_compile_cases(capability, name, make)]
-    for activation in ("gelu", "relu", "silu"):  # the other activations' code, with the quickest configuration
-        cases += matmul_compile_cases(capability, f"ffn fc+{activation}", forward_fc(activation), configs="smallest")
+    for activation in (
+        "gelu",
+        "relu",
+        "silu",
+    ):  # the other activations' code, with the quickest configuration
+        cases += matmul_compile_cases(
+            capability, f"ffn fc+{activation}", forward_fc(activation), configs="smallest"
+        )
     return cases

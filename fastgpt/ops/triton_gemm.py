@@ -28,7 +28,9 @@ from fastgpt.dispatch import triton_interpreter_enabled
 
 # The interpreter runs tl.dot on bfloat16's raw bits (numpy has no bfloat16): bf16 GEMMs need a GPU.
 GEMM_DTYPES = (
-    (torch.float16, torch.float32) if triton_interpreter_enabled() else (torch.float16, torch.bfloat16, torch.float32)
+    (torch.float16, torch.float32)
+    if triton_interpreter_enabled()
+    else (torch.float16, torch.bfloat16, torch.float32)
 )
 
 # Activation codes (the kernels' ACTIVATION); 0 means none.
@@ -36,7 +38,12 @@ GELU_TANH: tl.constexpr = tl.constexpr(1)
 GELU_ERF: tl.constexpr = tl.constexpr(2)
 RELU: tl.constexpr = tl.constexpr(3)
 SILU: tl.constexpr = tl.constexpr(4)
-ACTIVATION_IDS = {"gelu_tanh": GELU_TANH.value, "gelu": GELU_ERF.value, "relu": RELU.value, "silu": SILU.value}
+ACTIVATION_IDS = {
+    "gelu_tanh": GELU_TANH.value,
+    "gelu": GELU_ERF.value,
+    "relu": RELU.value,
+    "silu": SILU.value,
+}
 
 # Epilogue modes of the GEMM.
 PLAIN: tl.constexpr = tl.constexpr(0)
@@ -139,32 +146,38 @@ def matmul_kernel(
     M,  # rows of A and C (not counting the ONES_ROW row); may be 0 with ONES_ROW
     N,  # columns of B and C
     K,  # the reduced dimension
-    stride_am, stride_ak,  # A's strides, in elements
-    stride_bk, stride_bn,  # B's strides
-    stride_cm, stride_cn,  # C's strides
+    stride_am,  # A's row stride, in elements (0 for a broadcast operand)
+    stride_ak,  # A's column stride
+    stride_bk,  # B's row stride
+    stride_bn,  # B's column stride
+    stride_cm,  # C's row stride
+    stride_cn,  # C's column stride
     stride_c_split,  # distance between split-K partials of C
     bias_ptr,  # (N,) added to every row (BIAS)
     aux_ptr,  # (M, N) pre-activation h: written (STORE_PREACT) or read (GRAD_ACTIVATION)
-    stride_xm, stride_xn,  # aux's strides
+    stride_xm,  # aux's row stride
+    stride_xn,  # aux's column stride
     residual_ptr,  # (M, N) added after the activation (RESIDUAL)
-    stride_rm, stride_rn,  # residual's strides
+    stride_rm,  # residual's row stride
+    stride_rn,  # residual's column stride
     accumulate_ptr,  # (M, N) fp32 added to the product (ACCUMULATE); may alias C
-    stride_um, stride_un,  # accumulate's strides
+    stride_um,  # accumulate's row stride
+    stride_un,  # accumulate's column stride
     column_sums_ptr,  # fp32 (>= cdiv(M, BLOCK_M), N): row pid_m gets the column sums of this tile of C
     bias_grad_ptr,  # (N,) output row of A's virtual row of ones (ONES_ROW); fp32 when accumulating
     ACTIVATION: tl.constexpr,  # activation applied to A (A_ACTIVATION) or used by the epilogue
     A_ACTIVATION: tl.constexpr,  # replace A by act(A) as its tiles load
     ONES_ROW: tl.constexpr,  # append a row of ones to A, its output row going to bias_grad_ptr
     EPILOGUE: tl.constexpr,  # PLAIN, STORE_PREACT or GRAD_ACTIVATION
-    BIAS: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    COLUMN_SUMS: tl.constexpr,
+    BIAS: tl.constexpr,  # add bias_ptr
+    RESIDUAL: tl.constexpr,  # add residual_ptr
+    ACCUMULATE: tl.constexpr,  # add accumulate_ptr (and, with ONES_ROW, bias_grad_ptr's old value)
+    COLUMN_SUMS: tl.constexpr,  # write column sums of C's tile to column_sums_ptr
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands: exact fp32 products, as torch without TF32
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of C per program
+    BLOCK_N: tl.constexpr,  # columns of C per program
+    BLOCK_K: tl.constexpr,  # K per step of the main loop
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped ordering
 ):
     # Grouped ordering: walk GROUP_M tile rows down one tile column before moving right.
     pid = tl.program_id(0)
@@ -193,8 +206,12 @@ def matmul_kernel(
     # the contiguity of a transposed (M-contiguous) A, so its loads still vectorise and pipeline.
     # 64-bit row offsets: M x stride can pass 2^31.
     offs_m64 = offs_m.to(tl.int64)
-    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    a_ptrs = (
+        a_ptr + offs_m64[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    )  # (BLOCK_M, BLOCK_K)
+    b_ptrs = (
+        b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    )  # (BLOCK_K, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
@@ -230,16 +247,23 @@ def matmul_kernel(
         tl.store(aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, h, mask=mask)
         out = activation(h.to(tl.float32), ACTIVATION)
     elif EPILOGUE == GRAD_ACTIVATION:
-        h = tl.load(aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+        h = tl.load(
+            aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0
+        )
         out = acc * activation_grad(h.to(tl.float32), ACTIVATION)
     if RESIDUAL:
-        out += tl.load(residual_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(
-            tl.float32
-        )
+        out += tl.load(
+            residual_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0
+        ).to(tl.float32)
     if COLUMN_SUMS:
         partial = tl.sum(tl.where(mask_m[:, None], out, 0.0), axis=0)  # (BLOCK_N,), rows past M left out
         tl.store(column_sums_ptr + pid_m.to(tl.int64) * N + offs_n, partial, mask=mask_n)
-    c_ptrs = c_ptr + split.to(tl.int64) * stride_c_split + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = (
+        c_ptr
+        + split.to(tl.int64) * stride_c_split
+        + offs_m64[:, None] * stride_cm
+        + offs_n[None, :] * stride_cn
+    )
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -249,8 +273,8 @@ def sum_rows_kernel(
     out_ptr,  # (N,) sum over the R rows, in out's dtype
     R,  # rows to add
     N,  # length of a row
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows added per step
+    BLOCK_N: tl.constexpr,  # columns per program
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     mask_n = offs_n < N
@@ -266,9 +290,20 @@ def sum_rows_kernel(
 # Launchers
 
 _AUTOTUNE_KEY = [
-    "M", "N", "K", "stride_ak", "stride_bk", "ACTIVATION", "A_ACTIVATION", "ONES_ROW", "EPILOGUE", "BIAS",
-    "RESIDUAL", "ACCUMULATE", "COLUMN_SUMS",
-]  # fmt: skip
+    "M",
+    "N",
+    "K",
+    "stride_ak",
+    "stride_bk",
+    "ACTIVATION",
+    "A_ACTIVATION",
+    "ONES_ROW",
+    "EPILOGUE",
+    "BIAS",
+    "RESIDUAL",
+    "ACCUMULATE",
+    "COLUMN_SUMS",
+]
 _CONFIG_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
@@ -299,7 +334,9 @@ def _prune_by_shared_memory(configs, named_args, **kwargs):
     fitting = [
         config
         for config in configs
-        if shared_memory_bytes(tuple(config.kwargs[name] for name in _CONFIG_NAMES) + (config.num_stages, 0), a.element_size())
+        if shared_memory_bytes(
+            tuple(config.kwargs[name] for name in _CONFIG_NAMES) + (config.num_stages, 0), a.element_size()
+        )
         <= limit
     ]
     return fitting or [min(configs, key=lambda config: config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"])]
@@ -324,7 +361,9 @@ def multiprocessor_count(device):
     """SMs on a CUDA device; the interpreter pretends to have 2, so split heuristics still trigger."""
     if device.type != "cuda":
         return 2
-    return _cuda_multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_multiprocessor_count(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 @functools.cache
@@ -337,36 +376,65 @@ def _strides(tensor):
 
 
 def matmul_arguments(
-    a, b, c, *, bias=None, aux=None, residual=None, accumulate=None, column_sums=None, bias_grad=None,
-    activation=None, a_activation=False, epilogue="plain",
-):  # fmt: skip
+    a,
+    b,
+    c,
+    *,
+    bias=None,
+    aux=None,
+    residual=None,
+    accumulate=None,
+    column_sums=None,
+    bias_grad=None,
+    activation=None,
+    a_activation=False,
+    epilogue="plain",
+):
     """The kernel arguments (runtime and flag constexprs) of one GEMM; shared by the launcher and the
     compile check so both see the same signature. Unused pointers point at C."""
     M, K = a.shape
     N = b.shape[1]
     placeholder = c
     return {
-        "a_ptr": a, "b_ptr": b, "c_ptr": c, "M": M, "N": N, "K": K,
-        "stride_am": a.stride(0), "stride_ak": a.stride(1), "stride_bk": b.stride(0), "stride_bn": b.stride(1),
-        "stride_cm": c.stride(-2), "stride_cn": c.stride(-1), "stride_c_split": c.stride(0) if c.dim() == 3 else 0,
+        "a_ptr": a,
+        "b_ptr": b,
+        "c_ptr": c,
+        "M": M,
+        "N": N,
+        "K": K,
+        "stride_am": a.stride(0),
+        "stride_ak": a.stride(1),
+        "stride_bk": b.stride(0),
+        "stride_bn": b.stride(1),
+        "stride_cm": c.stride(-2),
+        "stride_cn": c.stride(-1),
+        "stride_c_split": c.stride(0) if c.dim() == 3 else 0,
         "bias_ptr": bias if bias is not None else placeholder,
-        "aux_ptr": aux if aux is not None else placeholder, "stride_xm": _strides(aux)[0], "stride_xn": _strides(aux)[1],
+        "aux_ptr": aux if aux is not None else placeholder,
+        "stride_xm": _strides(aux)[0],
+        "stride_xn": _strides(aux)[1],
         "residual_ptr": residual if residual is not None else placeholder,
-        "stride_rm": _strides(residual)[0], "stride_rn": _strides(residual)[1],
+        "stride_rm": _strides(residual)[0],
+        "stride_rn": _strides(residual)[1],
         "accumulate_ptr": accumulate if accumulate is not None else placeholder,
-        "stride_um": _strides(accumulate)[0], "stride_un": _strides(accumulate)[1],
+        "stride_um": _strides(accumulate)[0],
+        "stride_un": _strides(accumulate)[1],
         "column_sums_ptr": column_sums if column_sums is not None else placeholder,
         "bias_grad_ptr": bias_grad if bias_grad is not None else placeholder,
         "ACTIVATION": ACTIVATION_IDS[activation] if activation else 0,
         "A_ACTIVATION": a_activation,
         "ONES_ROW": int(bias_grad is not None),
-        "EPILOGUE": {"plain": PLAIN.value, "store_preact": STORE_PREACT.value, "grad_activation": GRAD_ACTIVATION.value}[epilogue],
+        "EPILOGUE": {
+            "plain": PLAIN.value,
+            "store_preact": STORE_PREACT.value,
+            "grad_activation": GRAD_ACTIVATION.value,
+        }[epilogue],
         "BIAS": bias is not None,
         "RESIDUAL": residual is not None,
         "ACCUMULATE": accumulate is not None,
         "COLUMN_SUMS": column_sums is not None,
         "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
-    }  # fmt: skip
+    }
 
 
 def column_sums_rows(M):
@@ -390,7 +458,9 @@ def matmul(a, b, c, *, split_k=1, **options):
     if triton_interpreter_enabled():
         block_m, block_n, block_k, _, _ = INTERPRETER_CONFIG
         grid = (triton.cdiv(rows, block_m) * triton.cdiv(N, block_n), split_k)
-        matmul_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=INTERPRETER_GROUP_M)
+        matmul_kernel[grid](
+            **args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=INTERPRETER_GROUP_M
+        )
         return c
     capability = torch.cuda.get_device_capability(a.device)
     kernel = _autotuned_matmul(capability[0] * 10 + capability[1], args["ACCUMULATE"], args["COLUMN_SUMS"])
@@ -427,7 +497,13 @@ def sum_rows(partials, out):
 # No-GPU compile check
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
@@ -460,23 +536,32 @@ def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
     )
 
 
-def matmul_compile_cases(capability, variant_name, make_arguments, dtypes=(torch.bfloat16,), configs="largest"):
+def matmul_compile_cases(
+    capability, variant_name, make_arguments, dtypes=(torch.bfloat16,), configs="largest"
+):
     """Compile cases of one GEMM variant for configs "all", "largest" (the most shared memory and
     registers: where an epilogue is most likely to break) or "smallest" (the quickest to compile).
     `make_arguments(dtype)` returns the matmul_arguments of a representative launch on meta tensors."""
-    configs = {"all": gpu_configs(capability), "largest": gpu_configs(capability)[:1], "smallest": gpu_configs(capability)[-1:]}[
-        configs
-    ]
+    configs = {
+        "all": gpu_configs(capability),
+        "largest": gpu_configs(capability)[:1],
+        "smallest": gpu_configs(capability)[-1:],
+    }[configs]
     cases = []
     for dtype in dtypes:
         args = make_arguments(dtype)
         for config in configs:
             block_m, block_n, block_k, num_stages, num_warps = config
-            if shared_memory_bytes(config, dtype.itemsize) > SHARED_MEMORY_BUDGET[90 if capability >= 90 else 80]:
+            if (
+                shared_memory_bytes(config, dtype.itemsize)
+                > SHARED_MEMORY_BUDGET[90 if capability >= 90 else 80]
+            ):
                 continue
             meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M}
             name = f"matmul[{variant_name}] {str(dtype).replace('torch.', '')} {block_m}x{block_n}x{block_k} s{num_stages} w{num_warps}"
-            cases.append(compile_case(name, matmul_kernel, args, meta, num_warps, num_stages, tensor_cores=True))
+            cases.append(
+                compile_case(name, matmul_kernel, args, meta, num_warps, num_stages, tensor_cores=True)
+            )
     return cases
 
 
@@ -493,7 +578,22 @@ def gpu_compile_cases(capability):
     cases += matmul_compile_cases(capability, "plain", plain, dtypes=(torch.float16,))
     for dtype in (torch.bfloat16, torch.float32):
         partials = torch.empty(64, 768, dtype=torch.float32, device="meta")
-        args = {"partials_ptr": partials, "out_ptr": torch.empty(768, dtype=dtype, device="meta"), "R": 64, "N": 768}
+        args = {
+            "partials_ptr": partials,
+            "out_ptr": torch.empty(768, dtype=dtype, device="meta"),
+            "R": 64,
+            "N": 768,
+        }
         meta = {"BLOCK_R": SUM_ROWS_BLOCK_R, "BLOCK_N": SUM_ROWS_BLOCK_N}
-        cases.append(compile_case(f"sum_rows to {str(dtype).replace('torch.', '')}", sum_rows_kernel, args, meta, 8, 3, tensor_cores=False))
+        cases.append(
+            compile_case(
+                f"sum_rows to {str(dtype).replace('torch.', '')}",
+                sum_rows_kernel,
+                args,
+                meta,
+                8,
+                3,
+                tensor_cores=False,
+            )
+        )
     return cases

@@ -10,8 +10,6 @@ backward  one pass over the rows: with xhat = (s - mean) * rstd and g = dout * w
           row, and `sum_rows` adds the partial rows in a fixed order: no atomics, deterministic.
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -52,20 +50,23 @@ def unsupported_reason(op, hidden=None, **facts):
 @triton.jit
 def layer_norm_forward_kernel(
     x_ptr,  # (M, N) input
-    stride_xm, stride_xn,
+    stride_xm,  # x's row stride, in elements
+    stride_xn,  # x's column stride
     residual_ptr,  # (M, N) added to x first (RESIDUAL)
-    stride_rm, stride_rn,
+    stride_rm,  # residual's row stride
+    stride_rn,  # residual's column stride
     sum_ptr,  # (M, N) contiguous: x + residual, an output (RESIDUAL)
     out_ptr,  # (M, N) contiguous: the normalised rows
     weight_ptr,  # (N,) (HAS_WEIGHT)
     bias_ptr,  # (N,) (HAS_BIAS)
     mean_ptr,  # (M,) fp32
     rstd_ptr,  # (M,) fp32
-    M, N,
+    M,  # rows
+    N,  # hidden size
     eps,  # added to the variance
-    RESIDUAL: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,  # add residual_ptr and store the sum
+    HAS_WEIGHT: tl.constexpr,  # scale by weight_ptr
+    HAS_BIAS: tl.constexpr,  # shift by bias_ptr
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # >= N: a whole row
 ):
@@ -75,11 +76,13 @@ def layer_norm_forward_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(
+        tl.float32
+    )
     if RESIDUAL:
-        x += tl.load(residual_ptr + rows64[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(
-            tl.float32
-        )
+        x += tl.load(
+            residual_ptr + rows64[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0
+        ).to(tl.float32)
         s = x.to(sum_ptr.dtype.element_ty)  # the statistics are those of the stored (rounded) sum
         tl.store(sum_ptr + rows64[:, None] * N + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
@@ -100,25 +103,29 @@ def layer_norm_forward_kernel(
 @triton.jit
 def layer_norm_backward_kernel(
     dout_ptr,  # (M, N) gradient of out
-    stride_dm, stride_dn,
+    stride_dm,  # dout's row stride, in elements
+    stride_dn,  # dout's column stride
     x_ptr,  # (M, N) the normalised input: x, or the saved sum x + residual
-    stride_xm, stride_xn,
+    stride_xm,  # its row stride
+    stride_xn,  # its column stride
     dsum_ptr,  # (M, N) gradient arriving at the sum output (HAS_DSUM)
-    stride_sm, stride_sn,
+    stride_sm,  # dsum's row stride
+    stride_sn,  # dsum's column stride
     weight_ptr,  # (N,) (HAS_WEIGHT)
     mean_ptr,  # (M,) fp32
     rstd_ptr,  # (M,) fp32
     dx_ptr,  # (M, N) contiguous: gradient of the normalised input
     partial_weight_ptr,  # fp32 (programs, N): this program's sum of dout * xhat (WEIGHT_GRAD)
     partial_bias_ptr,  # fp32 (programs, N): this program's sum of dout (BIAS_GRAD)
-    M, N,
+    M,  # rows
+    N,  # hidden size
     rows_per_program,  # a multiple of BLOCK_M
-    HAS_DSUM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_DSUM: tl.constexpr,  # add dsum_ptr to dx
+    HAS_WEIGHT: tl.constexpr,  # the forward scaled by weight_ptr
+    WEIGHT_GRAD: tl.constexpr,  # write partial_weight_ptr
+    BIAS_GRAD: tl.constexpr,  # write partial_bias_ptr
+    BLOCK_M: tl.constexpr,  # rows per step
+    BLOCK_N: tl.constexpr,  # >= N: a whole row
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -134,10 +141,12 @@ def layer_norm_backward_kernel(
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dn, mask=mask, other=0.0).to(
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(
             tl.float32
         )
+        dout = tl.load(
+            dout_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dn, mask=mask, other=0.0
+        ).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -149,9 +158,9 @@ def layer_norm_backward_kernel(
         mean_g = tl.sum(g, axis=1) / N
         dx = (g - xhat * mean_g_xhat[:, None] - mean_g[:, None]) * rstd[:, None]
         if HAS_DSUM:
-            dx += tl.load(dsum_ptr + rows64[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask, other=0.0).to(
-                tl.float32
-            )
+            dx += tl.load(
+                dsum_ptr + rows64[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask, other=0.0
+            ).to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WEIGHT_GRAD:
             weight_acc += dout * xhat
@@ -179,7 +188,9 @@ def _tile(hidden, elements):
 def _forward_arguments(x2, residual2, weight, bias, eps, out, summed, mean, rstd):
     placeholder = out
     return {
-        "x_ptr": x2, "stride_xm": x2.stride(0), "stride_xn": x2.stride(1),
+        "x_ptr": x2,
+        "stride_xm": x2.stride(0),
+        "stride_xn": x2.stride(1),
         "residual_ptr": residual2 if residual2 is not None else placeholder,
         "stride_rm": residual2.stride(0) if residual2 is not None else 0,
         "stride_rn": residual2.stride(1) if residual2 is not None else 0,
@@ -187,10 +198,15 @@ def _forward_arguments(x2, residual2, weight, bias, eps, out, summed, mean, rstd
         "out_ptr": out,
         "weight_ptr": weight if weight is not None else placeholder,
         "bias_ptr": bias if bias is not None else placeholder,
-        "mean_ptr": mean, "rstd_ptr": rstd,
-        "M": x2.shape[0], "N": x2.shape[1], "eps": eps,
-        "RESIDUAL": residual2 is not None, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
-    }  # fmt: skip
+        "mean_ptr": mean,
+        "rstd_ptr": rstd,
+        "M": x2.shape[0],
+        "N": x2.shape[1],
+        "eps": eps,
+        "RESIDUAL": residual2 is not None,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+    }
 
 
 def layer_norm_forward(x, weight, bias, eps, residual):
@@ -207,7 +223,9 @@ def layer_norm_forward(x, weight, bias, eps, residual):
         return out, summed, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     block_m, block_n, num_warps = _tile(hidden, FORWARD_TILE)
     args = _forward_arguments(x2, residual2, weight, bias, eps, out, summed, mean, rstd)
-    layer_norm_forward_kernel[(triton.cdiv(rows, block_m),)](**args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    layer_norm_forward_kernel[(triton.cdiv(rows, block_m),)](
+        **args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps
+    )
     return out, summed, mean, rstd
 
 
@@ -237,7 +255,9 @@ def layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_gra
     partial_weight = new_output((programs, hidden), torch.float32, device) if weight_grad else None
     partial_bias = new_output((programs, hidden), torch.float32, device) if bias_grad else None
     if programs:
-        args = _backward_arguments(dout2, x2, dsum2, weight, mean, rstd, dx, partial_weight, partial_bias, rows_per_program)
+        args = _backward_arguments(
+            dout2, x2, dsum2, weight, mean, rstd, dx, partial_weight, partial_bias, rows_per_program
+        )
         layer_norm_backward_kernel[(programs,)](**args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     if weight_grad:
         sum_rows(partial_weight, weight_grad_out)
@@ -246,22 +266,34 @@ def layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_gra
     return dx, weight_grad_out, bias_grad_out
 
 
-def _backward_arguments(dout2, x2, dsum2, weight, mean, rstd, dx, partial_weight, partial_bias, rows_per_program):
+def _backward_arguments(
+    dout2, x2, dsum2, weight, mean, rstd, dx, partial_weight, partial_bias, rows_per_program
+):
     placeholder = dx
     return {
-        "dout_ptr": dout2, "stride_dm": dout2.stride(0), "stride_dn": dout2.stride(1),
-        "x_ptr": x2, "stride_xm": x2.stride(0), "stride_xn": x2.stride(1),
+        "dout_ptr": dout2,
+        "stride_dm": dout2.stride(0),
+        "stride_dn": dout2.stride(1),
+        "x_ptr": x2,
+        "stride_xm": x2.stride(0),
+        "stride_xn": x2.stride(1),
         "dsum_ptr": dsum2 if dsum2 is not None else placeholder,
         "stride_sm": dsum2.stride(0) if dsum2 is not None else 0,
         "stride_sn": dsum2.stride(1) if dsum2 is not None else 0,
         "weight_ptr": weight if weight is not None else placeholder,
-        "mean_ptr": mean, "rstd_ptr": rstd, "dx_ptr": dx,
+        "mean_ptr": mean,
+        "rstd_ptr": rstd,
+        "dx_ptr": dx,
         "partial_weight_ptr": partial_weight if partial_weight is not None else placeholder,
         "partial_bias_ptr": partial_bias if partial_bias is not None else placeholder,
-        "M": x2.shape[0], "N": x2.shape[1], "rows_per_program": rows_per_program,
-        "HAS_DSUM": dsum2 is not None, "HAS_WEIGHT": weight is not None,
-        "WEIGHT_GRAD": partial_weight is not None, "BIAS_GRAD": partial_bias is not None,
-    }  # fmt: skip
+        "M": x2.shape[0],
+        "N": x2.shape[1],
+        "rows_per_program": rows_per_program,
+        "HAS_DSUM": dsum2 is not None,
+        "HAS_WEIGHT": weight is not None,
+        "WEIGHT_GRAD": partial_weight is not None,
+        "BIAS_GRAD": partial_bias is not None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +302,11 @@ def _backward_arguments(dout2, x2, dsum2, weight, mean, rstd, dx, partial_weight
 
 @torch.library.custom_op("fastgpt::triton_layer_norm", mutates_args=())
 def _layer_norm_op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer_norm_forward(x, weight, bias, eps, residual)
 
@@ -287,10 +323,10 @@ def _(x, weight, bias, eps, residual):
 def _layer_norm_backward_op(
     dout: torch.Tensor,
     normed_input: torch.Tensor,
-    weight: Optional[torch.Tensor],
+    weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    dsum: Optional[torch.Tensor],
+    dsum: torch.Tensor | None,
     weight_grad: bool,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,7 +344,7 @@ def _(dout, normed_input, weight, mean, rstd, dsum, weight_grad, bias_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, residual = inputs
+    x, weight, bias, _, residual = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
@@ -323,7 +359,9 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
     if dout is None:  # only the sum x + residual was used
         dout = torch.zeros_like(normed_input)
     dsum = dsum if ctx.has_residual else None  # without a residual the sum output is an empty placeholder
-    dx, dweight, dbias = _layer_norm_backward_op(dout, normed_input, weight, mean, rstd, dsum, ctx.has_weight, ctx.has_bias)
+    dx, dweight, dbias = _layer_norm_backward_op(
+        dout, normed_input, weight, mean, rstd, dsum, ctx.has_weight, ctx.has_bias
+    )
     return (
         dx,
         dweight if ctx.has_weight else None,
@@ -351,25 +389,38 @@ def gpu_compile_cases(capability):
     cases = []
     rows = 8192
     for hidden in (768, MAX_HIDDEN):
+
         def meta(*shape, dtype=torch.bfloat16):
             return torch.empty(*shape, dtype=dtype, device="meta")
 
         x, vector, stats = meta(rows, hidden), meta(hidden), meta(rows, dtype=torch.float32)
         block_m, block_n, num_warps = _tile(hidden, FORWARD_TILE)
-        args = _forward_arguments(x, meta(rows, hidden), vector, vector, 1e-5, meta(rows, hidden), meta(rows, hidden), stats, stats)
+        args = _forward_arguments(
+            x, meta(rows, hidden), vector, vector, 1e-5, meta(rows, hidden), meta(rows, hidden), stats, stats
+        )
         cases.append(
             compile_case(
-                f"layer_norm_forward bf16 N={hidden}", layer_norm_forward_kernel, args,
-                {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps, 3, tensor_cores=False,
+                f"layer_norm_forward bf16 N={hidden}",
+                layer_norm_forward_kernel,
+                args,
+                {"BLOCK_M": block_m, "BLOCK_N": block_n},
+                num_warps,
+                3,
+                tensor_cores=False,
             )
-        )  # fmt: skip
+        )
         block_m, block_n, num_warps = _tile(hidden, BACKWARD_TILE)
         partial = meta(4 * 132, hidden, dtype=torch.float32)
         args = _backward_arguments(x, x, x, vector, stats, stats, meta(rows, hidden), partial, partial, 64)
         cases.append(
             compile_case(
-                f"layer_norm_backward bf16 N={hidden}", layer_norm_backward_kernel, args,
-                {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps, 3, tensor_cores=False,
+                f"layer_norm_backward bf16 N={hidden}",
+                layer_norm_backward_kernel,
+                args,
+                {"BLOCK_M": block_m, "BLOCK_N": block_n},
+                num_warps,
+                3,
+                tensor_cores=False,
             )
-        )  # fmt: skip
+        )
     return cases
