@@ -88,6 +88,17 @@ def test_matches_reference(dtype, activation, lead, channels, hidden, out_featur
     check_against_reference(inputs, activation)
 
 
+def test_inference_writes_no_preactivation():
+    """Without autograd the forward skips h (one output write less) and still matches."""
+    inputs = make_inputs((33,), 70, 131, 33, torch.float32)
+    with torch.no_grad():
+        y = fastgpt.fused_ffn(*inputs[:5], activation="silu", residual=inputs[5], backend="triton")
+    y64 = reference.fused_ffn(*[t.double() for t in inputs[:5]], "silu", inputs[5].double())
+    assert_close("y", y, y64, reference.fused_ffn(*inputs[:5], "silu", inputs[5]))
+    _, h = torch.ops.fastgpt.triton_fused_ffn(*inputs[:5], "silu", inputs[5], False)
+    assert h.numel() == 0
+
+
 def test_strided_inputs_are_read_in_place():
     """x transposed in memory, a residual with a row stride of 3, and a column slice of a weight."""
     x = torch.randn(33, 70).t()  # (70, 33), column-major
@@ -177,9 +188,10 @@ def test_opcheck():
         t.requires_grad_() for t in make_inputs((2, 3), 8, 16, 8, torch.float32)
     ]
     forward = torch.ops.fastgpt.triton_fused_ffn.default
-    torch.library.opcheck(forward, (x, fc_weight, fc_bias, proj_weight, proj_bias, "gelu", res))
-    torch.library.opcheck(forward, (x, fc_weight, None, proj_weight, None, "relu", None))
-    _, h = forward(x, fc_weight, fc_bias, proj_weight, proj_bias, "gelu", res)
+    torch.library.opcheck(forward, (x, fc_weight, fc_bias, proj_weight, proj_bias, "gelu", res, True))
+    inference = (x.detach(), fc_weight.detach(), None, proj_weight.detach(), None, "relu", None, False)
+    torch.library.opcheck(forward, inference)
+    _, h = forward(x, fc_weight, fc_bias, proj_weight, proj_bias, "gelu", res, True)
     backward = torch.ops.fastgpt.triton_fused_ffn_backward.default
     dy = torch.randn(2, 3, 8)
     torch.library.opcheck(

@@ -40,17 +40,22 @@ SUPPORTED_DTYPES = GEMM_DTYPES
 # Host launchers (the kernels live in triton_gemm.py)
 
 
-def ffn_forward(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
-    """Returns y (..., C_out) and the pre-activation h (..., H) kept for the backward."""
+def ffn_forward(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation):
+    """Returns y (..., C_out) and the pre-activation h (..., H) kept for the backward (an empty
+    tensor, and one output less to write, when no backward will follow)."""
     channels, hidden, out_features = x.shape[-1], fc_weight.shape[0], proj_weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, channels)  # (M, C), a view whenever the leading dims can be merged
     tokens = x2.shape[0]
-    h = new_output((*lead, hidden), x.dtype, x.device)
     a = new_output((tokens, hidden), x.dtype, x.device)  # act(h): lives until GEMM2 has read it
     y = new_output((*lead, out_features), x.dtype, x.device)
-    h2 = h.view(tokens, hidden)  # (M, H)
-    matmul(x2, fc_weight.t(), a, bias=fc_bias, aux=h2, activation=activation, epilogue="store_preact")
+    if keep_preactivation:
+        h = new_output((*lead, hidden), x.dtype, x.device)
+        h2 = h.view(tokens, hidden)  # (M, H)
+        matmul(x2, fc_weight.t(), a, bias=fc_bias, aux=h2, activation=activation, epilogue="store_preact")
+    else:
+        h = x.new_empty(0)
+        matmul(x2, fc_weight.t(), a, bias=fc_bias, activation=activation, epilogue="activate")
     residual2 = residual.reshape(tokens, out_features) if residual is not None else None  # (M, C_out)
     matmul(a, proj_weight.t(), y.view(tokens, out_features), bias=proj_bias, residual=residual2)
     return y, h
@@ -124,14 +129,18 @@ def _fused_ffn_op(
     proj_bias: torch.Tensor | None,
     activation: str,
     residual: torch.Tensor | None,
+    keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return ffn_forward(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+    return ffn_forward(
+        x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation
+    )
 
 
 @_fused_ffn_op.register_fake
-def _(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation):
     lead = x.shape[:-1]
-    return x.new_empty((*lead, proj_weight.shape[0])), x.new_empty((*lead, fc_weight.shape[0]))
+    h = x.new_empty((*lead, fc_weight.shape[0]) if keep_preactivation else (0,))
+    return x.new_empty((*lead, proj_weight.shape[0])), h
 
 
 @torch.library.custom_op("fastgpt::triton_fused_ffn_backward", mutates_args=())
@@ -161,7 +170,7 @@ def _(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, proj_bias_grad
 
 
 def _setup_context(ctx, inputs, output):
-    x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual = inputs
+    x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
@@ -170,9 +179,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_fc_bias = fc_bias is not None
     ctx.has_proj_bias = proj_bias is not None
     ctx.has_residual = residual is not None
+    ctx.kept_preactivation = keep_preactivation
 
 
 def _backward(ctx, dy, _dh):
+    if not ctx.kept_preactivation:
+        raise RuntimeError("fused_ffn: the forward ran with keep_preactivation=False, so it kept no h")
     x, h, fc_weight, proj_weight = ctx.saved_tensors
     dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _fused_ffn_backward_op(
         dy, x, h, fc_weight, proj_weight, ctx.activation, ctx.has_fc_bias, ctx.has_proj_bias
@@ -185,6 +197,7 @@ def _backward(ctx, dy, _dh):
         dproj_bias if ctx.has_proj_bias else None,
         None,
         dy if ctx.has_residual else None,
+        None,
     )
 
 
@@ -192,8 +205,11 @@ _fused_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None):
-    """The triton backend of fastgpt.fused_ffn (arguments already validated by dispatch)."""
-    y, _ = _fused_ffn_op(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+    """The triton backend of fastgpt.fused_ffn (arguments already validated by dispatch). The
+    pre-activation h is written and kept only when autograd will need it."""
+    inputs = (x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, _ = _fused_ffn_op(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep)
     return y
 
 
@@ -274,12 +290,19 @@ def gpu_compile_cases(capability):
         "ffn dWfc=dH^T x": backward_fc_weight,
     }
     cases = [case for name, make in variants.items() for case in matmul_compile_cases(capability, name, make)]
-    for activation in (
-        "gelu",
-        "relu",
-        "silu",
-    ):  # the other activations' code, with the quickest configuration
-        cases += matmul_compile_cases(
-            capability, f"ffn fc+{activation}", forward_fc(activation), configs="smallest"
+
+    def inference_fc(dtype):
+        x, w, b = (
+            meta(tokens, channels, dtype=dtype),
+            meta(hidden, channels, dtype=dtype),
+            meta(hidden, dtype=dtype),
         )
+        out = meta(tokens, hidden, dtype=dtype)
+        return matmul_arguments(x, w.t(), out, bias=b, activation="gelu_tanh", epilogue="activate")
+
+    cases += matmul_compile_cases(capability, "ffn fc+gelu_tanh, no h kept", inference_fc, configs="smallest")
+    # The other activations' code, with the quickest configuration.
+    for activation in ("gelu", "relu", "silu"):
+        name = f"ffn fc+{activation}"
+        cases += matmul_compile_cases(capability, name, forward_fc(activation), configs="smallest")
     return cases

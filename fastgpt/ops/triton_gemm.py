@@ -6,7 +6,8 @@ choose what happens around the product with compile-time flags:
 
 - A_ACTIVATION: A is replaced by act(A) as its tiles load (dWproj from the saved pre-activation h);
 - ONES_ROW: A gets a virtual row M of ones; its output row, sum_k B[k, :], is a bias gradient;
-- epilogues: + bias; store h and act(h) (STORE_PREACT); multiply by act'(h) (GRAD_ACTIVATION);
+- epilogues: + bias; store h and act(h) (STORE_PREACT) or act(h) only (ACTIVATE); multiply by
+  act'(h) (GRAD_ACTIVATION);
   + residual; + an fp32 accumulator (ACCUMULATE); per-tile column sums (COLUMN_SUMS);
 - split-K: grid axis 1 splits K; each split writes an fp32 partial, summed by `sum_rows`.
 
@@ -49,6 +50,7 @@ ACTIVATION_IDS = {
 PLAIN: tl.constexpr = tl.constexpr(0)
 STORE_PREACT: tl.constexpr = tl.constexpr(1)  # C = act(acc + bias), aux = acc + bias
 GRAD_ACTIVATION: tl.constexpr = tl.constexpr(2)  # C = acc * act'(aux)
+ACTIVATE: tl.constexpr = tl.constexpr(3)  # C = act(acc + bias): STORE_PREACT when no backward will follow
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
@@ -168,7 +170,7 @@ def matmul_kernel(
     ACTIVATION: tl.constexpr,  # activation applied to A (A_ACTIVATION) or used by the epilogue
     A_ACTIVATION: tl.constexpr,  # replace A by act(A) as its tiles load
     ONES_ROW: tl.constexpr,  # append a row of ones to A, its output row going to bias_grad_ptr
-    EPILOGUE: tl.constexpr,  # PLAIN, STORE_PREACT or GRAD_ACTIVATION
+    EPILOGUE: tl.constexpr,  # PLAIN, STORE_PREACT, GRAD_ACTIVATION or ACTIVATE
     BIAS: tl.constexpr,  # add bias_ptr
     RESIDUAL: tl.constexpr,  # add residual_ptr
     ACCUMULATE: tl.constexpr,  # add accumulate_ptr (and, with ONES_ROW, bias_grad_ptr's old value)
@@ -246,6 +248,8 @@ def matmul_kernel(
         h = acc.to(aux_ptr.dtype.element_ty)
         tl.store(aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, h, mask=mask)
         out = activation(h.to(tl.float32), ACTIVATION)
+    elif EPILOGUE == ACTIVATE:
+        out = activation(acc.to(c_ptr.dtype.element_ty).to(tl.float32), ACTIVATION)
     elif EPILOGUE == GRAD_ACTIVATION:
         h = tl.load(
             aux_ptr + offs_m64[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0
@@ -428,6 +432,7 @@ def matmul_arguments(
             "plain": PLAIN.value,
             "store_preact": STORE_PREACT.value,
             "grad_activation": GRAD_ACTIVATION.value,
+            "activate": ACTIVATE.value,
         }[epilogue],
         "BIAS": bias is not None,
         "RESIDUAL": residual is not None,
