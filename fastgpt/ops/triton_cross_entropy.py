@@ -118,8 +118,9 @@ def cross_entropy_rows_kernel(
             offs = start + cols
             z = tl.load(row_logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            running_sum = running_sum * tl.exp2((running_max - new_max) * LOG2E) + tl.sum(
-                tl.exp2((z - new_max) * LOG2E), axis=0
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf while all is -inf
+            running_sum = running_sum * tl.exp2((running_max - base) * LOG2E) + tl.sum(
+                tl.exp2((z - base) * LOG2E), axis=0
             )
             target_logit += tl.sum(tl.where(offs == target, z, 0.0), axis=0)
             running_max = new_max
