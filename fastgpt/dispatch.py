@@ -31,6 +31,9 @@ IMPLEMENTATIONS = {
     "reference": {op: "fastgpt.reference" for op in OPS},
     "triton": {
         "causal_attention": "fastgpt.ops.triton_attention",
+        "fused_ffn": "fastgpt.ops.triton_ffn",
+        "layer_norm": "fastgpt.ops.triton_layernorm",
+        "linear_cross_entropy": "fastgpt.ops.triton_cross_entropy",
     },
     "cpu": {},
     "cuda": {},

@@ -18,7 +18,14 @@ import sys
 CAPABILITIES = (80, 90)
 # Largest shared memory one block may use (opt-in), in bytes: A100 (sm_80) and H100/H200 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
-KERNEL_MODULES = ("fastgpt.ops.triton_attention", "fastgpt.ops.triton_decode")
+KERNEL_MODULES = (
+    "fastgpt.ops.triton_attention",
+    "fastgpt.ops.triton_decode",
+    "fastgpt.ops.triton_gemm",
+    "fastgpt.ops.triton_ffn",
+    "fastgpt.ops.triton_layernorm",
+    "fastgpt.ops.triton_cross_entropy",
+)
 
 
 @dataclasses.dataclass(frozen=True)
