@@ -45,3 +45,13 @@ def test_tensor_core_instructions(compile_records):
     ]
     assert not missing, "no mma/wgmma in the PTX of: " + ", ".join(missing)
     assert any(r["capability"] == 80 and r["has_mma"] for r in compile_records)
+
+
+def test_pipelined_matrix_kernels_use_cp_async(compile_records):
+    """A tensor-core kernel configured with two or more stages must actually pipeline its loads."""
+    unpipelined = [
+        f"{r['name']} sm_{r['capability']}"
+        for r in compile_records
+        if "error" not in r and r["tensor_cores_expected"] and r["num_stages"] >= 2 and not r["has_cp_async"]
+    ]
+    assert not unpipelined, "no cp.async in: " + ", ".join(unpipelined)

@@ -6,6 +6,11 @@ compute capability. `python -m fastgpt.ops.triton_compile` compiles them all wit
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))` and prints one JSON record
 per case: shared memory used, whether the PTX holds tensor-core instructions, or the error.
 
+Each case is compiled as a launch on aligned shapes specialises it: every pointer and integer
+argument is marked divisible by 16 (16-byte aligned tensors; sizes and strides that are multiples of
+16, as at GPT-2 shapes). Without those hints Triton cannot pipeline loads with cp.async, and the
+shared memory it reports would be that of an unpipelined kernel, not of the one a GPU runs.
+
 It must run in a process where TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields
 interpreted functions, which cannot be compiled. tests/test_triton_compile.py runs it that way.
 """
@@ -18,6 +23,7 @@ import sys
 CAPABILITIES = (80, 90)
 # Largest shared memory one block may use (opt-in), in bytes: A100 (sm_80) and H100/H200 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+ALIGNED_INTEGER_TYPES = ("i32", "i64")
 KERNEL_MODULES = (
     "fastgpt.ops.triton_attention",
     "fastgpt.ops.triton_decode",
@@ -44,10 +50,20 @@ def compile_case(case, capability):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    record = {"name": case.name, "capability": capability, "tensor_cores_expected": case.tensor_cores}
+    record = {
+        "name": case.name,
+        "capability": capability,
+        "tensor_cores_expected": case.tensor_cores,
+        "num_stages": case.num_stages,
+    }
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(case.kernel.arg_names)
+        if case.signature[name].startswith("*") or case.signature[name] in ALIGNED_INTEGER_TYPES
+    }
     try:
         compiled = compile(
-            ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs),
+            ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=aligned),
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": case.num_warps, "num_stages": case.num_stages},
         )
@@ -60,6 +76,7 @@ def compile_case(case, capability):
         shared_limit=SHARED_MEMORY_LIMIT[capability],
         has_mma="mma.sync" in ptx,
         has_wgmma="wgmma" in ptx,
+        has_cp_async="cp.async" in ptx,
     )
     return record
 
