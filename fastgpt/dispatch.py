@@ -33,7 +33,7 @@ IMPLEMENTATIONS = {
         "causal_attention": "fastgpt.ops.triton_attention",
     },
     "cpu": {},
-    "cuda": {},
+    "cuda": {op: "fastgpt.ops.cuda" for op in ("causal_attention", "fused_ffn", "layer_norm")},
 }
 
 # Modules whose import decides whether a backend exists at all on this machine.
