@@ -1,14 +1,15 @@
 """The 'cuda' backend (CUDA C++ kernels of csrc/cuda) through the public API: every output and every
 gradient against float64 fastgpt.reference with FlashAttention's rule (tests/tolerance.py), eager torch in
 the same dtype setting the bar. Needs a CUDA GPU (sm_80+) and fastgpt._C built with CUDA; all tests are
-marked `gpu` and skip elsewhere. float32 is not a cuda-backend dtype (Triton runs it): checked to be declined."""
+marked `gpu` and skip elsewhere. float32 is not a cuda-backend dtype (Triton runs it): checked to be
+declined."""
 
 import pytest
 import torch
+from tolerance import assert_close
 
 import fastgpt
 from fastgpt import dispatch, reference
-from tolerance import assert_close
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +42,10 @@ def check_against_reference(name, run_cuda, run_reference, inputs, output_grads)
     outputs = run_cuda(*kernel_inputs)
     eager = run_reference(*eager_inputs)
     expected = run_reference(*reference_inputs)
-    as_tuple = lambda value: value if isinstance(value, tuple) else (value,)  # noqa: E731
+
+    def as_tuple(value):
+        return value if isinstance(value, tuple) else (value,)
+
     outputs, eager, expected = as_tuple(outputs), as_tuple(eager), as_tuple(expected)
     for index, (actual, bar, exact) in enumerate(zip(outputs, eager, expected)):
         assert actual.dtype == inputs[0].dtype
@@ -116,7 +120,9 @@ def test_attention_packed_qkv_views(dtype):
 
 
 def test_attention_backward_is_deterministic():
-    q, k, v = (torch.randn(2, 4, 300, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 4, 300, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
     grad = torch.randn_like(q)
     first = torch.autograd.grad(fastgpt.causal_attention(q, k, v, backend="cuda"), (q, k, v), grad)
     second = torch.autograd.grad(fastgpt.causal_attention(q, k, v, backend="cuda"), (q, k, v), grad)
@@ -139,8 +145,14 @@ def test_attention_declines_what_it_has_no_kernel_for():
     q12 = torch.randn(1, 2, 8, 12, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 8"):
         fastgpt.causal_attention(q12, q12, q12, backend="cuda")
-    assert dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 256),)) != "cuda"
-    assert dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 128),)) == "cuda"
+    assert (
+        dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 256),))
+        != "cuda"
+    )
+    assert (
+        dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 128),))
+        == "cuda"
+    )
     with pytest.raises(TypeError, match="float32"):
         q32 = torch.randn(1, 2, 8, 64, device=DEVICE)
         fastgpt.causal_attention(q32, q32, q32, backend="cuda")
@@ -154,7 +166,12 @@ def test_attention_declines_what_it_has_no_kernel_for():
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
 @pytest.mark.parametrize(
     "leading, channels, bias, residual",
-    [((1,), 64, True, False), ((2, 33), 64, True, True), ((70,), 128, False, True), ((3, 11), 131, True, False)],
+    [
+        ((1,), 64, True, False),
+        ((2, 33), 64, True, True),
+        ((70,), 128, False, True),
+        ((3, 11), 131, True, False),
+    ],
     ids=["one-token", "bias-residual", "no-bias", "odd-width"],
 )
 def test_fused_ffn_matches_reference(leading, channels, bias, residual, activation, dtype):
@@ -168,7 +185,9 @@ def test_fused_ffn_matches_reference(leading, channels, bias, residual, activati
     grad = torch.randn(*leading, channels, device=DEVICE, dtype=dtype)
 
     def run(function, **options):
-        return lambda x, w1, b1, w2, b2, r: function(x, w1, b1, w2, b2, activation=activation, residual=r, **options)
+        return lambda x, w1, b1, w2, b2, r: function(
+            x, w1, b1, w2, b2, activation=activation, residual=r, **options
+        )
 
     check_against_reference(
         f"ffn {activation}",
@@ -195,10 +214,16 @@ def test_fused_ffn_no_tokens():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(33, 64), (4, 17, 768), (70, 1000), (5, 1001), (9, 2048), (3, 16384)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("affine, residual", [(True, False), (True, True), (False, True), (False, False)],
-                         ids=["affine", "affine-residual", "residual", "plain"])
+@pytest.mark.parametrize(
+    "shape",
+    [(33, 64), (4, 17, 768), (70, 1000), (5, 1001), (9, 2048), (3, 16384)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize(
+    "affine, residual",
+    [(True, False), (True, True), (False, True), (False, False)],
+    ids=["affine", "affine-residual", "residual", "plain"],
+)
 def test_layer_norm_matches_reference(shape, affine, residual, dtype):
     cols = shape[-1]
     x = torch.randn(*shape, device=DEVICE, dtype=dtype)
@@ -214,6 +239,17 @@ def test_layer_norm_matches_reference(shape, affine, residual, dtype):
         [x, weight, bias, res],
         grads,
     )
+
+
+def test_layer_norm_gradient_through_residual_sum_only():
+    """Only x + residual feeds the loss: the normalised output gets no gradient at all."""
+    x, residual = (
+        torch.randn(6, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
+    _, summed = fastgpt.layer_norm(x, None, None, residual=residual, backend="cuda")
+    grad = torch.randn_like(summed)
+    dx, dresidual = torch.autograd.grad(summed, (x, residual), grad)
+    assert torch.equal(dx, grad) and torch.equal(dresidual, grad)
 
 
 def test_layer_norm_no_rows():
@@ -240,9 +276,13 @@ def test_opcheck():
     w1 = torch.randn(256, 64, device=DEVICE, dtype=dtype, requires_grad=True)
     w2 = torch.randn(64, 256, device=DEVICE, dtype=dtype, requires_grad=True)
     b1 = torch.randn(256, device=DEVICE, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastgpt.cuda_ffn_forward.default, (x, w1, b1, w2, None, 0, x.detach().clone()))
+    torch.library.opcheck(
+        torch.ops.fastgpt.cuda_ffn_forward.default, (x, w1, b1, w2, None, 0, x.detach().clone())
+    )
     w = torch.randn(64, device=DEVICE, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastgpt.cuda_layer_norm_forward.default, (x, w, None, 1e-5, x.detach().clone()))
+    torch.library.opcheck(
+        torch.ops.fastgpt.cuda_layer_norm_forward.default, (x, w, None, 1e-5, x.detach().clone())
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -263,6 +303,9 @@ def test_torch_compile_fullgraph():
 
 
 def test_float32_is_declined_to_triton_or_reference():
-    for op, facts in (("causal_attention", (("head_dim", 64),)), ("fused_ffn", (("hidden", 256),)),
-                      ("layer_norm", (("hidden", 768),))):
+    for op, facts in (
+        ("causal_attention", (("head_dim", 64),)),
+        ("fused_ffn", (("hidden", 256),)),
+        ("layer_norm", (("hidden", 768),)),
+    ):
         assert dispatch.choose_backend(op, "auto", "cuda", torch.float32, facts) != "cuda"

@@ -24,8 +24,12 @@ ARCHS = ("sm_80", "sm_90a")
 GENCODE = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch[3:]},code={arch}")]
 NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo"]
 # Kernels that must be spill-free and on tensor cores (every instantiation of each).
-TENSOR_CORE_KERNELS = ("attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel",
-                       "gemm_kernel")
+TENSOR_CORE_KERNELS = (
+    "attention_forward_kernel",
+    "attention_backward_dkdv_kernel",
+    "attention_backward_dq_kernel",
+    "gemm_kernel",
+)
 # Instantiations shipped per architecture: name -> count.
 EXPECTED_KERNELS = {
     "attention_forward_kernel": 8,  # bfloat16, float16 x head_dim 32, 64, 96, 128
@@ -69,7 +73,9 @@ def parse_ptxas(output):
             continue
         match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if match and current is not None:
-            current.update(stack=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3)))
+            current.update(
+                stack=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3))
+            )
             continue
         match = re.search(r"Used (\d+) registers", line)
         if match and current is not None:
@@ -90,8 +96,13 @@ def base_name(demangled):
 def compile_kernel_file(source, build_dir):
     obj = build_dir / (source.stem + ".o")
     command = [NVCC, *NVCC_FLAGS, *GENCODE, "-Xptxas", "-v", "-c", str(source), "-o", str(obj)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=CUDA_DIR)
-    return {"source": source.name, "returncode": result.returncode, "output": result.stdout + result.stderr, "object": obj}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=CUDA_DIR)
+    return {
+        "source": source.name,
+        "returncode": result.returncode,
+        "output": result.stdout + result.stderr,
+        "object": obj,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +127,12 @@ def kernels(builds):
 
 
 def test_every_kernel_file_compiles_cleanly(builds):
-    assert {path.name for path in KERNEL_FILES} >= {"attention_fwd.cu", "attention_bwd.cu", "gemm.cu", "layernorm.cu"}
+    assert {path.name for path in KERNEL_FILES} >= {
+        "attention_fwd.cu",
+        "attention_bwd.cu",
+        "gemm.cu",
+        "layernorm.cu",
+    }
     for name, result in builds.items():
         assert result["returncode"] == 0, f"{name} failed to compile:\n{result['output'][-4000:]}"
         warnings = [line for line in result["output"].splitlines() if "warning" in line.lower()]
@@ -170,7 +186,10 @@ def sass_functions(dump):
 def ptx_functions(ptx):
     """{demangled entry name: PTX body} from a .ptx file (mangled names of anonymous namespaces differ
     between compilations, demangled ones do not)."""
-    bodies = {match.group(1): match.group(2) for match in re.finditer(r"\.entry (\S+?)\((.*?)\n}\n", ptx, flags=re.S)}
+    bodies = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"\.entry (\S+?)\((.*?)\n}\n", ptx, flags=re.DOTALL)
+    }
     names = demangle(list(bodies))
     return {names[mangled]: body for mangled, body in bodies.items()}
 
@@ -183,7 +202,12 @@ def test_tensor_core_instructions(builds, kernels, tmp_path):
         for result in builds.values():
             if not any(r["source"] == result["source"] for r in tensor_core_kernels):
                 continue
-            dump = subprocess.run([tool, "-sass", str(result["object"])], capture_output=True, text=True, check=True)
+            dump = subprocess.run(
+                [tool, "-sass", str(result["object"])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             functions = sass_functions(dump.stdout)
             for r in tensor_core_kernels:
                 if r["source"] == result["source"]:
@@ -193,11 +217,19 @@ def test_tensor_core_instructions(builds, kernels, tmp_path):
     else:  # no cuobjdump: mma.sync in the PTX of each kernel
         for source in ("attention_fwd.cu", "attention_bwd.cu", "gemm.cu"):
             ptx_path = tmp_path / (source + ".ptx")
-            subprocess.run([NVCC, *NVCC_FLAGS, "-arch=compute_80", "--ptx", str(CUDA_DIR / source), "-o", str(ptx_path)],
-                           check=True, capture_output=True, cwd=CUDA_DIR)
+            subprocess.run(
+                [NVCC, *NVCC_FLAGS, "-arch=compute_80", "--ptx", str(CUDA_DIR / source), "-o", str(ptx_path)],
+                check=True,
+                capture_output=True,
+                cwd=CUDA_DIR,
+            )
             functions = ptx_functions(ptx_path.read_text())
             for r in tensor_core_kernels:
-                if r["source"] == source and r["arch"] == "sm_80" and "mma.sync" not in functions.get(r["name"], ""):
+                if (
+                    r["source"] == source
+                    and r["arch"] == "sm_80"
+                    and "mma.sync" not in functions.get(r["name"], "")
+                ):
                     missing.append(f"{r['arch']} {r['name']}")
     assert not missing, "no tensor-core instructions in:\n" + "\n".join(missing)
 
@@ -205,9 +237,13 @@ def test_tensor_core_instructions(builds, kernels, tmp_path):
 def test_fragment_layouts_on_cpu(tmp_path):
     """Swizzles, ldmatrix/mma fragment addressing and bank conflicts, checked by running host code."""
     program = tmp_path / "fragment_layouts"
-    subprocess.run([NVCC, "-std=c++17", "-O1", str(DEV_DIR / "fragment_layouts.cu"), "-o", str(program)],
-                   check=True, capture_output=True, cwd=DEV_DIR)
-    result = subprocess.run([str(program)], capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [NVCC, "-std=c++17", "-O1", str(DEV_DIR / "fragment_layouts.cu"), "-o", str(program)],
+        check=True,
+        capture_output=True,
+        cwd=DEV_DIR,
+    )
+    result = subprocess.run([str(program)], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "all fragment layout checks passed" in result.stdout
 
@@ -218,21 +254,37 @@ def test_dev_harnesses_compile_and_link(builds, tmp_path):
     def build(name):
         executable = tmp_path / name
         command = [NVCC, *NVCC_FLAGS, *GENCODE, str(DEV_DIR / f"{name}.cu"), *objects, "-o", str(executable)]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=DEV_DIR)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=DEV_DIR)
         return name, result.returncode, result.stdout + result.stderr
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for name, returncode, output in pool.map(build, HARNESSES):
             assert returncode == 0, f"csrc/dev/{name}.cu failed to build:\n{output[-4000:]}"
-            assert "warning" not in output.lower(), f"csrc/dev/{name}.cu builds with warnings:\n{output[-4000:]}"
+            assert "warning" not in output.lower(), (
+                f"csrc/dev/{name}.cu builds with warnings:\n{output[-4000:]}"
+            )
 
 
 def test_launch_header_is_plain_cpp(tmp_path):
     """api.cpp's host compiler can include launch.h (compiled here as C++, not CUDA)."""
     source = tmp_path / "includes_launch_h.cpp"
     source.write_text('#include "launch.h"\nint main() { return fastgpt::cuda::kGemmBlockM > 0 ? 0 : 1; }\n')
-    result = subprocess.run([NVCC, "-std=c++17", "-x", "c++", f"-I{CUDA_DIR}", "-c", str(source), "-o",
-                             str(tmp_path / "includes_launch_h.o")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            NVCC,
+            "-std=c++17",
+            "-x",
+            "c++",
+            f"-I{CUDA_DIR}",
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / "includes_launch_h.o"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -86,14 +86,21 @@ def _layer_norm_backward_fake(dout, dresidual_out, input, weight, mean, rstd):
 # Autograd
 
 
+# Outputs that autograd gets no gradient for (lse, h, mean, rstd, an unused x + residual) arrive as None
+# rather than as zero-filled tensors: ctx.set_materialize_grads(False).
+
+
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.softmax_scale = softmax_scale
 
 
 def _attention_backward(ctx, dout, dlse):
+    if dout is None:
+        return None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastgpt.cuda_attention_backward(dout, q, k, v, out, lse, ctx.softmax_scale)
     return dq, dk, dv, None
@@ -107,6 +114,7 @@ torch.library.register_autograd(
 def _ffn_setup_context(ctx, inputs, output):
     x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual = inputs
     _, h = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, fc_weight, proj_weight, h)  # activations saved: x and h only
     ctx.activation = activation
     ctx.has_fc_bias = fc_bias is not None
@@ -115,6 +123,8 @@ def _ffn_setup_context(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, dy, dh):
+    if dy is None:
+        return (None,) * 7
     x, fc_weight, proj_weight, h = ctx.saved_tensors
     dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = torch.ops.fastgpt.cuda_ffn_backward(
         dy, x, h, fc_weight, proj_weight, ctx.activation
@@ -134,16 +144,19 @@ torch.library.register_autograd("fastgpt::cuda_ffn_forward", _ffn_backward, setu
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, residual = inputs
+    x, weight, bias, _eps, residual = inputs
     _, residual_out, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(residual_out if ctx.has_residual else x, weight, mean, rstd)
 
 
 def _layer_norm_backward(ctx, dout, dresidual_out, dmean, drstd):
     normalised, weight, mean, rstd = ctx.saved_tensors
+    if dout is None:  # only x + residual was used downstream
+        dout = torch.zeros_like(normalised)
     dx, dweight, dbias = torch.ops.fastgpt.cuda_layer_norm_backward(
         dout, dresidual_out if ctx.has_residual else None, normalised, weight, mean, rstd
     )
@@ -189,6 +202,7 @@ def unsupported_reason(op, **facts):
     C++ answers are the same for float16 and bfloat16, so bfloat16 stands for both."""
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
-        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {capability[0]}.{capability[1]}"
+        major, minor = capability
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
     size = facts.get("head_dim" if op == "causal_attention" else "hidden", 0)
     return torch.ops.fastgpt.cuda_unsupported_reason(op, int(size), torch.bfloat16) or None
