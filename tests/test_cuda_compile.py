@@ -234,18 +234,18 @@ def test_tensor_core_instructions(builds, kernels, tmp_path):
     assert not missing, "no tensor-core instructions in:\n" + "\n".join(missing)
 
 
-def test_fragment_layouts_on_cpu(tmp_path):
+def test_index_checks_on_cpu(tmp_path):
     """Swizzles, ldmatrix/mma fragment addressing and bank conflicts, checked by running host code."""
-    program = tmp_path / "fragment_layouts"
+    program = tmp_path / "index_checks"
     subprocess.run(
-        [NVCC, "-std=c++17", "-O1", str(DEV_DIR / "fragment_layouts.cu"), "-o", str(program)],
+        [NVCC, "-std=c++17", "-O1", str(DEV_DIR / "index_checks.cu"), "-o", str(program)],
         check=True,
         capture_output=True,
         cwd=DEV_DIR,
     )
     result = subprocess.run([str(program)], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "all fragment layout checks passed" in result.stdout
+    assert "all index checks passed" in result.stdout
 
 
 def test_dev_harnesses_compile_and_link(builds, tmp_path):

@@ -94,14 +94,27 @@ __host__ __device__ inline T* head_rows(const HeadTensor& t, int batch, int head
 // Number of KV blocks that a query block [q0, q0 + block_m) attends to: keys below
 // min(kv_len, q0 + block_m + diagonal).
 __host__ __device__ inline int causal_kv_blocks(int q0, int block_m, int block_n, int kv_len, int diagonal) {
-  const int end = min(kv_len, q0 + block_m + diagonal);
-  return ceil_div(end, block_n);
+  const int reach = q0 + block_m + diagonal;
+  return ceil_div(kv_len < reach ? kv_len : reach, block_n);
 }
 
 // Leading KV blocks that every row of the query block sees whole (no mask needed): the keys of block
 // b end at (b + 1) * block_n - 1 <= q0 + diagonal, the first row's limit.
 __host__ __device__ inline int causal_unmasked_blocks(int q0, int block_n, int num_blocks, int diagonal) {
-  return min(num_blocks, (q0 + diagonal + 1) / block_n);
+  const int whole = (q0 + diagonal + 1) / block_n;
+  return whole < num_blocks ? whole : num_blocks;
+}
+
+// First query block (of block_m rows) with a row that sees key k0: rows i >= k0 - diagonal.
+__host__ __device__ inline int causal_first_q_block(int k0, int block_m, int diagonal) {
+  return k0 > diagonal ? (k0 - diagonal) / block_m : 0;
+}
+
+// Whether the (query block q0, key block k0) tile of the dK/dV kernel holds any pair to mask: a query
+// row past q_len, a key past kv_len, or a key past the first row's causal limit.
+__host__ __device__ inline bool causal_tile_needs_mask(int q0, int block_m, int k0, int block_n, int q_len, int kv_len,
+                                                       int diagonal) {
+  return q0 + block_m > q_len || k0 + block_n > kv_len || k0 + block_n - 1 > q0 + diagonal;
 }
 
 // 16-byte alignment of every row that cp.async and the vector stores touch.

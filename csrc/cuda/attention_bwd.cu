@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(BackwardKVTiles<kHeadDim>::kThreads)
   // Steps: (query head of the group, query block) pairs, head-major, query blocks from the first one
   // that sees key k0. Counters instead of divisions keep the step decoding out of the registers.
   const int num_q_blocks = ceil_div(p.q_len, kBlockM);
-  const int first_q_block = max(0, k0 - diagonal) / kBlockM;
+  const int first_q_block = causal_first_q_block(k0, kBlockM, diagonal);
   const int num_steps = group * max(0, num_q_blocks - first_q_block);
 
   copy_tile_async<KVTile, kThreads>(k_tile, head_rows<const T>(p.k, batch, kv_head) + k0 * p.k.row_stride,
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(BackwardKVTiles<kHeadDim>::kThreads)
     const uint32_t do_tile = q_tile + QTile::kBytes;
     const float* lse = reinterpret_cast<const float*>(stage + 2 * QTile::kBytes);
     const float* delta = lse + kBlockM;
-    const bool masked = q0 + kBlockM > p.q_len || k0 + kBlockN > p.kv_len || k0 + kBlockN - 1 > q0 + diagonal;
+    const bool masked = causal_tile_needs_mask(q0, kBlockM, k0, kBlockN, p.q_len, p.kv_len, diagonal);
 
 #pragma unroll 1
     for (int m0 = 0; m0 < kBlockM; m0 += kSubM) {  // queries [m0, m0 + kSubM) of the stage

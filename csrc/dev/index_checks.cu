@@ -1,13 +1,17 @@
 /*
-Checks, on the CPU (no GPU needed), the shared-memory tiles and mma.sync fragment addressing of
-csrc/cuda/tile.cuh for every tile shape the attention and GEMM kernels use: the real address functions
-feed a model of ldmatrix.x4 (plain and .trans) and of mma.m16n8k16 written from the PTX ISA, and the
-warp-level products must equal the products computed directly. Also checks that every swizzle is a
-bijection and that ldmatrix phases and accumulator stores are free of shared-memory bank conflicts.
+Checks, on the CPU (no GPU needed), the index arithmetic of the csrc/cuda kernels:
+- the shared-memory tiles and mma.sync fragment addressing of tile.cuh for every tile shape the
+  attention and GEMM kernels use: the real address functions feed a model of ldmatrix.x4 (plain and
+  .trans) and of mma.m16n8k16 written from the PTX ISA, and the warp-level products must equal the
+  products computed directly; every swizzle is a bijection, and ldmatrix phases and accumulator stores
+  are free of shared-memory bank conflicts;
+- the causal block ranges of attention.cuh: the blocks each kernel visits hold every visible key (or
+  query), and the blocks or tiles it leaves unmasked need no mask.
 
 Compile and run (from csrc/dev; tests/test_cuda_compile.py does this):
-  nvcc -std=c++17 -O1 fragment_layouts.cu -o fragment_layouts && ./fragment_layouts
+  nvcc -std=c++17 -O1 index_checks.cu -o index_checks && ./index_checks
 */
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -313,6 +317,45 @@ static void check_attention(std::mt19937& rng) {
   }
 }
 
+// ---- Causal block ranges -------------------------------------------------------------------------
+
+// Query side (forward and dQ kernels): the KV blocks visited hold every key a stored row sees, the last
+// one is needed, and the leading unmasked blocks are entirely visible to every stored row. Key side
+// (dK/dV kernel): the query blocks skipped see no key of the block, and tiles left unmasked hold only
+// valid, visible (query, key) pairs.
+static void check_causal_ranges(const char* name, int block_m, int block_n) {
+  for (int q_len : {1, 2, 17, 63, 64, 65, 97, 128, 129, 257, 300}) {
+    for (int extra : {0, 1, 2, 5, 31, 62, 63, 64, 65, 126, 127, 200}) {
+      const int kv_len = q_len + extra, diagonal = extra;
+      for (int q0 = 0; q0 < q_len; q0 += block_m) {
+        const int num_blocks = causal_kv_blocks(q0, block_m, block_n, kv_len, diagonal);
+        const int num_unmasked = causal_unmasked_blocks(q0, block_n, num_blocks, diagonal);
+        const int rows_end = std::min(q0 + block_m, q_len);
+        bool ok = num_blocks * block_n >= rows_end + diagonal && (num_blocks - 1) * block_n <= rows_end - 1 + diagonal;
+        for (int b = 0; b < num_unmasked; ++b) {
+          for (int i = q0; i < rows_end; ++i) {
+            for (int j = b * block_n; j < (b + 1) * block_n; ++j) ok = ok && j < kv_len && j <= i + diagonal;
+          }
+        }
+        check(ok, name, "the KV blocks visited or left unmasked by a query block are wrong");
+      }
+      for (int k0 = 0; k0 < kv_len; k0 += block_n) {
+        const int first = causal_first_q_block(k0, block_m, diagonal);
+        const int keys_end = std::min(k0 + block_n, kv_len);
+        bool ok = first * block_m <= q_len - 1 && k0 <= q_len - 1 + diagonal;
+        for (int i = 0; i < first * block_m; ++i) ok = ok && k0 > i + diagonal;
+        for (int q0 = first * block_m; q0 < q_len; q0 += block_m) {
+          if (causal_tile_needs_mask(q0, block_m, k0, block_n, q_len, kv_len, diagonal)) continue;
+          for (int i = q0; i < q0 + block_m; ++i) {
+            for (int j = k0; j < k0 + block_n; ++j) ok = ok && i < q_len && j < keys_end && j <= i + diagonal;
+          }
+        }
+        check(ok, name, "the query blocks visited or left unmasked by a key block are wrong");
+      }
+    }
+  }
+}
+
 template <bool kATransposed, bool kBTransposed>
 static void check_gemm(std::mt19937& rng) {
   using gemm_config::OperandTile;
@@ -340,6 +383,9 @@ int main() {
   check_attention<64>(rng);
   check_attention<96>(rng);
   check_attention<128>(rng);
+  check_causal_ranges("forward block ranges", ForwardTiles<128>::kBlockM, ForwardTiles<128>::kBlockN);
+  check_causal_ranges("dK/dV block ranges", BackwardKVTiles<128>::kBlockM, BackwardKVTiles<128>::kBlockN);
+  check_causal_ranges("dQ block ranges", BackwardQTiles<128>::kBlockM, BackwardQTiles<128>::kBlockN);
   check_tile<gemm_config::OperandTile<false>>("GEMM K-major tile");
   check_tile<gemm_config::OperandTile<true>>("GEMM transposed tile");
   check_gemm<false, false>(rng);
@@ -347,9 +393,9 @@ int main() {
   check_gemm<true, false>(rng);
   check_gemm<true, true>(rng);
   if (failures != 0) {
-    printf("%d layout check(s) failed\n", failures);
+    printf("%d index check(s) failed\n", failures);
     return 1;
   }
-  printf("all fragment layout checks passed\n");
+  printf("all index checks passed\n");
   return 0;
 }
