@@ -70,8 +70,9 @@ const char* gemm_unsupported_reason(DType dtype);
 cudaError_t gemm(const GemmParams& params, cudaStream_t stream);
 
 // ---- LayerNorm with fused residual (layernorm.cu) --------------------------------------------------
-// cols up to 16384; rows of 16-byte aligned 8-element chunks take the vectorised path, any others the
-// scalar one. x/out/residual/... have col_stride 1. Backward: `x` is the normalised input (residual_out
+// cols up to 16384 when cols % 8 == 0 and every row starts 16-byte aligned (the vectorised path), up to
+// 4096 otherwise (the scalar path; layer_norm_unsupported_reason declines wider rows of odd widths, and
+// api_cuda.inc copies misaligned tensors). x/out/residual/... have col_stride 1. Backward: `x` is the normalised input (residual_out
 // when a residual was given), dweight_partial/dbias_partial are (num_partials, cols) float32 with
 // num_partials = layer_norm_backward_num_partials(rows) (either may be null when not needed), and
 // column_sums reduces them.
@@ -84,7 +85,7 @@ int layer_norm_backward_num_partials(int64_t rows);
 cudaError_t layer_norm_backward(const LayerNormParams& params, cudaStream_t stream);
 
 // ---- Deterministic column sums of float32 partial sums (column_sums.cu) ----------------------------
-// out[c] = sum over r of partial[r * cols + c] in float32, in order of r, stored as `dtype`. The second
+// out[c] = sum over r of partial[r * cols + c] in float32, in a fixed order, stored as `dtype`. The second
 // pass of the LayerNorm weight/bias gradients and of the GEMM bias gradient. rows may be 0 (zeros).
 cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtype, void* out, cudaStream_t stream);
 

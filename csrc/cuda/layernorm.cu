@@ -340,6 +340,7 @@ cudaError_t dispatch(const LayerNormParams& p, bool backward, cudaStream_t strea
                       rows_vectorizable(p.residual_out) && rows_vectorizable(p.out) && rows_vectorizable(p.dout) &&
                       rows_vectorizable(p.dresidual_out) && rows_vectorizable(p.dx) && is_aligned(p.weight, 16) &&
                       is_aligned(p.bias, 16);
+  if (!vector && p.cols > kMaxScalarCols) return cudaErrorInvalidValue;  // the scalar path covers 4096 columns
   if (backward) return vector ? launch_backward<T, true>(p, stream) : launch_backward<T, false>(p, stream);
   return vector ? launch_forward<T, true>(p, stream) : launch_forward<T, false>(p, stream);
 }
