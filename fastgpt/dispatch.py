@@ -36,7 +36,7 @@ IMPLEMENTATIONS = {
         "linear_cross_entropy": "fastgpt.ops.triton_cross_entropy",
     },
     "cpu": {},
-    "cuda": {},
+    "cuda": {op: "fastgpt.ops.cuda" for op in ("causal_attention", "fused_ffn", "layer_norm")},
 }
 
 # Modules whose import decides whether a backend exists at all on this machine.

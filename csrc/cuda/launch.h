@@ -1,0 +1,92 @@
+// Host launchers of the CUDA kernels in csrc/cuda: what csrc/api.cpp (through csrc/cuda/api_cuda.inc)
+// and the csrc/dev harnesses call. Plain C++ over params.h: no torch and no device code, so the host
+// compiler can include it. Every launcher returns cudaSuccess, the launch error, or
+// cudaErrorInvalidValue when the params break a precondition stated here (nothing is launched then).
+//
+// Kernels: bfloat16 and float16 only. float32 calls are declined (the *_unsupported_reason functions
+// say so) and run on the Triton backend.
+//
+// Torch ops that api_cuda.inc registers on these launchers (CUDA tensors; outputs allocated by the op,
+// NaN-filled when FASTGPT_POISON_OUTPUTS=1):
+//   fastgpt::cuda_attention_forward(Tensor q, Tensor k, Tensor v, float softmax_scale) -> (Tensor out, Tensor lse)
+//   fastgpt::cuda_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+//                                    float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)
+//   fastgpt::cuda_ffn_forward(Tensor x, Tensor fc_weight, Tensor? fc_bias, Tensor proj_weight,
+//                             Tensor? proj_bias, int activation, Tensor? residual) -> (Tensor y, Tensor h)
+//   fastgpt::cuda_ffn_backward(Tensor dy, Tensor x, Tensor h, Tensor fc_weight, Tensor proj_weight,
+//                              int activation) -> (Tensor dx, Tensor dfc_weight, Tensor dfc_bias,
+//                                                  Tensor dproj_weight, Tensor dproj_bias)
+//   fastgpt::cuda_layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual)
+//       -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)      residual_out is empty without residual
+//   fastgpt::cuda_layer_norm_backward(Tensor dout, Tensor? dresidual_out, Tensor input, Tensor? weight,
+//                                     Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)
+//   fastgpt::cuda_unsupported_reason(str op, int size, ScalarType dtype) -> str       "" when supported
+// `activation` is the Activation enum of params.h; `size` is head_dim for causal_attention and the hidden
+// size for fused_ffn and layer_norm.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../params.h"
+
+namespace fastgpt::cuda {
+
+// ---- Causal attention (attention_fwd.cu, attention_bwd.cu) -----------------------------------------
+// head_dim: a multiple of 8 up to 128 (kernels for 32, 64, 96 and 128; other sizes run zero-padded in
+// the next one up). Every HeadTensor (q, k, v, out, and dout, dq, dk, dv in the backward) must have a
+// 16-byte aligned data pointer and batch/head/row strides that are multiples of 8 elements; head_dim
+// is contiguous. lse and delta are contiguous float32 (batch, heads, q_len). Needs sm_80+.
+
+// nullptr when the kernels handle this head_dim and dtype, else why not.
+const char* attention_unsupported_reason(int head_dim, DType dtype);
+
+// Writes out and lse.
+cudaError_t attention_forward(const AttentionParams& params, cudaStream_t stream);
+
+// Writes delta (scratch the caller allocates), dq, dk and dv from dout, q, k, v, out and lse.
+// Deterministic: no atomics; dq_accum is not used and may be null.
+cudaError_t attention_backward(const AttentionParams& params, cudaStream_t stream);
+
+// ---- GEMM with fused epilogues (gemm.cu) -----------------------------------------------------------
+// out = epilogue(a @ b^T) as params.h describes, for any M, N, K >= 0 and any strides: operands with a
+// contiguous K (col_stride 1) or a contiguous M/N (row_stride 1, a transposed view such as W^T) take the
+// 16-byte cp.async path when their pointer and other stride are 16-byte aligned, any other operand a
+// slower element-wise path. Outputs need col_stride 1. Precise meaning of the epilogue:
+//   v = acc (+ bias[n])
+//   forward  (activation_grad_input absent): when activation_out is set, out = v and
+//            activation_out = act(v); otherwise out = v (+ residual).
+//   backward (activation_grad_input = h set): v *= act'(h); when activation_out is set it also receives
+//            act(h), recomputed here so that the next GEMM (dW = dY^T @ act(h)) needs no separate pass;
+//            out = v.
+//   residual only without activation_out/activation_grad_input.
+//   bias_grad_partial[i][n] = sum of the float32 v stored to out over rows [i * kGemmBlockM,
+//            (i + 1) * kGemmBlockM); bias_grad_block_m must equal kGemmBlockM.
+constexpr int kGemmBlockM = 128;
+
+const char* gemm_unsupported_reason(DType dtype);
+
+cudaError_t gemm(const GemmParams& params, cudaStream_t stream);
+
+// ---- LayerNorm with fused residual (layernorm.cu) --------------------------------------------------
+// cols up to 16384 when cols % 8 == 0 and every row starts 16-byte aligned (the vectorised path), up to
+// 4096 otherwise (the scalar path; layer_norm_unsupported_reason declines wider rows of odd widths, and
+// api_cuda.inc copies misaligned tensors). x/out/residual/... have col_stride 1. Backward: `x` is the normalised input (residual_out
+// when a residual was given), dweight_partial/dbias_partial are (num_partials, cols) float32 with
+// num_partials = layer_norm_backward_num_partials(rows) (either may be null when not needed), and
+// column_sums reduces them.
+const char* layer_norm_unsupported_reason(int cols, DType dtype);
+
+cudaError_t layer_norm_forward(const LayerNormParams& params, cudaStream_t stream);
+
+int layer_norm_backward_num_partials(int64_t rows);
+
+cudaError_t layer_norm_backward(const LayerNormParams& params, cudaStream_t stream);
+
+// ---- Deterministic column sums of float32 partial sums (column_sums.cu) ----------------------------
+// out[c] = sum over r of partial[r * cols + c] in float32, in a fixed order, stored as `dtype`. The second
+// pass of the LayerNorm weight/bias gradients and of the GEMM bias gradient. rows may be 0 (zeros).
+cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtype, void* out, cudaStream_t stream);
+
+}  // namespace fastgpt::cuda

@@ -1,0 +1,311 @@
+"""The 'cuda' backend (CUDA C++ kernels of csrc/cuda) through the public API: every output and every
+gradient against float64 fastgpt.reference with FlashAttention's rule (tests/tolerance.py), eager torch in
+the same dtype setting the bar. Needs a CUDA GPU (sm_80+) and fastgpt._C built with CUDA; all tests are
+marked `gpu` and skip elsewhere. float32 is not a cuda-backend dtype (Triton runs it): checked to be
+declined."""
+
+import pytest
+import torch
+from tolerance import assert_close
+
+import fastgpt
+from fastgpt import dispatch, reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.bfloat16, torch.float16)
+DEVICE = "cuda"
+
+
+def leaf(tensor):
+    return tensor.detach().clone().requires_grad_(True)
+
+
+def upcast(tensors):
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
+
+
+def same_dtype(tensors):
+    return [None if t is None else leaf(t) for t in tensors]
+
+
+def gradients(outputs, inputs, output_grads):
+    wanted = [t for t in inputs if t is not None]
+    return torch.autograd.grad(outputs, wanted, output_grads)
+
+
+def check_against_reference(name, run_cuda, run_reference, inputs, output_grads):
+    """Forward outputs and gradients of every non-None input: cuda vs float64 reference, eager as the bar."""
+    kernel_inputs = same_dtype(inputs)
+    eager_inputs = same_dtype(inputs)
+    reference_inputs = upcast(inputs)
+    outputs = run_cuda(*kernel_inputs)
+    eager = run_reference(*eager_inputs)
+    expected = run_reference(*reference_inputs)
+
+    def as_tuple(value):
+        return value if isinstance(value, tuple) else (value,)
+
+    outputs, eager, expected = as_tuple(outputs), as_tuple(eager), as_tuple(expected)
+    for index, (actual, bar, exact) in enumerate(zip(outputs, eager, expected)):
+        assert actual.dtype == inputs[0].dtype
+        assert_close(f"{name} output {index}", actual.detach(), exact.detach(), bar.detach())
+    kernel_grads = gradients(outputs, kernel_inputs, output_grads)
+    eager_grads = gradients(eager, eager_inputs, output_grads)
+    reference_grads = gradients(expected, reference_inputs, [g.double() for g in output_grads])
+    names = [f"grad {i}" for i, t in enumerate(inputs) if t is not None]
+    for grad_name, actual, bar, exact in zip(names, kernel_grads, eager_grads, reference_grads):
+        assert_close(f"{name} {grad_name}", actual, exact, bar)
+
+
+def test_cuda_backend_is_available():
+    assert "cuda" in fastgpt.available_backends(), dispatch.backend_status()["cuda"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal attention
+
+ATTENTION_SHAPES = [
+    # (batch, heads, kv_heads, q_len, kv_len, head_dim)
+    (2, 4, 4, 1, 1, 64),
+    (2, 4, 4, 17, 17, 64),
+    (2, 4, 4, 97, 97, 64),
+    (2, 4, 4, 257, 257, 64),
+    (1, 4, 4, 97, 97, 16),
+    (1, 4, 4, 97, 97, 32),
+    (1, 4, 4, 97, 97, 80),
+    (1, 4, 4, 97, 97, 96),
+    (1, 4, 4, 257, 257, 128),
+    (2, 6, 2, 97, 97, 64),  # GQA
+    (1, 4, 1, 130, 130, 128),  # MQA
+    (1, 4, 2, 17, 300, 64),  # q_len < kv_len (prefill after a KV cache)
+    (2, 2, 2, 1, 257, 128),  # one query over a long cache
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_matches_reference(shape, dtype):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = torch.randn(batch, heads, q_len, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, device=DEVICE, dtype=dtype)
+    grad = torch.randn(batch, heads, q_len, head_dim, device=DEVICE, dtype=dtype)
+    check_against_reference(
+        "attention",
+        lambda q, k, v: fastgpt.causal_attention(q, k, v, backend="cuda"),
+        lambda q, k, v: reference.causal_attention(q, k, v),
+        [q, k, v],
+        [grad],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_packed_qkv_views(dtype):
+    """q, k, v as strided views of one fused projection output, with a non-default softmax scale."""
+    batch, seq, heads, head_dim = 2, 150, 4, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device=DEVICE, dtype=dtype)
+    grad = torch.randn(batch, heads, seq, head_dim, device=DEVICE, dtype=dtype)
+
+    def split(packed):
+        return [packed[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, T, D) views
+
+    check_against_reference(
+        "attention packed",
+        lambda packed: fastgpt.causal_attention(*split(packed), softmax_scale=0.2, backend="cuda"),
+        lambda packed: reference.causal_attention(*split(packed), softmax_scale=0.2),
+        [qkv],
+        [grad],
+    )
+
+
+def test_attention_backward_is_deterministic():
+    q, k, v = (
+        torch.randn(2, 4, 300, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    grad = torch.randn_like(q)
+    first = torch.autograd.grad(fastgpt.causal_attention(q, k, v, backend="cuda"), (q, k, v), grad)
+    second = torch.autograd.grad(fastgpt.causal_attention(q, k, v, backend="cuda"), (q, k, v), grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_attention_empty_batch():
+    q = torch.randn(0, 4, 16, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out = fastgpt.causal_attention(q, q, q, backend="cuda")
+    assert out.shape == q.shape
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.shape == q.shape
+
+
+def test_attention_declines_what_it_has_no_kernel_for():
+    q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim up to 128"):
+        fastgpt.causal_attention(q, q, q, backend="cuda")
+    q12 = torch.randn(1, 2, 8, 12, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fastgpt.causal_attention(q12, q12, q12, backend="cuda")
+    assert (
+        dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 256),))
+        != "cuda"
+    )
+    assert (
+        dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 128),))
+        == "cuda"
+    )
+    with pytest.raises(TypeError, match="float32"):
+        q32 = torch.randn(1, 2, 8, 64, device=DEVICE)
+        fastgpt.causal_attention(q32, q32, q32, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused FFN
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
+@pytest.mark.parametrize(
+    "leading, channels, bias, residual",
+    [
+        ((1,), 64, True, False),
+        ((2, 33), 64, True, True),
+        ((70,), 128, False, True),
+        ((3, 11), 131, True, False),
+    ],
+    ids=["one-token", "bias-residual", "no-bias", "odd-width"],
+)
+def test_fused_ffn_matches_reference(leading, channels, bias, residual, activation, dtype):
+    hidden = 4 * channels
+    x = torch.randn(*leading, channels, device=DEVICE, dtype=dtype)
+    fc_weight = torch.randn(hidden, channels, device=DEVICE, dtype=dtype) / channels**0.5
+    proj_weight = torch.randn(channels, hidden, device=DEVICE, dtype=dtype) / hidden**0.5
+    fc_bias = torch.randn(hidden, device=DEVICE, dtype=dtype) if bias else None
+    proj_bias = torch.randn(channels, device=DEVICE, dtype=dtype) if bias else None
+    res = torch.randn(*leading, channels, device=DEVICE, dtype=dtype) if residual else None
+    grad = torch.randn(*leading, channels, device=DEVICE, dtype=dtype)
+
+    def run(function, **options):
+        return lambda x, w1, b1, w2, b2, r: function(
+            x, w1, b1, w2, b2, activation=activation, residual=r, **options
+        )
+
+    check_against_reference(
+        f"ffn {activation}",
+        run(fastgpt.fused_ffn, backend="cuda"),
+        run(reference.fused_ffn),
+        [x, fc_weight, fc_bias, proj_weight, proj_bias, res],
+        [grad],
+    )
+
+
+def test_fused_ffn_no_tokens():
+    x = torch.randn(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.randn(256, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    b1 = torch.randn(256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = fastgpt.fused_ffn(x, w1, b1, w2, None, backend="cuda")
+    assert y.shape == (0, 64)
+    grads = torch.autograd.grad(y.sum(), (x, w1, b1, w2))
+    assert all(g is not None and not g.any() for g in grads[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(33, 64), (4, 17, 768), (70, 1000), (5, 1001), (9, 2048), (3, 16384)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize(
+    "affine, residual",
+    [(True, False), (True, True), (False, True), (False, False)],
+    ids=["affine", "affine-residual", "residual", "plain"],
+)
+def test_layer_norm_matches_reference(shape, affine, residual, dtype):
+    cols = shape[-1]
+    x = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    weight = torch.randn(cols, device=DEVICE, dtype=dtype) if affine else None
+    bias = torch.randn(cols, device=DEVICE, dtype=dtype) if affine else None
+    res = torch.randn(*shape, device=DEVICE, dtype=dtype) if residual else None
+    grads = [torch.randn(*shape, device=DEVICE, dtype=dtype) for _ in range(2 if residual else 1)]
+
+    check_against_reference(
+        "layer_norm",
+        lambda x, w, b, r: fastgpt.layer_norm(x, w, b, 1e-5, residual=r, backend="cuda"),
+        lambda x, w, b, r: reference.layer_norm(x, w, b, 1e-5, residual=r),
+        [x, weight, bias, res],
+        grads,
+    )
+
+
+def test_layer_norm_gradient_through_residual_sum_only():
+    """Only x + residual feeds the loss: the normalised output gets no gradient at all."""
+    x, residual = (
+        torch.randn(6, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
+    _, summed = fastgpt.layer_norm(x, None, None, residual=residual, backend="cuda")
+    grad = torch.randn_like(summed)
+    dx, dresidual = torch.autograd.grad(summed, (x, residual), grad)
+    assert torch.equal(dx, grad) and torch.equal(dresidual, grad)
+
+
+def test_layer_norm_no_rows():
+    x = torch.randn(0, 768, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(768, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(768, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out = fastgpt.layer_norm(x, w, b, backend="cuda")
+    assert out.shape == x.shape
+    _, dw, db = torch.autograd.grad(out.sum(), (x, w, b))
+    assert not dw.any() and not db.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom-op plumbing
+
+
+def test_opcheck():
+    import fastgpt.ops.cuda  # noqa: F401  (fake implementations and autograd)
+
+    dtype = torch.bfloat16
+    q, k, v = (torch.randn(1, 2, 70, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.fastgpt.cuda_attention_forward.default, (q, k, v, 0.125))
+    x = torch.randn(2, 5, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(256, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(64, 256, device=DEVICE, dtype=dtype, requires_grad=True)
+    b1 = torch.randn(256, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fastgpt.cuda_ffn_forward.default, (x, w1, b1, w2, None, 0, x.detach().clone())
+    )
+    w = torch.randn(64, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fastgpt.cuda_layer_norm_forward.default, (x, w, None, 1e-5, x.detach().clone())
+    )
+
+
+def test_torch_compile_fullgraph():
+    dtype = torch.bfloat16
+    x = torch.randn(2, 40, 128, device=DEVICE, dtype=dtype)
+    w1 = torch.randn(512, 128, device=DEVICE, dtype=dtype) / 128**0.5
+    w2 = torch.randn(128, 512, device=DEVICE, dtype=dtype) / 512**0.5
+    ln_w = torch.ones(128, device=DEVICE, dtype=dtype)
+
+    def block(x):
+        h = fastgpt.layer_norm(x, ln_w, None, backend="cuda")
+        q = h.view(2, 40, 2, 64).transpose(1, 2)
+        a = fastgpt.causal_attention(q, q, q, backend="cuda").transpose(1, 2).reshape(2, 40, 128)
+        return fastgpt.fused_ffn(a, w1, None, w2, None, residual=x, backend="cuda")
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_float32_is_declined_to_triton_or_reference():
+    for op, facts in (
+        ("causal_attention", (("head_dim", 64),)),
+        ("fused_ffn", (("hidden", 256),)),
+        ("layer_norm", (("hidden", 768),)),
+    ):
+        assert dispatch.choose_backend(op, "auto", "cuda", torch.float32, facts) != "cuda"

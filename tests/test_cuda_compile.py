@@ -1,0 +1,296 @@
+"""The CUDA kernels of csrc/cuda compile for sm_80 and sm_90a with no register spills and no stack frame,
+every shipped template instantiation is there, and the attention and GEMM kernels run on tensor cores
+(HMMA in the SASS). Also: the fragment layouts check out on the CPU, the csrc/dev harnesses compile and
+link against the kernel objects, and the kernels stay free of torch. Needs nvcc, not a GPU."""
+
+import concurrent.futures
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+DEV_DIR = ROOT / "csrc" / "dev"
+KERNEL_FILES = sorted(CUDA_DIR.glob("*.cu"))
+HARNESSES = ("attention_fwd", "attention_bwd", "gemm", "layernorm")
+ARCHS = ("sm_80", "sm_90a")
+GENCODE = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch[3:]},code={arch}")]
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo"]
+# Kernels that must be spill-free and on tensor cores (every instantiation of each).
+TENSOR_CORE_KERNELS = (
+    "attention_forward_kernel",
+    "attention_backward_dkdv_kernel",
+    "attention_backward_dq_kernel",
+    "gemm_kernel",
+)
+# Instantiations shipped per architecture: name -> count.
+EXPECTED_KERNELS = {
+    "attention_forward_kernel": 8,  # bfloat16, float16 x head_dim 32, 64, 96, 128
+    "attention_backward_dkdv_kernel": 8,
+    "attention_backward_dq_kernel": 8,
+    "attention_backward_delta_kernel": 2,
+    "gemm_kernel": 8,  # bfloat16, float16 x (a, b) K-contiguous or transposed
+    "layer_norm_forward_kernel": 4,  # bfloat16, float16 x vectorised, scalar
+    "layer_norm_backward_kernel": 4,
+    "column_sums_kernel": 2,
+}
+
+
+def cuobjdump():
+    """The cuobjdump that Triton's wheel carries, else one on PATH, else None."""
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    if triton is not None:
+        candidate = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("cuobjdump")
+
+
+def demangle(names):
+    if not names or shutil.which("c++filt") is None:
+        return dict(zip(names, names))
+    result = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    return dict(zip(names, result.stdout.splitlines()))
+
+
+def parse_ptxas(output):
+    """One record per kernel and architecture from `-Xptxas -v` output."""
+    records, current = [], None
+    for line in output.splitlines():
+        match = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if match:
+            current = {"mangled": match.group(1), "arch": match.group(2)}
+            continue
+        match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if match and current is not None:
+            current.update(
+                stack=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3))
+            )
+            continue
+        match = re.search(r"Used (\d+) registers", line)
+        if match and current is not None:
+            current["registers"] = int(match.group(1))
+            records.append(current)
+            current = None
+    names = demangle([r["mangled"] for r in records])
+    for record in records:
+        record["name"] = names[record["mangled"]]
+    return records
+
+
+def base_name(demangled):
+    match = re.search(r"(\w+)<", demangled)
+    return match.group(1) if match else demangled
+
+
+def compile_kernel_file(source, build_dir):
+    obj = build_dir / (source.stem + ".o")
+    command = [NVCC, *NVCC_FLAGS, *GENCODE, "-Xptxas", "-v", "-c", str(source), "-o", str(obj)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=CUDA_DIR)
+    return {
+        "source": source.name,
+        "returncode": result.returncode,
+        "output": result.stdout + result.stderr,
+        "object": obj,
+    }
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Every csrc/cuda/*.cu compiled once for both architectures, in parallel, heaviest first."""
+    build_dir = tmp_path_factory.mktemp("cuda_objects")
+    order = sorted(KERNEL_FILES, key=lambda path: path.stat().st_size, reverse=True)
+    workers = max(2, os.cpu_count() or 2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda source: compile_kernel_file(source, build_dir), order))
+    return {result["source"]: result for result in results}
+
+
+@pytest.fixture(scope="module")
+def kernels(builds):
+    records = []
+    for result in builds.values():
+        for record in parse_ptxas(result["output"]):
+            record["source"] = result["source"]
+            records.append(record)
+    return records
+
+
+def test_every_kernel_file_compiles_cleanly(builds):
+    assert {path.name for path in KERNEL_FILES} >= {
+        "attention_fwd.cu",
+        "attention_bwd.cu",
+        "gemm.cu",
+        "layernorm.cu",
+    }
+    for name, result in builds.items():
+        assert result["returncode"] == 0, f"{name} failed to compile:\n{result['output'][-4000:]}"
+        warnings = [line for line in result["output"].splitlines() if "warning" in line.lower()]
+        assert not warnings, f"{name} compiles with warnings:\n" + "\n".join(warnings)
+
+
+def test_every_instantiation_is_compiled_for_both_architectures(kernels):
+    for arch in ARCHS:
+        counts = {}
+        for record in kernels:
+            if record["arch"] == arch:
+                counts[base_name(record["name"])] = counts.get(base_name(record["name"]), 0) + 1
+        assert counts == EXPECTED_KERNELS, f"{arch}: kernels {counts}, expected {EXPECTED_KERNELS}"
+
+
+def test_no_register_spills_or_stack_frames(kernels):
+    assert any(base_name(r["name"]) in TENSOR_CORE_KERNELS for r in kernels)
+    offenders = [
+        f"{r['arch']} {r['name']}: {r['stack']} B stack, {r['spill_stores']}/{r['spill_loads']} B spilled "
+        f"({r['registers']} registers)"
+        for r in kernels
+        if r["stack"] or r["spill_stores"] or r["spill_loads"]
+    ]
+    assert not offenders, "register spills or stack frames:\n" + "\n".join(offenders)
+
+
+def sass_functions(dump):
+    """{(arch, mangled function name): SASS text} from cuobjdump -sass output."""
+    functions, arch, name, lines = {}, None, None, []
+
+    def flush():
+        if name is not None:
+            functions[(arch, name)] = "\n".join(lines)
+
+    for line in dump.splitlines():
+        match = re.match(r"\s*arch = (sm_\w+)", line)
+        if match:
+            flush()
+            arch, name, lines = match.group(1), None, []
+            continue
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            flush()
+            name, lines = match.group(1), []
+            continue
+        lines.append(line)
+    flush()
+    return functions
+
+
+def ptx_functions(ptx):
+    """{demangled entry name: PTX body} from a .ptx file (mangled names of anonymous namespaces differ
+    between compilations, demangled ones do not)."""
+    bodies = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"\.entry (\S+?)\((.*?)\n}\n", ptx, flags=re.DOTALL)
+    }
+    names = demangle(list(bodies))
+    return {names[mangled]: body for mangled, body in bodies.items()}
+
+
+def test_tensor_core_instructions(builds, kernels, tmp_path):
+    tool = cuobjdump()
+    tensor_core_kernels = [r for r in kernels if base_name(r["name"]) in TENSOR_CORE_KERNELS]
+    missing = []
+    if tool is not None:
+        for result in builds.values():
+            if not any(r["source"] == result["source"] for r in tensor_core_kernels):
+                continue
+            dump = subprocess.run(
+                [tool, "-sass", str(result["object"])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            functions = sass_functions(dump.stdout)
+            for r in tensor_core_kernels:
+                if r["source"] == result["source"]:
+                    sass = functions.get((r["arch"], r["mangled"]))
+                    if sass is None or "HMMA" not in sass:
+                        missing.append(f"{r['arch']} {r['name']}")
+    else:  # no cuobjdump: mma.sync in the PTX of each kernel
+        for source in ("attention_fwd.cu", "attention_bwd.cu", "gemm.cu"):
+            ptx_path = tmp_path / (source + ".ptx")
+            subprocess.run(
+                [NVCC, *NVCC_FLAGS, "-arch=compute_80", "--ptx", str(CUDA_DIR / source), "-o", str(ptx_path)],
+                check=True,
+                capture_output=True,
+                cwd=CUDA_DIR,
+            )
+            functions = ptx_functions(ptx_path.read_text())
+            for r in tensor_core_kernels:
+                if (
+                    r["source"] == source
+                    and r["arch"] == "sm_80"
+                    and "mma.sync" not in functions.get(r["name"], "")
+                ):
+                    missing.append(f"{r['arch']} {r['name']}")
+    assert not missing, "no tensor-core instructions in:\n" + "\n".join(missing)
+
+
+def test_index_checks_on_cpu(tmp_path):
+    """Swizzles, ldmatrix/mma fragment addressing and bank conflicts, checked by running host code."""
+    program = tmp_path / "index_checks"
+    subprocess.run(
+        [NVCC, "-std=c++17", "-O1", str(DEV_DIR / "index_checks.cu"), "-o", str(program)],
+        check=True,
+        capture_output=True,
+        cwd=DEV_DIR,
+    )
+    result = subprocess.run([str(program)], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "all index checks passed" in result.stdout
+
+
+def test_dev_harnesses_compile_and_link(builds, tmp_path):
+    objects = [str(result["object"]) for result in builds.values()]
+
+    def build(name):
+        executable = tmp_path / name
+        command = [NVCC, *NVCC_FLAGS, *GENCODE, str(DEV_DIR / f"{name}.cu"), *objects, "-o", str(executable)]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=DEV_DIR)
+        return name, result.returncode, result.stdout + result.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for name, returncode, output in pool.map(build, HARNESSES):
+            assert returncode == 0, f"csrc/dev/{name}.cu failed to build:\n{output[-4000:]}"
+            assert "warning" not in output.lower(), (
+                f"csrc/dev/{name}.cu builds with warnings:\n{output[-4000:]}"
+            )
+
+
+def test_launch_header_is_plain_cpp(tmp_path):
+    """api.cpp's host compiler can include launch.h (compiled here as C++, not CUDA)."""
+    source = tmp_path / "includes_launch_h.cpp"
+    source.write_text('#include "launch.h"\nint main() { return fastgpt::cuda::kGemmBlockM > 0 ? 0 : 1; }\n')
+    result = subprocess.run(
+        [
+            NVCC,
+            "-std=c++17",
+            "-x",
+            "c++",
+            f"-I{CUDA_DIR}",
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / "includes_launch_h.o"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_kernels_include_no_torch():
+    for path in sorted(CUDA_DIR.iterdir()):
+        if path.suffix in (".cu", ".cuh", ".h"):
+            includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', path.read_text())
+            torch_like = [name for name in includes if name.split("/")[0] in ("torch", "ATen", "c10")]
+            assert not torch_like, f"{path.name} includes {torch_like}; only csrc/cuda/api_cuda.inc may"
