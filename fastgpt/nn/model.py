@@ -138,10 +138,10 @@ class GPT(nn.Module):
         out[:, :prompt_len] = idx
         if max_new_tokens == 0:
             return out
-        parameter = self.lm_head.weight
+        config, dtype = self.config, self.lm_head.weight.dtype
         caches = [
-            KVCache(batch, self.config.n_kv_head, total, self.config.head_dim, dtype=parameter.dtype, device=idx.device)
-            for _ in range(self.config.n_layer)
+            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
+            for _ in range(config.n_layer)
         ]
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         position = 0
