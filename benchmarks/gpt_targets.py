@@ -17,6 +17,7 @@ op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, e
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -28,7 +29,7 @@ import fastgpt
 from fastgpt import dispatch
 from fastgpt.nn import GPT
 
-GENERATION_CASES = ((1, 64, 64), (8, 64, 64))  # (batch, prompt length, new tokens)
+GENERATION_CASES = ((1, 64, 64), (8, 256, 64))  # (batch, prompt length, new tokens)
 TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
 TARGETS = {"generation": 2.0, "training": 1.2}
 
@@ -43,7 +44,12 @@ def transformers_gpt2():
 
 
 def resolved_backends(dtype=torch.float32):
-    facts = {"causal_attention": ("head_dim", 64), "fused_ffn": ("hidden", 3072), "layer_norm": ("hidden", 768), "linear_cross_entropy": ("vocab", 50257)}
+    facts = {
+        "causal_attention": ("head_dim", 64),
+        "fused_ffn": ("hidden", 3072),
+        "layer_norm": ("hidden", 768),
+        "linear_cross_entropy": ("vocab", 50257),
+    }
     return {op: dispatch.choose_backend(op, "auto", "cpu", dtype, (fact,)) for op, fact in facts.items()}
 
 
@@ -62,58 +68,91 @@ def report(kind, case, work, times):
     medians = {name: statistics.median(values) for name, values in times.items()}
     rates = {name: work / seconds for name, seconds in medians.items()}
     speedup = rates["fastgpt GPT"] / rates["transformers sdpa"]
-    print(f"{kind} {case}: " + ", ".join(f"{name} {rate:,.1f} tok/s" for name, rate in rates.items()) + f" -> {speedup:.2f}x (target {TARGETS[kind]}x)")
-    return dict(kind=kind, case=case, tokens_per_s=rates, median_s=medians, speedup=speedup, target=TARGETS[kind])
+    print(
+        f"{kind} {case}: "
+        + ", ".join(f"{name} {rate:,.1f} tok/s" for name, rate in rates.items())
+        + f" -> {speedup:.2f}x (target {TARGETS[kind]}x)"
+    )
+    return {
+        "kind": kind,
+        "case": case,
+        "tokens_per_s": rates,
+        "median_s": medians,
+        "speedup": speedup,
+        "target": TARGETS[kind],
+    }
+
+
+def generate_hf(hf, prompt, new_tokens):
+    mask = torch.ones_like(prompt)
+    return hf.generate(
+        prompt,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def generate_gpt(gpt, prompt, new_tokens):
+    return gpt.generate(prompt, new_tokens, temperature=0)
 
 
 def bench_generation(hf, gpt, rounds):
     results = []
     for batch, prompt_len, new_tokens in GENERATION_CASES:
         prompt = torch.randint(0, hf.config.vocab_size, (batch, prompt_len))
-        mask = torch.ones_like(prompt)
-
-        def run_hf():
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-        def run_gpt():
-            return gpt.generate(prompt, new_tokens, temperature=0)
-
+        providers = {
+            "fastgpt GPT": functools.partial(generate_gpt, gpt, prompt, new_tokens),
+            "transformers sdpa": functools.partial(generate_hf, hf, prompt, new_tokens),
+        }
         with torch.inference_mode():
-            assert torch.equal(run_gpt(), run_hf()), "greedy tokens differ between the two models"
-            times = interleaved({"fastgpt GPT": run_gpt, "transformers sdpa": run_hf}, rounds)
-        results.append(report("generation", dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens), batch * new_tokens, times))
+            tokens = [run() for run in providers.values()]
+            assert torch.equal(*tokens), "greedy tokens differ between the two models"
+            times = interleaved(providers, rounds)
+        case = {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
+        results.append(report("generation", case, batch * new_tokens, times))
     return results
+
+
+def train_step(model, optimizer, loss_fn):
+    loss_fn(model).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def bench_training(hf, gpt, rounds):
     results = []
     hf, gpt = copy.deepcopy(hf).train(), copy.deepcopy(gpt).train()
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) for name, model in (("hf", hf), ("gpt", gpt))}
+    hf_optimizer, gpt_optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) for model in (hf, gpt)
+    )
     for batch, seq in TRAINING_CASES:
         idx = torch.randint(0, hf.config.vocab_size, (batch, seq + 1))
-
-        def step_hf():
-            loss = hf(idx[:, :-1], labels=idx[:, :-1]).loss  # transformers shifts labels inside
-            loss.backward()
-            optimizers["hf"].step()
-            optimizers["hf"].zero_grad(set_to_none=True)
-
-        def step_gpt():
-            loss = gpt(idx[:, :-1], idx[:, 1:])
-            loss.backward()
-            optimizers["gpt"].step()
-            optimizers["gpt"].zero_grad(set_to_none=True)
-
-        step_hf(), step_gpt()  # warm-up: allocator, optimizer state
-        times = interleaved({"fastgpt GPT": step_gpt, "transformers sdpa": step_hf}, rounds)
-        results.append(report("training", dict(batch=batch, seq=seq), batch * seq, times))
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        providers = {
+            # transformers shifts the labels inside; both run forward and backward over seq tokens
+            "fastgpt GPT": functools.partial(
+                train_step, gpt, gpt_optimizer, lambda m, x=inputs, y=targets: m(x, y)
+            ),
+            "transformers sdpa": functools.partial(
+                train_step, hf, hf_optimizer, lambda m, x=inputs: m(x, labels=x).loss
+            ),
+        }
+        for run in providers.values():  # warm-up: allocator, optimizer state
+            run()
+        times = interleaved(providers, rounds)
+        results.append(report("training", {"batch": batch, "seq": seq}, batch * seq, times))
     return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     parser.add_argument("--only", choices=("generation", "training"), default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -124,11 +163,11 @@ def main():
     gpt = GPT.from_hf(hf)
     import transformers
 
-    header = dict(
-        torch=torch.__version__, transformers=transformers.__version__, fastgpt=fastgpt.__version__,
-        cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        fastgpt_backends=resolved_backends(), available_backends=fastgpt.available_backends(),
-    )  # fmt: skip
+    header = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "fastgpt": fastgpt.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "fastgpt_backends": resolved_backends(), "available_backends": fastgpt.available_backends(),
+    }  # fmt: skip
     print(json.dumps(header))
     results = []
     if args.only in (None, "generation"):

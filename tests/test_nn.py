@@ -11,7 +11,7 @@ from tolerance import assert_close
 from fastgpt.nn import GPT, PRESETS, GPTConfig, LayerNorm
 from fastgpt.reference import layer_norm as reference_layer_norm
 
-SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, block_size=64)
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
 
 def eager_logits(model, idx):
@@ -43,13 +43,22 @@ def random_model(**overrides):
     with torch.no_grad():  # LayerNorm starts at (1, 0); random values exercise its weight and bias
         for name, parameter in model.named_parameters():
             if ".ln_" in name:
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter) if name.endswith("weight") else 0.1 * torch.randn_like(parameter))
+                parameter.copy_(
+                    1.0 + 0.1 * torch.randn_like(parameter)
+                    if name.endswith("weight")
+                    else 0.1 * torch.randn_like(parameter)
+                )
     return model
 
 
 def test_presets():
     assert set(PRESETS) == {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
-    expected = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
     for name, (layers, heads, width) in expected.items():
         config = GPTConfig.preset(name)
         assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (
@@ -66,12 +75,12 @@ def test_presets():
 @pytest.mark.parametrize(
     "fields, pattern",
     [
-        (dict(n_embd=65), "n_embd must be divisible by n_head, got n_embd=65, n_head=4"),
-        (dict(n_kv_head=3), "n_head must be a multiple of n_kv_head .*n_head=4, n_kv_head=3"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-        (dict(activation="tanh"), "activation must be one of .*got 'tanh'"),
-        (dict(backend="fast"), "backend must be one of .*got 'fast'"),
-        (dict(n_layer=0), "n_layer must be a positive int, got 0"),
+        ({"n_embd": 65}, "n_embd must be divisible by n_head, got n_embd=65, n_head=4"),
+        ({"n_kv_head": 3}, "n_head must be a multiple of n_kv_head .*n_head=4, n_kv_head=3"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"activation": "tanh"}, "activation must be one of .*got 'tanh'"),
+        ({"backend": "fast"}, "backend must be one of .*got 'fast'"),
+        ({"n_layer": 0}, "n_layer must be a positive int, got 0"),
     ],
 )
 def test_config_rejects_bad_fields(fields, pattern):
@@ -85,7 +94,14 @@ def test_state_dict_names_follow_nanogpt():
         "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
         "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
     )]  # fmt: skip
-    expected = ["transformer.wte.weight", "transformer.wpe.weight", *block, "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+    expected = [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        *block,
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    ]
     assert list(model.state_dict()) == expected
     assert model.lm_head.weight is model.transformer.wte.weight
     assert GPT(GPTConfig(**SMALL, tie_weights=False)).lm_head.weight is not None
@@ -108,7 +124,9 @@ def test_layer_norm_module_with_fused_residual():
         norm.bias.copy_(torch.randn(48))
     x, residual = torch.randn(3, 7, 48), torch.randn(3, 7, 48)
     out, summed = norm(x, residual=residual)
-    ref_out, ref_sum = reference_layer_norm(x.double(), norm.weight.double(), norm.bias.double(), residual=residual.double())
+    ref_out, ref_sum = reference_layer_norm(
+        x.double(), norm.weight.double(), norm.bias.double(), residual=residual.double()
+    )
     eager_out = F.layer_norm(x + residual, (48,), norm.weight, norm.bias)
     assert_close("layer_norm out", out.detach(), ref_out, eager_out.detach())
     assert_close("layer_norm x + residual", summed, ref_sum, x + residual)
@@ -178,7 +196,12 @@ def test_forward_errors():
     model = random_model()
     with pytest.raises(ValueError, match="sequence length must be <= block_size=64, got 65"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is not supported"):
+    with pytest.raises(ValueError, match=r"idx must have shape \(batch, seq_len\), got \(5,\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(RuntimeError, match="autocast is not supported"),
+    ):
         model(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="config must be a GPTConfig, got dict"):
         GPT(SMALL)
@@ -189,7 +212,8 @@ def test_save_load_round_trip(tmp_path, tie_weights):
     model = random_model(tie_weights=tie_weights, n_kv_head=2)
     model.save(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
-        assert ("lm_head.weight" in f.keys()) == (not tie_weights)  # a tied head is stored once
+        # A tied head is stored once. (safe_open is not iterable, hence keys().)
+        assert ("lm_head.weight" in f.keys()) == (not tie_weights)  # noqa: SIM118
     loaded = GPT.load(tmp_path)
     assert loaded.config == model.config
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_weights

@@ -57,7 +57,9 @@ def _eager_attention(module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
-def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def fastgpt_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' attention-function signature: query (B, H, Tq, D), key and value
     (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None)."""
     wants_weights = kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
@@ -75,7 +77,15 @@ def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout
     )
     if not fast:
         return _sdpa_attention()(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     if 1 < q_len < kv_len:
@@ -195,7 +205,9 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
     """
     pretrained_class, attention_class, mlp_class = _gpt2_classes()
     if not isinstance(model, pretrained_class):
-        raise TypeError(f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}")
+        raise TypeError(
+            f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}"
+        )
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if attention:
