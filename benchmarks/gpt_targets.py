@@ -29,7 +29,7 @@ import fastgpt
 from fastgpt import dispatch
 from fastgpt.nn import GPT
 
-GENERATION_CASES = ((1, 64, 64), (8, 256, 64))  # (batch, prompt length, new tokens)
+GENERATION_CASES = ((1, 32, 64), (8, 128, 64))  # (batch, prompt length, new tokens)
 TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
 TARGETS = {"generation": 2.0, "training": 1.2}
 

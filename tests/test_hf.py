@@ -68,10 +68,6 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def detached(tensor):
-    return tensor.detach()
-
-
 def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
     hf = random_gpt2()
     hf64 = copy.deepcopy(hf).double()
@@ -83,18 +79,11 @@ def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
         out.loss.backward()
         outputs[name] = out
     assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
-    assert_close(
-        "logits",
-        detached(outputs["patched"].logits),
-        detached(outputs["reference"].logits),
-        detached(outputs["eager"].logits),
-    )
-    assert_close(
-        "loss",
-        detached(outputs["patched"].loss),
-        detached(outputs["reference"].loss),
-        detached(outputs["eager"].loss),
-    )
+    for field in ("logits", "loss"):
+        mine, reference, eager = (
+            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
+        )
+        assert_close(field, mine, reference, eager)
     eager = dict(hf.named_parameters())
     patched_parameters = dict(patched.named_parameters())
     for name, parameter in hf64.named_parameters():
@@ -227,7 +216,7 @@ def test_patched_gpt2_compiles_fullgraph():
 def check_from_hf(gpt, hf, idx):
     """GPT's logits against the float64 copy of the transformers GPT2LMHeadModel."""
     hf64 = copy.deepcopy(hf).double()
-    assert_close("logits", detached(gpt(idx)), detached(hf64(idx).logits), detached(hf(idx).logits))
+    assert_close("logits", gpt(idx).detach(), hf64(idx).logits.detach(), hf(idx).logits.detach())
 
 
 def test_from_hf_model_object():
@@ -303,7 +292,7 @@ def test_attention_interface_gpt2(attention_calls):
     idx = torch.randint(0, VOCAB, (2, 30))
     reference = copy.deepcopy(sdpa).double()
     assert_close(
-        "logits", detached(mine(idx).logits), detached(reference(idx).logits), detached(sdpa(idx).logits)
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
     )
     assert attention_calls["fastgpt"] == 2
 
@@ -325,7 +314,7 @@ def test_attention_interface_llama_gqa_rope(attention_calls):
     reference = copy.deepcopy(sdpa).double()
     idx = torch.randint(0, VOCAB, (2, 30))
     assert_close(
-        "logits", detached(mine(idx).logits), detached(reference(idx).logits), detached(sdpa(idx).logits)
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
     )
     assert attention_calls == {"fastgpt": 2, "sdpa": 0}
 

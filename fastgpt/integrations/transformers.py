@@ -2,7 +2,7 @@
 implementation named "fastgpt" for any model that dispatches through transformers' AttentionInterface.
 
 Importing this module registers "fastgpt" in transformers' AttentionInterface, and in its
-AttentionMaskInterface where that exists (transformers >= 4.53), so
+AttentionMaskInterface where the installed version has one, so
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="fastgpt")
 
@@ -101,7 +101,7 @@ def register():
     """Registers "fastgpt" in transformers' attention (and mask) interfaces. Idempotent."""
     try:
         from transformers import AttentionInterface
-    except ImportError:  # transformers < 4.50 keeps a plain dict
+    except ImportError:  # older transformers keep a plain dict
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = fastgpt_attention_forward
@@ -109,7 +109,7 @@ def register():
         AttentionInterface.register(ATTENTION_NAME, fastgpt_attention_forward)
     try:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError:  # transformers < 4.53 builds masks inside each model
+    except ImportError:  # older transformers build masks inside each model
         return
     AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -153,7 +153,7 @@ def _gpt2_classes():
 def _set_attention_implementation(model, name):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
-    else:  # transformers < 4.52
+    else:  # older transformers
         model.config._attn_implementation = name
 
 
