@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastgpt.nn import GPT, GPTConfig
+from fastgpt.nn import GPT, GPTConfig, KVCache
 from fastgpt.nn.generation import filter_logits
 
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
@@ -25,6 +25,17 @@ def test_cached_greedy_equals_recomputation(n_kv_head):
     assert out.shape == (3, 31) and out.dtype == torch.long
     assert torch.equal(out[:, :11], prompt)
     assert torch.equal(out, recompute_greedy(model, prompt, 20))
+
+
+def test_chunked_prefill_into_the_cache_equals_one_pass():
+    """A chunk of several tokens appended to a filled cache (q_len < kv_len: the bottom-right mask)."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    caches = [KVCache(2, 2, 30, 16, dtype=torch.float32, device="cpu") for _ in range(2)]
+    with torch.no_grad():
+        expected = model.hidden_states(idx)
+        chunks = [model.hidden_states(idx[:, a:b], caches, a) for a, b in ((0, 11), (11, 12), (12, 30))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=0, atol=1e-5)
 
 
 def test_greedy_matches_transformers_generate():
