@@ -5,10 +5,20 @@ from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear_c
 
 __version__ = "0.1.0"
 
+
+def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
+    """Runs a transformers GPT-2 model on fastgpt's fused ops, in place; see fastgpt.integrations.transformers.
+    transformers is imported on the first call, so `import fastgpt` works without it."""
+    from fastgpt.integrations.transformers import patch as patch_transformers
+
+    return patch_transformers(model, attention=attention, mlp=mlp, layer_norm=layer_norm, backend=backend)
+
+
 __all__ = [
     "available_backends",
     "causal_attention",
     "fused_ffn",
     "layer_norm",
     "linear_cross_entropy",
+    "patch",
 ]

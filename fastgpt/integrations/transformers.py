@@ -1,0 +1,219 @@
+"""fastgpt inside Hugging Face transformers: `patch` for GPT-2 models, and an attention
+implementation named "fastgpt" for any model that dispatches through transformers' AttentionInterface.
+
+Importing this module registers "fastgpt" in transformers' AttentionInterface, and in its
+AttentionMaskInterface where the installed version has one, so
+
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fastgpt")
+
+runs attention on fastgpt.causal_attention. The "fastgpt" mask is SDPA's: None when the mask is the
+plain causal one (no padding), a boolean 4D mask otherwise. The attention function runs
+causal_attention only when it receives no mask, for a causal module, without attention dropout,
+and reads None exactly as SDPA does: one query sees every key, and T queries against T keys, or
+against a longer not-yet-filled static cache, are causal from the top left. Anything else (a
+padding mask, dropout in training, cross-attention, position biases) goes to transformers' SDPA
+function with its mask, so a mask is never dropped.
+
+`patch(model)` works in place on a GPT-2 model (GPT2Model, GPT2LMHeadModel and the other heads):
+- attention: switches an "sdpa" model to "fastgpt". An "eager" model is left on eager, with a
+  warning: eager is chosen for what SDPA-like kernels cannot give (attention weights with
+  output_attentions, reorder_and_upcast_attn), so swapping it would change results.
+- mlp: every GPT2MLP runs as one fastgpt.fused_ffn. HF's Conv1D keeps its weight as (in, out); the
+  patched forward passes `weight.t()`, a strided (out, in) view of the same storage, which the
+  fused_ffn backends read in place, so nothing is copied per call and gradients land in the
+  Conv1D parameters. The MLP's dropout is applied to the fused output, exactly where HF applies it.
+- layer_norm: every nn.LayerNorm over the last dimension runs fastgpt.layer_norm.
+Only `forward` attributes of the module instances change; parameters stay the same objects, so
+optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
+LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
+"""
+
+import sys
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from fastgpt.dispatch import BACKENDS
+from fastgpt.functional import causal_attention, fused_ffn, layer_norm
+from fastgpt.nn.weights import HF_ACTIVATIONS
+
+ATTENTION_NAME = "fastgpt"
+
+# ----------------------------------------------------------------------------------------------
+# The "fastgpt" attention implementation
+
+
+def _sdpa_attention():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _eager_attention(module):
+    """The eager attention function of the module's own modeling file (it applies head_mask and
+    returns attention weights), or None."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def fastgpt_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """transformers' attention-function signature: query (B, H, Tq, D), key and value
+    (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None)."""
+    wants_weights = kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
+    eager = _eager_attention(module) if wants_weights else None
+    if eager is not None:
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    fast = (
+        attention_mask is None
+        and causal
+        and dropout == 0.0
+        and query.dtype == key.dtype == value.dtype
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+    )
+    if not fast:
+        return _sdpa_attention()(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if 1 < q_len < kv_len:
+        # SDPA's reading of a None mask here is top-left causal: the keys past q_len are a static
+        # cache's unfilled tail, which no query may see.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    backend = getattr(module, "fastgpt_backend", "auto")
+    out = causal_attention(query, key, value, softmax_scale=scaling, backend=backend)  # (B, H, Tq, D)
+    return out.transpose(1, 2), None  # (B, Tq, H, D)
+
+
+def register():
+    """Registers "fastgpt" in transformers' attention (and mask) interfaces. Idempotent."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # older transformers keep a plain dict
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = fastgpt_attention_forward
+    else:
+        AttentionInterface.register(ATTENTION_NAME, fastgpt_attention_forward)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # older transformers build masks inside each model
+        return
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+register()
+
+
+# ----------------------------------------------------------------------------------------------
+# Patched forwards of GPT-2's modules
+
+
+def _mlp_forward(self, hidden_states):
+    """GPT2MLP.forward as one fused_ffn: dropout(c_proj(act(c_fc(x)))). x: (B, T, C) -> (B, T, C)."""
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return type(self).forward(self, hidden_states)
+    out = fused_ffn(
+        hidden_states,
+        self.c_fc.weight.t(),  # (hidden, C) view of Conv1D's (C, hidden) weight
+        self.c_fc.bias,
+        self.c_proj.weight.t(),  # (C, hidden) view of Conv1D's (hidden, C) weight
+        self.c_proj.bias,
+        activation=self.fastgpt_activation,
+        backend=self.fastgpt_backend,
+    )
+    return self.dropout(out)
+
+
+def _layer_norm_forward(self, x):
+    """nn.LayerNorm.forward over the last dimension on fastgpt.layer_norm."""
+    if torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x)
+    return layer_norm(x, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
+
+
+def _gpt2_classes():
+    from transformers.models.gpt2 import modeling_gpt2
+
+    return modeling_gpt2.GPT2PreTrainedModel, modeling_gpt2.GPT2Attention, modeling_gpt2.GPT2MLP
+
+
+def _set_attention_implementation(model, name):
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        model.config._attn_implementation = name
+
+
+def _patch_attention(model, attention_class, backend):
+    current = model.config._attn_implementation
+    if current not in ("sdpa", ATTENTION_NAME):
+        warnings.warn(
+            f"fastgpt.patch: attention left on {current!r}. The fastgpt attention keeps SDPA's semantics; "
+            "call model.set_attn_implementation('sdpa') first to use it",
+            stacklevel=3,
+        )
+        return
+    _set_attention_implementation(model, ATTENTION_NAME)
+    for module in model.modules():
+        if isinstance(module, attention_class):
+            module.fastgpt_backend = backend
+
+
+def _patch_mlp(model, mlp_class, backend):
+    activation_name = getattr(model.config, "activation_function", None)
+    activation = HF_ACTIVATIONS.get(activation_name)
+    if activation is None:
+        warnings.warn(
+            f"fastgpt.patch: MLP left unpatched, its activation_function {activation_name!r} is not one of "
+            f"{tuple(HF_ACTIVATIONS)}",
+            stacklevel=3,
+        )
+        return
+    for module in model.modules():
+        if isinstance(module, mlp_class):
+            module.fastgpt_activation = activation
+            module.fastgpt_backend = backend
+            module.forward = types.MethodType(_mlp_forward, module)
+
+
+def _patch_layer_norms(model, backend):
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            module.fastgpt_backend = backend
+            module.forward = types.MethodType(_layer_norm_forward, module)
+
+
+def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
+    """Runs a transformers GPT-2 model on fastgpt's fused ops, in place, and returns it.
+
+    model: GPT2Model, GPT2LMHeadModel or another GPT-2 head (any GPT2PreTrainedModel).
+    attention / mlp / layer_norm: which parts to patch. backend: the fastgpt backend for all of them.
+    Calling patch again changes the backend. See the module docstring for what each part does.
+    """
+    pretrained_class, attention_class, mlp_class = _gpt2_classes()
+    if not isinstance(model, pretrained_class):
+        raise TypeError(
+            f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}"
+        )
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if attention:
+        _patch_attention(model, attention_class, backend)
+    if mlp:
+        _patch_mlp(model, mlp_class, backend)
+    if layer_norm:
+        _patch_layer_norms(model, backend)
+    return model

@@ -1,0 +1,75 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling,
+and the argument checks of GPT.generate."""
+
+import torch
+
+
+def check_generate_arguments(
+    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size
+):
+    """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute."""
+    op = "GPT.generate"
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{op}: idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{op}: idx must be an int64 (torch.long) tensor, got dtype {idx.dtype}")
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(
+            f"{op}: idx must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(idx.shape)}"
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    total = idx.shape[1] + max_new_tokens
+    if total > block_size:
+        raise ValueError(
+            f"{op}: prompt_len + max_new_tokens must be <= block_size, got {idx.shape[1]} + {max_new_tokens} = {total} "
+            f"> {block_size}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"{op}: temperature must be a float >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{op}: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"{op}: top_p must be None or a float in (0, 1], got {top_p!r}")
+    if eos_token_id is not None and (
+        isinstance(eos_token_id, bool)
+        or not isinstance(eos_token_id, int)
+        or not 0 <= eos_token_id < vocab_size
+    ):
+        raise ValueError(
+            f"{op}: eos_token_id must be None or an int in [0, {vocab_size}), got {eos_token_id!r}"
+        )
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """logits (B, V) with every token outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    The nucleus is the smallest set of highest-probability tokens whose probabilities sum to at
+    least top_p; the most likely token always stays. The order (top-k, then top-p) is transformers'.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_above = (
+            torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        )  # mass of the strictly more likely tokens
+        outside_sorted = mass_above >= top_p
+        outside = outside_sorted.scatter(-1, order, outside_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(outside, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next token ids (B,). temperature=0 is greedy (argmax); otherwise the logits
+    are divided by the temperature, filtered by top-k and top-p, and one token is drawn from the
+    softmax with torch's global generator (reproducible under torch.manual_seed)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)

@@ -1,0 +1,122 @@
+"""The building blocks of a GPT, each a thin module over one fastgpt op.
+
+Every module keeps its parameters in nanoGPT's layout and names, and holds a `backend` attribute
+(the fastgpt backend its op runs on; GPT.set_backend changes all of them at once).
+"""
+
+import torch
+from torch import nn
+
+from fastgpt.functional import causal_attention, fused_ffn, layer_norm
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, with an optional bias (nanoGPT's), and a fused residual add."""
+
+    def __init__(self, n_embd, *, bias=True, eps=1e-5, backend="auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, residual=None):
+        """x: (..., C). Returns ln(x), or with residual (..., C): (ln(x + residual), x + residual) in one pass."""
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer, each (B, n_kv_head, max_len, D).
+
+    `update` writes new keys and values at a position and returns views of everything cached up to
+    their end, which causal_attention reads in place (its bottom-right mask lets new queries see
+    the whole prefix).
+    """
+
+    def __init__(self, batch, n_kv_head, max_len, head_dim, *, dtype, device):
+        self.keys = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+
+    def update(self, k, v, start):
+        """k, v: (B, n_kv_head, T, D) for positions start .. start+T-1. Returns (B, n_kv_head, start+T, D) views."""
+        end = start + k.shape[2]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with a fused qkv projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        qkv_features = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_features, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = config.backend
+
+    def split_heads(self, qkv):
+        """(B, T, (H + 2*Hkv) * D) -> q (B, H, T, D), k and v (B, Hkv, T, D): strided views, no copy."""
+        batch, seq, _ = qkv.shape
+        heads = qkv.view(batch, seq, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        return heads.split((self.n_head, self.n_kv_head, self.n_kv_head), dim=1)
+
+    def forward(self, x, cache=None, start=0):
+        """x: (B, T, C). With a KVCache, x holds positions start .. start+T-1 and attends to the cached prefix too."""
+        batch, seq, channels = x.shape
+        q, k, v = self.split_heads(self.c_attn(x))  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # (B, Hkv, start + T, D)
+        y = causal_attention(q, k, v, backend=self.backend)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(batch, seq, channels)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """c_proj(act(c_fc(x))) as one fused_ffn call, with the residual add fused into its epilogue."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+        self.backend = config.backend
+
+    def forward(self, x, residual=None):
+        """x: (..., C). Returns mlp(x), or residual + mlp(x) when residual (..., C) is given."""
+        weights = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        if self.training and self.dropout.p > 0:
+            # Dropout sits between the projection and the residual add, so the add cannot be fused.
+            y = self.dropout(fused_ffn(x, *weights, activation=self.activation, backend=self.backend))
+            return y if residual is None else residual + y
+        return fused_ffn(x, *weights, activation=self.activation, residual=residual, backend=self.backend)
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
+
+    Both residual adds are fused: ln_2 adds the attention output to the stream while normalising it,
+    and the MLP adds its output in its last GEMM's epilogue, so the stream is never re-read for an add.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(
+            config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+        )
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(
+            config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+        )
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, start=0):
+        """x: (B, T, C) -> (B, T, C)."""
+        attn_out = self.attn(self.ln_1(x), cache, start)  # (B, T, C)
+        h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out
+        return self.mlp(h, residual=x)  # x + mlp(h)

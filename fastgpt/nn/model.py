@@ -1,0 +1,215 @@
+"""GPT: a GPT-2-style decoder on fastgpt's fused ops, with KV-cache generation and GPT-2 weight import.
+
+Mixed precision: the fused ops take tensors of one dtype, so the model runs in the dtype of its
+parameters (convert with `model.to(torch.bfloat16)`); `forward` raises under torch.autocast.
+"""
+
+import math
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastgpt.dispatch import BACKENDS
+from fastgpt.functional import linear_cross_entropy
+from fastgpt.nn import weights
+from fastgpt.nn.config import GPTConfig
+from fastgpt.nn.generation import check_generate_arguments, sample_next_token
+from fastgpt.nn.layers import Block, KVCache, LayerNorm
+
+IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
+
+
+class GPT(nn.Module):
+    """GPT-2 architecture: token + position embeddings, n_layer pre-LN blocks, a final LayerNorm
+    and an LM head (tied to the token embedding by default). State-dict names follow nanoGPT."""
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.block_size, config.n_embd),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                "ln_f": LayerNorm(
+                    config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+                ),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream: std / sqrt(2 * n_layer).
+        for name, parameter in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embedding is left out by default, as in nanoGPT."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.transformer.wpe.weight.numel() if non_embedding else total
+
+    def set_backend(self, backend):
+        """Runs every op of the model on `backend` ("auto", "reference", "triton", "cpu" or "cuda")."""
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(
+                f"GPT.set_backend: backend must be one of {('auto',) + BACKENDS}, got {backend!r}"
+            )
+        self.config.backend = backend
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def hidden_states(self, idx, caches=None, start=0):
+        """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C)."""
+        if idx.dim() != 2:
+            raise ValueError(f"GPT: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
+        if idx.shape[1] + start > self.config.block_size:
+            raise ValueError(
+                f"GPT: sequence length must be <= block_size={self.config.block_size}, got {start + idx.shape[1]}"
+            )
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, None if caches is None else caches[layer], start)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) int64 -> logits (B, T, vocab); or, given targets (B, T) int64 (the next token
+        of each position, already shifted as in nanoGPT; IGNORE_INDEX=-100 skips a position), the mean
+        cross-entropy loss as a float32 scalar. The loss goes through linear_cross_entropy, so the
+        (B, T, vocab) logits are never built in training. Unlike nanoGPT, it returns only the loss."""
+        if torch.is_autocast_enabled(idx.device.type):
+            raise RuntimeError(
+                "GPT: torch.autocast is not supported, the fused ops run in the parameters' dtype; "
+                "convert the model instead, e.g. model.to(torch.bfloat16)"
+            )
+        x = self.hidden_states(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        return linear_cross_entropy(
+            x, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None):
+        """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
+
+        Prompts in a batch have equal length. temperature=0 is greedy; otherwise tokens are drawn
+        with torch's global generator after top-k and top-p filtering, so torch.manual_seed makes it
+        reproducible. The prompt is prefilled into a preallocated KV cache per layer (B, n_kv_head,
+        T + max_new_tokens, D), then each step runs causal_attention with one query against cache
+        views. With eos_token_id, a sequence that produced it keeps emitting eos_token_id, and
+        generation stops early once all have, so the result may be shorter than T + max_new_tokens.
+        The model runs in eval mode during the call (no dropout) and its mode is restored after.
+        """
+        config = self.config
+        check_generate_arguments(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+            block_size=config.block_size, vocab_size=config.vocab_size,
+        )  # fmt: skip
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id):
+        batch, prompt_len = idx.shape
+        total = prompt_len + max_new_tokens
+        out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
+        out[:, :prompt_len] = idx
+        if max_new_tokens == 0:
+            return out
+        config, dtype = self.config, self.lm_head.weight.dtype
+        caches = [
+            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
+            for _ in range(config.n_layer)
+        ]
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        position = 0
+        tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
+        for step in range(max_new_tokens):
+            hidden = self.hidden_states(tokens, caches, position)[:, -1]  # (B, C): only the last position
+            logits = F.linear(hidden, self.lm_head.weight)  # (B, vocab)
+            next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
+            position += tokens.shape[1]
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            out[:, position] = next_token
+            if eos_token_id is not None and bool(finished.all()):
+                return out[:, : position + 1]
+            tokens = next_token[:, None]  # (B, 1)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Weights
+
+    def tie_weights(self):
+        if self.config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @classmethod
+    def _from_state_dict(cls, config, state):
+        """A GPT holding exactly the given tensors (no random init, no second copy of the weights)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        return model
+
+    @classmethod
+    def from_hf(cls, model_or_dir, **overrides):
+        """A GPT with the weights of a transformers GPT-2 (GPT2LMHeadModel or GPT2Model), given as a
+        model object or as a local directory holding config.json and model.safetensors or
+        pytorch_model.bin. HF's Conv1D weights, (in, out), are transposed into nn.Linear's layout.
+        The result has the dtype and device of the source weights and does not share storage with
+        a source model. `overrides` set GPTConfig fields (dropout, backend, ...); dropout defaults to 0."""
+        if isinstance(model_or_dir, (str, os.PathLike)):
+            hf_config, hf_state = weights.read_hf_directory(model_or_dir)
+            copy = False
+        elif isinstance(model_or_dir, nn.Module) and hasattr(model_or_dir, "config"):
+            hf_config, hf_state = model_or_dir.config.to_dict(), model_or_dir.state_dict()
+            copy = True
+        else:
+            raise TypeError(
+                "GPT.from_hf: model_or_dir must be a transformers GPT-2 model or a directory path, "
+                f"got {type(model_or_dir).__name__}"
+            )
+        config = weights.config_from_hf(hf_config, **overrides)
+        state = weights.state_dict_from_hf(hf_state, tie_weights=config.tie_weights, copy=copy)
+        return cls._from_state_dict(config, state)
+
+    def save(self, directory):
+        """Writes config.json and model.safetensors (a tied LM head is stored once) into directory."""
+        weights.save(self, directory)
+
+    @classmethod
+    def load(cls, directory, *, device="cpu", **overrides):
+        """The GPT saved by `save` in directory, on device; `overrides` set GPTConfig fields."""
+        config, state = weights.read_directory(directory, device, **overrides)
+        return cls._from_state_dict(config, state)

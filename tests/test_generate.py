@@ -1,0 +1,159 @@
+"""GPT.generate: the KV cache against full recomputation, transformers parity, sampling filters, eos, errors."""
+
+import pytest
+import torch
+
+from fastgpt.nn import GPT, GPTConfig, KVCache
+from fastgpt.nn.generation import filter_logits
+
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
+
+
+def recompute_greedy(model, idx, steps):
+    """Greedy decoding by running the whole sequence through forward at every step (no cache)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1], ids=["mha", "mqa"])
+def test_cached_greedy_equals_recomputation(n_kv_head):
+    model = GPT(GPTConfig(**SMALL, n_kv_head=n_kv_head)).eval()
+    prompt = torch.randint(0, 97, (3, 11))
+    out = model.generate(prompt, 20, temperature=0)
+    assert out.shape == (3, 31) and out.dtype == torch.long
+    assert torch.equal(out[:, :11], prompt)
+    assert torch.equal(out, recompute_greedy(model, prompt, 20))
+
+
+def test_chunked_prefill_into_the_cache_equals_one_pass():
+    """A chunk of several tokens appended to a filled cache (q_len < kv_len: the bottom-right mask)."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    caches = [KVCache(2, 2, 30, 16, dtype=torch.float32, device="cpu") for _ in range(2)]
+    with torch.no_grad():
+        expected = model.hidden_states(idx)
+        chunks = [model.hidden_states(idx[:, a:b], caches, a) for a, b in ((0, 11), (11, 12), (12, 30))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=0, atol=1e-5)
+
+
+def test_greedy_matches_transformers_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            vocab_size=97,
+            n_positions=64,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    ).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    expected = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0
+    )
+    assert expected.shape == (2, 47)
+    assert torch.equal(GPT.from_hf(hf).generate(prompt, 40, temperature=0), expected)
+
+
+def test_sampling_is_reproducible_under_seed():
+    model = GPT(GPTConfig(**SMALL))
+    prompt = torch.randint(0, 97, (4, 5))
+    torch.manual_seed(123)
+    first = model.generate(prompt, 20, temperature=0.8, top_k=20, top_p=0.9)
+    torch.manual_seed(123)
+    again = model.generate(prompt, 20, temperature=0.8, top_k=20, top_p=0.9)
+    other = model.generate(prompt, 20, temperature=0.8, top_k=20, top_p=0.9)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_filter_logits_keeps_exactly_top_k_and_nucleus():
+    logits = torch.log(torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15], [0.90, 0.02, 0.03, 0.04, 0.01]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True, False], [True, False, False, True, False]]
+    # Nucleus 0.8: 0.40 + 0.30 = 0.70 < 0.8, so 0.15 joins; row 2's 0.90 alone covers it.
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[False, True, False, True, True], [True, False, False, False, False]]
+    kept = torch.isfinite(
+        filter_logits(logits, top_k=2, top_p=0.5)
+    )  # top-k first, then the nucleus of the rest
+    assert kept.tolist() == [[False, True, False, False, False], [True, False, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_k=97, top_p=1.0)).all()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.5)], ids=["top_k", "top_p"])
+def test_sampled_tokens_respect_the_filter(top_k, top_p):
+    """Every sampled token lies in the allowed set computed from a cache-free forward of its prefix."""
+    model = GPT(GPTConfig(**SMALL))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked distributions: filters that matter, far from ties
+    prompt = torch.randint(0, 97, (4, 6))
+    out = model.generate(prompt, 25, temperature=0.7, top_k=top_k, top_p=top_p)
+    with torch.no_grad():
+        logits = model(out[:, :-1])[:, 5:] / 0.7  # (B, 25, V): the distributions the new tokens came from
+    allowed = torch.isfinite(filter_logits(logits.flatten(0, 1), top_k, top_p)).view(4, 25, 97)
+    chosen = allowed.gather(-1, out[:, 6:, None]).squeeze(-1)
+    assert chosen.all()
+    assert allowed.sum(-1).float().mean() < 97 / 2  # the filter removed most of the vocabulary
+
+
+def test_eos_stops_and_pads_finished_sequences():
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    free = model.generate(prompt, 20, temperature=0)
+    eos = int(free[0, 6])  # the third token sequence 0 generates
+    out = model.generate(prompt, 20, temperature=0, eos_token_id=eos)
+    first_eos = [int((row[4:] == eos).nonzero()[0]) if (row[4:] == eos).any() else None for row in free]
+    assert first_eos[0] is not None and first_eos[0] <= 2
+    stop = first_eos[0]
+    assert torch.equal(out[0, : 4 + stop + 1], free[0, : 4 + stop + 1])
+    assert (out[0, 4 + stop :] == eos).all()  # finished: keeps emitting eos
+    end = 4 + first_eos[1] + 1 if first_eos[1] is not None else 24
+    assert torch.equal(out[1, :end], free[1, :end])
+    assert out.shape[1] == max(4 + stop + 1, end)  # stops once every sequence has finished
+
+    single = model.generate(prompt[:1], 20, temperature=0, eos_token_id=eos)
+    assert single.shape == (1, 4 + stop + 1)
+
+
+def test_generate_modes_and_edge_cases():
+    model = GPT(GPTConfig(**SMALL, dropout=0.5)).train()
+    prompt = torch.randint(0, 97, (2, 63))
+    out = model.generate(prompt, 1, temperature=0)  # fills the block exactly; dropout off while generating
+    assert model.training
+    assert torch.equal(out, recompute_greedy(model.eval(), prompt, 1))
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    assert model.generate(torch.randint(0, 97, (1, 1)), 5, top_k=1).shape == (1, 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (
+            {"max_new_tokens": 55},
+            ValueError,
+            r"prompt_len \+ max_new_tokens must be <= block_size, got 10 \+ 55 = 65 > 64",
+        ),
+        ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        ({"temperature": -0.5}, ValueError, "temperature must be a float >= 0 .*got -0.5"),
+        ({"top_k": 0}, ValueError, "top_k must be None or an int >= 1, got 0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be None or a float in \(0, 1\], got 1.5"),
+        ({"eos_token_id": 97}, ValueError, r"eos_token_id must be None or an int in \[0, 97\), got 97"),
+        ({"idx": torch.zeros(2, 10)}, TypeError, "idx must be an int64 .*got dtype torch.float32"),
+        (
+            {"idx": torch.zeros(10, dtype=torch.long)},
+            ValueError,
+            r"idx must have shape \(batch, prompt_len\)",
+        ),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, error, pattern):
+    model = GPT(GPTConfig(**SMALL))
+    arguments = {"idx": torch.zeros(2, 10, dtype=torch.long), "max_new_tokens": 5} | kwargs
+    with pytest.raises(error, match=pattern):
+        model.generate(**arguments)

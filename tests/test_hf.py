@@ -1,0 +1,344 @@
+"""transformers integration: fastgpt.patch on GPT-2, GPT.from_hf, and the "fastgpt" AttentionInterface.
+
+Every model is randomly initialised from a small config; nothing downloads. Parity uses the
+project's rule (tests/tolerance.py): the float64 transformers model is the reference, and the
+float32 transformers model sets the error budget.
+"""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tolerance import assert_close
+
+import fastgpt
+from fastgpt.nn import GPT
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+from fastgpt.integrations import transformers as integration
+
+VOCAB = 97
+
+
+def gpt2_config(**overrides):
+    fields = {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return GPT2Config(**{**fields, **overrides})
+
+
+def random_gpt2(model_class=GPT2LMHeadModel, **overrides):
+    model = model_class(gpt2_config(**overrides)).eval()
+    model.loss_type = "ForCausalLM"  # transformers warns (a graph break under compile) when it is unset
+    with torch.no_grad():  # LayerNorm and biases start at 1 and 0; random values exercise them
+        for name, parameter in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts the calls of fastgpt.causal_attention and of the SDPA fallback made by the interface."""
+    calls = {"fastgpt": 0, "sdpa": 0}
+    fast, sdpa = integration.causal_attention, integration._sdpa_attention()
+
+    def counted_fast(*args, **kwargs):
+        calls["fastgpt"] += 1
+        return fast(*args, **kwargs)
+
+    def counted_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "causal_attention", counted_fast)
+    monkeypatch.setattr(integration, "_sdpa_attention", lambda: counted_sdpa)
+    return calls
+
+
+def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
+    hf = random_gpt2()
+    hf64 = copy.deepcopy(hf).double()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (3, 33))
+    outputs = {}
+    for name, model in (("patched", patched), ("eager", hf), ("reference", hf64)):
+        out = model(idx, labels=idx)
+        out.loss.backward()
+        outputs[name] = out
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
+    for field in ("logits", "loss"):
+        mine, reference, eager = (
+            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
+        )
+        assert_close(field, mine, reference, eager)
+    eager = dict(hf.named_parameters())
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in hf64.named_parameters():
+        assert_close(f"grad {name}", patched_parameters[name].grad, parameter.grad, eager[name].grad)
+
+
+def test_padding_mask_is_routed_to_sdpa(attention_calls):
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :6] = 0  # left padding
+    mask[2, :2] = 0
+    expected = hf(idx, attention_mask=mask).logits
+    got = patched(idx, attention_mask=mask).logits
+    assert attention_calls == {"fastgpt": 0, "sdpa": 2}
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-6)
+    unpadded = hf(idx[1:2]).logits  # a row without padding gives what an unpadded call gives
+    torch.testing.assert_close(got[1:2], unpadded, rtol=0, atol=1e-5)
+
+
+def test_training_mode_dropout_matches_unpatched(attention_calls):
+    hf = random_gpt2(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1).train()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 16))
+    torch.manual_seed(7)
+    expected = hf(idx, labels=idx)
+    torch.manual_seed(7)
+    got = patched(idx, labels=idx)
+    assert attention_calls == {"fastgpt": 0, "sdpa": 2}  # attention dropout runs where transformers runs it
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-6)
+    assert (got.logits - hf.eval()(idx).logits).abs().max() > 1e-2  # dropout was active
+
+
+def test_patch_keeps_parameters_and_checkpoints(tmp_path):
+    model = random_gpt2()
+    before = {name: parameter for name, parameter in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert fastgpt.patch(model, backend="reference") is model
+    for name, parameter in model.named_parameters():
+        assert parameter is before[name], name
+    assert model.transformer.h[0].attn.fastgpt_backend == "reference"
+    assert model.transformer.h[0].mlp.fastgpt_backend == "reference"
+    idx = torch.randint(0, VOCAB, (2, 12))
+    model(idx, labels=idx).loss.backward()
+    optimizer.step()  # the optimizer still holds the model's parameters
+    assert all(before[name].grad is not None for name in before)
+    model.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == "sdpa"  # nothing of the patch is saved
+    torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm"])
+def test_each_part_patches_alone(part, attention_calls):
+    hf = random_gpt2()
+    flags = {"attention": False, "mlp": False, "layer_norm": False} | {part: True}
+    patched = fastgpt.patch(copy.deepcopy(hf), **flags)
+    mlp = patched.transformer.h[0].mlp
+    assert ("forward" in vars(mlp)) == (part == "mlp")
+    assert ("forward" in vars(patched.transformer.ln_f)) == (part == "layer_norm")
+    assert (patched.config._attn_implementation == "fastgpt") == (part == "attention")
+    idx = torch.randint(0, VOCAB, (2, 12))
+    torch.testing.assert_close(patched(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
+    assert attention_calls["fastgpt"] == (2 if part == "attention" else 0)
+
+
+def test_patch_other_heads_and_activations():
+    for model_class, field in (
+        (GPT2Model, "last_hidden_state"),
+        (transformers.GPT2ForSequenceClassification, "logits"),
+    ):
+        hf = random_gpt2(model_class, activation_function="relu", pad_token_id=0)
+        patched = fastgpt.patch(copy.deepcopy(hf))
+        mlps = [module for module in patched.modules() if isinstance(module, GPT2MLP)]
+        assert len(mlps) == 2 and all(mlp.fastgpt_activation == "relu" for mlp in mlps)
+        idx = torch.randint(1, VOCAB, (2, 12))
+        torch.testing.assert_close(getattr(patched(idx), field), getattr(hf(idx), field), rtol=0, atol=1e-5)
+
+
+def test_patch_rejects_and_warns():
+    with pytest.raises(TypeError, match="model must be a transformers GPT-2 model .*got Linear"):
+        fastgpt.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend must be one of .*got 'gpu'"):
+        fastgpt.patch(random_gpt2(), backend="gpu")
+    eager = GPT2LMHeadModel(gpt2_config(attn_implementation="eager"))
+    with pytest.warns(UserWarning, match="attention left on 'eager'"):
+        fastgpt.patch(eager)
+    assert eager.config._attn_implementation == "eager"
+    assert "forward" in vars(eager.transformer.h[0].mlp)  # the rest is still patched
+    with pytest.warns(UserWarning, match="MLP left unpatched, its activation_function 'quick_gelu'"):
+        fastgpt.patch(random_gpt2(activation_function="quick_gelu"))
+
+
+def test_patched_generate_matches_unpatched(attention_calls):
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    kwargs = {
+        "attention_mask": torch.ones_like(prompt),
+        "max_new_tokens": 12,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    assert torch.equal(patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs))
+    assert attention_calls["fastgpt"] == 2 * 12 and attention_calls["sdpa"] == 0  # prefill and decode, cached
+
+
+def test_patched_gpt2_compiles_fullgraph():
+    """Dynamo captures the patched model in one graph and AOTAutograd traces it (aot_eager: inductor's
+    code generation for transformers' own ops is not what this checks)."""
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 16))
+    expected = patched(idx, labels=idx)
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    got = compiled(idx, labels=idx)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-6)
+    got.loss.backward()
+    assert all(parameter.grad is not None for parameter in patched.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT.from_hf
+
+
+def check_from_hf(gpt, hf, idx):
+    """GPT's logits against the float64 copy of the transformers GPT2LMHeadModel."""
+    hf64 = copy.deepcopy(hf).double()
+    assert_close("logits", gpt(idx).detach(), hf64(idx).logits.detach(), hf(idx).logits.detach())
+
+
+def test_from_hf_model_object():
+    hf = random_gpt2()
+    gpt = GPT.from_hf(hf)
+    assert gpt.config.block_size == 64 and gpt.config.n_layer == 2 and gpt.config.dropout == 0.0
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    # Conv1D (in, out) weights are transposed into Linear's (out, in), and nothing shares storage.
+    hf_weight = hf.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(gpt.transformer.h[0].attn.c_attn.weight, hf_weight.t())
+    assert gpt.transformer.wte.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    check_from_hf(gpt, hf, torch.randint(0, VOCAB, (3, 40)))
+    assert GPT.from_hf(hf, dropout=0.1, backend="reference").config.backend == "reference"
+
+
+def test_from_hf_directories(tmp_path):
+    hf = random_gpt2(n_inner=96, activation_function="gelu")
+    idx = torch.randint(0, VOCAB, (2, 25))
+    hf.save_pretrained(tmp_path / "safetensors")
+    check_from_hf(GPT.from_hf(tmp_path / "safetensors"), hf, idx)
+    # An old-style checkpoint: pytorch_model.bin with GPT2Model's names and the causal-mask buffers.
+    legacy = tmp_path / "legacy"
+    hf.config.save_pretrained(legacy)
+    state = {
+        name.removeprefix("transformer."): tensor
+        for name, tensor in hf.state_dict().items()
+        if name != "lm_head.weight"
+    }
+    state["h.0.attn.bias"] = torch.tril(torch.ones(64, 64))[None, None]
+    torch.save(state, legacy / "pytorch_model.bin")
+    gpt = GPT.from_hf(str(legacy))
+    assert gpt.config.n_inner == 96 and gpt.config.activation == "gelu"
+    check_from_hf(gpt, hf, idx)
+
+
+def test_from_hf_untied_and_body_only():
+    untied = random_gpt2(tie_word_embeddings=False)
+    with torch.no_grad():
+        untied.lm_head.weight.normal_()
+    gpt = GPT.from_hf(untied)
+    assert gpt.lm_head.weight is not gpt.transformer.wte.weight
+    check_from_hf(gpt, untied, torch.randint(0, VOCAB, (2, 9)))
+    body = random_gpt2(GPT2Model)
+    gpt = GPT.from_hf(body)
+    idx = torch.randint(0, VOCAB, (2, 9))
+    torch.testing.assert_close(gpt(idx), body(idx).last_hidden_state @ body.wte.weight.t(), rtol=0, atol=1e-5)
+
+
+def test_from_hf_errors(tmp_path):
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
+        GPT.from_hf(random_gpt2(scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ValueError, match="activation_function must be one of .*got 'quick_gelu'"):
+        GPT.from_hf(random_gpt2(activation_function="quick_gelu"))
+    with pytest.raises(ValueError, match="weights outside the GPT-2 body and LM head are not supported"):
+        GPT.from_hf(random_gpt2(transformers.GPT2ForSequenceClassification, pad_token_id=0))
+    with pytest.raises(ValueError, match="must hold config.json"):
+        GPT.from_hf(tmp_path)
+    with pytest.raises(
+        TypeError, match="model_or_dir must be a transformers GPT-2 model or a directory path, got int"
+    ):
+        GPT.from_hf(3)
+
+
+# ----------------------------------------------------------------------------------------------
+# attn_implementation="fastgpt"
+
+
+def test_attention_interface_gpt2(attention_calls):
+    torch.manual_seed(0)
+    sdpa = random_gpt2()
+    mine = GPT2LMHeadModel(gpt2_config(attn_implementation="fastgpt")).eval()
+    mine.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 30))
+    reference = copy.deepcopy(sdpa).double()
+    assert_close(
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
+    )
+    assert attention_calls["fastgpt"] == 2
+
+
+def llama(attn_implementation):
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        attn_implementation=attn_implementation,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_attention_interface_llama_gqa_rope(attention_calls):
+    torch.manual_seed(0)
+    sdpa = llama("sdpa")
+    mine = llama("fastgpt")
+    mine.load_state_dict(sdpa.state_dict())
+    reference = copy.deepcopy(sdpa).double()
+    idx = torch.randint(0, VOCAB, (2, 30))
+    assert_close(
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
+    )
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}
+
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    real = mask.bool()
+    torch.testing.assert_close(
+        mine(idx, attention_mask=mask).logits[real],
+        sdpa(idx, attention_mask=mask).logits[real],
+        rtol=0,
+        atol=1e-5,
+    )
+    assert attention_calls["sdpa"] == 2  # the padded call kept its mask
+
+    prompt = idx[:, :5]
+    kwargs = {
+        "attention_mask": torch.ones_like(prompt),
+        "max_new_tokens": 10,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    assert torch.equal(mine.generate(prompt, **kwargs), sdpa.generate(prompt, **kwargs))
+
+
+def test_import_fastgpt_does_not_import_transformers():
+    code = "import sys, fastgpt; assert 'transformers' not in sys.modules; assert callable(fastgpt.patch)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[1])

@@ -1,0 +1,266 @@
+"""fastgpt.nn: configs, modules and the GPT against an eager nanoGPT-style model, save/load, compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tolerance import assert_close
+
+from fastgpt import dispatch
+from fastgpt.nn import GPT, PRESETS, GPTConfig, LayerNorm
+from fastgpt.reference import layer_norm as reference_layer_norm
+
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
+
+
+def eager_logits(model, idx):
+    """The same GPT written with plain torch ops (F.layer_norm, SDPA, F.gelu), reading model's parameters."""
+    config, tr = model.config, model.transformer
+    batch, seq = idx.shape
+    heads, kv_heads, head_dim, channels = config.n_head, config.n_kv_head, config.head_dim, config.n_embd
+    x = tr.wte(idx) + tr.wpe(torch.arange(seq))
+    for block in tr.h:
+        h = F.layer_norm(x, (channels,), block.ln_1.weight, block.ln_1.bias, config.layer_norm_eps)
+        q, k, v = F.linear(h, block.attn.c_attn.weight, block.attn.c_attn.bias).split(
+            (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1
+        )
+        q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+        k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(batch, seq, channels)
+        x = x + F.linear(y, block.attn.c_proj.weight, block.attn.c_proj.bias)
+        h = F.layer_norm(x, (channels,), block.ln_2.weight, block.ln_2.bias, config.layer_norm_eps)
+        h = F.gelu(F.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias), approximate="tanh")
+        x = x + F.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    x = F.layer_norm(x, (channels,), tr.ln_f.weight, tr.ln_f.bias, config.layer_norm_eps)
+    return F.linear(x, model.lm_head.weight)
+
+
+def random_model(**overrides):
+    model = GPT(GPTConfig(**{**SMALL, **overrides}))
+    with torch.no_grad():  # LayerNorm starts at (1, 0); random values exercise its weight and bias
+        for name, parameter in model.named_parameters():
+            if ".ln_" in name:
+                parameter.copy_(
+                    1.0 + 0.1 * torch.randn_like(parameter)
+                    if name.endswith("weight")
+                    else 0.1 * torch.randn_like(parameter)
+                )
+    return model
+
+
+def test_presets():
+    assert set(PRESETS) == {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
+    for name, (layers, heads, width) in expected.items():
+        config = GPTConfig.preset(name)
+        assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (
+            layers, heads, width, 50257, 1024,
+        )  # fmt: skip
+    with torch.device("meta"):
+        gpt2 = GPT(GPTConfig.preset("gpt2"))
+    assert gpt2.num_params(non_embedding=False) == 124_439_808  # GPT-2 small with its tied LM head
+    assert GPTConfig.preset("tiny", dropout=0.1).dropout == 0.1
+    with pytest.raises(ValueError, match="preset: name must be one of .*got 'gpt3'"):
+        GPTConfig.preset("gpt3")
+
+
+@pytest.mark.parametrize(
+    "fields, pattern",
+    [
+        ({"n_embd": 65}, "n_embd must be divisible by n_head, got n_embd=65, n_head=4"),
+        ({"n_kv_head": 3}, "n_head must be a multiple of n_kv_head .*n_head=4, n_kv_head=3"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"activation": "tanh"}, "activation must be one of .*got 'tanh'"),
+        ({"backend": "fast"}, "backend must be one of .*got 'fast'"),
+        ({"n_layer": 0}, "n_layer must be a positive int, got 0"),
+    ],
+)
+def test_config_rejects_bad_fields(fields, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GPTConfig(**{**SMALL, **fields})
+
+
+def test_state_dict_names_follow_nanogpt():
+    model = GPT(GPTConfig(**{**SMALL, "n_layer": 1}))
+    block = [f"transformer.h.0.{name}" for name in (
+        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+        "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+    )]  # fmt: skip
+    expected = [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        *block,
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    ]
+    assert list(model.state_dict()) == expected
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert GPT(GPTConfig(**SMALL, tie_weights=False)).lm_head.weight is not None
+    assert "transformer.h.0.ln_1.bias" not in GPT(GPTConfig(**{**SMALL, "bias": False})).state_dict()
+
+
+def test_qkv_split_is_a_view():
+    attn = random_model(n_kv_head=2).transformer.h[0].attn
+    qkv = attn.c_attn(torch.randn(2, 5, 64))  # (B, T, (H + 2*Hkv) * D)
+    q, k, v = attn.split_heads(qkv)
+    assert (q.shape, k.shape, v.shape) == ((2, 4, 5, 16), (2, 2, 5, 16), (2, 2, 5, 16))
+    for part in (q, k, v):
+        assert part.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+
+
+def test_layer_norm_module_with_fused_residual():
+    norm = LayerNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+        norm.bias.copy_(torch.randn(48))
+    x, residual = torch.randn(3, 7, 48), torch.randn(3, 7, 48)
+    out, summed = norm(x, residual=residual)
+    ref_out, ref_sum = reference_layer_norm(
+        x.double(), norm.weight.double(), norm.bias.double(), residual=residual.double()
+    )
+    eager_out = F.layer_norm(x + residual, (48,), norm.weight, norm.bias)
+    assert_close("layer_norm out", out.detach(), ref_out, eager_out.detach())
+    assert_close("layer_norm x + residual", summed, ref_sum, x + residual)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+def test_gpt_matches_eager_model(n_kv_head):
+    """Logits, loss and the gradient of every parameter against the same model in plain torch ops:
+    float64 is the reference, float32 eager the error budget (tests/tolerance.py)."""
+    model = random_model(n_kv_head=n_kv_head)
+    model_eager = copy.deepcopy(model)
+    model64 = copy.deepcopy(model).double()
+    idx = torch.randint(0, 97, (3, 29))
+    targets = torch.randint(0, 97, (3, 29))
+    targets[0, :4] = -100  # ignored positions
+
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.shape == (3, 29, 97)
+        assert_close("logits", logits, eager_logits(model64, idx), eager_logits(model_eager, idx))
+
+    loss = model(idx, targets)
+    eager_loss = F.cross_entropy(eager_logits(model_eager, idx).flatten(0, 1), targets.flatten())
+    loss64 = F.cross_entropy(eager_logits(model64, idx).flatten(0, 1), targets.flatten())
+    for value in (loss, eager_loss, loss64):
+        value.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close("loss", loss.detach(), loss64.detach(), eager_loss.detach())
+    mine, eager = dict(model.named_parameters()), dict(model_eager.named_parameters())
+    for name, parameter in model64.named_parameters():
+        assert_close(f"grad {name}", mine[name].grad, parameter.grad, eager[name].grad)
+
+
+def test_backend_reaches_every_op():
+    model = random_model(backend="reference")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"reference"}
+    idx = torch.randint(0, 97, (2, 8))
+    expected = model(idx)
+    model.set_backend("cuda")  # not runnable on CPU tensors: the error proves the setting is used
+    with pytest.raises(ValueError, match="backend 'cuda' does not run on cpu tensors"):
+        model(idx)
+    model.set_backend("auto")
+    torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="set_backend: backend must be one of .*got 'gpu'"):
+        model.set_backend("gpu")
+
+
+def test_dropout_only_in_training():
+    model = random_model(dropout=0.3)
+    idx = torch.randint(0, 97, (2, 16))
+    no_dropout = GPT(GPTConfig(**SMALL))
+    no_dropout.load_state_dict(model.state_dict())
+    model.eval()
+    torch.testing.assert_close(model(idx), no_dropout(idx), rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(1)
+    first = model(idx, idx)
+    torch.manual_seed(1)
+    again = model(idx, idx)
+    second = model(idx, idx)
+    assert first.item() == again.item()  # reproducible under a seed
+    assert first.item() != second.item()  # and actually random
+    assert first.item() != no_dropout(idx, idx).item()
+
+
+def test_forward_errors():
+    model = random_model()
+    with pytest.raises(ValueError, match="sequence length must be <= block_size=64, got 65"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx must have shape \(batch, seq_len\), got \(5,\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(RuntimeError, match="autocast is not supported"),
+    ):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="config must be a GPTConfig, got dict"):
+        GPT(SMALL)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False], ids=["tied", "untied"])
+def test_save_load_round_trip(tmp_path, tie_weights):
+    model = random_model(tie_weights=tie_weights, n_kv_head=2)
+    model.save(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        # A tied head is stored once. (safe_open is not iterable, hence keys().)
+        assert ("lm_head.weight" in f.keys()) == (not tie_weights)  # noqa: SIM118
+    loaded = GPT.load(tmp_path)
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_weights
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    idx = torch.randint(0, 97, (2, 10))
+    assert torch.equal(loaded(idx), model(idx))
+    assert GPT.load(tmp_path, dropout=0.2).config.dropout == 0.2
+
+
+def test_torch_compile_fullgraph():
+    """Inductor compiles the GPT in one graph each for logits and for the loss, and matches eager."""
+    model = random_model(n_layer=1)  # one block: every op is covered, at half the compile time
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    expected_logits = model(idx)
+    expected_loss = model(idx, targets)
+    expected_loss.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(idx), expected_logits, rtol=1e-5, atol=1e-5)
+    loss = compiled(idx, targets)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.Unsupported,
+    reason="fastgpt/dispatch.py: resolve() reads _IMPLEMENTATION_FUNCTIONS, which choose_backend fills as a side "
+    "effect; dynamo snapshots the dict at its first read in a trace, so the second op resolved for the first "
+    "time inside one trace is missing (Unsupported: ObservedKeyError). Passes once any eager call has run.",
+)
+def test_torch_compile_before_any_eager_call(monkeypatch):
+    """torch.compile as the very first use of the ops in a process (dispatch caches empty)."""
+    monkeypatch.setattr(dispatch, "_IMPLEMENTATION_FUNCTIONS", {})
+    dispatch.choose_backend.cache_clear()
+    model = random_model(n_layer=1)
+    idx = torch.randint(0, 97, (2, 8))
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert compiled(idx, idx).dim() == 0
+    finally:
+        torch._dynamo.reset()
+        dispatch.choose_backend.cache_clear()
