@@ -133,20 +133,41 @@ def resolve(op, backend, device, dtype, **facts):
     """The function implementing `op` for this call. `facts` (head_dim=..., hidden=...) let a backend
     decline shapes it has no kernel for; `auto` then moves on to the next backend."""
     name = choose_backend(op, backend, torch.device(device).type, dtype, tuple(sorted(facts.items())))
-    return _IMPLEMENTATION_FUNCTIONS[(op, name)]
+    return IMPLEMENTATION_SLOTS[(op, name)].function
 
 
-# Filled by choose_backend, read by resolve: a plain dict lookup that torch.compile can trace.
-_IMPLEMENTATION_FUNCTIONS = {}
+class ImplementationSlot:
+    """Holds one backend's function for one op, filled by choose_backend on first use.
+
+    The slots are created once, here, and never replaced: torch.compile snapshots a container the
+    first time a trace reads it, so a dict filled during the trace would look stale, while the
+    attribute of a fixed slot is read when the trace reaches it, after choose_backend filled it."""
+
+    function = None
 
 
-@functools.cache
+IMPLEMENTATION_SLOTS = {(op, backend): ImplementationSlot() for op in OPS for backend in BACKENDS}
+
+
+# (op, backend, device_type, dtype, facts) -> chosen backend name. A plain dict rather than
+# functools.cache, whose wrapper torch.compile warns about and traces through.
+_CHOICES = {}
+
+
 @torch.compiler.assume_constant_result
 def choose_backend(op, backend, device_type, dtype, facts):
     """The backend name for this call (a constant under torch.compile, which runs it once at trace time)."""
-    name = _choose_backend(op, backend, device_type, dtype, dict(facts))
-    _IMPLEMENTATION_FUNCTIONS[(op, name)] = getattr(_backend_module(op, name), op)
-    return name
+    key = (op, backend, device_type, dtype, facts)
+    if key not in _CHOICES:
+        name = _choose_backend(op, backend, device_type, dtype, dict(facts))
+        IMPLEMENTATION_SLOTS[(op, name)].function = getattr(_backend_module(op, name), op)
+        _CHOICES[key] = name
+    return _CHOICES[key]
+
+
+def forget_choices():
+    """Drop the cached backend choices, e.g. after changing FASTGPT_BACKEND."""
+    _CHOICES.clear()
 
 
 def _choose_backend(op, backend, device_type, dtype, facts):

@@ -23,11 +23,11 @@ def test_unknown_backend_is_rejected():
 
 def test_env_override_picks_reference(monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", "reference")
-    dispatch.choose_backend.cache_clear()
+    dispatch.forget_choices()
     q = torch.randn(1, 2, 5, 8)
     torch.testing.assert_close(fastgpt.causal_attention(q, q, q), fastgpt.causal_attention(q, q, q, backend="reference"))
     assert dispatch.choose_backend("causal_attention", "auto", "cpu", torch.float32, (("head_dim", 8),)) == "reference"
-    dispatch.choose_backend.cache_clear()
+    dispatch.forget_choices()
 
 
 @pytest.mark.parametrize(

@@ -245,17 +245,11 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="fastgpt/dispatch.py: resolve() reads _IMPLEMENTATION_FUNCTIONS, which choose_backend fills as a side "
-    "effect; dynamo snapshots the dict at its first read in a trace, so the second op resolved for the first "
-    "time inside one trace is missing (Unsupported: ObservedKeyError). Passes once any eager call has run.",
-)
 def test_torch_compile_before_any_eager_call(monkeypatch):
     """torch.compile as the very first use of the ops in a process (dispatch caches empty)."""
-    monkeypatch.setattr(dispatch, "_IMPLEMENTATION_FUNCTIONS", {})
-    dispatch.choose_backend.cache_clear()
+    for slot in dispatch.IMPLEMENTATION_SLOTS.values():
+        monkeypatch.setattr(slot, "function", None)
+    dispatch.forget_choices()
     model = random_model(n_layer=1)
     idx = torch.randint(0, 97, (2, 8))
     try:
@@ -263,4 +257,4 @@ def test_torch_compile_before_any_eager_call(monkeypatch):
         assert compiled(idx, idx).dim() == 0
     finally:
         torch._dynamo.reset()
-        dispatch.choose_backend.cache_clear()
+        dispatch.forget_choices()
