@@ -467,6 +467,10 @@ def run(args):
         fused.compute_model, fused.tokenizer, prompt, max_new_tokens=fused.model.config.block_size - len(prompt),
         temperature=0.8, top_p=0.95,
     )  # fmt: skip
-    path = write_record(results, device, args, time.perf_counter() - started)
-    console.print(f"\nrecorded in {path}; try: fastgpt generate 'import ' --checkpoint {out / 'checkpoint'}")
+    wall_seconds = time.perf_counter() - started
+    path = write_record(results, device, args, wall_seconds)
+    console.print(
+        f"\ndemo finished in {wall_seconds:.0f} s; recorded in {path}\n"
+        f"try: fastgpt generate 'import ' --checkpoint {out / 'checkpoint'}"
+    )
     return 0

@@ -61,7 +61,7 @@ def add_arguments(parser):
     )
     optim.add_argument("--seed", type=int, default=1337)
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default="out", help="checkpoint directory (default: ./out)")
+    run.add_argument("--out", default="runs/train", help="checkpoint directory (default: ./runs/train)")
     run.add_argument(
         "--eval-every", type=int, default=100, help="evaluate and checkpoint every K steps (default: 100)"
     )
@@ -77,13 +77,20 @@ def build_model(args, device):
         raise UserError("--resume continues the checkpoint in --out; drop --init and --config")
     if args.init and args.config:
         raise UserError("--init loads its architecture from the checkpoint; drop --config")
+    architecture = [f"--{f.replace('_', '-')}" for f in ARCHITECTURE_FIELDS if getattr(args, f) is not None]
+    if architecture and (args.init or args.resume):
+        raise UserError(
+            f"{', '.join(architecture)} shape a new model; --init and --resume load the checkpoint's"
+        )
+    if args.resume and args.tokenizer:
+        raise UserError("--resume continues with the checkpoint's tokenizer; drop --tokenizer")
     overrides = {"dropout": args.dropout} if args.dropout is not None else {}
     source = args.out if args.resume else args.init
     if source:
         model, tokenizer = checkpoint.load_model(
             source, device=device, dtype=torch.float32, backend=args.backend, **overrides
         )
-        if args.tokenizer and not args.resume:
+        if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer is None:
             raise UserError(f"{source} holds no tokenizer files; pass --tokenizer byte or a tokenizer path")

@@ -19,20 +19,8 @@ from fastgpt.nn import GPT
 from fastgpt.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--n-layer",
-    "2",
-    "--n-embd",
-    "64",
-    "--n-head",
-    "4",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--eval-windows",
-    "16",
-]
+TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4"]  # a new model's architecture
+BATCHES = ["--seq-len", "32", "--batch-size", "8", "--eval-windows", "16"]
 TIMEOUT_S = 240
 
 
@@ -47,7 +35,9 @@ def one_thread():
 
 
 def train(out, *extra):
-    assert main(["train", "--out", str(out), *TINY, *extra]) == 0
+    """Trains into out; a new tiny model unless extra has --init or --resume."""
+    architecture = [] if {"--init", "--resume"} & set(extra) else TINY
+    assert main(["train", "--out", str(out), *architecture, *BATCHES, *extra]) == 0
     return json.loads((Path(out) / "trainer_state.json").read_text())
 
 
@@ -191,7 +181,7 @@ def test_generate_and_fine_tune_from_a_local_hf_gpt2_directory(trained, tmp_path
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     """The global batch is split over 2 processes by torchrun/DDP; the loss history and the weights
     after 3 steps equal one process's on the whole batch (up to float summation order)."""
-    args = ["train", *TINY, "--steps", "3", "--eval-every", "100"]
+    args = ["train", *TINY, *BATCHES, "--steps", "3", "--eval-every", "100"]
     distributed = tmp_path / "ddp"
     command = [
         sys.executable,
@@ -308,6 +298,14 @@ def broken_checkpoints(trained, tmp_path):
             ["generate", "x", "--checkpoint", "{run}", "--temperature", "-1"],
             r"temperature must be",
             id="temperature",
+        ),
+        pytest.param(
+            ["train", "--out", "{run}", "--resume", "--n-layer", "3"],
+            r"--n-layer shape a new model",
+            id="resume-arch",
+        ),
+        pytest.param(
+            ["train", "--init", "{run}", "--config", "gpt2"], r"drop --config", id="init-and-config"
         ),
     ],
 )
