@@ -299,12 +299,12 @@ def progress_bar(console):
 
 def fit(trainer, out_dir, console):
     """Trains to settings.steps, evaluating and checkpointing every eval_every steps and at the end.
-    Returns the mean training tokens/s (the first step, which warms up, is left out). Every process
-    runs this; give the others a quiet console."""
+    Returns the mean training tokens/s. Every process runs this; give the others a quiet console."""
     settings = trainer.settings
     if trainer.step == 0:
         loss = trainer.evaluate()
         console.print(f"step 0: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+    first_step = trainer.step + 1  # warms caches and allocators up: left out of the mean if there are others
     timed_seconds, timed_steps = 0.0, 0
     with progress_bar(console) as progress:
         task = progress.add_task(
@@ -314,7 +314,7 @@ def fit(trainer, out_dir, console):
             started = time.perf_counter()
             loss = trainer.train_step()  # returns a Python float: the step's work has finished
             seconds = time.perf_counter() - started
-            if trainer.step > 1 or settings.steps == 1:
+            if trainer.step > first_step or settings.steps == first_step:
                 timed_seconds, timed_steps = timed_seconds + seconds, timed_steps + 1
             progress.update(task, advance=1, loss=loss, tokens_per_s=trainer.tokens_per_step / seconds)
             if trainer.step % settings.eval_every == 0 or trainer.step == settings.steps:
