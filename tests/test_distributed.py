@@ -20,7 +20,7 @@ from fastgpt.nn import GPT, GPTConfig
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
-CONFIG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, block_size=64)
+CONFIG = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
 
 def free_port():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fastgpt.nn import GPT, GPTConfig
+from fastgpt.nn import GPT, GPTConfig, KVCache
 from fastgpt.nn.generation import filter_logits
 
-SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, block_size=64)
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
 
 def recompute_greedy(model, idx, steps):
@@ -21,17 +21,36 @@ def recompute_greedy(model, idx, steps):
 def test_cached_greedy_equals_recomputation(n_kv_head):
     model = GPT(GPTConfig(**SMALL, n_kv_head=n_kv_head)).eval()
     prompt = torch.randint(0, 97, (3, 11))
-    out = model.generate(prompt, 30, temperature=0)
-    assert out.shape == (3, 41) and out.dtype == torch.long
+    out = model.generate(prompt, 20, temperature=0)
+    assert out.shape == (3, 31) and out.dtype == torch.long
     assert torch.equal(out[:, :11], prompt)
-    assert torch.equal(out, recompute_greedy(model, prompt, 30))
+    assert torch.equal(out, recompute_greedy(model, prompt, 20))
+
+
+def test_chunked_prefill_into_the_cache_equals_one_pass():
+    """A chunk of several tokens appended to a filled cache (q_len < kv_len: the bottom-right mask)."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    caches = [KVCache(2, 2, 30, 16, dtype=torch.float32, device="cpu") for _ in range(2)]
+    with torch.no_grad():
+        expected = model.hidden_states(idx)
+        chunks = [model.hidden_states(idx[:, a:b], caches, a) for a, b in ((0, 11), (11, 12), (12, 30))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=0, atol=1e-5)
 
 
 def test_greedy_matches_transformers_generate():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, bos_token_id=None, eos_token_id=None)
+        GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            vocab_size=97,
+            n_positions=64,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
     ).eval()
     prompt = torch.randint(0, 97, (2, 7))
     expected = hf.generate(
@@ -60,7 +79,9 @@ def test_filter_logits_keeps_exactly_top_k_and_nucleus():
     # Nucleus 0.8: 0.40 + 0.30 = 0.70 < 0.8, so 0.15 joins; row 2's 0.90 alone covers it.
     kept = torch.isfinite(filter_logits(logits, top_p=0.8))
     assert kept.tolist() == [[False, True, False, True, True], [True, False, False, False, False]]
-    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=0.5))  # top-k first, then the nucleus of the rest
+    kept = torch.isfinite(
+        filter_logits(logits, top_k=2, top_p=0.5)
+    )  # top-k first, then the nucleus of the rest
     assert kept.tolist() == [[False, True, False, False, False], [True, False, False, False, False]]
     assert torch.isfinite(filter_logits(logits, top_k=97, top_p=1.0)).all()
 
@@ -113,18 +134,26 @@ def test_generate_modes_and_edge_cases():
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(max_new_tokens=55), ValueError, r"prompt_len \+ max_new_tokens must be <= block_size, got 10 \+ 55 = 65 > 64"),
-        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0, got -1"),
-        (dict(temperature=-0.5), ValueError, "temperature must be a float >= 0 .*got -0.5"),
-        (dict(top_k=0), ValueError, "top_k must be None or an int >= 1, got 0"),
-        (dict(top_p=1.5), ValueError, r"top_p must be None or a float in \(0, 1\], got 1.5"),
-        (dict(eos_token_id=97), ValueError, r"eos_token_id must be None or an int in \[0, 97\), got 97"),
-        (dict(idx=torch.zeros(2, 10)), TypeError, "idx must be an int64 .*got dtype torch.float32"),
-        (dict(idx=torch.zeros(10, dtype=torch.long)), ValueError, r"idx must have shape \(batch, prompt_len\)"),
+        (
+            {"max_new_tokens": 55},
+            ValueError,
+            r"prompt_len \+ max_new_tokens must be <= block_size, got 10 \+ 55 = 65 > 64",
+        ),
+        ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        ({"temperature": -0.5}, ValueError, "temperature must be a float >= 0 .*got -0.5"),
+        ({"top_k": 0}, ValueError, "top_k must be None or an int >= 1, got 0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be None or a float in \(0, 1\], got 1.5"),
+        ({"eos_token_id": 97}, ValueError, r"eos_token_id must be None or an int in \[0, 97\), got 97"),
+        ({"idx": torch.zeros(2, 10)}, TypeError, "idx must be an int64 .*got dtype torch.float32"),
+        (
+            {"idx": torch.zeros(10, dtype=torch.long)},
+            ValueError,
+            r"idx must have shape \(batch, prompt_len\)",
+        ),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, error, pattern):
     model = GPT(GPTConfig(**SMALL))
-    arguments = dict(idx=torch.zeros(2, 10, dtype=torch.long), max_new_tokens=5) | kwargs
+    arguments = {"idx": torch.zeros(2, 10, dtype=torch.long), "max_new_tokens": 5} | kwargs
     with pytest.raises(error, match=pattern):
         model.generate(**arguments)

@@ -18,16 +18,24 @@ import fastgpt
 from fastgpt.nn import GPT
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from fastgpt.integrations import transformers as integration  # noqa: E402
+from fastgpt.integrations import transformers as integration
 
 VOCAB = 97
 
 
 def gpt2_config(**overrides):
-    fields = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=None, eos_token_id=None)
+    fields = {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
     return GPT2Config(**{**fields, **overrides})
 
 
@@ -60,10 +68,6 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def detached(tensor):
-    return tensor.detach()
-
-
 def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
     hf = random_gpt2()
     hf64 = copy.deepcopy(hf).double()
@@ -75,8 +79,11 @@ def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
         out.loss.backward()
         outputs[name] = out
     assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
-    assert_close("logits", detached(outputs["patched"].logits), detached(outputs["reference"].logits), detached(outputs["eager"].logits))
-    assert_close("loss", detached(outputs["patched"].loss), detached(outputs["reference"].loss), detached(outputs["eager"].loss))
+    for field in ("logits", "loss"):
+        mine, reference, eager = (
+            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
+        )
+        assert_close(field, mine, reference, eager)
     eager = dict(hf.named_parameters())
     patched_parameters = dict(patched.named_parameters())
     for name, parameter in hf64.named_parameters():
@@ -135,7 +142,7 @@ def test_patch_keeps_parameters_and_checkpoints(tmp_path):
 @pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm"])
 def test_each_part_patches_alone(part, attention_calls):
     hf = random_gpt2()
-    flags = dict(attention=False, mlp=False, layer_norm=False) | {part: True}
+    flags = {"attention": False, "mlp": False, "layer_norm": False} | {part: True}
     patched = fastgpt.patch(copy.deepcopy(hf), **flags)
     mlp = patched.transformer.h[0].mlp
     assert ("forward" in vars(mlp)) == (part == "mlp")
@@ -147,7 +154,10 @@ def test_each_part_patches_alone(part, attention_calls):
 
 
 def test_patch_other_heads_and_activations():
-    for model_class, field in ((GPT2Model, "last_hidden_state"), (transformers.GPT2ForSequenceClassification, "logits")):
+    for model_class, field in (
+        (GPT2Model, "last_hidden_state"),
+        (transformers.GPT2ForSequenceClassification, "logits"),
+    ):
         hf = random_gpt2(model_class, activation_function="relu", pad_token_id=0)
         patched = fastgpt.patch(copy.deepcopy(hf))
         mlps = [module for module in patched.modules() if isinstance(module, GPT2MLP)]
@@ -174,7 +184,12 @@ def test_patched_generate_matches_unpatched(attention_calls):
     hf = random_gpt2()
     patched = fastgpt.patch(copy.deepcopy(hf))
     prompt = torch.randint(0, VOCAB, (2, 6))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kwargs = {
+        "attention_mask": torch.ones_like(prompt),
+        "max_new_tokens": 12,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
     assert torch.equal(patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs))
     assert attention_calls["fastgpt"] == 2 * 12 and attention_calls["sdpa"] == 0  # prefill and decode, cached
 
@@ -201,7 +216,7 @@ def test_patched_gpt2_compiles_fullgraph():
 def check_from_hf(gpt, hf, idx):
     """GPT's logits against the float64 copy of the transformers GPT2LMHeadModel."""
     hf64 = copy.deepcopy(hf).double()
-    assert_close("logits", detached(gpt(idx)), detached(hf64(idx).logits), detached(hf(idx).logits))
+    assert_close("logits", gpt(idx).detach(), hf64(idx).logits.detach(), hf(idx).logits.detach())
 
 
 def test_from_hf_model_object():
@@ -225,7 +240,11 @@ def test_from_hf_directories(tmp_path):
     # An old-style checkpoint: pytorch_model.bin with GPT2Model's names and the causal-mask buffers.
     legacy = tmp_path / "legacy"
     hf.config.save_pretrained(legacy)
-    state = {name.removeprefix("transformer."): tensor for name, tensor in hf.state_dict().items() if name != "lm_head.weight"}
+    state = {
+        name.removeprefix("transformer."): tensor
+        for name, tensor in hf.state_dict().items()
+        if name != "lm_head.weight"
+    }
     state["h.0.attn.bias"] = torch.tril(torch.ones(64, 64))[None, None]
     torch.save(state, legacy / "pytorch_model.bin")
     gpt = GPT.from_hf(str(legacy))
@@ -255,7 +274,9 @@ def test_from_hf_errors(tmp_path):
         GPT.from_hf(random_gpt2(transformers.GPT2ForSequenceClassification, pad_token_id=0))
     with pytest.raises(ValueError, match="must hold config.json"):
         GPT.from_hf(tmp_path)
-    with pytest.raises(TypeError, match="model_or_dir must be a transformers GPT-2 model or a directory path, got int"):
+    with pytest.raises(
+        TypeError, match="model_or_dir must be a transformers GPT-2 model or a directory path, got int"
+    ):
         GPT.from_hf(3)
 
 
@@ -270,7 +291,9 @@ def test_attention_interface_gpt2(attention_calls):
     mine.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, VOCAB, (2, 30))
     reference = copy.deepcopy(sdpa).double()
-    assert_close("logits", detached(mine(idx).logits), detached(reference(idx).logits), detached(sdpa(idx).logits))
+    assert_close(
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
+    )
     assert attention_calls["fastgpt"] == 2
 
 
@@ -290,17 +313,29 @@ def test_attention_interface_llama_gqa_rope(attention_calls):
     mine.load_state_dict(sdpa.state_dict())
     reference = copy.deepcopy(sdpa).double()
     idx = torch.randint(0, VOCAB, (2, 30))
-    assert_close("logits", detached(mine(idx).logits), detached(reference(idx).logits), detached(sdpa(idx).logits))
+    assert_close(
+        "logits", mine(idx).logits.detach(), reference(idx).logits.detach(), sdpa(idx).logits.detach()
+    )
     assert attention_calls == {"fastgpt": 2, "sdpa": 0}
 
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[1, :7] = 0
     real = mask.bool()
-    torch.testing.assert_close(mine(idx, attention_mask=mask).logits[real], sdpa(idx, attention_mask=mask).logits[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        mine(idx, attention_mask=mask).logits[real],
+        sdpa(idx, attention_mask=mask).logits[real],
+        rtol=0,
+        atol=1e-5,
+    )
     assert attention_calls["sdpa"] == 2  # the padded call kept its mask
 
     prompt = idx[:, :5]
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kwargs = {
+        "attention_mask": torch.ones_like(prompt),
+        "max_new_tokens": 10,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
     assert torch.equal(mine.generate(prompt, **kwargs), sdpa.generate(prompt, **kwargs))
 
 

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tolerance import assert_close
 
+from fastgpt import dispatch
 from fastgpt.nn import GPT, PRESETS, GPTConfig, LayerNorm
 from fastgpt.reference import layer_norm as reference_layer_norm
 
-SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, block_size=64)
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
 
 def eager_logits(model, idx):
@@ -43,13 +44,22 @@ def random_model(**overrides):
     with torch.no_grad():  # LayerNorm starts at (1, 0); random values exercise its weight and bias
         for name, parameter in model.named_parameters():
             if ".ln_" in name:
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter) if name.endswith("weight") else 0.1 * torch.randn_like(parameter))
+                parameter.copy_(
+                    1.0 + 0.1 * torch.randn_like(parameter)
+                    if name.endswith("weight")
+                    else 0.1 * torch.randn_like(parameter)
+                )
     return model
 
 
 def test_presets():
     assert set(PRESETS) == {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
-    expected = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
     for name, (layers, heads, width) in expected.items():
         config = GPTConfig.preset(name)
         assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (
@@ -66,12 +76,12 @@ def test_presets():
 @pytest.mark.parametrize(
     "fields, pattern",
     [
-        (dict(n_embd=65), "n_embd must be divisible by n_head, got n_embd=65, n_head=4"),
-        (dict(n_kv_head=3), "n_head must be a multiple of n_kv_head .*n_head=4, n_kv_head=3"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-        (dict(activation="tanh"), "activation must be one of .*got 'tanh'"),
-        (dict(backend="fast"), "backend must be one of .*got 'fast'"),
-        (dict(n_layer=0), "n_layer must be a positive int, got 0"),
+        ({"n_embd": 65}, "n_embd must be divisible by n_head, got n_embd=65, n_head=4"),
+        ({"n_kv_head": 3}, "n_head must be a multiple of n_kv_head .*n_head=4, n_kv_head=3"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"activation": "tanh"}, "activation must be one of .*got 'tanh'"),
+        ({"backend": "fast"}, "backend must be one of .*got 'fast'"),
+        ({"n_layer": 0}, "n_layer must be a positive int, got 0"),
     ],
 )
 def test_config_rejects_bad_fields(fields, pattern):
@@ -85,7 +95,14 @@ def test_state_dict_names_follow_nanogpt():
         "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
         "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
     )]  # fmt: skip
-    expected = ["transformer.wte.weight", "transformer.wpe.weight", *block, "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+    expected = [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        *block,
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    ]
     assert list(model.state_dict()) == expected
     assert model.lm_head.weight is model.transformer.wte.weight
     assert GPT(GPTConfig(**SMALL, tie_weights=False)).lm_head.weight is not None
@@ -108,9 +125,11 @@ def test_layer_norm_module_with_fused_residual():
         norm.bias.copy_(torch.randn(48))
     x, residual = torch.randn(3, 7, 48), torch.randn(3, 7, 48)
     out, summed = norm(x, residual=residual)
-    ref_out, ref_sum = reference_layer_norm(x.double(), norm.weight.double(), norm.bias.double(), residual=residual.double())
+    ref_out, ref_sum = reference_layer_norm(
+        x.double(), norm.weight.double(), norm.bias.double(), residual=residual.double()
+    )
     eager_out = F.layer_norm(x + residual, (48,), norm.weight, norm.bias)
-    assert_close("layer_norm out", out, ref_out, eager_out)
+    assert_close("layer_norm out", out.detach(), ref_out, eager_out.detach())
     assert_close("layer_norm x + residual", summed, ref_sum, x + residual)
 
 
@@ -119,27 +138,27 @@ def test_gpt_matches_eager_model(n_kv_head):
     """Logits, loss and the gradient of every parameter against the same model in plain torch ops:
     float64 is the reference, float32 eager the error budget (tests/tolerance.py)."""
     model = random_model(n_kv_head=n_kv_head)
+    model_eager = copy.deepcopy(model)
     model64 = copy.deepcopy(model).double()
     idx = torch.randint(0, 97, (3, 29))
     targets = torch.randint(0, 97, (3, 29))
     targets[0, :4] = -100  # ignored positions
 
-    logits = model(idx)
-    assert logits.shape == (3, 29, 97)
-    assert_close("logits", logits, eager_logits(model64, idx), eager_logits(model, idx))
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.shape == (3, 29, 97)
+        assert_close("logits", logits, eager_logits(model64, idx), eager_logits(model_eager, idx))
 
     loss = model(idx, targets)
-    loss.backward()
-    eager_loss = F.cross_entropy(eager_logits(model_eager := copy.deepcopy(model), idx).flatten(0, 1), targets.flatten())
-    eager_loss.backward()
+    eager_loss = F.cross_entropy(eager_logits(model_eager, idx).flatten(0, 1), targets.flatten())
     loss64 = F.cross_entropy(eager_logits(model64, idx).flatten(0, 1), targets.flatten())
-    loss64.backward()
+    for value in (loss, eager_loss, loss64):
+        value.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close("loss", loss, loss64, eager_loss)
-    eager_parameters = dict(model_eager.named_parameters())
+    assert_close("loss", loss.detach(), loss64.detach(), eager_loss.detach())
+    mine, eager = dict(model.named_parameters()), dict(model_eager.named_parameters())
     for name, parameter in model64.named_parameters():
-        mine = dict(model.named_parameters())[name]
-        assert_close(f"grad {name}", mine.grad, parameter.grad, eager_parameters[name].grad)
+        assert_close(f"grad {name}", mine[name].grad, parameter.grad, eager[name].grad)
 
 
 def test_backend_reaches_every_op():
@@ -178,7 +197,12 @@ def test_forward_errors():
     model = random_model()
     with pytest.raises(ValueError, match="sequence length must be <= block_size=64, got 65"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is not supported"):
+    with pytest.raises(ValueError, match=r"idx must have shape \(batch, seq_len\), got \(5,\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(RuntimeError, match="autocast is not supported"),
+    ):
         model(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="config must be a GPTConfig, got dict"):
         GPT(SMALL)
@@ -189,7 +213,8 @@ def test_save_load_round_trip(tmp_path, tie_weights):
     model = random_model(tie_weights=tie_weights, n_kv_head=2)
     model.save(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
-        assert ("lm_head.weight" in f.keys()) == (not tie_weights)  # a tied head is stored once
+        # A tied head is stored once. (safe_open is not iterable, hence keys().)
+        assert ("lm_head.weight" in f.keys()) == (not tie_weights)  # noqa: SIM118
     loaded = GPT.load(tmp_path)
     assert loaded.config == model.config
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_weights
@@ -202,7 +227,7 @@ def test_save_load_round_trip(tmp_path, tie_weights):
 
 def test_torch_compile_fullgraph():
     """Inductor compiles the GPT in one graph each for logits and for the loss, and matches eager."""
-    model = random_model()
+    model = random_model(n_layer=1)  # one block: every op is covered, at half the compile time
     idx = torch.randint(0, 97, (2, 16))
     targets = torch.randint(0, 97, (2, 16))
     expected_logits = model(idx)
@@ -218,3 +243,24 @@ def test_torch_compile_fullgraph():
     loss.backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.Unsupported,
+    reason="fastgpt/dispatch.py: resolve() reads _IMPLEMENTATION_FUNCTIONS, which choose_backend fills as a side "
+    "effect; dynamo snapshots the dict at its first read in a trace, so the second op resolved for the first "
+    "time inside one trace is missing (Unsupported: ObservedKeyError). Passes once any eager call has run.",
+)
+def test_torch_compile_before_any_eager_call(monkeypatch):
+    """torch.compile as the very first use of the ops in a process (dispatch caches empty)."""
+    monkeypatch.setattr(dispatch, "_IMPLEMENTATION_FUNCTIONS", {})
+    dispatch.choose_backend.cache_clear()
+    model = random_model(n_layer=1)
+    idx = torch.randint(0, 97, (2, 8))
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert compiled(idx, idx).dim() == 0
+    finally:
+        torch._dynamo.reset()
+        dispatch.choose_backend.cache_clear()

@@ -2,7 +2,7 @@
 implementation named "fastgpt" for any model that dispatches through transformers' AttentionInterface.
 
 Importing this module registers "fastgpt" in transformers' AttentionInterface, and in its
-AttentionMaskInterface where that exists (transformers >= 4.53), so
+AttentionMaskInterface where the installed version has one, so
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="fastgpt")
 
@@ -57,7 +57,9 @@ def _eager_attention(module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
-def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def fastgpt_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' attention-function signature: query (B, H, Tq, D), key and value
     (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None)."""
     wants_weights = kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
@@ -75,7 +77,15 @@ def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout
     )
     if not fast:
         return _sdpa_attention()(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     if 1 < q_len < kv_len:
@@ -91,7 +101,7 @@ def register():
     """Registers "fastgpt" in transformers' attention (and mask) interfaces. Idempotent."""
     try:
         from transformers import AttentionInterface
-    except ImportError:  # transformers < 4.50 keeps a plain dict
+    except ImportError:  # older transformers keep a plain dict
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = fastgpt_attention_forward
@@ -99,7 +109,7 @@ def register():
         AttentionInterface.register(ATTENTION_NAME, fastgpt_attention_forward)
     try:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError:  # transformers < 4.53 builds masks inside each model
+    except ImportError:  # older transformers build masks inside each model
         return
     AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -143,7 +153,7 @@ def _gpt2_classes():
 def _set_attention_implementation(model, name):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
-    else:  # transformers < 4.52
+    else:  # older transformers
         model.config._attn_implementation = name
 
 
@@ -195,7 +205,9 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
     """
     pretrained_class, attention_class, mlp_class = _gpt2_classes()
     if not isinstance(model, pretrained_class):
-        raise TypeError(f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}")
+        raise TypeError(
+            f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}"
+        )
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if attention:

@@ -4,4 +4,4 @@ from fastgpt.nn.config import PRESETS, GPTConfig
 from fastgpt.nn.layers import MLP, Block, CausalSelfAttention, KVCache, LayerNorm
 from fastgpt.nn.model import GPT
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "Block", "CausalSelfAttention", "KVCache", "LayerNorm", "MLP"]
+__all__ = ["GPT", "MLP", "PRESETS", "Block", "CausalSelfAttention", "GPTConfig", "KVCache", "LayerNorm"]

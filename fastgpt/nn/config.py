@@ -10,11 +10,11 @@ GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE vocabulary (50,000 merges + 256 bytes + <
 
 # name -> the fields that differ from GPTConfig's defaults (GPT-2 small).
 PRESETS = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},  # 350M
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
 }
 
 
@@ -57,7 +57,9 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd must be divisible by n_head, got n_embd={self.n_embd}, n_head={self.n_head}")
+            raise ValueError(
+                f"GPTConfig: n_embd must be divisible by n_head, got n_embd={self.n_embd}, n_head={self.n_head}"
+            )
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(
                 f"GPTConfig: n_head must be a multiple of n_kv_head (GQA), got n_head={self.n_head}, n_kv_head={self.n_kv_head}"
@@ -67,7 +69,9 @@ class GPTConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"GPTConfig: backend must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
+            raise ValueError(
+                f"GPTConfig: backend must be one of {('auto',) + BACKENDS}, got {self.backend!r}"
+            )
 
     @property
     def head_dim(self):

@@ -4,7 +4,9 @@ and the argument checks of GPT.generate."""
 import torch
 
 
-def check_generate_arguments(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size):
+def check_generate_arguments(
+    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size
+):
     """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute."""
     op = "GPT.generate"
     if not isinstance(idx, torch.Tensor):
@@ -12,7 +14,9 @@ def check_generate_arguments(idx, max_new_tokens, temperature, top_k, top_p, eos
     if idx.dtype != torch.int64:
         raise TypeError(f"{op}: idx must be an int64 (torch.long) tensor, got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"{op}: idx must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(idx.shape)}")
+        raise ValueError(
+            f"{op}: idx must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(idx.shape)}"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = idx.shape[1] + max_new_tokens
@@ -25,12 +29,18 @@ def check_generate_arguments(idx, max_new_tokens, temperature, top_k, top_p, eos
         raise ValueError(f"{op}: temperature must be a float >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
         raise ValueError(f"{op}: top_p must be None or a float in (0, 1], got {top_p!r}")
     if eos_token_id is not None and (
-        isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size
+        isinstance(eos_token_id, bool)
+        or not isinstance(eos_token_id, int)
+        or not 0 <= eos_token_id < vocab_size
     ):
-        raise ValueError(f"{op}: eos_token_id must be None or an int in [0, {vocab_size}), got {eos_token_id!r}")
+        raise ValueError(
+            f"{op}: eos_token_id must be None or an int in [0, {vocab_size}), got {eos_token_id!r}"
+        )
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -45,7 +55,9 @@ def filter_logits(logits, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the strictly more likely tokens
+        mass_above = (
+            torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        )  # mass of the strictly more likely tokens
         outside_sorted = mass_above >= top_p
         outside = outside_sorted.scatter(-1, order, outside_sorted)  # back to vocabulary order
         logits = logits.masked_fill(outside, float("-inf"))

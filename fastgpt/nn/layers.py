@@ -5,7 +5,7 @@ Every module keeps its parameters in nanoGPT's layout and names, and holds a `ba
 """
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from fastgpt.functional import causal_attention, fused_ffn, layer_norm
 
@@ -106,9 +106,13 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend)
+        self.ln_1 = LayerNorm(
+            config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+        )
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend)
+        self.ln_2 = LayerNorm(
+            config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+        )
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, start=0):

@@ -8,7 +8,7 @@ import math
 import os
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn import functional as F
 
 from fastgpt.dispatch import BACKENDS
@@ -31,13 +31,15 @@ class GPT(nn.Module):
             raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend),
-            )
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.block_size, config.n_embd),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                "ln_f": LayerNorm(
+                    config.n_embd, bias=config.bias, eps=config.layer_norm_eps, backend=config.backend
+                ),
+            }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -65,7 +67,9 @@ class GPT(nn.Module):
     def set_backend(self, backend):
         """Runs every op of the model on `backend` ("auto", "reference", "triton", "cpu" or "cuda")."""
         if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"GPT.set_backend: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+            raise ValueError(
+                f"GPT.set_backend: backend must be one of {('auto',) + BACKENDS}, got {backend!r}"
+            )
         self.config.backend = backend
         for module in self.modules():
             if hasattr(module, "backend"):
@@ -77,6 +81,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, caches=None, start=0):
         """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C)."""
+        if idx.dim() != 2:
+            raise ValueError(f"GPT: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         if idx.shape[1] + start > self.config.block_size:
             raise ValueError(
                 f"GPT: sequence length must be <= block_size={self.config.block_size}, got {start + idx.shape[1]}"
@@ -142,10 +148,10 @@ class GPT(nn.Module):
         out[:, :prompt_len] = idx
         if max_new_tokens == 0:
             return out
-        parameter = self.lm_head.weight
+        config, dtype = self.config, self.lm_head.weight.dtype
         caches = [
-            KVCache(batch, self.config.n_kv_head, total, self.config.head_dim, dtype=parameter.dtype, device=idx.device)
-            for _ in range(self.config.n_layer)
+            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
+            for _ in range(config.n_layer)
         ]
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         position = 0

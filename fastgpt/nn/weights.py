@@ -34,7 +34,9 @@ def config_from_hf(hf_config, **overrides):
     this model does not implement, rather than loading weights it would compute differently."""
     model_type = hf_config.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise ValueError(f"GPT.from_hf: expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type {model_type!r}")
+        raise ValueError(
+            f"GPT.from_hf: expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type {model_type!r}"
+        )
     unsupported = {
         "scale_attn_weights": (hf_config.get("scale_attn_weights", True), True),
         "scale_attn_by_inverse_layer_idx": (hf_config.get("scale_attn_by_inverse_layer_idx", False), False),
@@ -42,21 +44,25 @@ def config_from_hf(hf_config, **overrides):
     }
     for name, (given, supported) in unsupported.items():
         if given != supported:
-            raise ValueError(f"GPT.from_hf: GPT-2 config {name}={given!r} is not supported (only {supported!r})")
+            raise ValueError(
+                f"GPT.from_hf: GPT-2 config {name}={given!r} is not supported (only {supported!r})"
+            )
     activation = hf_config.get("activation_function", "gelu_new")
     if activation not in HF_ACTIVATIONS:
-        raise ValueError(f"GPT.from_hf: activation_function must be one of {tuple(HF_ACTIVATIONS)}, got {activation!r}")
-    fields = dict(
-        block_size=hf_config["n_positions"],
-        vocab_size=hf_config["vocab_size"],
-        n_layer=hf_config["n_layer"],
-        n_head=hf_config["n_head"],
-        n_embd=hf_config["n_embd"],
-        n_inner=hf_config.get("n_inner"),
-        tie_weights=hf_config.get("tie_word_embeddings", True),
-        activation=HF_ACTIVATIONS[activation],
-        layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-    )
+        raise ValueError(
+            f"GPT.from_hf: activation_function must be one of {tuple(HF_ACTIVATIONS)}, got {activation!r}"
+        )
+    fields = {
+        "block_size": hf_config["n_positions"],
+        "vocab_size": hf_config["vocab_size"],
+        "n_layer": hf_config["n_layer"],
+        "n_head": hf_config["n_head"],
+        "n_embd": hf_config["n_embd"],
+        "n_inner": hf_config.get("n_inner"),
+        "tie_weights": hf_config.get("tie_word_embeddings", True),
+        "activation": HF_ACTIVATIONS[activation],
+        "layer_norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),
+    }
     return GPTConfig(**{**fields, **overrides})
 
 
@@ -80,7 +86,9 @@ def state_dict_from_hf(hf_state, *, tie_weights, copy):
             tensor = tensor.clone()
         state[name] = tensor
     if unexpected:
-        raise ValueError(f"GPT.from_hf: weights outside the GPT-2 body and LM head are not supported, got {unexpected}")
+        raise ValueError(
+            f"GPT.from_hf: weights outside the GPT-2 body and LM head are not supported, got {unexpected}"
+        )
     if tie_weights:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     elif "lm_head.weight" not in state:

@@ -1,0 +1,183 @@
+"""The CPU targets of fastgpt.nn.GPT against transformers' GPT-2 (sdpa), measured in one run.
+
+    python benchmarks/gpt_targets.py [--rounds 5] [--threads N] [--json out.json]
+
+Both models have GPT-2 small's shape and the same random weights (GPT.from_hf of the transformers
+model). The providers are timed in interleaved rounds (A, B, A, B, ...), so that load from other
+processes hits both alike, and the median of each is reported with the ratio of the medians.
+
+- generation: greedy decoding, GPT.generate(temperature=0) against
+  GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
+- training: one step of forward (loss) + backward + AdamW (the same optimizer settings for both),
+  tokens per second.
+
+Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
+op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, else `reference`.
+"""
+
+import argparse
+import copy
+import functools
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import fastgpt
+from fastgpt import dispatch
+from fastgpt.nn import GPT
+
+GENERATION_CASES = ((1, 32, 64), (8, 128, 64))  # (batch, prompt length, new tokens)
+TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
+TARGETS = {"generation": 2.0, "training": 1.2}
+
+
+def transformers_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(bos_token_id=None, eos_token_id=None, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(config).eval()
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def resolved_backends(dtype=torch.float32):
+    facts = {
+        "causal_attention": ("head_dim", 64),
+        "fused_ffn": ("hidden", 3072),
+        "layer_norm": ("hidden", 768),
+        "linear_cross_entropy": ("vocab", 50257),
+    }
+    return {op: dispatch.choose_backend(op, "auto", "cpu", dtype, (fact,)) for op, fact in facts.items()}
+
+
+def interleaved(providers, rounds):
+    """{name: [seconds per round]} running each provider once per round, in turn."""
+    times = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, run in providers.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(kind, case, work, times):
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    rates = {name: work / seconds for name, seconds in medians.items()}
+    speedup = rates["fastgpt GPT"] / rates["transformers sdpa"]
+    print(
+        f"{kind} {case}: "
+        + ", ".join(f"{name} {rate:,.1f} tok/s" for name, rate in rates.items())
+        + f" -> {speedup:.2f}x (target {TARGETS[kind]}x)"
+    )
+    return {
+        "kind": kind,
+        "case": case,
+        "tokens_per_s": rates,
+        "median_s": medians,
+        "speedup": speedup,
+        "target": TARGETS[kind],
+    }
+
+
+def generate_hf(hf, prompt, new_tokens):
+    mask = torch.ones_like(prompt)
+    return hf.generate(
+        prompt,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def generate_gpt(gpt, prompt, new_tokens):
+    return gpt.generate(prompt, new_tokens, temperature=0)
+
+
+def bench_generation(hf, gpt, rounds):
+    results = []
+    for batch, prompt_len, new_tokens in GENERATION_CASES:
+        prompt = torch.randint(0, hf.config.vocab_size, (batch, prompt_len))
+        providers = {
+            "fastgpt GPT": functools.partial(generate_gpt, gpt, prompt, new_tokens),
+            "transformers sdpa": functools.partial(generate_hf, hf, prompt, new_tokens),
+        }
+        with torch.inference_mode():
+            tokens = [run() for run in providers.values()]
+            assert torch.equal(*tokens), "greedy tokens differ between the two models"
+            times = interleaved(providers, rounds)
+        case = {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
+        results.append(report("generation", case, batch * new_tokens, times))
+    return results
+
+
+def train_step(model, optimizer, loss_fn):
+    loss_fn(model).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_training(hf, gpt, rounds):
+    results = []
+    hf, gpt = copy.deepcopy(hf).train(), copy.deepcopy(gpt).train()
+    hf_optimizer, gpt_optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) for model in (hf, gpt)
+    )
+    for batch, seq in TRAINING_CASES:
+        idx = torch.randint(0, hf.config.vocab_size, (batch, seq + 1))
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        providers = {
+            # transformers shifts the labels inside; both run forward and backward over seq tokens
+            "fastgpt GPT": functools.partial(
+                train_step, gpt, gpt_optimizer, lambda m, x=inputs, y=targets: m(x, y)
+            ),
+            "transformers sdpa": functools.partial(
+                train_step, hf, hf_optimizer, lambda m, x=inputs: m(x, labels=x).loss
+            ),
+        }
+        for run in providers.values():  # warm-up: allocator, optimizer state
+            run()
+        times = interleaved(providers, rounds)
+        results.append(report("training", {"batch": batch, "seq": seq}, batch * seq, times))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    parser.add_argument("--only", choices=("generation", "training"), default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hf = transformers_gpt2()
+    gpt = GPT.from_hf(hf)
+    import transformers
+
+    header = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "fastgpt": fastgpt.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "fastgpt_backends": resolved_backends(), "available_backends": fastgpt.available_backends(),
+    }  # fmt: skip
+    print(json.dumps(header))
+    results = []
+    if args.only in (None, "generation"):
+        results += bench_generation(hf, gpt, args.rounds)
+    if args.only in (None, "training"):
+        results += bench_training(hf, gpt, args.rounds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header, results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
