@@ -421,6 +421,7 @@ def write_record(results, device, args, wall_seconds):
         "device": device_description(),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine slows both runs alike
         "versions": package_versions(),
         "available_backends": fastgpt.available_backends(),
         "command": "fastgpt demo" + ("" if args.steps is None else f" --steps {args.steps}"),

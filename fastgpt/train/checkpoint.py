@@ -158,7 +158,7 @@ def _load_transformers(directory, overrides):
         raise UserError(
             f"{os.path.join(directory, WEIGHTS_FILE)} is corrupt or not a safetensors file ({error})"
         ) from None
-    except (pickle.UnpicklingError, EOFError) as error:
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # torch.load of a damaged archive
         raise UserError(f"{os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)} is corrupt ({error})") from None
     except ValueError as error:  # a GPT-2 variant this model does not implement
         raise UserError(str(error)) from None
