@@ -5,10 +5,15 @@ import argparse
 import importlib
 import sys
 
+from fastgpt.train.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("fastgpt.info", "print versions, the device, and each backend with why it is or isn't available"),
     "demo": ("fastgpt.demo", "the showcase: kernels on every backend, with time and error against the reference"),
+    "train": ("fastgpt.train_cli", "train a GPT on text, fine-tune one from a checkpoint, or resume a run"),
+    "generate": ("fastgpt.generate_cli", "sample text from a checkpoint, streamed as it is generated"),
+    "eval": ("fastgpt.eval_cli", "held-out loss and perplexity of a checkpoint"),
 }
 
 
@@ -25,7 +30,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UserError as error:  # a bad path, checkpoint, device or prompt: one line, no traceback
+        print(f"fastgpt {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,22 +1,149 @@
-"""`fastgpt demo`: causal attention on every available backend, timed, with its error against the
-float64 reference."""
+"""`fastgpt demo`: the showcase, offline and with no arguments, in about 2 minutes on a 2-core CPU.
+
+1. every op on every available backend, with its error against the float64 reference;
+2. speed against eager PyTorch and SDPA on this device;
+3. a tiny GPT trained on the standard library's sources with the fused kernels, interleaved step by
+   step with the same model on eager PyTorch ops (backend "reference"): the loss curves (PNG) and the
+   training tokens/s of both, recorded as JSON under benchmarks/results/;
+4. a sample from the trained model.
+"""
+
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch.utils import benchmark
 
 import fastgpt
-from fastgpt import reference
+from fastgpt import dispatch, reference
 from fastgpt.dispatch import triton_interpreter_enabled
-from fastgpt.info import device_description
+from fastgpt.info import device_description, package_versions
+from fastgpt.nn import GPT, GPTConfig
+from fastgpt.train import runtime
+from fastgpt.train.data import read_corpus, split_tokens
+from fastgpt.train.errors import UserError
+from fastgpt.train.loop import Settings, Trainer, progress_bar
+from fastgpt.train.tokenizer import ByteTokenizer
 
 # (batch, heads, kv_heads, seq, head_dim): GPT-2 small's attention at a length a CPU handles in seconds.
 ATTENTION_SHAPE = (2, 12, 12, 512, 64)
+# Model and batch of the training comparison. On CPU: small enough that both runs take a few hundred
+# steps in about a minute on 2 cores. On GPU: large enough that the kernels, not launches, dominate.
+DEMO_MODEL = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=400),
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_steps=600),
+}
+CALIBRATION_STEPS = 4  # interleaved steps timed to choose how many fit in --train-seconds; all in warmup
+WARMUP_STEPS = 20
+EVALUATIONS = 4  # held-out evaluations of the fastgpt run, the last at the end
+MIN_STEPS = 30  # on a machine too slow for more in --train-seconds, the demo overruns rather than train less
+PROMPT = "def "
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
+    parser.add_argument(
+        "--out", default="demo-out", help="loss curve, checkpoint and results (default: ./demo-out)"
+    )
+    parser.add_argument(
+        "--train-seconds", type=float, default=60.0, help="time for the training comparison (default: 60)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="training steps (default: as many as fit in --train-seconds)"
+    )
+    parser.add_argument(
+        "--results-dir",
+        help="where the JSON record goes (default: benchmarks/results in a source checkout, else --out)",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Every op on every backend, against the float64 reference
+
+
+def op_cases(device, dtype):
+    """{op: (function of (inputs, backend), float inputs needing gradients, reference function)}, small shapes."""
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_()
+
+    hidden = 256
+    targets = torch.randint(0, 1024, (256,), device=device)
+    return {
+        "causal_attention": (
+            lambda t, b: fastgpt.causal_attention(*t, backend=b),
+            [make(2, 4, 97, 64), make(2, 2, 97, 64), make(2, 2, 97, 64)],  # GQA, a ragged length
+            lambda t: reference.causal_attention(*t),
+        ),
+        "fused_ffn": (
+            lambda t, b: fastgpt.fused_ffn(*t, backend=b),
+            [
+                make(2, 64, hidden),
+                make(4 * hidden, hidden, scale=0.05),
+                make(4 * hidden, scale=0.1),
+                make(hidden, 4 * hidden, scale=0.05),
+                make(hidden, scale=0.1),
+            ],
+            lambda t: reference.fused_ffn(*t),
+        ),
+        "layer_norm": (
+            lambda t, b: fastgpt.layer_norm(t[0], t[1], t[2], residual=t[3], backend=b)[0],
+            [make(2, 64, hidden), make(hidden), make(hidden), make(2, 64, hidden)],
+            lambda t: reference.layer_norm(t[0], t[1], t[2], residual=t[3])[0],
+        ),
+        "linear_cross_entropy": (
+            lambda t, b: fastgpt.linear_cross_entropy(t[0], t[1], targets, backend=b),
+            [make(256, hidden), make(1024, hidden, scale=0.05)],
+            lambda t: reference.linear_cross_entropy(t[0], t[1], targets),
+        ),
+    }
+
+
+def max_errors(fn, backend, inputs, expected_out, expected_grads, grad_out):
+    """Max |error| of fn's output and of the gradients of all its inputs, against float64 results."""
+    out = fn(inputs, backend)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    out_error = (out.detach().double() - expected_out).abs().max().item()
+    grad_error = max((g.double() - e).abs().max().item() for g, e in zip(grads, expected_grads))
+    return out_error, grad_error
+
+
+def backend_table(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = Table(
+        title=f"every op on every backend: max |error| against the float64 reference ({dtype}, {device.type})"
+    )
+    for column in ("op", "backend", "output", "gradients"):
+        table.add_column(column, justify="left" if column in ("op", "backend") else "right")
+    for op, (fn, inputs, reference_fn) in op_cases(device, dtype).items():
+        inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+        expected = reference_fn(inputs64)
+        grad_out = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, inputs64, grad_out)
+        for name in fastgpt.available_backends():
+            if name in ("cpu", "cuda") and name != device.type:
+                continue
+            if dispatch.IMPLEMENTATIONS[name].get(op) is None:
+                table.add_row(op, name, "[dim]not implemented[/dim]", "")
+                continue
+            out_error, grad_error = max_errors(fn, name, inputs, expected, expected_grads, grad_out)
+            table.add_row(op, name, f"{out_error:.1e}", f"{grad_error:.1e}")
+        table.add_section()
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Speed against eager PyTorch and SDPA
 
 
 def attention_table(device):
@@ -38,7 +165,10 @@ def attention_table(device):
         if name == "triton" and device.type == "cpu" and triton_interpreter_enabled():
             table.add_row(name, "[dim]interpreter: not timed[/dim]", f"{error:.2e}")
             continue
-        timer = benchmark.Timer("f(q, k, v, backend=name)", globals={"f": fastgpt.causal_attention, "q": q, "k": k, "v": v, "name": name})
+        timer = benchmark.Timer(
+            "f(q, k, v, backend=name)",
+            globals={"f": fastgpt.causal_attention, "q": q, "k": k, "v": v, "name": name},
+        )
         table.add_row(name, f"{timer.blocked_autorange(min_run_time=0.5).median * 1e3:.2f}", f"{error:.2e}")
     sdpa = benchmark.Timer(
         "f(q, k, v, is_causal=True, enable_gqa=True)",
@@ -53,11 +183,295 @@ def attention_table(device):
     return table
 
 
+def training_op_cases(device, dtype):
+    """{op: {provider: a forward+backward closure}} at the shapes of one GPT-2 small layer over
+    512 tokens, the work of one training step per layer."""
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    channels, tokens = 768, 512
+    q, k, v = (make(1, 12, tokens, 64) for _ in range(3))
+    x, ln_w, ln_b = make(tokens, channels), make(channels), make(channels)
+    fc_w, fc_b = make(4 * channels, channels, scale=0.02), make(4 * channels, scale=0.02)
+    proj_w, proj_b = make(channels, 4 * channels, scale=0.02), make(channels, scale=0.02)
+    head = make(8192, channels, scale=0.02)  # a 8192-token vocabulary keeps the CPU timing short
+    targets = torch.randint(0, 8192, (tokens,), device=device)
+
+    def train(fn):
+        return lambda: fn().float().sum().backward()
+
+    return {
+        "causal_attention": {
+            "fastgpt": train(lambda: fastgpt.causal_attention(q, k, v)),
+            "eager torch": train(lambda: reference.causal_attention(q, k, v)),
+            "torch SDPA": train(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        },
+        "fused_ffn": {
+            "fastgpt": train(lambda: fastgpt.fused_ffn(x, fc_w, fc_b, proj_w, proj_b)),
+            "eager torch": train(
+                lambda: F.linear(F.gelu(F.linear(x, fc_w, fc_b), approximate="tanh"), proj_w, proj_b)
+            ),
+        },
+        "layer_norm": {
+            "fastgpt": train(lambda: fastgpt.layer_norm(x, ln_w, ln_b)),
+            "eager torch": train(lambda: F.layer_norm(x, (channels,), ln_w, ln_b)),
+        },
+        "linear_cross_entropy": {
+            "fastgpt": train(lambda: fastgpt.linear_cross_entropy(x, head, targets)),
+            "eager torch": train(lambda: F.cross_entropy(F.linear(x, head).float(), targets)),
+        },
+    }
+
+
+def speed_table(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    min_run_time = 0.2 if device.type == "cuda" else 0.4
+    table = Table(title=f"forward + backward, one GPT-2 small layer over 512 tokens ({dtype}, {device.type})")
+    for column in ("op", "provider", "median ms", "speedup vs eager"):
+        table.add_column(column, justify="left" if column in ("op", "provider") else "right")
+    for op, providers in training_op_cases(device, dtype).items():
+        medians = {}
+        for provider, step in providers.items():
+            step()  # warm-up (and first-call backend resolution)
+            medians[provider] = (
+                benchmark.Timer("step()", globals={"step": step})
+                .blocked_autorange(min_run_time=min_run_time)
+                .median
+            )
+        for provider, median in medians.items():
+            table.add_row(op, provider, f"{median * 1e3:.2f}", f"{medians['eager torch'] / median:.2f}x")
+        table.add_section()
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Training: fastgpt against eager PyTorch, interleaved
+
+
+def chosen_backends(config, device, dtype):
+    """The backend `auto` runs each op of this model on."""
+    facts = {
+        "causal_attention": (("head_dim", config.head_dim),),
+        "fused_ffn": (("hidden", config.n_inner),),
+        "layer_norm": (("hidden", config.n_embd),),
+        "linear_cross_entropy": (("vocab", config.vocab_size),),
+    }
+    return {op: dispatch.choose_backend(op, "auto", device.type, dtype, fact) for op, fact in facts.items()}
+
+
+def train_comparison(device, args, console):
+    """Trains the demo GPT with fastgpt's kernels and the same GPT on eager ops, a step of each in
+    turn on the same batches; returns the results (tokens/s of both, losses) and both Trainers."""
+    if args.steps is not None and args.steps <= CALIBRATION_STEPS:
+        raise UserError(
+            f"--steps must be more than {CALIBRATION_STEPS} (the untimed warm-up steps), got {args.steps}"
+        )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec = dict(DEMO_MODEL[device.type])
+    batch_size, max_steps = spec.pop("batch_size"), spec.pop("max_steps")
+    tokenizer = ByteTokenizer()
+    corpus = read_corpus(None)
+    train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), spec["block_size"])
+    config = GPTConfig.preset("tiny", vocab_size=tokenizer.vocab_size, **spec)
+    torch.manual_seed(0)
+    fused_model = GPT(config).to(device)
+    eager_model = GPT(GPTConfig(**{**config.to_dict(), "backend": "reference"})).to(device)
+    eager_model.load_state_dict(fused_model.state_dict())
+    settings = dict(
+        steps=args.steps or max_steps, batch_size=batch_size, seq_len=config.block_size, lr=2e-3,
+        warmup=WARMUP_STEPS, eval_windows=32, seed=0,
+    )  # fmt: skip
+    env = runtime.Runtime(device, dtype)
+    fused = Trainer(
+        fused_model, tokenizer, train_tokens, val_tokens, Settings(**settings), env, data_name=corpus.name
+    )
+    eager = Trainer(
+        eager_model, tokenizer, train_tokens, val_tokens, Settings(**settings), env, data_name=corpus.name
+    )
+    backends = chosen_backends(config, device, dtype)
+    console.print(
+        f"[bold]training[/bold] a {fused_model.num_params() / 1e6:.2f}M-parameter GPT ({config.n_layer} layers, "
+        f"{config.n_embd} wide, context {config.block_size}) on {corpus.name}, batches of {batch_size} x "
+        f"{config.block_size} bytes, {dtype}.\nfastgpt runs {', '.join(f'{op} on {b}' for op, b in backends.items())}; "
+        "the eager copy runs every op as plain PyTorch (backend 'reference'). Both start from the same weights and "
+        "take turns, one step each, on the same batches."
+    )
+    if set(backends.values()) == {"reference"}:
+        console.print(
+            "[yellow]no kernel backend is available here, so both runs use the same eager ops[/yellow]"
+        )
+    fused.evaluate()
+    seconds = {"fastgpt": 0.0, "eager": 0.0}
+    pair_seconds = []
+
+    def timed_step(trainer, name):
+        started = time.perf_counter()
+        loss = trainer.train_step()  # a Python float: the step has finished, also on GPU
+        elapsed = time.perf_counter() - started
+        if trainer.step > CALIBRATION_STEPS:  # the first steps warm caches and allocators up
+            seconds[name] += elapsed
+        return loss, elapsed
+
+    with progress_bar(console) as progress:
+        task = progress.add_task("fastgpt", total=fused.settings.steps, loss=float("nan"), tokens_per_s=0.0)
+        runs = [(fused, "fastgpt"), (eager, "eager")]
+        while fused.step < fused.settings.steps:
+            step_seconds, losses = {}, {}
+            for trainer, name in runs if fused.step % 2 == 0 else runs[::-1]:  # neither always goes first
+                losses[name], step_seconds[name] = timed_step(trainer, name)
+            pair_seconds.append(step_seconds["fastgpt"] + step_seconds["eager"])
+            if fused.step == CALIBRATION_STEPS and args.steps is None:
+                per_pair = statistics.median(pair_seconds[1:])  # the first pair warms up
+                steps = int(min(max_steps, max(MIN_STEPS, CALIBRATION_STEPS + args.train_seconds / per_pair)))
+                fused.settings.steps = eager.settings.steps = steps
+                progress.update(task, total=steps)
+            progress.update(
+                task,
+                advance=1,
+                loss=losses["fastgpt"],
+                tokens_per_s=fused.tokens_per_step / step_seconds["fastgpt"],
+            )
+            if (
+                fused.step % max(1, fused.settings.steps // EVALUATIONS) == 0
+                and fused.step < fused.settings.steps
+            ):
+                fused.evaluate()
+    held_out = fused.evaluate()
+    timed_steps = fused.step - CALIBRATION_STEPS
+    tokens_per_s = {name: fused.tokens_per_step * timed_steps / s for name, s in seconds.items()}
+    results = {
+        "model": {k: v for k, v in config.to_dict().items() if k != "backend"},
+        "fastgpt_backends": backends,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "seq_len": config.block_size,
+        "steps": fused.step,
+        "timed_steps": timed_steps,
+        "data": corpus.name,
+        "tokens_per_s": tokens_per_s,
+        "speedup": tokens_per_s["fastgpt"] / tokens_per_s["eager"],
+        "final_train_loss": {"fastgpt": fused.history[-1]["loss"], "eager": eager.history[-1]["loss"]},
+        "held_out_loss": held_out,
+        "held_out_perplexity": math.exp(held_out),
+    }
+    return results, fused, eager
+
+
+def plot_losses(fused, eager, results, path):
+    """The training loss of both runs per step and fastgpt's held-out loss, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for trainer, label, style in ((fused, "fastgpt", "-"), (eager, "eager PyTorch", "--")):  # eager on top
+        axes.plot(
+            [h["step"] for h in trainer.history],
+            [h["loss"] for h in trainer.history],
+            style,
+            label=f"{label}, train",
+        )
+    axes.plot(
+        [e["step"] for e in fused.evals], [e["loss"] for e in fused.evals], "o-", label="fastgpt, held-out"
+    )
+    speed = results["tokens_per_s"]
+    axes.set(
+        xlabel="step", ylabel="cross-entropy (nats per byte)",
+        title=f"fastgpt {speed['fastgpt']:,.0f} tok/s vs eager {speed['eager']:,.0f} tok/s ({results['speedup']:.2f}x)",
+    )  # fmt: skip
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# The record under benchmarks/results
+
+
+def git_sha():
+    """This checkout's commit ('-dirty' with uncommitted changes), or None outside a git checkout."""
+
+    def git(*command):
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *command], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def write_record(results, device, args, wall_seconds):
+    directory = args.results_dir
+    if directory is None:
+        in_checkout = (REPO_ROOT / "benchmarks").is_dir() and (REPO_ROOT / "fastgpt").is_dir()
+        directory = REPO_ROOT / "benchmarks" / "results" if in_checkout else Path(args.out)
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "kind": "demo training tokens/s, fastgpt vs eager PyTorch (same model, same batches, interleaved steps)",
+        "date": now.isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": device_description(),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine slows both runs alike
+        "versions": package_versions(),
+        "available_backends": fastgpt.available_backends(),
+        "command": "fastgpt demo" + ("" if args.steps is None else f" --steps {args.steps}"),
+        "demo_wall_s": wall_seconds,
+        **results,
+    }
+    path = Path(directory) / f"{now.date().isoformat()}-demo-{device.type}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def run(args):
-    wants_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if wants_cuda and not torch.cuda.is_available():
-        print("fastgpt demo: --device cuda was given but torch sees no CUDA GPU")
-        return 2
-    device = torch.device("cuda" if wants_cuda else "cpu")
-    Console().print(attention_table(device))
+    started = time.perf_counter()
+    device = runtime.resolve_device(args.device)
+    console = Console(soft_wrap=True)
+    console.rule("[bold]1. kernels against the float64 reference")
+    console.print(backend_table(device))
+    console.rule("[bold]2. speed on this device")
+    console.print(attention_table(device))
+    console.print(speed_table(device))
+    console.rule("[bold]3. training: fastgpt against eager PyTorch")
+    results, fused, eager = train_comparison(device, args, console)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fused.save(str(out / "checkpoint"))
+    plot_losses(fused, eager, results, out / "loss.png")
+    speed = results["tokens_per_s"]
+    console.print(
+        f"{results['steps']} steps: held-out loss {results['held_out_loss']:.3f} "
+        f"(perplexity {results['held_out_perplexity']:.2f}); training [bold]{speed['fastgpt']:,.0f} tok/s with "
+        f"fastgpt vs {speed['eager']:,.0f} tok/s eager: {results['speedup']:.2f}x[/bold]\n"
+        f"loss curves: {out / 'loss.png'}; checkpoint: {out / 'checkpoint'}"
+    )
+    console.rule("[bold]4. a sample")
+    from fastgpt.generate_cli import stream
+
+    torch.manual_seed(0)
+    prompt = fused.tokenizer.encode(PROMPT)
+    print(PROMPT, end="", flush=True)
+    stream(
+        fused.compute_model, fused.tokenizer, prompt, max_new_tokens=fused.model.config.block_size - len(prompt),
+        temperature=0.8, top_p=0.95,
+    )  # fmt: skip
+    wall_seconds = time.perf_counter() - started
+    path = write_record(results, device, args, wall_seconds)
+    console.print(
+        f"\ndemo finished in {wall_seconds:.0f} s; recorded in {path}\n"
+        f"try: fastgpt generate 'import ' --checkpoint {out / 'checkpoint'}"
+    )
     return 0

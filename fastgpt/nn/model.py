@@ -114,7 +114,9 @@ class GPT(nn.Module):
     # Generation
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None):
+    def generate(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, callback=None
+    ):
         """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
 
         Prompts in a batch have equal length. temperature=0 is greedy; otherwise tokens are drawn
@@ -124,6 +126,8 @@ class GPT(nn.Module):
         views. With eos_token_id, a sequence that produced it keeps emitting eos_token_id, and
         generation stops early once all have, so the result may be shorter than T + max_new_tokens.
         The model runs in eval mode during the call (no dropout) and its mode is restored after.
+        callback, if given, is called with each step's new tokens (B,) as soon as they are chosen
+        (to stream them).
         """
         config = self.config
         check_generate_arguments(
@@ -133,11 +137,11 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback)
         finally:
             self.train(was_training)
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id):
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback):
         batch, prompt_len = idx.shape
         total = prompt_len + max_new_tokens
         out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
@@ -161,6 +165,8 @@ class GPT(nn.Module):
                 next_token = next_token.masked_fill(finished, eos_token_id)
                 finished |= next_token == eos_token_id
             out[:, position] = next_token
+            if callback is not None:
+                callback(next_token)
             if eos_token_id is not None and bool(finished.all()):
                 return out[:, : position + 1]
             tokens = next_token[:, None]  # (B, 1)

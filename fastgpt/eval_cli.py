@@ -1,0 +1,69 @@
+"""`fastgpt eval --checkpoint DIR [--data ...]`: the loss and perplexity of a checkpoint on the held-out
+split of the data (the same split `fastgpt train` holds out), in non-overlapping windows."""
+
+import math
+
+from rich.console import Console
+
+from fastgpt.train import checkpoint, runtime
+from fastgpt.train.data import eval_starts, read_corpus, split_tokens
+from fastgpt.train.errors import UserError
+from fastgpt.train.loop import evaluate
+from fastgpt.train.tokenizer import load_tokenizer
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="fastgpt checkpoint or local HF GPT-2 dir"
+    )
+    parser.add_argument(
+        "--data", help="a text file or a directory of text files (default: the standard library's .py files)"
+    )
+    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
+    parser.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context window)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=512,
+        help="score at most this many windows, spread evenly (default: 512)",
+    )
+    runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
+
+
+def run(args):
+    device = runtime.resolve_device(args.device)
+    dtype = runtime.resolve_dtype(args.dtype, device, choices=("auto", "float32", "bfloat16", "float16"))
+    model, tokenizer = checkpoint.load_model(
+        args.checkpoint, device=device, dtype=dtype, backend=args.backend
+    )
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise UserError(
+            f"{args.checkpoint} holds no tokenizer files; pass --tokenizer byte or a tokenizer path"
+        )
+    seq_len = args.seq_len or model.config.block_size
+    if not 1 <= seq_len <= model.config.block_size:
+        raise UserError(
+            f"--seq-len must be in [1, {model.config.block_size}] (the context window), got {seq_len}"
+        )
+    if args.batch_size < 1 or args.max_windows < 1:
+        raise UserError(
+            f"--batch-size and --max-windows must be at least 1, got {args.batch_size}, {args.max_windows}"
+        )
+    corpus = read_corpus(args.data)
+    _, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
+    if int(val_tokens.max()) >= model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer produces ids up to {int(val_tokens.max())}, beyond the model's vocab_size "
+            f"{model.config.vocab_size}: pass the tokenizer the model was trained with"
+        )
+    starts = eval_starts(val_tokens, seq_len, args.max_windows)
+    loss = evaluate(model, val_tokens, starts, seq_len, args.batch_size, runtime.Runtime(device, dtype))
+    Console(soft_wrap=True).print(
+        f"held-out loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.3f} "
+        f"({len(starts) * seq_len:,} of {len(val_tokens):,} held-out tokens, {len(starts)} windows of {seq_len}; "
+        f"{corpus.name}; {tokenizer.kind} tokenizer)"
+    )
+    return 0

@@ -1,0 +1,103 @@
+"""`fastgpt generate PROMPT --checkpoint DIR`: sample a continuation with the KV-cache generate and print
+it as it is produced. DIR is a `fastgpt train` checkpoint or a local transformers GPT-2 directory."""
+
+import sys
+
+import torch
+
+from fastgpt.nn.generation import check_generate_arguments
+from fastgpt.train import checkpoint, runtime
+from fastgpt.train.errors import UserError
+from fastgpt.train.tokenizer import StreamDecoder, load_tokenizer
+
+DEFAULT_NEW_TOKENS = 256  # at most; fewer when the context window has less room after the prompt
+
+
+def add_arguments(parser):
+    parser.add_argument("prompt", help="the text to continue ('' starts a new document)")
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="fastgpt checkpoint or local HF GPT-2 dir"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, within the context"
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    parser.add_argument(
+        "--top-p", type=float, help="sample within the smallest set of tokens of this probability"
+    )
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
+    runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
+
+
+def encode_prompt(tokenizer, prompt, block_size):
+    """The prompt's token ids; an empty prompt is the end-of-text token, which starts a document."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise UserError("the prompt is empty and this tokenizer has no end-of-text token to start from")
+        ids = [tokenizer.eot_id]
+    if len(ids) >= block_size:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens, too long for the model's context window of {block_size} tokens "
+            "(it must hold the prompt and at least one new token)"
+        )
+    return ids
+
+
+def stream(model, tokenizer, ids, *, max_new_tokens, temperature=0.8, top_k=None, top_p=None, out=None):
+    """Generates after ids, writing the decoded text to out (stdout) as the tokens come; returns all the ids."""
+    out = out or sys.stdout
+    decoder = StreamDecoder(tokenizer)
+
+    def write_tokens(next_token):  # (1,)
+        out.write(decoder.push(next_token.tolist()))
+        out.flush()
+
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], device=device)  # (1, T)
+    result = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id,
+        callback=write_tokens,
+    )  # fmt: skip
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    return result[0].tolist()
+
+
+def run(args):
+    device = runtime.resolve_device(args.device)
+    dtype = runtime.resolve_dtype(args.dtype, device, choices=("auto", "float32", "bfloat16", "float16"))
+    model, tokenizer = checkpoint.load_model(
+        args.checkpoint, device=device, dtype=dtype, backend=args.backend
+    )
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise UserError(
+            f"{args.checkpoint} holds no tokenizer files; pass --tokenizer byte or a tokenizer path"
+        )
+    block_size = model.config.block_size
+    ids = encode_prompt(tokenizer, args.prompt, block_size)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, block_size - len(ids))
+    if len(ids) + args.max_new_tokens > block_size:
+        raise UserError(
+            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context window of {block_size} tokens"
+        )
+    try:
+        check_generate_arguments(
+            torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, tokenizer.eot_id,
+            block_size=block_size, vocab_size=model.config.vocab_size,
+        )  # fmt: skip
+    except ValueError as error:  # bad --temperature, --top-k, --top-p or --max-new-tokens
+        raise UserError(str(error).replace("GPT.generate: ", "")) from None
+    torch.manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    stream(
+        model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p,
+    )  # fmt: skip
+    return 0

@@ -1,0 +1,327 @@
+"""The training loop, in nanoGPT's shape: AdamW with weight decay on matrices only, linear warmup then
+cosine decay, gradient clipping and accumulation, periodic held-out evaluation, and DDP.
+
+Mixed precision: fastgpt's GPT runs its fused ops in the dtype of its parameters (it refuses
+torch.autocast). For bfloat16 the Trainer keeps two copies: the float32 model, which the optimizer
+updates and checkpoints hold, and a bfloat16 copy that computes the forward and backward passes.
+Gradients are cast up into the float32 model before clipping and the step, and the updated weights
+cast back down after it. In float32 the two are one model.
+"""
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+from fastgpt.train import checkpoint
+from fastgpt.train.data import BatchSampler, eval_starts, windows
+from fastgpt.train.errors import UserError
+
+
+@dataclass
+class Settings:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step, summed over processes and accumulation
+    grad_accum: int = 1  # micro-batches per process per step
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr: float | None = None  # the end of the cosine; None is lr / 10 (nanoGPT's choice)
+    warmup: int | None = None  # None is min(100, steps // 10)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eval_every: int = 100
+    eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
+    seed: int = 1337
+
+    def __post_init__(self):
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if self.warmup is None:
+            self.warmup = min(100, self.steps // 10)
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_windows"):
+            value = getattr(self, name)
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.warmup < 0 or self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError(
+                f"need --lr > 0 and --warmup, --min-lr, --weight-decay, --grad-clip >= 0, got lr={self.lr}, "
+                f"warmup={self.warmup}, min_lr={self.min_lr}, weight_decay={self.weight_decay}, grad_clip={self.grad_clip}"
+            )
+
+
+def learning_rate(step, settings):
+    """Linear warmup over `warmup` steps to lr, then a cosine down to min_lr at the last step."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = min(1.0, (step - settings.warmup) / max(1, settings.steps - settings.warmup))
+    return settings.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (settings.lr - settings.min_lr)
+
+
+def parameter_groups(model, weight_decay):
+    """nanoGPT's rule: every parameter with 2+ dimensions (the Linear weights and the embeddings) is
+    decayed; biases and LayerNorm weights are not. A tied LM head is one parameter, listed once."""
+    named = list(model.named_parameters())
+    decayed = [(n, p) for n, p in named if p.dim() >= 2]
+    kept = [(n, p) for n, p in named if p.dim() < 2]
+    return [
+        {"params": [p for _, p in decayed], "names": [n for n, _ in decayed], "weight_decay": weight_decay},
+        {"params": [p for _, p in kept], "names": [n for n, _ in kept], "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def evaluate(model, tokens, starts, seq_len, batch_size, runtime):
+    """Mean next-token loss of model over the windows at `starts` (shared out over the processes)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # (loss sum, token count)
+    for chunk in starts[runtime.rank :: runtime.world_size].split(batch_size):
+        inputs, targets = windows(tokens, chunk, seq_len)
+        loss = model(inputs.to(runtime.device), targets.to(runtime.device))
+        totals[0] += loss.double() * targets.numel()
+        totals[1] += targets.numel()
+    if runtime.distributed:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+class Trainer:
+    """Owns the model copies, the optimizer, the batches and the progress of one run.
+
+    model: a float32 GPT on runtime.device (the weights the optimizer updates and checkpoints store)."""
+
+    def __init__(self, model, tokenizer, train_tokens, val_tokens, settings, runtime, *, data_name=""):
+        per_step = runtime.world_size * settings.grad_accum
+        if settings.batch_size % per_step:
+            raise UserError(
+                f"--batch-size {settings.batch_size} must be divisible by processes x --grad-accum = {per_step}"
+            )
+        if settings.seq_len > model.config.block_size:
+            raise UserError(
+                f"--seq-len {settings.seq_len} exceeds the model's context window {model.config.block_size}"
+            )
+        self.model, self.tokenizer, self.settings, self.runtime = model, tokenizer, settings, runtime
+        self.data_name = data_name
+        self.compute_model = (
+            model if runtime.dtype == torch.float32 else copy.deepcopy(model).to(runtime.dtype)
+        )
+        self.compute_model.train()
+        if runtime.distributed:
+            device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.compute_model, device_ids=device_ids)
+        else:
+            self.wrapped = self.compute_model
+        self.param_groups = parameter_groups(model, settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in self.param_groups],
+            lr=settings.lr,
+            betas=(settings.beta1, settings.beta2),
+            fused=runtime.device.type == "cuda",
+        )
+        self.sampler = BatchSampler(train_tokens, settings.seq_len, settings.seed)
+        self.val_tokens = val_tokens
+        self.eval_starts = eval_starts(val_tokens, settings.seq_len, settings.eval_windows)
+        self.step = 0
+        self.history = []  # one {"step", "loss", "lr"} per optimizer step
+        self.evals = []  # one {"step", "loss", "perplexity"} per evaluation
+        self.saved_step = None  # the step of the latest checkpoint in the output directory
+        torch.manual_seed(settings.seed + runtime.rank)  # dropout masks differ between processes
+
+    @property
+    def tokens_per_step(self):
+        return self.settings.batch_size * self.settings.seq_len
+
+    def micro_batches(self):
+        """This process's (inputs, targets) micro-batches of the next global batch."""
+        inputs, targets = self.sampler.global_batch(self.settings.batch_size)  # (B, T) each
+        rows = self.settings.batch_size // self.runtime.world_size
+        mine = slice(self.runtime.rank * rows, (self.runtime.rank + 1) * rows)
+        return zip(
+            inputs[mine].chunk(self.settings.grad_accum), targets[mine].chunk(self.settings.grad_accum)
+        )
+
+    def train_step(self):
+        """One optimizer step on one global batch; returns its mean loss over all processes."""
+        lr = learning_rate(self.step, self.settings)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        device, accum = self.runtime.device, self.settings.grad_accum
+        total = torch.zeros((), device=device)
+        for i, (inputs, targets) in enumerate(self.micro_batches()):
+            # DDP all-reduces the gradients in the backward of the last micro-batch only.
+            last = i == accum - 1
+            with nullcontext() if last or not self.runtime.distributed else self.wrapped.no_sync():
+                loss = self.wrapped(inputs.to(device), targets.to(device)) / accum
+                loss.backward()
+            total += loss.detach()
+        self._optimizer_step()
+        if self.runtime.distributed:
+            dist.all_reduce(total)
+            total /= self.runtime.world_size
+        self.step += 1
+        loss = total.item()
+        self.history.append({"step": self.step, "loss": loss, "lr": lr})
+        return loss
+
+    def _optimizer_step(self):
+        separate = self.compute_model is not self.model
+        if separate:
+            for master, compute in zip(self.model.parameters(), self.compute_model.parameters()):
+                master.grad = compute.grad.float()
+                compute.grad = None
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if separate:
+            with torch.no_grad():
+                for master, compute in zip(self.model.parameters(), self.compute_model.parameters()):
+                    compute.copy_(master)
+
+    def evaluate(self):
+        loss = evaluate(
+            self.compute_model, self.val_tokens, self.eval_starts, self.settings.seq_len,
+            self.settings.batch_size, self.runtime,
+        )  # fmt: skip
+        self.evals.append({"step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 700.0))})
+        return loss
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def trainer_state(self):
+        return {
+            "step": self.step,
+            "settings": asdict(self.settings),
+            "world_size": self.runtime.world_size,
+            "dtype": str(self.runtime.dtype).replace("torch.", ""),
+            "data": self.data_name,
+            "tokens_seen": self.step * self.tokens_per_step,
+            "history": self.history,
+            "evals": self.evals,
+        }
+
+    def state_tensors(self):
+        """AdamW's moments and step per parameter name, and the RNG states of every process."""
+        tensors = {}
+        for group in self.param_groups:
+            for name, parameter in zip(group["names"], group["params"]):
+                for key, value in self.optimizer.state.get(parameter, {}).items():
+                    tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+        tensors["rng.data"] = self.sampler.state()
+        generators = {"torch": torch.get_rng_state()}
+        if self.runtime.device.type == "cuda":
+            generators["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        for key, state in generators.items():
+            for rank, part in enumerate(self._gather(state)):
+                tensors[f"rng.{key}.rank{rank}"] = part
+        return tensors
+
+    def _gather(self, state):
+        """Every process's copy of a uint8 state tensor (all processes must call this)."""
+        if not self.runtime.distributed:
+            return [state]
+        comm_device = self.runtime.device if self.runtime.device.type == "cuda" else "cpu"  # nccl needs CUDA
+        parts = [torch.empty_like(state, device=comm_device) for _ in range(self.runtime.world_size)]
+        dist.all_gather(parts, state.to(comm_device))
+        return [part.cpu() for part in parts]
+
+    def save(self, directory):
+        """Writes a training checkpoint (all processes call this; the first one writes)."""
+        tensors = self.state_tensors()
+        if self.runtime.is_main:
+            checkpoint.save_training_checkpoint(
+                directory, self.model, self.tokenizer, tensors, self.trainer_state()
+            )
+        self.saved_step = self.step
+
+    def resume(self, directory):
+        """Continues from the checkpoint in directory; the model's weights were loaded with it."""
+        trainer_state, tensors = checkpoint.load_training_state(directory)
+        self.step = self.saved_step = trainer_state["step"]
+        self.history, self.evals = trainer_state.get("history", []), trainer_state.get("evals", [])
+        optimizer_state = self.optimizer.state_dict()
+        index = 0
+        for group in self.param_groups:
+            for name in group["names"]:
+                prefix = f"optimizer.{name}."
+                state = {
+                    key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)
+                }
+                if state:
+                    optimizer_state["state"][index] = state
+                index += 1
+        self.optimizer.load_state_dict(optimizer_state)
+        self.sampler.load_state(tensors["rng.data"])
+        rank = self.runtime.rank
+        if f"rng.torch.rank{rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch.rank{rank}"])
+        else:  # more processes than the checkpoint had: a fresh, still reproducible stream
+            torch.manual_seed(self.settings.seed + rank + 7919 * self.step)
+        if self.runtime.device.type == "cuda" and f"rng.cuda.rank{rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], self.runtime.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop, with a progress bar
+
+
+def progress_bar(console):
+    """A rich progress bar showing the step, loss, tokens/s, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tokens_per_s]:>9,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def fit(trainer, out_dir, console):
+    """Trains to settings.steps, evaluating and checkpointing every eval_every steps and at the end.
+    Returns the mean training tokens/s. Every process runs this; give the others a quiet console."""
+    settings = trainer.settings
+    if trainer.step == 0:
+        loss = trainer.evaluate()
+        console.print(f"step 0: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+    first_step = trainer.step + 1  # warms caches and allocators up: left out of the mean if there are others
+    timed_seconds, timed_steps = 0.0, 0
+    with progress_bar(console) as progress:
+        task = progress.add_task(
+            "train", total=settings.steps, completed=trainer.step, loss=float("nan"), tokens_per_s=0.0
+        )
+        while trainer.step < settings.steps:
+            started = time.perf_counter()
+            loss = trainer.train_step()  # returns a Python float: the step's work has finished
+            seconds = time.perf_counter() - started
+            if trainer.step > first_step or settings.steps == first_step:
+                timed_seconds, timed_steps = timed_seconds + seconds, timed_steps + 1
+            progress.update(task, advance=1, loss=loss, tokens_per_s=trainer.tokens_per_step / seconds)
+            if trainer.step % settings.eval_every == 0 or trainer.step == settings.steps:
+                eval_loss = trainer.evaluate()
+                trainer.save(out_dir)
+                progress.console.print(
+                    f"step {trainer.step}: train loss {loss:.4f}, held-out loss {eval_loss:.4f}, "
+                    f"perplexity {math.exp(min(eval_loss, 700.0)):.2f}; checkpoint saved to {out_dir}"
+                )
+    return trainer.tokens_per_step * timed_steps / timed_seconds if timed_steps else 0.0

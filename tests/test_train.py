@@ -1,0 +1,298 @@
+"""The training library (fastgpt.train): tokenizers, data, schedule, optimizer groups, mixed precision,
+gradient accumulation, and checkpoints that resume exactly and survive an interrupted save."""
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from fastgpt.nn import GPT, GPTConfig
+from fastgpt.train import checkpoint
+from fastgpt.train.data import BatchSampler, eval_starts, read_corpus, split_tokens, stdlib_corpus, windows
+from fastgpt.train.errors import UserError
+from fastgpt.train.loop import Settings, Trainer, learning_rate, parameter_groups
+from fastgpt.train.runtime import Runtime
+from fastgpt.train.tokenizer import BPETokenizer, ByteTokenizer, StreamDecoder, load_tokenizer
+
+SEQ_LEN = 32
+MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=SEQ_LEN, vocab_size=257)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are too small to gain from two, and pytest-xdist runs a
+    worker per core, where two threads each only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def token_split():
+    tokens = ByteTokenizer().encode_documents(stdlib_corpus(max_bytes=300_000).documents)
+    return split_tokens(tokens, SEQ_LEN)
+
+
+def make_trainer(token_split, *, dtype=torch.float32, dropout=0.0, model=None, **settings):
+    torch.manual_seed(0)
+    model = model if model is not None else GPT(GPTConfig(**MODEL, dropout=dropout))
+    settings = Settings(
+        **{"steps": 10, "batch_size": 8, "seq_len": SEQ_LEN, "lr": 3e-3, "eval_windows": 8, **settings}
+    )
+    return Trainer(model, ByteTokenizer(), *token_split, settings, Runtime(torch.device("cpu"), dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_byte_tokenizer_separates_documents_with_eot():
+    tokenizer = ByteTokenizer()
+    tokens = tokenizer.encode_documents(["héllo", "", "ab"])
+    assert tokens.dtype == torch.int32
+    assert tokens.tolist() == [104, 195, 169, 108, 108, 111, 256, 256, 97, 98, 256]
+    assert tokenizer.decode(tokens.tolist()) == "hélloab"
+    assert ByteTokenizer(eot=False).encode_documents(["ab", "c"]).tolist() == [97, 98, 99]
+    assert ByteTokenizer(eot=False).vocab_size == 256 and tokenizer.vocab_size == 257
+
+
+def test_stream_decoder_holds_back_split_characters():
+    """Bytes of one character arrive in separate tokens; nothing undecodable is ever printed."""
+    tokenizer = ByteTokenizer()
+    text = "naïve → 東京 ok"
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push([byte]) for byte in tokenizer.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert pieces[tokenizer.encode(text).index(0xE6)] == ""  # the first byte of 東 waits for the rest
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A tiny byte-level BPE trained here with the tokenizers package, saved both ways:
+    tokenizer.json in one directory, GPT-2's vocab.json + merges.txt in another."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(stdlib_corpus(max_bytes=100_000).documents, trainer)
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "json").mkdir()
+    (root / "files").mkdir()
+    backend.save(str(root / "json" / "tokenizer.json"))
+    backend.model.save(str(root / "files"))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["json", "files"])
+def test_bpe_tokenizer_from_local_files(bpe_dir, layout):
+    tokenizer = load_tokenizer(str(bpe_dir / layout))
+    assert isinstance(tokenizer, BPETokenizer)
+    text = "def add(a, b):\n    return a + b  # ünïcode\n"
+    ids = tokenizer.encode(text)
+    assert len(ids) < len(text.encode())  # merges apply
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eot_id is not None
+    tokens = tokenizer.encode_documents([text, text])
+    assert tokens.tolist() == ids + [tokenizer.eot_id] + ids + [tokenizer.eot_id]
+    assert tokenizer.vocab_size == 400
+
+
+def test_bpe_tokenizer_round_trips_through_a_checkpoint_directory(bpe_dir, tmp_path):
+    tokenizer = load_tokenizer(str(bpe_dir / "files"))
+    for name, data in tokenizer.files().items():
+        (tmp_path / name).write_bytes(data)
+    again = load_tokenizer(str(tmp_path))
+    text = "import os\nprint(os.sep)\n"
+    assert again.encode(text) == tokenizer.encode(text) and again.eot_id == tokenizer.eot_id
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="neither 'byte' nor an existing"):
+        load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read tokenizer file"):
+        load_tokenizer(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def test_directory_corpus_is_sorted_and_skips_hidden_and_binary_files(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "z.md").write_text("first")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("hidden")
+    (tmp_path / "image.bin").write_bytes(b"\x89PNG\0\0\x01")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert read_corpus(str(tmp_path)).documents == ["first", "second"]
+
+
+def test_default_corpus_is_deterministic_and_capped():
+    first, again = stdlib_corpus(max_bytes=200_000), stdlib_corpus(max_bytes=200_000)
+    assert first.documents == again.documents
+    assert 200_000 <= sum(map(len, first.documents)) < 200_000 + max(map(len, first.documents))
+    assert "standard library" in first.name
+
+
+def test_split_windows_and_eval_starts():
+    tokens = torch.arange(1000, dtype=torch.int32)
+    train, val = split_tokens(tokens, 16)
+    assert len(val) == 100 and torch.equal(torch.cat([train, val]), tokens)
+    inputs, targets = windows(train, torch.tensor([0, 500]), 16)
+    assert inputs.dtype == torch.int64 and inputs.shape == (2, 16)
+    assert torch.equal(targets, inputs + 1) and inputs[1, 0] == 500
+    starts = eval_starts(val, 16, max_windows=100)
+    assert len(starts) == 6 and bool((starts.diff() >= 16).all()) and starts[-1] + 16 < len(val)
+    assert len(eval_starts(val, 16, max_windows=2)) == 2
+    with pytest.raises(UserError, match="too small"):
+        split_tokens(tokens[:100], 16)
+
+
+def test_batch_sampler_is_reproducible_from_its_state():
+    sampler = BatchSampler(torch.arange(5000, dtype=torch.int32), 8, seed=3)
+    sampler.global_batch(4)
+    state = sampler.state()
+    expected = sampler.global_batch(4)
+    sampler.load_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(sampler.global_batch(4), expected))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    settings = Settings(steps=100, lr=1.0, warmup=10)
+    rates = [learning_rate(step, settings) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))  # non-increasing after warmup
+    assert learning_rate(100, settings) == pytest.approx(0.1)  # min_lr = lr / 10
+    assert rates[55] == pytest.approx(0.55)  # the cosine's midpoint
+
+
+def test_weight_decay_applies_to_matrices_and_embeddings_only():
+    model = GPT(GPTConfig(**MODEL))
+    decayed, kept = parameter_groups(model, 0.1)
+    assert set(decayed["names"]) == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"} <= set(
+        decayed["names"]
+    )
+    assert all(n.endswith("bias") or ".ln_" in n for n in kept["names"])
+    assert "lm_head.weight" not in decayed["names"]  # tied to wte: one parameter, decayed once
+    assert sum(p.numel() for g in (decayed, kept) for p in g["params"]) == model.num_params(
+        non_embedding=False
+    )
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+
+
+def gradients_at_step(trainer):
+    """Runs one train step; returns (loss, the clipped gradients the optimizer stepped with)."""
+    captured, optimizer_step = [], trainer.optimizer.step
+
+    def capturing_step():
+        captured.extend(p.grad.clone() for p in trainer.model.parameters())
+        optimizer_step()
+
+    trainer.optimizer.step = capturing_step
+    return trainer.train_step(), captured
+
+
+def test_gradient_accumulation_matches_one_big_batch(token_split):
+    """The same global batch in 1 or 4 micro-batches gives the same loss and gradients (up to float
+    summation order). Compared before AdamW, which would magnify rounding in near-zero gradients."""
+    whole_loss, whole = gradients_at_step(make_trainer(token_split))
+    accumulated_loss, accumulated = gradients_at_step(make_trainer(token_split, grad_accum=4))
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-6)
+    for a, b in zip(accumulated, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(token_split):
+    trainer = make_trainer(token_split, dtype=torch.bfloat16)
+    assert trainer.compute_model is not trainer.model
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for master, compute, old in zip(trainer.model.parameters(), trainer.compute_model.parameters(), before):
+        assert master.dtype == torch.float32 and compute.dtype == torch.bfloat16
+        assert torch.equal(compute, master.to(torch.bfloat16))  # the compute copy follows every step
+        assert not torch.equal(master, old)
+    assert trainer.evaluate() < losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_resume_reproduces_the_next_step_exactly(token_split, tmp_path):
+    """Weights, AdamW moments, the data order and the dropout RNG all come back: the step after a
+    resume is bitwise the step the uninterrupted run takes."""
+    trainer = make_trainer(token_split, dropout=0.1)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save(str(tmp_path))
+    expected_loss = trainer.train_step()
+    expected_params = [p.detach().clone() for p in trainer.model.parameters()]
+
+    model, tokenizer = checkpoint.load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert tokenizer.info() == ByteTokenizer().info()
+    resumed = make_trainer(token_split, dropout=0.1, model=model)
+    resumed.resume(str(tmp_path))
+    assert resumed.step == 3 and len(resumed.history) == 3
+    assert resumed.train_step() == expected_loss
+    for actual, expected in zip(resumed.model.parameters(), expected_params):
+        assert torch.equal(actual, expected)
+
+
+def test_checkpoint_is_loadable_by_gpt_load(token_split, tmp_path):
+    trainer = make_trainer(token_split)
+    trainer.train_step()
+    trainer.save(str(tmp_path))
+    loaded = GPT.load(str(tmp_path))
+    for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["settings"]["lr"] == 3e-3 and len(state["history"]) == 1
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(token_split, tmp_path, monkeypatch):
+    trainer = make_trainer(token_split)
+    trainer.train_step()
+    trainer.save(str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    trainer.train_step()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt  # Ctrl-C while the new files are being written
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(str(tmp_path))
+    monkeypatch.undo()
+    assert {
+        name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)
+    } == before  # no temp files left
+    assert checkpoint.load_training_state(str(tmp_path))[0]["step"] == 1
+
+
+def test_checkpoint_mixing_two_saves_is_refused(token_split, tmp_path):
+    trainer = make_trainer(token_split)
+    trainer.train_step()
+    trainer.save(str(tmp_path / "one"))
+    trainer.train_step()
+    trainer.save(str(tmp_path / "two"))
+    os.replace(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors")
+    with pytest.raises(UserError, match="mixes files of different steps"):
+        checkpoint.load_training_state(str(tmp_path / "two"))
