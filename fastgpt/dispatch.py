@@ -32,7 +32,7 @@ IMPLEMENTATIONS = {
     "triton": {
         "causal_attention": "fastgpt.ops.triton_attention",
     },
-    "cpu": {},
+    "cpu": {op: "fastgpt.ops.cpu" for op in OPS},
     "cuda": {},
 }
 
