@@ -149,6 +149,16 @@ def test_layer_norm_nan_stays_in_its_row_and_empty_rows_work():
     assert torch.equal(weight.grad, torch.zeros(40))
 
 
+def test_layer_norm_gradient_through_the_residual_sum_only():
+    x, residual = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)
+    weight = torch.randn(24, requires_grad=True)
+    upstream = torch.randn(4, 24)
+    _, summed = functional.layer_norm(x, weight, None, residual=residual, backend="cpu")
+    (summed * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream) and torch.equal(residual.grad, upstream)
+    assert torch.equal(weight.grad, torch.zeros(24))
+
+
 def test_layer_norm_weight_grad_is_deterministic_across_thread_counts():
     x, dout = torch.randn(3000, 96), torch.randn(3000, 96)
     grads = []

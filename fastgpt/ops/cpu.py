@@ -57,11 +57,14 @@ def causal_attention(q, k, v, softmax_scale):
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor for it
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.softmax_scale = softmax_scale
 
 
 def _attention_backward(ctx, dout, _dlse):
+    if dout is None:
+        return None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _ops.attention_backward(dout, q, k, v, out, lse, ctx.softmax_scale)
     return dq, dk, dv, None
@@ -89,6 +92,7 @@ def _ffn_setup_context(ctx, inputs, output):
     x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual = inputs
     _, h = output
     ctx.save_for_backward(x, h, fc_weight, proj_weight)  # activations: x and h only
+    ctx.set_materialize_grads(False)  # h gets no gradient: no (tokens, hidden) zero tensor for it
     ctx.activation = activation
     ctx.has_fc_bias = fc_bias is not None
     ctx.has_proj_bias = proj_bias is not None
@@ -96,6 +100,8 @@ def _ffn_setup_context(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, dout, _dh):
+    if dout is None:
+        return (None,) * 7
     x, h, fc_weight, proj_weight = ctx.saved_tensors
     dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias = _ops.ffn_backward(
         dout, x, h, fc_weight, proj_weight, ctx.activation
@@ -133,16 +139,21 @@ def _layer_norm_setup_context(ctx, inputs, output):
     _, residual_out, mean, rstd = output
     normalized_input = residual_out if residual is not None else x  # (R, C): what was normalised
     ctx.save_for_backward(normalized_input, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # mean, rstd (and an unused x + residual) get no zero tensors
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
 
 
 def _layer_norm_backward(ctx, dout, dresidual_out, _dmean, _drstd):
+    if not ctx.has_residual:
+        dresidual_out = None  # the placeholder (0,) output
+    if dout is None and dresidual_out is None:
+        return (None,) * 5
     normalized_input, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _ops.layer_norm_backward(
-        dout, dresidual_out if ctx.has_residual else None, normalized_input, weight, mean, rstd
-    )
+    if dout is None:  # only x + residual was used
+        dout = torch.zeros_like(normalized_input)
+    dx, dweight, dbias = _ops.layer_norm_backward(dout, dresidual_out, normalized_input, weight, mean, rstd)
     return (
         dx,
         dweight if ctx.has_weight else None,
@@ -183,6 +194,7 @@ def _cross_entropy_setup_context(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # dx, dweight, dbias outputs get no (vocab, channels) zero tensors
     if compute_grad:
         ctx.save_for_backward(targets, dx, dweight, dbias)
     else:
@@ -190,6 +202,8 @@ def _cross_entropy_setup_context(ctx, inputs, output):
 
 
 def _cross_entropy_backward(ctx, dloss, _ddx, _ddweight, _ddbias):
+    if dloss is None:
+        return (None,) * 7
     targets = ctx.saved_tensors[0]
     scale = dloss  # () for 'mean'/'sum', (N,) for 'none'
     if ctx.reduction == "mean":
