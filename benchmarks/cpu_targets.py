@@ -131,7 +131,8 @@ def memory_child(provider, seq):
 
 
 def measure_memory():
-    print("\nattention fwd+bwd peak memory above inputs (B=1, H=12, D=64; inputs+grads are 8 x N x 3 KiB)")
+    print("\nattention fwd+bwd: peak resident memory added on top of q, k, v, dout (B=1, H=12, D=64),")
+    print("including the results out, dq, dk, dv themselves (4 x N x 3 KiB)")
     print(f"  {'N':>6s} {'cpu':>10s} {'sdpa':>10s} {'eager':>10s}   (MiB)")
     for seq in (1024, 4096, 16384):
         row = []
