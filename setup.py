@@ -107,28 +107,31 @@ class OptionalBuildExtension(BUILD_BASE):
             except (Exception, SystemExit) as error:  # compilers and ninja fail in many ways
                 if cuda_mode() == "1":
                     raise
-                reason = f"building fastgpt._C failed: {type(error).__name__}: {error}"
+                reason = (
+                    f"building fastgpt._C failed ({type(error).__name__}: {error}); it needs a C++17 compiler "
+                    "with OpenMP: `pip install -v --no-build-isolation .` shows the compiler output"
+                )
         self.record_build_status(reason)
 
     def record_build_status(self, reason):
         """Writes the failure reason where fastgpt will be imported from, next to where _C would be
         (the build tree for wheels, the source tree too for editable and in-place builds), and removes
-        a stale one after a successful build. A failed editable rebuild also removes the old _C, which
-        no longer matches the sources."""
+        a stale one after a successful build. A failed build also removes any _C left by an earlier
+        build there, which no longer matches the sources."""
         directories = {os.path.dirname(self.get_ext_fullpath(EXTENSION_NAME))}
         if self.inplace or getattr(self, "editable_mode", False):
             directories.add(os.path.join(ROOT, "fastgpt"))
         if reason is not None:
             banner = "=" * 78
             print(f"{banner}\nWARNING: {reason}\nfastgpt is installed without its cpu and cuda backends.\n{banner}")
-            for stale in glob.glob(os.path.join(ROOT, "fastgpt", "_C.*.so")) if len(directories) > 1 else []:
-                os.remove(stale)
         for directory in directories:
             path = os.path.join(directory, BUILD_ERROR_FILE)
             if reason is None:
                 if os.path.exists(path):
                     os.remove(path)
                 continue
+            for stale in glob.glob(os.path.join(directory, "_C.*")):
+                os.remove(stale)
             os.makedirs(directory, exist_ok=True)
             with open(path, "w") as file:
                 file.write(reason + "\n")
