@@ -57,7 +57,8 @@ DType kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kBFloat1
 
 HeadTensor head_tensor(const at::Tensor& t) { return HeadTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
-Matrix matrix(const at::Tensor& t) { return Matrix{t.data_ptr(), t.size(0) > 1 ? t.stride(0) : t.size(1), 1}; }
+// A 2-D tensor with unit column stride (see unit_inner_stride).
+Matrix matrix(const at::Tensor& t) { return Matrix{t.data_ptr(), t.stride(0), 1}; }
 
 const void* optional_data(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 

@@ -2,9 +2,9 @@
 //
 // Forward: each (batch, head, query tile) task keeps the query tile, its running row maxima and sums
 // and its output accumulator in float32 scratch, and streams the key/value tiles the causal mask lets
-// it see (tiles entirely above the diagonal are skipped, not masked): S = Q K^T (the softmax scale is
-// folded into Q), online softmax, O += P V. Memory is O(tile) per thread; the output and the
-// logsumexp are the only things written. Scores stay in natural-log units and exp(s - max) is taken as
+// it see (tiles entirely above the diagonal are skipped, not masked): S = Q K^T (computed transposed,
+// with the softmax scale folded into Q), online softmax, O += P V. Memory is O(tile) per thread; the
+// output and the logsumexp are the only things written. Scores stay in natural-log units and exp(s - max) is taken as
 // exp2((s - max) * log2 e): the base change multiplies the small difference, not the score, so large
 // scores lose no precision to it.
 //
@@ -111,13 +111,14 @@ T* head_pointer_mut(const HeadTensor& t, int64_t batch, int64_t head) {
 // Forward
 
 // Rows [0, rows) of a (rows, cols) tile of T with row stride `stride`, as float32 rows with a row
-// stride `*ld`: read in place when T is float32 and no padding is needed (cols % kWidth == 0 or the
-// reader uses only `cols` columns), otherwise converted into `buffer`.
+// stride `*ld`: read in place when T is float32, unless the reader loads whole vectors past `cols`
+// (reads_padding) and cols is not a multiple of kWidth; otherwise converted and zero-padded into
+// `buffer`.
 template <typename T>
-const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t cols, bool padded, float* buffer,
-                           int64_t buffer_ld, int64_t* ld) {
+const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t cols, bool reads_padding,
+                           float* buffer, int64_t buffer_ld, int64_t* ld) {
   if constexpr (sizeof(T) == sizeof(float)) {
-    if (!padded || cols % kWidth == 0) {
+    if (!reads_padding || cols % kWidth == 0) {
       *ld = stride;
       return reinterpret_cast<const float*>(src);
     }
@@ -275,7 +276,7 @@ struct QuerySide {
   float* delta;  // (rows)
 };
 
-// The key side of a tile or a whole head, packed; columns/rows from key0 of the packed range on.
+// The key side of a key tile, or of a whole kv head, packed into float32.
 struct KeySide {
   float* kt;   // (head_dim, ld): K^T
   float* vt;   // (head_dim, ld): V^T
@@ -315,7 +316,7 @@ struct TilePair {
   QuerySide query;
   const float* kt;
   const float* vt;
-  int64_t kt_ld;
+  int64_t kt_ld;  // row length of kt and vt
   const float* k;
   float* dk;
   float* dv;

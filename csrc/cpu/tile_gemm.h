@@ -3,7 +3,8 @@
 // Included inside namespace fastgpt::cpu::FASTGPT_ISA after simd.h (no include guard: one copy per
 // instruction set). A register-blocked micro-kernel keeps a kMicroRows x (kMicroVecs * kWidth) block
 // of C in vector registers for the whole contraction: each step loads kMicroVecs vectors of a row of
-// B, broadcasts one element of A per row of C, and issues kMicroRows * kMicroVecs fused multiply-adds.
+// B, broadcasts one element of A per row of C, and issues kMicroRows * kMicroVecs multiply-adds (fused
+// where the instruction set has FMA).
 
 // 6 x 4 accumulators + 4 B vectors + 1 broadcast = 29 of AVX-512's 32 registers; 6 x 2 + 2 + 1 = 15
 // of the 16 that AVX2, SSE and NEON-as-baseline are given.
