@@ -24,6 +24,7 @@ demo: install
 
 # The C++ kernels' own tests (csrc/cpu/tests, no torch), and the CUDA sources compiled when nvcc exists.
 ctest:
+	command -v cmake >/dev/null || $(PIP) install cmake
 	cmake -S . -B build && cmake --build build -j2 && ctest --test-dir build --output-on-failure
 
 test: install ctest

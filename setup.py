@@ -58,7 +58,7 @@ def torch_extension():
     try:
         import torch
         from torch.utils import cpp_extension
-    except Exception as error:  # torch missing or broken: install as pure Python
+    except Exception as error:  # noqa: BLE001 (a missing or broken torch raises many kinds): pure Python
         reason = (
             f"torch was not importable when fastgpt was built ({type(error).__name__}: {error}); "
             "reinstall with `pip install --no-build-isolation .` where torch is installed"
@@ -73,11 +73,11 @@ def torch_extension():
             f"torch.version.cuda={torch.version.cuda}, nvcc home={cpp_extension.CUDA_HOME}"
         )
     with_cuda = bool(CUDA_SOURCES) and cuda_possible and mode != "0"
-    common = dict(
-        name=EXTENSION_NAME,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=openmp_flags(),
-    )
+    common = {
+        "name": EXTENSION_NAME,
+        "include_dirs": [os.path.join(ROOT, "csrc")],
+        "extra_link_args": openmp_flags(),
+    }
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         extension = cpp_extension.CUDAExtension(
@@ -123,7 +123,9 @@ class OptionalBuildExtension(BUILD_BASE):
             directories.add(os.path.join(ROOT, "fastgpt"))
         if reason is not None:
             banner = "=" * 78
-            print(f"{banner}\nWARNING: {reason}\nfastgpt is installed without its cpu and cuda backends.\n{banner}")
+            print(
+                f"{banner}\nWARNING: {reason}\nfastgpt is installed without its cpu and cuda backends.\n{banner}"
+            )
         for directory in directories:
             path = os.path.join(directory, BUILD_ERROR_FILE)
             if reason is None:

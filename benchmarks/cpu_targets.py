@@ -6,7 +6,9 @@
 Run from the repository root with fastgpt importable (installed, or PYTHONPATH=.) and fastgpt._C built.
 
 Timing: torch.utils.benchmark Timers, one per provider, run in alternation round after round (so load
-from other processes hits every provider alike); each provider's time is the median over rounds.
+from other processes hits every provider alike); each provider's time is the median over rounds. The
+process CPU time per call (all threads) is reported too: on a machine shared with other jobs it is
+the steadier measure of the work each provider does.
 - causal attention forward+backward, fp32, B=2, H=12, N=2048, D=64: the cpu backend against
   F.scaled_dot_product_attention(is_causal=True) (target: >= 1.0x);
 - fused FFN forward+backward at GPT-2 small shapes (2048 tokens, C=768, hidden 3072, gelu_tanh): the
@@ -26,6 +28,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +38,19 @@ from fastgpt import functional, reference
 
 
 def interleaved_medians(providers, rounds):
-    """{name: median seconds per call}, the providers timed in alternation for `rounds` rounds."""
+    """{name: (median wall seconds per call, median process CPU seconds per call)}, the providers
+    timed in alternation for `rounds` rounds."""
     timers = {name: benchmark.Timer("fn()", globals={"fn": fn}) for name, fn in providers.items()}
     for fn in providers.values():  # warm-up: first-call allocations, lazy initialisation
         fn()
-    samples = {name: [] for name in providers}
+    wall = {name: [] for name in providers}
+    cpu = {name: [] for name in providers}
     for _ in range(rounds):
         for name, timer in timers.items():
-            samples[name].append(timer.timeit(1).median)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            start = time.process_time()
+            wall[name].append(timer.timeit(1).median)
+            cpu[name].append(time.process_time() - start)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in providers}
 
 
 def attention_providers(batch, heads, seq, head_dim):
@@ -93,15 +100,15 @@ def ffn_providers(tokens, channels, hidden):
     return {"cpu fwd+bwd": cpu, "eager fwd+bwd": eager, "eager F.gelu(tanh) fwd+bwd": eager_fused_gelu}
 
 
-def print_timings(title, medians, baseline, flops=None):
+def print_timings(title, medians, baseline, flops):
     print(f"\n{title}")
-    for name, seconds in medians.items():
-        line = f"  {name:32s} {seconds * 1e3:9.1f} ms"
-        if flops and name in flops:
-            line += f"  {flops[name] / seconds / 1e9:7.1f} GFLOP/s"
-        print(line)
+    print(f"  {'provider':32s} {'wall':>9s}    {'GFLOP/s':>7s} {'CPU (all threads)':>18s}")
+    for name, (wall, cpu) in medians.items():
+        print(f"  {name:32s} {wall * 1e3:9.1f} ms {flops[name] / wall / 1e9:7.1f} {cpu * 1e3:15.1f} ms")
     for name, other in baseline:
-        print(f"  speedup {name} vs {other}: {medians[other] / medians[name]:.2f}x")
+        wall_ratio = medians[other][0] / medians[name][0]
+        cpu_ratio = medians[other][1] / medians[name][1]
+        print(f"  speedup {name} vs {other}: {wall_ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,14 +149,19 @@ def measure_memory():
                 continue
             result = subprocess.run(
                 [sys.executable, __file__, "--memory-child", provider, str(seq)],
-                capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": os.getcwd()},
             )
             row.append(result.stdout.strip().splitlines()[-1])
         print(f"  {seq:6d} {row[0]:>10s} {row[1]:>10s} {row[2]:>10s}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per provider")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "SEQ"), help=argparse.SUPPRESS)
@@ -163,17 +175,28 @@ def main():
     batch, heads, seq, head_dim = 2, 12, 2048, 64
     forward_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the square
     medians = interleaved_medians(attention_providers(batch, heads, seq, head_dim), args.rounds)
-    flops = {"cpu fwd+bwd": 3.5 * forward_flops, "sdpa fwd+bwd": 3.5 * forward_flops,
-             "cpu fwd": forward_flops, "sdpa fwd": forward_flops}
-    print_timings(f"causal attention fp32 B={batch} H={heads} N={seq} D={head_dim}", medians,
-                  [("cpu fwd+bwd", "sdpa fwd+bwd"), ("cpu fwd", "sdpa fwd")], flops)
+    flops = {
+        "cpu fwd+bwd": 3.5 * forward_flops,
+        "sdpa fwd+bwd": 3.5 * forward_flops,
+        "cpu fwd": forward_flops,
+        "sdpa fwd": forward_flops,
+    }
+    print_timings(
+        f"causal attention fp32 B={batch} H={heads} N={seq} D={head_dim}",
+        medians,
+        [("cpu fwd+bwd", "sdpa fwd+bwd"), ("cpu fwd", "sdpa fwd")],
+        flops,
+    )
 
     tokens, channels, hidden = 2048, 768, 3072
     medians = interleaved_medians(ffn_providers(tokens, channels, hidden), args.rounds)
     ffn_flops = 3 * 2 * (2 * tokens * channels * hidden)  # two GEMMs forward, four backward
-    print_timings(f"FFN fp32 fwd+bwd tokens={tokens} C={channels} hidden={hidden} gelu_tanh", medians,
-                  [("cpu fwd+bwd", "eager fwd+bwd"), ("cpu fwd+bwd", "eager F.gelu(tanh) fwd+bwd")],
-                  {name: ffn_flops for name in medians})
+    print_timings(
+        f"FFN fp32 fwd+bwd tokens={tokens} C={channels} hidden={hidden} gelu_tanh",
+        medians,
+        [("cpu fwd+bwd", "eager fwd+bwd"), ("cpu fwd+bwd", "eager F.gelu(tanh) fwd+bwd")],
+        {name: ffn_flops for name in medians},
+    )
     if not args.no_memory:
         measure_memory()
 

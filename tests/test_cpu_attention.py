@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
 
-from fastgpt import functional, reference  # noqa: E402
-from tolerance import assert_close  # noqa: E402
+from tolerance import assert_close
+
+from fastgpt import functional, reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -68,7 +69,9 @@ def test_attention_on_views_of_a_fused_qkv_projection(dtype):
 
     def split_heads(fn):
         def attention(qkv):  # qkv: (B, T, 3 * H * D), as nn.Linear(C, 3C) returns it
-            q, k, v = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D) views
+            q, k, v = qkv.view(batch, seq, 3, heads, head_dim).permute(
+                2, 0, 3, 1, 4
+            )  # 3 x (B, H, T, D) views
             assert q.stride(-1) == 1 and not q.is_contiguous()
             return fn(q, k, v)
 
@@ -76,12 +79,18 @@ def test_attention_on_views_of_a_fused_qkv_projection(dtype):
 
     qkv = torch.randn(batch, seq, 3 * heads * head_dim, dtype=torch.float64)
     check_against_reference(
-        split_heads(cpu_attention), split_heads(reference.causal_attention), [qkv], dtype, (batch, heads, seq, head_dim)
+        split_heads(cpu_attention),
+        split_heads(reference.causal_attention),
+        [qkv],
+        dtype,
+        (batch, heads, seq, head_dim),
     )
 
 
 def test_attention_accepts_a_non_unit_inner_stride():
-    q, k, v = (torch.randn(1, 2, 33, 32, dtype=torch.float64).transpose(2, 3) for _ in range(3))  # stride(-1) = 32
+    q, k, v = (
+        torch.randn(1, 2, 33, 32, dtype=torch.float64).transpose(2, 3) for _ in range(3)
+    )  # stride(-1) = 32
     check_against_reference(cpu_attention, reference.causal_attention, [q, k, v], torch.float32, q.shape)
 
 
@@ -91,8 +100,11 @@ def test_attention_custom_softmax_scale():
     def with_scale(fn):
         return lambda q, k, v: fn(q, k, v, softmax_scale=0.3)
 
-    cpu_fn = with_scale(lambda q, k, v, softmax_scale: functional.causal_attention(
-        q, k, v, softmax_scale=softmax_scale, backend="cpu"))
+    cpu_fn = with_scale(
+        lambda q, k, v, softmax_scale: functional.causal_attention(
+            q, k, v, softmax_scale=softmax_scale, backend="cpu"
+        )
+    )
     check_against_reference(cpu_fn, with_scale(reference.causal_attention), [q, k, v], torch.float32, q.shape)
 
 

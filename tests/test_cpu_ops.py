@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
 
-from fastgpt import functional, reference  # noqa: E402
-from fastgpt.activations import ACTIVATIONS  # noqa: E402
-from tolerance import assert_close  # noqa: E402
+from tolerance import assert_close
+
+from fastgpt import functional, reference
+from fastgpt.activations import ACTIVATIONS
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -18,7 +19,8 @@ def run(fn, inputs, dtype, upstreams):
     """fn(*inputs) with the float tensors cast to dtype (None and integer tensors passed as they are);
     returns the outputs and the gradients of sum(out_i * upstream_i) w.r.t. every float input."""
     leaves = [
-        t.detach().to(dtype).requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs
+        t.detach().to(dtype).requires_grad_() if t is not None and t.is_floating_point() else t
+        for t in inputs
     ]
     outputs = fn(*leaves)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -76,7 +78,14 @@ def test_ffn_matches_reference(case, activation, dtype):
 
     def cpu_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
         return functional.fused_ffn(
-            x, fc_weight, fc_bias, proj_weight, proj_bias, activation=activation, residual=residual, backend="cpu"
+            x,
+            fc_weight,
+            fc_bias,
+            proj_weight,
+            proj_bias,
+            activation=activation,
+            residual=residual,
+            backend="cpu",
         )
 
     def reference_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
@@ -99,7 +108,9 @@ def test_ffn_empty_batch():
 def test_ffn_nan_stays_in_its_row():
     x = torch.randn(9, 16)
     x[4, 2] = float("nan")
-    out = functional.fused_ffn(x, torch.randn(40, 16), torch.randn(40), torch.randn(16, 40), None, backend="cpu")
+    out = functional.fused_ffn(
+        x, torch.randn(40, 16), torch.randn(40), torch.randn(16, 40), None, backend="cpu"
+    )
     assert torch.equal(out.isnan().any(dim=-1), torch.arange(9) == 4)
 
 
@@ -116,7 +127,9 @@ LAYER_NORM_CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=lambda c: f"{c[0]}-res{int(c[1])}-w{int(c[2])}-b{int(c[3])}")
+@pytest.mark.parametrize(
+    "case", LAYER_NORM_CASES, ids=lambda c: f"{c[0]}-res{int(c[1])}-w{int(c[2])}-b{int(c[3])}"
+)
 def test_layer_norm_matches_reference(case, dtype):
     shape, with_residual, with_weight, with_bias = case
     width = shape[-1]
@@ -192,8 +205,12 @@ def test_linear_cross_entropy_matches_reference(case, reduction, dtype):
     token_shape, channels, vocab, with_bias = case
     targets = torch.randint(0, vocab, token_shape)
     targets.view(-1)[1::5] = -100  # ignored rows
-    inputs = [randn(*token_shape, channels), randn(vocab, channels, scale=0.5), targets,
-              randn(vocab) if with_bias else None]
+    inputs = [
+        randn(*token_shape, channels),
+        randn(vocab, channels, scale=0.5),
+        targets,
+        randn(vocab) if with_bias else None,
+    ]
 
     def losses(fn, backend_reduction):
         def loss(x, weight, targets, bias):
@@ -202,7 +219,9 @@ def test_linear_cross_entropy_matches_reference(case, reduction, dtype):
         return loss
 
     def cpu_loss(x, weight, targets, bias, reduction):
-        return functional.linear_cross_entropy(x, weight, targets, bias=bias, reduction=reduction, backend="cpu")
+        return functional.linear_cross_entropy(
+            x, weight, targets, bias=bias, reduction=reduction, backend="cpu"
+        )
 
     def reference_loss(x, weight, targets, bias, reduction):
         return reference.linear_cross_entropy(x, weight, targets, bias, reduction=reduction)
@@ -233,7 +252,9 @@ def test_linear_cross_entropy_loss_is_float32_and_follows_ignore_index():
     x, weight = torch.randn(10, 8, dtype=torch.bfloat16), torch.randn(30, 8, dtype=torch.bfloat16)
     targets = torch.randint(0, 30, (10,))
     targets[3] = 7
-    loss = functional.linear_cross_entropy(x, weight, targets, ignore_index=7, reduction="none", backend="cpu")
+    loss = functional.linear_cross_entropy(
+        x, weight, targets, ignore_index=7, reduction="none", backend="cpu"
+    )
     assert loss.dtype == torch.float32 and loss[3] == 0 and (loss[targets != 7] > 0).all()
 
 
@@ -254,8 +275,9 @@ def test_linear_cross_entropy_huge_logits_do_not_overflow():
 def test_linear_cross_entropy_nan_stays_in_its_row():
     x = torch.randn(12, 16)
     x[5, 0] = float("nan")
-    loss = functional.linear_cross_entropy(x, torch.randn(40, 16), torch.randint(0, 40, (12,)), reduction="none",
-                                           backend="cpu")
+    loss = functional.linear_cross_entropy(
+        x, torch.randn(40, 16), torch.randint(0, 40, (12,)), reduction="none", backend="cpu"
+    )
     assert torch.equal(loss.isnan(), torch.arange(12) == 5)
 
 
@@ -263,7 +285,9 @@ def test_linear_cross_entropy_empty_and_all_ignored():
     weight = torch.randn(9, 4, requires_grad=True)
     empty = torch.randn(0, 4, requires_grad=True)
     no_targets = torch.zeros(0, dtype=torch.long)
-    assert functional.linear_cross_entropy(empty, weight, no_targets, reduction="none", backend="cpu").shape == (0,)
+    assert functional.linear_cross_entropy(
+        empty, weight, no_targets, reduction="none", backend="cpu"
+    ).shape == (0,)
     total = functional.linear_cross_entropy(empty, weight, no_targets, reduction="sum", backend="cpu")
     total.backward()
     assert total == 0 and torch.equal(weight.grad, torch.zeros_like(weight))
@@ -275,7 +299,8 @@ def test_linear_cross_entropy_empty_and_all_ignored():
 def test_linear_cross_entropy_without_grad_skips_gradient_work():
     x, weight = torch.randn(20, 8), torch.randn(30, 8)
     targets = torch.randint(0, 30, (20,))
-    loss, dx, dweight, dbias = torch.ops.fastgpt.linear_cross_entropy_forward(x, weight, targets, None, -100, "mean",
-                                                                              False)
+    loss, dx, dweight, dbias = torch.ops.fastgpt.linear_cross_entropy_forward(
+        x, weight, targets, None, -100, "mean", False
+    )
     assert dx.numel() == dweight.numel() == dbias.numel() == 0
     torch.testing.assert_close(loss, reference.linear_cross_entropy(x, weight, targets))

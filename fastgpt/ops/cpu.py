@@ -178,9 +178,7 @@ def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     flat_targets = targets.reshape(-1)  # (N,)
     # With 'mean'/'sum' the gradients cost little extra in the forward pass, which computes them when
     # autograd will need them; 'none' needs the per-row upstream gradient, so its backward runs a pass.
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     loss, _, _, _ = _ops.linear_cross_entropy_forward(
         rows, weight, flat_targets, bias, ignore_index, reduction, wants_grad and reduction != "none"
     )
@@ -216,11 +214,15 @@ def _cross_entropy_backward(ctx, dloss, _ddx, _ddweight, _ddbias):
     else:
         _, x, weight, bias = ctx.saved_tensors
         row_grad = scale.expand(targets.shape).to(torch.float32).contiguous()  # (N,)
-        dx, dweight, dbias = _ops.linear_cross_entropy_backward(x, weight, targets, bias, row_grad, ctx.ignore_index)
+        dx, dweight, dbias = _ops.linear_cross_entropy_backward(
+            x, weight, targets, bias, row_grad, ctx.ignore_index
+        )
         dbias = dbias if ctx.has_bias else None
     return dx, dweight, None, dbias, None, None, None
 
 
 torch.library.register_autograd(
-    "fastgpt::linear_cross_entropy_forward", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
+    "fastgpt::linear_cross_entropy_forward",
+    _cross_entropy_backward,
+    setup_context=_cross_entropy_setup_context,
 )
