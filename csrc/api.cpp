@@ -392,13 +392,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
 // Linear cross-entropy, chunked: logits = x_chunk @ W^T (BLAS), the fused loss/gradient pass
 // (csrc/cpu/cross_entropy.cpp), then dx_chunk = dlogits @ W and dW += dlogits^T @ x_chunk (BLAS).
 
-// Tokens per chunk: as in Liger-Kernel, chunk * vocab ~ tokens * channels, so the logits chunk is about
-// the size of x; at least 64 rows (for efficient GEMMs), rounded up to a power of two.
-int64_t cross_entropy_chunk_rows(int64_t tokens, int64_t vocab, int64_t channels) {
-  const int64_t ratio = (vocab + channels - 1) / std::max<int64_t>(channels, 1);
-  const int64_t wanted = (tokens + ratio - 1) / std::max<int64_t>(ratio, 1);
+// Tokens per chunk: the largest power of two whose float32 logits fit in 64 MiB (256 rows for GPT-2's
+// 50257-token vocabulary), at least 64. Each chunk's dW += dlogits^T @ x_chunk reads and writes all of
+// dW, so on a CPU fewer, larger chunks are much faster, while memory stays bounded by the budget.
+constexpr int64_t kLogitsChunkBytes = int64_t{64} << 20;
+
+int64_t cross_entropy_chunk_rows(int64_t tokens, int64_t vocab) {
   int64_t rows = 64;
-  while (rows < wanted) rows *= 2;
+  while (2 * rows * vocab * static_cast<int64_t>(sizeof(float)) <= kLogitsChunkBytes) rows *= 2;
   return std::min(rows, tokens);
 }
 
@@ -451,7 +452,7 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
     p.dweight = dweight_acc.data_ptr<float>();
     p.dbias = bias ? dbias_acc.data_ptr<float>() : nullptr;
   }
-  const int64_t chunk = cross_entropy_chunk_rows(tokens, vocab, channels);
+  const int64_t chunk = cross_entropy_chunk_rows(tokens, vocab);
   p.chunk_size = static_cast<int32_t>(chunk);
   at::Tensor logits = at::empty({chunk, vocab}, x.options());  // (chunk, V): logits, then dlogits
   for (int64_t begin = 0; begin < tokens; begin += chunk) {

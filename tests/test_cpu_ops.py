@@ -248,6 +248,30 @@ def test_linear_cross_entropy_matches_reference(case, reduction, dtype):
     assert (grads[3] is not None) == with_bias
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_linear_cross_entropy_spans_several_chunks(reduction):
+    # 64 MiB of float32 logits per chunk: 128 rows of a 70001-token vocabulary, so 300 tokens take 3.
+    tokens, channels, vocab = 300, 16, 70001
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[::7] = -100
+    inputs = [randn(tokens, channels), randn(vocab, channels, scale=0.5), targets, randn(vocab)]
+
+    def cpu_loss(x, weight, targets, bias):
+        return functional.linear_cross_entropy(x, weight, targets, bias=bias, reduction=reduction, backend="cpu")
+
+    def reference_loss(x, weight, targets, bias):
+        return reference.linear_cross_entropy(x, weight, targets, bias, reduction=reduction)
+
+    upstream = randn(tokens) if reduction == "none" else randn(())
+    outs, grads = run(cpu_loss, inputs, torch.float32, [upstream])
+    eager_outs, eager_grads = run(reference_loss, inputs, torch.float32, [upstream])
+    ref_outs, ref_grads = run(reference_loss, inputs, torch.float64, [upstream])
+    if reduction == "none":
+        assert_close("loss rows", outs[0], ref_outs[0], eager_outs[0])
+    for name, index in (("dx", 0), ("dweight", 1), ("dbias", 3)):
+        assert_close(name, grads[index], ref_grads[index], eager_grads[index])
+
+
 def test_linear_cross_entropy_loss_is_float32_and_follows_ignore_index():
     x, weight = torch.randn(10, 8, dtype=torch.bfloat16), torch.randn(30, 8, dtype=torch.bfloat16)
     targets = torch.randint(0, 30, (10,))

@@ -7,7 +7,7 @@
 // and, when gradients are requested, overwrites the row in place with
 //   dlogits = (softmax - onehot(target)) * row_grad
 // (row_grad = 1 for 'mean' and 'sum', which the caller scales afterwards). Ignored rows get loss 0 and
-// zero gradients. dbias accumulates the chunk's dlogits column sums, rows added in order.
+// zero gradients. dbias accumulates the chunk's dlogits column sums, rows added in order in float64.
 #ifndef FASTGPT_ISA_PASS
 
 #include <cmath>
@@ -103,15 +103,16 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
     const int64_t end = begin + kColumnsPerTask < vocab ? begin + kColumnsPerTask : vocab;
     for (int64_t c = begin; c < end; c += kWidth) {
       const int64_t count = end - c < kWidth ? end - c : kWidth;
-      Vec sum = count == kWidth ? load(p.dbias + c) : load_partial(p.dbias + c, count);
+      VecDouble sum = __builtin_convertvector(count == kWidth ? load(p.dbias + c) : load_partial(p.dbias + c, count),
+                                              VecDouble);
       for (int64_t r = 0; r < rows; ++r) {
         const T* row = logits + r * stride + c;
-        sum += count == kWidth ? load(row) : load_partial(row, count);
+        sum += __builtin_convertvector(count == kWidth ? load(row) : load_partial(row, count), VecDouble);
       }
       if (count == kWidth) {
-        store(p.dbias + c, sum);
+        store(p.dbias + c, __builtin_convertvector(sum, Vec));
       } else {
-        store_partial(p.dbias + c, sum, count);
+        store_partial(p.dbias + c, __builtin_convertvector(sum, Vec), count);
       }
     }
   }

@@ -222,15 +222,15 @@ void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out)
     const int64_t end = begin + kColumnsPerTask < cols ? begin + kColumnsPerTask : cols;
     for (int64_t c = begin; c < end; c += kWidth) {
       const int64_t count = end - c < kWidth ? end - c : kWidth;
-      Vec sum = splat(0.0f);
+      VecDouble sum = {};
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = partials + r * cols + c;
-        sum += count == kWidth ? load(row) : load_partial(row, count);
+        sum += __builtin_convertvector(count == kWidth ? load(row) : load_partial(row, count), VecDouble);
       }
       if (count == kWidth) {
-        store(out + c, sum);
+        store(out + c, __builtin_convertvector(sum, Vec));
       } else {
-        store_partial(out + c, sum, count);
+        store_partial(out + c, __builtin_convertvector(sum, Vec), count);
       }
     }
   }

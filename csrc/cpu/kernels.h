@@ -39,7 +39,7 @@ void attention_backward(const AttentionParams& p);
 // sees exactly what the forward produced.
 void gemm_epilogue(const GemmParams& p);
 
-// out[c] = sum over r of partials[r * cols + c], rows summed in order (deterministic).
+// out[c] = sum over r of partials[r * cols + c], rows summed in order in float64 (deterministic).
 void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out);
 
 // LayerNorm (+ fused residual add) forward: writes out, residual_out (when a residual is given), mean

@@ -11,6 +11,9 @@ typedef float Vec __attribute__((vector_size(4 * FASTGPT_SIMD_WIDTH)));
 typedef int32_t VecInt __attribute__((vector_size(4 * FASTGPT_SIMD_WIDTH)));
 typedef uint32_t VecBits __attribute__((vector_size(4 * FASTGPT_SIMD_WIDTH)));
 typedef uint16_t VecHalfBits __attribute__((vector_size(2 * FASTGPT_SIMD_WIDTH)));
+// kWidth doubles (two registers), for sums over many rows that float32 would round too often. Convert
+// with __builtin_convertvector in place: passing it to or from a function would change the ABI.
+typedef double VecDouble __attribute__((vector_size(8 * FASTGPT_SIMD_WIDTH)));
 
 // x - 0 is exactly x (signed zeros included), so this compiles to a single broadcast.
 inline Vec splat(float x) { return x - Vec{}; }
