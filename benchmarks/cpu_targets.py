@@ -5,10 +5,11 @@
 
 Run from the repository root with fastgpt importable (installed, or PYTHONPATH=.) and fastgpt._C built.
 
-Timing: torch.utils.benchmark Timers, one per provider, run in alternation round after round (so load
-from other processes hits every provider alike); each provider's time is the median over rounds. The
-process CPU time per call (all threads) is reported too: on a machine shared with other jobs it is
-the steadier measure of the work each provider does.
+Timing: torch.utils.benchmark Timers, one per provider, run in alternation round after round (the
+order reversed every other round), so load from other processes hits every provider alike. Each
+provider's time is its median over rounds; each speedup is the median of the per-round ratios, i.e.
+of paired samples taken moments apart. The process CPU time per call (all threads) is reported too:
+on a machine shared with other jobs it is the steadier measure of the work each provider does.
 - causal attention forward+backward, fp32, B=2, H=12, N=2048, D=64: the cpu backend against
   F.scaled_dot_product_attention(is_causal=True) (target: >= 1.0x);
 - fused FFN forward+backward at GPT-2 small shapes (2048 tokens, C=768, hidden 3072, gelu_tanh): the
@@ -37,20 +38,20 @@ from torch.utils import benchmark
 from fastgpt import functional, reference
 
 
-def interleaved_medians(providers, rounds):
-    """{name: (median wall seconds per call, median process CPU seconds per call)}, the providers
-    timed in alternation for `rounds` rounds."""
+def interleaved_samples(providers, rounds):
+    """{name: ([wall seconds per round], [process CPU seconds per round])}: the providers timed in
+    alternation, the order reversed every other round, so neighbouring samples see the same load."""
     timers = {name: benchmark.Timer("fn()", globals={"fn": fn}) for name, fn in providers.items()}
     for fn in providers.values():  # warm-up: first-call allocations, lazy initialisation
         fn()
-    wall = {name: [] for name in providers}
-    cpu = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
+    samples = {name: ([], []) for name in providers}
+    for round_index in range(rounds):
+        order = list(timers) if round_index % 2 == 0 else list(reversed(timers))
+        for name in order:
             start = time.process_time()
-            wall[name].append(timer.timeit(1).median)
-            cpu[name].append(time.process_time() - start)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in providers}
+            samples[name][0].append(timers[name].timeit(1).median)
+            samples[name][1].append(time.process_time() - start)
+    return samples
 
 
 def attention_providers(batch, heads, seq, head_dim):
@@ -100,15 +101,26 @@ def ffn_providers(tokens, channels, hidden):
     return {"cpu fwd+bwd": cpu, "eager fwd+bwd": eager, "eager F.gelu(tanh) fwd+bwd": eager_fused_gelu}
 
 
-def print_timings(title, medians, baseline, flops):
+def print_timings(title, samples, comparisons, flops):
+    """Median wall and CPU time per provider, and each comparison's speedup as the median of the
+    per-round ratios (paired samples taken moments apart)."""
     print(f"\n{title}")
     print(f"  {'provider':32s} {'wall':>9s}    {'GFLOP/s':>7s} {'CPU (all threads)':>18s}")
-    for name, (wall, cpu) in medians.items():
-        print(f"  {name:32s} {wall * 1e3:9.1f} ms {flops[name] / wall / 1e9:7.1f} {cpu * 1e3:15.1f} ms")
-    for name, other in baseline:
-        wall_ratio = medians[other][0] / medians[name][0]
-        cpu_ratio = medians[other][1] / medians[name][1]
-        print(f"  speedup {name} vs {other}: {wall_ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time")
+    for name, (wall, cpu) in samples.items():
+        wall_median, cpu_median = statistics.median(wall), statistics.median(cpu)
+        print(
+            f"  {name:32s} {wall_median * 1e3:9.1f} ms {flops[name] / wall_median / 1e9:7.1f} {cpu_median * 1e3:15.1f} ms"
+        )
+    for name, other in comparisons:
+        ratios = [
+            statistics.median(
+                theirs / ours for theirs, ours in zip(samples[other][kind], samples[name][kind])
+            )
+            for kind in (0, 1)
+        ]
+        print(
+            f"  speedup {name} vs {other}: {ratios[0]:.2f}x wall, {ratios[1]:.2f}x CPU time (median of per-round ratios)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastgpt._C kernels: {_C.cpu_isa()}")
     batch, heads, seq, head_dim = 2, 12, 2048, 64
     forward_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the square
-    medians = interleaved_medians(attention_providers(batch, heads, seq, head_dim), args.rounds)
+    samples = interleaved_samples(attention_providers(batch, heads, seq, head_dim), args.rounds)
     flops = {
         "cpu fwd+bwd": 3.5 * forward_flops,
         "sdpa fwd+bwd": 3.5 * forward_flops,
@@ -183,19 +195,19 @@ def main():
     }
     print_timings(
         f"causal attention fp32 B={batch} H={heads} N={seq} D={head_dim}",
-        medians,
+        samples,
         [("cpu fwd+bwd", "sdpa fwd+bwd"), ("cpu fwd", "sdpa fwd")],
         flops,
     )
 
     tokens, channels, hidden = 2048, 768, 3072
-    medians = interleaved_medians(ffn_providers(tokens, channels, hidden), args.rounds)
+    samples = interleaved_samples(ffn_providers(tokens, channels, hidden), args.rounds)
     ffn_flops = 3 * 2 * (2 * tokens * channels * hidden)  # two GEMMs forward, four backward
     print_timings(
         f"FFN fp32 fwd+bwd tokens={tokens} C={channels} hidden={hidden} gelu_tanh",
-        medians,
+        samples,
         [("cpu fwd+bwd", "eager fwd+bwd"), ("cpu fwd+bwd", "eager F.gelu(tanh) fwd+bwd")],
-        {name: ffn_flops for name in medians},
+        {name: ffn_flops for name in samples},
     )
     if not args.no_memory:
         measure_memory()
