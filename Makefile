@@ -6,10 +6,12 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 STAMP := .make/installed
+# Editing any C++/CUDA source rebuilds the extension fastgpt._C on the next `make install`/`make test`.
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test ctest lint clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(CSRC)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install setuptools wheel
 	$(PIP) install --no-build-isolation -e ".[test,triton]"
@@ -20,11 +22,16 @@ install: $(STAMP)
 demo: install
 	$(PYTHON) -m fastgpt demo
 
-test: install
+# The C++ kernels' own tests (csrc/cpu/tests, no torch), and the CUDA sources compiled when nvcc exists.
+ctest:
+	command -v cmake >/dev/null || $(PIP) install cmake
+	cmake -S . -B build && cmake --build build -j2 && ctest --test-dir build --output-on-failure
+
+test: install ctest
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint:
 	$(PYTHON) -m ruff check fastgpt tests benchmarks
 
 clean:
-	rm -rf .make build *.egg-info fastgpt/*.so
+	rm -rf .make build *.egg-info fastgpt/*.so fastgpt/_C_build_error.txt

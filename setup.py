@@ -1,5 +1,142 @@
-"""Build script. The package is pure Python; the compiled extension fastgpt._C is added in csrc/."""
+"""Build script: the pure-Python package plus the optional compiled extension fastgpt._C.
 
-from setuptools import setup
+fastgpt._C holds the C++ CPU kernels (csrc/cpu, OpenMP) behind the torch operators of csrc/api.cpp
+(the `cpu` backend). When a CUDA-enabled torch and nvcc are both present it is built as a
+CUDAExtension that also compiles csrc/cuda/*.cu (the `cuda` backend). Environment:
 
-setup()
+  FASTGPT_CUDA=auto|0|1   compile the CUDA kernels when possible (default), never, or always (fail if
+                          CUDA torch or nvcc is missing)
+  TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0"
+  MAX_JOBS                parallel compile jobs
+
+No -march flag is used: the CPU kernels are compiled for AVX-512, AVX2 and the baseline and pick one
+at run time, so a wheel built here runs on any x86-64 CPU.
+
+Install with `pip install --no-build-isolation -e .` (or `.`) so the build sees the installed torch.
+If the extension cannot be built (no torch at build time, no C++ compiler, a compile error), the
+install still succeeds as pure Python: the reason is printed and written to
+fastgpt/_C_build_error.txt, which `fastgpt info` shows as why the cpu and cuda backends are missing.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXTENSION_NAME = "fastgpt._C"
+BUILD_ERROR_FILE = "_C_build_error.txt"
+CPU_FLAGS = ["-O3", "-ffp-contract=fast"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def relative_sources(pattern):
+    return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern)))
+
+
+CPU_SOURCES = ["csrc/api.cpp", *relative_sources("csrc/cpu/*.cpp")]
+CUDA_SOURCES = relative_sources("csrc/cuda/*.cu")
+
+
+def cuda_mode():
+    mode = os.environ.get("FASTGPT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"setup.py: FASTGPT_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def openmp_flags():
+    """-fopenmp for GCC/clang on Linux; Apple's clang has no OpenMP, and the kernels then run serially."""
+    return [] if sys.platform == "darwin" else ["-fopenmp"]
+
+
+def torch_extension():
+    """(extension, build_ext base class, None), or (placeholder, setuptools build_ext, reason) when
+    torch cannot be imported at build time."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as error:  # noqa: BLE001 (a missing or broken torch raises many kinds): pure Python
+        reason = (
+            f"torch was not importable when fastgpt was built ({type(error).__name__}: {error}); "
+            "reinstall with `pip install --no-build-isolation .` where torch is installed"
+        )
+        return Extension(EXTENSION_NAME, sources=CPU_SOURCES), build_ext, reason
+
+    mode = cuda_mode()
+    cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not cuda_possible:
+        sys.exit(
+            "setup.py: FASTGPT_CUDA=1 but CUDA cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, nvcc home={cpp_extension.CUDA_HOME}"
+        )
+    with_cuda = bool(CUDA_SOURCES) and cuda_possible and mode != "0"
+    common = {
+        "name": EXTENSION_NAME,
+        "include_dirs": [os.path.join(ROOT, "csrc")],
+        "extra_link_args": openmp_flags(),
+    }
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extension = cpp_extension.CUDAExtension(
+            sources=CPU_SOURCES + CUDA_SOURCES,
+            define_macros=[("FASTGPT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": CPU_FLAGS + openmp_flags(), "nvcc": NVCC_FLAGS},
+            **common,
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            sources=CPU_SOURCES, extra_compile_args={"cxx": CPU_FLAGS + openmp_flags()}, **common
+        )
+    return extension, cpp_extension.BuildExtension, None
+
+
+EXTENSION, BUILD_BASE, TORCH_MISSING = torch_extension()
+
+
+class OptionalBuildExtension(BUILD_BASE):
+    """Builds fastgpt._C if it can; otherwise warns, records why, and lets the install go on."""
+
+    def run(self):
+        reason = TORCH_MISSING
+        if reason is None:
+            try:
+                super().run()
+            except (Exception, SystemExit) as error:  # compilers and ninja fail in many ways
+                if cuda_mode() == "1":
+                    raise
+                reason = (
+                    f"building fastgpt._C failed ({type(error).__name__}: {error}); it needs a C++17 compiler "
+                    "with OpenMP: `pip install -v --no-build-isolation .` shows the compiler output"
+                )
+        self.record_build_status(reason)
+
+    def record_build_status(self, reason):
+        """Writes the failure reason where fastgpt will be imported from, next to where _C would be
+        (the build tree for wheels, the source tree too for editable and in-place builds), and removes
+        a stale one after a successful build. A failed build also removes any _C left by an earlier
+        build there, which no longer matches the sources."""
+        directories = {os.path.dirname(self.get_ext_fullpath(EXTENSION_NAME))}
+        if self.inplace or getattr(self, "editable_mode", False):
+            directories.add(os.path.join(ROOT, "fastgpt"))
+        if reason is not None:
+            banner = "=" * 78
+            print(
+                f"{banner}\nWARNING: {reason}\nfastgpt is installed without its cpu and cuda backends.\n{banner}"
+            )
+        for directory in directories:
+            path = os.path.join(directory, BUILD_ERROR_FILE)
+            if reason is None:
+                if os.path.exists(path):
+                    os.remove(path)
+                continue
+            for stale in glob.glob(os.path.join(directory, "_C.*")):
+                os.remove(stale)
+            os.makedirs(directory, exist_ok=True)
+            with open(path, "w") as file:
+                file.write(reason + "\n")
+
+
+setup(ext_modules=[EXTENSION], cmdclass={"build_ext": OptionalBuildExtension})

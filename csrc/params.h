@@ -69,7 +69,9 @@ struct AttentionParams {
 // The epilogue, in order: + bias (N) when given; when `activation_out` is given, writes the
 // pre-activation value to `out` and act(value) to `activation_out`; + residual (M, N) when given.
 // When `activation_grad_input` is given (the backward), the result is instead multiplied by
-// act'(activation_grad_input[m, n]) before it is stored: dH = (dY @ Wproj) * act'(h).
+// act'(activation_grad_input[m, n]) before it is stored: dH = (dY @ Wproj) * act'(h); `activation_out`,
+// when given there, receives act(activation_grad_input), the recomputed activation that the gradient of
+// W_proj needs (only x and h are saved by the forward).
 struct GemmParams {
   DType dtype;
   int32_t M;

@@ -35,7 +35,7 @@ IMPLEMENTATIONS = {
         "layer_norm": "fastgpt.ops.triton_layernorm",
         "linear_cross_entropy": "fastgpt.ops.triton_cross_entropy",
     },
-    "cpu": {},
+    "cpu": {op: "fastgpt.ops.cpu" for op in OPS},
     "cuda": {op: "fastgpt.ops.cuda" for op in ("causal_attention", "fused_ffn", "layer_norm")},
 }
 

@@ -1,0 +1,691 @@
+// The torch-facing side of fastgpt._C, and the only file that includes torch headers.
+//
+// It defines the operators of the `fastgpt` namespace (forward and backward of each fused op), checks
+// their tensors with TORCH_CHECK, fills the params.h structs (pointers, sizes, strides; a tensor whose
+// innermost stride is not 1 is copied, every other stride is passed through) and calls the kernels. The
+// CPU implementations run the C++ kernels of csrc/cpu, with BLAS (through ATen) for the FFN's and the
+// cross-entropy's large GEMMs; the Meta implementations give output shapes (SymInt-aware, for
+// torch.compile with dynamic shapes). fastgpt/ops/cpu.py registers autograd for these operators.
+//
+// Built with FASTGPT_WITH_CUDA (setup.py, when csrc/cuda/*.cu exist and CUDA is available), the CUDA
+// launchers of csrc/cuda/launch.h get their own TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) block here.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "params.h"
+
+namespace fastgpt {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Tensor helpers
+
+// FASTGPT_POISON_OUTPUTS=1 (the test suite sets it): outputs start as NaN, so an element a kernel
+// forgets to write shows up (the same switch as fastgpt/ops/memory.py).
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const char* poison = std::getenv("FASTGPT_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) return at::full(sizes, NAN, options);
+  return at::empty(sizes, options);
+}
+
+// The kernels require a unit innermost stride; any other stride is passed through.
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+DType kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32; }
+
+HeadTensor head_tensor(const at::Tensor& t) { return HeadTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// A 2-D tensor with unit column stride (see unit_inner_stride).
+Matrix matrix(const at::Tensor& t) { return Matrix{t.data_ptr(), t.stride(0), 1}; }
+
+const void* optional_data(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
+
+int32_t checked_int32(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value <= std::numeric_limits<int32_t>::max(), op, ": ", what, " must fit in int32, got ", value);
+  return static_cast<int32_t>(value);
+}
+
+void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpu backend, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op,
+              ": the cpu backend supports float32 and bfloat16 tensors; ", name, " has dtype ", t.scalar_type());
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const char* reference_name,
+                const at::Tensor& reference) {
+  check_cpu_float(op, name, t);
+  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", name, " must have the dtype of ", reference_name, " (",
+              reference.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_sizes(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_vector(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t size,
+                  const at::Tensor& reference) {
+  if (!t) return;
+  check_like(op, name, *t, "x", reference);
+  check_sizes(op, name, *t, {size});
+}
+
+Activation parse_activation(const char* op, c10::string_view name) {
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, op, ": activation must be one of gelu_tanh, gelu, relu, silu, got '", std::string(name), "'");
+}
+
+// Column sums in float32 of a (rows, cols) float32 matrix with rows stored contiguously.
+at::Tensor column_sums(const at::Tensor& partials, at::ScalarType dtype) {
+  at::Tensor out = at::empty({partials.size(1)}, partials.options().dtype(at::kFloat));
+  cpu::sum_partials(partials.data_ptr<float>(), partials.size(0), partials.size(1), out.data_ptr<float>());
+  return out.to(dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention
+
+void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_cpu_float(op, "q", q);
+  check_like(op, "k", k, "q", q);
+  check_like(op, "v", v, "q", q);
+  check_dim(op, "q", q, 4);
+  check_dim(op, "k", k, 4);
+  check_sizes(op, "v", v, k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": k must have shape (batch, kv_heads, kv_len, head_dim) with q's batch and head_dim, got q ", q.sizes(),
+              " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q's heads (", q.size(1),
+              ") must be a multiple of k's kv_heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(2) <= k.size(2), op, ": q_len (", q.size(2), ") must be <= kv_len (", k.size(2),
+              ") for the bottom-right causal mask");
+}
+
+AttentionParams attention_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 double softmax_scale) {
+  AttentionParams p{};
+  p.dtype = kernel_dtype(q);
+  p.batch = checked_int32(op, "batch", q.size(0));
+  p.heads = checked_int32(op, "heads", q.size(1));
+  p.kv_heads = checked_int32(op, "kv_heads", k.size(1));
+  p.q_len = checked_int32(op, "q_len", q.size(2));
+  p.kv_len = checked_int32(op, "kv_len", k.size(2));
+  p.head_dim = checked_int32(op, "head_dim", q.size(3));
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.q = head_tensor(q);
+  p.k = head_tensor(k);
+  p.v = head_tensor(v);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, double softmax_scale) {
+  const char* op = "fastgpt::attention_forward";
+  check_attention(op, q_in, k_in, v_in);
+  const at::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in), v = unit_inner_stride(v_in);
+  at::Tensor out = new_output(q.sizes(), q.options());                                      // (B, H, Tq, D)
+  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // (B, H, Tq)
+  AttentionParams p = attention_params(op, q, k, v, softmax_scale);
+  p.out = head_tensor(out);
+  p.lse = lse.data_ptr<float>();
+  cpu::attention_forward(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                                      const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                      const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                                      double softmax_scale) {
+  const char* op = "fastgpt::attention_backward";
+  check_attention(op, q_in, k_in, v_in);
+  check_like(op, "dout", dout_in, "q", q_in);
+  check_like(op, "out", out_in, "q", q_in);
+  check_sizes(op, "dout", dout_in, q_in.sizes());
+  check_sizes(op, "out", out_in, q_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
+  check_sizes(op, "lse", lse_in, {q_in.size(0), q_in.size(1), q_in.size(2)});
+  const at::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in), v = unit_inner_stride(v_in);
+  const at::Tensor dout = unit_inner_stride(dout_in), out = unit_inner_stride(out_in), lse = lse_in.contiguous();
+  at::Tensor dq = new_output(q.sizes(), q.options());  // (B, H, Tq, D)
+  at::Tensor dk = new_output(k.sizes(), k.options());  // (B, Hkv, Tk, D)
+  at::Tensor dv = new_output(v.sizes(), v.options());  // (B, Hkv, Tk, D)
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AttentionParams p = attention_params(op, q, k, v, softmax_scale);
+  p.out = head_tensor(out);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = head_tensor(dout);
+  p.dq = head_tensor(dq);
+  p.dk = head_tensor(dk);
+  p.dv = head_tensor(dv);
+  p.delta = delta.data_ptr<float>();
+  cpu::attention_backward(p);
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFN: GEMMs with BLAS, bias/activation epilogues in one pass each (csrc/cpu/ffn.cpp)
+
+// Rows per bias-gradient partial sum in the backward epilogue.
+constexpr int64_t kBiasGradBlockRows = 64;
+
+void check_ffn(const char* op, const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& proj_weight) {
+  check_cpu_float(op, "x", x);
+  check_like(op, "fc_weight", fc_weight, "x", x);
+  check_like(op, "proj_weight", proj_weight, "x", x);
+  check_dim(op, "x", x, 2);
+  check_dim(op, "fc_weight", fc_weight, 2);
+  check_dim(op, "proj_weight", proj_weight, 2);
+  TORCH_CHECK(fc_weight.size(1) == x.size(1), op, ": fc_weight must have shape (hidden, ", x.size(1), "), got ",
+              fc_weight.sizes());
+  TORCH_CHECK(proj_weight.size(1) == fc_weight.size(0), op, ": proj_weight must have shape (out_features, ",
+              fc_weight.size(0), "), got ", proj_weight.sizes());
+}
+
+GemmParams epilogue_params(const at::Tensor& out, Activation activation) {
+  GemmParams p{};
+  p.dtype = kernel_dtype(out);
+  p.M = checked_int32("fastgpt::ffn", "tokens", out.size(0));
+  p.N = checked_int32("fastgpt::ffn", "features", out.size(1));
+  p.activation = activation;
+  p.out = matrix(out);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x, const at::Tensor& fc_weight,
+                                                   const std::optional<at::Tensor>& fc_bias_in,
+                                                   const at::Tensor& proj_weight,
+                                                   const std::optional<at::Tensor>& proj_bias_in,
+                                                   c10::string_view activation_name,
+                                                   const std::optional<at::Tensor>& residual_in) {
+  const char* op = "fastgpt::ffn_forward";
+  check_ffn(op, x, fc_weight, proj_weight);
+  const Activation activation = parse_activation(op, activation_name);
+  const int64_t tokens = x.size(0), hidden = fc_weight.size(0), out_features = proj_weight.size(0);
+  check_vector(op, "fc_bias", fc_bias_in, hidden, x);
+  check_vector(op, "proj_bias", proj_bias_in, out_features, x);
+  std::optional<at::Tensor> fc_bias, proj_bias, residual;
+  if (fc_bias_in) fc_bias = fc_bias_in->contiguous();
+  if (proj_bias_in) proj_bias = proj_bias_in->contiguous();
+  if (residual_in) {
+    check_like(op, "residual", *residual_in, "x", x);
+    check_sizes(op, "residual", *residual_in, {tokens, out_features});
+    residual = unit_inner_stride(*residual_in);
+  }
+
+  at::Tensor h = new_output({tokens, hidden}, x.options());  // (M, Hid): x @ fc_weight^T, then + fc_bias
+  at::mm_out(h, x, fc_weight.t());
+  at::Tensor act = new_output({tokens, hidden}, x.options());  // (M, Hid): act(h)
+  GemmParams fc = epilogue_params(h, activation);
+  fc.bias = optional_data(fc_bias);
+  fc.activation_out = matrix(act);
+  cpu::gemm_epilogue(fc);
+
+  at::Tensor out = new_output({tokens, out_features}, x.options());  // (M, C_out)
+  at::mm_out(out, act, proj_weight.t());
+  if (proj_bias || residual) {
+    GemmParams proj = epilogue_params(out, activation);
+    proj.bias = optional_data(proj_bias);
+    if (residual) proj.residual = matrix(*residual);
+    cpu::gemm_epilogue(proj);
+  }
+  return {out, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& x, const at::Tensor& h_in, const at::Tensor& fc_weight,
+    const at::Tensor& proj_weight, c10::string_view activation_name) {
+  const char* op = "fastgpt::ffn_backward";
+  check_ffn(op, x, fc_weight, proj_weight);
+  const Activation activation = parse_activation(op, activation_name);
+  const int64_t tokens = x.size(0), hidden = fc_weight.size(0), out_features = proj_weight.size(0);
+  check_like(op, "dout", dout_in, "x", x);
+  check_like(op, "h", h_in, "x", x);
+  check_sizes(op, "dout", dout_in, {tokens, out_features});
+  check_sizes(op, "h", h_in, {tokens, hidden});
+  const at::Tensor dout = dout_in.contiguous(), h = unit_inner_stride(h_in);
+
+  // dproj_bias: column sums of dout, read as float32 partial rows when float32, else via one upcast.
+  at::Tensor dproj_bias = column_sums(dout.to(at::kFloat), x.scalar_type());
+  at::Tensor dh = new_output({tokens, hidden}, x.options());  // (M, Hid): dout @ proj_weight, then * act'(h)
+  at::mm_out(dh, dout, proj_weight);
+  at::Tensor act = new_output({tokens, hidden}, x.options());  // (M, Hid): act(h), recomputed
+  const int64_t blocks = (tokens + kBiasGradBlockRows - 1) / kBiasGradBlockRows;
+  at::Tensor partials = at::empty({blocks, hidden}, x.options().dtype(at::kFloat));
+  GemmParams epilogue = epilogue_params(dh, activation);
+  epilogue.activation_grad_input = matrix(h);
+  epilogue.activation_out = matrix(act);
+  epilogue.bias_grad_partial = partials.data_ptr<float>();
+  epilogue.bias_grad_block_m = static_cast<int32_t>(kBiasGradBlockRows);
+  cpu::gemm_epilogue(epilogue);
+
+  at::Tensor dfc_bias = column_sums(partials, x.scalar_type());
+  at::Tensor dproj_weight = at::mm(dout.t(), act);  // (C_out, Hid)
+  at::Tensor dfc_weight = at::mm(dh.t(), x);        // (Hid, C)
+  at::Tensor dx = at::mm(dh, fc_weight);            // (M, C)
+  return {dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm (+ fused residual)
+
+// Rows per dweight/dbias partial: at least 16, and at most 256 partials.
+int64_t layer_norm_partials(int64_t rows) {
+  const int64_t rows_per_partial = std::max<int64_t>(16, (rows + 255) / 256);
+  return (rows + rows_per_partial - 1) / rows_per_partial;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_in, double eps) {
+  const char* op = "fastgpt::layer_norm_forward";
+  check_cpu_float(op, "x", x_in);
+  check_dim(op, "x", x_in, 2);
+  const int64_t rows = x_in.size(0), cols = x_in.size(1);
+  check_vector(op, "weight", weight_in, cols, x_in);
+  check_vector(op, "bias", bias_in, cols, x_in);
+  const at::Tensor x = unit_inner_stride(x_in);
+  std::optional<at::Tensor> weight, bias, residual;
+  if (weight_in) weight = weight_in->contiguous();
+  if (bias_in) bias = bias_in->contiguous();
+  if (residual_in) {
+    check_like(op, "residual", *residual_in, "x", x_in);
+    check_sizes(op, "residual", *residual_in, x_in.sizes());
+    residual = unit_inner_stride(*residual_in);
+  }
+  at::Tensor out = new_output({rows, cols}, x.options());
+  at::Tensor residual_out = residual ? new_output({rows, cols}, x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = new_output({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = new_output({rows}, x.options().dtype(at::kFloat));
+  LayerNormParams p{};
+  p.dtype = kernel_dtype(x);
+  p.rows = rows;
+  p.cols = checked_int32(op, "the normalised dimension", cols);
+  p.eps = static_cast<float>(eps);
+  p.x = matrix(x);
+  if (residual) {
+    p.residual = matrix(*residual);
+    p.residual_out = matrix(residual_out);
+  }
+  p.weight = optional_data(weight);
+  p.bias = optional_data(bias);
+  p.out = matrix(out);
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  cpu::layer_norm_forward(p);
+  return {out, residual_out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dresidual_out_in, const at::Tensor& input_in,
+    const std::optional<at::Tensor>& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+  const char* op = "fastgpt::layer_norm_backward";
+  check_cpu_float(op, "input", input_in);
+  check_dim(op, "input", input_in, 2);
+  const int64_t rows = input_in.size(0), cols = input_in.size(1);
+  check_like(op, "dout", dout_in, "input", input_in);
+  check_sizes(op, "dout", dout_in, input_in.sizes());
+  check_vector(op, "weight", weight_in, cols, input_in);
+  TORCH_CHECK(mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat, op,
+              ": mean and rstd must be float32");
+  check_sizes(op, "mean", mean_in, {rows});
+  check_sizes(op, "rstd", rstd_in, {rows});
+  const at::Tensor input = unit_inner_stride(input_in), dout = unit_inner_stride(dout_in);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  std::optional<at::Tensor> weight, dresidual_out;
+  if (weight_in) weight = weight_in->contiguous();
+  if (dresidual_out_in) {
+    check_like(op, "dresidual_out", *dresidual_out_in, "input", input_in);
+    check_sizes(op, "dresidual_out", *dresidual_out_in, input_in.sizes());
+    dresidual_out = unit_inner_stride(*dresidual_out_in);
+  }
+  at::Tensor dx = new_output({rows, cols}, input.options());
+  const int64_t partials = layer_norm_partials(rows);
+  at::Tensor dweight_partial = at::empty({partials, cols}, input.options().dtype(at::kFloat));
+  at::Tensor dbias_partial = at::empty({partials, cols}, input.options().dtype(at::kFloat));
+  LayerNormParams p{};
+  p.dtype = kernel_dtype(input);
+  p.rows = rows;
+  p.cols = checked_int32(op, "the normalised dimension", cols);
+  p.x = matrix(input);
+  p.weight = optional_data(weight);
+  p.mean = const_cast<float*>(mean.data_ptr<float>());
+  p.rstd = const_cast<float*>(rstd.data_ptr<float>());
+  p.dout = matrix(dout);
+  if (dresidual_out) p.dresidual_out = matrix(*dresidual_out);
+  p.dx = matrix(dx);
+  p.dweight_partial = dweight_partial.data_ptr<float>();
+  p.dbias_partial = dbias_partial.data_ptr<float>();
+  p.num_partials = static_cast<int32_t>(partials);
+  cpu::layer_norm_backward(p);
+  return {dx, column_sums(dweight_partial, input.scalar_type()), column_sums(dbias_partial, input.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear cross-entropy, chunked: logits = x_chunk @ W^T (BLAS), the fused loss/gradient pass
+// (csrc/cpu/cross_entropy.cpp), then dx_chunk = dlogits @ W and dW += dlogits^T @ x_chunk (BLAS).
+
+// Tokens per chunk: the largest power of two whose float32 logits fit in 64 MiB (256 rows for GPT-2's
+// 50257-token vocabulary), at least 64. Each chunk's dW += dlogits^T @ x_chunk reads and writes all of
+// dW, so on a CPU fewer, larger chunks are much faster, while memory stays bounded by the budget.
+constexpr int64_t kLogitsChunkBytes = int64_t{64} << 20;
+
+int64_t cross_entropy_chunk_rows(int64_t tokens, int64_t vocab) {
+  int64_t rows = 64;
+  while (2 * rows * vocab * static_cast<int64_t>(sizeof(float)) <= kLogitsChunkBytes) rows *= 2;
+  return std::min(rows, tokens);
+}
+
+struct CrossEntropyResult {
+  at::Tensor loss;  // (tokens) float32
+  at::Tensor dx, dweight, dbias;
+};
+
+CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, const at::Tensor& weight,
+                                      const at::Tensor& targets_in, const std::optional<at::Tensor>& bias_in,
+                                      int64_t ignore_index, bool with_grad, const at::Tensor* row_grad) {
+  check_cpu_float(op, "x", x_in);
+  check_like(op, "weight", weight, "x", x_in);
+  check_dim(op, "x", x_in, 2);
+  check_dim(op, "weight", weight, 2);
+  TORCH_CHECK(weight.size(1) == x_in.size(1), op, ": weight must have shape (vocab, ", x_in.size(1), "), got ",
+              weight.sizes());
+  TORCH_CHECK(targets_in.scalar_type() == at::kLong && targets_in.device().is_cpu(), op,
+              ": targets must be a CPU int64 tensor, got ", targets_in.scalar_type(), " on ", targets_in.device());
+  const int64_t tokens = x_in.size(0), channels = x_in.size(1), vocab = weight.size(0);
+  check_sizes(op, "targets", targets_in, {tokens});
+  check_vector(op, "bias", bias_in, vocab, x_in);
+  const at::Tensor x = unit_inner_stride(x_in), targets = targets_in.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in) bias = bias_in->contiguous();
+
+  CrossEntropyResult result;
+  result.loss = new_output({tokens}, x.options().dtype(at::kFloat));
+  at::Tensor dweight_acc, dbias_acc, dweight_chunk;
+  if (with_grad) {
+    result.dx = new_output({tokens, channels}, x.options());
+    dweight_acc = at::zeros({vocab, channels}, x.options().dtype(at::kFloat));
+    if (bias) dbias_acc = at::zeros({vocab}, x.options().dtype(at::kFloat));
+    if (x.scalar_type() != at::kFloat) dweight_chunk = at::empty({vocab, channels}, x.options());
+  }
+  CrossEntropyParams p{};
+  p.dtype = kernel_dtype(x);
+  p.tokens = tokens;
+  p.channels = checked_int32(op, "channels", channels);
+  p.vocab = checked_int32(op, "vocab", vocab);
+  p.ignore_index = ignore_index;
+  p.x = matrix(x);
+  p.weight = matrix(weight);
+  p.bias = optional_data(bias);
+  p.targets = targets.data_ptr<int64_t>();
+  p.loss = result.loss.data_ptr<float>();
+  p.row_grad = row_grad ? row_grad->data_ptr<float>() : nullptr;
+  if (with_grad) {
+    p.dx = matrix(result.dx);
+    p.dweight = dweight_acc.data_ptr<float>();
+    p.dbias = bias ? dbias_acc.data_ptr<float>() : nullptr;
+  }
+  const int64_t chunk = cross_entropy_chunk_rows(tokens, vocab);
+  p.chunk_size = static_cast<int32_t>(chunk);
+  at::Tensor logits = at::empty({chunk, vocab}, x.options());  // (chunk, V): logits, then dlogits
+  for (int64_t begin = 0; begin < tokens; begin += chunk) {
+    const int64_t rows = std::min(chunk, tokens - begin);
+    at::Tensor x_chunk = x.narrow(0, begin, rows);
+    at::Tensor chunk_logits = logits.narrow(0, 0, rows);
+    at::mm_out(chunk_logits, x_chunk, weight.t());
+    cpu::cross_entropy_chunk(p, begin, rows, chunk_logits.data_ptr(), vocab);
+    if (!with_grad) continue;
+    at::Tensor dx_chunk = result.dx.narrow(0, begin, rows);
+    at::mm_out(dx_chunk, chunk_logits, weight);
+    if (dweight_chunk.defined()) {
+      at::mm_out(dweight_chunk, chunk_logits.t(), x_chunk);
+      dweight_acc.add_(dweight_chunk);
+    } else {
+      dweight_acc.addmm_(chunk_logits.t(), x_chunk);
+    }
+  }
+  if (with_grad) {
+    result.dweight = dweight_acc.to(x.scalar_type());
+    result.dbias = bias ? dbias_acc.to(x.scalar_type()) : at::empty({0}, x.options());
+  }
+  return result;
+}
+
+at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& targets, int64_t ignore_index,
+                       c10::string_view reduction) {
+  if (reduction == "none") return loss;
+  at::Tensor total = loss.sum();
+  if (reduction == "sum") return total;
+  return at::div(total, at::ne(targets, ignore_index).sum());  // 0 / 0 = NaN when every row is ignored, as in torch
+}
+
+void check_reduction(const char* op, c10::string_view reduction) {
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
+              ": reduction must be one of mean, sum, none, got '", std::string(reduction), "'");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+    int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+  const char* op = "fastgpt::linear_cross_entropy_forward";
+  check_reduction(op, reduction);
+  TORCH_CHECK(!compute_grad || reduction != "none", op,
+              ": compute_grad needs reduction 'mean' or 'sum' (with 'none' the backward runs its own pass)");
+  CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, compute_grad, nullptr);
+  at::Tensor loss = reduce_loss(r.loss, targets, ignore_index, reduction);
+  if (!compute_grad) {
+    at::Tensor empty = at::empty({0}, x.options());
+    return {loss, empty, empty.clone(), empty.clone()};
+  }
+  return {loss, r.dx, r.dweight, r.dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+    const at::Tensor& row_grad_in, int64_t ignore_index) {
+  const char* op = "fastgpt::linear_cross_entropy_backward";
+  TORCH_CHECK(row_grad_in.scalar_type() == at::kFloat, op, ": row_grad must be float32, got ", row_grad_in.scalar_type());
+  check_sizes(op, "row_grad", row_grad_in, {x.size(0)});
+  const at::Tensor row_grad = row_grad_in.contiguous();
+  CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, true, &row_grad);
+  return {r.dx, r.dweight, r.dbias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta implementations: output shapes and dtypes only (contiguous, as the CPU ones return).
+
+at::Tensor empty_like_sizes(const at::Tensor& t, c10::SymIntArrayRef sizes, at::ScalarType dtype) {
+  return at::empty_symint(sizes, t.options().dtype(dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          double softmax_scale) {
+  (void)k, (void)v, (void)softmax_scale;
+  return {empty_like_sizes(q, q.sym_sizes(), q.scalar_type()),
+          empty_like_sizes(q, {q.sym_size(0), q.sym_size(1), q.sym_size(2)}, at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at::Tensor& dout, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& out, const at::Tensor& lse,
+                                                                       double softmax_scale) {
+  (void)dout, (void)out, (void)lse, (void)softmax_scale;
+  return {empty_like_sizes(q, q.sym_sizes(), q.scalar_type()), empty_like_sizes(k, k.sym_sizes(), q.scalar_type()),
+          empty_like_sizes(v, v.sym_sizes(), q.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> ffn_forward_meta(const at::Tensor& x, const at::Tensor& fc_weight,
+                                                    const std::optional<at::Tensor>& fc_bias,
+                                                    const at::Tensor& proj_weight,
+                                                    const std::optional<at::Tensor>& proj_bias,
+                                                    c10::string_view activation,
+                                                    const std::optional<at::Tensor>& residual) {
+  (void)fc_bias, (void)proj_bias, (void)activation, (void)residual;
+  return {empty_like_sizes(x, {x.sym_size(0), proj_weight.sym_size(0)}, x.scalar_type()),
+          empty_like_sizes(x, {x.sym_size(0), fc_weight.sym_size(0)}, x.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_meta(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h, const at::Tensor& fc_weight,
+    const at::Tensor& proj_weight, c10::string_view activation) {
+  (void)dout, (void)h, (void)activation;
+  const at::ScalarType dtype = x.scalar_type();
+  return {empty_like_sizes(x, x.sym_sizes(), dtype), empty_like_sizes(x, fc_weight.sym_sizes(), dtype),
+          empty_like_sizes(x, {fc_weight.sym_size(0)}, dtype), empty_like_sizes(x, proj_weight.sym_sizes(), dtype),
+          empty_like_sizes(x, {proj_weight.sym_size(0)}, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_meta(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, double eps) {
+  (void)weight, (void)bias, (void)eps;
+  const at::ScalarType dtype = x.scalar_type();
+  at::Tensor residual_out =
+      residual ? empty_like_sizes(x, x.sym_sizes(), dtype) : empty_like_sizes(x, {c10::SymInt(0)}, dtype);
+  return {empty_like_sizes(x, x.sym_sizes(), dtype), residual_out, empty_like_sizes(x, {x.sym_size(0)}, at::kFloat),
+          empty_like_sizes(x, {x.sym_size(0)}, at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_meta(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dresidual_out, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  (void)dout, (void)dresidual_out, (void)weight, (void)mean, (void)rstd;
+  const at::ScalarType dtype = input.scalar_type();
+  return {empty_like_sizes(input, input.sym_sizes(), dtype), empty_like_sizes(input, {input.sym_size(1)}, dtype),
+          empty_like_sizes(input, {input.sym_size(1)}, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_meta(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+    int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+  (void)targets, (void)ignore_index;
+  const at::ScalarType dtype = x.scalar_type();
+  at::Tensor loss = reduction == "none" ? empty_like_sizes(x, {x.sym_size(0)}, at::kFloat)
+                                        : empty_like_sizes(x, c10::SymIntArrayRef{}, at::kFloat);
+  const c10::SymInt none(0);
+  if (!compute_grad) {
+    return {loss, empty_like_sizes(x, {none}, dtype), empty_like_sizes(x, {none}, dtype),
+            empty_like_sizes(x, {none}, dtype)};
+  }
+  return {loss, empty_like_sizes(x, x.sym_sizes(), dtype), empty_like_sizes(x, weight.sym_sizes(), dtype),
+          empty_like_sizes(x, {bias ? weight.sym_size(0) : none}, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_meta(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+    const at::Tensor& row_grad, int64_t ignore_index) {
+  (void)targets, (void)row_grad, (void)ignore_index;
+  const at::ScalarType dtype = x.scalar_type();
+  return {empty_like_sizes(x, x.sym_sizes(), dtype), empty_like_sizes(x, weight.sym_sizes(), dtype),
+          empty_like_sizes(x, {bias ? weight.sym_size(0) : c10::SymInt(0)}, dtype)};
+}
+
+}  // namespace
+}  // namespace fastgpt
+
+// ---------------------------------------------------------------------------------------------
+// Operator registration
+
+TORCH_LIBRARY(fastgpt, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "ffn_forward(Tensor x, Tensor fc_weight, Tensor? fc_bias, Tensor proj_weight, Tensor? proj_bias, "
+      "str activation, Tensor? residual) -> (Tensor out, Tensor h)");
+  m.def(
+      "ffn_backward(Tensor dout, Tensor x, Tensor h, Tensor fc_weight, Tensor proj_weight, str activation) "
+      "-> (Tensor dx, Tensor dfc_weight, Tensor dfc_bias, Tensor dproj_weight, Tensor dproj_bias)");
+  m.def(
+      "layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
+      "-> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_backward(Tensor dout, Tensor? dresidual_out, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "linear_cross_entropy_forward(Tensor x, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+      "str reduction, bool compute_grad) -> (Tensor loss, Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "linear_cross_entropy_backward(Tensor x, Tensor weight, Tensor targets, Tensor? bias, Tensor row_grad, "
+      "int ignore_index) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("attention_forward", &fastgpt::attention_forward_cpu);
+  m.impl("attention_backward", &fastgpt::attention_backward_cpu);
+  m.impl("ffn_forward", &fastgpt::ffn_forward_cpu);
+  m.impl("ffn_backward", &fastgpt::ffn_backward_cpu);
+  m.impl("layer_norm_forward", &fastgpt::layer_norm_forward_cpu);
+  m.impl("layer_norm_backward", &fastgpt::layer_norm_backward_cpu);
+  m.impl("linear_cross_entropy_forward", &fastgpt::linear_cross_entropy_forward_cpu);
+  m.impl("linear_cross_entropy_backward", &fastgpt::linear_cross_entropy_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {
+  m.impl("attention_forward", &fastgpt::attention_forward_meta);
+  m.impl("attention_backward", &fastgpt::attention_backward_meta);
+  m.impl("ffn_forward", &fastgpt::ffn_forward_meta);
+  m.impl("ffn_backward", &fastgpt::ffn_backward_meta);
+  m.impl("layer_norm_forward", &fastgpt::layer_norm_forward_meta);
+  m.impl("layer_norm_backward", &fastgpt::layer_norm_backward_meta);
+  m.impl("linear_cross_entropy_forward", &fastgpt::linear_cross_entropy_forward_meta);
+  m.impl("linear_cross_entropy_backward", &fastgpt::linear_cross_entropy_backward_meta);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Python module: importing it registers the operators above; it also reports how it was built.
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastgpt::cpu::isa_name(fastgpt::cpu::active_isa()));
+}
+
+PyObject* with_cuda(PyObject*, PyObject*) {
+#ifdef FASTGPT_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with: avx512, avx2 or baseline."},
+    {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels of csrc/cuda were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C", "fastgpt's compiled kernels (torch.ops.fastgpt).", -1,
+                                 module_methods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_definition); }

@@ -1,0 +1,563 @@
+// Causal attention on the CPU, forward and backward, FlashAttention-2 style.
+//
+// Forward: each (batch, head, query tile) task keeps the query tile, its running row maxima and sums
+// and its output accumulator in float32 scratch, and streams the key/value tiles the causal mask lets
+// it see (tiles entirely above the diagonal are skipped, not masked): S = Q K^T (computed transposed,
+// with the softmax scale folded into Q), online softmax, O += P V. Memory is O(tile) per thread; the
+// output and the logsumexp are the only things written. Scores stay in natural-log units and exp(s - max) is taken as
+// exp2((s - max) * log2 e): the base change multiplies the small difference, not the score, so large
+// scores lose no precision to it.
+//
+// Backward: delta = rowsum(dO * O), then for each (query tile, key tile) pair P is recomputed from the
+// saved logsumexp and
+//   dP = dO V^T,  dS = P * (dP - delta),  dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
+// No two threads ever add into the same accumulator, so the result is deterministic and independent of
+// the thread count. Two schedules give bitwise identical results (same summation order):
+//   - per kv head: one task per (batch, kv head) owns dK, dV of the whole head and dQ of its query
+//     heads, doing the five GEMMs above per pair; used when these tasks keep every thread busy;
+//   - per tile: pass 1 runs one task per (batch, kv head, key tile) for dK, dV; pass 2 one task per
+//     (batch, head, query tile) for dQ, recomputing P and dS (seven GEMMs per pair instead of five, but
+//     parallel over tiles when there are few heads).
+// Inputs are float32 or bfloat16 with any strides (head_dim contiguous); all arithmetic is float32.
+#ifndef FASTGPT_ISA_PASS
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+
+#define FASTGPT_ISA_SOURCE "cpu/attention.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace fastgpt::cpu {
+
+void attention_forward(const AttentionParams& p) { FASTGPT_ISA_DISPATCH(attention_forward, p) }
+
+void attention_backward(const AttentionParams& p) { FASTGPT_ISA_DISPATCH(attention_backward, p) }
+
+}  // namespace fastgpt::cpu
+
+#else  // FASTGPT_ISA_PASS: compiled once per instruction set
+
+namespace fastgpt::cpu::FASTGPT_ISA {
+
+#include "cpu/simd.h"
+#include "cpu/tile_gemm.h"
+
+// Query and key tile sizes. A 64 x 64 float32 score tile is 16 KiB and the packed K^T and V tiles of
+// head_dim 64 are 16 KiB each, so the working set of one pair stays in L2 (and mostly L1) up to
+// head_dim 256. Both are multiples of every kWidth, as the tile GEMMs' column counts must be.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Packing: strided float32/bfloat16 rows into contiguous float32 tiles.
+
+// dst[r][0, cols) = src[r][0, cols) * scale and dst[r][cols, ld) = 0, for r < rows.
+template <typename T>
+void pack_rows(float* dst, int64_t ld, const T* src, int64_t src_stride, int64_t rows, int64_t cols, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * src_stride;
+    float* out = dst + r * ld;
+    int64_t c = 0;
+    for (; c + kWidth <= cols; c += kWidth) store(out + c, load(in + c) * scale);
+    if (c < cols) store(out + c, load_partial(in + c, cols - c) * scale);
+    for (c = round_up(cols, kWidth); c < ld; c += kWidth) store(out + c, splat(0.0f));
+  }
+}
+
+// dst[c][r] = src[r][c] * scale for r < rows and 0 for rows <= r < padded_rows, for c < cols.
+template <typename T>
+void pack_transposed(float* dst, int64_t ld, const T* src, int64_t src_stride, int64_t rows, int64_t padded_rows,
+                     int64_t cols, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * src_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = to_float(in[c]) * scale;
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = rows; r < padded_rows; ++r) dst[c * ld + r] = 0.0f;
+  }
+}
+
+// dst[0, cols) = src[0, cols) * scale, converted to T.
+template <typename T>
+void store_row(T* dst, const float* src, int64_t cols, float scale) {
+  int64_t c = 0;
+  for (; c + kWidth <= cols; c += kWidth) store(dst + c, load(src + c) * scale);
+  if (c < cols) store_partial(dst + c, load(src + c) * scale, cols - c);
+}
+
+// Scores of keys beyond `last_visible` (a column index in the tile) become -inf.
+inline void mask_row(float* row, int64_t cols, int64_t last_visible) {
+  for (int64_t c = 0; c < cols; c += kWidth) {
+    VecInt beyond = iota(static_cast<int32_t>(c)) > static_cast<int32_t>(last_visible);
+    store(row + c, vselect(beyond, splat(-__builtin_inff()), load(row + c)));
+  }
+}
+
+template <typename T>
+const T* head_pointer(const HeadTensor& t, int64_t batch, int64_t head) {
+  return static_cast<const T*>(t.data) + batch * t.batch_stride + head * t.head_stride;
+}
+
+template <typename T>
+T* head_pointer_mut(const HeadTensor& t, int64_t batch, int64_t head) {
+  return static_cast<T*>(t.data) + batch * t.batch_stride + head * t.head_stride;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// Rows [0, rows) of a (rows, cols) tile of T with row stride `stride`, as float32 rows with a row
+// stride `*ld`: read in place when T is float32, unless the reader loads whole vectors past `cols`
+// (reads_padding) and cols is not a multiple of kWidth; otherwise converted and zero-padded into
+// `buffer`.
+template <typename T>
+const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t cols, bool reads_padding,
+                           float* buffer, int64_t buffer_ld, int64_t* ld) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (!reads_padding || cols % kWidth == 0) {
+      *ld = stride;
+      return reinterpret_cast<const float*>(src);
+    }
+  }
+  pack_rows(buffer, buffer_ld, src, stride, rows, cols, 1.0f);
+  *ld = buffer_ld;
+  return buffer;
+}
+
+// Each task computes the transposed scores S^T = K Q^T of a key tile (keys x queries), so that Q^T is
+// packed once per query tile, K and V are read in place, and the online softmax runs down the columns:
+// every vector lane is one query row, with no horizontal reductions. Then O += P V reads P^T transposed.
+template <typename T>
+void forward(const AttentionParams& p) {
+  constexpr int64_t kQueryVecs = kBlockQ / kWidth;
+  const int64_t head_dim = p.head_dim;
+  const int64_t padded_dim = round_up(head_dim, kWidth);
+  const int64_t offset = static_cast<int64_t>(p.kv_len) - p.q_len;  // query i sees keys j <= i + offset
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t q_tiles = ceil_div(p.q_len, kBlockQ);
+  const int64_t batch_heads = static_cast<int64_t>(p.batch) * p.heads;
+  const int64_t tasks = batch_heads * q_tiles;
+
+  // Per thread: Q^T tile, K and V tiles (when converted), S^T tile, output accumulator.
+  const int64_t per_thread =
+      head_dim * kBlockQ + 2 * kBlockK * padded_dim + kBlockK * kBlockQ + kBlockQ * padded_dim;
+  const int threads = max_threads();
+  ThreadScratch scratch(threads, per_thread);
+
+#pragma omp parallel num_threads(threads)
+  {
+    float* qt_tile = scratch.for_thread(thread_index());  // (head_dim, kBlockQ): Q^T * softmax_scale
+    float* k_buffer = qt_tile + head_dim * kBlockQ;       // (kBlockK, padded_dim)
+    float* v_buffer = k_buffer + kBlockK * padded_dim;    // (kBlockK, padded_dim)
+    float* scores_t = v_buffer + kBlockK * padded_dim;    // (kBlockK, kBlockQ): S^T, then P^T
+    float* acc = scores_t + kBlockK * kBlockQ;            // (kBlockQ, padded_dim): unnormalised O
+    Vec row_max[kQueryVecs];                              // running max of each query row's scores
+    Vec row_sum[kQueryVecs];                              // running sum of exp(s - max)
+
+    // The heaviest tiles (last rows, most keys) go first so that dynamic scheduling balances the tail.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t tile = q_tiles - 1 - task / batch_heads;
+      const int64_t batch = (task % batch_heads) / p.heads;
+      const int64_t head = task % p.heads;
+      const int64_t kv_head = head / group;
+      const int64_t q0 = tile * kBlockQ;
+      const int64_t rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
+
+      const T* q = head_pointer<T>(p.q, batch, head) + q0 * p.q.row_stride;
+      const T* k = head_pointer<T>(p.k, batch, kv_head);
+      const T* v = head_pointer<T>(p.v, batch, kv_head);
+      pack_transposed(qt_tile, kBlockQ, q, p.q.row_stride, rows, kBlockQ, head_dim, p.softmax_scale);
+      for (int64_t i = 0; i < kQueryVecs; ++i) {
+        row_max[i] = splat(-__builtin_inff());
+        row_sum[i] = splat(0.0f);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < padded_dim; c += kWidth) store(acc + r * padded_dim + c, splat(0.0f));
+      }
+
+      const int64_t last_key = q0 + rows - 1 + offset;  // the last key any row of the tile sees
+      for (int64_t k0 = 0; k0 <= last_key; k0 += kBlockK) {
+        const int64_t keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
+        int64_t k_ld, v_ld;
+        const float* k_rows = rows_as_float(k + k0 * p.k.row_stride, p.k.row_stride, keys, head_dim, false, k_buffer,
+                                            padded_dim, &k_ld);
+        const float* v_rows = rows_as_float(v + k0 * p.v.row_stride, p.v.row_stride, keys, head_dim, true, v_buffer,
+                                            padded_dim, &v_ld);
+        gemm<false>(keys, kBlockQ, head_dim, k_rows, k_ld, qt_tile, kBlockQ, scores_t, kBlockQ, false);
+
+        // Key k0 + j is visible to query q0 + i iff i >= k0 + j - q0 - offset; only tiles reaching past
+        // the first query's last visible key need the mask.
+        const bool on_diagonal = k0 + keys - 1 > q0 + offset;
+        Vec tile_max[kQueryVecs];
+        for (int64_t i = 0; i < kQueryVecs; ++i) tile_max[i] = splat(-__builtin_inff());
+        for (int64_t j = 0; j < keys; ++j) {
+          float* s = scores_t + j * kBlockQ;
+          const int32_t first_visible = static_cast<int32_t>(k0 + j - q0 - offset);
+          for (int64_t i = 0; i < kQueryVecs; ++i) {
+            Vec score = load(s + i * kWidth);
+            if (on_diagonal) {
+              score = vselect(iota(static_cast<int32_t>(i * kWidth)) < first_visible, splat(-__builtin_inff()), score);
+              store(s + i * kWidth, score);
+            }
+            tile_max[i] = vmax(tile_max[i], score);
+          }
+        }
+        Vec new_max[kQueryVecs], tile_sum[kQueryVecs];
+        for (int64_t i = 0; i < kQueryVecs; ++i) {
+          new_max[i] = vmax(row_max[i], tile_max[i]);
+          tile_sum[i] = splat(0.0f);
+        }
+        for (int64_t j = 0; j < keys; ++j) {
+          float* s = scores_t + j * kBlockQ;
+          for (int64_t i = 0; i < kQueryVecs; ++i) {
+            Vec prob = exp(load(s + i * kWidth) - new_max[i]);
+            store(s + i * kWidth, prob);
+            tile_sum[i] += prob;
+          }
+        }
+        for (int64_t i = 0; i < kQueryVecs; ++i) {
+          Vec rescale = exp(row_max[i] - new_max[i]);
+          row_sum[i] = row_sum[i] * rescale + tile_sum[i];
+          row_max[i] = new_max[i];
+          for (int64_t lane = 0; lane < kWidth; ++lane) {
+            const int64_t r = i * kWidth + lane;
+            if (r >= rows || rescale[lane] == 1.0f) continue;
+            float* o = acc + r * padded_dim;
+            for (int64_t c = 0; c < padded_dim; c += kWidth) store(o + c, load(o + c) * rescale[lane]);
+          }
+        }
+        gemm<true>(rows, padded_dim, keys, scores_t, kBlockQ, v_rows, v_ld, acc, padded_dim, true);
+      }
+
+      T* out = head_pointer_mut<T>(p.out, batch, head) + q0 * p.out.row_stride;
+      float* lse = p.lse + (batch * p.heads + head) * p.q_len + q0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float max = row_max[r / kWidth][r % kWidth];
+        const float sum = row_sum[r / kWidth][r % kWidth];
+        store_row(out + r * p.out.row_stride, acc + r * padded_dim, head_dim, 1.0f / sum);
+        lse[r] = max + std::log(sum);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// delta[b, h, i] = sum_d dout[b, h, i, d] * out[b, h, i, d], in float32.
+template <typename T>
+void compute_delta(const AttentionParams& p) {
+  const int64_t rows_total = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+#pragma omp parallel for schedule(static)
+  for (int64_t index = 0; index < rows_total; ++index) {
+    const int64_t row = index % p.q_len;
+    const int64_t batch = index / (static_cast<int64_t>(p.heads) * p.q_len);
+    const int64_t head = (index / p.q_len) % p.heads;
+    const T* dout = head_pointer<T>(p.dout, batch, head) + row * p.dout.row_stride;
+    const T* out = head_pointer<T>(p.out, batch, head) + row * p.out.row_stride;
+    Vec sum = splat(0.0f);
+    int64_t c = 0;
+    for (; c + kWidth <= p.head_dim; c += kWidth) sum += load(dout + c) * load(out + c);
+    if (c < p.head_dim) sum += load_partial(dout + c, p.head_dim - c) * load_partial(out + c, p.head_dim - c);
+    p.delta[index] = reduce_sum(sum);
+  }
+}
+
+// The query side of a tile, packed: Q (scaled), dO, lse and delta.
+struct QuerySide {
+  float* q;      // (rows, padded_dim), Q * softmax_scale
+  float* dout;   // (rows, padded_dim)
+  float* lse;    // (rows)
+  float* delta;  // (rows)
+};
+
+// The key side of a key tile, or of a whole kv head, packed into float32.
+struct KeySide {
+  float* kt;   // (head_dim, ld): K^T
+  float* vt;   // (head_dim, ld): V^T
+  float* k;    // (keys, padded_dim)
+  int64_t ld;  // row length of kt and vt
+};
+
+template <typename T>
+void pack_query_side(const AttentionParams& p, const QuerySide& dst, int64_t batch, int64_t head, int64_t q0,
+                     int64_t rows, int64_t padded_dim, float q_scale) {
+  const T* q = head_pointer<T>(p.q, batch, head) + q0 * p.q.row_stride;
+  const T* dout = head_pointer<T>(p.dout, batch, head) + q0 * p.dout.row_stride;
+  pack_rows(dst.q, padded_dim, q, p.q.row_stride, rows, p.head_dim, q_scale);
+  pack_rows(dst.dout, padded_dim, dout, p.dout.row_stride, rows, p.head_dim, 1.0f);
+  const int64_t stats = (batch * p.heads + head) * p.q_len + q0;
+  for (int64_t r = 0; r < rows; ++r) {
+    dst.lse[r] = p.lse[stats + r];
+    dst.delta[r] = p.delta[stats + r];
+  }
+}
+
+// Packs keys [k0, k0 + keys) of one kv head, zero-padding K^T and V^T up to padded_keys columns.
+template <typename T>
+void pack_key_side(const AttentionParams& p, const KeySide& dst, int64_t batch, int64_t kv_head, int64_t k0,
+                   int64_t keys, int64_t padded_keys, int64_t padded_dim) {
+  const T* k = head_pointer<T>(p.k, batch, kv_head) + k0 * p.k.row_stride;
+  const T* v = head_pointer<T>(p.v, batch, kv_head) + k0 * p.v.row_stride;
+  pack_transposed(dst.kt, dst.ld, k, p.k.row_stride, keys, padded_keys, p.head_dim, 1.0f);
+  pack_transposed(dst.vt, dst.ld, v, p.v.row_stride, keys, padded_keys, p.head_dim, 1.0f);
+  pack_rows(dst.k, padded_dim, k, p.k.row_stride, keys, p.head_dim, 1.0f);
+}
+
+// One (query tile, key tile) pair. q/dout/lse/delta point at the tile's first query row, kt/vt at its
+// first key column, k at its first key row; dk/dv (keys x padded_dim) and dq (rows x padded_dim) are
+// float32 accumulators, each skipped when null. scores and dscores are (kBlockQ, kBlockK) scratch.
+struct TilePair {
+  QuerySide query;
+  const float* kt;
+  const float* vt;
+  int64_t kt_ld;  // row length of kt and vt
+  const float* k;
+  float* dk;
+  float* dv;
+  float* dq;
+  float* scores;
+  float* dscores;
+  int64_t rows;
+  int64_t keys;
+  int64_t last_visible;  // for the tile's first row, as a key column in the tile (row r: + r)
+};
+
+inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim) {
+  gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+  gemm<false>(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK, false);
+  const bool on_diagonal = t.last_visible < kBlockK - 1;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    float* s = t.scores + r * kBlockK;
+    float* ds = t.dscores + r * kBlockK;
+    if (on_diagonal) mask_row(s, kBlockK, t.last_visible + r);
+    const float lse = t.query.lse[r];
+    const float delta = t.query.delta[r];
+    for (int64_t c = 0; c < kBlockK; c += kWidth) {
+      Vec prob = exp(load(s + c) - lse);
+      store(s + c, prob);
+      store(ds + c, prob * (load(ds + c) - delta));
+    }
+  }
+  if (t.dv) gemm<true>(t.keys, padded_dim, t.rows, t.scores, kBlockK, t.query.dout, padded_dim, t.dv, padded_dim, true);
+  if (t.dk) gemm<true>(t.keys, padded_dim, t.rows, t.dscores, kBlockK, t.query.q, padded_dim, t.dk, padded_dim, true);
+  if (t.dq) gemm<false>(t.rows, padded_dim, t.keys, t.dscores, kBlockK, t.k, padded_dim, t.dq, padded_dim, true);
+}
+
+inline void zero(float* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = 0.0f;
+}
+
+template <typename T>
+void store_rows(const HeadTensor& dst_tensor, int64_t batch, int64_t head, int64_t row0, const float* src,
+                int64_t rows, int64_t head_dim, int64_t padded_dim, float scale) {
+  T* dst = head_pointer_mut<T>(dst_tensor, batch, head) + row0 * dst_tensor.row_stride;
+  for (int64_t r = 0; r < rows; ++r) store_row(dst + r * dst_tensor.row_stride, src + r * padded_dim, head_dim, scale);
+}
+
+// The index of the first query tile whose rows see key k0.
+inline int64_t first_query_tile(int64_t k0, int64_t offset) { return k0 - offset > 0 ? (k0 - offset) / kBlockQ : 0; }
+
+struct BackwardShape {
+  int64_t head_dim, padded_dim, offset, group, q_tiles, k_tiles;
+  float q_scale;   // Q is packed times softmax_scale, so dK = softmax_scale * dS^T Q needs no scale
+  float dq_scale;  // dQ = softmax_scale * dS K
+};
+
+inline BackwardShape backward_shape(const AttentionParams& p) {
+  BackwardShape s;
+  s.head_dim = p.head_dim;
+  s.padded_dim = round_up(p.head_dim, kWidth);
+  s.offset = static_cast<int64_t>(p.kv_len) - p.q_len;
+  s.group = p.heads / p.kv_heads;
+  s.q_tiles = ceil_div(p.q_len, kBlockQ);
+  s.k_tiles = ceil_div(p.kv_len, kBlockK);
+  s.q_scale = p.softmax_scale;
+  s.dq_scale = p.softmax_scale;
+  return s;
+}
+
+// Schedule 1: one task per (batch, kv head), with the whole head packed in per-thread scratch.
+template <typename T>
+void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
+  const int64_t padded_keys = round_up(p.kv_len, kBlockK);
+  const int64_t key_floats = padded_keys * s.padded_dim;
+  const int64_t query_floats = static_cast<int64_t>(p.q_len) * s.padded_dim;
+  // K^T, V^T, K, dK, dV of the kv head; Q, dO, dQ, lse, delta of one query head; two score tiles.
+  const int64_t per_thread = 2 * s.head_dim * padded_keys + 3 * key_floats + 3 * query_floats + 2 * p.q_len +
+                             2 * kBlockQ * kBlockK;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int threads = max_threads();
+  ThreadScratch scratch(threads, per_thread);
+
+#pragma omp parallel num_threads(threads)
+  {
+    float* base = scratch.for_thread(thread_index());
+    KeySide key_side{base, base + s.head_dim * padded_keys, base + 2 * s.head_dim * padded_keys, padded_keys};
+    float* dk = key_side.k + key_floats;
+    float* dv = dk + key_floats;
+    QuerySide query_side{dv + key_floats, dv + key_floats + query_floats, nullptr, nullptr};
+    float* dq = query_side.dout + query_floats;
+    query_side.lse = dq + query_floats;
+    query_side.delta = query_side.lse + p.q_len;
+    float* scores = query_side.delta + p.q_len;
+    float* dscores = scores + kBlockQ * kBlockK;
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t batch = task / p.kv_heads;
+      const int64_t kv_head = task % p.kv_heads;
+      pack_key_side<T>(p, key_side, batch, kv_head, 0, p.kv_len, padded_keys, s.padded_dim);
+      zero(dk, key_floats);
+      zero(dv, key_floats);
+      for (int64_t g = 0; g < s.group; ++g) {
+        const int64_t head = kv_head * s.group + g;
+        pack_query_side<T>(p, query_side, batch, head, 0, p.q_len, s.padded_dim, s.q_scale);
+        zero(dq, query_floats);
+        for (int64_t kt = 0; kt < s.k_tiles; ++kt) {
+          const int64_t k0 = kt * kBlockK;
+          for (int64_t qt = first_query_tile(k0, s.offset); qt < s.q_tiles; ++qt) {
+            const int64_t q0 = qt * kBlockQ;
+            TilePair pair;
+            pair.query = QuerySide{query_side.q + q0 * s.padded_dim, query_side.dout + q0 * s.padded_dim,
+                                   query_side.lse + q0, query_side.delta + q0};
+            pair.kt = key_side.kt + k0;
+            pair.vt = key_side.vt + k0;
+            pair.kt_ld = padded_keys;
+            pair.k = key_side.k + k0 * s.padded_dim;
+            pair.dk = dk + k0 * s.padded_dim;
+            pair.dv = dv + k0 * s.padded_dim;
+            pair.dq = dq + q0 * s.padded_dim;
+            pair.scores = scores;
+            pair.dscores = dscores;
+            pair.rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
+            pair.keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
+            pair.last_visible = q0 + s.offset - k0;
+            backward_pair(pair, s.head_dim, s.padded_dim);
+          }
+        }
+        store_rows<T>(p.dq, batch, head, 0, dq, p.q_len, s.head_dim, s.padded_dim, s.dq_scale);
+      }
+      store_rows<T>(p.dk, batch, kv_head, 0, dk, p.kv_len, s.head_dim, s.padded_dim, 1.0f);
+      store_rows<T>(p.dv, batch, kv_head, 0, dv, p.kv_len, s.head_dim, s.padded_dim, 1.0f);
+    }
+  }
+}
+
+// Schedule 2: pass 1 (dK, dV) over key tiles, pass 2 (dQ) over query tiles.
+template <typename T>
+void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
+  const int64_t tile_floats = kBlockQ * s.padded_dim;  // kBlockQ == kBlockK
+  // K^T, V^T, K tiles; Q, dO tiles, lse, delta; two score tiles; two accumulators (dK, dV or dQ).
+  const int64_t per_thread = 2 * s.head_dim * kBlockK + tile_floats + 2 * tile_floats + 2 * kBlockQ +
+                             2 * kBlockQ * kBlockK + 2 * tile_floats;
+  const int threads = max_threads();
+  ThreadScratch scratch(threads, per_thread);
+
+#pragma omp parallel num_threads(threads)
+  {
+    float* base = scratch.for_thread(thread_index());
+    KeySide key_side{base, base + s.head_dim * kBlockK, base + 2 * s.head_dim * kBlockK, kBlockK};
+    QuerySide query_side;
+    query_side.q = key_side.k + tile_floats;
+    query_side.dout = query_side.q + tile_floats;
+    query_side.lse = query_side.dout + tile_floats;
+    query_side.delta = query_side.lse + kBlockQ;
+    float* scores = query_side.delta + kBlockQ;
+    float* dscores = scores + kBlockQ * kBlockK;
+    float* acc0 = dscores + kBlockQ * kBlockK;
+    float* acc1 = acc0 + tile_floats;
+
+    // Pass 1: dK and dV of one key tile, summed over the query heads of its kv head.
+    const int64_t key_tasks = static_cast<int64_t>(p.batch) * p.kv_heads * s.k_tiles;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < key_tasks; ++task) {
+      const int64_t kt = task % s.k_tiles;
+      const int64_t kv_head = (task / s.k_tiles) % p.kv_heads;
+      const int64_t batch = task / (s.k_tiles * p.kv_heads);
+      const int64_t k0 = kt * kBlockK;
+      const int64_t keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
+      pack_key_side<T>(p, key_side, batch, kv_head, k0, keys, kBlockK, s.padded_dim);
+      zero(acc0, tile_floats);
+      zero(acc1, tile_floats);
+      for (int64_t g = 0; g < s.group; ++g) {
+        const int64_t head = kv_head * s.group + g;
+        for (int64_t qt = first_query_tile(k0, s.offset); qt < s.q_tiles; ++qt) {
+          const int64_t q0 = qt * kBlockQ;
+          const int64_t rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
+          pack_query_side<T>(p, query_side, batch, head, q0, rows, s.padded_dim, s.q_scale);
+          TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, acc0, acc1, nullptr,
+                        scores, dscores, rows, keys, q0 + s.offset - k0};
+          backward_pair(pair, s.head_dim, s.padded_dim);
+        }
+      }
+      store_rows<T>(p.dk, batch, kv_head, k0, acc0, keys, s.head_dim, s.padded_dim, 1.0f);
+      store_rows<T>(p.dv, batch, kv_head, k0, acc1, keys, s.head_dim, s.padded_dim, 1.0f);
+    }
+
+    // Pass 2: dQ of one query tile (the heaviest tiles first).
+    const int64_t batch_heads = static_cast<int64_t>(p.batch) * p.heads;
+    const int64_t query_tasks = batch_heads * s.q_tiles;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < query_tasks; ++task) {
+      const int64_t qt = s.q_tiles - 1 - task / batch_heads;
+      const int64_t batch = (task % batch_heads) / p.heads;
+      const int64_t head = task % p.heads;
+      const int64_t kv_head = head / s.group;
+      const int64_t q0 = qt * kBlockQ;
+      const int64_t rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
+      pack_query_side<T>(p, query_side, batch, head, q0, rows, s.padded_dim, s.q_scale);
+      zero(acc0, tile_floats);
+      const int64_t last_key = q0 + rows - 1 + s.offset;
+      for (int64_t k0 = 0; k0 <= last_key; k0 += kBlockK) {
+        const int64_t keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
+        pack_key_side<T>(p, key_side, batch, kv_head, k0, keys, kBlockK, s.padded_dim);
+        TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, nullptr, nullptr, acc0,
+                      scores, dscores, rows, keys, q0 + s.offset - k0};
+        backward_pair(pair, s.head_dim, s.padded_dim);
+      }
+      store_rows<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
+    }
+  }
+}
+
+template <typename T>
+void backward(const AttentionParams& p) {
+  compute_delta<T>(p);
+  const BackwardShape shape = backward_shape(p);
+  // Per-head tasks do 5/7 of the per-tile schedule's GEMM work; use them while they keep at least
+  // 3/4 of the threads busy on average.
+  const int64_t head_tasks = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int64_t threads = max_threads();
+  const int64_t rounds = ceil_div(head_tasks, threads);
+  if (head_tasks > 0 && 4 * head_tasks >= 3 * rounds * threads) {
+    backward_per_head<T>(p, shape);
+  } else {
+    backward_per_tile<T>(p, shape);
+  }
+}
+
+void attention_forward(const AttentionParams& p) {
+  if (p.dtype == DType::kBFloat16) {
+    forward<BFloat16>(p);
+  } else {
+    forward<float>(p);
+  }
+}
+
+void attention_backward(const AttentionParams& p) {
+  if (p.dtype == DType::kBFloat16) {
+    backward<BFloat16>(p);
+  } else {
+    backward<float>(p);
+  }
+}
+
+}  // namespace fastgpt::cpu::FASTGPT_ISA
+
+#endif  // FASTGPT_ISA_PASS

@@ -1,0 +1,168 @@
+// LayerNorm over the last dimension with a fused residual add, forward and backward, on the CPU.
+//
+// Forward, per row: v = x + residual (stored as residual_out, rounded to the tensor's dtype, and
+// normalised as stored), mean and rstd in float32 from two passes over the cache-resident row, then
+// out = (v - mean) * rstd * weight + bias.
+// Backward, per row: with xhat = (v - mean) * rstd and g = dout * weight,
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out),
+// and per fixed block of rows the partial sums of dout * xhat (dweight) and dout (dbias), which
+// sum_partials reduces in order: deterministic for any thread count.
+#ifndef FASTGPT_ISA_PASS
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+
+#define FASTGPT_ISA_SOURCE "cpu/layernorm.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace fastgpt::cpu {
+
+void layer_norm_forward(const LayerNormParams& p) { FASTGPT_ISA_DISPATCH(layer_norm_forward, p) }
+
+void layer_norm_backward(const LayerNormParams& p) { FASTGPT_ISA_DISPATCH(layer_norm_backward, p) }
+
+}  // namespace fastgpt::cpu
+
+#else  // FASTGPT_ISA_PASS: compiled once per instruction set
+
+namespace fastgpt::cpu::FASTGPT_ISA {
+
+#include "cpu/simd.h"
+
+// Rows per forward task: a few KiB of work per task at GPT-2 widths.
+constexpr int64_t kRowsPerTask = 8;
+
+template <typename T>
+inline Vec load_columns(const T* row, int64_t c, int64_t cols) {
+  return c + kWidth <= cols ? load(row + c) : load_partial(row + c, cols - c);
+}
+
+template <typename T>
+inline void store_columns(T* row, int64_t c, int64_t cols, Vec v) {
+  if (c + kWidth <= cols) {
+    store(row + c, v);
+  } else {
+    store_partial(row + c, v, cols - c);
+  }
+}
+
+// Lanes beyond `cols` of a tail vector are 0, so they add nothing to sums.
+inline Vec valid_lanes(Vec v, int64_t c, int64_t cols) {
+  return c + kWidth <= cols ? v : vselect(iota(static_cast<int32_t>(c)) < static_cast<int32_t>(cols), v, splat(0.0f));
+}
+
+template <typename T>
+T* row_of(const Matrix& m, int64_t row) {
+  return static_cast<T*>(m.data) + row * m.row_stride;
+}
+
+template <typename T>
+void forward(const LayerNormParams& p) {
+  const int64_t cols = p.cols;
+  const T* weight = static_cast<const T*>(p.weight);
+  const T* bias = static_cast<const T*>(p.bias);
+  const bool has_residual = p.residual.data != nullptr;
+  const int64_t tasks = ceil_div(p.rows, kRowsPerTask);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t end = (task + 1) * kRowsPerTask < p.rows ? (task + 1) * kRowsPerTask : p.rows;
+    for (int64_t r = task * kRowsPerTask; r < end; ++r) {
+      const T* input = row_of<T>(p.x, r);
+      if (has_residual) {
+        const T* residual = row_of<T>(p.residual, r);
+        T* sum = row_of<T>(p.residual_out, r);
+        for (int64_t c = 0; c < cols; c += kWidth) {
+          store_columns(sum, c, cols, load_columns(input, c, cols) + load_columns(residual, c, cols));
+        }
+        input = sum;
+      }
+      Vec total = splat(0.0f);
+      for (int64_t c = 0; c < cols; c += kWidth) total += load_columns(input, c, cols);
+      const float mean = reduce_sum(total) / static_cast<float>(cols);
+      Vec squares = splat(0.0f);
+      for (int64_t c = 0; c < cols; c += kWidth) {
+        Vec centered = valid_lanes(load_columns(input, c, cols) - mean, c, cols);
+        squares += centered * centered;
+      }
+      const float rstd = 1.0f / std::sqrt(reduce_sum(squares) / static_cast<float>(cols) + p.eps);
+      T* out = row_of<T>(p.out, r);
+      for (int64_t c = 0; c < cols; c += kWidth) {
+        Vec y = (load_columns(input, c, cols) - mean) * rstd;
+        if (weight) y *= load_columns(weight, c, cols);
+        if (bias) y += load_columns(bias, c, cols);
+        store_columns(out, c, cols, y);
+      }
+      p.mean[r] = mean;
+      p.rstd[r] = rstd;
+    }
+  }
+}
+
+template <typename T>
+void backward(const LayerNormParams& p) {
+  const int64_t cols = p.cols;
+  const T* weight = static_cast<const T*>(p.weight);
+  const bool has_dresidual = p.dresidual_out.data != nullptr;
+  const int64_t rows_per_partial = p.num_partials > 0 ? ceil_div(p.rows, p.num_partials) : 0;
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t part = 0; part < p.num_partials; ++part) {
+    float* dweight = p.dweight_partial + part * cols;
+    float* dbias = p.dbias_partial + part * cols;
+    for (int64_t c = 0; c < cols; ++c) dweight[c] = dbias[c] = 0.0f;
+    const int64_t begin = part * rows_per_partial;
+    const int64_t end = begin + rows_per_partial < p.rows ? begin + rows_per_partial : p.rows;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* input = row_of<T>(p.x, r);
+      const T* dout = row_of<T>(p.dout, r);
+      const float mean = p.mean[r];
+      const float rstd = p.rstd[r];
+      Vec sum_g = splat(0.0f), sum_g_xhat = splat(0.0f);
+      for (int64_t c = 0; c < cols; c += kWidth) {
+        Vec xhat = (load_columns(input, c, cols) - mean) * rstd;
+        Vec dy = load_columns(dout, c, cols);
+        Vec g = weight ? dy * load_columns(weight, c, cols) : dy;
+        sum_g += g;
+        sum_g_xhat += valid_lanes(g * xhat, c, cols);
+        store_columns(dweight, c, cols, load_columns(dweight, c, cols) + dy * xhat);
+        store_columns(dbias, c, cols, load_columns(dbias, c, cols) + dy);
+      }
+      const float mean_g = reduce_sum(sum_g) * inv_cols;
+      const float mean_g_xhat = reduce_sum(sum_g_xhat) * inv_cols;
+      T* dx = row_of<T>(p.dx, r);
+      const T* dresidual = has_dresidual ? row_of<T>(p.dresidual_out, r) : nullptr;
+      for (int64_t c = 0; c < cols; c += kWidth) {
+        Vec xhat = (load_columns(input, c, cols) - mean) * rstd;
+        Vec dy = load_columns(dout, c, cols);
+        Vec g = weight ? dy * load_columns(weight, c, cols) : dy;
+        Vec grad = rstd * (g - mean_g - xhat * mean_g_xhat);
+        if (dresidual) grad += load_columns(dresidual, c, cols);
+        store_columns(dx, c, cols, grad);
+      }
+    }
+  }
+}
+
+void layer_norm_forward(const LayerNormParams& p) {
+  if (p.dtype == DType::kBFloat16) {
+    forward<BFloat16>(p);
+  } else {
+    forward<float>(p);
+  }
+}
+
+void layer_norm_backward(const LayerNormParams& p) {
+  if (p.dtype == DType::kBFloat16) {
+    backward<BFloat16>(p);
+  } else {
+    backward<float>(p);
+  }
+}
+
+}  // namespace fastgpt::cpu::FASTGPT_ISA
+
+#endif  // FASTGPT_ISA_PASS

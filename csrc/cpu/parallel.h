@@ -1,0 +1,55 @@
+// OpenMP helpers and per-thread scratch, shared by the kernel sources (compiled for the default
+// target: they hold no vector code).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastgpt::cpu {
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Float32 scratch, 64-byte aligned, for every thread of the next parallel region: thread t uses
+// floats [t * per_thread, (t + 1) * per_thread). Allocated before the region, so that running out of
+// memory throws std::bad_alloc to the caller instead of terminating inside an OpenMP region.
+class ThreadScratch {
+ public:
+  ThreadScratch(int threads, int64_t per_thread) : per_thread_(round_up(per_thread, 16)) {
+    size_t bytes = static_cast<size_t>(threads) * static_cast<size_t>(per_thread_) * sizeof(float);
+    data_ = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~ThreadScratch() { std::free(data_); }
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+
+  float* for_thread(int thread) const { return data_ + thread * per_thread_; }
+
+ private:
+  int64_t per_thread_;
+  float* data_;
+};
+
+}  // namespace fastgpt::cpu
