@@ -8,7 +8,8 @@
 // torch.compile with dynamic shapes). fastgpt/ops/cpu.py registers autograd for these operators.
 //
 // Built with FASTGPT_WITH_CUDA (setup.py, when csrc/cuda/*.cu exist and CUDA is available), the CUDA
-// launchers of csrc/cuda/launch.h get their own TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) block here.
+// ops over the launchers of csrc/cuda/launch.h are registered by csrc/cuda/api_cuda.inc, included
+// below; fastgpt/ops/cuda.py registers their autograd.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/div.h>
@@ -659,6 +660,10 @@ TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {
   m.impl("linear_cross_entropy_forward", &fastgpt::linear_cross_entropy_forward_meta);
   m.impl("linear_cross_entropy_backward", &fastgpt::linear_cross_entropy_backward_meta);
 }
+
+#ifdef FASTGPT_WITH_CUDA
+#include "cuda/api_cuda.inc"
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // The Python module: importing it registers the operators above; it also reports how it was built.
