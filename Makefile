@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 STAMP := .make/installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -22,6 +22,12 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+
+# The pytest-benchmark files (one shape per op, every provider), then the `fastgpt bench --quick` sweep
+# with its tables, plots and bench-results/results.json.
+bench: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
+	$(PYTHON) -m fastgpt bench --quick --out bench-results
 
 lint:
 	$(PYTHON) -m ruff check fastgpt tests benchmarks

@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "info": ("fastgpt.info", "print versions, the device, and each backend with why it is or isn't available"),
     "demo": ("fastgpt.demo", "the showcase: kernels on every backend, with time and error against the reference"),
+    "bench": ("fastgpt.bench.command", "benchmark every backend against the baselines; tables, plots, results.json"),
 }
 
 
