@@ -2,7 +2,8 @@
 
 Each test_bench_*.py names its op (OP = "attention", ...); this file parametrises its test by every
 provider of fastgpt.bench (fastgpt's backends from fastgpt.available_backends() and the baselines, the
-same objects `fastgpt bench` times) and by mode, at the largest shape of the op's quick sweep.
+same objects `fastgpt bench` times) and by mode, at the largest shape of the op's quick sweep, with
+one set of inputs (no rotation beyond L2: `fastgpt bench` gives the headline numbers).
 Providers that cannot run here (a missing backend or library, Triton on CPU) are skipped with the
 reason. The run's work (FLOPs, bytes or tokens) and throughput go into each benchmark's extra_info.
 
@@ -25,8 +26,9 @@ WARMUP_ROUNDS = 2  # compilation and autotuning happen in the first call
 ROUNDS = 10
 
 
-def benchmark_shape(op):
-    return OPS[op].shapes(DEVICE.type, SWEEP)[-1]
+def benchmark_shape(op, mode):
+    """The largest shape of the sweep (for the gpt op: of the mode's case)."""
+    return [shape for shape in OPS[op].shapes(DEVICE.type, SWEEP) if shape.get("mode", mode) == mode][-1]
 
 
 def pytest_generate_tests(metafunc):
@@ -35,7 +37,7 @@ def pytest_generate_tests(metafunc):
     op = metafunc.module.OP
     bench = OPS[op]
     metafunc.parametrize("mode", bench.modes)
-    metafunc.parametrize("provider", bench.provider_names(benchmark_shape(op), DTYPE, DEVICE))
+    metafunc.parametrize("provider", bench.provider_names(benchmark_shape(op, bench.modes[0]), DTYPE, DEVICE))
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def run_provider(benchmark):
     """run_provider(op, provider, mode): time one provider with pytest-benchmark."""
 
     def run(op, provider, mode):
-        bench, shape = OPS[op], benchmark_shape(op)
+        bench, shape = OPS[op], benchmark_shape(op, mode)
         call, skip = bench.benchmark_call(shape, DTYPE, DEVICE, provider, mode)
         if skip:
             pytest.skip(skip)

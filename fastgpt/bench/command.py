@@ -35,6 +35,7 @@ def add_arguments(parser):
     parser.add_argument("--append", action="store_true", help="add to DIR/results.json instead of replacing it")
     parser.add_argument("--providers", type=_comma_list, default=None, help="only providers matching these globs")
     parser.add_argument("--skip-providers", type=_comma_list, default=None, help="leave out providers matching these globs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",
                         help="regenerate the README's Performance section (and plots) from these results files")
@@ -87,6 +88,8 @@ def run(args):
         raise SystemExit(f"fastgpt bench: --ops must be among {', '.join(runner.OPS)}, got {', '.join(unknown)}")
     device = _device(args.device)
     dtypes = _dtypes(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sweep = "tiny" if args.tiny else "quick" if args.quick else "full"
     command = (f"fastgpt bench --ops {','.join(args.ops)} --device {device.type} "
                f"--dtype {','.join(dtype_name(d) for d in dtypes)} --sweep {sweep}")

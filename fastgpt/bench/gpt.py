@@ -39,13 +39,22 @@ from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name
 GPT2_124M = {"model": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024}
 SMALL = {"model": "small", "n_layer": 2, "n_head": 4, "n_embd": 256, "vocab_size": 8192, "block_size": 256}
 TINY_MODEL = {"model": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 256, "block_size": 64}
+
+
+def _cases(model, batch, seq, gen_batch, prompt, new_tokens):
+    """A training case and a generation case (each written to the results as soon as it is done)."""
+    return [{"mode": "train", **model, "batch": batch, "seq": seq},
+            {"mode": "generate", **model, "batch": gen_batch, "prompt": prompt, "new_tokens": new_tokens}]
+
+
 SHAPES = {
-    ("cuda", "full"): [{**GPT2_124M, "batch": 16, "seq": 1024, "gen_batch": 16, "prompt": 128, "new_tokens": 128}],
-    ("cuda", "quick"): [{**GPT2_124M, "batch": 8, "seq": 1024, "gen_batch": 8, "prompt": 128, "new_tokens": 64}],
-    ("cpu", "full"): [{**GPT2_124M, "batch": 1, "seq": 128, "gen_batch": 1, "prompt": 32, "new_tokens": 32}],
-    ("cpu", "quick"): [{**SMALL, "batch": 2, "seq": 128, "gen_batch": 2, "prompt": 16, "new_tokens": 16}],
+    ("cuda", "full"): _cases(GPT2_124M, batch=16, seq=1024, gen_batch=16, prompt=128, new_tokens=128),
+    ("cuda", "quick"): _cases(GPT2_124M, batch=8, seq=1024, gen_batch=8, prompt=128, new_tokens=64),
+    ("cpu", "full"): _cases(GPT2_124M, batch=1, seq=128, gen_batch=1, prompt=32, new_tokens=32),
+    ("cpu", "quick"): _cases(SMALL, batch=2, seq=128, gen_batch=2, prompt=16, new_tokens=16),
 }
-TINY = [{**TINY_MODEL, "batch": 2, "seq": 32, "gen_batch": 2, "prompt": 8, "new_tokens": 8}]
+TINY = _cases(TINY_MODEL, batch=2, seq=32, gen_batch=2, prompt=8, new_tokens=8)
+MODES = ("train", "generate")
 ERROR_ROWS = 2  # generated sequences compared with float64 greedy decoding
 GENERATION_ROUNDS = 3  # each round is a whole generate call per provider: seconds, not milliseconds
 LEARNING_RATE = 1e-5  # small, so the timed steps leave the weights near where the errors were measured
@@ -124,7 +133,6 @@ def _nanogpt(hf_model, compile_it):
     )
 
 
-MODES = ("train", "generate")
 PROVIDER_NAMES = ("fastgpt.nn", "hf+fastgpt.patch", "hf (sdpa)", "nanogpt", "nanogpt+torch.compile")
 
 
@@ -174,14 +182,52 @@ def _generate_call(provider, prompts, new_tokens):
     return call
 
 
-def _data(shape, device):
-    """Training inputs and targets (B, T) and generation prompts (B, P), the same for every provider."""
+def _tokens(shape, device):
+    """The case's token ids, the same for every provider: (inputs, targets), each (B, T), for training;
+    prompts (B, P) for generation."""
     generator = torch.Generator().manual_seed(1)
     vocab = shape["vocab_size"]
-    x = torch.randint(0, vocab, (shape["batch"], shape["seq"]), generator=generator).to(device)
-    y = torch.randint(0, vocab, (shape["batch"], shape["seq"]), generator=generator).to(device)
-    prompts = torch.randint(0, vocab, (shape["gen_batch"], shape["prompt"]), generator=generator).to(device)
-    return x, y, prompts
+    if shape["mode"] == "train":
+        size = (shape["batch"], shape["seq"])
+        return tuple(torch.randint(0, vocab, size, generator=generator).to(device) for _ in range(2))
+    return torch.randint(0, vocab, (shape["batch"], shape["prompt"]), generator=generator).to(device)
+
+
+def _reference_error(shape, master, tokens, device):
+    """(error_of(first result) -> (detail, note)), from the float64 nanoGPT model with the same weights."""
+    reference = NanoGPT.from_hf(master).to(device=device, dtype=torch.float64).eval()
+    with torch.no_grad():
+        if shape["mode"] == "train":
+            expected_loss = float(reference(*tokens))
+
+            def loss_error(loss):
+                return {"loss_abs_error": abs(float(loss) - expected_loss)}, "loss of the first step (fresh weights)"
+
+            return loss_error
+        new_tokens = shape["new_tokens"]
+        expected = generate_greedy(reference, reference, tokens[:ERROR_ROWS], new_tokens)[:, -new_tokens:]
+
+    def token_error(generated):
+        mismatch = (generated[:ERROR_ROWS, -new_tokens:] != expected).double().mean()
+        return ({"token_mismatch_fraction": float(mismatch)},
+                f"greedy tokens of the first {ERROR_ROWS} prompts against float64 greedy decoding")
+
+    return token_error
+
+
+def _calls(providers, shape, tokens, device):
+    """{provider: no-argument callable}: a training step, or a generate call."""
+    calls = {}
+    for provider in providers:
+        if provider.skip:
+            continue
+        if shape["mode"] == "train":
+            provider.model.train()
+            calls[provider.name] = _train_step(provider, *tokens, device)
+        else:
+            provider.model.eval()
+            calls[provider.name] = _generate_call(provider, tokens, shape["new_tokens"])
+    return calls
 
 
 class GPTBench:
@@ -199,16 +245,10 @@ class GPTBench:
         for pytest-benchmark; or (None, the reason it cannot run)."""
         if optional_module("transformers") is None:
             return None, "transformers is not installed"
-        (provider,) = build_providers(_hf_model(shape, seed=0), device, dtype, include=[provider_name])
-        if provider.skip:
-            return None, provider.skip
-        x, y, prompts = _data(shape, device)
-        if mode == "train":
-            provider.model.train()
-            run = _train_step(provider, x, y, device)
-        else:
-            provider.model.eval()
-            run = _generate_call(provider, prompts, shape["new_tokens"])
+        providers = build_providers(_hf_model(shape, seed=0), device, dtype, include=[provider_name])
+        if providers[0].skip:
+            return None, providers[0].skip
+        (run,) = _calls(providers, shape, _tokens(shape, device), device).values()
 
         def call():
             result = run()
@@ -221,70 +261,29 @@ class GPTBench:
         if mode == "train":
             return {"tokens": shape["batch"] * shape["seq"], "flops": counts.gpt_train_flops(
                 shape["batch"], shape["seq"], shape["n_layer"], shape["n_head"], shape["n_embd"], shape["vocab_size"])}
-        return {"tokens": shape["gen_batch"] * shape["new_tokens"], "flops": None}
+        return {"tokens": shape["batch"] * shape["new_tokens"], "flops": None}
 
     def run_case(self, shape, dtype, device, plan, peaks, include=None, exclude=None):
         device = torch.device(device)
-        note = {"op": self.name, "shape": shape, "dtype": dtype_name(dtype), "provider": "*", "kind": BASELINE}
+        mode = shape["mode"]
+        recorded_shape = {key: value for key, value in shape.items() if key != "mode"}
+        note = {"op": self.name, "shape": recorded_shape, "dtype": dtype_name(dtype), "mode": mode}
         if optional_module("transformers") is None:
-            return [], [{**note, "mode": mode, "reason": "transformers is not installed"} for mode in MODES]
+            return [], [{**note, "provider": "*", "kind": BASELINE, "reason": "transformers is not installed"}]
         reset_compiled()
         master = _hf_model(shape, seed=0)
-        reference = NanoGPT.from_hf(master).to(device=device, dtype=torch.float64).eval()
-        x, y, prompts = _data(shape, device)
-        vocab, new_tokens = shape["vocab_size"], shape["new_tokens"]
-        model_shape = {key: shape[key] for key in ("model", "n_layer", "n_head", "n_embd", "vocab_size")}
-        records, skipped = [], []
-
-        with torch.no_grad():
-            expected_loss = float(reference(x, y))
-
-        def train_error(loss):
-            return {"loss_abs_error": abs(float(loss) - expected_loss)}, "loss of the first step (fresh weights), full batch"
-
+        tokens = _tokens(shape, device)
+        error_of = _reference_error(shape, master, tokens, device)
         providers = build_providers(master, device, dtype, include, exclude)
-        for provider in providers:
-            if provider.model is not None:
-                provider.model.train()
-        calls = {p.name: _train_step(p, x, y, device) for p in providers if not p.skip}
-        flops = counts.gpt_train_flops(shape["batch"], shape["seq"], shape["n_layer"], shape["n_head"], shape["n_embd"], vocab)
-        train_shape = {**model_shape, "batch": shape["batch"], "seq": shape["seq"]}
-        records += self._measure("train", train_shape, providers, calls, train_error, shape["batch"] * shape["seq"],
-                                 flops, dtype, device, plan, peaks, skipped)
-        del providers, calls
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-        with torch.no_grad():
-            expected = generate_greedy(reference, reference, prompts[:ERROR_ROWS], new_tokens)[:, -new_tokens:]
-
-        def generation_error(tokens):
-            mismatch = (tokens[:ERROR_ROWS, -new_tokens:] != expected).double().mean()
-            return ({"token_mismatch_fraction": float(mismatch)},
-                    f"greedy tokens of the first {ERROR_ROWS} prompts against float64 greedy decoding")
-
-        providers = build_providers(master, device, dtype, include, exclude)
-        for provider in providers:
-            if provider.model is not None:
-                provider.model.eval()
-        calls = {p.name: _generate_call(p, prompts, new_tokens) for p in providers if not p.skip}
-        generation_plan = dataclasses.replace(plan, rounds=min(plan.rounds, GENERATION_ROUNDS),
-                                              warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0)
-        generate_shape = {**model_shape, "batch": shape["gen_batch"], "prompt": shape["prompt"], "new_tokens": new_tokens}
-        records += self._measure("generate", generate_shape, providers, calls, generation_error,
-                                 shape["gen_batch"] * new_tokens, None, dtype, device, generation_plan, peaks, skipped)
-        return records, skipped
-
-    def _measure(self, mode, shape, providers, calls, error_of, tokens, flops, dtype, device, plan, peaks, skipped):
-        """First call (compilation; its result gives the error, on fresh weights), interleaved timing,
-        then peak memory."""
+        calls = _calls(providers, shape, tokens, device)
+        if mode == "generate":
+            plan = dataclasses.replace(plan, rounds=min(plan.rounds, GENERATION_ROUNDS),
+                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0)
+        work = self.work(shape, dtype, mode)
+        skipped = [{**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip]
         kinds = {p.name: p.kind for p in providers}
-        note = {"op": self.name, "shape": shape, "dtype": dtype_name(dtype), "mode": mode}
-        for provider in providers:
-            if provider.skip:
-                skipped.append({**note, "provider": provider.name, "kind": provider.kind, "reason": provider.skip})
         measured = {}
-        for name, call in calls.items():
+        for name, call in calls.items():  # first call: compilation; its result gives the error
             try:
                 seconds, result = timing.timed_first_call(call, device)
             except Exception as error:  # report it and go on with the others
@@ -298,15 +297,15 @@ class GPTBench:
         for name, (first_call_s, (detail, err_note)) in measured.items():
             result = timings[name]
             seconds = result.median_ms * 1e-3
-            tflops = flops / seconds / 1e12 if flops else None
+            tflops = work["flops"] / seconds / 1e12 if work["flops"] else None
             records.append({
-                **note, "shape": dict(shape), "device": peaks["device"], "provider": name, "kind": kinds[name],
+                **note, "device": peaks["device"], "provider": name, "kind": kinds[name],
                 "median_ms": result.median_ms, "iqr_ms": result.iqr_ms, "min_ms": result.min_ms,
                 "max_ms": result.max_ms, "samples": result.samples, "first_call_s": first_call_s,
                 "input_copies": 1, "metric": "tokens_per_s", "tflops": tflops, "gbps": None,
-                "tokens_per_s": tokens / seconds,
+                "tokens_per_s": work["tokens"] / seconds,
                 "pct_of_peak": 100 * tflops / peak_tflops if tflops and peak_tflops else None,
                 "err_vs_reference": max(detail.values()), "err_detail": detail, "err_note": err_note,
                 "peak_mem_bytes": int(timing.peak_memory_bytes(calls[name], device)),
             })
-        return records
+        return records, skipped

@@ -13,6 +13,8 @@ For each mode (forward, then forward+backward) every provider is
 each call (as after `zero_grad(set_to_none=True)`).
 """
 
+import functools
+
 import torch
 
 from fastgpt.bench import flops as counts
@@ -70,11 +72,9 @@ class KernelBench:
 
     def eager_skip(self, shape, dtype, device):
         """Why the eager reference (and its torch.compile) is not run at this shape, or None."""
-        return None
 
     def compile_skip(self, shape, dtype, device):
         """Why torch.compile of the eager reference is not run at this shape, or None."""
-        return None
 
     def providers(self, shape, dtype, device, include=None, exclude=None):
         eager_skip = self.eager_skip(shape, dtype, device)
@@ -139,8 +139,8 @@ class KernelBench:
             for provider in providers:
                 if provider.name not in timings:
                     continue
-                step = _step(provider.fn, mode)
-                peak = timing.peak_memory_bytes(lambda: step(input_sets[0], grad_sets[0]), device)
+                peak = timing.peak_memory_bytes(
+                    functools.partial(_step(provider.fn, mode), input_sets[0], grad_sets[0]), device)
                 detail = self._errors(provider.fn, shape, input_sets[0], grad_sets[0], mode, reference, device)
                 records.append(self._record(shape, dtype, device, mode, provider, timings[provider.name],
                                             first_call_s[provider.name], copies, peak, detail, peaks))

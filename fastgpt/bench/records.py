@@ -131,13 +131,13 @@ def add_speedups(records):
 
 
 def check_record(record):
-    """Raise ValueError naming the first field that is missing or mistyped."""
+    """Raise ValueError (missing) or TypeError (mistyped) naming the first bad field."""
     for name, types in RECORD_FIELDS.items():
         if name not in record:
             raise ValueError(f"record is missing field {name!r}: {record}")
         value = record[name]
         if not isinstance(value, types) or isinstance(value, bool):
-            raise ValueError(f"record field {name!r} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+            raise TypeError(f"record field {name!r} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
 
 
 class Results:

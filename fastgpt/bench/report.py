@@ -41,7 +41,7 @@ def shape_label(op, shape):
         return f"{s['tokens']}x{s['channels']}" + (" +residual" if s.get("residual") else "")
     if op == "cross_entropy":
         return f"{s['tokens']} tok, C {s['channels']}, V {s['vocab']}"
-    if op == "gpt" and "seq" in s:
+    if op == "gpt" and "seq" in s:  # training
         return f"{s['model']} B {s['batch']}, T {s['seq']}"
     if op == "gpt":
         return f"{s['model']} B {s['batch']}, {s['prompt']}+{s['new_tokens']} tok"
@@ -228,12 +228,12 @@ def metadata_lines(data):
     peaks = meta.get("peaks", {})
     matmul = ", ".join(f"{dtype} {value:.3g} TFLOP/s" for dtype, value in peaks.get("matmul_tflops", {}).items())
     return [
-        f"- device: **{meta['device']}**; date: {meta['date']}; git: `{meta.get('git_sha') or 'unknown'}`; "
-        f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}",
+        (f"- device: **{meta['device']}**; date: {meta['date']}; git: `{meta.get('git_sha') or 'unknown'}`; "
+         f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}"),
         f"- versions: {listed}",
         f"- measured peaks (the denominators of % peak): matmul {matmul}; copy {peaks.get('copy_gbps', 0):.0f} GB/s",
-        f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "
-        f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}",
+        (f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "
+         f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}"),
     ]
 
 

@@ -10,7 +10,14 @@ from fastgpt.bench.cross_entropy import CrossEntropyBench
 from fastgpt.bench.ffn import FFNBench
 from fastgpt.bench.gpt import GPTBench
 from fastgpt.bench.layer_norm import LayerNormBench
-from fastgpt.bench.records import Results, appended_metadata, device_name, dtype_name, load_results, run_metadata
+from fastgpt.bench.records import (
+    Results,
+    appended_metadata,
+    device_name,
+    dtype_name,
+    load_results,
+    run_metadata,
+)
 from fastgpt.bench.timing import TimingPlan, measure_copy_gbps, measure_matmul_tflops
 
 OPS = {bench.name: bench for bench in (AttentionBench(), FFNBench(), LayerNormBench(), CrossEntropyBench(), GPTBench())}

@@ -4,8 +4,9 @@ Timing rules (ARCHITECTURE.md, Benchmarks):
 - every provider is called a few times first (warm-up: compilation, autotuning, allocator caches);
 - the providers of one case are interleaved: each round times every provider once, in an order that
   rotates from round to round, so a burst of load from elsewhere on the machine hits them all alike;
-- CPU: each round is one `torch.utils.benchmark.Timer.blocked_autorange` per provider, run with all
-  of torch's threads; its per-call block times are pooled over the rounds;
+- CPU: each round is one `torch.utils.benchmark.Timer.blocked_autorange` per provider (one
+  `Timer.timeit(1)` when a single call outlasts the round), run with torch's threads; the per-call
+  block times are pooled over the rounds;
 - GPU: each round is one block of calls between two CUDA events, the block sized to a few ms; the
   callables rotate over several copies of their inputs so the working set exceeds the L2 cache, as a
   layer inside a real model sees it;
@@ -99,8 +100,12 @@ def timed_first_call(fn, device):
     return time.perf_counter() - start, result
 
 
-def _cpu_round(fn, round_s):
+def _cpu_round(fn, round_s, call_s):
+    """Per-call times of one CPU round: blocked_autorange, or, for a call longer than the round, one
+    timeit(1) (blocked_autorange would spend a second call estimating the block size)."""
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if call_s >= round_s:
+        return list(timer.timeit(number=1).times)
     return list(timer.blocked_autorange(min_run_time=round_s).times)
 
 
@@ -119,12 +124,15 @@ def measure_interleaved(callables, device, plan):
     """{name: Timing} for no-argument callables, timed in interleaved rounds after warm-up."""
     device = torch.device(device)
     names = list(callables)
+    call_s = {}  # the last warm-up call's duration
     for name in names:
         start, calls = time.perf_counter(), 0
         while calls < plan.warmup_calls or time.perf_counter() - start < plan.warmup_s:
+            call_start = time.perf_counter()
             callables[name]()
+            synchronize(device)
+            call_s[name] = time.perf_counter() - call_start
             calls += 1
-    synchronize(device)
     block_calls = {}
     if device.type == "cuda":
         for name in names:
@@ -137,7 +145,7 @@ def measure_interleaved(callables, device, plan):
             if device.type == "cuda":
                 samples[name].append(_gpu_block(callables[name], block_calls[name]))
             else:
-                samples[name].extend(_cpu_round(callables[name], plan.cpu_round_s))
+                samples[name].extend(_cpu_round(callables[name], plan.cpu_round_s, call_s.get(name, 0.0)))
     return {name: summarize(samples[name]) for name in names}
 
 
