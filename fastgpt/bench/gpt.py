@@ -301,7 +301,8 @@ class GPTBench:
             records.append({
                 **note, "device": peaks["device"], "provider": name, "kind": kinds[name],
                 "median_ms": result.median_ms, "iqr_ms": result.iqr_ms, "min_ms": result.min_ms,
-                "max_ms": result.max_ms, "samples": result.samples, "first_call_s": first_call_s,
+                "max_ms": result.max_ms, "samples": result.samples, "round_ms": list(result.round_ms),
+                "first_call_s": first_call_s,
                 "input_copies": 1, "metric": "tokens_per_s", "tflops": tflops, "gbps": None,
                 "tokens_per_s": work["tokens"] / seconds,
                 "pct_of_peak": 100 * tflops / peak_tflops if tflops and peak_tflops else None,

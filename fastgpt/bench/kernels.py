@@ -197,6 +197,7 @@ class KernelBench:
             "provider": provider.name, "kind": provider.kind, "mode": mode,
             "median_ms": timing_result.median_ms, "iqr_ms": timing_result.iqr_ms,
             "min_ms": timing_result.min_ms, "max_ms": timing_result.max_ms, "samples": timing_result.samples,
+            "round_ms": list(timing_result.round_ms),
             "first_call_s": first_call_s, "input_copies": copies,
             "metric": self.metric, "tflops": tflops, "gbps": gbps, "tokens_per_s": None, "pct_of_peak": pct,
             "err_vs_reference": max(errors.values()) if errors else None, "err_detail": errors,

@@ -37,6 +37,7 @@ RECORD_FIELDS = {
     "min_ms": (float,),
     "max_ms": (float,),
     "samples": (int,),
+    "round_ms": (list,),  # median per-call time of each interleaved round
     "first_call_s": (float,),  # the first call, with compilation and autotuning
     "input_copies": (int,),  # input sets rotated through to exceed L2
     "metric": (str,),  # "tflops", "gbps" or "tokens_per_s"

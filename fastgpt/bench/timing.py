@@ -55,16 +55,19 @@ class Timing:
     min_ms: float
     max_ms: float
     samples: int  # blocks pooled over all rounds
+    round_ms: tuple = ()  # the median per-call time of each round, in round order
 
 
-def summarize(per_call_seconds):
-    """Timing from per-call times in seconds (one per block)."""
+def summarize(per_call_seconds, rounds=()):
+    """Timing from per-call times in seconds (one per block); `rounds` splits them by round."""
     ms = sorted(1e3 * t for t in per_call_seconds)
     if len(ms) >= 2:
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
     else:
         q1 = q3 = ms[0]
-    return Timing(median_ms=statistics.median(ms), iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1], samples=len(ms))
+    round_ms = tuple(1e3 * statistics.median(times) for times in rounds)
+    return Timing(median_ms=statistics.median(ms), iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1], samples=len(ms),
+                  round_ms=round_ms)
 
 
 def synchronize(device):
@@ -138,15 +141,15 @@ def measure_interleaved(callables, device, plan):
         for name in names:
             one_call = _gpu_block(callables[name], 1)
             block_calls[name] = max(1, min(10_000, math.ceil(plan.gpu_block_ms / 1e3 / max(one_call, 1e-7))))
-    samples = {name: [] for name in names}
+    rounds = {name: [] for name in names}
     for round_index in range(plan.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             if device.type == "cuda":
-                samples[name].append(_gpu_block(callables[name], block_calls[name]))
+                rounds[name].append([_gpu_block(callables[name], block_calls[name])])
             else:
-                samples[name].extend(_cpu_round(callables[name], plan.cpu_round_s, call_s.get(name, 0.0)))
-    return {name: summarize(samples[name]) for name in names}
+                rounds[name].append(_cpu_round(callables[name], plan.cpu_round_s, call_s.get(name, 0.0)))
+    return {name: summarize([t for times in rounds[name] for t in times], rounds[name]) for name in names}
 
 
 @contextlib.contextmanager
