@@ -72,7 +72,8 @@ def device_name(device):
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def git_sha():
@@ -91,6 +92,18 @@ def git_sha():
     return f"{sha}-dirty" if dirty else sha
 
 
+def load_average():
+    """The 1-minute load average, or None where the OS does not report it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def finish_metadata(metadata):
+    metadata["load_average"]["end"] = load_average()
+
+
 def run_metadata(device, command, plan_name, timing_plan, peaks):
     device = torch.device(device)
     return {
@@ -101,6 +114,10 @@ def run_metadata(device, command, plan_name, timing_plan, peaks):
         "device_type": device.type,
         "versions": package_versions(),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        # other processes competing for the CPU: timings taken with load near or above the CPU count are
+        # unreliable on CPU (a descheduled thread stalls every parallel region), less so on GPU
+        "load_average": {"start": load_average(), "end": None},
         "command": command,
         "sweep": plan_name,
         "timing": {

@@ -226,10 +226,12 @@ def metadata_lines(data):
     versions = meta.get("versions", {})
     listed = ", ".join(f"{key} {versions[key]}" for key in VERSION_KEYS if versions.get(key))
     peaks = meta.get("peaks", {})
+    load = meta.get("load_average") or {}
     matmul = ", ".join(f"{dtype} {value:.3g} TFLOP/s" for dtype, value in peaks.get("matmul_tflops", {}).items())
     return [
         (f"- device: **{meta['device']}**; date: {meta['date']}; git: `{meta.get('git_sha') or 'unknown'}`; "
-         f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}"),
+         f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}; load average at start / end: "
+         f"{load.get('start')} / {load.get('end')} on {meta.get('cpus')} CPUs"),
         f"- versions: {listed}",
         f"- measured peaks (the denominators of % peak): matmul {matmul}; copy {peaks.get('copy_gbps', 0):.0f} GB/s",
         (f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "

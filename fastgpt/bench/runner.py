@@ -1,6 +1,7 @@
 """The sweep: every (op, shape, dtype) case of the chosen ops, run in turn, written after each case."""
 
 import contextlib
+import os
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,6 +16,8 @@ from fastgpt.bench.records import (
     appended_metadata,
     device_name,
     dtype_name,
+    finish_metadata,
+    load_average,
     load_results,
     run_metadata,
 )
@@ -58,6 +61,10 @@ def run(ops, device, dtypes, sweep, results_path, *, include=None, exclude=None,
     """Run the sweep and return its Results (also written to results_path after every case)."""
     device = torch.device(device)
     todo = cases(ops, device, dtypes, sweep)
+    load = load_average()
+    if device.type == "cpu" and load and load > 0.5 * (os.cpu_count() or 1):
+        print(f"fastgpt bench: the load average is {load:.1f} on {os.cpu_count()} CPUs; CPU timings taken while "
+              "other processes compete for the cores are noisy (try an idle machine, or --threads 1)")
     plan = PLANS[sweep]
     peaks = measure_peaks(device, dtypes, sweep)
     metadata = run_metadata(device, command, sweep, plan, peaks)
@@ -80,4 +87,6 @@ def run(ops, device, dtypes, sweep, results_path, *, include=None, exclude=None,
             progress.advance(task)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    finish_metadata(results.metadata)
+    results.write()
     return results
