@@ -254,7 +254,7 @@ def test_render_readme_between_markers(tiny_run, tmp_path):
     assert data["metadata"]["device"] in section and data["metadata"]["versions"]["torch"] in section
     first = data["records"][0]
     assert report.format_time(first) in section  # the numbers come from the file
-    assert "(results/2026-01-01-cpu/attention_fwd.png)" in section
+    assert "[attention_fwd](results/2026-01-01-cpu/attention_fwd.png)" in section
     assert (tmp_path / "results" / "2026-01-01-cpu" / "attention_fwd.png").exists()
 
 

@@ -34,7 +34,7 @@ from fastgpt.bench import flops as counts
 from fastgpt.bench import timing
 from fastgpt.bench.nanogpt import NanoGPT, generate_greedy
 from fastgpt.bench.providers import optional_module, reset_compiled, select
-from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name
+from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name, matmul_peak
 
 GPT2_124M = {"model": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024}
 SMALL = {"model": "small", "n_layer": 2, "n_head": 4, "n_embd": 256, "vocab_size": 8192, "block_size": 256}
@@ -292,7 +292,7 @@ class GPTBench:
                 continue
             measured[name] = (seconds, error_of(result))
         timings = timing.measure_interleaved({name: calls[name] for name in measured}, device, plan) if measured else {}
-        peak_tflops = peaks["matmul_tflops"].get(dtype_name(dtype))
+        peak_tflops = matmul_peak(peaks, dtype)
         records = []
         for name, (first_call_s, (detail, err_note)) in measured.items():
             result = timings[name]

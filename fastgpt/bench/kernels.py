@@ -20,7 +20,7 @@ import torch
 from fastgpt.bench import flops as counts
 from fastgpt.bench import timing
 from fastgpt.bench.providers import baseline, compiled, fastgpt_providers, reset_compiled, select
-from fastgpt.bench.records import dtype_name
+from fastgpt.bench.records import dtype_name, matmul_peak
 
 
 def as_tuple(value):
@@ -187,7 +187,7 @@ class KernelBench:
         tflops = work_flops / seconds / 1e12 if work_flops else None
         gbps = work_bytes / seconds / 1e9 if work_bytes else None
         if self.metric == "tflops":
-            peak_value = peaks["matmul_tflops"].get(dtype_name(dtype))
+            peak_value = matmul_peak(peaks, dtype)
             pct = 100 * tflops / peak_value if tflops and peak_value else None
         else:
             peak_value = peaks.get("copy_gbps")

@@ -2,8 +2,9 @@
 - attention_fwd.png, attention_fwd_bwd.png: TFLOP/s against sequence length, one line per provider,
   one panel per (dtype, head_dim);
 - attention_memory.png: peak memory of forward+backward against sequence length;
-- ffn.png, layer_norm.png, cross_entropy.png, gpt.png: the headline metric per shape and provider
-  (cross_entropy.png also shows peak memory; layer_norm.png marks the measured copy bandwidth).
+- ffn.png, layer_norm.png, gpt.png: the headline metric per shape and provider (layer_norm.png marks
+  the measured copy bandwidth);
+- cross_entropy.png, cross_entropy_memory.png: median time and peak memory per shape and provider.
 Each plot is drawn only when the results hold its op.
 """
 
@@ -54,8 +55,16 @@ def attention_lines(records, mode, value, ylabel, title, path, log_y=False):
             ax.plot([p[0] for p in points], [p[1] for p in points], PROVIDER_STYLE.get(kind, "-"), marker="o",
                     label=provider)
         ax.set_xscale("log", base=2)
+        seqs = sorted({r["shape"]["seq"] for r in subset})
+        ax.set_xticks(seqs, [str(seq) for seq in seqs])
+        ax.minorticks_off()
         if log_y:
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} · {dtype} · head_dim {head_dim}")

@@ -131,6 +131,12 @@ def run_metadata(device, command, plan_name, timing_plan, peaks):
     }
 
 
+def matmul_peak(peaks, dtype):
+    """The measured matmul TFLOP/s for a dtype; on CPU only float32 is measured and serves every dtype."""
+    table = peaks["matmul_tflops"]
+    return table.get(dtype_name(dtype), table.get("float32"))
+
+
 def case_key(record):
     return (record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["device"], record["mode"])
 

@@ -24,6 +24,13 @@ START_MARKER = "<!-- perf:start -->"
 END_MARKER = "<!-- perf:end -->"
 METRIC_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
 VERSION_KEYS = ("python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel", "cuda (torch)")
+LEGEND = (
+    "Columns: median time per call ± its interquartile range; throughput and % of the measured peak; "
+    "speedup = a baseline's median / this median, both from the same run; max err = largest |difference| "
+    "from the float64 reference over the outputs and, for fwd+bwd, every input gradient (gpt: the loss "
+    "difference, or the fraction of greedy tokens that differ); peak mem = memory allocated during one "
+    "call beyond what was allocated before it."
+)
 MODE_ORDER = {"fwd": 0, "fwd+bwd": 1, "train": 2, "generate": 3}
 
 
@@ -239,11 +246,12 @@ def metadata_lines(data):
     ]
 
 
-def markdown_report(data, plots=(), heading_level=3, title=None):
-    """Markdown for one results file: metadata, the speedup summary, plot links, and every table."""
+def markdown_report(data, plots=(), heading_level=3, title=None, inline_plots=True):
+    """Markdown for one results file: metadata, the speedup summary, the plots (inline images, or
+    links), and every table."""
     hashes = "#" * heading_level
     meta = data["metadata"]
-    out = [f"{hashes} {title or meta['device']}", "", *metadata_lines(data), ""]
+    out = [f"{hashes} {title or meta['device']}", "", *metadata_lines(data), "", LEGEND, ""]
     rows = summary_rows(data)
     if rows:
         out.append(markdown_table(
@@ -253,9 +261,10 @@ def markdown_report(data, plots=(), heading_level=3, title=None):
     else:
         out.append("No fastgpt kernel backend was timed in this run: the tables hold the baselines only.")
     out.append("")
-    if plots:
-        out.append(" ".join(f"![{Path(p).stem}]({p})" for p in plots))
-        out.append("")
+    if plots and inline_plots:
+        out += [" ".join(f"![{Path(p).stem}]({p})" for p in plots), ""]
+    elif plots:
+        out += ["Plots: " + " · ".join(f"[{Path(p).stem}]({p})" for p in plots), ""]
     for op, dtype, mode, records, skipped in table_groups(data):
         baselines = baselines_of(records)
         header, table = table_rows(op, records, baselines)
@@ -282,7 +291,7 @@ def render_readme(readme_path, results_paths, plots_for=None):
         plots = plots_for(path, data) if plots_for else []
         relative = [os.path.relpath(p, readme_path.parent) for p in plots]
         title = f"{data['metadata']['device']} — {data['metadata']['date'][:10]} (`{path}`)"
-        sections.append(markdown_report(data, relative, title=title))
+        sections.append(markdown_report(data, relative, title=title, inline_plots=False))
     readme_path.write_text(before + START_MARKER + "\n" + "\n".join(sections).rstrip() + "\n" + END_MARKER + after)
 
 

@@ -36,13 +36,15 @@ TINY_PEAK_PLAN = TimingPlan(rounds=1, warmup_calls=1, warmup_s=0.0, cpu_round_s=
 
 
 def measure_peaks(device, dtypes, sweep):
-    """The denominators of % of peak, measured once per run: a large matmul in each dtype (bf16 is always
-    measured on GPU) and a device-memory copy."""
+    """The denominators of % of peak, measured once per run: a large matmul and a device-memory copy.
+    GPU: the matmul in each dtype of the run, and always in bf16. CPU: in float32 only, the peak for
+    every dtype (half-precision matmul on most CPUs is converted in software and would take minutes)."""
     plan = TINY_PEAK_PLAN if sweep == "tiny" else PEAK_PLAN
     device = torch.device(device)
-    wanted = list(dtypes)
-    if device.type == "cuda" and torch.bfloat16 not in wanted:
-        wanted.append(torch.bfloat16)
+    if device.type == "cuda":
+        wanted = list(dict.fromkeys([*dtypes, torch.bfloat16]))
+    else:
+        wanted = [torch.float32]
     return {
         "device": device_name(device),
         "matmul_tflops": {dtype_name(d): measure_matmul_tflops(device, d, plan) for d in wanted},
@@ -62,7 +64,7 @@ def run(ops, device, dtypes, sweep, results_path, *, include=None, exclude=None,
     device = torch.device(device)
     todo = cases(ops, device, dtypes, sweep)
     load = load_average()
-    if device.type == "cpu" and load and load > 0.5 * (os.cpu_count() or 1):
+    if device.type == "cpu" and torch.get_num_threads() > 1 and load and load > 0.5 * (os.cpu_count() or 1):
         print(f"fastgpt bench: the load average is {load:.1f} on {os.cpu_count()} CPUs; CPU timings taken while "
               "other processes compete for the cores are noisy (try an idle machine, or --threads 1)")
     plan = PLANS[sweep]
