@@ -244,7 +244,8 @@ def test_render_readme_between_markers(tiny_run, tmp_path):
     results.parent.mkdir()
     results.write_text((out / "results.json").read_text())
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nintro\n\n## Performance\n\n{report.START_MARKER}\nold numbers\n{report.END_MARKER}\n\n## after\n")
+    markers = f"{report.START_MARKER}\nold numbers\n{report.END_MARKER}"
+    readme.write_text(f"# title\n\nintro\n\n## Performance\n\n{markers}\n\n## after\n")
     assert cli.main(["bench", "--render", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n\n## Performance\n\n" + report.START_MARKER)

@@ -88,7 +88,8 @@ class AttentionBench(KernelBench):
         limit = EAGER_SCORES_LIMIT[torch.device(device).type]
         needed = _scores_bytes(shape, 4)
         if needed > limit:
-            return f"eager would materialise {needed / 2**30:.0f} GiB of float32 scores (limit {limit / 2**30:.0f} GiB)"
+            return (f"eager would materialise {needed / 2**30:.0f} GiB of float32 scores "
+                    f"(limit {limit / 2**30:.0f} GiB)")
         return None
 
     def compile_skip(self, shape, dtype, device):
@@ -106,7 +107,8 @@ class AttentionBench(KernelBench):
         ]
 
     def flops(self, shape, mode):
-        return counts.attention_flops(shape["batch"], shape["heads"], shape["seq"], shape["seq"], shape["head_dim"], mode)
+        seq = shape["seq"]
+        return counts.attention_flops(shape["batch"], shape["heads"], seq, seq, shape["head_dim"], mode)
 
     def error_scope(self, shape, device):
         if _scores_bytes(shape, 8) <= FLOAT64_SCORES_LIMIT[torch.device(device).type]:

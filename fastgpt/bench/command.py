@@ -34,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     parser.add_argument("--append", action="store_true", help="add to DIR/results.json instead of replacing it")
     parser.add_argument("--providers", type=_comma_list, default=None, help="only providers matching these globs")
-    parser.add_argument("--skip-providers", type=_comma_list, default=None, help="leave out providers matching these globs")
+    parser.add_argument("--skip-providers", type=_comma_list, default=None,
+                        help="leave out providers matching these globs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",

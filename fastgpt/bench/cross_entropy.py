@@ -57,7 +57,8 @@ class CrossEntropyBench(KernelBench):
         tokens, channels, vocab = shape["tokens"], shape["channels"], shape["vocab"]
         return {
             "x": torch.randn(tokens, channels, device=device, dtype=dtype).requires_grad_(),
-            "weight": (torch.randn(vocab, channels, device=device, dtype=dtype) / math.sqrt(channels)).requires_grad_(),
+            "weight": (torch.randn(vocab, channels, device=device, dtype=dtype) / math.sqrt(channels))
+            .requires_grad_(),
             "targets": torch.randint(0, vocab, (tokens,), device=device),
         }
 
@@ -76,4 +77,5 @@ class CrossEntropyBench(KernelBench):
 
     def bytes(self, shape, dtype, mode):
         element_size = torch.empty((), dtype=dtype).element_size()
-        return counts.linear_cross_entropy_bytes(shape["tokens"], shape["channels"], shape["vocab"], element_size, mode)
+        tokens, channels, vocab = shape["tokens"], shape["channels"], shape["vocab"]
+        return counts.linear_cross_entropy_bytes(tokens, channels, vocab, element_size, mode)

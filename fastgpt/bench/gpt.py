@@ -127,10 +127,12 @@ def _hf_plain(model):
 def _nanogpt(hf_model, compile_it):
     model = NanoGPT.from_hf(hf_model)
     step = torch.compile(model, dynamic=False) if compile_it else model
-    return ModelProvider(
-        "nanogpt+torch.compile" if compile_it else "nanogpt", BASELINE, model=model,
-        loss=lambda x, y: step(x, y), generate=lambda prompts, new_tokens: generate_greedy(step, model, prompts, new_tokens),
-    )
+
+    def generate(prompts, new_tokens):
+        return generate_greedy(step, model, prompts, new_tokens)
+
+    name = "nanogpt+torch.compile" if compile_it else "nanogpt"
+    return ModelProvider(name, BASELINE, model=model, loss=lambda x, y: step(x, y), generate=generate)
 
 
 PROVIDER_NAMES = ("fastgpt.nn", "hf+fastgpt.patch", "hf (sdpa)", "nanogpt", "nanogpt+torch.compile")
@@ -291,7 +293,8 @@ class GPTBench:
                                 "reason": f"error: {type(error).__name__}: {error}"[:500]})
                 continue
             measured[name] = (seconds, error_of(result))
-        timings = timing.measure_interleaved({name: calls[name] for name in measured}, device, plan) if measured else {}
+        timed = {name: calls[name] for name in measured}
+        timings = timing.measure_interleaved(timed, device, plan) if timed else {}
         peak_tflops = matmul_peak(peaks, dtype)
         records = []
         for name, (first_call_s, (detail, err_note)) in measured.items():

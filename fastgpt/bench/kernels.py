@@ -160,7 +160,7 @@ class KernelBench:
         result = {f"out{i}": out.detach() for i, out in enumerate(outputs)}
         if mode == counts.FWD_BWD:
             grads_in = [select(f"out{i}", g).double() for i, g in enumerate(grad_outputs)]
-            names = [name for name, value in inputs64.items() if isinstance(value, torch.Tensor) and value.requires_grad]
+            names = _differentiable(inputs64)
             grads = torch.autograd.grad(outputs, [inputs64[name] for name in names], grads_in)
             result.update({f"d{name}": grad for name, grad in zip(names, grads)})
         return result

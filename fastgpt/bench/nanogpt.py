@@ -39,7 +39,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, positions=None):
         batch, seq, channels = x.shape
         q, k, v = self.c_attn(x).split(channels, dim=2)
-        q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        head_dim = channels // self.n_head
+        q, k, v = (t.view(batch, seq, self.n_head, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if positions is None or seq > 1:
             if positions is not None:  # prefill from an empty cache
                 self.k_cache.index_copy_(2, positions, k)

@@ -23,7 +23,10 @@ from fastgpt.bench.records import (
 )
 from fastgpt.bench.timing import TimingPlan, measure_copy_gbps, measure_matmul_tflops
 
-OPS = {bench.name: bench for bench in (AttentionBench(), FFNBench(), LayerNormBench(), CrossEntropyBench(), GPTBench())}
+OPS = {
+    bench.name: bench
+    for bench in (AttentionBench(), FFNBench(), LayerNormBench(), CrossEntropyBench(), GPTBench())
+}
 
 # quick: under 3 minutes on a 2-core CPU; tiny: seconds (tests and gpu_check.sh --dry-run)
 PLANS = {
