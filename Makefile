@@ -9,7 +9,7 @@ STAMP := .make/installed
 # Editing any C++/CUDA source rebuilds the extension fastgpt._C on the next `make install`/`make test`.
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test ctest lint clean
+.PHONY: install demo test ctest bench lint clean
 
 $(STAMP): setup.py pyproject.toml $(CSRC)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -29,6 +29,12 @@ ctest:
 
 test: install ctest
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
+
+# The pytest-benchmark files (one shape per op, every provider), then the `fastgpt bench --quick` sweep
+# with its tables, plots and bench-results/results.json.
+bench: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
+	$(PYTHON) -m fastgpt bench --quick --out bench-results
 
 lint:
 	$(PYTHON) -m ruff check fastgpt tests benchmarks

@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("fastgpt.train_cli", "train a GPT on text, fine-tune one from a checkpoint, or resume a run"),
     "generate": ("fastgpt.generate_cli", "sample text from a checkpoint, streamed as it is generated"),
     "eval": ("fastgpt.eval_cli", "held-out loss and perplexity of a checkpoint"),
+    "bench": ("fastgpt.bench.command", "benchmark every backend against the baselines; tables, plots, results.json"),
 }
 
 

@@ -1,0 +1,224 @@
+"""Timing, peak memory and the device's measured peaks.
+
+Timing rules (ARCHITECTURE.md, Benchmarks):
+- every provider is called a few times first (warm-up: compilation, autotuning, allocator caches);
+- the providers of one case are interleaved: each round times every provider once, in an order that
+  rotates from round to round, so a burst of load from elsewhere on the machine hits them all alike;
+- CPU: each round is one `torch.utils.benchmark.Timer.blocked_autorange` per provider (one
+  `Timer.timeit(1)` when a single call outlasts the round), run with torch's threads; the per-call
+  block times are pooled over the rounds;
+- GPU: each round is one block of calls between two CUDA events, the block sized to a few ms; the
+  callables rotate over several copies of their inputs so the working set exceeds the L2 cache, as a
+  layer inside a real model sees it;
+- the result is the median per-call time over all blocks, with its interquartile range and extremes.
+
+Peak memory is the most memory allocated during one call beyond what was allocated before it:
+- GPU: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the allocation
+  before the call;
+- CPU: torch's profiler with `profile_memory=True`, which reports every allocation and free of the
+  CPU allocator during the call (C++ extensions included); the peak of the running sum is the answer.
+  Frees of tensors allocated before the call are not reported, so the figure is the call's own peak.
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+DEFAULT_L2_BYTES = 50 * 2**20  # H100/H200; used when torch does not report the L2 size
+MAX_INPUT_COPIES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPlan:
+    """How hard to time each case: the size presets in sweeps.py pick one."""
+
+    rounds: int  # interleaved rounds, each timing every provider once
+    warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
+    warmup_s: float  # ... and for at least this long: compiled code can stay slow for a while after its
+    # first call (inductor finishes compiling in background workers), for a time, not a number of calls
+    cpu_round_s: float  # blocked_autorange min_run_time of one CPU round
+    gpu_block_ms: float  # target length of one GPU block of calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    iqr_ms: float  # 75th minus 25th percentile of the per-call block times
+    min_ms: float
+    max_ms: float
+    samples: int  # blocks pooled over all rounds
+    round_ms: tuple = ()  # the median per-call time of each round, in round order
+
+
+def summarize(per_call_seconds, rounds=()):
+    """Timing from per-call times in seconds (one per block); `rounds` splits them by round."""
+    ms = sorted(1e3 * t for t in per_call_seconds)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    round_ms = tuple(1e3 * statistics.median(times) for times in rounds)
+    return Timing(median_ms=statistics.median(ms), iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1], samples=len(ms),
+                  round_ms=round_ms)
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rotation_copies(set_bytes, device):
+    """How many copies of a case's inputs to rotate through so that together they exceed L2 twice over.
+    On CPU there is no rotation (1): its caches are small next to the inputs of any timed shape."""
+    device = torch.device(device)
+    if device.type != "cuda" or set_bytes <= 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    return max(1, min(MAX_INPUT_COPIES, math.ceil(2 * l2 / set_bytes)))
+
+
+def rotating(fn, argument_sets):
+    """A no-argument callable that calls fn(*args) with the next of argument_sets each time."""
+    if len(argument_sets) == 1:
+        (only,) = argument_sets
+        return lambda: fn(*only)
+    cycle = itertools.cycle(argument_sets)
+    return lambda: fn(*next(cycle))
+
+
+def timed_first_call(fn, device):
+    """Run fn once (compilation and autotuning happen here); returns (seconds, its result)."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def _cpu_round(fn, round_s, call_s):
+    """Per-call times of one CPU round: blocked_autorange, or, for a call longer than the round, one
+    timeit(1) (blocked_autorange would spend a second call estimating the block size)."""
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if call_s >= round_s:
+        return list(timer.timeit(number=1).times)
+    return list(timer.blocked_autorange(min_run_time=round_s).times)
+
+
+def _gpu_block(fn, calls):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def measure_interleaved(callables, device, plan):
+    """{name: Timing} for no-argument callables, timed in interleaved rounds after warm-up."""
+    device = torch.device(device)
+    names = list(callables)
+    call_s = {}  # the last warm-up call's duration
+    for name in names:
+        start, calls = time.perf_counter(), 0
+        while calls < plan.warmup_calls or time.perf_counter() - start < plan.warmup_s:
+            call_start = time.perf_counter()
+            callables[name]()
+            synchronize(device)
+            call_s[name] = time.perf_counter() - call_start
+            calls += 1
+    block_calls = {}
+    if device.type == "cuda":
+        for name in names:
+            one_call = _gpu_block(callables[name], 1)
+            block_calls[name] = max(1, min(10_000, math.ceil(plan.gpu_block_ms / 1e3 / max(one_call, 1e-7))))
+    rounds = {name: [] for name in names}
+    for round_index in range(plan.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if device.type == "cuda":
+                rounds[name].append([_gpu_block(callables[name], block_calls[name])])
+            else:
+                rounds[name].append(_cpu_round(callables[name], plan.cpu_round_s, call_s.get(name, 0.0)))
+    return {name: summarize([t for times in rounds[name] for t in times], rounds[name]) for name in names}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's native log lines (written to fd 2 by Kineto) while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _cpu_peak_bytes(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def peak_memory_bytes(fn, device):
+    """The most memory allocated during one call of fn beyond what was allocated before it (its result
+    included, as it is alive when fn returns)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak
+    return _cpu_peak_bytes(fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# The device's measured peaks, the denominators of "% of peak"
+
+GPU_MATMUL_SIZE = 8192  # 1.1 TFLOP per call: long enough to reach the tensor cores' steady state
+CPU_MATMUL_SIZE = 2048  # 17 GFLOP per call: ~0.1 s on a few cores, well past any cache
+GPU_COPY_BYTES = 2**30  # 1 GiB each way, far beyond L2
+CPU_COPY_BYTES = 2**27  # 128 MiB each way, beyond any last-level cache
+
+
+def measure_matmul_tflops(device, dtype, plan):
+    device = torch.device(device)
+    size = GPU_MATMUL_SIZE if device.type == "cuda" else CPU_MATMUL_SIZE
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = measure_interleaved({"matmul": lambda: torch.mm(a, b)}, device, plan)["matmul"]
+    return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+def measure_copy_gbps(device, plan):
+    """Device-memory copy bandwidth, counting the bytes read and the bytes written."""
+    device = torch.device(device)
+    nbytes = GPU_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    target = torch.empty_like(source)
+    timing = measure_interleaved({"copy": lambda: target.copy_(source)}, device, plan)["copy"]
+    return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9

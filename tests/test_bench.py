@@ -1,0 +1,267 @@
+"""The benchmark runner (fastgpt/bench) on CPU: FLOP and byte counts, timing and memory measurement,
+the record schema, speedups, a tiny `fastgpt bench` run with its results file, report and plots, and
+the README render."""
+
+import json
+import struct
+import time
+
+import pytest
+import torch
+
+from fastgpt import cli
+from fastgpt.bench import flops, records, report, timing
+from fastgpt.bench.command import OP_NAMES
+from fastgpt.bench.runner import OPS
+
+# ----------------------------------------------------------------------------------------------
+# FLOP and byte counts, against numbers worked out by hand in the comments
+
+
+def test_attention_flops_follow_the_causal_convention():
+    # 4 * B * H * N * N * D / 2 = 4 * 2 * 3 * 4 * 4 * 5 / 2
+    assert flops.attention_flops(2, 3, 4, 4, 5, "fwd") == 960
+    # backward is 2.5x the forward: 960 * 3.5
+    assert flops.attention_flops(2, 3, 4, 4, 5, "fwd+bwd") == 3360
+    # GPT-2 small at 1k: 4 * 1 * 12 * 1024^2 * 64 / 2
+    assert flops.attention_flops(1, 12, 1024, 1024, 64) == 1_610_612_736
+
+
+def test_attention_flops_with_a_kv_cache():
+    # q_len 2 at the end of kv_len 6: rectangle 2*6 minus the masked triangle 2*2/2 = 10 pairs
+    assert flops.causal_pairs(2, 6) == 10
+    # the exact count (query 0 sees 5 keys, query 1 sees 6) differs by q_len / 2
+    exact = sum(min(i + 6 - 2 + 1, 6) for i in range(2))
+    assert exact == 11
+    assert flops.attention_flops(1, 1, 2, 6, 8) == 4 * 8 * 10
+    # q_len == kv_len gives back the N*N/2 convention
+    assert flops.causal_pairs(4, 4) == 8
+
+
+def test_gemm_ffn_and_cross_entropy_flops():
+    assert flops.gemm_flops(2, 3, 4) == 48
+    # fc 2*10*16*4 + proj 2*10*4*16 = 2560; backward 2x
+    assert flops.ffn_flops(10, 4, 16, mode="fwd") == 2560
+    assert flops.ffn_flops(10, 4, 16, mode="fwd+bwd") == 7680
+    # logits 2*3*5*4 = 120; backward 2x
+    assert flops.linear_cross_entropy_flops(3, 4, 5, "fwd") == 120
+    assert flops.linear_cross_entropy_flops(3, 4, 5, "fwd+bwd") == 360
+
+
+def test_gpt_training_flops():
+    # matmul params 12*1*2*2 + 3*2 = 54; dense 6 * 54 * 2 tokens = 648;
+    # attention forward 4*1*1*2 (D) * 2 (pairs of T=2) = 16, fwd+bwd 3.5x = 56
+    assert flops.gpt_matmul_params(1, 2, 3) == 54
+    assert flops.gpt_train_flops(1, 2, 1, 1, 2, 3) == 704
+
+
+def test_memory_bound_bytes():
+    # tokens 10 x C 4 in 2-byte elements: one stream is 80 bytes, weight/bias 8 bytes each
+    assert flops.layer_norm_bytes(10, 4, 2, residual=False, mode="fwd") == 2 * 80 + 16
+    assert flops.layer_norm_bytes(10, 4, 2, residual=False, mode="fwd+bwd") == 176 + 3 * 80 + 24
+    assert flops.layer_norm_bytes(10, 4, 2, residual=True, mode="fwd") == 4 * 80 + 16
+    assert flops.layer_norm_bytes(10, 4, 2, residual=True, mode="fwd+bwd") == 336 + 4 * 80 + 24
+    # x 24 + W 40 + int64 targets 24 + float32 loss 4; backward writes dx 24 and dW 40
+    assert flops.linear_cross_entropy_bytes(3, 4, 5, 2, "fwd") == 92
+    assert flops.linear_cross_entropy_bytes(3, 4, 5, 2, "fwd+bwd") == 156
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        flops.attention_flops(1, 1, 1, 1, 1, "bwd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def test_summarize_median_and_iqr():
+    result = timing.summarize([0.005, 0.001, 0.004, 0.002, 0.003])
+    assert result.median_ms == pytest.approx(3.0)
+    assert result.iqr_ms == pytest.approx(2.0)  # quartiles 2 and 4
+    assert (result.min_ms, result.max_ms, result.samples) == (pytest.approx(1.0), pytest.approx(5.0), 5)
+
+
+def test_interleaved_timing_ranks_callables():
+    calls = []
+
+    def short():
+        calls.append("short")
+        time.sleep(0.002)
+
+    def long():
+        calls.append("long")
+        time.sleep(0.006)
+
+    plan = timing.TimingPlan(rounds=3, warmup_calls=1, warmup_s=0.0, cpu_round_s=0.02, gpu_block_ms=1.0)
+    result = timing.measure_interleaved({"short": short, "long": long}, "cpu", plan)
+    assert 1.8 < result["long"].median_ms / result["short"].median_ms < 3.5
+    # interleaved: the order of the providers rotates between rounds, so neither always runs first
+    firsts = [name for index, name in enumerate(calls) if index == 0 or calls[index - 1] != name]
+    assert firsts.count("short") >= 2 and firsts.count("long") >= 2
+
+
+def test_cpu_peak_memory_counts_the_call_only():
+    existing = torch.ones(2**20)  # allocated before the call, freed during it: not counted
+
+    def work():
+        nonlocal existing
+        kept = torch.ones(2**20)  # 4 MiB, returned
+        temporary = torch.ones(2**21)  # 8 MiB, freed before returning
+        del temporary
+        existing = None
+        return kept
+
+    peak = timing.peak_memory_bytes(work, "cpu")
+    assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16
+
+
+def test_no_rotation_on_cpu():
+    assert timing.rotation_copies(10, "cpu") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and speedups
+
+
+def _record(provider, kind, median_ms, dtype="float32"):
+    return {"op": "attention", "shape": {"seq": 128}, "dtype": dtype, "device": "cpu", "mode": "fwd",
+            "provider": provider, "kind": kind, "median_ms": median_ms}
+
+
+def test_speedups_are_taken_within_one_case():
+    rows = [
+        _record("eager", records.BASELINE, 2.0),
+        _record("sdpa", records.BASELINE, 4.0),
+        _record("fastgpt:cpu", records.FASTGPT, 1.0),
+        _record("eager", records.BASELINE, 10.0, dtype="float16"),  # another case: never compared
+    ]
+    records.add_speedups(rows)
+    assert rows[2]["speedup"] == {"eager": pytest.approx(2.0), "sdpa": pytest.approx(4.0)}
+    assert rows[0]["speedup"]["sdpa"] == pytest.approx(2.0)
+    assert rows[3]["speedup"] == {"eager": pytest.approx(1.0)}
+    summary = report.summary_rows({"records": rows, "skipped": []})
+    assert summary == [("attention", "float32", "fwd", "fastgpt:cpu",
+                        {"eager": (pytest.approx(2.0), 2.0, 2.0), "sdpa": (pytest.approx(4.0), 4.0, 4.0)})]
+
+
+def test_geometric_mean():
+    assert report.geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
+
+
+def test_check_record_names_the_bad_field():
+    with pytest.raises(ValueError, match="missing field 'op'"):
+        records.check_record({})
+
+
+def test_every_op_is_on_the_command_line():
+    assert tuple(OPS) == OP_NAMES
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny run end to end: `fastgpt bench --tiny` on CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--tiny", "--device", "cpu", "--out", str(out), "--ops", "attention,layer_norm,cross_entropy,gpt",
+            "--skip-providers", "nanogpt*,hf+fastgpt.patch"]
+    assert cli.main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_tiny_run_writes_every_op_and_mode(tiny_run):
+    _, data = tiny_run
+    measured = {(r["op"], r["mode"]) for r in data["records"]}
+    assert measured == {("attention", "fwd"), ("attention", "fwd+bwd"), ("layer_norm", "fwd"),
+                        ("layer_norm", "fwd+bwd"), ("cross_entropy", "fwd"), ("cross_entropy", "fwd+bwd"),
+                        ("gpt", "train"), ("gpt", "generate")}
+    providers = {r["provider"] for r in data["records"]}
+    assert {"eager", "torch.compile", "sdpa", "F.layer_norm", "F.cross_entropy", "hf (sdpa)"} <= providers
+    assert not any(p.startswith("nanogpt") for p in providers)  # --skip-providers
+
+
+def test_tiny_run_record_schema(tiny_run):
+    _, data = tiny_run
+    for record in data["records"]:
+        records.check_record(record)
+        assert record["median_ms"] > 0 and record["peak_mem_bytes"] > 0
+        assert record["device"] == data["metadata"]["device"]
+        metric = record["metric"]
+        assert isinstance(record[metric], float) and record[metric] > 0
+    meta = data["metadata"]
+    for key in ("date", "git_sha", "device", "versions", "peaks", "command", "timing"):
+        assert key in meta
+    assert {"python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel"} <= set(meta["versions"])
+    assert meta["peaks"]["matmul_tflops"]["float32"] > 0 and meta["peaks"]["copy_gbps"] > 0
+
+
+def test_tiny_run_errors_against_float64(tiny_run):
+    _, data = tiny_run
+    for record in data["records"]:
+        if record["op"] != "gpt":
+            # float32 against float64 at tiny shapes: the error is rounding, far below 1e-3
+            assert 0 < record["err_vs_reference"] < 1e-3, record
+            expected_outputs = 2 if record["shape"].get("residual") else 1
+            gradients = {"attention": 3, "layer_norm": 4 if record["shape"].get("residual") else 3,
+                         "cross_entropy": 2}[record["op"]]
+            expected = expected_outputs + (gradients if record["mode"] == "fwd+bwd" else 0)
+            assert len(record["err_detail"]) == expected, record["err_detail"]
+        elif record["mode"] == "generate":
+            assert record["err_detail"] == {"token_mismatch_fraction": 0.0}
+        else:
+            assert record["err_vs_reference"] < 1e-4
+
+
+def test_tiny_run_speedups_and_skips(tiny_run):
+    _, data = tiny_run
+    by_case = {}
+    for record in data["records"]:
+        by_case.setdefault(records.case_key(record), {})[record["provider"]] = record
+    for case in by_case.values():
+        for record in case.values():
+            for baseline, ratio in record["speedup"].items():
+                assert ratio == pytest.approx(case[baseline]["median_ms"] / record["median_ms"])
+    reasons = {(s["op"], s["provider"]): s["reason"] for s in data["skipped"]}
+    assert reasons[("attention", "fastgpt:triton")].startswith("interpreter: not timed")
+    assert reasons[("attention", "flash_attn")] == "flash_attn runs on CUDA only"
+
+
+def test_tiny_run_report_and_plots(tiny_run):
+    out, _ = tiny_run
+    assert "| shape | provider | median ms ± IQR" in (out / "report.md").read_text()
+    for name in ("attention_fwd.png", "attention_fwd_bwd.png", "attention_memory.png", "layer_norm.png", "gpt.png"):
+        header = (out / name).read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", header[16:24])
+        assert width > 200 and height > 200
+
+
+def test_render_readme_between_markers(tiny_run, tmp_path):
+    out, data = tiny_run
+    results = tmp_path / "results" / "2026-01-01-cpu.json"
+    results.parent.mkdir()
+    results.write_text((out / "results.json").read_text())
+    readme = tmp_path / "README.md"
+    markers = f"{report.START_MARKER}\nold numbers\n{report.END_MARKER}"
+    readme.write_text(f"# title\n\nintro\n\n## Performance\n\n{markers}\n\n## after\n")
+    assert cli.main(["bench", "--render", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n## Performance\n\n" + report.START_MARKER)
+    assert text.endswith(report.END_MARKER + "\n\n## after\n")
+    assert "old numbers" not in text
+    section = text.split(report.START_MARKER)[1].split(report.END_MARKER)[0]
+    assert data["metadata"]["device"] in section and data["metadata"]["versions"]["torch"] in section
+    first = data["records"][0]
+    assert report.format_time(first) in section  # the numbers come from the file
+    assert "[attention_fwd](results/2026-01-01-cpu/attention_fwd.png)" in section
+    assert (tmp_path / "results" / "2026-01-01-cpu" / "attention_fwd.png").exists()
+
+
+def test_render_needs_the_markers(tiny_run, tmp_path):
+    out, _ = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="perf:start"):
+        cli.main(["bench", "--render", str(out / "results.json"), "--readme", str(readme)])
