@@ -128,6 +128,12 @@ const float* rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t c
   return buffer;
 }
 
+// Multiply-adds of one Q K^T product over every (batch, head), the work measure that sizes the
+// parallel regions (the causal mask roughly halves it; every pass does a small multiple of it).
+int64_t score_work(const AttentionParams& p) {
+  return static_cast<int64_t>(p.batch) * p.heads * p.q_len * p.kv_len * p.head_dim;
+}
+
 // Each task computes the transposed scores S^T = K Q^T of a key tile (keys x queries), so that Q^T is
 // packed once per query tile, K and V are read in place, and the online softmax runs down the columns:
 // every vector lane is one query row, with no horizontal reductions. Then O += P V reads P^T transposed.
@@ -145,7 +151,7 @@ void forward(const AttentionParams& p) {
   // Per thread: Q^T tile, K and V tiles (when converted), S^T tile, output accumulator.
   const int64_t per_thread =
       head_dim * kBlockQ + 2 * kBlockK * padded_dim + kBlockK * kBlockQ + kBlockQ * padded_dim;
-  const int threads = max_threads();
+  const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
 
 #pragma omp parallel num_threads(threads)
@@ -253,7 +259,7 @@ void forward(const AttentionParams& p) {
 template <typename T>
 void compute_delta(const AttentionParams& p) {
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows_total * p.head_dim))
   for (int64_t index = 0; index < rows_total; ++index) {
     const int64_t row = index % p.q_len;
     const int64_t batch = index / (static_cast<int64_t>(p.heads) * p.q_len);
@@ -392,7 +398,7 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
   const int64_t per_thread = 2 * s.head_dim * padded_keys + 3 * key_floats + 3 * query_floats + 2 * p.q_len +
                              2 * kBlockQ * kBlockK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int threads = max_threads();
+  const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
 
 #pragma omp parallel num_threads(threads)
@@ -456,7 +462,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
   // K^T, V^T, K tiles; Q, dO tiles, lse, delta; two score tiles; two accumulators (dK, dV or dQ).
   const int64_t per_thread = 2 * s.head_dim * kBlockK + tile_floats + 2 * tile_floats + 2 * kBlockQ +
                              2 * kBlockQ * kBlockK + 2 * tile_floats;
-  const int threads = max_threads();
+  const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
 
 #pragma omp parallel num_threads(threads)
@@ -533,7 +539,7 @@ void backward(const AttentionParams& p) {
   // Per-head tasks do 5/7 of the per-tile schedule's GEMM work; use them while they keep at least
   // 3/4 of the threads busy on average.
   const int64_t head_tasks = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int64_t threads = max_threads();
+  const int64_t threads = threads_for(score_work(p));
   const int64_t rounds = ceil_div(head_tasks, threads);
   if (head_tasks > 0 && 4 * head_tasks >= 3 * rounds * threads) {
     backward_per_head<T>(p, shape);

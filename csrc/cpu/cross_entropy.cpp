@@ -51,7 +51,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
   const int64_t vocab = p.vocab;
   const T* bias = static_cast<const T*>(p.bias);
   const bool with_grad = p.dx.data != nullptr;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * vocab))
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = row_begin + r;
     const int64_t target = p.targets[n];
@@ -97,7 +97,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
 
   if (!with_grad || p.dbias == nullptr) return;
   const int64_t tasks = ceil_div(vocab, kColumnsPerTask);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * vocab))
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < vocab ? begin + kColumnsPerTask : vocab;

@@ -184,7 +184,7 @@ void epilogue(const GemmParams& p) {
   const bool backward = p.activation_grad_input.data != nullptr;
   const int64_t block = p.bias_grad_partial ? p.bias_grad_block_m : kRowsPerTask;
   const int64_t blocks = ceil_div(p.M, block);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<int64_t>(p.M) * p.N))
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * block;
     const int64_t end = begin + block < p.M ? begin + block : p.M;
@@ -216,7 +216,7 @@ void gemm_epilogue(const GemmParams& p) {
 
 void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out) {
   const int64_t tasks = ceil_div(cols, kColumnsPerTask);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < cols ? begin + kColumnsPerTask : cols;

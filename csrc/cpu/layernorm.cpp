@@ -67,7 +67,7 @@ void forward(const LayerNormParams& p) {
   const T* bias = static_cast<const T*>(p.bias);
   const bool has_residual = p.residual.data != nullptr;
   const int64_t tasks = ceil_div(p.rows, kRowsPerTask);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(p.rows * cols))
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t end = (task + 1) * kRowsPerTask < p.rows ? (task + 1) * kRowsPerTask : p.rows;
     for (int64_t r = task * kRowsPerTask; r < end; ++r) {
@@ -109,7 +109,7 @@ void backward(const LayerNormParams& p) {
   const bool has_dresidual = p.dresidual_out.data != nullptr;
   const int64_t rows_per_partial = p.num_partials > 0 ? ceil_div(p.rows, p.num_partials) : 0;
   const float inv_cols = 1.0f / static_cast<float>(cols);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(p.rows * cols))
   for (int64_t part = 0; part < p.num_partials; ++part) {
     float* dweight = p.dweight_partial + part * cols;
     float* dbias = p.dbias_partial + part * cols;

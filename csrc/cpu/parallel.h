@@ -2,6 +2,7 @@
 // target: they hold no vector code).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -26,6 +27,19 @@ inline int thread_index() {
 #else
   return 0;
 #endif
+}
+
+// Work (elements touched, or multiply-adds) per thread below which a parallel region costs more than it
+// saves: forming and joining a team takes microseconds on idle cores, and up to a scheduler time slice
+// when another process holds a core. ATen parallelises with the same grain (at::internal::GRAIN_SIZE),
+// which is why a decode step's one-row LayerNorm must not open a region either.
+constexpr int64_t kGrainSize = 32768;
+
+// The number of threads for a region doing `work` units: 1 below two grains, else one per grain, at
+// most every thread OpenMP has.
+inline int threads_for(int64_t work) {
+  if (work < 2 * kGrainSize) return 1;
+  return static_cast<int>(std::min<int64_t>(max_threads(), work / kGrainSize));
 }
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -34,8 +34,9 @@ class KVCache:
     """
 
     def __init__(self, batch, n_kv_head, max_len, head_dim, *, dtype, device):
-        self.keys = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        # Uninitialised: attention only ever reads positions that update() has written.
+        self.keys = torch.empty(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
 
     def update(self, k, v, start):
         """k, v: (B, n_kv_head, T, D) for positions start .. start+T-1. Returns (B, n_kv_head, start+T, D) views."""
