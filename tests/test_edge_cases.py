@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tolerance import assert_close
 
 import fastgpt
 from fastgpt import dispatch
-from tolerance import assert_close
 
 BACKENDS = fastgpt.available_backends()
 HAS_CUDA = torch.cuda.is_available()
@@ -169,7 +169,7 @@ FFN = [
             "fc_bias": strided(t["fc_bias"]), "proj_bias": strided(t["proj_bias"]),
         }),
         grad=ALL_FFN,
-    ),  # fmt: skip
+    ),
     *[
         Edge("ffn", f"huge-preactivations-{activation}", ffn_leaves((3,), 16, 32, 16, x_scale=10.0, fc_scale=100.0, proj_scale=1e-3),
              ffn(activation=activation, residual=False), grad=ALL_FFN[:-1], dtypes=WIDE_RANGE)
