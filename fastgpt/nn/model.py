@@ -208,12 +208,13 @@ class GPT(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
-    def _from_state_dict(cls, config, state, source):
+    def _from_state_dict(cls, config, state, source, configuration):
         """A GPT holding exactly the given tensors (no random init, no second copy of the weights).
-        Every tensor is checked against the config before the model exists; `source` names them."""
+        Every tensor is checked against the config before the model exists; `source` names the
+        tensors' origin and `configuration` the config's, for error messages."""
         with torch.device("meta"):
             model = cls(config)
-        weights.check_state_dict(model, state, source)
+        weights.check_state_dict(model, state, source, configuration=configuration)
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
         return model
@@ -238,8 +239,11 @@ class GPT(nn.Module):
             )
         config = weights.config_from_hf(hf_config, **overrides)
         state = weights.state_dict_from_hf(hf_state, tie_weights=config.tie_weights, copy=copy)
-        source = os.path.join(model_or_dir, "") if not copy else f"the {type(model_or_dir).__name__}'s weights"
-        return cls._from_state_dict(config, state, f"GPT.from_hf: {source}")
+        if copy:
+            source, configuration = f"the {type(model_or_dir).__name__}'s weights", "its config"
+        else:
+            source, configuration = os.path.join(model_or_dir, ""), os.path.join(model_or_dir, weights.CONFIG_FILE)
+        return cls._from_state_dict(config, state, f"GPT.from_hf: {source}", configuration)
 
     def save(self, directory):
         """Writes config.json and model.safetensors (a tied LM head is stored once) into directory."""
@@ -251,4 +255,6 @@ class GPT(nn.Module):
         missing, corrupt or mismatched file raises weights.CheckpointError (a ValueError) naming the
         file and tensor, and no model is made."""
         config, state = weights.read_directory(directory, device, **overrides)
-        return cls._from_state_dict(config, state, os.path.join(directory, weights.WEIGHTS_FILE))
+        return cls._from_state_dict(
+            config, state, os.path.join(directory, weights.WEIGHTS_FILE), os.path.join(directory, weights.CONFIG_FILE)
+        )

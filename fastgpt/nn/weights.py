@@ -49,10 +49,11 @@ def _names(names):
     return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
 
 
-def check_state_dict(model, state, source, *, strict=True):
+def check_state_dict(model, state, source, *, strict=True, configuration="the model's configuration"):
     """Raises CheckpointError unless `state` can be loaded into `model` whole: with strict, the same
     tensor names as model.state_dict(); always, for every name both have, the same shape and a
-    floating-point dtype. `source` names where the tensors come from, for the message."""
+    floating-point dtype. `source` names where the tensors come from and `configuration` what the
+    model was built from, for the message."""
     expected = model.state_dict()
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
@@ -62,14 +63,14 @@ def check_state_dict(model, state, source, *, strict=True):
             problems.append(f"missing tensors: {_names(missing)}")
         if unexpected:
             problems.append(f"unexpected tensors: {_names(unexpected)}")
-        raise CheckpointError(f"{source} does not match the model's configuration ({'; '.join(problems)})")
+        raise CheckpointError(f"{source} does not match {configuration} ({'; '.join(problems)})")
     for name in sorted(expected.keys() & state.keys()):
         tensor, target = state[name], expected[name]
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{source}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{source}: tensor {name} must have shape {tuple(target.shape)} for the model's configuration, "
+                f"{source}: tensor {name} must have shape {tuple(target.shape)} for {configuration}, "
                 f"got {tuple(tensor.shape)}"
             )
         if not tensor.is_floating_point():
