@@ -22,6 +22,8 @@ import math
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tolerance import assert_close, max_error
