@@ -196,7 +196,11 @@ def _choose_backend(op, backend, device_type, dtype, facts):
 # Argument validation
 
 
-def _describe(value):
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def describe(value):
+    """A short description of an argument's value for error messages."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (list, tuple)) else type(value).__name__
@@ -204,7 +208,10 @@ def _describe(value):
 
 def check_tensor(op, name, value, *, ndim=None, min_ndim=None, floating=True):
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_describe(value)}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {describe(value)}")
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else value.layout
+        raise TypeError(f"{op}: {name} must be a dense tensor (layout torch.strided), got layout {layout}")
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
@@ -230,9 +237,15 @@ def check_same_dtype_and_device(op, reference_name, reference, **others):
             )
 
 
-def check_shape(op, name, tensor, expected):
+def check_shape(op, name, tensor, expected, why=""):
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}{why}")
+
+
+def check_channels(op, name, tensor):
+    """The last dimension (the features a row is reduced over) must not be empty."""
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{op}: {name}'s last dimension (channels) must be at least 1, got 0 (shape {tuple(tensor.shape)})")
 
 
 def validate_attention(q, k, v, softmax_scale):
@@ -261,18 +274,18 @@ def validate_attention(q, k, v, softmax_scale):
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{op}: softmax_scale must be a float or None, got {_describe(softmax_scale)}")
+        raise TypeError(f"{op}: softmax_scale must be a float or None, got {describe(softmax_scale)}")
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"{op}: softmax_scale must be a finite positive float, got {softmax_scale!r}")
     return float(softmax_scale)
 
 
-def check_optional_vector(op, name, tensor, size, reference_name, reference):
+def check_optional_vector(op, name, tensor, size, reference_name, reference, why):
     if tensor is None:
         return
     check_tensor(op, name, tensor, ndim=1)
     check_same_dtype_and_device(op, reference_name, reference, **{name: tensor})
-    check_shape(op, name, tensor, (size,))
+    check_shape(op, name, tensor, (size,), f" (it must match {why})")
 
 
 def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
@@ -281,6 +294,7 @@ def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resi
     check_tensor(op, "fc_weight", fc_weight, ndim=2)
     check_tensor(op, "proj_weight", proj_weight, ndim=2)
     check_same_dtype_and_device(op, "x", x, fc_weight=fc_weight, proj_weight=proj_weight)
+    check_channels(op, "x", x)
     channels = x.shape[-1]
     hidden, fc_in = fc_weight.shape
     out_features, proj_in = proj_weight.shape
@@ -291,8 +305,8 @@ def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resi
             f"{op}: proj_weight must have shape (out_features, {hidden}) to follow fc_weight's {hidden} outputs, "
             f"got {tuple(proj_weight.shape)}"
         )
-    check_optional_vector(op, "fc_bias", fc_bias, hidden, "x", x)
-    check_optional_vector(op, "proj_bias", proj_bias, out_features, "x", x)
+    check_optional_vector(op, "fc_bias", fc_bias, hidden, "x", x, f"fc_weight's {hidden} outputs")
+    check_optional_vector(op, "proj_bias", proj_bias, out_features, "x", x, f"proj_weight's {out_features} outputs")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if residual is not None:
@@ -304,15 +318,20 @@ def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resi
 def validate_layer_norm(x, weight, bias, eps, residual):
     op = "layer_norm"
     check_tensor(op, "x", x, min_ndim=1)
+    check_channels(op, "x", x)
     channels = x.shape[-1]
-    check_optional_vector(op, "weight", weight, channels, "x", x)
-    check_optional_vector(op, "bias", bias, channels, "x", x)
+    check_optional_vector(op, "weight", weight, channels, "x", x, f"x's last dim {channels}")
+    check_optional_vector(op, "bias", bias, channels, "x", x, f"x's last dim {channels}")
     if residual is not None:
         check_tensor(op, "residual", residual)
         check_same_dtype_and_device(op, "x", x, residual=residual)
         check_shape(op, "residual", residual, x.shape)
+    check_eps(op, eps)
+
+
+def check_eps(op, eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{op}: eps must be a float, got {_describe(eps)}")
+        raise TypeError(f"{op}: eps must be a float, got {describe(eps)}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
 
@@ -322,37 +341,47 @@ def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "weight", weight, ndim=2)
     check_same_dtype_and_device(op, "x", x, weight=weight)
+    check_channels(op, "x", x)
     vocab, channels = weight.shape
     if channels != x.shape[-1]:
         raise ValueError(f"{op}: weight must have shape (vocab, {x.shape[-1]}) for x's last dim, got {tuple(weight.shape)}")
-    check_optional_vector(op, "bias", bias, vocab, "x", x)
-    check_tensor(op, "targets", targets, floating=False)
-    if targets.dtype != torch.int64:
-        raise TypeError(f"{op}: targets must be an int64 (torch.long) tensor of class indices, got dtype {targets.dtype}")
-    if targets.device != x.device:
-        raise ValueError(f"{op}: targets must be on the device of x ({x.device}), got {targets.device}")
-    check_shape(op, "targets", targets, x.shape[:-1])
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {_describe(ignore_index)}")
+    check_optional_vector(op, "bias", bias, vocab, "x", x, f"weight's vocab {vocab}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if vocab == 0:
         raise ValueError(f"{op}: weight must have at least one row (vocab >= 1), got shape {tuple(weight.shape)}")
-    _check_target_range(op, targets, vocab, ignore_index)
+    validate_targets(op, targets, x.shape[:-1], x.device, vocab, ignore_index)
 
 
-def _check_target_range(op, targets, vocab, ignore_index):
-    """Reads target values: always on CPU tensors; on CUDA only with FASTGPT_DEBUG=1, because reading
-    them synchronises the host. The kernels never index memory with a target, so an unchecked
-    out-of-range target gives a wrong loss, not an out-of-bounds access. Skipped under torch.compile."""
-    if targets.numel() == 0 or torch.compiler.is_compiling():
+def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_of="x"):
+    """Class-index targets of a cross-entropy: int64, `shape`, on `device` (that of `device_of`), each
+    in [0, vocab) or equal to ignore_index (values are read as check_index_range says)."""
+    check_tensor(op, "targets", targets, floating=False)
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{op}: targets must be an int64 (torch.long) tensor of class indices, got dtype {targets.dtype}")
+    if targets.device != device:
+        raise ValueError(f"{op}: targets must be on the device of {device_of} ({device}), got {targets.device}")
+    check_shape(op, "targets", targets, shape)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {describe(ignore_index)}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"{op}: ignore_index must fit in int64 (targets' dtype), got {ignore_index}")
+    check_index_range(op, "targets", targets, vocab, ignore_index)
+
+
+def check_index_range(op, name, indices, size, ignore_index=None):
+    """Checks that every index is in [0, size) (or equals ignore_index). It reads tensor values: always
+    on CPU tensors; on CUDA only with FASTGPT_DEBUG=1, because reading them synchronises the host.
+    Never on meta tensors (no values) nor under torch.compile. fastgpt's kernels never index memory
+    with a target, so an unchecked out-of-range target gives a wrong loss, not an out-of-bounds access."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
         return
-    if targets.device.type != "cpu" and not debug_checks_enabled():
+    if not (indices.device.type == "cpu" or (indices.device.type == "cuda" and debug_checks_enabled())):
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    bad = (indices < 0) | (indices >= size)
+    if ignore_index is not None:
+        bad &= indices != ignore_index
     if bool(bad.any()):
-        first = targets[bad][0].item()
-        raise ValueError(
-            f"{op}: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}, got {first} "
-            f"({int(bad.sum())} out-of-range value(s))"
-        )
+        first = indices[bad][0].item()
+        allowed = f"[0, {size})" + ("" if ignore_index is None else f" or equal ignore_index={ignore_index}")
+        raise ValueError(f"{op}: {name} must be in {allowed}, got {first} ({int(bad.sum())} out-of-range value(s))")

@@ -12,6 +12,19 @@ if not HAS_CUDA:
 os.environ.setdefault("FASTGPT_POISON_OUTPUTS", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+# Hypothesis profiles (tests/test_properties.py gives each backend a share of max_examples: 2.65x it
+# per op). "ci" is the default; `pytest --hypothesis-profile=long` runs deeper, on larger shapes.
+# Derandomized, so a failure reproduces with the same command; no deadline, as the first call of a
+# kernel compiles it.
+try:
+    from hypothesis import settings
+except ImportError:  # test_properties.py skips itself
+    pass
+else:
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, print_blob=True)
+    settings.register_profile("long", max_examples=2000, deadline=None, derandomize=True, print_blob=True)
+    settings.load_profile("ci")
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -210,6 +210,9 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
         )
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    for name, flag in (("attention", attention), ("mlp", mlp), ("layer_norm", layer_norm)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"fastgpt.patch: {name} must be a bool (True or False), got {flag!r}")
     if attention:
         _patch_attention(model, attention_class, backend)
     if mlp:

@@ -64,8 +64,16 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: n_head must be a multiple of n_kv_head (GQA), got n_head={self.n_head}, n_kv_head={self.n_kv_head}"
             )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"GPTConfig: dropout must be a float in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+            raise ValueError(f"GPTConfig: layer_norm_eps must be a finite float >= 0, got {eps!r}")
+        for name in ("bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.backend not in ("auto",) + BACKENDS:

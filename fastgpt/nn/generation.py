@@ -5,9 +5,10 @@ import torch
 
 
 def check_generate_arguments(
-    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size
+    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None
 ):
-    """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute."""
+    """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute (the model
+    checks idx's device and token values with GPT.check_tokens)."""
     op = "GPT.generate"
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{op}: idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
@@ -25,8 +26,12 @@ def check_generate_arguments(
             f"{op}: prompt_len + max_new_tokens must be <= block_size, got {idx.shape[1]} + {max_new_tokens} = {total} "
             f"> {block_size}"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"{op}: temperature must be a float >= 0 (0 is greedy), got {temperature!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 <= temperature < float("inf")
+    ):
+        raise ValueError(f"{op}: temperature must be a float >= 0 and finite (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (
@@ -41,6 +46,8 @@ def check_generate_arguments(
         raise ValueError(
             f"{op}: eos_token_id must be None or an int in [0, {vocab_size}), got {eos_token_id!r}"
         )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{op}: callback must be None or a callable taking the new tokens (B,), got {callback!r}")
 
 
 def filter_logits(logits, top_k=None, top_p=None):

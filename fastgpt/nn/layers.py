@@ -7,7 +7,24 @@ Every module keeps its parameters in nanoGPT's layout and names, and holds a `ba
 import torch
 from torch import nn
 
+from fastgpt.dispatch import check_eps, check_tensor, describe
 from fastgpt.functional import causal_attention, fused_ffn, layer_norm
+
+
+def check_module_input(module, name, x, *, features, ndim=None):
+    """Checks a module's input before any op runs: a floating-point tensor in the dtype and on the
+    device of the module's parameters, with `features` values in its last dimension (and exactly
+    `ndim` dimensions when given). The message names the module, the argument, expected and given."""
+    op = type(module).__name__
+    check_tensor(op, name, x, min_ndim=1)
+    parameter = next(module.parameters())
+    if x.dtype != parameter.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of the module's parameters ({parameter.dtype}), got {x.dtype}")
+    if x.device != parameter.device:
+        raise ValueError(f"{op}: {name} must be on the device of the module's parameters ({parameter.device}), got {x.device}")
+    expected = f"(batch, seq_len, {features})" if ndim == 3 else f"(..., {features})"
+    if (ndim is not None and x.dim() != ndim) or x.shape[-1] != features:
+        raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
 
 
 class LayerNorm(nn.Module):
@@ -15,6 +32,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, n_embd, *, bias=True, eps=1e-5, backend="auto"):
         super().__init__()
+        check_eps("LayerNorm", eps)
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
         self.eps = eps
@@ -22,6 +40,9 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, residual=None):
         """x: (..., C). Returns ln(x), or with residual (..., C): (ln(x + residual), x + residual) in one pass."""
+        check_module_input(self, "x", x, features=self.weight.shape[0])
+        if residual is not None:
+            check_module_input(self, "residual", residual, features=self.weight.shape[0])
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
 
 
@@ -68,6 +89,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, start=0):
         """x: (B, T, C). With a KVCache, x holds positions start .. start+T-1 and attends to the cached prefix too."""
+        check_module_input(self, "x", x, features=self.c_proj.out_features, ndim=3)
         batch, seq, channels = x.shape
         q, k, v = self.split_heads(self.c_attn(x))  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         if cache is not None:
@@ -90,6 +112,14 @@ class MLP(nn.Module):
 
     def forward(self, x, residual=None):
         """x: (..., C). Returns mlp(x), or residual + mlp(x) when residual (..., C) is given."""
+        check_module_input(self, "x", x, features=self.c_fc.in_features)
+        if residual is not None:
+            check_module_input(self, "residual", residual, features=self.c_proj.out_features)
+            if residual.shape[:-1] != x.shape[:-1]:
+                raise ValueError(
+                    f"MLP: residual must have shape {(*x.shape[:-1], self.c_proj.out_features)} to match x, "
+                    f"got {tuple(residual.shape)}"
+                )
         weights = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         if self.training and self.dropout.p > 0:
             # Dropout sits between the projection and the residual add, so the add cannot be fused.
@@ -118,6 +148,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, start=0):
         """x: (B, T, C) -> (B, T, C)."""
+        check_module_input(self, "x", x, features=self.ln_1.weight.shape[0], ndim=3)
         attn_out = self.attn(self.ln_1(x), cache, start)  # (B, T, C)
         h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out
         return self.mlp(h, residual=x)  # x + mlp(h)

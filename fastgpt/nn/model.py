@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastgpt.dispatch import BACKENDS
+from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
 from fastgpt.functional import linear_cross_entropy
 from fastgpt.nn import weights
 from fastgpt.nn.config import GPTConfig
@@ -79,6 +79,20 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Forward
 
+    def check_tokens(self, op, idx):
+        """Raises TypeError/ValueError unless idx is a (batch, seq_len) int64 (or int32) tensor of token
+        ids in [0, vocab_size) on the model's device; see dispatch.check_index_range for when the ids'
+        values are read."""
+        check_tensor(op, "idx", idx, floating=False)
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{op}: idx must be an int64 (torch.long) or int32 tensor of token ids, got dtype {idx.dtype}")
+        device = self.transformer.wte.weight.device
+        if idx.device != device:
+            raise ValueError(f"{op}: idx must be on the model's device ({device}), got {idx.device}")
+        if idx.dim() != 2:
+            raise ValueError(f"{op}: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
+        check_index_range(op, "idx", idx, self.config.vocab_size)
+
     def hidden_states(self, idx, caches=None, start=0):
         """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C)."""
         if idx.dim() != 2:
@@ -98,6 +112,11 @@ class GPT(nn.Module):
         of each position, already shifted as in nanoGPT; IGNORE_INDEX=-100 skips a position), the mean
         cross-entropy loss as a float32 scalar. The loss goes through linear_cross_entropy, so the
         (B, T, vocab) logits are never built in training. Unlike nanoGPT, it returns only the loss."""
+        self.check_tokens("GPT", idx)
+        if targets is not None:
+            validate_targets(
+                "GPT", targets, idx.shape, idx.device, self.config.vocab_size, IGNORE_INDEX, device_of="idx"
+            )
         if torch.is_autocast_enabled(idx.device.type):
             raise RuntimeError(
                 "GPT: torch.autocast is not supported, the fused ops run in the parameters' dtype; "
@@ -132,8 +151,9 @@ class GPT(nn.Module):
         config = self.config
         check_generate_arguments(
             idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-            block_size=config.block_size, vocab_size=config.vocab_size,
+            block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
         )  # fmt: skip
+        self.check_tokens("GPT.generate", idx)
         was_training = self.training
         self.eval()
         try:
@@ -179,11 +199,22 @@ class GPT(nn.Module):
         if self.config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module.load_state_dict, all or nothing: names (with strict) and shapes are checked
+        first, so a state dict that does not fit raises weights.CheckpointError (a ValueError and a
+        RuntimeError) and leaves every parameter unchanged, where torch would copy the tensors that
+        fit before raising."""
+        weights.check_state_dict(self, state_dict, "load_state_dict: the state dict", strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @classmethod
-    def _from_state_dict(cls, config, state):
-        """A GPT holding exactly the given tensors (no random init, no second copy of the weights)."""
+    def _from_state_dict(cls, config, state, source, configuration):
+        """A GPT holding exactly the given tensors (no random init, no second copy of the weights).
+        Every tensor is checked against the config before the model exists; `source` names the
+        tensors' origin and `configuration` the config's, for error messages."""
         with torch.device("meta"):
             model = cls(config)
+        weights.check_state_dict(model, state, source, configuration=configuration)
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
         return model
@@ -208,7 +239,11 @@ class GPT(nn.Module):
             )
         config = weights.config_from_hf(hf_config, **overrides)
         state = weights.state_dict_from_hf(hf_state, tie_weights=config.tie_weights, copy=copy)
-        return cls._from_state_dict(config, state)
+        if copy:
+            source, configuration = f"the {type(model_or_dir).__name__}'s weights", "its config"
+        else:
+            source, configuration = os.path.join(model_or_dir, ""), os.path.join(model_or_dir, weights.CONFIG_FILE)
+        return cls._from_state_dict(config, state, f"GPT.from_hf: {source}", configuration)
 
     def save(self, directory):
         """Writes config.json and model.safetensors (a tied LM head is stored once) into directory."""
@@ -216,6 +251,10 @@ class GPT(nn.Module):
 
     @classmethod
     def load(cls, directory, *, device="cpu", **overrides):
-        """The GPT saved by `save` in directory, on device; `overrides` set GPTConfig fields."""
+        """The GPT saved by `save` in directory, on device; `overrides` set GPTConfig fields. A
+        missing, corrupt or mismatched file raises weights.CheckpointError (a ValueError) naming the
+        file and tensor, and no model is made."""
         config, state = weights.read_directory(directory, device, **overrides)
-        return cls._from_state_dict(config, state)
+        return cls._from_state_dict(
+            config, state, os.path.join(directory, weights.WEIGHTS_FILE), os.path.join(directory, weights.CONFIG_FILE)
+        )

@@ -1,5 +1,11 @@
 """Reading weights into a GPT: transformers GPT-2 checkpoints (a model object or a local directory)
-and fastgpt's own safetensors + JSON format. Nothing here downloads."""
+and fastgpt's own safetensors + JSON format. Nothing here downloads.
+
+Loading is all or nothing: files are read and every tensor's name, shape and dtype is checked
+against the configuration before any parameter is made or changed, and a problem raises
+CheckpointError naming the file and the tensor. Saving is atomic: a crash mid-save leaves the
+previous files in place (see write_files).
+"""
 
 import json
 import os
@@ -27,6 +33,75 @@ CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weigh
 # Causal-mask buffers that old GPT-2 checkpoints carry; they hold no learned values.
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 BODY_PREFIXES = ("h.", "wte.", "wpe.", "ln_f.")
+# A mismatch report lists at most this many tensor names of each kind.
+MAX_NAMES_SHOWN = 5
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint file or state dict that cannot become a GPT's weights: missing, unreadable,
+    corrupt, or not matching the configuration. A ValueError (bad input), and a RuntimeError too,
+    which is what torch's load_state_dict raises for a state dict that does not fit."""
+
+
+def _names(names):
+    names = sorted(names)
+    shown = ", ".join(names[:MAX_NAMES_SHOWN])
+    return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
+
+
+def check_state_dict(model, state, source, *, strict=True, configuration="the model's configuration"):
+    """Raises CheckpointError unless `state` can be loaded into `model` whole: with strict, the same
+    tensor names as model.state_dict(); always, for every name both have, the same shape and a
+    floating-point dtype. `source` names where the tensors come from and `configuration` what the
+    model was built from, for the message."""
+    expected = model.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    if strict and (missing or unexpected):
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {_names(unexpected)}")
+        raise CheckpointError(f"{source} does not match {configuration} ({'; '.join(problems)})")
+    for name in sorted(expected.keys() & state.keys()):
+        tensor, target = state[name], expected[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{source}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name} must have shape {tuple(target.shape)} for {configuration}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} must be floating-point, got dtype {tensor.dtype}")
+
+
+def read_safetensors(path, device="cpu"):
+    """load_file, with a missing or damaged file raised as CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({error})") from None
+
+
+def read_json(path):
+    """A JSON object from path, with a missing or damaged file raised as CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not a readable JSON file ({error})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(fields).__name__}")
+    return fields
 
 
 def config_from_hf(hf_config, **overrides):
@@ -101,14 +176,11 @@ def read_hf_directory(directory):
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"GPT.from_hf: {directory!r} must hold {CONFIG_FILE}, but it was not found")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = read_json(config_path)
     safetensors_path = os.path.join(directory, WEIGHTS_FILE)
     pickle_path = os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)
     if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-
-        state = load_file(safetensors_path)
+        state = read_safetensors(safetensors_path)
     elif os.path.isfile(pickle_path):
         state = torch.load(pickle_path, map_location="cpu", weights_only=True)
     else:
@@ -118,28 +190,70 @@ def read_hf_directory(directory):
     return hf_config, state
 
 
+def write_files(directory, files):
+    """Writes {file name: bytes, or a function writing the file at the path it is given} into
+    directory so that an interruption keeps the old files: every file is first written in full to a
+    temporary file next to its final name and synced; only then are they renamed over the old ones
+    (os.replace is atomic), in the order given. Temporary files never outlive the call."""
+    os.makedirs(directory, exist_ok=True)
+    staged = []
+    try:
+        for name, data in files.items():
+            final = os.path.join(directory, name)
+            temporary = f"{final}.tmp-{os.getpid()}"
+            staged.append((temporary, final))
+            if callable(data):
+                data(temporary)
+            else:
+                with open(temporary, "wb") as f:
+                    f.write(data)
+            with open(temporary, "ab") as f:
+                os.fsync(f.fileno())
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
 def save(model, directory):
-    """config.json + model.safetensors; a tied LM head is stored once, as the token embedding."""
+    """config.json + model.safetensors, atomically (write_files); a tied LM head is stored once, as
+    the token embedding. The weights are renamed into place first and the config last."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(model.config.to_dict(), f, indent=2)
     state = {
         name: tensor.detach().contiguous()
         for name, tensor in model.state_dict().items()
         if not (model.config.tie_weights and name == "lm_head.weight")
     }
-    save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    write_files(
+        directory,
+        {
+            WEIGHTS_FILE: lambda path: save_file(state, path, metadata={"format": "pt"}),
+            CONFIG_FILE: json.dumps(model.config.to_dict(), indent=2).encode(),
+        },
+    )
 
 
 def read_directory(directory, device, **overrides):
-    """(GPTConfig, state dict) saved by `save`."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        config = GPTConfig(**{**json.load(f), **overrides})
-    state = load_file(os.path.join(directory, WEIGHTS_FILE), device=str(device))
+    """(GPTConfig, state dict) saved by `save`. Missing, unreadable or corrupt files, and a
+    config.json that is not a valid GPTConfig, raise CheckpointError naming the file; a tied LM head
+    stored separately is refused rather than silently dropped."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    fields = read_json(config_path)
+    try:
+        config = GPTConfig(**{**fields, **overrides})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} is not a valid GPTConfig ({error})") from None
+    state = read_safetensors(weights_path, device)
     if config.tie_weights:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        if "lm_head.weight" in state:
+            raise CheckpointError(
+                f"{weights_path} holds lm_head.weight, but {config_path} has tie_weights=true "
+                "(a tied LM head is stored once, as transformer.wte.weight)"
+            )
+        if "transformer.wte.weight" in state:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
     return config, state

@@ -205,7 +205,9 @@ def _cross_entropy_backward(ctx, dloss, _ddx, _ddweight, _ddbias):
     targets = ctx.saved_tensors[0]
     scale = dloss  # () for 'mean'/'sum', (N,) for 'none'
     if ctx.reduction == "mean":
-        scale = dloss / (targets != ctx.ignore_index).sum()
+        # With no kept row the gradients of sum(loss) are zeros; max(kept, 1) keeps them zeros (as
+        # the reference's) instead of 0 * inf = NaN.
+        scale = dloss / (targets != ctx.ignore_index).sum().clamp_min(1)
     if ctx.compute_grad:
         # The forward formed the gradients of sum(loss); scale them by the upstream gradient.
         _, dx, dweight, dbias = ctx.saved_tensors

@@ -452,9 +452,12 @@ def column_sums_rows(M):
 def matmul(a, b, c, *, split_k=1, **options):
     """C = epilogue(A @ B) for A (M, K), B (K, N) and C (M, N), or C (split_k, M, N) fp32 partials.
 
-    Options are those of `matmul_arguments`. Any strides; nothing is copied. An output with no rows
-    or no columns launches nothing (column_sums then keeps its zeros).
+    Options are those of `matmul_arguments`. Matrices of any strides are read in place; the kernel
+    reads the bias with unit stride, so a strided bias view is copied (N values). An output with no
+    rows or no columns launches nothing (column_sums then keeps its zeros).
     """
+    if options.get("bias") is not None:
+        options["bias"] = options["bias"].contiguous()  # (N,)
     args = matmul_arguments(a, b, c, **options)
     N = args["N"]
     rows = args["M"] + args["ONES_ROW"]

@@ -185,6 +185,11 @@ def _tile(hidden, elements):
     return block_m, block_n, num_warps
 
 
+def _unit_stride(vector):
+    """The kernels read weight and bias (N,) with unit stride: a strided view is copied (N values)."""
+    return vector.contiguous() if vector is not None else None
+
+
 def _forward_arguments(x2, residual2, weight, bias, eps, out, summed, mean, rstd):
     placeholder = out
     return {
@@ -211,6 +216,7 @@ def _forward_arguments(x2, residual2, weight, bias, eps, out, summed, mean, rstd
 
 def layer_norm_forward(x, weight, bias, eps, residual):
     """Returns (out, sum, mean, rstd); `sum` = x + residual, or an empty tensor without a residual."""
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)  # (M, N), a view whenever the leading dims can be merged
     rows = x2.shape[0]
@@ -239,6 +245,7 @@ def _backward_programs(rows, block_m, device):
 
 def layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_grad, bias_grad):
     """Returns (dx, dweight, dbias); dx already includes dsum; an unrequested gradient is empty."""
+    weight = _unit_stride(weight)
     hidden = normed_input.shape[-1]
     x2 = normed_input.reshape(-1, hidden)  # (M, N)
     rows = x2.shape[0]

@@ -10,9 +10,10 @@ A training checkpoint is `fastgpt.nn.GPT.save`'s format plus the tokenizer and t
     trainer_state.json          step, schedule, settings and loss history (scalars)
 
 No pickle anywhere. Every file of a save is first written in full to a temporary file next to its
-final name and synced; only then are they renamed over the old ones (os.replace is atomic), so an
-interrupted run keeps the previous checkpoint. Both safetensors files and trainer_state.json carry
-the step, and resuming refuses a directory whose files disagree.
+final name and synced; only then are they renamed over the old ones (os.replace is atomic; see
+fastgpt.nn.weights.write_files), so an interrupted run keeps the previous checkpoint. Both
+safetensors files and trainer_state.json carry the step, and resuming refuses a directory whose
+files disagree.
 """
 
 import json
@@ -24,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fastgpt.nn import GPT, GPTConfig
-from fastgpt.nn.weights import CONFIG_FILE, HF_PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
+from fastgpt.nn import GPT
+from fastgpt.nn.weights import CONFIG_FILE, HF_PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, CheckpointError, write_files
 from fastgpt.train import tokenizer as tokenizers
 from fastgpt.train.errors import UserError
 
@@ -35,27 +36,6 @@ TRAINER_FILE = "trainer_state.json"
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_files(directory, files):
-    """Writes {file name: bytes} into directory: all to synced temporary files first, then renamed."""
-    os.makedirs(directory, exist_ok=True)
-    staged = []
-    try:
-        for name, data in files.items():
-            final = os.path.join(directory, name)
-            temporary = f"{final}.tmp-{os.getpid()}"
-            staged.append((temporary, final))
-            with open(temporary, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for temporary, final in staged:
-            os.replace(temporary, final)
-    finally:
-        for temporary, _ in staged:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
 
 def model_files(model, step):
@@ -90,7 +70,7 @@ def _read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path} is not a readable JSON file ({error})") from None
 
 
@@ -126,22 +106,11 @@ def load_model(directory, *, device, dtype, backend="auto", **overrides):
 
 
 def _load_fastgpt(directory, overrides):
-    fields = _read_json(os.path.join(directory, CONFIG_FILE))
-    try:
-        GPTConfig(**{**fields, **overrides})
-    except (TypeError, ValueError) as error:
-        raise UserError(
-            f"{os.path.join(directory, CONFIG_FILE)} is not a valid GPTConfig ({error})"
-        ) from None
-    path = _require_file(directory, WEIGHTS_FILE, "the model's weights")
+    _require_file(directory, WEIGHTS_FILE, "the model's weights")
     try:
         return GPT.load(directory, **overrides)
-    except SafetensorError as error:
-        raise UserError(f"{path} is corrupt or not a safetensors file ({error})") from None
-    except RuntimeError as error:  # load_state_dict: names or shapes that do not fit config.json
-        raise UserError(
-            f"{path} does not match {CONFIG_FILE}: {str(error).splitlines()[-1].strip()}"
-        ) from None
+    except CheckpointError as error:  # corrupt files, an invalid config.json, tensors that do not fit it
+        raise UserError(str(error)) from None
 
 
 def _load_transformers(directory, overrides):
@@ -154,10 +123,8 @@ def _load_transformers(directory, overrides):
         )
     try:
         return GPT.from_hf(directory, **overrides)
-    except SafetensorError as error:
-        raise UserError(
-            f"{os.path.join(directory, WEIGHTS_FILE)} is corrupt or not a safetensors file ({error})"
-        ) from None
+    except CheckpointError as error:  # a corrupt model.safetensors, tensors that do not fit config.json
+        raise UserError(str(error)) from None
     except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # torch.load of a damaged archive
         raise UserError(f"{os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)} is corrupt ({error})") from None
     except ValueError as error:  # a GPT-2 variant this model does not implement
