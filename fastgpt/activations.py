@@ -17,7 +17,16 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def activation_forward(h, name):
-    """act(h) for one of ACTIVATIONS. gelu_tanh is GPT-2's gelu_new."""
+    """act(h) for one of ACTIVATIONS, in h's dtype. gelu_tanh is GPT-2's gelu_new.
+
+    float16/bfloat16 inputs are computed in float32 and rounded once, as torch's own F.gelu does:
+    in float16, h**3 overflows for |h| > 40 and the tanh form's gradient turns into NaN."""
+    if h.dtype in (torch.float16, torch.bfloat16):
+        return _activation(h.float(), name).to(h.dtype)
+    return _activation(h, name)
+
+
+def _activation(h, name):
     if name == "gelu_tanh":
         return 0.5 * h * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_CUBIC * h**3)))
     if name == "gelu":
