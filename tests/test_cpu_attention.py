@@ -179,3 +179,77 @@ def test_attention_float16_is_rejected_by_the_cpu_backend():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float16)
     with pytest.raises(TypeError, match="cpu"):
         functional.causal_attention(q, q, q, backend="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode path: at most 16 query rows (q_len * heads / kv_heads) per kv head run a kernel that
+# vectorises over head_dim and splits long caches along the keys (csrc/cpu/attention.cpp).
+
+# (heads, kv_heads): GQA 4:1 and MQA.
+DECODE_GROUPS = [(8, 2), (4, 1)]
+# (q_len, kv_len): one query, and three (the bottom-right mask inside the last keys), against short
+# caches, a partial last key chunk (300) and a cache long enough to be split (1000).
+DECODE_LENGTHS = [(1, 1), (1, 17), (1, 300), (1, 1000), (3, 3), (3, 17), (3, 300), (3, 1000)]
+
+
+def decode_inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
+    """q as a view of a fused qkv projection, k and v as views cache[:, :, :kv_len] of longer caches."""
+    qkv = torch.randn(batch, q_len, heads + 2 * kv_heads, head_dim, dtype=torch.float64)
+    q = qkv.to(dtype)[:, :, :heads].transpose(1, 2)  # (B, H, Tq, D), row stride (H + 2 Hkv) * D
+    caches = torch.randn(2, batch, kv_heads, kv_len + 5, head_dim, dtype=torch.float64).to(dtype)
+    k, v = caches[0, :, :, :kv_len], caches[1, :, :, :kv_len]  # (B, Hkv, Tk, D), head stride (Tk + 5) * D
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", DECODE_LENGTHS, ids=lambda s: "Tq{}-Tk{}".format(*s))
+@pytest.mark.parametrize("groups", DECODE_GROUPS, ids=lambda s: "H{}-Hkv{}".format(*s))
+def test_decode_attention_on_cache_views(groups, lengths, dtype):
+    (heads, kv_heads), (q_len, kv_len) = groups, lengths
+    q, k, v = decode_inputs(2, heads, kv_heads, q_len, kv_len, 64, dtype)
+    scale = 1 / 8
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
+    ref_out, ref_lse = reference.causal_attention(q.double(), k.double(), v.double(), scale, return_lse=True)
+    eager_out = reference.causal_attention(q, k, v, scale)
+    _, eager_lse = reference.causal_attention(q.float(), k.float(), v.float(), scale, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref_out, eager_out)
+    # The statistics are float32 whatever the input dtype: held to float32 computed from the same inputs.
+    assert_close("lse", lse, ref_lse, eager_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16)],
+                         ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s))
+def test_decode_attention_gradients(shape, dtype):
+    # The backward recomputes P from the lse that the decode forward saved.
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    check_against_reference(cpu_attention, reference.causal_attention, [q, k, v], dtype, q.shape)
+
+
+def test_decode_attention_is_deterministic_across_thread_counts():
+    # One (batch, kv head) with a long cache: the keys are split, into a number of splits that depends
+    # on the shape only, so one thread and two give the same bits.
+    q, k, v = decode_inputs(1, 4, 1, 1, 1000, 64, torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    for count in (2, 1):
+        torch.set_num_threads(count)
+        try:
+            results.append(torch.ops.fastgpt.attention_forward(q, k, v, 0.125))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_decode_attention_nan_stays_in_its_row():
+    q, k, v = decode_inputs(1, 8, 2, 1, 300, 32, torch.float32)
+    q = q.clone()
+    q[0, 5, 0, 7] = float("nan")
+    nan_rows = cpu_attention(q, k, v).isnan().any(dim=-1)  # (B, H, Tq)
+    expected = torch.zeros_like(nan_rows)
+    expected[0, 5, 0] = True
+    assert torch.equal(nan_rows, expected)
