@@ -182,8 +182,8 @@ def test_attention_float16_is_rejected_by_the_cpu_backend():
 
 
 # ----------------------------------------------------------------------------------------------
-# The decode path: at most 16 query rows (q_len * heads / kv_heads) per kv head run a kernel that
-# vectorises over head_dim and splits long caches along the keys (csrc/cpu/attention.cpp).
+# The decode path: q_len <= 16 runs a kernel that vectorises over head_dim, handles all query heads of
+# a kv head per task and splits long caches along the keys (csrc/cpu/attention.cpp).
 
 # (heads, kv_heads): GQA 4:1 and MQA.
 DECODE_GROUPS = [(8, 2), (4, 1)]
@@ -219,8 +219,10 @@ def test_decode_attention_on_cache_views(groups, lengths, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16)],
-                         ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16), (1, 8, 1, 16, 70, 32)],
+    ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s),
+)
 def test_decode_attention_gradients(shape, dtype):
     # The backward recomputes P from the lse that the decode forward saved.
     batch, heads, kv_heads, q_len, kv_len, head_dim = shape

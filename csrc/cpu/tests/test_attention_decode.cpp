@@ -1,6 +1,6 @@
-// The decode path of the attention forward (few query rows per kv head) against a float64 reference,
-// for every instruction set, float32 and bfloat16: q_len 1 and 3 (the bottom-right mask inside the
-// last keys), MHA, GQA 4:1 and MQA, queries as views of a fused qkv projection, keys and values as
+// The decode path of the attention forward (q_len <= 16) against a float64 reference, for every
+// instruction set, float32 and bfloat16: q_len 1, 3 and 16 (the bottom-right mask inside the last
+// keys), MHA, GQA 4:1 and MQA, queries as views of a fused qkv projection, keys and values as
 // views cache[:, :, :kv_len] of a longer preallocated cache, chunk and split boundaries; and the output's
 // bitwise independence of the thread count.
 #include <omp.h>
@@ -124,7 +124,7 @@ int main() {
       {1, 4, 1, 1, 1000, 64},  {1, 2, 2, 3, 1000, 128}, {3, 4, 4, 3, 17, 24},    {1, 1, 1, 16, 100, 32},
       // One (batch, kv head): the keys are split in 5 splits of 320, the last holding key 1280 only,
       // which queries 0 and 1 do not see (their state for that split stays empty).
-      {1, 1, 1, 3, 1281, 64},  {1, 4, 1, 3, 3, 256},
+      {1, 1, 1, 3, 1281, 64},  {1, 4, 1, 3, 3, 256},   {1, 16, 1, 16, 90, 64},
   };
   std::mt19937 rng(4321);
   for_each_isa([&](cpu::Isa isa) {
