@@ -14,9 +14,10 @@ processes hits both alike, and the median of each is reported with the ratio of 
 - bandwidth: what bounds decoding at batch 1, where every token reads all the weights once (the
   lm_head's 50257 x 768 included): the DRAM bandwidth of a 256 MiB copy (bytes read + written per
   second) and of a 256 MiB read (a sum), the bandwidth the model's weight GEMVs reach alone (F.linear
-  over every Linear weight and the lm_head, batch 1, in the model's order, so they stream from DRAM),
-  and the weight bandwidth each provider reaches end to end at batch 1 (weight bytes per token x
-  tokens per second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1
+  over every Linear weight and the lm_head, batch 1, in the model's order, so they stream from DRAM;
+  and the same products with each weight stored transposed, (in, out), the layout of transformers'
+  GPT-2 Conv1D, for which BLAS runs a different GEMV), and the weight bandwidth each provider reaches
+  end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1
   tokens per second for any fp32 implementation on the same threads.
 
 Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
@@ -134,8 +135,9 @@ def weight_bytes_per_token(gpt):
     return total - gpt.transformer.wpe.weight.numel() * gpt.transformer.wpe.weight.element_size()
 
 
-def weight_gemvs(gpt):
-    """The batch-1 decode step's weight GEMVs alone, in the model's order: (run, bytes of weights)."""
+def weight_gemvs(gpt, transposed=False):
+    """The batch-1 decode step's weight GEMVs alone, in the model's order: (run, bytes of weights).
+    With transposed, on (in, out) copies of the weights (x @ W^T as x @ (W^T stored contiguously))."""
     channels = gpt.config.n_embd
     x, hidden = torch.randn(1, channels), torch.randn(1, gpt.config.n_inner)
     layers = []
@@ -145,6 +147,8 @@ def weight_gemvs(gpt):
         ):  # fmt: skip
             layers.append((inputs, linear.weight, linear.bias))
     layers.append((x, gpt.lm_head.weight, None))
+    if transposed:
+        layers = [(inputs, weight.t().contiguous().t(), bias) for inputs, weight, bias in layers]
 
     def run():
         for inputs, weight, bias in layers:
@@ -158,26 +162,33 @@ def bench_bandwidth(gpt, generation, rounds):
     source = torch.randn(64 << 20)  # 256 MiB of float32, far beyond any cache
     target = torch.empty_like(source)
     gemvs, gemv_bytes = weight_gemvs(gpt)
-    providers = {"copy": lambda: target.copy_(source), "read": source.sum, "gemvs": gemvs}
+    transposed_gemvs, _ = weight_gemvs(gpt, transposed=True)
+    providers = {
+        "copy": lambda: target.copy_(source), "read": source.sum, "gemvs": gemvs, "transposed": transposed_gemvs
+    }  # fmt: skip
     with torch.inference_mode():
         gemvs()
+        transposed_gemvs()
         times = interleaved(providers, rounds)
     source_bytes = source.numel() * source.element_size()
     copy_rate = 2 * source_bytes / statistics.median(times["copy"]) / 1e9
     read_rate = source_bytes / statistics.median(times["read"]) / 1e9
     gemv_rate = gemv_bytes / statistics.median(times["gemvs"]) / 1e9
+    transposed_rate = gemv_bytes / statistics.median(times["transposed"]) / 1e9
     per_token = weight_bytes_per_token(gpt)
     result = {
         "kind": "bandwidth",
         "copy_GBps": copy_rate,
         "read_GBps": read_rate,
         "gemv_GBps": gemv_rate,
+        "gemv_in_out_layout_GBps": transposed_rate,
         "weight_bytes_per_token": per_token,
         "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
     }
     print(
         f"bandwidth: copy {copy_rate:.1f} GB/s (read + write), read {read_rate:.1f} GB/s, weight GEMVs alone "
-        f"{gemv_rate:.1f} GB/s; {per_token / 1e6:.0f} MB of weights per token -> at most "
+        f"{gemv_rate:.1f} GB/s ((in, out) layout: {transposed_rate:.1f} GB/s); {per_token / 1e6:.0f} MB of "
+        "weights per token -> at most "
         f"{result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the read rate"
     )
     batch1 = next((r for r in generation if r["case"]["batch"] == 1), None)
