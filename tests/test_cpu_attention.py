@@ -220,7 +220,8 @@ def test_decode_attention_on_cache_views(groups, lengths, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16), (1, 8, 1, 16, 70, 32)],
+    "shape",
+    [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16), (1, 8, 1, 16, 70, 32)],
     ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s),
 )
 def test_decode_attention_gradients(shape, dtype):

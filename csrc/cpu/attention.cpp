@@ -304,7 +304,9 @@ inline Vec add_halves(Vec x, Vec y, std::integer_sequence<int, kLanes...>) {
 // sums of each: kWidth - 1 shuffle-add steps in all, instead of a full reduction per vector.
 template <int kHalf>
 inline Vec transpose_sum(Vec* v) {
-  for (int i = 0; i < kHalf; ++i) v[i] = add_halves<kHalf>(v[i], v[i + kHalf], std::make_integer_sequence<int, kWidth>{});
+  for (int i = 0; i < kHalf; ++i) {
+    v[i] = add_halves<kHalf>(v[i], v[i + kHalf], std::make_integer_sequence<int, kWidth>{});
+  }
   if constexpr (kHalf == 1) {
     return v[0];
   } else {
