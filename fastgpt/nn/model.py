@@ -79,9 +79,8 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Forward
 
-    def hidden_states(self, idx, caches=None, start=0, last_only=False):
-        """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C), or
-        (B, C) of the last position only with last_only (the final LayerNorm then skips the others)."""
+    def hidden_states(self, idx, caches=None, start=0):
+        """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C)."""
         if idx.dim() != 2:
             raise ValueError(f"GPT: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         if idx.shape[1] + start > self.config.block_size:
@@ -92,7 +91,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[layer], start)
-        return self.transformer.ln_f(x[:, -1] if last_only else x)
+        return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
         """idx (B, T) int64 -> logits (B, T, vocab); or, given targets (B, T) int64 (the next token
@@ -158,8 +157,8 @@ class GPT(nn.Module):
         position = 0
         tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
         for step in range(max_new_tokens):
-            hidden = self.hidden_states(tokens, caches, position, last_only=True)  # (B, C)
-            logits = F.linear(hidden, self.lm_head.weight)  # (B, vocab): the last position only
+            hidden = self.hidden_states(tokens, caches, position)[:, -1]  # (B, C): only the last position
+            logits = F.linear(hidden, self.lm_head.weight)  # (B, vocab)
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             position += tokens.shape[1]
             if eos_token_id is not None:
