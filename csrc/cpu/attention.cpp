@@ -9,7 +9,7 @@
 // scores lose no precision to it.
 //
 // Backward: delta = rowsum(dO * O), then for each (query tile, key tile) pair P is recomputed from the
-// saved logsumexp and
+// saved logsumexp (S summed exactly as the forward summed it: see backward_pair) and
 //   dP = dO V^T,  dS = P * (dP - delta),  dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
 // No two threads ever add into the same accumulator, so the result is deterministic and independent of
 // the thread count. Two schedules give bitwise identical results (same summation order):
@@ -27,7 +27,8 @@
 // dot product, kWidth of them reduced at once by a transposing sum; then online softmax per chunk and
 // O += P V with the tile GEMM. Long caches with few (batch, kv head) tasks are split along the keys;
 // the splits' partial (max, sum, O) are combined in split order. The split count depends on the shape
-// only, never on the thread count, so the result does not either.
+// only, never on the thread count, so the result does not either. After a decode forward the backward
+// recomputes the scores with the same dot products.
 #ifndef FASTGPT_ISA_PASS
 
 #include <cmath>
@@ -314,11 +315,12 @@ inline Vec transpose_sum(Vec* v) {
   }
 }
 
-// scores[j] = q . k_j for the keys j < keys of a chunk (q: padded_dim floats, scaled; k: rows of
-// padded_dim valid floats, row stride k_ld); keys after `last_visible` (chunk-relative) are -inf, and
-// so are the padding entries up to round_up(keys, kWidth).
-inline void chunk_scores(const float* q, const float* k, int64_t k_ld, int64_t keys, int64_t padded_dim,
-                         int64_t last_visible, float* scores) {
+// scores[j] for j < cols (a multiple of kWidth, >= keys): q . k_j for the keys j < keys up to
+// last_visible, -inf after (q: padded_dim floats, scaled; k: rows of padded_dim valid floats, row stride
+// k_ld). Each dot product runs over head_dim in kWidth lanes, then its lanes are summed by the same
+// tree in every row and column, so a score depends on q and k_j only; the backward recomputes it so.
+inline void row_scores(const float* q, const float* k, int64_t k_ld, int64_t keys, int64_t cols, int64_t padded_dim,
+                       int64_t last_visible, float* scores) {
   const int64_t last = last_visible < keys - 1 ? last_visible : keys - 1;
   for (int64_t j0 = 0; j0 <= last; j0 += kWidth) {
     Vec dots[kWidth];
@@ -336,7 +338,7 @@ inline void chunk_scores(const float* q, const float* k, int64_t k_ld, int64_t k
     }
     store(scores + j0, block);
   }
-  for (int64_t j0 = last < 0 ? 0 : round_up(last + 1, kWidth); j0 < keys; j0 += kWidth) {
+  for (int64_t j0 = last < 0 ? 0 : round_up(last + 1, kWidth); j0 < cols; j0 += kWidth) {
     store(scores + j0, splat(-__builtin_inff()));
   }
 }
@@ -418,7 +420,8 @@ void decode_keys(const AttentionParams& p, const DecodeShape& s, const DecodeScr
         rows_as_float(v + k0 * p.v.row_stride, p.v.row_stride, keys, p.head_dim, true, w.v, s.padded_dim, &v_ld);
     for (int64_t r = 0; r < s.rows; ++r) {
       float* scores = w.scores + r * kDecodeChunk;
-      chunk_scores(w.q + r * s.padded_dim, k_rows, k_ld, keys, s.padded_dim, r % p.q_len + s.offset - k0, scores);
+      row_scores(w.q + r * s.padded_dim, k_rows, k_ld, keys, round_up(keys, kWidth), s.padded_dim,
+                 r % p.q_len + s.offset - k0, scores);
       // Online softmax over the chunk. A row that has seen no visible key yet keeps max -inf and takes
       // 0 as the reference, so that exp(-inf - reference) is 0 rather than NaN.
       Vec chunk_max = splat(-__builtin_inff());
@@ -600,10 +603,20 @@ struct TilePair {
   int64_t last_visible;  // for the tile's first row, as a key column in the tile (row r: + r)
 };
 
-inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim) {
-  gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+// S is recomputed as the forward computed it, so that exp(S - lse) matches the forward to the bit even
+// where |S| is large: by the tile GEMM after the tiled forward, by row_scores after the decode forward
+// (decode_scores).
+inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim, bool decode_scores) {
+  if (decode_scores) {
+    for (int64_t r = 0; r < t.rows; ++r) {
+      row_scores(t.query.q + r * padded_dim, t.k, padded_dim, t.keys, kBlockK, padded_dim, t.last_visible + r,
+                 t.scores + r * kBlockK);
+    }
+  } else {
+    gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+  }
   gemm<false>(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK, false);
-  const bool on_diagonal = t.last_visible < kBlockK - 1;
+  const bool on_diagonal = !decode_scores && t.last_visible < kBlockK - 1;  // row_scores masked already
   for (int64_t r = 0; r < t.rows; ++r) {
     float* s = t.scores + r * kBlockK;
     float* ds = t.dscores + r * kBlockK;
@@ -637,6 +650,7 @@ inline int64_t first_query_tile(int64_t k0, int64_t offset) { return k0 - offset
 
 struct BackwardShape {
   int64_t head_dim, padded_dim, offset, group, q_tiles, k_tiles;
+  bool decode_scores;  // the forward ran the decode kernel: recompute S with row_scores
   float q_scale;   // Q is packed times softmax_scale, so dK = softmax_scale * dS^T Q needs no scale
   float dq_scale;  // dQ = softmax_scale * dS K
 };
@@ -649,6 +663,7 @@ inline BackwardShape backward_shape(const AttentionParams& p) {
   s.group = p.heads / p.kv_heads;
   s.q_tiles = ceil_div(p.q_len, kBlockQ);
   s.k_tiles = ceil_div(p.kv_len, kBlockK);
+  s.decode_scores = use_decode(p);
   s.q_scale = p.softmax_scale;
   s.dq_scale = p.softmax_scale;
   return s;
@@ -710,7 +725,7 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
             pair.rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
             pair.keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
             pair.last_visible = q0 + s.offset - k0;
-            backward_pair(pair, s.head_dim, s.padded_dim);
+            backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
           }
         }
         store_rows<T>(p.dq, batch, head, 0, dq, p.q_len, s.head_dim, s.padded_dim, s.dq_scale);
@@ -765,7 +780,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
           pack_query_side<T>(p, query_side, batch, head, q0, rows, s.padded_dim, s.q_scale);
           TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, acc0, acc1, nullptr,
                         scores, dscores, rows, keys, q0 + s.offset - k0};
-          backward_pair(pair, s.head_dim, s.padded_dim);
+          backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
         }
       }
       store_rows<T>(p.dk, batch, kv_head, k0, acc0, keys, s.head_dim, s.padded_dim, 1.0f);
@@ -791,7 +806,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
         pack_key_side<T>(p, key_side, batch, kv_head, k0, keys, kBlockK, s.padded_dim);
         TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, nullptr, nullptr, acc0,
                       scores, dscores, rows, keys, q0 + s.offset - k0};
-        backward_pair(pair, s.head_dim, s.padded_dim);
+        backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
       }
       store_rows<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
     }
