@@ -1,6 +1,7 @@
 """The CPU targets of fastgpt.nn.GPT against transformers' GPT-2 (sdpa), measured in one run.
 
-    python benchmarks/gpt_targets.py [--rounds 5] [--threads N] [--json out.json]
+    python benchmarks/gpt_targets.py [--rounds 5] [--threads N] [--only generation|training|bandwidth]
+                                     [--json out.json]
 
 Both models have GPT-2 small's shape and the same random weights (GPT.from_hf of the transformers
 model). The providers are timed in interleaved rounds (A, B, A, B, ...), so that load from other
@@ -9,7 +10,15 @@ processes hits both alike, and the median of each is reported with the ratio of 
 - generation: greedy decoding, GPT.generate(temperature=0) against
   GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
 - training: one step of forward (loss) + backward + AdamW (the same optimizer settings for both),
-  tokens per second.
+  tokens per second;
+- bandwidth: what bounds decoding at batch 1, where every token reads all the weights once (the
+  lm_head's 50257 x 768 included): the DRAM bandwidth of a 256 MiB copy (bytes read + written per
+  second) and of a 256 MiB read (a sum), the bandwidth the model's weight GEMVs reach alone (F.linear
+  over every Linear weight and the lm_head, batch 1, in the model's order, so they stream from DRAM;
+  and the same products with each weight stored transposed, (in, out), the layout of transformers'
+  GPT-2 Conv1D, for which BLAS runs a different GEMV), and the weight bandwidth each provider reaches
+  end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1
+  tokens per second for any fp32 implementation on the same threads.
 
 Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
 op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, else `reference`.
@@ -24,12 +33,15 @@ import statistics
 import time
 
 import torch
+from torch.nn import functional as F
 
 import fastgpt
 from fastgpt import dispatch
 from fastgpt.nn import GPT
 
-GENERATION_CASES = ((1, 32, 64), (8, 128, 64))  # (batch, prompt length, new tokens)
+# (batch, prompt length, new tokens). The last case decodes 256 tokens, so that the per-step cost of
+# the growing KV cache (transformers re-concatenates it each step) weighs more.
+GENERATION_CASES = ((1, 32, 64), (8, 128, 64), (8, 128, 256))
 TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
 TARGETS = {"generation": 2.0, "training": 1.2}
 
@@ -116,6 +128,81 @@ def bench_generation(hf, gpt, rounds):
     return results
 
 
+def weight_bytes_per_token(gpt):
+    """Bytes of parameters one decode step reads: all of them (the tied lm_head / wte once) except
+    the position table, of which it reads one row."""
+    total = sum(p.numel() * p.element_size() for p in gpt.parameters())
+    return total - gpt.transformer.wpe.weight.numel() * gpt.transformer.wpe.weight.element_size()
+
+
+def weight_gemvs(gpt, transposed=False):
+    """The batch-1 decode step's weight GEMVs alone, in the model's order: (run, bytes of weights).
+    With transposed, on (in, out) copies of the weights (x @ W^T as x @ (W^T stored contiguously))."""
+    channels = gpt.config.n_embd
+    x, hidden = torch.randn(1, channels), torch.randn(1, gpt.config.n_inner)
+    layers = []
+    for block in gpt.transformer.h:
+        for linear, inputs in (
+            (block.attn.c_attn, x), (block.attn.c_proj, x), (block.mlp.c_fc, x), (block.mlp.c_proj, hidden)
+        ):  # fmt: skip
+            layers.append((inputs, linear.weight, linear.bias))
+    layers.append((x, gpt.lm_head.weight, None))
+    if transposed:
+        layers = [(inputs, weight.t().contiguous().t(), bias) for inputs, weight, bias in layers]
+
+    def run():
+        for inputs, weight, bias in layers:
+            F.linear(inputs, weight, bias)
+
+    return run, sum(weight.numel() * weight.element_size() for _, weight, _ in layers)
+
+
+def bench_bandwidth(gpt, generation, rounds):
+    """Copy and GEMV bandwidth, and each provider's end-to-end weight bandwidth at batch 1."""
+    source = torch.randn(64 << 20)  # 256 MiB of float32, far beyond any cache
+    target = torch.empty_like(source)
+    gemvs, gemv_bytes = weight_gemvs(gpt)
+    transposed_gemvs, _ = weight_gemvs(gpt, transposed=True)
+    providers = {
+        "copy": lambda: target.copy_(source), "read": source.sum, "gemvs": gemvs, "transposed": transposed_gemvs
+    }  # fmt: skip
+    with torch.inference_mode():
+        gemvs()
+        transposed_gemvs()
+        times = interleaved(providers, rounds)
+    source_bytes = source.numel() * source.element_size()
+    copy_rate = 2 * source_bytes / statistics.median(times["copy"]) / 1e9
+    read_rate = source_bytes / statistics.median(times["read"]) / 1e9
+    gemv_rate = gemv_bytes / statistics.median(times["gemvs"]) / 1e9
+    transposed_rate = gemv_bytes / statistics.median(times["transposed"]) / 1e9
+    per_token = weight_bytes_per_token(gpt)
+    result = {
+        "kind": "bandwidth",
+        "copy_GBps": copy_rate,
+        "read_GBps": read_rate,
+        "gemv_GBps": gemv_rate,
+        "gemv_in_out_layout_GBps": transposed_rate,
+        "weight_bytes_per_token": per_token,
+        "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
+    }
+    print(
+        f"bandwidth: copy {copy_rate:.1f} GB/s (read + write), read {read_rate:.1f} GB/s, weight GEMVs alone "
+        f"{gemv_rate:.1f} GB/s ((in, out) layout: {transposed_rate:.1f} GB/s); {per_token / 1e6:.0f} MB of "
+        "weights per token -> at most "
+        f"{result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the read rate"
+    )
+    batch1 = next((r for r in generation if r["case"]["batch"] == 1), None)
+    if batch1 is not None:
+        result["batch1_weight_GBps"] = {
+            name: rate * per_token / 1e9 for name, rate in batch1["tokens_per_s"].items()
+        }
+        print(
+            "batch-1 decoding, weight bytes read per second: "
+            + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in result["batch1_weight_GBps"].items())
+        )
+    return result
+
+
 def train_step(model, optimizer, loss_fn):
     loss_fn(model).backward()
     optimizer.step()
@@ -153,7 +240,7 @@ def main():
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
-    parser.add_argument("--only", choices=("generation", "training"), default=None)
+    parser.add_argument("--only", choices=("generation", "training", "bandwidth"), default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -169,9 +256,12 @@ def main():
         "fastgpt_backends": resolved_backends(), "available_backends": fastgpt.available_backends(),
     }  # fmt: skip
     print(json.dumps(header))
-    results = []
+    results, generation = [], []
     if args.only in (None, "generation"):
-        results += bench_generation(hf, gpt, args.rounds)
+        generation = bench_generation(hf, gpt, args.rounds)
+        results += generation
+    if args.only in (None, "bandwidth"):
+        results.append(bench_bandwidth(gpt, generation, args.rounds))
     if args.only in (None, "training"):
         results += bench_training(hf, gpt, args.rounds)
     if args.json:

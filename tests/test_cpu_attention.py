@@ -179,3 +179,100 @@ def test_attention_float16_is_rejected_by_the_cpu_backend():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float16)
     with pytest.raises(TypeError, match="cpu"):
         functional.causal_attention(q, q, q, backend="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode path: q_len <= 16 runs a kernel that vectorises over head_dim, handles all query heads of
+# a kv head per task and splits long caches along the keys (csrc/cpu/attention.cpp).
+
+# (heads, kv_heads): GQA 4:1 and MQA.
+DECODE_GROUPS = [(8, 2), (4, 1)]
+# (q_len, kv_len): one query, and three (the bottom-right mask inside the last keys), against short
+# caches, a partial last key chunk (300) and a cache long enough to be split (1000).
+DECODE_LENGTHS = [(1, 1), (1, 17), (1, 300), (1, 1000), (3, 3), (3, 17), (3, 300), (3, 1000)]
+
+
+def decode_inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
+    """q as a view of a fused qkv projection, k and v as views cache[:, :, :kv_len] of longer caches."""
+    qkv = torch.randn(batch, q_len, heads + 2 * kv_heads, head_dim, dtype=torch.float64)
+    q = qkv.to(dtype)[:, :, :heads].transpose(1, 2)  # (B, H, Tq, D), row stride (H + 2 Hkv) * D
+    caches = torch.randn(2, batch, kv_heads, kv_len + 5, head_dim, dtype=torch.float64).to(dtype)
+    k, v = caches[0, :, :, :kv_len], caches[1, :, :, :kv_len]  # (B, Hkv, Tk, D), head stride (Tk + 5) * D
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", DECODE_LENGTHS, ids=lambda s: "Tq{}-Tk{}".format(*s))
+@pytest.mark.parametrize("groups", DECODE_GROUPS, ids=lambda s: "H{}-Hkv{}".format(*s))
+def test_decode_attention_on_cache_views(groups, lengths, dtype):
+    (heads, kv_heads), (q_len, kv_len) = groups, lengths
+    q, k, v = decode_inputs(2, heads, kv_heads, q_len, kv_len, 64, dtype)
+    scale = 1 / 8
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
+    ref_out, ref_lse = reference.causal_attention(q.double(), k.double(), v.double(), scale, return_lse=True)
+    eager_out = reference.causal_attention(q, k, v, scale)
+    _, eager_lse = reference.causal_attention(q.float(), k.float(), v.float(), scale, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref_out, eager_out)
+    # The statistics are float32 whatever the input dtype: held to float32 computed from the same inputs.
+    assert_close("lse", lse, ref_lse, eager_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 2, 1, 300, 64), (1, 4, 1, 1, 1000, 80), (1, 4, 4, 3, 17, 16), (1, 8, 1, 16, 70, 32)],
+    ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s),
+)
+def test_decode_attention_gradients(shape, dtype):
+    # The backward recomputes P from the lse that the decode forward saved.
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    check_against_reference(cpu_attention, reference.causal_attention, [q, k, v], dtype, q.shape)
+
+
+def test_decode_attention_is_deterministic_across_thread_counts():
+    # One (batch, kv head) with a long cache: the keys are split, into a number of splits that depends
+    # on the shape only, so one thread and two give the same bits.
+    q, k, v = decode_inputs(1, 4, 1, 1, 1000, 64, torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    for count in (2, 1):
+        torch.set_num_threads(count)
+        try:
+            results.append(torch.ops.fastgpt.attention_forward(q, k, v, 0.125))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_decode_attention_nan_stays_in_its_row():
+    q, k, v = decode_inputs(1, 8, 2, 1, 300, 32, torch.float32)
+    q = q.clone()
+    q[0, 5, 0, 7] = float("nan")
+    nan_rows = cpu_attention(q, k, v).isnan().any(dim=-1)  # (B, H, Tq)
+    expected = torch.zeros_like(nan_rows)
+    expected[0, 5, 0] = True
+    assert torch.equal(nan_rows, expected)
+
+
+@pytest.mark.parametrize("q_len", [1, 8])
+def test_decode_attention_gradients_at_large_scores(q_len):
+    # Scores of about 1e4 that differ by O(1) between keys: the backward's exp(S - lse) holds only if it
+    # recomputes S summed exactly as the decode forward summed it (a rounding of 1e4 is 1e-3).
+    head_dim, kv_len = 8, 40
+    level = 1e4 / math.sqrt(head_dim)  # q . k * head_dim**-0.5 ~ 1e4
+    q = level + torch.randn(1, 2, q_len, head_dim, dtype=torch.float64)
+    k = 1 + 1e-3 * torch.randn(1, 1, kv_len, head_dim, dtype=torch.float64)
+    v = torch.randn(1, 1, kv_len, head_dim, dtype=torch.float64)
+    upstream = torch.randn(q.shape, dtype=torch.float64)
+    out, grads = run(cpu_attention, [q, k, v], torch.float32, upstream)
+    eager_out, eager_grads = run(reference.causal_attention, [q, k, v], torch.float32, upstream)
+    ref_out, ref_grads = run(reference.causal_attention, [q, k, v], torch.float64, upstream)
+    assert_close("out", out, ref_out, eager_out)
+    # As in FlashAttention, P comes from the float32 lse (rounded by ~6e-4 at 1e4), where eager keeps P:
+    # a few times eager's gradient error (measured up to ~3x), hence factor 4.
+    for name, grad, ref_grad, eager_grad in zip("qkv", grads, ref_grads, eager_grads):
+        assert_close(f"d{name}", grad, ref_grad, eager_grad, factor=4.0)

@@ -9,7 +9,7 @@
 // scores lose no precision to it.
 //
 // Backward: delta = rowsum(dO * O), then for each (query tile, key tile) pair P is recomputed from the
-// saved logsumexp and
+// saved logsumexp (S summed exactly as the forward summed it: see backward_pair) and
 //   dP = dO V^T,  dS = P * (dP - delta),  dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
 // No two threads ever add into the same accumulator, so the result is deterministic and independent of
 // the thread count. Two schedules give bitwise identical results (same summation order):
@@ -19,10 +19,22 @@
 //     (batch, head, query tile) for dQ, recomputing P and dS (seven GEMMs per pair instead of five, but
 //     parallel over tiles when there are few heads).
 // Inputs are float32 or bfloat16 with any strides (head_dim contiguous); all arithmetic is float32.
+//
+// Decode forward (a few queries: a decode step's q_len of 1, or a short prefill over a cache): the
+// tiled forward's vectors run across kBlockQ query rows, so one query would use one lane of each. The decode kernel vectorises over head_dim instead. One task per (batch, kv head, key split)
+// handles every query row of the kv head's GQA group, so each K and V row is read once for all of them;
+// keys are streamed in chunks that stay in L1 between the two products: each score is a head_dim-long
+// dot product, kWidth of them reduced at once by a transposing sum; then online softmax per chunk and
+// O += P V with the tile GEMM. Long caches with few (batch, kv head) tasks are split along the keys;
+// the splits' partial (max, sum, O) are combined in split order. The split count depends on the shape
+// only, never on the thread count, so the result does not either. After a decode forward the backward
+// recomputes the scores with the same dot products.
 #ifndef FASTGPT_ISA_PASS
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -253,6 +265,263 @@ void forward(const AttentionParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode forward
+
+// Queries (q_len) up to which the decode kernel runs. Per key and query head, its cost grows with
+// q_len (each query row does its own dot product and P V row), while the tiled forward pays for a whole
+// kBlockQ-row tile; whatever the GQA group, at head_dim 64 and 128, float32 and bfloat16, the decode
+// kernel takes 0.06x the tiled time at q_len 1, 0.45x at 8, 0.75-0.8x at 16, 0.95x at 20 and 1.1x at
+// 24 (measured, one thread, kv_len 512).
+constexpr int64_t kDecodeMaxQueries = 16;
+// Keys per chunk: the chunk's K and V (64 x head_dim float32 each: 16 KiB at head_dim 64) stay in L1
+// from the scores to P V. A multiple of every kWidth.
+constexpr int64_t kDecodeChunk = 64;
+// Split-KV: the keys of each (batch, kv head) are split until there are kSplitTasks tasks, keeping at
+// least kMinSplitKeys keys per split. Fixed numbers rather than the thread count, so that the summation
+// order (and the result) does not depend on it; a split costs one extra (rows x head_dim) partial, about
+// 1/256 of the work of its keys, so splitting on a machine with fewer threads costs little.
+constexpr int64_t kSplitTasks = 64;
+constexpr int64_t kMinSplitKeys = 256;
+
+inline bool use_decode(const AttentionParams& p) { return p.q_len <= kDecodeMaxQueries; }
+
+// Lane `lane` of the "low halves" and "high halves" of two vectors at one level of a transposing sum:
+// each block of 2 * kHalf lanes takes kHalf lanes from x then kHalf from y (indices >= kWidth select y).
+constexpr int low_half_lane(int lane, int half) {
+  return lane % (2 * half) < half ? lane : kWidth + lane - half;
+}
+constexpr int high_half_lane(int lane, int half) {
+  return lane % (2 * half) < half ? lane + half : kWidth + lane;
+}
+
+template <int kHalf, int... kLanes>
+inline Vec add_halves(Vec x, Vec y, std::integer_sequence<int, kLanes...>) {
+  return __builtin_shufflevector(x, y, low_half_lane(kLanes, kHalf)...) +
+         __builtin_shufflevector(x, y, high_half_lane(kLanes, kHalf)...);
+}
+
+// Lane t of the result is the sum of the lanes of v[t], for t < 2 * kHalf (call with kHalf = kWidth / 2;
+// v is overwritten). Each level adds pairs (v[i], v[i + kHalf]) into one vector holding kHalf partial
+// sums of each: kWidth - 1 shuffle-add steps in all, instead of a full reduction per vector.
+template <int kHalf>
+inline Vec transpose_sum(Vec* v) {
+  for (int i = 0; i < kHalf; ++i) {
+    v[i] = add_halves<kHalf>(v[i], v[i + kHalf], std::make_integer_sequence<int, kWidth>{});
+  }
+  if constexpr (kHalf == 1) {
+    return v[0];
+  } else {
+    return transpose_sum<kHalf / 2>(v);
+  }
+}
+
+// scores[j] for j < cols (a multiple of kWidth, >= keys): q . k_j for the keys j < keys up to
+// last_visible, -inf after (q: padded_dim floats, scaled; k: rows of padded_dim valid floats, row stride
+// k_ld). Each dot product runs over head_dim in kWidth lanes, then its lanes are summed by the same
+// tree in every row and column, so a score depends on q and k_j only; the backward recomputes it so.
+inline void row_scores(const float* q, const float* k, int64_t k_ld, int64_t keys, int64_t cols, int64_t padded_dim,
+                       int64_t last_visible, float* scores) {
+  const int64_t last = last_visible < keys - 1 ? last_visible : keys - 1;
+  for (int64_t j0 = 0; j0 <= last; j0 += kWidth) {
+    Vec dots[kWidth];
+    for (int t = 0; t < kWidth; ++t) {
+      Vec dot = splat(0.0f);
+      if (j0 + t <= last) {
+        const float* row = k + (j0 + t) * k_ld;
+        for (int64_t c = 0; c < padded_dim; c += kWidth) dot += load(q + c) * load(row + c);
+      }
+      dots[t] = dot;
+    }
+    Vec block = transpose_sum<kWidth / 2>(dots);
+    if (j0 + kWidth - 1 > last) {
+      block = vselect(iota(static_cast<int32_t>(j0)) > static_cast<int32_t>(last), splat(-__builtin_inff()), block);
+    }
+    store(scores + j0, block);
+  }
+  for (int64_t j0 = last < 0 ? 0 : round_up(last + 1, kWidth); j0 < cols; j0 += kWidth) {
+    store(scores + j0, splat(-__builtin_inff()));
+  }
+}
+
+// NaN-propagating maximum.
+inline float max_or_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+struct DecodeShape {
+  int64_t group;        // query heads per kv head
+  int64_t rows;         // query rows per kv head: group * q_len, row r = (head r / q_len, query r % q_len)
+  int64_t padded_dim;   // head_dim rounded up to kWidth
+  int64_t offset;       // query i sees keys j <= i + offset
+  int64_t splits;       // key splits per (batch, kv head)
+  int64_t split_keys;   // keys per split (the last may have fewer), a multiple of kDecodeChunk
+  int64_t state_floats; // floats of one (max, sum, O) running state of `rows` rows
+};
+
+inline DecodeShape decode_shape(const AttentionParams& p) {
+  DecodeShape s;
+  s.group = p.heads / p.kv_heads;
+  s.rows = s.group * p.q_len;
+  s.padded_dim = round_up(p.head_dim, kWidth);
+  s.offset = static_cast<int64_t>(p.kv_len) - p.q_len;
+  const int64_t pairs = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int64_t wanted = pairs >= kSplitTasks ? 1 : ceil_div(kSplitTasks, pairs);
+  const int64_t most = p.kv_len / kMinSplitKeys;
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, most));
+  s.split_keys = round_up(ceil_div(p.kv_len, splits), kDecodeChunk);
+  s.splits = ceil_div(p.kv_len, s.split_keys);  // no empty split after the rounding up
+  s.state_floats = s.rows * (s.padded_dim + 2);
+  return s;
+}
+
+// A running softmax state of every query row of one (batch, kv head): row maxima, sums of exp(s - max)
+// and unnormalised outputs.
+struct DecodeState {
+  float* out;  // (rows, padded_dim)
+  float* max;  // (rows)
+  float* sum;  // (rows)
+  DecodeState(float* base, const DecodeShape& s)
+      : out(base), max(base + s.rows * s.padded_dim), sum(base + s.rows * s.padded_dim + s.rows) {}
+};
+
+// Per-thread scratch of the decode kernel.
+struct DecodeScratch {
+  float* q;       // (rows, padded_dim): the query rows * softmax_scale
+  float* k;       // (kDecodeChunk, padded_dim): a K chunk, when converted
+  float* v;       // (kDecodeChunk, padded_dim): a V chunk, when converted
+  float* scores;  // (rows, kDecodeChunk): scores, then probabilities
+  float* state;   // a DecodeState, when the task's keys are not split
+  static int64_t floats(const DecodeShape& s) {
+    return s.rows * s.padded_dim + 2 * kDecodeChunk * s.padded_dim + s.rows * kDecodeChunk + s.state_floats;
+  }
+  DecodeScratch(float* base, const DecodeShape& s)
+      : q(base),
+        k(q + s.rows * s.padded_dim),
+        v(k + kDecodeChunk * s.padded_dim),
+        scores(v + kDecodeChunk * s.padded_dim),
+        state(scores + s.rows * kDecodeChunk) {}
+};
+
+// Runs keys [k_begin, k_end) of one (batch, kv head) through the state, from its initial (empty) value.
+template <typename T>
+void decode_keys(const AttentionParams& p, const DecodeShape& s, const DecodeScratch& w, const DecodeState& state,
+                 int64_t batch, int64_t kv_head, int64_t k_begin, int64_t k_end) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    state.max[r] = -__builtin_inff();
+    state.sum[r] = 0.0f;
+    for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(state.out + r * s.padded_dim + c, splat(0.0f));
+  }
+  const T* k = head_pointer<T>(p.k, batch, kv_head);
+  const T* v = head_pointer<T>(p.v, batch, kv_head);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kDecodeChunk) {
+    const int64_t keys = k0 + kDecodeChunk <= k_end ? kDecodeChunk : k_end - k0;
+    int64_t k_ld, v_ld;
+    const float* k_rows =
+        rows_as_float(k + k0 * p.k.row_stride, p.k.row_stride, keys, p.head_dim, true, w.k, s.padded_dim, &k_ld);
+    const float* v_rows =
+        rows_as_float(v + k0 * p.v.row_stride, p.v.row_stride, keys, p.head_dim, true, w.v, s.padded_dim, &v_ld);
+    for (int64_t r = 0; r < s.rows; ++r) {
+      float* scores = w.scores + r * kDecodeChunk;
+      row_scores(w.q + r * s.padded_dim, k_rows, k_ld, keys, round_up(keys, kWidth), s.padded_dim,
+                 r % p.q_len + s.offset - k0, scores);
+      // Online softmax over the chunk. A row that has seen no visible key yet keeps max -inf and takes
+      // 0 as the reference, so that exp(-inf - reference) is 0 rather than NaN.
+      Vec chunk_max = splat(-__builtin_inff());
+      for (int64_t j = 0; j < keys; j += kWidth) chunk_max = vmax(chunk_max, load(scores + j));
+      const float new_max = max_or_nan(state.max[r], reduce_max(chunk_max));
+      const float reference = new_max == -__builtin_inff() ? 0.0f : new_max;
+      Vec chunk_sum = splat(0.0f);
+      for (int64_t j = 0; j < keys; j += kWidth) {
+        Vec prob = exp(load(scores + j) - reference);
+        store(scores + j, prob);
+        chunk_sum += prob;
+      }
+      const float rescale = std::exp(state.max[r] - reference);
+      state.sum[r] = state.sum[r] * rescale + reduce_sum(chunk_sum);
+      state.max[r] = new_max;
+      if (rescale != 1.0f) {
+        float* o = state.out + r * s.padded_dim;
+        for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(o + c, load(o + c) * rescale);
+      }
+    }
+    gemm<false>(s.rows, s.padded_dim, keys, w.scores, kDecodeChunk, v_rows, v_ld, state.out, s.padded_dim, true);
+  }
+}
+
+// Writes out = O / sum and lse = max + log(sum) for every row of one (batch, kv head).
+template <typename T>
+void store_decode_rows(const AttentionParams& p, const DecodeShape& s, const DecodeState& state, int64_t batch,
+                       int64_t kv_head) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const int64_t head = kv_head * s.group + r / p.q_len, query = r % p.q_len;
+    T* out = head_pointer_mut<T>(p.out, batch, head) + query * p.out.row_stride;
+    store_row(out, state.out + r * s.padded_dim, p.head_dim, 1.0f / state.sum[r]);
+    p.lse[(batch * p.heads + head) * p.q_len + query] = state.max[r] + std::log(state.sum[r]);
+  }
+}
+
+// Merges the splits' states of one (batch, kv head) into `merged`, in split order.
+inline void merge_splits(const DecodeShape& s, float* split_states, const DecodeState& merged) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    float max = -__builtin_inff();
+    for (int64_t split = 0; split < s.splits; ++split) {
+      max = max_or_nan(max, DecodeState(split_states + split * s.state_floats, s).max[r]);
+    }
+    float* o = merged.out + r * s.padded_dim;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(o + c, splat(0.0f));
+    for (int64_t split = 0; split < s.splits; ++split) {
+      const DecodeState part(split_states + split * s.state_floats, s);
+      // A split in which the row saw no key (max -inf, sum 0, O 0) gets weight 0.
+      const float weight = std::exp(part.max[r] - max);
+      sum += part.sum[r] * weight;
+      const float* part_out = part.out + r * s.padded_dim;
+      for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(o + c, load(o + c) + load(part_out + c) * weight);
+    }
+    merged.max[r] = max;
+    merged.sum[r] = sum;
+  }
+}
+
+template <typename T>
+void forward_decode(const AttentionParams& p) {
+  if (p.batch == 0 || p.q_len == 0) return;  // then kv_len >= q_len >= 1 below
+  const DecodeShape s = decode_shape(p);
+  const int64_t pairs = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int64_t tasks = pairs * s.splits;
+  const int threads = static_cast<int>(std::min<int64_t>(threads_for(score_work(p)), tasks));
+  ThreadScratch scratch(threads, DecodeScratch::floats(s));
+  // The splits' states, (pairs, splits, state_floats), when the keys are split.
+  std::vector<float> split_states(s.splits > 1 ? static_cast<size_t>(tasks * s.state_floats) : 0);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const DecodeScratch w(scratch.for_thread(thread_index()), s);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t pair = task / s.splits, split = task % s.splits;
+      const int64_t batch = pair / p.kv_heads, kv_head = pair % p.kv_heads;
+      for (int64_t g = 0; g < s.group; ++g) {
+        const T* q = head_pointer<T>(p.q, batch, kv_head * s.group + g);
+        pack_rows(w.q + g * p.q_len * s.padded_dim, s.padded_dim, q, p.q.row_stride, p.q_len, p.head_dim,
+                  p.softmax_scale);
+      }
+      const int64_t k_begin = split * s.split_keys;
+      const int64_t k_end = std::min<int64_t>(p.kv_len, k_begin + s.split_keys);
+      const DecodeState state(s.splits > 1 ? split_states.data() + task * s.state_floats : w.state, s);
+      decode_keys<T>(p, s, w, state, batch, kv_head, k_begin, k_end);
+      if (s.splits == 1) store_decode_rows<T>(p, s, state, batch, kv_head);
+    }
+    if (s.splits > 1) {
+#pragma omp for schedule(static)
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const DecodeState merged(w.state, s);
+        merge_splits(s, split_states.data() + pair * s.splits * s.state_floats, merged);
+        store_decode_rows<T>(p, s, merged, pair / p.kv_heads, pair % p.kv_heads);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward
 
 // delta[b, h, i] = sum_d dout[b, h, i, d] * out[b, h, i, d], in float32.
@@ -334,10 +603,20 @@ struct TilePair {
   int64_t last_visible;  // for the tile's first row, as a key column in the tile (row r: + r)
 };
 
-inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim) {
-  gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+// S is recomputed as the forward computed it, so that exp(S - lse) matches the forward to the bit even
+// where |S| is large: by the tile GEMM after the tiled forward, by row_scores after the decode forward
+// (decode_scores).
+inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim, bool decode_scores) {
+  if (decode_scores) {
+    for (int64_t r = 0; r < t.rows; ++r) {
+      row_scores(t.query.q + r * padded_dim, t.k, padded_dim, t.keys, kBlockK, padded_dim, t.last_visible + r,
+                 t.scores + r * kBlockK);
+    }
+  } else {
+    gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+  }
   gemm<false>(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK, false);
-  const bool on_diagonal = t.last_visible < kBlockK - 1;
+  const bool on_diagonal = !decode_scores && t.last_visible < kBlockK - 1;  // row_scores masked already
   for (int64_t r = 0; r < t.rows; ++r) {
     float* s = t.scores + r * kBlockK;
     float* ds = t.dscores + r * kBlockK;
@@ -371,6 +650,7 @@ inline int64_t first_query_tile(int64_t k0, int64_t offset) { return k0 - offset
 
 struct BackwardShape {
   int64_t head_dim, padded_dim, offset, group, q_tiles, k_tiles;
+  bool decode_scores;  // the forward ran the decode kernel: recompute S with row_scores
   float q_scale;   // Q is packed times softmax_scale, so dK = softmax_scale * dS^T Q needs no scale
   float dq_scale;  // dQ = softmax_scale * dS K
 };
@@ -383,6 +663,7 @@ inline BackwardShape backward_shape(const AttentionParams& p) {
   s.group = p.heads / p.kv_heads;
   s.q_tiles = ceil_div(p.q_len, kBlockQ);
   s.k_tiles = ceil_div(p.kv_len, kBlockK);
+  s.decode_scores = use_decode(p);
   s.q_scale = p.softmax_scale;
   s.dq_scale = p.softmax_scale;
   return s;
@@ -444,7 +725,7 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
             pair.rows = q0 + kBlockQ <= p.q_len ? kBlockQ : p.q_len - q0;
             pair.keys = k0 + kBlockK <= p.kv_len ? kBlockK : p.kv_len - k0;
             pair.last_visible = q0 + s.offset - k0;
-            backward_pair(pair, s.head_dim, s.padded_dim);
+            backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
           }
         }
         store_rows<T>(p.dq, batch, head, 0, dq, p.q_len, s.head_dim, s.padded_dim, s.dq_scale);
@@ -499,7 +780,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
           pack_query_side<T>(p, query_side, batch, head, q0, rows, s.padded_dim, s.q_scale);
           TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, acc0, acc1, nullptr,
                         scores, dscores, rows, keys, q0 + s.offset - k0};
-          backward_pair(pair, s.head_dim, s.padded_dim);
+          backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
         }
       }
       store_rows<T>(p.dk, batch, kv_head, k0, acc0, keys, s.head_dim, s.padded_dim, 1.0f);
@@ -525,7 +806,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
         pack_key_side<T>(p, key_side, batch, kv_head, k0, keys, kBlockK, s.padded_dim);
         TilePair pair{query_side, key_side.kt, key_side.vt, kBlockK, key_side.k, nullptr, nullptr, acc0,
                       scores, dscores, rows, keys, q0 + s.offset - k0};
-        backward_pair(pair, s.head_dim, s.padded_dim);
+        backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
       }
       store_rows<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
     }
@@ -550,9 +831,9 @@ void backward(const AttentionParams& p) {
 
 void attention_forward(const AttentionParams& p) {
   if (p.dtype == DType::kBFloat16) {
-    forward<BFloat16>(p);
+    use_decode(p) ? forward_decode<BFloat16>(p) : forward<BFloat16>(p);
   } else {
-    forward<float>(p);
+    use_decode(p) ? forward_decode<float>(p) : forward<float>(p);
   }
 }
 
