@@ -111,6 +111,50 @@ at::Tensor column_sums(const at::Tensor& partials, at::ScalarType dtype) {
   return out.to(dtype);
 }
 
+// out (M, N) = a (M, K) @ b (N, K)^T (+ bias (N), contiguous): the skinny kernel for the few rows of a
+// decode step (csrc/cpu/skinny_gemm.cpp) when a and b have unit column stride, BLAS otherwise.
+void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  const bool unit_columns = a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
+  if (!unit_columns || a.size(0) > cpu::kSkinnyGemmMaxRows || a.size(0) == 0 || a.size(1) == 0) {
+    if (bias) {
+      at::addmm_out(out, *bias, a, b.t());
+    } else {
+      at::mm_out(out, a, b.t());
+    }
+    return;
+  }
+  GemmParams p{};
+  p.dtype = kernel_dtype(out);
+  p.M = static_cast<int32_t>(a.size(0));
+  p.N = checked_int32("fastgpt::linear", "out_features", b.size(0));
+  p.K = checked_int32("fastgpt::linear", "in_features", a.size(1));
+  p.a = matrix(a);
+  p.b = matrix(b);
+  p.bias = optional_data(bias);
+  p.out = matrix(out);
+  cpu::skinny_gemm(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: a decode step's projections (qkv, attention output, logits of the last position)
+
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "fastgpt::linear";
+  check_cpu_float(op, "x", x_in);
+  check_like(op, "weight", weight_in, "x", x_in);
+  check_dim(op, "x", x_in, 2);
+  check_dim(op, "weight", weight_in, 2);
+  TORCH_CHECK(weight_in.size(1) == x_in.size(1), op, ": weight must have shape (out_features, ", x_in.size(1),
+              "), got ", weight_in.sizes());
+  check_vector(op, "bias", bias_in, weight_in.size(0), x_in);
+  const at::Tensor x = unit_inner_stride(x_in), weight = unit_inner_stride(weight_in);
+  std::optional<at::Tensor> bias;
+  if (bias_in) bias = bias_in->contiguous();
+  at::Tensor out = new_output({x.size(0), weight.size(0)}, x.options());  // (M, N)
+  linear_into(out, x, weight, bias);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Causal attention
 
@@ -242,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x, const at
   }
 
   at::Tensor h = new_output({tokens, hidden}, x.options());  // (M, Hid): x @ fc_weight^T, then + fc_bias
-  at::mm_out(h, x, fc_weight.t());
+  linear_into(h, x, fc_weight, std::nullopt);
   at::Tensor act = new_output({tokens, hidden}, x.options());  // (M, Hid): act(h)
   GemmParams fc = epilogue_params(h, activation);
   fc.bias = optional_data(fc_bias);
@@ -250,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x, const at
   cpu::gemm_epilogue(fc);
 
   at::Tensor out = new_output({tokens, out_features}, x.options());  // (M, C_out)
-  at::mm_out(out, act, proj_weight.t());
+  linear_into(out, act, proj_weight, std::nullopt);
   if (proj_bias || residual) {
     GemmParams proj = epilogue_params(out, activation);
     proj.bias = optional_data(proj_bias);
@@ -542,6 +586,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at:
           empty_like_sizes(v, v.sym_sizes(), q.scalar_type())};
 }
 
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  (void)bias;
+  return empty_like_sizes(x, {x.sym_size(0), weight.sym_size(0)}, x.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> ffn_forward_meta(const at::Tensor& x, const at::Tensor& fc_weight,
                                                     const std::optional<at::Tensor>& fc_bias,
                                                     const at::Tensor& proj_weight,
@@ -615,6 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_met
 // Operator registration
 
 TORCH_LIBRARY(fastgpt, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float softmax_scale) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale) "
@@ -640,6 +690,7 @@ TORCH_LIBRARY(fastgpt, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("linear", &fastgpt::linear_cpu);
   m.impl("attention_forward", &fastgpt::attention_forward_cpu);
   m.impl("attention_backward", &fastgpt::attention_backward_cpu);
   m.impl("ffn_forward", &fastgpt::ffn_forward_cpu);
@@ -651,6 +702,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {
+  m.impl("linear", &fastgpt::linear_meta);
   m.impl("attention_forward", &fastgpt::attention_forward_meta);
   m.impl("attention_backward", &fastgpt::attention_backward_meta);
   m.impl("ffn_forward", &fastgpt::ffn_forward_meta);

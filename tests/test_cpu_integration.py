@@ -27,6 +27,9 @@ def opcheck_cases():
     out, lse = ops.attention_forward(q, k, v, 0.25)
     x, h = torch.randn(7, 8), torch.randn(7, 12)
     return [
+        ("linear", ops.linear, (leaf(3, 8), leaf(12, 8), leaf(12))),
+        ("linear no bias bf16", ops.linear, (leaf(1, 8, dtype=torch.bfloat16), leaf(5, 8, dtype=torch.bfloat16), None)),
+        ("linear BLAS rows", ops.linear, (leaf(20, 8), leaf(6, 8), leaf(6))),
         ("attention_forward", ops.attention_forward, (q, k, v, 0.25)),
         (
             "attention_forward bf16",
@@ -218,6 +221,8 @@ def test_operator_checks_name_the_argument():
         ops.attention_forward(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), 0.3)
     with pytest.raises(RuntimeError, match="activation must be one of"):
         ops.ffn_forward(torch.randn(2, 4), torch.randn(8, 4), None, torch.randn(4, 8), None, "tanh", None)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(out_features, 4\)"):
+        ops.linear(torch.randn(2, 4), torch.randn(6, 5), None)
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
         ops.layer_norm_forward(torch.randn(2, 4, dtype=torch.float64), None, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="targets must have shape"):

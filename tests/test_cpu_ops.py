@@ -11,6 +11,8 @@ from tolerance import assert_close
 
 from fastgpt import functional, reference
 from fastgpt.activations import ACTIVATIONS
+from fastgpt.nn import Linear
+from fastgpt.ops import cpu
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -112,6 +114,48 @@ def test_ffn_nan_stays_in_its_row():
         x, torch.randn(40, 16), torch.randn(40), torch.randn(16, 40), None, backend="cpu"
     )
     assert torch.equal(out.isnan().any(dim=-1), torch.arange(9) == 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear (a decode step's projections): the skinny kernel up to 16 rows, BLAS beyond
+
+# (x shape, out_features, bias, strided x): 1 row, rows that miss the register blocking, the largest
+# kernel case, the first BLAS case, ragged N and K, an x whose rows are not contiguous.
+LINEAR_CASES = [
+    ((1, 1, 768), 2304, True, False),
+    ((3, 131), 70, False, False),
+    ((2, 8, 33), 5, True, False),
+    ((17, 64), 48, True, False),
+    ((4, 96), 37, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"x{c[0]}-out{c[1]}-bias{c[2]}-strided{c[3]}")
+def test_linear_matches_reference(case, dtype):
+    x_shape, out_features, with_bias, strided = case
+    in_features = x_shape[-1]
+    inputs = [
+        randn(*x_shape[:-1], 2 * in_features)[..., ::2] if strided else randn(*x_shape),
+        randn(out_features, in_features, scale=in_features**-0.5),
+        randn(out_features) if with_bias else None,
+    ]
+    upstream = randn(*x_shape[:-1], out_features)
+    checked = check_against_reference(cpu.linear, torch.nn.functional.linear, inputs, dtype, [upstream])
+    assert checked == 2 + with_bias
+
+
+def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch):
+    layer = Linear(32, 24, backend="cpu")
+    calls = []
+    monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
+    for rows, expected_calls in ((1, 1), (16, 2), (17, 2)):
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert len(calls) == expected_calls, f"{rows} rows"
+    layer.backend = "reference"
+    layer(torch.randn(1, 32))
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------------------------

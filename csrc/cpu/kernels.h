@@ -39,6 +39,11 @@ void attention_backward(const AttentionParams& p);
 // sees exactly what the forward produced.
 void gemm_epilogue(const GemmParams& p);
 
+// out = a @ b^T (+ p.bias) for few rows of a (p.M <= kSkinnyGemmMaxRows), a and b with unit column
+// stride: one pass over b, split over threads by rows of b. Reads a, b, bias; writes out.
+constexpr int64_t kSkinnyGemmMaxRows = 16;
+void skinny_gemm(const GemmParams& p);
+
 // out[c] = sum over r of partials[r * cols + c], rows summed in order in float64 (deterministic).
 void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out);
 

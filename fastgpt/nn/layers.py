@@ -5,9 +5,10 @@ Every module keeps its parameters in nanoGPT's layout and names, and holds a `ba
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastgpt.dispatch import check_eps, check_tensor, describe
+from fastgpt.dispatch import check_eps, check_tensor, choose_backend, describe
 from fastgpt.functional import causal_attention, fused_ffn, layer_norm
 
 
@@ -25,6 +26,34 @@ def check_module_input(module, name, x, *, features, ndim=None):
     expected = f"(batch, seq_len, {features})" if ndim == 3 else f"(..., {features})"
     if (ndim is not None and x.dim() != ndim) or x.shape[-1] != features:
         raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row calls on the `cpu` backend (a decode step's projections) run the cpu
+    kernel that streams the weight once; every other call is F.linear. The backend is the one the
+    model's fused_ffn resolves to, so `auto` uses the kernel wherever the cpu backend is built."""
+
+    # At most this many rows take the kernel: it is 1.5-4x BLAS at 1-16 rows of GPT-2 projections
+    # and no faster beyond, where BLAS' blocked GEMM reuses each weight tile across rows (measured).
+    MAX_KERNEL_ROWS = 16
+
+    def __init__(self, in_features, out_features, *, bias=True, backend="auto"):
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = backend
+
+    def forward(self, x):
+        """x: (..., in_features) -> (..., out_features)."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if 0 < rows <= self.MAX_KERNEL_ROWS and self._uses_cpu_kernels(x):
+            from fastgpt.ops import cpu
+
+            return cpu.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _uses_cpu_kernels(self, x):
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return False
+        return choose_backend("fused_ffn", self.backend, "cpu", x.dtype, ()) == "cpu"
 
 
 class LayerNorm(nn.Module):
@@ -76,8 +105,8 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
         qkv_features = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_features, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, qkv_features, bias=config.bias, backend=config.backend)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias, backend=config.backend)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = config.backend
 

@@ -9,14 +9,13 @@ import os
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
 from fastgpt.functional import linear_cross_entropy
 from fastgpt.nn import weights
 from fastgpt.nn.config import GPTConfig
 from fastgpt.nn.generation import check_generate_arguments, sample_next_token
-from fastgpt.nn.layers import Block, KVCache, LayerNorm
+from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
 
@@ -41,7 +40,7 @@ class GPT(nn.Module):
                 ),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, backend=config.backend)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -178,7 +177,7 @@ class GPT(nn.Module):
         tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
         for step in range(max_new_tokens):
             hidden = self.hidden_states(tokens, caches, position)[:, -1]  # (B, C): only the last position
-            logits = F.linear(hidden, self.lm_head.weight)  # (B, vocab)
+            logits = self.lm_head(hidden)  # (B, vocab)
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             position += tokens.shape[1]
             if eos_token_id is not None:

@@ -1,0 +1,121 @@
+// out = a @ b^T (+ bias) for a few rows of a: the GEMMs of a decode step (one token per sequence), where every
+// weight is read once to produce a handful of outputs and the time is the time to stream the weights.
+//
+// BLAS treats a 1-row GEMM as a GEMV whose (N, K) weight is read across K for each output; here each
+// thread streams a contiguous range of weight rows, the rows of a stay in L1, and every weight vector
+// loaded is multiplied into all rows of a (up to kRowsPerPass at a time) before it is dropped. That
+// reaches the machine's read bandwidth where BLAS' GEMV stops at about a third of it (measured by
+// benchmarks/gpt_targets.py --only bandwidth). Each output is one thread's dot product in a fixed
+// order, so the result does not depend on the thread count.
+#ifndef FASTGPT_ISA_PASS
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+
+#define FASTGPT_ISA_SOURCE "cpu/skinny_gemm.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace fastgpt::cpu {
+
+void skinny_gemm(const GemmParams& p) { FASTGPT_ISA_DISPATCH(skinny_gemm, p) }
+
+}  // namespace fastgpt::cpu
+
+#else  // FASTGPT_ISA_PASS: compiled once per instruction set
+
+namespace fastgpt::cpu::FASTGPT_ISA {
+
+#include "cpu/simd.h"
+
+// Weight rows multiplied together: 4 independent loads in flight per step, enough to keep the
+// prefetchers streaming four sequential rows.
+constexpr int kWeightRows = 4;
+
+// Rows of a per pass over a weight row block: kRowsPerPass x kWeightRows accumulators, plus the 4
+// weight vectors and one a vector, fit the register file (4 x 4 + 5 = 21 of AVX-512's 32; 2 x 4 + 5 =
+// 13 of the 16 of AVX2, SSE and NEON). Further rows re-read the weight block from L1.
+constexpr int kRowsPerPass = FASTGPT_SIMD_REGISTERS >= 32 ? 4 : 2;
+
+// Weight rows per task: 64 rows of a GPT-2 weight (K = 768: 192 KiB in float32) amortise the task's
+// scheduling, and a 768 x 768 projection still splits into 12 tasks for the threads.
+constexpr int64_t kWeightRowsPerTask = 64;
+
+template <typename T>
+const T* row_of(const Matrix& m, int64_t row) {
+  return static_cast<const T*>(m.data) + row * m.row_stride;
+}
+
+// out[m, n .. n + weight_rows) for m in [m_begin, m_begin + kRows): dot products over K of rows of a
+// with weight rows n .. n + weight_rows (weight_rows <= kWeightRows).
+template <typename T, int kRows>
+void dot_block(const GemmParams& p, int64_t m_begin, int64_t n, int weight_rows) {
+  Vec acc[kRows][kWeightRows];
+  for (int i = 0; i < kRows; ++i) {
+    for (int r = 0; r < kWeightRows; ++r) acc[i][r] = splat(0.0f);
+  }
+  const T* weight[kWeightRows];
+  for (int r = 0; r < kWeightRows; ++r) weight[r] = row_of<T>(p.b, n + (r < weight_rows ? r : 0));
+  const T* a[kRows];
+  for (int i = 0; i < kRows; ++i) a[i] = row_of<T>(p.a, m_begin + i);
+  const int64_t full_end = p.K - p.K % kWidth;
+  for (int64_t k = 0; k < full_end; k += kWidth) {
+    Vec w[kWeightRows];
+    for (int r = 0; r < kWeightRows; ++r) w[r] = load(weight[r] + k);
+    for (int i = 0; i < kRows; ++i) {
+      Vec x = load(a[i] + k);
+      for (int r = 0; r < kWeightRows; ++r) acc[i][r] += x * w[r];
+    }
+  }
+  if (full_end < p.K) {
+    const int64_t count = p.K - full_end;
+    Vec w[kWeightRows];
+    for (int r = 0; r < kWeightRows; ++r) w[r] = load_partial(weight[r] + full_end, count);
+    for (int i = 0; i < kRows; ++i) {
+      Vec x = load_partial(a[i] + full_end, count);
+      for (int r = 0; r < kWeightRows; ++r) acc[i][r] += x * w[r];
+    }
+  }
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i = 0; i < kRows; ++i) {
+    T* out = static_cast<T*>(p.out.data) + (m_begin + i) * p.out.row_stride;
+    for (int r = 0; r < weight_rows; ++r) {
+      out[n + r] = from_float<T>(reduce_sum(acc[i][r]) + (bias ? to_float(bias[n + r]) : 0.0f));
+    }
+  }
+}
+
+template <typename T>
+void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
+    const int weight_rows = static_cast<int>(n_end - n < kWeightRows ? n_end - n : kWeightRows);
+    int64_t m = 0;
+    for (; m + kRowsPerPass <= p.M; m += kRowsPerPass) dot_block<T, kRowsPerPass>(p, m, n, weight_rows);
+    for (; m < p.M; ++m) dot_block<T, 1>(p, m, n, weight_rows);
+  }
+}
+
+template <typename T>
+void skinny_gemm_typed(const GemmParams& p) {
+  const int64_t tasks = ceil_div(p.N, kWeightRowsPerTask);
+#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<int64_t>(p.N) * p.K))
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t begin = task * kWeightRowsPerTask;
+    const int64_t end = begin + kWeightRowsPerTask < p.N ? begin + kWeightRowsPerTask : p.N;
+    rows_block<T>(p, begin, end);
+  }
+}
+
+void skinny_gemm(const GemmParams& p) {
+  if (p.dtype == DType::kBFloat16) {
+    skinny_gemm_typed<BFloat16>(p);
+  } else {
+    skinny_gemm_typed<float>(p);
+  }
+}
+
+}  // namespace fastgpt::cpu::FASTGPT_ISA
+
+#endif  // FASTGPT_ISA_PASS

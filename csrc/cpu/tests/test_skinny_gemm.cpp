@@ -1,0 +1,64 @@
+// skinny_gemm (out = a @ b^T + bias for up to kSkinnyGemmMaxRows rows of a) against float64, for every
+// instruction set and dtype: row counts that fill and miss the register blocking, ragged N and K (the
+// vector tail), padded row strides, and with and without bias.
+#include "test_util.h"
+
+namespace fastgpt::test {
+namespace {
+
+void run_case(int64_t M, int64_t N, int64_t K, DType dtype, bool with_bias, cpu::Isa isa, std::mt19937& rng) {
+  char name[128];
+  std::snprintf(name, sizeof name, "%s %s M=%ld N=%ld K=%ld%s", cpu::isa_name(isa), dtype_name(dtype),
+                static_cast<long>(M), static_cast<long>(N), static_cast<long>(K), with_bias ? " bias" : "");
+  const int64_t lda = K + 3, ldb = K + 5, ldo = N + 7;  // padded rows: strides are honoured
+  Storage a(dtype, M * lda), b(dtype, N * ldb), bias(dtype, N), out(dtype, M * ldo);
+  a.fill_uniform(rng, -1, 1);
+  b.fill_uniform(rng, -1, 1);
+  bias.fill_uniform(rng, -1, 1);
+  GemmParams p{};
+  p.dtype = dtype;
+  p.M = static_cast<int32_t>(M);
+  p.N = static_cast<int32_t>(N);
+  p.K = static_cast<int32_t>(K);
+  p.a = Matrix{a.data(), lda, 1};
+  p.b = Matrix{b.data(), ldb, 1};
+  p.bias = with_bias ? bias.data() : nullptr;
+  p.out = Matrix{out.data(), ldo, 1};
+  cpu::skinny_gemm(p);
+  std::vector<double> expected, actual;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double sum = with_bias ? bias.value(n) : 0.0;
+      for (int64_t k = 0; k < K; ++k) sum += a.value(m * lda + k) * b.value(n * ldb + k);
+      expected.push_back(sum);
+      actual.push_back(out.get(m * ldo + n));
+    }
+  }
+  // Sums of K products of magnitude <= 1: the error grows like sqrt(K) ulps of the sum's terms.
+  expect_close(name, actual, expected, tolerance(dtype), std::sqrt(static_cast<double>(K)));
+  bool padding_untouched = true;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = N; n < ldo; ++n) padding_untouched &= std::isnan(out.get(m * ldo + n));
+  }
+  expect(padding_untouched, std::string(name) + ": wrote outside the output rows");
+}
+
+}  // namespace
+}  // namespace fastgpt::test
+
+int main() {
+  using namespace fastgpt;
+  using namespace fastgpt::test;
+  std::mt19937 rng(11);
+  for_each_isa([&](cpu::Isa isa) {
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+      for (int64_t M : {1, 2, 3, 5, 8, 16}) {
+        run_case(M, 70, 131, dtype, true, isa, rng);
+        run_case(M, 3, 16, dtype, false, isa, rng);
+      }
+      run_case(1, 1, 1, dtype, true, isa, rng);
+      run_case(4, 300, 768, dtype, true, isa, rng);  // several tasks of weight rows
+    }
+  });
+  return report("test_skinny_gemm");
+}
