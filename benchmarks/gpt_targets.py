@@ -16,9 +16,10 @@ processes hits both alike, and the median of each is reported with the ratio of 
   second) and of a 256 MiB read (a sum), the bandwidth the model's weight GEMVs reach alone (F.linear
   over every Linear weight and the lm_head, batch 1, in the model's order, so they stream from DRAM;
   and the same products with each weight stored transposed, (in, out), the layout of transformers'
-  GPT-2 Conv1D, for which BLAS runs a different GEMV), and the weight bandwidth each provider reaches
-  end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1
-  tokens per second for any fp32 implementation on the same threads.
+  GPT-2 Conv1D, for which BLAS runs a different GEMV; and through fastgpt's cpu kernel, which
+  fastgpt.nn.Linear uses for up to 16 rows), and the weight bandwidth each provider reaches
+  end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so
+  the read rate over the weight bytes bounds batch-1 tokens per second for any fp32 implementation on the same threads.
 
 Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
 op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, else `reference`.
@@ -135,24 +136,25 @@ def weight_bytes_per_token(gpt):
     return total - gpt.transformer.wpe.weight.numel() * gpt.transformer.wpe.weight.element_size()
 
 
-def weight_gemvs(gpt, transposed=False):
+def weight_gemvs(gpt, transposed=False, linear=F.linear):
     """The batch-1 decode step's weight GEMVs alone, in the model's order: (run, bytes of weights).
-    With transposed, on (in, out) copies of the weights (x @ W^T as x @ (W^T stored contiguously))."""
+    With transposed, on (in, out) copies of the weights (x @ W^T as x @ (W^T stored contiguously)).
+    `linear` computes each product: BLAS (F.linear) or fastgpt's cpu kernel."""
     channels = gpt.config.n_embd
     x, hidden = torch.randn(1, channels), torch.randn(1, gpt.config.n_inner)
     layers = []
     for block in gpt.transformer.h:
-        for linear, inputs in (
+        for module, inputs in (
             (block.attn.c_attn, x), (block.attn.c_proj, x), (block.mlp.c_fc, x), (block.mlp.c_proj, hidden)
         ):  # fmt: skip
-            layers.append((inputs, linear.weight, linear.bias))
+            layers.append((inputs, module.weight, module.bias))
     layers.append((x, gpt.lm_head.weight, None))
     if transposed:
         layers = [(inputs, weight.t().contiguous().t(), bias) for inputs, weight, bias in layers]
 
     def run():
         for inputs, weight, bias in layers:
-            F.linear(inputs, weight, bias)
+            linear(inputs, weight, bias)
 
     return run, sum(weight.numel() * weight.element_size() for _, weight, _ in layers)
 
@@ -166,9 +168,13 @@ def bench_bandwidth(gpt, generation, rounds):
     providers = {
         "copy": lambda: target.copy_(source), "read": source.sum, "gemvs": gemvs, "transposed": transposed_gemvs
     }  # fmt: skip
+    if "cpu" in dispatch.available_backends():
+        from fastgpt.ops import cpu
+
+        providers["fastgpt"], _ = weight_gemvs(gpt, linear=cpu.linear)
     with torch.inference_mode():
-        gemvs()
-        transposed_gemvs()
+        for run in providers.values():
+            run()
         times = interleaved(providers, rounds)
     source_bytes = source.numel() * source.element_size()
     copy_rate = 2 * source_bytes / statistics.median(times["copy"]) / 1e9
@@ -182,12 +188,14 @@ def bench_bandwidth(gpt, generation, rounds):
         "read_GBps": read_rate,
         "gemv_GBps": gemv_rate,
         "gemv_in_out_layout_GBps": transposed_rate,
+        "fastgpt_kernel_GBps": gemv_bytes / statistics.median(times["fastgpt"]) / 1e9 if "fastgpt" in times else None,
         "weight_bytes_per_token": per_token,
         "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
     }
     print(
         f"bandwidth: copy {copy_rate:.1f} GB/s (read + write), read {read_rate:.1f} GB/s, weight GEMVs alone "
-        f"{gemv_rate:.1f} GB/s ((in, out) layout: {transposed_rate:.1f} GB/s); {per_token / 1e6:.0f} MB of "
+        f"{gemv_rate:.1f} GB/s ((in, out) layout: {transposed_rate:.1f} GB/s; fastgpt's cpu kernel: "
+        f"{result['fastgpt_kernel_GBps'] or float('nan'):.1f} GB/s); {per_token / 1e6:.0f} MB of "
         "weights per token -> at most "
         f"{result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the read rate"
     )
