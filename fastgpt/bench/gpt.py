@@ -57,6 +57,9 @@ TINY = _cases(TINY_MODEL, batch=2, seq=32, gen_batch=2, prompt=8, new_tokens=8)
 MODES = ("train", "generate")
 ERROR_ROWS = 2  # generated sequences compared with float64 greedy decoding
 GENERATION_ROUNDS = 3  # each round is a whole generate call per provider: seconds, not milliseconds
+# CPU rounds of generate calls last this many times the sweep's round: the quick sweep's calls take
+# ~25 ms, and its 50 ms rounds held two calls, whose median moved the speedups by up to 50% run to run.
+GENERATION_ROUND_FACTOR = 10
 LEARNING_RATE = 1e-5  # small, so the timed steps leave the weights near where the errors were measured
 
 
@@ -280,7 +283,8 @@ class GPTBench:
         calls = _calls(providers, shape, tokens, device)
         if mode == "generate":
             plan = dataclasses.replace(plan, rounds=min(plan.rounds, GENERATION_ROUNDS),
-                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0)
+                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0,
+                                       cpu_round_s=plan.cpu_round_s * GENERATION_ROUND_FACTOR)
         work = self.work(shape, dtype, mode)
         skipped = [{**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip]
         kinds = {p.name: p.kind for p in providers}

@@ -103,12 +103,18 @@ def timed_first_call(fn, device):
     return time.perf_counter() - start, result
 
 
+# Calls timed per round when one call outlasts the round: with a single call, five rounds gave five
+# samples, and baselines that allocate tens of MiB per call (F.cross_entropy on 50257-wide logits,
+# IQR ~30% of the median) moved the quick sweep's speedups by up to 25% run to run.
+LONG_CALLS_PER_ROUND = 2
+
+
 def _cpu_round(fn, round_s, call_s):
-    """Per-call times of one CPU round: blocked_autorange, or, for a call longer than the round, one
-    timeit(1) (blocked_autorange would spend a second call estimating the block size)."""
+    """Per-call times of one CPU round: blocked_autorange, or, for a call longer than the round,
+    LONG_CALLS_PER_ROUND timeit(1) calls (blocked_autorange would spend a call estimating the block size)."""
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     if call_s >= round_s:
-        return list(timer.timeit(number=1).times)
+        return [timer.timeit(number=1).times[0] for _ in range(LONG_CALLS_PER_ROUND)]
     return list(timer.blocked_autorange(min_run_time=round_s).times)
 
 
