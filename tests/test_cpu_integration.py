@@ -28,7 +28,11 @@ def opcheck_cases():
     x, h = torch.randn(7, 8), torch.randn(7, 12)
     return [
         ("linear", ops.linear, (leaf(3, 8), leaf(12, 8), leaf(12))),
-        ("linear no bias bf16", ops.linear, (leaf(1, 8, dtype=torch.bfloat16), leaf(5, 8, dtype=torch.bfloat16), None)),
+        (
+            "linear no bias bf16",
+            ops.linear,
+            (leaf(1, 8, dtype=torch.bfloat16), leaf(5, 8, dtype=torch.bfloat16), None),
+        ),
         ("linear BLAS rows", ops.linear, (leaf(20, 8), leaf(6, 8), leaf(6))),
         ("attention_forward", ops.attention_forward, (q, k, v, 0.25)),
         (

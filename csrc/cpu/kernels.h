@@ -40,7 +40,8 @@ void attention_backward(const AttentionParams& p);
 void gemm_epilogue(const GemmParams& p);
 
 // out = a @ b^T (+ p.bias) for few rows of a (p.M <= kSkinnyGemmMaxRows), a and b with unit column
-// stride: one pass over b, split over threads by rows of b. Reads a, b, bias; writes out.
+// stride: one pass over b, split over threads by rows of b. Reads a, b, bias; writes out. Up to 16
+// rows it beats BLAS on every GPT-2 projection (benchmarks/cpu_linear.py); at 32 the two are even.
 constexpr int64_t kSkinnyGemmMaxRows = 16;
 void skinny_gemm(const GemmParams& p);
 

@@ -1,12 +1,15 @@
-// out = a @ b^T (+ bias) for a few rows of a: the GEMMs of a decode step (one token per sequence), where every
-// weight is read once to produce a handful of outputs and the time is the time to stream the weights.
+// out = a @ b^T (+ bias) for a few rows of a: the GEMMs of a decode step (one token per sequence),
+// where every weight is read once to produce a handful of outputs, so the time is the time to stream
+// the weights.
 //
-// BLAS treats a 1-row GEMM as a GEMV whose (N, K) weight is read across K for each output; here each
-// thread streams a contiguous range of weight rows, the rows of a stay in L1, and every weight vector
-// loaded is multiplied into all rows of a (up to kRowsPerPass at a time) before it is dropped. On 2
-// cores, one row through all GPT-2 small weights (495 MB) reads 26-30 GB/s, against 14 GB/s for BLAS
-// and ~30 GB/s for a plain sum over the same bytes; with 2-16 rows it is 1.5-4x BLAS. Each output is one thread's dot product in a fixed
-// order, so the result does not depend on the thread count.
+// Each thread streams a contiguous range of weight rows, the rows of a stay in L1, and every weight
+// vector loaded is multiplied into all rows of a (up to kRowsPerPass at a time) before it is dropped.
+// Measured on 2 cores: one row through all GPT-2 small weights (495 MB, from DRAM) reads 26-30 GB/s,
+// against 14 GB/s for BLAS (torch's F.linear) and ~30 GB/s for a plain sum over the same bytes; one
+// projection at a time (benchmarks/cpu_linear.py) it is 1.4-2.1x BLAS at 1 row, 1.6-3.9x at 2-8 rows,
+// 1.25-2.5x at 16.
+// Each output is one thread's dot product in a fixed order, so the result does not depend on the
+// thread count.
 #ifndef FASTGPT_ISA_PASS
 
 #include <cstdint>

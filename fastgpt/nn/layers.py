@@ -33,7 +33,7 @@ class Linear(nn.Linear):
     kernel that streams the weight once; every other call is F.linear. The backend is the one the
     model's fused_ffn resolves to, so `auto` uses the kernel wherever the cpu backend is built."""
 
-    # At most this many rows take the kernel: it is 1.5-4x BLAS at 1-16 rows of GPT-2 projections
+    # At most this many rows take the kernel: it is 1.25-3.9x BLAS at 1-16 rows of GPT-2 projections
     # and no faster beyond, where BLAS' blocked GEMM reuses each weight tile across rows (measured).
     MAX_KERNEL_ROWS = 16
 

@@ -14,8 +14,8 @@ and exposes the four ops with the signatures dispatch.py calls:
   pass for 'mean' and 'sum'.
 
 It also exposes `linear`, which fastgpt.nn.Linear uses for the projections of a decode step: up to
-16 rows go through a kernel that streams the weight once (2-4x BLAS at 1-8 rows on 2 cores), more
-rows through BLAS.
+16 rows go through a kernel that streams the weight once (1.4-3.9x BLAS at 1-8 rows of GPT-2
+projections on 2 cores, benchmarks/cpu_linear.py), more rows through BLAS.
 
 Supported dtypes are float32 and bfloat16 (float32 accumulation). Importing this module raises
 ImportError, with the reason, when fastgpt._C was not built.
