@@ -112,10 +112,13 @@ at::Tensor column_sums(const at::Tensor& partials, at::ScalarType dtype) {
 }
 
 // out (M, N) = a (M, K) @ b (N, K)^T (+ bias (N), contiguous): the skinny kernel for the few rows of a
-// decode step (csrc/cpu/skinny_gemm.cpp) when a and b have unit column stride, BLAS otherwise.
+// decode step (csrc/cpu/skinny_gemm.cpp) when a and out have unit column stride and b is stored (N, K)
+// or (K, N) (unit column or row stride; up to fewer rows), BLAS otherwise.
 void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
-  const bool unit_columns = a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
-  if (!unit_columns || a.size(0) > cpu::kSkinnyGemmMaxRows || a.size(0) == 0 || a.size(1) == 0) {
+  const bool rows_contiguous = b.stride(1) == 1;
+  const bool supported_layout = a.stride(1) == 1 && out.stride(1) == 1 && (rows_contiguous || b.stride(0) == 1);
+  const int64_t max_rows = rows_contiguous ? cpu::kSkinnyGemmMaxRows : cpu::kSkinnyGemmMaxRowsTransposed;
+  if (!supported_layout || a.size(0) > max_rows || a.size(0) == 0 || a.size(1) == 0) {
     if (bias) {
       at::addmm_out(out, *bias, a, b.t());
     } else {
@@ -129,7 +132,7 @@ void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
   p.N = checked_int32("fastgpt::linear", "out_features", b.size(0));
   p.K = checked_int32("fastgpt::linear", "in_features", a.size(1));
   p.a = matrix(a);
-  p.b = matrix(b);
+  p.b = Matrix{b.data_ptr(), b.stride(0), b.stride(1)};
   p.bias = optional_data(bias);
   p.out = matrix(out);
   cpu::skinny_gemm(p);
@@ -147,7 +150,9 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const
   TORCH_CHECK(weight_in.size(1) == x_in.size(1), op, ": weight must have shape (out_features, ", x_in.size(1),
               "), got ", weight_in.sizes());
   check_vector(op, "bias", bias_in, weight_in.size(0), x_in);
-  const at::Tensor x = unit_inner_stride(x_in), weight = unit_inner_stride(weight_in);
+  // The weight is read in place whatever its strides (linear_into falls back to BLAS for layouts the
+  // skinny kernel does not read): copying it would cost more than the product.
+  const at::Tensor x = unit_inner_stride(x_in), &weight = weight_in;
   std::optional<at::Tensor> bias;
   if (bias_in) bias = bias_in->contiguous();
   at::Tensor out = new_output({x.size(0), weight.size(0)}, x.options());  // (M, N)

@@ -119,25 +119,37 @@ def test_ffn_nan_stays_in_its_row():
 # ----------------------------------------------------------------------------------------------
 # Linear (a decode step's projections): the skinny kernel up to 16 rows, BLAS beyond
 
-# (x shape, out_features, bias, strided x): 1 row, rows that miss the register blocking, the largest
-# kernel case, the first BLAS case, ragged N and K, an x whose rows are not contiguous.
+# (x shape, out_features, bias, strided x, weight stored (in, out)): 1 row, rows that miss the register
+# blocking, the largest kernel cases, the first BLAS cases, ragged N and K, an x whose rows are not
+# contiguous, and weights given as the transposed view of an (in, out) tensor (transformers' Conv1D).
 LINEAR_CASES = [
-    ((1, 1, 768), 2304, True, False),
-    ((3, 131), 70, False, False),
-    ((2, 8, 33), 5, True, False),
-    ((17, 64), 48, True, False),
-    ((4, 96), 37, True, True),
+    ((1, 1, 768), 2304, True, False, False),
+    ((3, 131), 70, False, False, False),
+    ((2, 8, 33), 5, True, False, False),
+    ((17, 64), 48, True, False, False),
+    ((4, 96), 37, True, True, False),
+    ((1, 768), 300, True, False, True),
+    ((3, 131), 70, False, False, True),
+    ((4, 40), 129, True, False, True),
+    ((5, 40), 33, True, False, True),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"x{c[0]}-out{c[1]}-bias{c[2]}-strided{c[3]}")
+@pytest.mark.parametrize(
+    "case", LINEAR_CASES, ids=lambda c: f"x{c[0]}-out{c[1]}-bias{c[2]}-strided{c[3]}-in_out{c[4]}"
+)
 def test_linear_matches_reference(case, dtype):
-    x_shape, out_features, with_bias, strided = case
+    x_shape, out_features, with_bias, strided, in_out_weight = case
     in_features = x_shape[-1]
+    weight = (
+        randn(in_features, out_features, scale=in_features**-0.5).t()
+        if in_out_weight
+        else randn(out_features, in_features, scale=in_features**-0.5)
+    )
     inputs = [
         randn(*x_shape[:-1], 2 * in_features)[..., ::2] if strided else randn(*x_shape),
-        randn(out_features, in_features, scale=in_features**-0.5),
+        weight,
         randn(out_features) if with_bias else None,
     ]
     upstream = randn(*x_shape[:-1], out_features)

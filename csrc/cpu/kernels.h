@@ -39,10 +39,14 @@ void attention_backward(const AttentionParams& p);
 // sees exactly what the forward produced.
 void gemm_epilogue(const GemmParams& p);
 
-// out = a @ b^T (+ p.bias) for few rows of a (p.M <= kSkinnyGemmMaxRows), a and b with unit column
-// stride: one pass over b, split over threads by rows of b. Reads a, b, bias; writes out. Up to 16
+// out = a @ b^T (+ p.bias) for few rows of a (p.M <= kSkinnyGemmMaxRows), a with unit column stride,
+// b with unit column stride ((N, K) rows) or unit row stride (a transposed (K, N) weight): one pass over
+// b, split over threads by rows or by column blocks of b. Reads a, b, bias; writes out. Up to 16
 // rows it beats BLAS on every GPT-2 projection (benchmarks/cpu_linear.py); at 32 the two are even.
+// With b stored (K, N) each further group of rows re-reads the weight's column tiles from L2: 1.6-2.5x
+// BLAS at 1-4 rows, even at 8, 0.7-0.8x at 16 (measured), so that layout takes the kernel up to 4 rows.
 constexpr int64_t kSkinnyGemmMaxRows = 16;
+constexpr int64_t kSkinnyGemmMaxRowsTransposed = 4;
 void skinny_gemm(const GemmParams& p);
 
 // out[c] = sum over r of partials[r * cols + c], rows summed in order in float64 (deterministic).

@@ -50,6 +50,12 @@ constexpr int kRowsPerPass = FASTGPT_SIMD_REGISTERS >= 32 ? 4 : 2;
 // scheduling, and a 768 x 768 projection still splits into 12 tasks for the threads.
 constexpr int64_t kWeightRowsPerTask = 64;
 
+// With the weight stored (K, N): vectors of output columns per register tile (kRowsPerPass x 4
+// accumulators, as for kWeightRows), and columns per task: 128 (512 B of each weight row in float32)
+// splits a 768-wide output into 6 tasks for the threads.
+constexpr int kColumnVecs = 4;
+constexpr int64_t kColumnsPerTask = 128;
+
 template <typename T>
 const T* row_of(const Matrix& m, int64_t row) {
   return static_cast<const T*>(m.data) + row * m.row_stride;
@@ -114,14 +120,78 @@ void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Weights stored (K, N), b[n, k] at k * col_stride + n (the transposed view of an (in, out) weight such
+// as transformers' Conv1D): out[m, c .. c + columns) for m in [m_begin, m_begin + kRows), with
+// columns <= kColumnVecs * kWidth, streams that column segment of every weight row and adds a[m, k] x
+// segment into accumulators held in registers.
+template <typename T, int kRows>
+void column_tile(const GemmParams& p, int64_t m_begin, int64_t c, int64_t columns) {
+  Vec acc[kRows][kColumnVecs];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kColumnVecs; ++v) acc[i][v] = splat(0.0f);
+  }
+  const T* a[kRows];
+  for (int i = 0; i < kRows; ++i) a[i] = row_of<T>(p.a, m_begin + i);
+  const T* weight = static_cast<const T*>(p.b.data) + c;
+  const bool full = columns == kColumnVecs * kWidth;
+  for (int64_t k = 0; k < p.K; ++k) {
+    const T* segment = weight + k * p.b.col_stride;
+    const int64_t ahead = k + kPrefetchRows < p.K ? k + kPrefetchRows : k;
+    for (int64_t offset = 0; offset < columns; offset += 64 / static_cast<int64_t>(sizeof(T))) {
+      __builtin_prefetch(weight + ahead * p.b.col_stride + offset);
+    }
+    Vec w[kColumnVecs];
+    for (int v = 0; v < kColumnVecs; ++v) {
+      const int64_t left = columns - v * kWidth;
+      w[v] = full || left >= kWidth ? load(segment + v * kWidth)
+                                    : (left > 0 ? load_partial(segment + v * kWidth, left) : splat(0.0f));
+    }
+    for (int i = 0; i < kRows; ++i) {
+      const Vec x = splat(to_float(a[i][k]));
+      for (int v = 0; v < kColumnVecs; ++v) acc[i][v] += x * w[v];
+    }
+  }
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i = 0; i < kRows; ++i) {
+    T* out = static_cast<T*>(p.out.data) + (m_begin + i) * p.out.row_stride + c;
+    for (int v = 0; v < kColumnVecs; ++v) {
+      const int64_t left = columns - v * kWidth;
+      if (left <= 0) break;
+      Vec value = acc[i][v];
+      if (bias) value += left >= kWidth ? load(bias + c + v * kWidth) : load_partial(bias + c + v * kWidth, left);
+      if (left >= kWidth) {
+        store(out + v * kWidth, value);
+      } else {
+        store_partial(out + v * kWidth, value, left);
+      }
+    }
+  }
+}
+
+template <typename T>
+void columns_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t c = n_begin; c < n_end; c += kColumnVecs * kWidth) {
+    const int64_t columns = n_end - c < kColumnVecs * kWidth ? n_end - c : kColumnVecs * kWidth;
+    int64_t m = 0;
+    for (; m + kRowsPerPass <= p.M; m += kRowsPerPass) column_tile<T, kRowsPerPass>(p, m, c, columns);
+    for (; m < p.M; ++m) column_tile<T, 1>(p, m, c, columns);
+  }
+}
+
 template <typename T>
 void skinny_gemm_typed(const GemmParams& p) {
-  const int64_t tasks = ceil_div(p.N, kWeightRowsPerTask);
+  const bool rows_contiguous = p.b.col_stride == 1;
+  const int64_t per_task = rows_contiguous ? kWeightRowsPerTask : kColumnsPerTask;
+  const int64_t tasks = ceil_div(p.N, per_task);
 #pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<int64_t>(p.N) * p.K))
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t begin = task * kWeightRowsPerTask;
-    const int64_t end = begin + kWeightRowsPerTask < p.N ? begin + kWeightRowsPerTask : p.N;
-    rows_block<T>(p, begin, end);
+    const int64_t begin = task * per_task;
+    const int64_t end = begin + per_task < p.N ? begin + per_task : p.N;
+    if (rows_contiguous) {
+      rows_block<T>(p, begin, end);
+    } else {
+      columns_block<T>(p, begin, end);
+    }
   }
 }
 
