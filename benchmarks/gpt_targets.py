@@ -7,8 +7,8 @@ Both models have GPT-2 small's shape and the same random weights (GPT.from_hf of
 model). The providers are timed in interleaved rounds (A, B, A, B, ...), so that load from other
 processes hits both alike, and the median of each is reported with the ratio of the medians.
 
-- generation: greedy decoding, GPT.generate(temperature=0) against
-  GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
+- generation: greedy decoding, GPT.generate(temperature=0) and a fastgpt.patch-ed transformers model
+  against GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
 - training: one step of forward (loss) + backward + AdamW (the same optimizer settings for both),
   tokens per second;
 - bandwidth: what bounds decoding at batch 1, where every token reads all the weights once (the
@@ -44,6 +44,7 @@ from fastgpt.nn import GPT
 # the growing KV cache (transformers re-concatenates it each step) weighs more.
 GENERATION_CASES = ((1, 32, 64), (8, 128, 64), (8, 128, 256))
 TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
+BASELINE = "transformers sdpa"  # the provider every speedup is relative to
 TARGETS = {"generation": 2.0, "training": 1.2}
 
 
@@ -80,18 +81,21 @@ def interleaved(providers, rounds):
 def report(kind, case, work, times):
     medians = {name: statistics.median(values) for name, values in times.items()}
     rates = {name: work / seconds for name, seconds in medians.items()}
-    speedup = rates["fastgpt GPT"] / rates["transformers sdpa"]
+    speedups = {name: rate / rates[BASELINE] for name, rate in rates.items() if name != BASELINE}
     print(
         f"{kind} {case}: "
         + ", ".join(f"{name} {rate:,.1f} tok/s" for name, rate in rates.items())
-        + f" -> {speedup:.2f}x (target {TARGETS[kind]}x)"
+        + " -> "
+        + ", ".join(f"{name} {speedup:.2f}x" for name, speedup in speedups.items())
+        + f" (target {TARGETS[kind]}x for fastgpt GPT)"
     )
     return {
         "kind": kind,
         "case": case,
         "tokens_per_s": rates,
         "median_s": medians,
-        "speedup": speedup,
+        "speedup": speedups["fastgpt GPT"],
+        "speedups": speedups,
         "target": TARGETS[kind],
     }
 
@@ -114,15 +118,17 @@ def generate_gpt(gpt, prompt, new_tokens):
 
 def bench_generation(hf, gpt, rounds):
     results = []
+    patched = fastgpt.patch(copy.deepcopy(hf))
     for batch, prompt_len, new_tokens in GENERATION_CASES:
         prompt = torch.randint(0, hf.config.vocab_size, (batch, prompt_len))
         providers = {
             "fastgpt GPT": functools.partial(generate_gpt, gpt, prompt, new_tokens),
-            "transformers sdpa": functools.partial(generate_hf, hf, prompt, new_tokens),
+            "transformers + fastgpt.patch": functools.partial(generate_hf, patched, prompt, new_tokens),
+            BASELINE: functools.partial(generate_hf, hf, prompt, new_tokens),
         }
         with torch.inference_mode():
             tokens = [run() for run in providers.values()]
-            assert torch.equal(*tokens), "greedy tokens differ between the two models"
+            assert all(torch.equal(tokens[0], other) for other in tokens[1:]), "greedy tokens differ between models"
             times = interleaved(providers, rounds)
         case = {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
         results.append(report("generation", case, batch * new_tokens, times))
@@ -231,7 +237,7 @@ def bench_training(hf, gpt, rounds):
             "fastgpt GPT": functools.partial(
                 train_step, gpt, gpt_optimizer, lambda m, x=inputs, y=targets: m(x, y)
             ),
-            "transformers sdpa": functools.partial(
+            BASELINE: functools.partial(
                 train_step, hf, hf_optimizer, lambda m, x=inputs: m(x, labels=x).loss
             ),
         }

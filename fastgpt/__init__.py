@@ -6,12 +6,14 @@ from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear_c
 __version__ = "0.1.0"
 
 
-def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
+def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, backend="auto"):
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place; see fastgpt.integrations.transformers.
     transformers is imported on the first call, so `import fastgpt` works without it."""
     from fastgpt.integrations.transformers import patch as patch_transformers
 
-    return patch_transformers(model, attention=attention, mlp=mlp, layer_norm=layer_norm, backend=backend)
+    return patch_transformers(
+        model, attention=attention, mlp=mlp, layer_norm=layer_norm, projections=projections, backend=backend
+    )
 
 
 __all__ = [

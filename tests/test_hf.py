@@ -139,18 +139,40 @@ def test_patch_keeps_parameters_and_checkpoints(tmp_path):
     torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm"])
+@pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm", "projections"])
 def test_each_part_patches_alone(part, attention_calls):
     hf = random_gpt2()
-    flags = {"attention": False, "mlp": False, "layer_norm": False} | {part: True}
+    flags = {"attention": False, "mlp": False, "layer_norm": False, "projections": False} | {part: True}
     patched = fastgpt.patch(copy.deepcopy(hf), **flags)
     mlp = patched.transformer.h[0].mlp
     assert ("forward" in vars(mlp)) == (part == "mlp")
     assert ("forward" in vars(patched.transformer.ln_f)) == (part == "layer_norm")
+    assert ("forward" in vars(patched.transformer.h[0].attn.c_attn)) == (part == "projections")
+    assert ("forward" in vars(patched.lm_head)) == (part == "projections")
     assert (patched.config._attn_implementation == "fastgpt") == (part == "attention")
     idx = torch.randint(0, VOCAB, (2, 12))
     torch.testing.assert_close(patched(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
     assert attention_calls["fastgpt"] == (2 if part == "attention" else 0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patched_projections_run_decode_rows_on_the_cpu_kernel(batch, monkeypatch):
+    """A decode-sized call (<= 16 rows) of the patched attention projections and LM head runs the cpu
+    linear kernel, Conv1D weights included (1 row: the (in, out) kernel; 3: still within its 4 rows),
+    and matches the float64 model within the float32 model's error."""
+    cpu = pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf), attention=False, mlp=False, layer_norm=False, backend="cpu")
+    calls = []
+    kernel = cpu.linear
+    monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or kernel(*args))
+    idx = torch.randint(0, VOCAB, (batch, 1))
+    with torch.no_grad():
+        logits = patched(idx).logits
+        reference = copy.deepcopy(hf).double()(idx).logits
+        eager = hf(idx).logits
+    assert_close("logits", logits, reference, eager)
+    assert len(calls) == 2 * 2 + 1  # c_attn and c_proj of both layers, the LM head
 
 
 def test_patch_other_heads_and_activations():

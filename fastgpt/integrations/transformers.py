@@ -23,6 +23,10 @@ function with its mask, so a mask is never dropped.
   fused_ffn backends read in place, so nothing is copied per call and gradients land in the
   Conv1D parameters. The MLP's dropout is applied to the fused output, exactly where HF applies it.
 - layer_norm: every nn.LayerNorm over the last dimension runs fastgpt.layer_norm.
+- projections: the attention's Conv1D projections (c_attn, c_proj; q_attn too) and the LM head run the
+  few rows of a decode step (<= 16) on fastgpt's cpu linear kernel, which streams each weight once
+  (Conv1D's (in, out) weight read in place through its transposed view), where the cpu backend is
+  chosen; every other call keeps the original forward.
 Only `forward` attributes of the module instances change; parameters stay the same objects, so
 optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
 LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
@@ -37,6 +41,7 @@ from torch import nn
 
 from fastgpt.dispatch import BACKENDS
 from fastgpt.functional import causal_attention, fused_ffn, layer_norm
+from fastgpt.nn.layers import takes_cpu_linear_kernel
 from fastgpt.nn.weights import HF_ACTIVATIONS
 
 ATTENTION_NAME = "fastgpt"
@@ -137,6 +142,17 @@ def _mlp_forward(self, hidden_states):
     return self.dropout(out)
 
 
+def _projection_forward(self, x):
+    """Conv1D.forward / nn.Linear.forward with the few rows of a decode step on fastgpt's cpu linear
+    kernel; any other call (training batches, autocast, other devices) runs the original forward."""
+    weight = self.weight.t() if self.fastgpt_weight_is_in_out else self.weight  # (out, in), a view
+    if torch.is_autocast_enabled(x.device.type) or not takes_cpu_linear_kernel(x, weight, self.fastgpt_backend):
+        return type(self).forward(self, x)
+    from fastgpt.ops import cpu
+
+    return cpu.linear(x, weight, self.bias)
+
+
 def _layer_norm_forward(self, x):
     """nn.LayerNorm.forward over the last dimension on fastgpt.layer_norm."""
     if torch.is_autocast_enabled(x.device.type):
@@ -148,6 +164,12 @@ def _gpt2_classes():
     from transformers.models.gpt2 import modeling_gpt2
 
     return modeling_gpt2.GPT2PreTrainedModel, modeling_gpt2.GPT2Attention, modeling_gpt2.GPT2MLP
+
+
+def _conv1d_class():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
 
 
 def _set_attention_implementation(model, name):
@@ -189,6 +211,25 @@ def _patch_mlp(model, mlp_class, backend):
             module.forward = types.MethodType(_mlp_forward, module)
 
 
+def _patch_projections(model, attention_class, backend):
+    """The attention modules' Conv1D projections and an LM head (nn.Linear named lm_head)."""
+    conv1d = _conv1d_class()
+    projections = [
+        projection
+        for module in model.modules()
+        if isinstance(module, attention_class)
+        for projection in module.children()
+        if isinstance(projection, conv1d)
+    ]
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, nn.Linear):
+        projections.append(lm_head)
+    for projection in projections:
+        projection.fastgpt_backend = backend
+        projection.fastgpt_weight_is_in_out = isinstance(projection, conv1d)
+        projection.forward = types.MethodType(_projection_forward, projection)
+
+
 def _patch_layer_norms(model, backend):
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
@@ -196,11 +237,12 @@ def _patch_layer_norms(model, backend):
             module.forward = types.MethodType(_layer_norm_forward, module)
 
 
-def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
+def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, backend="auto"):
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place, and returns it.
 
     model: GPT2Model, GPT2LMHeadModel or another GPT-2 head (any GPT2PreTrainedModel).
-    attention / mlp / layer_norm: which parts to patch. backend: the fastgpt backend for all of them.
+    attention / mlp / layer_norm / projections: which parts to patch. backend: the fastgpt backend for
+    all of them.
     Calling patch again changes the backend. See the module docstring for what each part does.
     """
     pretrained_class, attention_class, mlp_class = _gpt2_classes()
@@ -210,7 +252,8 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
         )
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    for name, flag in (("attention", attention), ("mlp", mlp), ("layer_norm", layer_norm)):
+    flags = (("attention", attention), ("mlp", mlp), ("layer_norm", layer_norm), ("projections", projections))
+    for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"fastgpt.patch: {name} must be a bool (True or False), got {flag!r}")
     if attention:
@@ -219,4 +262,6 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, backend="auto"):
         _patch_mlp(model, mlp_class, backend)
     if layer_norm:
         _patch_layer_norms(model, backend)
+    if projections:
+        _patch_projections(model, attention_class, backend)
     return model

@@ -28,14 +28,25 @@ def check_module_input(module, name, x, *, features, ndim=None):
         raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
 
 
+# At most this many rows take the cpu linear kernel: it is 1.25-3.9x BLAS at 1-16 rows of GPT-2
+# projections and no faster beyond, where BLAS' blocked GEMM reuses each weight tile across rows
+# (benchmarks/cpu_linear.py). The kernel itself sends weights stored (in, out) to BLAS above 4 rows.
+MAX_KERNEL_ROWS = 16
+
+
+def takes_cpu_linear_kernel(x, weight, backend):
+    """Whether x (..., in) times weight runs fastgpt's cpu linear kernel: the few rows of a decode step,
+    on CPU, in weight's dtype, where the model's fused_ffn resolves to the cpu backend (so `auto` uses
+    the kernel wherever the cpu backend is built)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= MAX_KERNEL_ROWS or x.device.type != "cpu" or x.dtype != weight.dtype:
+        return False
+    return choose_backend("fused_ffn", backend, "cpu", x.dtype, ()) == "cpu"
+
+
 class Linear(nn.Linear):
     """nn.Linear whose few-row calls on the `cpu` backend (a decode step's projections) run the cpu
-    kernel that streams the weight once; every other call is F.linear. The backend is the one the
-    model's fused_ffn resolves to, so `auto` uses the kernel wherever the cpu backend is built."""
-
-    # At most this many rows take the kernel: it is 1.25-3.9x BLAS at 1-16 rows of GPT-2 projections
-    # and no faster beyond, where BLAS' blocked GEMM reuses each weight tile across rows (measured).
-    MAX_KERNEL_ROWS = 16
+    kernel that streams the weight once; every other call is F.linear."""
 
     def __init__(self, in_features, out_features, *, bias=True, backend="auto"):
         super().__init__(in_features, out_features, bias=bias)
@@ -43,17 +54,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         """x: (..., in_features) -> (..., out_features)."""
-        rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= self.MAX_KERNEL_ROWS and self._uses_cpu_kernels(x):
+        if takes_cpu_linear_kernel(x, self.weight, self.backend):
             from fastgpt.ops import cpu
 
             return cpu.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def _uses_cpu_kernels(self, x):
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
-            return False
-        return choose_backend("fused_ffn", self.backend, "cpu", x.dtype, ()) == "cpu"
 
 
 class LayerNorm(nn.Module):
