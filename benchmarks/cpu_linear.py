@@ -7,7 +7,7 @@ For each row count and weight shape: the median time of each provider over `call
 warm-up calls, providers alternating call by call), the weight bytes read per second, the speedup,
 and the max difference between the two results. Each weight alone fits in the last-level cache, so
 these are cache-resident rates; gpt_targets.py --only bandwidth streams all weights from DRAM.
-Rows above 16 go to BLAS in both providers (fastgpt.nn.Linear.MAX_KERNEL_ROWS).
+Rows above fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS (16) go to BLAS inside the op as well.
 """
 
 import argparse

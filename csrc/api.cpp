@@ -141,18 +141,18 @@ void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
 // ---------------------------------------------------------------------------------------------
 // Linear: a decode step's projections (qkv, attention output, logits of the last position)
 
-at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+// The weight is read in place whatever its strides (linear_into falls back to BLAS for layouts the
+// skinny kernel does not read): copying it would cost more than the product.
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in) {
   const char* op = "fastgpt::linear";
   check_cpu_float(op, "x", x_in);
-  check_like(op, "weight", weight_in, "x", x_in);
+  check_like(op, "weight", weight, "x", x_in);
   check_dim(op, "x", x_in, 2);
-  check_dim(op, "weight", weight_in, 2);
-  TORCH_CHECK(weight_in.size(1) == x_in.size(1), op, ": weight must have shape (out_features, ", x_in.size(1),
-              "), got ", weight_in.sizes());
-  check_vector(op, "bias", bias_in, weight_in.size(0), x_in);
-  // The weight is read in place whatever its strides (linear_into falls back to BLAS for layouts the
-  // skinny kernel does not read): copying it would cost more than the product.
-  const at::Tensor x = unit_inner_stride(x_in), &weight = weight_in;
+  check_dim(op, "weight", weight, 2);
+  TORCH_CHECK(weight.size(1) == x_in.size(1), op, ": weight must have shape (out_features, ", x_in.size(1),
+              "), got ", weight.sizes());
+  check_vector(op, "bias", bias_in, weight.size(0), x_in);
+  const at::Tensor x = unit_inner_stride(x_in);
   std::optional<at::Tensor> bias;
   if (bias_in) bias = bias_in->contiguous();
   at::Tensor out = new_output({x.size(0), weight.size(0)}, x.options());  // (M, N)
@@ -750,4 +750,12 @@ PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C", "fastgpt's compile
 
 }  // namespace
 
-extern "C" PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_definition); }
+extern "C" PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&module_definition);
+  // The most rows fastgpt::linear runs on the skinny kernel: callers route few-row calls by it.
+  if (module != nullptr && PyModule_AddIntConstant(module, "LINEAR_KERNEL_MAX_ROWS", fastgpt::cpu::kSkinnyGemmMaxRows) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

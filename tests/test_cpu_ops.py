@@ -12,7 +12,6 @@ from tolerance import assert_close
 from fastgpt import functional, reference
 from fastgpt.activations import ACTIVATIONS
 from fastgpt.nn import Linear
-from fastgpt.nn.layers import MAX_KERNEL_ROWS
 from fastgpt.ops import cpu
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -162,7 +161,7 @@ def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch):
     layer = Linear(32, 24, backend="cpu")
     calls = []
     monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
-    for rows, expected_calls in ((1, 1), (MAX_KERNEL_ROWS, 2), (MAX_KERNEL_ROWS + 1, 2)):
+    for rows, expected_calls in ((1, 1), (cpu.LINEAR_KERNEL_MAX_ROWS, 2), (cpu.LINEAR_KERNEL_MAX_ROWS + 1, 2)):
         x = torch.randn(rows, 32)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
         assert len(calls) == expected_calls, f"{rows} rows"

@@ -28,20 +28,17 @@ def check_module_input(module, name, x, *, features, ndim=None):
         raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
 
 
-# At most this many rows take the cpu linear kernel: it is 1.25-3.9x BLAS at 1-16 rows of GPT-2
-# projections and no faster beyond, where BLAS' blocked GEMM reuses each weight tile across rows
-# (benchmarks/cpu_linear.py). The kernel itself sends weights stored (in, out) to BLAS above 4 rows.
-MAX_KERNEL_ROWS = 16
-
-
 def takes_cpu_linear_kernel(x, weight, backend):
-    """Whether x (..., in) times weight runs fastgpt's cpu linear kernel: the few rows of a decode step,
-    on CPU, in weight's dtype, where the model's fused_ffn resolves to the cpu backend (so `auto` uses
-    the kernel wherever the cpu backend is built)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= MAX_KERNEL_ROWS or x.device.type != "cpu" or x.dtype != weight.dtype:
+    """Whether x (..., in) times weight runs fastgpt's cpu linear kernel: the few rows of a decode step
+    (at most fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS), on CPU, in weight's dtype, where the model's
+    fused_ffn resolves to the cpu backend (so `auto` uses the kernel wherever the cpu backend is built)."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype:
         return False
-    return choose_backend("fused_ffn", backend, "cpu", x.dtype, ()) == "cpu"
+    if choose_backend("fused_ffn", backend, "cpu", x.dtype, ()) != "cpu":
+        return False
+    from fastgpt.ops import cpu
+
+    return 0 < x.numel() // max(x.shape[-1], 1) <= cpu.LINEAR_KERNEL_MAX_ROWS
 
 
 class Linear(nn.Linear):

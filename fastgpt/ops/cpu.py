@@ -39,7 +39,7 @@ def _missing_extension_message(error):
 
 
 try:
-    from fastgpt import _C  # noqa: F401  (importing it registers torch.ops.fastgpt.*)
+    from fastgpt import _C  # importing it registers torch.ops.fastgpt.*
 except ImportError as _error:
     raise ImportError(_missing_extension_message(_error)) from _error
 
@@ -50,6 +50,11 @@ _ops = torch.ops.fastgpt
 
 # ----------------------------------------------------------------------------------------------
 # Linear (the few-row projections of a decode step)
+
+
+# The most rows `linear` runs on the kernel (more go to BLAS inside the op): 1.25-3.9x BLAS at 1-16
+# rows of GPT-2 projections, no faster beyond (benchmarks/cpu_linear.py; csrc/cpu/kernels.h).
+LINEAR_KERNEL_MAX_ROWS = _C.LINEAR_KERNEL_MAX_ROWS
 
 
 def linear(x, weight, bias):
