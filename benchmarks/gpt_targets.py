@@ -19,7 +19,8 @@ processes hits both alike, and the median of each is reported with the ratio of 
   GPT-2 Conv1D, for which BLAS runs a different GEMV; and through fastgpt's cpu kernel, which
   fastgpt.nn.Linear uses for up to 16 rows), and the weight bandwidth each provider reaches
   end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so
-  the read rate over the weight bytes bounds batch-1 tokens per second for any fp32 implementation on the same threads.
+  the read rate over the weight bytes bounds batch-1 tokens per second for any fp32 implementation
+  on the same threads.
 
 Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
 op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, else `reference`.
@@ -182,11 +183,14 @@ def bench_bandwidth(gpt, generation, rounds):
         for run in providers.values():
             run()
         times = interleaved(providers, rounds)
+    def gigabytes_per_s(provider, nbytes):
+        return nbytes / statistics.median(times[provider]) / 1e9 if provider in times else None
+
     source_bytes = source.numel() * source.element_size()
-    copy_rate = 2 * source_bytes / statistics.median(times["copy"]) / 1e9
-    read_rate = source_bytes / statistics.median(times["read"]) / 1e9
-    gemv_rate = gemv_bytes / statistics.median(times["gemvs"]) / 1e9
-    transposed_rate = gemv_bytes / statistics.median(times["transposed"]) / 1e9
+    copy_rate = gigabytes_per_s("copy", 2 * source_bytes)
+    read_rate = gigabytes_per_s("read", source_bytes)
+    gemv_rate = gigabytes_per_s("gemvs", gemv_bytes)
+    transposed_rate = gigabytes_per_s("transposed", gemv_bytes)
     per_token = weight_bytes_per_token(gpt)
     result = {
         "kind": "bandwidth",
@@ -194,7 +198,7 @@ def bench_bandwidth(gpt, generation, rounds):
         "read_GBps": read_rate,
         "gemv_GBps": gemv_rate,
         "gemv_in_out_layout_GBps": transposed_rate,
-        "fastgpt_kernel_GBps": gemv_bytes / statistics.median(times["fastgpt"]) / 1e9 if "fastgpt" in times else None,
+        "fastgpt_kernel_GBps": gigabytes_per_s("fastgpt", gemv_bytes),
         "weight_bytes_per_token": per_token,
         "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
     }
