@@ -129,7 +129,9 @@ def bench_generation(hf, gpt, rounds):
         }
         with torch.inference_mode():
             tokens = [run() for run in providers.values()]
-            assert all(torch.equal(tokens[0], other) for other in tokens[1:]), "greedy tokens differ between models"
+            assert all(torch.equal(tokens[0], other) for other in tokens[1:]), (
+                "greedy tokens differ between models"
+            )
             times = interleaved(providers, rounds)
         case = {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
         results.append(report("generation", case, batch * new_tokens, times))
@@ -183,6 +185,7 @@ def bench_bandwidth(gpt, generation, rounds):
         for run in providers.values():
             run()
         times = interleaved(providers, rounds)
+
     def gigabytes_per_s(provider, nbytes):
         return nbytes / statistics.median(times[provider]) / 1e9 if provider in times else None
 

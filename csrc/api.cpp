@@ -753,7 +753,8 @@ PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C", "fastgpt's compile
 extern "C" PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&module_definition);
   // The most rows fastgpt::linear runs on the skinny kernel: callers route few-row calls by it.
-  if (module != nullptr && PyModule_AddIntConstant(module, "LINEAR_KERNEL_MAX_ROWS", fastgpt::cpu::kSkinnyGemmMaxRows) < 0) {
+  if (module != nullptr &&
+      PyModule_AddIntConstant(module, "LINEAR_KERNEL_MAX_ROWS", fastgpt::cpu::kSkinnyGemmMaxRows) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

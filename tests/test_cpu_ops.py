@@ -161,7 +161,11 @@ def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch):
     layer = Linear(32, 24, backend="cpu")
     calls = []
     monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
-    for rows, expected_calls in ((1, 1), (cpu.LINEAR_KERNEL_MAX_ROWS, 2), (cpu.LINEAR_KERNEL_MAX_ROWS + 1, 2)):
+    for rows, expected_calls in (
+        (1, 1),
+        (cpu.LINEAR_KERNEL_MAX_ROWS, 2),
+        (cpu.LINEAR_KERNEL_MAX_ROWS + 1, 2),
+    ):
         x = torch.randn(rows, 32)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
         assert len(calls) == expected_calls, f"{rows} rows"
@@ -313,7 +317,9 @@ def test_linear_cross_entropy_spans_several_chunks(reduction):
     inputs = [randn(tokens, channels), randn(vocab, channels, scale=0.5), targets, randn(vocab)]
 
     def cpu_loss(x, weight, targets, bias):
-        return functional.linear_cross_entropy(x, weight, targets, bias=bias, reduction=reduction, backend="cpu")
+        return functional.linear_cross_entropy(
+            x, weight, targets, bias=bias, reduction=reduction, backend="cpu"
+        )
 
     def reference_loss(x, weight, targets, bias):
         return reference.linear_cross_entropy(x, weight, targets, bias, reduction=reduction)

@@ -21,8 +21,9 @@
 // Inputs are float32 or bfloat16 with any strides (head_dim contiguous); all arithmetic is float32.
 //
 // Decode forward (a few queries: a decode step's q_len of 1, or a short prefill over a cache): the
-// tiled forward's vectors run across kBlockQ query rows, so one query would use one lane of each. The decode kernel vectorises over head_dim instead. One task per (batch, kv head, key split)
-// handles every query row of the kv head's GQA group, so each K and V row is read once for all of them;
+// tiled forward's vectors run across kBlockQ query rows, so one query would use one lane of each. The
+// decode kernel vectorises over head_dim instead. One task per (batch, kv head, key split) handles
+// every query row of the kv head's GQA group, so each K and V row is read once for all of them;
 // keys are streamed in chunks that stay in L1 between the two products: each score is a head_dim-long
 // dot product, kWidth of them reduced at once by a transposing sum; then online softmax per chunk and
 // O += P V with the tile GEMM. Long caches with few (batch, kv head) tasks are split along the keys;

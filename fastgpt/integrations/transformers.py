@@ -146,7 +146,9 @@ def _projection_forward(self, x):
     """Conv1D.forward / nn.Linear.forward with the few rows of a decode step on fastgpt's cpu linear
     kernel; any other call (training batches, autocast, other devices) runs the original forward."""
     weight = self.weight.t() if self.fastgpt_weight_is_in_out else self.weight  # (out, in), a view
-    if torch.is_autocast_enabled(x.device.type) or not takes_cpu_linear_kernel(x, weight, self.fastgpt_backend):
+    if torch.is_autocast_enabled(x.device.type) or not takes_cpu_linear_kernel(
+        x, weight, self.fastgpt_backend
+    ):
         return type(self).forward(self, x)
     from fastgpt.ops import cpu
 

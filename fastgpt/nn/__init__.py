@@ -4,4 +4,14 @@ from fastgpt.nn.config import PRESETS, GPTConfig
 from fastgpt.nn.layers import MLP, Block, CausalSelfAttention, KVCache, LayerNorm, Linear
 from fastgpt.nn.model import GPT
 
-__all__ = ["GPT", "MLP", "PRESETS", "Block", "CausalSelfAttention", "GPTConfig", "KVCache", "LayerNorm", "Linear"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "PRESETS",
+    "Block",
+    "CausalSelfAttention",
+    "GPTConfig",
+    "KVCache",
+    "LayerNorm",
+    "Linear",
+]
