@@ -9,7 +9,6 @@ from fastgpt.train import checkpoint, runtime
 from fastgpt.train.data import eval_starts, read_corpus, split_tokens
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import evaluate
-from fastgpt.train.tokenizer import load_tokenizer
 
 
 def add_arguments(parser):
@@ -34,15 +33,9 @@ def add_arguments(parser):
 def run(args):
     device = runtime.resolve_device(args.device)
     dtype = runtime.resolve_dtype(args.dtype, device, choices=("auto", "float32", "bfloat16", "float16"))
-    model, tokenizer = checkpoint.load_model(
-        args.checkpoint, device=device, dtype=dtype, backend=args.backend
+    model, tokenizer = checkpoint.load_model_and_tokenizer(
+        args.checkpoint, args.tokenizer, device=device, dtype=dtype, backend=args.backend
     )
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise UserError(
-            f"{args.checkpoint} holds no tokenizer files; pass --tokenizer byte or a tokenizer path"
-        )
     seq_len = args.seq_len or model.config.block_size
     if not 1 <= seq_len <= model.config.block_size:
         raise UserError(

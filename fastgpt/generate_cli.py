@@ -8,7 +8,7 @@ import torch
 from fastgpt.nn.generation import check_generate_arguments
 from fastgpt.train import checkpoint, runtime
 from fastgpt.train.errors import UserError
-from fastgpt.train.tokenizer import StreamDecoder, load_tokenizer
+from fastgpt.train.tokenizer import StreamDecoder
 
 DEFAULT_NEW_TOKENS = 256  # at most; fewer when the context window has less room after the prompt
 
@@ -69,15 +69,9 @@ def stream(model, tokenizer, ids, *, max_new_tokens, temperature=0.8, top_k=None
 def run(args):
     device = runtime.resolve_device(args.device)
     dtype = runtime.resolve_dtype(args.dtype, device, choices=("auto", "float32", "bfloat16", "float16"))
-    model, tokenizer = checkpoint.load_model(
-        args.checkpoint, device=device, dtype=dtype, backend=args.backend
+    model, tokenizer = checkpoint.load_model_and_tokenizer(
+        args.checkpoint, args.tokenizer, device=device, dtype=dtype, backend=args.backend
     )
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise UserError(
-            f"{args.checkpoint} holds no tokenizer files; pass --tokenizer byte or a tokenizer path"
-        )
     block_size = model.config.block_size
     ids = encode_prompt(tokenizer, args.prompt, block_size)
     if args.max_new_tokens is None:

@@ -105,6 +105,17 @@ def load_model(directory, *, device, dtype, backend="auto", **overrides):
     return model, tokenizers.from_directory(directory)
 
 
+def load_model_and_tokenizer(directory, tokenizer_path, *, device, dtype, backend="auto"):
+    """load_model for eval and generate, which need a tokenizer: the one at tokenizer_path ('byte' or a
+    tokenizer path) when given, else the checkpoint's; UserError when there is neither."""
+    model, tokenizer = load_model(directory, device=device, dtype=dtype, backend=backend)
+    if tokenizer_path:
+        tokenizer = tokenizers.load_tokenizer(tokenizer_path)
+    if tokenizer is None:
+        raise UserError(f"{directory} holds no tokenizer files; pass --tokenizer byte or a tokenizer path")
+    return model, tokenizer
+
+
 def _load_fastgpt(directory, overrides):
     _require_file(directory, WEIGHTS_FILE, "the model's weights")
     try:
