@@ -12,15 +12,16 @@ processes hits both alike, and the median of each is reported with the ratio of 
 - training: one step of forward (loss) + backward + AdamW (the same optimizer settings for both),
   tokens per second;
 - bandwidth: what bounds decoding at batch 1, where every token reads all the weights once (the
-  lm_head's 50257 x 768 included): the DRAM bandwidth of a 256 MiB copy (bytes read + written per
-  second) and of a 256 MiB read (a sum), the bandwidth the model's weight GEMVs reach alone (F.linear
-  over every Linear weight and the lm_head, batch 1, in the model's order, so they stream from DRAM;
-  and the same products with each weight stored transposed, (in, out), the layout of transformers'
-  GPT-2 Conv1D, for which BLAS runs a different GEMV; and through fastgpt's cpu kernel, which
-  fastgpt.nn.Linear uses for up to 16 rows), and the weight bandwidth each provider reaches
-  end to end at batch 1 (weight bytes per token x tokens per second). A GEMV is a read stream, so
-  the read rate over the weight bytes bounds batch-1 tokens per second for any fp32 implementation
-  on the same threads.
+  lm_head's 50257 x 768 included), each on 4 KiB pages (torch's allocator) and on transparent huge
+  pages (where GPT.generate moves its parameters on CPU, fastgpt/nn/huge_pages.py): the DRAM bandwidth
+  of a 256 MiB copy (bytes read + written per second) and of a 256 MiB read (a sum), the bandwidth the
+  model's weight GEMVs reach alone (F.linear over every Linear weight and the lm_head, batch 1, in the
+  model's order, so they stream from DRAM; the same products with each weight stored transposed, (in,
+  out), the layout of transformers' GPT-2 Conv1D, for which BLAS runs a different GEMV; and through
+  fastgpt's cpu kernel, which fastgpt.nn.Linear and the decode step use for up to 16 rows), and the
+  weight bandwidth each provider reaches end to end at batch 1 (weight bytes per token x tokens per
+  second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1 tokens per
+  second for any fp32 implementation on the same threads.
 
 Targets (issue 6): generation >= 2x and training >= 1.2x transformers. The fastgpt backend each
 op resolves to is printed: on CPU it is `cpu` when the C++ extension is built, else `reference`.
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 
 import fastgpt
 from fastgpt import dispatch
-from fastgpt.nn import GPT
+from fastgpt.nn import GPT, huge_pages
 
 # (batch, prompt length, new tokens). The last case decodes 256 tokens, so that the per-step cost of
 # the growing KV cache (transformers re-concatenates it each step) weighs more.
@@ -169,18 +170,25 @@ def weight_gemvs(gpt, transposed=False, linear=F.linear):
 
 
 def bench_bandwidth(gpt, generation, rounds):
-    """Copy and GEMV bandwidth, and each provider's end-to-end weight bandwidth at batch 1."""
+    """Copy, read and GEMV bandwidth on 4 KiB and on huge pages, and each provider's end-to-end weight
+    bandwidth at batch 1."""
     source = torch.randn(64 << 20)  # 256 MiB of float32, far beyond any cache
     target = torch.empty_like(source)
-    gemvs, gemv_bytes = weight_gemvs(gpt)
-    transposed_gemvs, _ = weight_gemvs(gpt, transposed=True)
+    huge_source = huge_pages.huge_page_buffer(source.numel() * source.element_size())
+    huge_source = source if huge_source is None else huge_source.view(torch.float32).copy_(source)
+    small_pages = copy.deepcopy(gpt)  # torch's allocator: 4 KiB pages (gpt may be in huge pages)
+    in_huge_pages = copy.deepcopy(gpt)
+    huge_pages.move_to_huge_pages(in_huge_pages)
+    gemvs, gemv_bytes = weight_gemvs(small_pages)
     providers = {
-        "copy": lambda: target.copy_(source), "read": source.sum, "gemvs": gemvs, "transposed": transposed_gemvs
+        "copy": lambda: target.copy_(source), "read": source.sum, "read_huge": huge_source.sum, "gemvs": gemvs,
+        "gemvs_huge": weight_gemvs(in_huge_pages)[0], "transposed": weight_gemvs(small_pages, transposed=True)[0],
     }  # fmt: skip
     if "cpu" in dispatch.available_backends():
         from fastgpt.ops import cpu
 
-        providers["fastgpt"], _ = weight_gemvs(gpt, linear=cpu.linear)
+        providers["fastgpt"] = weight_gemvs(small_pages, linear=cpu.linear)[0]
+        providers["fastgpt_huge"] = weight_gemvs(in_huge_pages, linear=cpu.linear)[0]
     with torch.inference_mode():
         for run in providers.values():
             run()
@@ -190,27 +198,29 @@ def bench_bandwidth(gpt, generation, rounds):
         return nbytes / statistics.median(times[provider]) / 1e9 if provider in times else None
 
     source_bytes = source.numel() * source.element_size()
-    copy_rate = gigabytes_per_s("copy", 2 * source_bytes)
     read_rate = gigabytes_per_s("read", source_bytes)
-    gemv_rate = gigabytes_per_s("gemvs", gemv_bytes)
-    transposed_rate = gigabytes_per_s("transposed", gemv_bytes)
     per_token = weight_bytes_per_token(gpt)
     result = {
         "kind": "bandwidth",
-        "copy_GBps": copy_rate,
+        "copy_GBps": gigabytes_per_s("copy", 2 * source_bytes),
         "read_GBps": read_rate,
-        "gemv_GBps": gemv_rate,
-        "gemv_in_out_layout_GBps": transposed_rate,
+        "read_huge_pages_GBps": gigabytes_per_s("read_huge", source_bytes),
+        "gemv_GBps": gigabytes_per_s("gemvs", gemv_bytes),
+        "gemv_huge_pages_GBps": gigabytes_per_s("gemvs_huge", gemv_bytes),
+        "gemv_in_out_layout_GBps": gigabytes_per_s("transposed", gemv_bytes),
         "fastgpt_kernel_GBps": gigabytes_per_s("fastgpt", gemv_bytes),
+        "fastgpt_kernel_huge_pages_GBps": gigabytes_per_s("fastgpt_huge", gemv_bytes),
         "weight_bytes_per_token": per_token,
         "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
     }
     print(
-        f"bandwidth: copy {copy_rate:.1f} GB/s (read + write), read {read_rate:.1f} GB/s, weight GEMVs alone "
-        f"{gemv_rate:.1f} GB/s ((in, out) layout: {transposed_rate:.1f} GB/s; fastgpt's cpu kernel: "
-        f"{result['fastgpt_kernel_GBps'] or float('nan'):.1f} GB/s); {per_token / 1e6:.0f} MB of "
-        "weights per token -> at most "
-        f"{result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the read rate"
+        "bandwidth (GB/s; 4 KiB pages, then huge pages): "
+        f"copy {result['copy_GBps']:.1f} (read + write); read {read_rate:.1f}, "
+        f"{result['read_huge_pages_GBps']:.1f}; weight GEMVs alone {result['gemv_GBps']:.1f}, "
+        f"{result['gemv_huge_pages_GBps']:.1f} ((in, out) layout: {result['gemv_in_out_layout_GBps']:.1f}); "
+        f"fastgpt's cpu kernel {result['fastgpt_kernel_GBps'] or float('nan'):.1f}, "
+        f"{result['fastgpt_kernel_huge_pages_GBps'] or float('nan'):.1f}; {per_token / 1e6:.0f} MB of weights "
+        f"per token -> at most {result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the 4 KiB read rate"
     )
     batch1 = next((r for r in generation if r["case"]["batch"] == 1), None)
     if batch1 is not None:

@@ -23,11 +23,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -569,6 +571,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
 }
 
 // ---------------------------------------------------------------------------------------------
+// GPT decode step: the transformer blocks over a few new positions, in one call
+
+// Parameters per block, in this order: ln_1 weight, bias; attn.c_attn weight, bias; attn.c_proj
+// weight, bias; ln_2 weight, bias; mlp.c_fc weight, bias; mlp.c_proj weight, bias (biases may be None).
+constexpr size_t kBlockParams = 12;
+
+// x (B, T, C): the embedded new tokens at positions start .. start+T-1 -> the residual stream after
+// every block (B, T, C), writing their keys and values into each layer's cache (B, Hkv, max_len, D) at
+// those positions. The same kernels, in the same order, as fastgpt.nn.Block with the cpu backend, so
+// the result is identical; a decode step costs one call instead of some 15 Python op calls per block.
+at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params,
+                             at::TensorList keys, at::TensorList values, int64_t start, int64_t heads, double eps,
+                             double softmax_scale, c10::string_view activation) {
+  const char* op = "fastgpt::decode_blocks";
+  check_cpu_float(op, "x", x);
+  check_dim(op, "x", x, 3);
+  TORCH_CHECK(!keys.empty() && values.size() == keys.size() && params.size() == kBlockParams * keys.size(), op,
+              ": expected one key cache and one value cache per block and ", kBlockParams,
+              " parameters per block, got ", keys.size(), " key caches, ", values.size(), " value caches and ",
+              params.size(), " parameters");
+  const int64_t batch = x.size(0), seq = x.size(1), channels = x.size(2);
+  TORCH_CHECK(heads > 0 && channels % heads == 0, op, ": heads must divide n_embd (", channels, "), got ", heads);
+  const int64_t head_dim = channels / heads;
+  for (size_t layer = 0; layer < keys.size(); ++layer) {
+    check_like(op, "keys", keys[layer], "x", x);
+    check_like(op, "values", values[layer], "x", x);
+    check_dim(op, "keys", keys[layer], 4);
+    check_sizes(op, "values", values[layer], keys[layer].sizes());
+    const int64_t kv_heads = keys[layer].size(1);
+    TORCH_CHECK(keys[layer].size(0) == batch && keys[layer].size(3) == head_dim && kv_heads > 0 &&
+                    heads % kv_heads == 0 && start >= 0 && start + seq <= keys[layer].size(2),
+                op, ": each cache must have shape (", batch, ", kv_heads dividing ", heads, ", >= ", start + seq,
+                ", ", head_dim, "), got ", keys[layer].sizes());
+  }
+  auto param = [&](size_t layer, size_t index) { return params.get(kBlockParams * layer + index); };
+  auto weight = [&](size_t layer, size_t index) { return *param(layer, index); };
+  // Every parameter's shape, before any cache is written: (rows, cols) for the four weights, (rows, 0)
+  // for a bias or LayerNorm vector; the hidden width is read from mlp.c_proj's weight.
+  for (size_t layer = 0; layer < keys.size(); ++layer) {
+    const int64_t qkv_features = (heads + 2 * keys[layer].size(1)) * head_dim;
+    const std::optional<at::Tensor> proj_weight = param(layer, 10);
+    const int64_t hidden = proj_weight && proj_weight->dim() == 2 ? proj_weight->size(1) : -1;
+    const std::array<std::array<int64_t, 2>, kBlockParams> shapes{{{channels, 0}, {channels, 0},
+                                                                   {qkv_features, channels}, {qkv_features, 0},
+                                                                   {channels, channels}, {channels, 0},
+                                                                   {channels, 0}, {channels, 0},
+                                                                   {hidden, channels}, {hidden, 0},
+                                                                   {channels, hidden}, {channels, 0}}};
+    for (size_t index = 0; index < kBlockParams; ++index) {
+      const std::optional<at::Tensor> tensor = param(layer, index);
+      const bool is_weight = shapes[index][1] != 0;
+      TORCH_CHECK(tensor.has_value() || !is_weight, op, ": parameter ", index, " of block ", layer,
+                  " (a weight) must be a tensor, got None");
+      if (!tensor) continue;
+      check_like(op, "each parameter", *tensor, "x", x);
+      const at::IntArrayRef expected(shapes[index].data(), is_weight ? 2 : 1);
+      TORCH_CHECK(tensor->sizes() == expected, op, ": parameter ", index, " of block ", layer, " must have shape ",
+                  expected, ", got ", tensor->sizes());
+    }
+  }
+
+  at::Tensor stream = x.reshape({batch * seq, channels});  // (B*T, C): the residual stream
+  for (size_t layer = 0; layer < keys.size(); ++layer) {
+    const int64_t kv_heads = keys[layer].size(1);
+    at::Tensor h = std::get<0>(layer_norm_forward_cpu(stream, param(layer, 0), param(layer, 1), std::nullopt, eps));
+    at::Tensor qkv = linear_cpu(h, weight(layer, 2), param(layer, 3));  // (B*T, (H + 2 Hkv) D)
+    at::Tensor qkv_heads = qkv.view({batch, seq, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
+    at::Tensor q = qkv_heads.narrow(1, 0, heads);  // (B, H, T, D)
+    keys[layer].narrow(2, start, seq).copy_(qkv_heads.narrow(1, heads, kv_heads));
+    values[layer].narrow(2, start, seq).copy_(qkv_heads.narrow(1, heads + kv_heads, kv_heads));
+    at::Tensor y = std::get<0>(attention_forward_cpu(q, keys[layer].narrow(2, 0, start + seq),
+                                                     values[layer].narrow(2, 0, start + seq), softmax_scale));
+    at::Tensor attn_out = linear_cpu(y.transpose(1, 2).reshape({batch * seq, channels}), weight(layer, 4),
+                                     param(layer, 5));  // (B*T, C)
+    auto [h2, residual, mean, rstd] = layer_norm_forward_cpu(attn_out, param(layer, 6), param(layer, 7), stream, eps);
+    stream = std::get<0>(ffn_forward_cpu(h2, weight(layer, 8), param(layer, 9), weight(layer, 10), param(layer, 11),
+                                         activation, residual));
+  }
+  return stream.view({batch, seq, channels});
+}
+
+// ---------------------------------------------------------------------------------------------
 // Meta implementations: output shapes and dtypes only (contiguous, as the CPU ones return).
 
 at::Tensor empty_like_sizes(const at::Tensor& t, c10::SymIntArrayRef sizes, at::ScalarType dtype) {
@@ -692,6 +776,9 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def(
       "linear_cross_entropy_backward(Tensor x, Tensor weight, Tensor targets, Tensor? bias, Tensor row_grad, "
       "int ignore_index) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, int start, int heads, "
+      "float eps, float softmax_scale, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
@@ -704,6 +791,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("layer_norm_backward", &fastgpt::layer_norm_backward_cpu);
   m.impl("linear_cross_entropy_forward", &fastgpt::linear_cross_entropy_forward_cpu);
   m.impl("linear_cross_entropy_backward", &fastgpt::linear_cross_entropy_backward_cpu);
+  m.impl("decode_blocks", &fastgpt::decode_blocks_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {

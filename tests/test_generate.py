@@ -1,9 +1,11 @@
 """GPT.generate: the KV cache against full recomputation, transformers parity, sampling filters, eos, errors."""
 
+import mmap
+
 import pytest
 import torch
 
-from fastgpt.nn import GPT, GPTConfig, KVCache
+from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages
 from fastgpt.nn.generation import filter_logits
 
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
@@ -157,3 +159,38 @@ def test_generate_rejects_bad_arguments(kwargs, error, pattern):
     arguments = {"idx": torch.zeros(2, 10, dtype=torch.long), "max_new_tokens": 5} | kwargs
     with pytest.raises(error, match=pattern):
         model.generate(**arguments)
+
+
+def test_generate_moves_the_parameters_into_one_huge_page_buffer_once():
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).eval()
+    parameters = dict(model.named_parameters())
+    before = {name: p.detach().clone() for name, p in parameters.items()}
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, 4, temperature=0)
+    assert huge_pages.in_one_buffer(huge_pages.unique_parameters(model))
+    assert dict(model.named_parameters()) == parameters  # the same Parameter objects
+    assert all(torch.equal(p, before[name]) for name, p in parameters.items())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    storage = model.lm_head.weight.untyped_storage().data_ptr()
+    assert torch.equal(model.generate(prompt, 4, temperature=0), out)
+    assert model.lm_head.weight.untyped_storage().data_ptr() == storage  # not moved a second time
+    # Still an ordinary trainable model: autograd and the optimizer work on the moved parameters.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = out.clone()  # generate returns an inference tensor
+    loss = model.train()(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    assert not torch.equal(model.lm_head.weight, before["transformer.wte.weight"])
+
+
+def test_without_huge_pages_the_parameters_stay_where_they_are(monkeypatch):
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    model = GPT(GPTConfig(**SMALL)).eval()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert huge_pages.huge_page_buffer(1 << 20) is None
+    assert huge_pages.move_to_huge_pages(model) is False
+    model.generate(torch.randint(0, 97, (1, 3)), 2, temperature=0)
+    assert [p.data_ptr() for p in model.parameters()] == pointers

@@ -2,12 +2,13 @@
 // where every weight is read once to produce a handful of outputs, so the time is the time to stream
 // the weights.
 //
-// Each thread streams a contiguous range of weight rows, the rows of a stay in L1, and every weight
-// vector loaded is multiplied into all rows of a (up to kRowsPerPass at a time) before it is dropped.
-// Measured on 2 cores: one row through all GPT-2 small weights (495 MB, from DRAM) reads 26-30 GB/s,
-// against 14 GB/s for BLAS (torch's F.linear) and ~30 GB/s for a plain sum over the same bytes; one
-// projection at a time (benchmarks/cpu_linear.py) it is 1.4-2.1x BLAS at 1 row, 1.6-3.9x at 2-8 rows,
-// 1.25-2.5x at 16.
+// Each thread streams a contiguous range of weight rows and the rows of a stay in L1. Up to
+// kStreamMaxRows rows of a, each weight row is read front to back as one sequential stream (its dot
+// product with every row of a, one row of a at a time, the weight row re-read from L1); with more rows,
+// kWeightRows weight rows are multiplied together so each weight vector loaded serves a register block of
+// rows of a. Measured on 2 cores, one row through all GPT-2 small weights (495 MB, from DRAM): the
+// sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages, against 27
+// and 30 GB/s for four interleaved weight rows and 14 GB/s for BLAS (torch's F.linear).
 // Each output is one thread's dot product in a fixed order, so the result does not depend on the
 // thread count.
 #ifndef FASTGPT_ISA_PASS
@@ -33,11 +34,21 @@ namespace fastgpt::cpu::FASTGPT_ISA {
 
 #include "cpu/simd.h"
 
-// Weight rows multiplied together: 4 independent loads in flight per step, enough to keep the
-// prefetchers streaming four sequential rows.
+// Rows of a up to which each weight row is streamed alone (row_stream). Measured over the GPT-2 small
+// weights from DRAM on huge pages (GB/s, streamed vs four weight rows together): 1 row 45 vs 30, 2 rows
+// 42 vs 26, 4 rows 34 vs 28, 8 rows 15 vs 21: from 8 rows on, the loads of a, one per multiply when
+// a weight row is streamed alone, bound the time, and the register blocks of dot_block win.
+constexpr int64_t kStreamMaxRows = 4;
+
+// Vectors of one weight row in flight per step of row_stream: 4 independent accumulator chains cover
+// the multiply-add latency (2 measured the same, 8 no better).
+constexpr int kStreamVecs = 4;
+
+// Weight rows multiplied together by dot_block: 4 independent loads in flight per step, enough to keep
+// the prefetchers streaming four sequential rows.
 constexpr int kWeightRows = 4;
 
-// How far ahead (in weight rows) the kernel prefetches: the next block's rows (8 and 16 measured no
+// How far ahead (in weight rows) dot_block prefetches: the next block's rows (8 and 16 measured no
 // better).
 constexpr int64_t kPrefetchRows = kWeightRows;
 
@@ -59,6 +70,32 @@ constexpr int64_t kColumnsPerTask = 128;
 template <typename T>
 const T* row_of(const Matrix& m, int64_t row) {
   return static_cast<const T*>(m.data) + row * m.row_stride;
+}
+
+// out[m, n] for every row m of a: weight row n read front to back once (for the first row of a; the
+// others re-read it from L1), kStreamVecs vectors per step into independent accumulators.
+template <typename T>
+void row_stream(const GemmParams& p, int64_t n) {
+  const T* weight = row_of<T>(p.b, n);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t step = kStreamVecs * kWidth;
+  const int64_t steps_end = p.K - p.K % step;
+  const int64_t vecs_end = p.K - p.K % kWidth;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const T* a = row_of<T>(p.a, m);
+    Vec acc[kStreamVecs];
+    for (int v = 0; v < kStreamVecs; ++v) acc[v] = splat(0.0f);
+    for (int64_t k = 0; k < steps_end; k += step) {
+      for (int v = 0; v < kStreamVecs; ++v) acc[v] += load(weight + k + v * kWidth) * load(a + k + v * kWidth);
+    }
+    for (int64_t k = steps_end; k < vecs_end; k += kWidth) acc[0] += load(weight + k) * load(a + k);
+    if (vecs_end < p.K) {
+      acc[0] += load_partial(weight + vecs_end, p.K - vecs_end) * load_partial(a + vecs_end, p.K - vecs_end);
+    }
+    for (int v = 1; v < kStreamVecs; ++v) acc[0] += acc[v];
+    T* out = static_cast<T*>(p.out.data) + m * p.out.row_stride;
+    out[n] = from_float<T>(reduce_sum(acc[0]) + (bias ? to_float(bias[n]) : 0.0f));
+  }
 }
 
 // out[m, n .. n + weight_rows) for m in [m_begin, m_begin + kRows): dot products over K of rows of a
@@ -112,6 +149,10 @@ void dot_block(const GemmParams& p, int64_t m_begin, int64_t n, int weight_rows)
 
 template <typename T>
 void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
+  if (p.M <= kStreamMaxRows) {
+    for (int64_t n = n_begin; n < n_end; ++n) row_stream<T>(p, n);
+    return;
+  }
   for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
     const int weight_rows = static_cast<int>(n_end - n < kWeightRows ? n_end - n : kWeightRows);
     int64_t m = 0;

@@ -10,12 +10,12 @@ import os
 import torch
 from torch import nn
 
-from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
+from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, choose_backend, validate_targets
 from fastgpt.functional import linear_cross_entropy
-from fastgpt.nn import weights
+from fastgpt.nn import huge_pages, weights
 from fastgpt.nn.config import GPTConfig
 from fastgpt.nn.generation import check_generate_arguments, sample_next_token
-from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear
+from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear, takes_cpu_linear_kernel
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
 
@@ -92,8 +92,9 @@ class GPT(nn.Module):
             raise ValueError(f"{op}: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         check_index_range(op, "idx", idx, self.config.vocab_size)
 
-    def hidden_states(self, idx, caches=None, start=0):
-        """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C)."""
+    def hidden_states(self, idx, caches=None, start=0, block_params=None):
+        """idx (B, T) int64 tokens at positions start .. start+T-1 -> final hidden states (B, T, C).
+        block_params: decode_block_parameters(), gathered once per generate() call."""
         if idx.dim() != 2:
             raise ValueError(f"GPT: idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         if idx.shape[1] + start > self.config.block_size:
@@ -102,9 +103,45 @@ class GPT(nn.Module):
             )
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches[layer], start)
+        if caches is not None and block_params is not None and self.takes_cpu_decode_kernel(x):
+            x = self.decode_blocks(x, block_params, caches, start)
+        else:
+            for layer, block in enumerate(self.transformer.h):
+                x = block(x, None if caches is None else caches[layer], start)
         return self.transformer.ln_f(x)
+
+    def takes_cpu_decode_kernel(self, x):
+        """Whether the blocks over x (B, T, C) run as one cpu decode_blocks call: the few rows of a
+        decode step (B*T <= fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS) outside autograd, with no dropout,
+        where attention, the FFN and LayerNorm all resolve to the cpu backend."""
+        if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):
+            return False
+        config = self.config
+        if not takes_cpu_linear_kernel(x, self.lm_head.weight, config.backend):
+            return False
+        facts = {"causal_attention": ("head_dim", config.head_dim), "layer_norm": ("hidden", config.n_embd)}
+        return all(
+            choose_backend(op, config.backend, "cpu", x.dtype, (fact,)) == "cpu" for op, fact in facts.items()
+        )
+
+    def decode_block_parameters(self):
+        """Every block's parameters in decode_blocks' order: per block, the weight and bias (or None)
+        of ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc and mlp.c_proj."""
+        block_params = []
+        for block in self.transformer.h:
+            for module in (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj):
+                block_params += (module.weight, module.bias)
+        return block_params
+
+    def decode_blocks(self, x, block_params, caches, start):
+        """x (B, T, C) through every block with the cpu decode_blocks op, identical to the per-module path."""
+        from fastgpt.ops import cpu
+
+        config = self.config
+        return cpu.decode_blocks(
+            x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
+            config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
+        )  # fmt: skip
 
     def forward(self, idx, targets=None):
         """idx (B, T) int64 -> logits (B, T, vocab); or, given targets (B, T) int64 (the next token
@@ -145,7 +182,9 @@ class GPT(nn.Module):
         generation stops early once all have, so the result may be shorter than T + max_new_tokens.
         The model runs in eval mode during the call (no dropout) and its mode is restored after.
         callback, if given, is called with each step's new tokens (B,) as soon as they are chosen
-        (to stream them).
+        (to stream them). On CPU, the first call moves the parameters into one buffer of transparent
+        huge pages (huge_pages.move_to_huge_pages: the Parameter objects stay, their .data moves), which
+        the weight reads of every decode step stream faster.
         """
         config = self.config
         check_generate_arguments(
@@ -153,6 +192,8 @@ class GPT(nn.Module):
             block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
         )  # fmt: skip
         self.check_tokens("GPT.generate", idx)
+        if idx.device.type == "cpu":
+            huge_pages.move_to_huge_pages(self)  # once: each decode step streams every weight from DRAM
         was_training = self.training
         self.eval()
         try:
@@ -173,10 +214,11 @@ class GPT(nn.Module):
             for _ in range(config.n_layer)
         ]
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        block_params = self.decode_block_parameters()
         position = 0
         tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
         for step in range(max_new_tokens):
-            hidden = self.hidden_states(tokens, caches, position)[:, -1]  # (B, C): only the last position
+            hidden = self.hidden_states(tokens, caches, position, block_params)[:, -1]  # (B, C): only the last position
             logits = self.lm_head(hidden)  # (B, vocab)
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             position += tokens.shape[1]

@@ -1,0 +1,123 @@
+"""The cpu decode step (fastgpt::decode_blocks): every block of a GPT over a decode step's few new
+tokens in one C++ call. It runs the same kernels in the same order as the per-module path, so its
+results must be bitwise equal to it, caches included; GPT.generate must take it exactly for decode-
+sized steps on the cpu backend; and bad arguments to the op must raise before any kernel runs."""
+
+import pytest
+import torch
+
+pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+
+from fastgpt.nn import GPT, GPTConfig, KVCache
+from fastgpt.ops import cpu
+
+SMALL = {"n_layer": 3, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
+
+
+def model_and_caches(dtype, batch, max_len, **config):
+    model = GPT(GPTConfig(**{**SMALL, **config})).eval().to(dtype)
+    for p in model.parameters():  # biases and LayerNorm weights off their zero/one init
+        torch.nn.init.normal_(p, std=0.1)
+    c = model.config
+    caches = [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype=dtype, device="cpu") for _ in range(c.n_layer)]
+    return model, caches
+
+
+def clone_caches(caches):
+    copies = []
+    for cache in caches:
+        copy = KVCache.__new__(KVCache)
+        copy.keys, copy.values = cache.keys.clone(), cache.values.clone()
+        copies.append(copy)
+    return copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_kv_head,bias", [(4, True), (2, False), (1, True)], ids=["mha", "gqa-nobias", "mqa"])
+@pytest.mark.parametrize("batch,new", [(1, 1), (3, 1), (2, 5)])
+def test_decode_blocks_equals_the_module_path_bitwise(dtype, n_kv_head, bias, batch, new):
+    model, caches = model_and_caches(dtype, batch, 40, n_kv_head=n_kv_head, bias=bias)
+    prompt = torch.randint(0, 97, (batch, 13))
+    with torch.inference_mode():
+        model.hidden_states(prompt, caches, 0)  # a filled prefix of 13 positions
+        module_caches = clone_caches(caches)
+        idx = torch.randint(0, 97, (batch, new))
+        assert model.takes_cpu_decode_kernel(torch.zeros(batch, new, model.config.n_embd, dtype=dtype))
+        fused = model.hidden_states(idx, caches, 13, model.decode_block_parameters())
+        per_module = model.hidden_states(idx, module_caches, 13)
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, per_module)
+    for cache, module_cache in zip(caches, module_caches):
+        assert torch.equal(cache.keys[:, :, : 13 + new], module_cache.keys[:, :, : 13 + new])
+        assert torch.equal(cache.values[:, :, : 13 + new], module_cache.values[:, :, : 13 + new])
+
+
+def count_decode_calls(monkeypatch):
+    calls = []
+    original = cpu.decode_blocks
+
+    def counting(x, *args):
+        calls.append(tuple(x.shape))
+        return original(x, *args)
+
+    monkeypatch.setattr(cpu, "decode_blocks", counting)
+    return calls
+
+
+def test_generate_takes_the_decode_op_for_decode_steps_only(monkeypatch):
+    calls = count_decode_calls(monkeypatch)
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (2, 20))
+    out = model.generate(prompt, 6, temperature=0)
+    # The prefill (2 x 20 = 40 rows) runs module by module; each of the 5 one-token steps is one call.
+    assert calls == [(2, 1, 64)] * 5
+    calls.clear()
+    with torch.inference_mode():
+        reference_out = model.set_backend("reference").generate(prompt, 6, temperature=0)
+    assert calls == []
+    assert out.shape == reference_out.shape == (2, 26)
+
+
+def test_decode_op_is_not_taken_under_autograd_or_dropout():
+    model = GPT(GPTConfig(**SMALL, dropout=0.1))
+    x = torch.zeros(1, 1, 64)
+    with torch.no_grad():
+        assert not model.train().takes_cpu_decode_kernel(x)  # dropout in training mode
+        assert model.eval().takes_cpu_decode_kernel(x)
+        assert not model.takes_cpu_decode_kernel(torch.zeros(17, 1, 64))  # beyond the kernel's 16 rows
+    assert not model.takes_cpu_decode_kernel(x)  # grad mode: the module path keeps autograd
+
+
+def decode_arguments():
+    model, caches = model_and_caches(torch.float32, 2, 8)
+    keys, values = [c.keys.normal_() for c in caches], [c.values.normal_() for c in caches]
+    return [torch.randn(2, 1, 64), model.decode_block_parameters(), keys, values, 3, 4, 1e-5, 0.25, "gelu_tanh"]
+
+
+@pytest.mark.parametrize(
+    "position,value,pattern",
+    [
+        (1, "drop_last", r"12 parameters per block, got 3 key caches, 3 value caches and 35 parameters"),
+        (3, "drop_last", r"one key cache and one value cache per block"),
+        (4, 8, r"each cache must have shape \(2, kv_heads dividing 4, >= 9, 16\), got \[2, 4, 8, 16\]"),
+        (5, 3, r"heads must divide n_embd \(64\), got 3"),
+        (0, torch.randn(2, 1, 64, dtype=torch.float64), r"supports float32 and bfloat16 tensors; x has dtype Double"),
+        (1, "none_weight", r"parameter 2 of block 2 \(a weight\) must be a tensor, got None"),
+        (1, "short_weight", r"parameter 8 of block 2 must have shape \[256, 64\], got \[255, 64\]"),
+    ],
+    ids=["params", "values", "past-the-cache", "heads", "dtype", "none-weight", "wrong-shape"],
+)
+def test_decode_op_rejects_bad_arguments_before_writing(position, value, pattern):
+    arguments = decode_arguments()
+    before = [t.clone() for t in arguments[2]]
+    if value == "drop_last":
+        arguments[position] = arguments[position][:-1]
+    elif value == "none_weight":  # in the last block: nothing may be written for the first ones either
+        arguments[position][24 + 2] = None
+    elif value == "short_weight":
+        arguments[position][24 + 8] = arguments[position][24 + 8][:-1]
+    else:
+        arguments[position] = value
+    with pytest.raises(RuntimeError, match=pattern):
+        cpu.decode_blocks(*arguments)
+    assert all(torch.equal(a, b) for a, b in zip(arguments[2], before))
