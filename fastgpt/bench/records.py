@@ -11,8 +11,10 @@ under a time budget may be, still leaves every finished measurement on disk.
 
 import datetime
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -49,7 +51,7 @@ RECORD_FIELDS = {
     "err_detail": (dict,),  # that error per output and gradient
     "err_note": (str,),  # where the error was measured: the full shape, or which part of it
     "peak_mem_bytes": (int,),
-    "speedup": (dict,),  # {baseline provider: baseline median / this median}, same run and case
+    "speedup": (dict,),  # {baseline provider: speedup(baseline, this)}, same run and case
 }
 BASELINE = "baseline"
 FASTGPT = "fastgpt"
@@ -125,7 +127,8 @@ def run_metadata(device, command, plan_name, timing_plan, peaks):
             else "torch.utils.benchmark.Timer.blocked_autorange",
             "interleaved_rounds": timing_plan.rounds,
             "warmup_calls": timing_plan.warmup_calls,
-            "statistic": "median per-call time over all blocks; spread = IQR",
+            "statistic": "median per-call time over all blocks; spread = IQR; speedup = geometric mean over "
+                         "the rounds of the per-round ratio of medians",
         },
         "peaks": peaks,
     }
@@ -142,16 +145,27 @@ def case_key(record):
     return (record["op"], shape, record["dtype"], record["device"], record["mode"])
 
 
+def speedup(baseline, record):
+    """How many times faster record ran than baseline (same case): the geometric mean over the
+    interleaved rounds of the baseline's median / the record's median in that round, so that each
+    ratio compares calls made moments apart (on CPU, on the same core); the ratio of the overall
+    medians where the rounds are not both recorded."""
+    rounds = list(zip(baseline.get("round_ms") or (), record.get("round_ms") or ()))
+    if not rounds or len(rounds) != len(record["round_ms"]) or len(rounds) != len(baseline["round_ms"]):
+        return baseline["median_ms"] / record["median_ms"]
+    return math.exp(statistics.fmean(math.log(base / this) for base, this in rounds))
+
+
 def add_speedups(records):
-    """Set each record's `speedup`: for every baseline timed in the same case (same op, shape, dtype,
-    device and mode, hence the same run), baseline median / this record's median."""
+    """Set each record's `speedup`: {baseline provider: speedup(baseline, record)} for every baseline
+    timed in the same case (same op, shape, dtype, device and mode, hence the same run)."""
     baselines = {}
     for record in records:
         if record["kind"] == BASELINE:
-            baselines.setdefault(case_key(record), {})[record["provider"]] = record["median_ms"]
+            baselines.setdefault(case_key(record), {})[record["provider"]] = record
     for record in records:
         same_case = baselines.get(case_key(record), {})
-        record["speedup"] = {name: median / record["median_ms"] for name, median in same_case.items()}
+        record["speedup"] = {name: speedup(baseline, record) for name, baseline in same_case.items()}
     return records
 
 
