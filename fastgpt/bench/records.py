@@ -11,7 +11,6 @@ under a time budget may be, still leaves every finished measurement on disk.
 
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -127,8 +126,8 @@ def run_metadata(device, command, plan_name, timing_plan, peaks):
             else "torch.utils.benchmark.Timer.blocked_autorange",
             "interleaved_rounds": timing_plan.rounds,
             "warmup_calls": timing_plan.warmup_calls,
-            "statistic": "median per-call time over all blocks; spread = IQR; speedup = geometric mean over "
-                         "the rounds of the per-round ratio of medians",
+            "statistic": "median per-call time over all blocks; spread = IQR; speedup = median over the rounds "
+                         "of the per-round ratio of medians",
         },
         "peaks": peaks,
     }
@@ -146,14 +145,14 @@ def case_key(record):
 
 
 def speedup(baseline, record):
-    """How many times faster record ran than baseline (same case): the geometric mean over the
-    interleaved rounds of the baseline's median / the record's median in that round, so that each
-    ratio compares calls made moments apart (on CPU, on the same core); the ratio of the overall
-    medians where the rounds are not both recorded."""
+    """How many times faster record ran than baseline (same case): the median over the interleaved
+    rounds of the baseline's median / the record's median in that round, so that each ratio compares
+    calls made moments apart, and a round that a burst of outside load hit moves the result no more
+    than any other round; the ratio of the overall medians where the rounds are not both recorded."""
     rounds = list(zip(baseline.get("round_ms") or (), record.get("round_ms") or ()))
     if not rounds or len(rounds) != len(record["round_ms"]) or len(rounds) != len(baseline["round_ms"]):
         return baseline["median_ms"] / record["median_ms"]
-    return math.exp(statistics.fmean(math.log(base / this) for base, this in rounds))
+    return statistics.median(base / this for base, this in rounds)
 
 
 def add_speedups(records):

@@ -26,7 +26,7 @@ METRIC_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"
 VERSION_KEYS = ("python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel", "cuda (torch)")
 LEGEND = (
     "Columns: median time per call ± its interquartile range; throughput and % of the measured peak; "
-    "speedup = a baseline's median / this median, both from the same run (the geometric mean over the "
+    "speedup = a baseline's median / this median, both from the same run (the median over the "
     "interleaved rounds of that ratio within each round); max err = largest |difference| "
     "from the float64 reference over the outputs and, for fwd+bwd, every input gradient (gpt: the loss "
     "difference, or the fraction of greedy tokens that differ); peak mem = memory allocated during one "
