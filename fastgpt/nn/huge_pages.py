@@ -7,6 +7,8 @@ GPT-2 small's weights through fastgpt's cpu linear kernel: 45-50 GB/s on huge pa
 4 KiB pages when the memory bus was quiet, 28.7 against 26.0 GB/s when neighbours loaded it
 (benchmarks/gpt_targets.py --only bandwidth reports both page sizes). torch's allocator leaves
 parameters on 4 KiB pages unless the process sets THP_MEM_ALLOC_ENABLE=1 before its first allocation.
+The move costs one copy of the weights, once: 0.77 s for GPT-2 small's 495 MB on that machine (the
+kernel zeroes, and may first compact, the huge pages), paid by the first GPT.generate call.
 """
 
 import mmap
