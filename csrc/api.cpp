@@ -29,7 +29,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <array>
 #include <tuple>
 #include <vector>
 
@@ -594,6 +593,10 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
   const int64_t batch = x.size(0), seq = x.size(1), channels = x.size(2);
   TORCH_CHECK(heads > 0 && channels % heads == 0, op, ": heads must divide n_embd (", channels, "), got ", heads);
   const int64_t head_dim = channels / heads;
+  auto param = [&](size_t layer, size_t index) { return params.get(kBlockParams * layer + index); };
+  auto weight = [&](size_t layer, size_t index) { return *param(layer, index); };
+  // Every cache and parameter, before any cache is written. Parameter shapes: (rows, cols) for the four
+  // weights, (rows, 0) for a bias or LayerNorm vector; the hidden width is read from mlp.c_proj's weight.
   for (size_t layer = 0; layer < keys.size(); ++layer) {
     check_like(op, "keys", keys[layer], "x", x);
     check_like(op, "values", values[layer], "x", x);
@@ -604,13 +607,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
                     heads % kv_heads == 0 && start >= 0 && start + seq <= keys[layer].size(2),
                 op, ": each cache must have shape (", batch, ", kv_heads dividing ", heads, ", >= ", start + seq,
                 ", ", head_dim, "), got ", keys[layer].sizes());
-  }
-  auto param = [&](size_t layer, size_t index) { return params.get(kBlockParams * layer + index); };
-  auto weight = [&](size_t layer, size_t index) { return *param(layer, index); };
-  // Every parameter's shape, before any cache is written: (rows, cols) for the four weights, (rows, 0)
-  // for a bias or LayerNorm vector; the hidden width is read from mlp.c_proj's weight.
-  for (size_t layer = 0; layer < keys.size(); ++layer) {
-    const int64_t qkv_features = (heads + 2 * keys[layer].size(1)) * head_dim;
+    const int64_t qkv_features = (heads + 2 * kv_heads) * head_dim;
     const std::optional<at::Tensor> proj_weight = param(layer, 10);
     const int64_t hidden = proj_weight && proj_weight->dim() == 2 ? proj_weight->size(1) : -1;
     const std::array<std::array<int64_t, 2>, kBlockParams> shapes{{{channels, 0}, {channels, 0},
