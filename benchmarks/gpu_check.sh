@@ -2,25 +2,31 @@
 # The single GPU command (ARCHITECTURE.md, "GPU runs"). On a machine with a CUDA GPU, from the
 # repository root:
 #
-#   bash benchmarks/gpu_check.sh            # results in $OUT, or ./gpu-results
-#   bash benchmarks/gpu_check.sh --dry-run  # the same stages on CPU at tiny sizes (no install, no GPU)
+#   bash benchmarks/gpu_check.sh                 # everything; results in $OUT, or ./gpu-results
+#   bash benchmarks/gpu_check.sh correctness     # only the build, tests, harnesses and sanitizers
+#   bash benchmarks/gpu_check.sh bench           # only the build and the benchmarks
+#   bash benchmarks/gpu_check.sh --dry-run       # the same stages on CPU at tiny sizes (no build, no GPU)
 #
-# Stages, most important first, each under its own timeout and all under one time budget
+# Stages, in this order, each under its own timeout and all under one time budget
 # (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200):
 #   1. environment: nvidia-smi, `fastgpt info`;
-#   2. install: `pip install --no-deps --no-build-isolation -e .` with the CUDA extension built for the
-#      GPU present (FASTGPT_CUDA=1, TORCH_CUDA_ARCH_LIST=<detected>); a failure is recorded (with
-#      fastgpt/_C_build_error.txt) and everything after runs anyway, from the source tree
-#      (`python -m fastgpt` imports the checkout), without the cuda backend;
-#   3. `pytest -m gpu tests` (this also fills Triton's compile cache for the benchmarks);
-#   4. `fastgpt bench`: attention bf16 (head_dim 128 and 64, seq 512..16k), then FFN (GPT-2 small and
-#      XL, 8k and 16k tokens), LayerNorm (GB/s against the copy bandwidth) and linear cross-entropy
-#      (vocab 50257, time and peak memory), then the GPT-2 training step and generation;
-#   5. the CUDA dev harnesses of csrc/dev (CMake), run, then under compute-sanitizer memcheck and
-#      racecheck with --validate (their small validation shapes);
-#   6. one Triton attention GPU test under compute-sanitizer memcheck and racecheck;
-#   7. attention fp16;
-#   8. report.md and the summary table, printed last.
+#   2. build: `python setup.py build_ext --inplace` with the CUDA extension for the GPU present
+#      (FASTGPT_CUDA=1, TORCH_CUDA_ARCH_LIST=<detected>); everything after runs from the source tree
+#      (`python -m fastgpt` and pytest import the checkout), so nothing is installed and no pip or
+#      network is needed; a failure is recorded (with fastgpt/_C_build_error.txt) and everything after
+#      runs anyway, without the cuda backend. The CUDA dev harnesses of csrc/dev (CMake) then build in
+#      the background while the GPU tests run [correctness];
+#   3. `pytest -m gpu tests`, on 8 xdist workers when pytest-xdist is there (their Triton compilations
+#      run in parallel; this also fills Triton's compile cache for the benchmarks) [correctness]; with
+#      `correctness` alone, also `fastgpt bench` at tiny sizes, so the benchmark code runs on the GPU;
+#   4. `fastgpt bench` [bench]: attention bf16 (head_dim 64 and 128, seq 512..16k), the GPT-2 training
+#      step and generation, FFN (GPT-2 small and XL, 8k and 16k tokens), LayerNorm (GB/s against the
+#      copy bandwidth) and linear cross-entropy (vocab 50257, time and peak memory), attention fp16;
+#   5. the dev harnesses run (validation and timing) [correctness];
+#   6. compute-sanitizer memcheck, then racecheck, on each harness with --validate (their small
+#      validation shapes) and on tests/test_gpu_sanitizer.py (Triton attention forward, backward and
+#      decode at awkward shapes) [correctness];
+#   7. report.md and the summary table, printed last.
 # Results are written after every benchmark case, so a stage cut short by its timeout still leaves its
 # finished measurements in $OUT/results.json. $OUT ends with: results.json, report.md, stages.tsv,
 # gpu_check.log (every stage's output).
@@ -28,8 +34,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
-PYTHON=${PYTHON:-python}
+PART=all
+for argument in "$@"; do
+  case "$argument" in
+    --dry-run) DRY_RUN=1 ;;
+    all | correctness | bench) PART=$argument ;;
+    *) echo "gpu_check.sh: expected all, correctness, bench or --dry-run, got '$argument'" >&2; exit 2 ;;
+  esac
+done
+PYTHON=${PYTHON:-python3}
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 SUMMARY_RESERVE=20  # seconds kept for the report at the end
@@ -49,6 +62,10 @@ else
   BF16=bf16
   FP16=fp16
 fi
+
+wants() {  # wants PART: whether this run includes the stages of PART
+  [[ "$PART" == all || "$PART" == "$1" ]]
+}
 
 # run_stage NAME CAP_SECONDS COMMAND...: runs COMMAND under min(CAP, time left), logs its output,
 # and records its status in stages.tsv.
@@ -92,82 +109,112 @@ if [[ "$DRY_RUN" == 1 ]]; then
 else
   run_stage "nvidia-smi" 20 nvidia-smi
 fi
-run_stage "fastgpt info (before install)" 30 "$PYTHON" -m fastgpt info
+run_stage "fastgpt info (before the build)" 30 "$PYTHON" -m fastgpt info
 
-# 2. install, with the CUDA extension for the GPU present
+# 2. build the extension with the CUDA kernels for the GPU present
 if [[ "$DRY_RUN" == 1 ]]; then
-  note_stage "install + CUDA build" "dry-run" "would run: FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST=<detected> pip install --no-deps --no-build-isolation -e ."
+  note_stage "CUDA build" "dry-run" "would run: FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST=<detected> $PYTHON setup.py build_ext --inplace"
 else
   ARCH=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>>"$LOG")
   STAGE_NOTE="TORCH_CUDA_ARCH_LIST=$ARCH"
-  run_stage "install + CUDA build" 200 env FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
-    "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+  run_stage "CUDA build" 200 env FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+    "$PYTHON" setup.py build_ext --inplace
   if "$PYTHON" -c "import fastgpt, sys; sys.exit('cuda' not in fastgpt.available_backends())" 2>>"$LOG"; then
     note_stage "CUDA backend" "ok" "fastgpt.available_backends() includes cuda"
   else
     REASON=$(head -c 300 fastgpt/_C_build_error.txt 2>/dev/null | tr '\t\n' '  ')
-    note_stage "CUDA backend" "missing" "${REASON:-see the install stage in gpu_check.log}"
+    note_stage "CUDA backend" "missing" "${REASON:-see the build stage in gpu_check.log}"
   fi
 fi
 run_stage "fastgpt info" 30 "$PYTHON" -m fastgpt info
 
-# 3. the gpu tests
-run_stage "pytest -m gpu tests" 90 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider
-
-# 4. the benchmark set, the headline first
-run_stage "bench attention $BF16" 100 "${BENCH[@]}" --ops attention --dtype "$BF16"
-run_stage "bench ffn, layer_norm, cross_entropy $BF16" 70 "${BENCH[@]}" --ops ffn,layer_norm,cross_entropy --dtype "$BF16"
-run_stage "bench gpt $BF16" 80 "${BENCH[@]}" --ops gpt --dtype "$BF16"
-
-# 5. CUDA dev harnesses: build (CMake), run, and run under compute-sanitizer at their validation sizes
+# The dev harnesses build on the CPU cores in the background (under their own timeout) while the GPU
+# tests run; stage 5 waits for them.
 DEV_SOURCES=(csrc/dev/*.cu)
-if [[ ! -e "${DEV_SOURCES[0]}" ]]; then
+DEV_TARGETS=()
+DEV_BUILD_PID=""
+DEV_BUILD_LOG=build/gpu-check-harnesses.log
+if ! wants correctness; then
+  :
+elif [[ ! -e "${DEV_SOURCES[0]}" ]]; then
   note_stage "dev harnesses" "skipped" "no csrc/dev/*.cu"
 elif [[ "$DRY_RUN" == 1 ]]; then
   note_stage "dev harnesses" "dry-run" "would build: $(basename -a -s .cu "${DEV_SOURCES[@]}" | sed 's/^/dev_/' | tr '\n' ' ')"
 elif [[ ! -f CMakeLists.txt ]] || ! command -v cmake >/dev/null; then
   note_stage "dev harnesses" "skipped" "no CMakeLists.txt or no cmake"
 else
-  TARGETS=()
-  for source in "${DEV_SOURCES[@]}"; do TARGETS+=("dev_$(basename "$source" .cu)"); done
-  run_stage "dev harnesses: cmake configure" 30 cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF
-  run_stage "dev harnesses: build" 90 cmake --build build/gpu-check -j "$(nproc)" --target "${TARGETS[@]}"
-  for target in "${TARGETS[@]}"; do
+  for source in "${DEV_SOURCES[@]}"; do DEV_TARGETS+=("dev_$(basename "$source" .cu)"); done
+  mkdir -p build/gpu-check
+  DEV_BUILD_START=$SECONDS
+  timeout -k 5 240 bash -c 'cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF &&
+    cmake --build build/gpu-check -j "$(nproc)" --target "$@"' build-harnesses "${DEV_TARGETS[@]}" \
+    >"$DEV_BUILD_LOG" 2>&1 &
+  DEV_BUILD_PID=$!
+fi
+
+# 3. the gpu tests
+if wants correctness; then
+  WORKERS=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n 8 --dist load)
+  run_stage "pytest -m gpu tests" 90 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider "${WORKERS[@]}"
+fi
+
+# ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)
+if [[ "$PART" == correctness ]]; then
+  run_stage "bench smoke (tiny sizes)" 60 "${BENCH[@]}" --tiny --dtype "$BF16,$FP16" --skip-providers "*torch.compile"
+fi
+
+# 4. the benchmark set, the headline first
+if wants bench; then
+  run_stage "bench attention $BF16" 130 "${BENCH[@]}" --ops attention --dtype "$BF16"
+  run_stage "bench gpt $BF16" 120 "${BENCH[@]}" --ops gpt --dtype "$BF16"
+  run_stage "bench ffn, layer_norm, cross_entropy $BF16" 90 "${BENCH[@]}" --ops ffn,layer_norm,cross_entropy --dtype "$BF16"
+  run_stage "bench attention $FP16" 70 "${BENCH[@]}" --ops attention --dtype "$FP16"
+fi
+
+# 5. the dev harnesses run (validation and timing)
+HARNESSES=()
+if [[ -n "$DEV_BUILD_PID" ]]; then
+  wait "$DEV_BUILD_PID"
+  BUILD_STATUS=$?
+  cat "$DEV_BUILD_LOG" >>"$LOG"
+  BUILD_RESULT=ok
+  ((BUILD_STATUS == 124 || BUILD_STATUS == 137)) && BUILD_RESULT=timeout
+  ((BUILD_STATUS != 0 && BUILD_STATUS != 124 && BUILD_STATUS != 137)) && BUILD_RESULT="failed (exit $BUILD_STATUS)"
+  printf '%s\t%s\t%s\t%s\n' "dev harnesses: build (background)" "$BUILD_RESULT" "$((SECONDS - DEV_BUILD_START))" \
+    "done by now; the time is since it started" >>"$STAGES"
+  for target in "${DEV_TARGETS[@]}"; do
     binary=$(find build/gpu-check -type f -name "$target" -perm -u+x | head -n 1)
     if [[ -z "$binary" ]]; then
       note_stage "$target" "missing" "not built"
-      continue
-    fi
-    run_stage "$target" 30 "$binary"
-    if command -v compute-sanitizer >/dev/null; then
-      run_stage "$target memcheck" 40 compute-sanitizer --tool memcheck --error-exitcode 1 "$binary" --validate
-      run_stage "$target racecheck" 40 compute-sanitizer --tool racecheck --error-exitcode 1 "$binary" --validate
+    else
+      HARNESSES+=("$binary")
     fi
   done
+  for binary in "${HARNESSES[@]}"; do run_stage "$(basename "$binary")" 30 "$binary"; done
 fi
 
-# 6. one Triton attention test under compute-sanitizer (the caching allocator off, so memcheck sees
-#    every buffer's real bounds)
-TRITON_TEST=$(timeout 60 "$PYTHON" -m pytest tests/test_triton_attention.py -m gpu --collect-only -q \
-  -p no:cacheprovider 2>/dev/null | grep '::' | head -n 1)
-if [[ "$DRY_RUN" == 1 ]]; then
-  note_stage "triton attention under compute-sanitizer" "dry-run" "would run: ${TRITON_TEST:-the first gpu test of tests/test_triton_attention.py}"
-elif [[ -z "$TRITON_TEST" ]]; then
-  note_stage "triton attention under compute-sanitizer" "skipped" "no gpu test in tests/test_triton_attention.py"
+# 6. compute-sanitizer, memcheck first: each harness at its validation sizes (--validate), and the Triton
+#    sanitizer test (the caching allocator off, so memcheck sees every buffer's real bounds)
+SANITIZER_TEST=tests/test_gpu_sanitizer.py::test_triton_attention_sanitizer_smoke
+if ! wants correctness; then
+  :
+elif [[ "$DRY_RUN" == 1 ]]; then
+  note_stage "compute-sanitizer" "dry-run" "would run: memcheck and racecheck on each harness --validate and on $SANITIZER_TEST"
 elif ! command -v compute-sanitizer >/dev/null; then
-  note_stage "triton attention under compute-sanitizer" "skipped" "compute-sanitizer not found"
+  note_stage "compute-sanitizer" "skipped" "compute-sanitizer not found"
 else
   for tool in memcheck racecheck; do
-    STAGE_NOTE="$TRITON_TEST"
+    for binary in "${HARNESSES[@]}"; do
+      run_stage "$(basename "$binary") $tool" 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$binary" --validate
+    done
+    STAGE_NOTE="$SANITIZER_TEST"
     run_stage "triton attention $tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" -m pytest "$TRITON_TEST" -q -p no:cacheprovider
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" -m pytest "$SANITIZER_TEST" -q -p no:cacheprovider
   done
 fi
 
-# 7. the second half-precision dtype
-run_stage "bench attention $FP16" 60 "${BENCH[@]}" --ops attention --dtype "$FP16"
-
-# 8. report: the stage table, every op's table, and the speedup summary printed last
+# 7. report: the stage table, every op's table, and the speedup summary printed last
 "$PYTHON" -m fastgpt.bench.report "$OUT/results.json" --stages "$STAGES" --markdown "$OUT/report.md" 2>&1 | tee -a "$LOG"
 if [[ "$DRY_RUN" != 1 ]]; then
   GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())" 2>/dev/null)

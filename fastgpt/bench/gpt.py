@@ -287,7 +287,7 @@ class GPTBench:
         calls = _calls(providers, shape, tokens, device)
         if mode == "generate":
             plan = dataclasses.replace(plan, rounds=min(plan.rounds, GENERATION_ROUNDS),
-                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0,
+                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0, gpu_warmup_s=0.0,
                                        cpu_round_s=plan.cpu_round_s * GENERATION_ROUND_FACTOR)
         work = self.work(shape, dtype, mode)
         skipped = [{**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip]

@@ -42,8 +42,9 @@ class TimingPlan:
 
     rounds: int  # interleaved rounds, each timing every provider once
     warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
-    warmup_s: float  # ... and for at least this long: compiled code can stay slow for a while after its
-    # first call (inductor finishes compiling in background workers), for a time, not a number of calls
+    warmup_s: float  # ... and for at least this long on CPU: compiled code can stay slow for a while after
+    # its first call (inductor finishes compiling in background workers), for a time, not a number of calls
+    gpu_warmup_s: float  # ... and on GPU, where a call takes milliseconds: 0.2 s is already ~100 calls
     cpu_round_s: float  # blocked_autorange min_run_time of one CPU round
     gpu_block_ms: float  # target length of one GPU block of calls
 
@@ -133,10 +134,11 @@ def measure_interleaved(callables, device, plan):
     """{name: Timing} for no-argument callables, timed in interleaved rounds after warm-up."""
     device = torch.device(device)
     names = list(callables)
+    warmup_s = plan.gpu_warmup_s if device.type == "cuda" else plan.warmup_s
     call_s = {}  # the last warm-up call's duration
     for name in names:
         start, calls = time.perf_counter(), 0
-        while calls < plan.warmup_calls or time.perf_counter() - start < plan.warmup_s:
+        while calls < plan.warmup_calls or time.perf_counter() - start < warmup_s:
             call_start = time.perf_counter()
             callables[name]()
             synchronize(device)
