@@ -513,12 +513,14 @@ cudaError_t launch_backward_for_head_dim(const AttentionParams& p, cudaStream_t 
 }  // namespace
 
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
-  if (!attention_shape_ok(p) || !heads_aligned(p.q) || !heads_aligned(p.k) || !heads_aligned(p.v) ||
-      !heads_aligned(p.out) || !heads_aligned(p.dout) || !heads_aligned(p.dq) || !heads_aligned(p.dk) ||
-      !heads_aligned(p.dv) || p.lse == nullptr || p.delta == nullptr) {
+  if (!attention_shape_ok(p)) return cudaErrorInvalidValue;
+  // Nothing to write; the data pointers of empty tensors may be null, so they are checked after this.
+  if (p.batch == 0 || p.kv_heads == 0 || p.kv_len == 0) return cudaSuccess;
+  if (!heads_aligned(p.q) || !heads_aligned(p.k) || !heads_aligned(p.v) || !heads_aligned(p.out) ||
+      !heads_aligned(p.dout) || !heads_aligned(p.dq) || !heads_aligned(p.dk) || !heads_aligned(p.dv) ||
+      p.lse == nullptr || p.delta == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (p.batch == 0 || p.kv_heads == 0 || p.kv_len == 0) return cudaSuccess;
   // Kernel choice by architecture: the mma.sync kernels run on every device from sm_80 on; an sm_90a
   // wgmma/TMA backward would be selected here.
   const cudaError_t error = require_sm80();

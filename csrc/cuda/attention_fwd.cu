@@ -266,11 +266,12 @@ const char* attention_unsupported_reason(int head_dim, DType dtype) {
 }
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
-  if (!attention_shape_ok(p) || !heads_aligned(p.q) || !heads_aligned(p.k) || !heads_aligned(p.v) ||
-      !heads_aligned(p.out) || p.lse == nullptr) {
+  if (!attention_shape_ok(p)) return cudaErrorInvalidValue;
+  // Nothing to write; the data pointers of empty tensors may be null, so they are checked after this.
+  if (p.batch == 0 || p.heads == 0 || p.q_len == 0) return cudaSuccess;
+  if (!heads_aligned(p.q) || !heads_aligned(p.k) || !heads_aligned(p.v) || !heads_aligned(p.out) || p.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (p.batch == 0 || p.heads == 0 || p.q_len == 0) return cudaSuccess;
   // Kernel choice by architecture: every device from sm_80 on runs the mma.sync kernel. sm_90a is
   // where a warpgroup-MMA (wgmma) kernel fed by TMA tile copies, FlashAttention-3's scheme, is to be
   // selected once it exists.

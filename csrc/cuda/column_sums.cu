@@ -38,11 +38,9 @@ __global__ void __launch_bounds__(kColumns* kSlices)
 }  // namespace
 
 cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtype, void* out, cudaStream_t stream) {
-  if ((dtype != DType::kBFloat16 && dtype != DType::kFloat16) || rows < 0 || cols < 0 || out == nullptr ||
-      (rows > 0 && partial == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  if (cols == 0) return cudaSuccess;
+  if ((dtype != DType::kBFloat16 && dtype != DType::kFloat16) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
+  if (cols == 0) return cudaSuccess;  // nothing to write (and out may then be null)
+  if (out == nullptr || (rows > 0 && partial == nullptr)) return cudaErrorInvalidValue;
   const dim3 block(kColumns, kSlices);
   const unsigned blocks = static_cast<unsigned>(ceil_div(cols, kColumns));
   if (dtype == DType::kBFloat16) {

@@ -292,14 +292,15 @@ const char* gemm_unsupported_reason(DType dtype) {
 
 cudaError_t gemm(const GemmParams& p, cudaStream_t stream) {
   const bool forward_activation = p.activation_out.data != nullptr && p.activation_grad_input.data == nullptr;
-  if (gemm_unsupported_reason(p.dtype) != nullptr || p.M < 0 || p.N < 0 || p.K < 0 || p.out.data == nullptr ||
-      !epilogue_matrix_ok(p.out) || !epilogue_matrix_ok(p.activation_out) || !epilogue_matrix_ok(p.residual) ||
-      !epilogue_matrix_ok(p.activation_grad_input) ||
+  if (gemm_unsupported_reason(p.dtype) != nullptr || p.M < 0 || p.N < 0 || p.K < 0) return cudaErrorInvalidValue;
+  // Nothing to write; the data pointers of empty tensors may be null, so they are checked after this.
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (p.out.data == nullptr || !epilogue_matrix_ok(p.out) || !epilogue_matrix_ok(p.activation_out) ||
+      !epilogue_matrix_ok(p.residual) || !epilogue_matrix_ok(p.activation_grad_input) ||
       (p.residual.data != nullptr && (forward_activation || p.activation_grad_input.data != nullptr)) ||
       (p.bias_grad_partial != nullptr && p.bias_grad_block_m != kBlockM)) {
     return cudaErrorInvalidValue;
   }
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
   // Every device from sm_80 on runs this mma.sync kernel; an sm_90a wgmma/TMA kernel would be chosen here.
   const cudaError_t error = require_sm80();
   if (error != cudaSuccess) return error;

@@ -365,10 +365,12 @@ const char* layer_norm_unsupported_reason(int cols, DType dtype) {
 }
 
 cudaError_t layer_norm_forward(const LayerNormParams& p, cudaStream_t stream) {
-  if (!params_ok(p) || p.x.data == nullptr || p.out.data == nullptr || p.mean == nullptr || p.rstd == nullptr) {
+  if (!params_ok(p)) return cudaErrorInvalidValue;
+  // Nothing to write; the data pointers of empty tensors may be null, so they are checked after this.
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  if (p.x.data == nullptr || p.out.data == nullptr || p.mean == nullptr || p.rstd == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
   return p.dtype == DType::kBFloat16 ? dispatch<__nv_bfloat16>(p, false, stream) : dispatch<__half>(p, false, stream);
 }
 
@@ -381,11 +383,12 @@ int layer_norm_backward_num_partials(int64_t rows) {
 }
 
 cudaError_t layer_norm_backward(const LayerNormParams& p, cudaStream_t stream) {
-  if (!params_ok(p) || p.x.data == nullptr || p.dout.data == nullptr || p.dx.data == nullptr || p.mean == nullptr ||
-      p.rstd == nullptr || p.num_partials < 0 || (p.rows > 0 && p.num_partials == 0)) {
+  if (!params_ok(p) || p.num_partials < 0 || (p.rows > 0 && p.num_partials == 0)) return cudaErrorInvalidValue;
+  // Nothing to write; the data pointers of empty tensors may be null, so they are checked after this.
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  if (p.x.data == nullptr || p.dout.data == nullptr || p.dx.data == nullptr || p.mean == nullptr || p.rstd == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
   return p.dtype == DType::kBFloat16 ? dispatch<__nv_bfloat16>(p, true, stream) : dispatch<__half>(p, true, stream);
 }
 

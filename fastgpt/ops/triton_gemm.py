@@ -332,8 +332,9 @@ def shared_memory_bytes(config, element_size):
 
 def _prune_by_shared_memory(configs, named_args, **kwargs):
     """Drop configurations whose operand pipeline does not fit next to the epilogue (fp32 operands
-    take twice the bytes of bf16); keep the smallest if none fits."""
-    a = named_args["a_ptr"]
+    take twice the bytes of bf16); keep the smallest if none fits. Triton 3.9 passes the launch's
+    keyword arguments in named_args, Triton 3.6 in kwargs."""
+    a = {**kwargs, **named_args}["a_ptr"]
     limit = SHARED_MEMORY_BUDGET[90 if torch.cuda.get_device_capability(a.device)[0] >= 9 else 80]
     fitting = [
         config
