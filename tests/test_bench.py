@@ -95,7 +95,7 @@ def test_interleaved_timing_ranks_callables():
         time.sleep(0.006)
 
     plan = timing.TimingPlan(rounds=3, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.02,
-                              gpu_block_ms=1.0)
+                              gpu_block_ms=1.0, cpu_generation_rounds=0, gpu_generation_rounds=0)
     result = timing.measure_interleaved({"short": short, "long": long}, "cpu", plan)
     assert 1.8 < result["long"].median_ms / result["short"].median_ms < 3.5
     # interleaved: the order of the providers rotates between rounds, so neither always runs first

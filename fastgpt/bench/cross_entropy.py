@@ -21,7 +21,6 @@ GPT2_VOCAB = 50257
 SHAPES = {
     ("cuda", "full"): [
         {"tokens": 8192, "channels": 768, "vocab": GPT2_VOCAB},
-        {"tokens": 16384, "channels": 768, "vocab": GPT2_VOCAB},
         {"tokens": 16384, "channels": 1600, "vocab": GPT2_VOCAB},
     ],
     ("cuda", "quick"): [{"tokens": 8192, "channels": 768, "vocab": GPT2_VOCAB}],

@@ -34,6 +34,12 @@ def _panels(count):
     return plt, figure, list(axes.flat)
 
 
+def _provider_colors(records):
+    """One matplotlib cycle colour per provider, the same in every panel of a figure."""
+    providers = dict.fromkeys(r["provider"] for r in records)
+    return {provider: f"C{index % 10}" for index, provider in enumerate(providers)}
+
+
 def _save(plt, figure, path):
     figure.tight_layout()
     figure.savefig(path, dpi=90)
@@ -46,6 +52,7 @@ def attention_lines(records, mode, value, ylabel, title, path, log_y=False):
     if not records:
         return None
     panels = sorted({(r["dtype"], r["shape"]["head_dim"]) for r in records})
+    colors = _provider_colors(records)
     plt, figure, axes = _panels(len(panels))
     for ax, (dtype, head_dim) in zip(axes, panels):
         subset = [r for r in records if r["dtype"] == dtype and r["shape"]["head_dim"] == head_dim]
@@ -53,7 +60,7 @@ def attention_lines(records, mode, value, ylabel, title, path, log_y=False):
             points = sorted((r["shape"]["seq"], value(r)) for r in subset if r["provider"] == provider)
             kind = next(r["kind"] for r in subset if r["provider"] == provider)
             ax.plot([p[0] for p in points], [p[1] for p in points], PROVIDER_STYLE.get(kind, "-"), marker="o",
-                    label=provider)
+                    color=colors[provider], label=provider)
         ax.set_xscale("log", base=2)
         seqs = sorted({r["shape"]["seq"] for r in subset})
         ax.set_xticks(seqs, [str(seq) for seq in seqs])
@@ -79,6 +86,7 @@ def grouped_bars(records, op, value, ylabel, path, reference_line=None):
     if not records:
         return None
     panels = list(dict.fromkeys((r["dtype"], r["mode"]) for r in records))
+    colors = _provider_colors(records)
     plt, figure, axes = _panels(len(panels))
     for ax, (dtype, mode) in zip(axes, panels):
         subset = [r for r in records if (r["dtype"], r["mode"]) == (dtype, mode)]
@@ -88,7 +96,8 @@ def grouped_bars(records, op, value, ylabel, path, reference_line=None):
         for index, provider in enumerate(providers):
             heights = [next((value(r) for r in subset if r["provider"] == provider
                              and shape_label(op, r["shape"]) == label), 0) or 0 for label in shapes]
-            ax.bar([s + index * width for s in range(len(shapes))], heights, width, label=provider)
+            ax.bar([s + index * width for s in range(len(shapes))], heights, width, color=colors[provider],
+                   label=provider)
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes, fontsize=7, rotation=15)
         if reference_line:
             ax.axhline(reference_line[0], color="black", linestyle=":", label=reference_line[1])

@@ -30,14 +30,17 @@ OPS = {
 
 # quick: under 3 minutes on a 2-core CPU; tiny: seconds (tests and gpu_check.sh --dry-run)
 PLANS = {
-    "full": TimingPlan(rounds=7, warmup_calls=3, warmup_s=1.0, gpu_warmup_s=0.2, cpu_round_s=0.2, gpu_block_ms=10.0),
-    "quick": TimingPlan(rounds=5, warmup_calls=2, warmup_s=0.3, gpu_warmup_s=0.1, cpu_round_s=0.05,
-                        gpu_block_ms=5.0),
-    "tiny": TimingPlan(rounds=2, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.005, gpu_block_ms=1.0),
+    "full": TimingPlan(rounds=7, warmup_calls=3, warmup_s=1.0, gpu_warmup_s=0.2, cpu_round_s=0.2, gpu_block_ms=10.0,
+                       cpu_generation_rounds=16, gpu_generation_rounds=3),
+    "quick": TimingPlan(rounds=5, warmup_calls=2, warmup_s=0.3, gpu_warmup_s=0.1, cpu_round_s=0.05, gpu_block_ms=5.0,
+                        cpu_generation_rounds=16, gpu_generation_rounds=2),
+    "tiny": TimingPlan(rounds=2, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.005, gpu_block_ms=1.0,
+                       cpu_generation_rounds=2, gpu_generation_rounds=1),
 }
-PEAK_PLAN = TimingPlan(rounds=3, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.2, gpu_block_ms=20.0)
+PEAK_PLAN = TimingPlan(rounds=3, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.2, gpu_block_ms=20.0,
+                       cpu_generation_rounds=0, gpu_generation_rounds=0)
 TINY_PEAK_PLAN = TimingPlan(rounds=1, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.01,
-                            gpu_block_ms=1.0)
+                            gpu_block_ms=1.0, cpu_generation_rounds=0, gpu_generation_rounds=0)
 
 
 def measure_peaks(device, dtypes, sweep):

@@ -47,6 +47,14 @@ class TimingPlan:
     gpu_warmup_s: float  # ... and on GPU, where a call takes milliseconds: 0.2 s is already ~100 calls
     cpu_round_s: float  # blocked_autorange min_run_time of one CPU round
     gpu_block_ms: float  # target length of one GPU block of calls
+    # Rounds of whole-model generate calls (gpt.py). CPU: many, because the speed of Python-bound calls
+    # (transformers' generate at the quick sweep's small model) drifts on a timescale of seconds on a
+    # shared machine: 45-66 ms in successive 4 s windows of one process on the 2-core development VM,
+    # while fastgpt's calls hardly move, so the per-round ratios need many rounds. GPU: a call is a whole
+    # decode loop (64 tokens at 16 sequences in the full sweep), and few rounds keep the case inside
+    # benchmarks/gpu_check.sh's budget.
+    cpu_generation_rounds: int
+    gpu_generation_rounds: int
 
 
 @dataclasses.dataclass(frozen=True)
