@@ -3,9 +3,12 @@ the record schema, speedups, a tiny `fastgpt bench` run with its results file, r
 the README render."""
 
 import json
+import os
 import statistics
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +281,17 @@ def test_render_needs_the_markers(tiny_run, tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="perf:start"):
         cli.main(["bench", "--render", str(out / "results.json"), "--readme", str(readme)])
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh: what can be checked without a GPU (its --dry-run takes minutes)
+
+
+def test_gpu_check_rejects_an_unknown_part(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
+                            env={**os.environ, "OUT": str(tmp_path / "out")}, check=False)
+    assert result.returncode == 2
+    assert "expected all, correctness, bench or --dry-run, got 'everything'" in result.stderr
+    assert not (tmp_path / "out").exists()  # rejected before anything was written
+

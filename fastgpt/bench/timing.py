@@ -38,7 +38,7 @@ MAX_INPUT_COPIES = 64
 
 @dataclasses.dataclass(frozen=True)
 class TimingPlan:
-    """How hard to time each case: the size presets in sweeps.py pick one."""
+    """How hard to time each case: runner.PLANS holds one per sweep (full, quick, tiny)."""
 
     rounds: int  # interleaved rounds, each timing every provider once
     warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
@@ -50,7 +50,8 @@ class TimingPlan:
     # Rounds of whole-model generate calls (gpt.py). CPU: many, because the speed of Python-bound calls
     # (transformers' generate at the quick sweep's small model) drifts on a timescale of seconds on a
     # shared machine: 45-66 ms in successive 4 s windows of one process on the 2-core development VM,
-    # while fastgpt's calls hardly move, so the per-round ratios need many rounds. GPU: a call is a whole
+    # while fastgpt's calls hardly move, so the per-round ratios need many rounds (three quick sweeps:
+    # fastgpt.nn vs transformers spread 3.1% with 16 rounds, 12.9% with 6). GPU: a call is a whole
     # decode loop (64 tokens at 16 sequences in the full sweep), and few rounds keep the case inside
     # benchmarks/gpu_check.sh's budget.
     cpu_generation_rounds: int
