@@ -75,6 +75,21 @@ wants() {  # wants STAGE_SET: whether this run includes the stages of tests, ben
   esac
 }
 
+# stage_result NAME EXIT_STATUS: what stages.tsv records for a stage that ran (a timeout's kill is 124
+# or 137; pytest exits 5 when it collected nothing).
+stage_result() {
+  local name=$1 status=$2
+  if ((status == 124 || status == 137)); then
+    echo "timeout"
+  elif ((status == 5)) && [[ "$name" == pytest* ]]; then
+    echo "no tests collected"
+  elif ((status != 0)); then
+    echo "failed (exit $status)"
+  else
+    echo "ok"
+  fi
+}
+
 # run_stage NAME CAP_SECONDS COMMAND...: runs COMMAND under min(CAP, time left), logs its output,
 # and records its status in stages.tsv.
 run_stage() {
@@ -91,14 +106,8 @@ run_stage() {
   local start=$SECONDS status
   timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
   status=$?
-  local took=$((SECONDS - start)) result=ok
-  if ((status == 124 || status == 137)); then
-    result="timeout"
-  elif ((status == 5)) && [[ "$name" == pytest* ]]; then
-    result="no tests collected"
-  elif ((status != 0)); then
-    result="failed (exit $status)"
-  fi
+  local took=$((SECONDS - start)) result
+  result=$(stage_result "$name" "$status")
   printf '%s\t%s\t%s\t%s\n' "$name" "$result" "$took" "${STAGE_NOTE:-}" >>"$STAGES"
   echo "   $result after ${took}s" | tee -a "$LOG"
   STAGE_NOTE=""
@@ -185,10 +194,8 @@ if [[ -n "$DEV_BUILD_PID" ]]; then
   wait "$DEV_BUILD_PID"
   BUILD_STATUS=$?
   cat "$DEV_BUILD_LOG" >>"$LOG"
-  BUILD_RESULT=ok
-  ((BUILD_STATUS == 124 || BUILD_STATUS == 137)) && BUILD_RESULT=timeout
-  ((BUILD_STATUS != 0 && BUILD_STATUS != 124 && BUILD_STATUS != 137)) && BUILD_RESULT="failed (exit $BUILD_STATUS)"
-  printf '%s\t%s\t%s\t%s\n' "dev harnesses: build (background)" "$BUILD_RESULT" "$((SECONDS - DEV_BUILD_START))" \
+  BUILD_NAME="dev harnesses: build (background)"
+  printf '%s\t%s\t%s\t%s\n' "$BUILD_NAME" "$(stage_result "$BUILD_NAME" "$BUILD_STATUS")" "$((SECONDS - DEV_BUILD_START))" \
     "done by now; the time is since it started" >>"$STAGES"
   for target in "${DEV_TARGETS[@]}"; do
     binary=$(find build/gpu-check -type f -name "$target" -perm -u+x | head -n 1)
