@@ -5,29 +5,32 @@
 #   bash benchmarks/gpu_check.sh               # build, GPU tests, full benchmark set; results in $OUT or ./gpu-results
 #   bash benchmarks/gpu_check.sh correctness   # build, GPU tests, benchmark smoke, dev harnesses, compute-sanitizer
 #   bash benchmarks/gpu_check.sh bench         # build and the full benchmark set
+#   bash benchmarks/gpu_check.sh sanitizer     # build, dev harnesses, compute-sanitizer (after a run of 'all')
 #   bash benchmarks/gpu_check.sh --dry-run     # the same stages on CPU at tiny sizes (no build, no GPU)
 #
 # Stages, in this order, each under its own timeout and all under one time budget
 # (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200); [all],
-# [correctness] and [bench] say which runs include a stage:
+# [correctness], [bench] and [sanitizer] say which runs include a stage:
 #   1. environment: nvidia-smi, `fastgpt info` after the build;
 #   2. build: `python setup.py build_ext --inplace` with the CUDA extension for the GPU present
 #      (FASTGPT_CUDA=1, TORCH_CUDA_ARCH_LIST=<detected>); everything after runs from the source tree
 #      (`python -m fastgpt` and pytest import the checkout), so nothing is installed and no pip or
 #      network is needed; a failure is recorded (with fastgpt/_C_build_error.txt) and everything after
-#      runs anyway, without the cuda backend [all, correctness, bench]. The CUDA dev harnesses of
-#      csrc/dev (CMake) then build in the background while the GPU tests run [correctness];
+#      runs anyway, without the cuda backend [every part]. The CUDA dev harnesses of csrc/dev (CMake,
+#      for this GPU's architecture only) then build in the background while the GPU tests run
+#      [correctness, sanitizer];
 #   3. `pytest -m gpu tests`, on 12 xdist workers when pytest-xdist is there (their Triton compilations
 #      run in parallel; this also fills Triton's compile cache for the benchmarks) [all, correctness];
 #      then `fastgpt bench` at tiny sizes, so the benchmark code itself runs on the GPU [correctness];
 #   4. `fastgpt bench` [all, bench]: attention bf16 (head_dim 64 and 128, seq 512..16k), the GPT-2
 #      training step and generation, FFN (GPT-2 small and XL, 8k tokens), LayerNorm (GB/s against the
 #      copy bandwidth) and linear cross-entropy (vocab 50257, time and peak memory), attention fp16;
-#   5. the dev harnesses run (validation and timing) [correctness];
+#   5. the dev harnesses run (validation and timing) [correctness, sanitizer];
 #   6. compute-sanitizer memcheck, then racecheck, on each harness with --validate (their small
 #      validation shapes) and on tests/test_gpu_sanitizer.py (Triton attention forward, backward and
-#      decode at awkward shapes) [correctness];
+#      decode at awkward shapes) [correctness, sanitizer];
 #   7. report.md and the summary table, printed last.
+# On a copy of the tree with a stale or no .git, set FASTGPT_GIT_SHA to the commit it holds (results.json).
 # Stage times on the H200 (2026-11-29, benchmarks/results/2026-11-29-h200.*): build 43 s, GPU tests
 # 67 s, attention bf16 91 s, attention fp16 69 s; the GPT, FFN and cross-entropy sets were cut down
 # after that run overran its stage limits.
@@ -42,8 +45,8 @@ PART=all
 for argument in "$@"; do
   case "$argument" in
     --dry-run) DRY_RUN=1 ;;
-    all | correctness | bench) PART=$argument ;;
-    *) echo "gpu_check.sh: expected all, correctness, bench or --dry-run, got '$argument'" >&2; exit 2 ;;
+    all | correctness | bench | sanitizer) PART=$argument ;;
+    *) echo "gpu_check.sh: expected all, correctness, bench, sanitizer or --dry-run, got '$argument'" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3}
@@ -67,11 +70,12 @@ else
   FP16=fp16
 fi
 
-wants() {  # wants STAGE_SET: whether this run includes the stages of tests, bench or correctness
+wants() {  # wants STAGE_SET: whether this run includes the stages of tests, smoke, bench or sanitizer
   case "$1" in
-    tests) [[ "$PART" != bench ]] ;;
-    bench) [[ "$PART" != correctness ]] ;;
-    correctness) [[ "$PART" == correctness ]] ;;
+    tests) [[ "$PART" == all || "$PART" == correctness ]] ;;
+    smoke) [[ "$PART" == correctness ]] ;;
+    bench) [[ "$PART" == all || "$PART" == bench ]] ;;
+    sanitizer) [[ "$PART" == correctness || "$PART" == sanitizer ]] ;;
   esac
 }
 
@@ -150,7 +154,7 @@ DEV_SOURCES=(csrc/dev/*.cu)
 DEV_TARGETS=()
 DEV_BUILD_PID=""
 DEV_BUILD_LOG=build/gpu-check-harnesses.log
-if ! wants correctness; then
+if ! wants sanitizer; then
   :
 elif [[ ! -e "${DEV_SOURCES[0]}" ]]; then
   note_stage "dev harnesses" "skipped" "no csrc/dev/*.cu"
@@ -162,8 +166,12 @@ else
   for source in "${DEV_SOURCES[@]}"; do DEV_TARGETS+=("dev_$(basename "$source" .cu)"); done
   mkdir -p build/gpu-check
   DEV_BUILD_START=$SECONDS
-  timeout -k 5 240 bash -c 'cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF &&
-    cmake --build build/gpu-check -j "$(nproc)" --target "$@"' build-harnesses "${DEV_TARGETS[@]}" \
+  # 9.0 -> 90a (the harnesses are built as the CMake default builds them for Hopper), 8.0 -> 80
+  HARNESS_ARCH=${ARCH/./}
+  [[ "$HARNESS_ARCH" == 90 ]] && HARNESS_ARCH=90a
+  timeout -k 5 240 bash -c 'cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF \
+      -DFASTGPT_CUDA_ARCHS="$0" &&
+    cmake --build build/gpu-check -j "$(nproc)" --target "$@"' "$HARNESS_ARCH" "${DEV_TARGETS[@]}" \
     >"$DEV_BUILD_LOG" 2>&1 &
   DEV_BUILD_PID=$!
 fi
@@ -176,7 +184,7 @@ if wants tests; then
 fi
 
 # ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)
-if wants correctness; then
+if wants smoke; then
   run_stage "bench smoke (tiny sizes)" 60 "${BENCH[@]}" --tiny --dtype "$BF16,$FP16" --skip-providers "*torch.compile"
 fi
 
@@ -211,7 +219,7 @@ fi
 # 6. compute-sanitizer, memcheck first: each harness at its validation sizes (--validate), and the Triton
 #    sanitizer test (the caching allocator off, so memcheck sees every buffer's real bounds)
 SANITIZER_TEST=tests/test_gpu_sanitizer.py::test_triton_attention_sanitizer_smoke
-if ! wants correctness; then
+if ! wants sanitizer; then
   :
 elif [[ "$DRY_RUN" == 1 ]]; then
   note_stage "compute-sanitizer" "dry-run" "would run: memcheck and racecheck on each harness --validate and on $SANITIZER_TEST"

@@ -292,6 +292,16 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     result = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
                             env={**os.environ, "OUT": str(tmp_path / "out")}, check=False)
     assert result.returncode == 2
-    assert "expected all, correctness, bench or --dry-run, got 'everything'" in result.stderr
+    assert "expected all, correctness, bench, sanitizer or --dry-run, got 'everything'" in result.stderr
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
+
+
+def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
+    monkeypatch.delenv("FASTGPT_GIT_SHA", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    if head:
+        assert records.git_sha().removesuffix("-dirty") == head
+    monkeypatch.setenv("FASTGPT_GIT_SHA", "0123abc")
+    assert records.git_sha() == "0123abc"

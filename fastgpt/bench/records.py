@@ -78,7 +78,11 @@ def device_name(device):
 
 
 def git_sha():
-    """The checkout's commit (suffixed '-dirty' with uncommitted changes), or None outside a git checkout."""
+    """The checkout's commit (suffixed '-dirty' with uncommitted changes), or None outside a git checkout.
+    FASTGPT_GIT_SHA overrides it, for a copy of the tree whose .git is absent or stale (a container, or a
+    GPU machine that receives the working tree)."""
+    if os.environ.get("FASTGPT_GIT_SHA"):
+        return os.environ["FASTGPT_GIT_SHA"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
