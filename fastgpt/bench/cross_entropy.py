@@ -19,10 +19,9 @@ from fastgpt.bench.providers import baseline, gpu_only_baseline
 
 GPT2_VOCAB = 50257
 SHAPES = {
-    ("cuda", "full"): [
-        {"tokens": 8192, "channels": 768, "vocab": GPT2_VOCAB},
-        {"tokens": 16384, "channels": 1600, "vocab": GPT2_VOCAB},
-    ],
+    # one shape, within benchmarks/gpu_check.sh's budget (its run of 2026-11-30 was cut in a second one,
+    # 16384 tokens at 1600 channels)
+    ("cuda", "full"): [{"tokens": 8192, "channels": 768, "vocab": GPT2_VOCAB}],
     ("cuda", "quick"): [{"tokens": 8192, "channels": 768, "vocab": GPT2_VOCAB}],
     ("cpu", "full"): [{"tokens": 256, "channels": 768, "vocab": GPT2_VOCAB}],
     ("cpu", "quick"): [{"tokens": 128, "channels": 256, "vocab": GPT2_VOCAB}],
