@@ -18,12 +18,15 @@ import torch
 
 from fastgpt.bench.records import dtype_name
 from fastgpt.bench.runner import OPS
+from fastgpt.bench.timing import keep_freed_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # fastgpt bench's defaults
 SWEEP = os.environ.get("FASTGPT_BENCH_SWEEP", "quick")
 WARMUP_ROUNDS = 2  # compilation and autotuning happen in the first call
 ROUNDS = 10
+if DEVICE.type == "cpu":
+    keep_freed_memory()  # as `fastgpt bench` does on CPU (fastgpt.bench.timing, "CPU allocator")
 
 
 def benchmark_shape(op, mode):

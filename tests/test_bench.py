@@ -4,6 +4,8 @@ the README render."""
 
 import json
 import os
+import platform
+import resource
 import statistics
 import struct
 import subprocess
@@ -210,6 +212,21 @@ def test_tiny_run_record_schema(tiny_run):
         assert key in meta
     assert {"python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel"} <= set(meta["versions"])
     assert meta["peaks"]["matmul_tflops"]["float32"] > 0 and meta["peaks"]["copy_gbps"] > 0
+    if platform.libc_ver()[0] == "glibc":  # the CPU run kept freed memory (timing.keep_freed_memory)
+        assert "M_TRIM_THRESHOLD" in meta["timing"]["cpu_allocator"]
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert timing.keep_freed_memory() is not None
+    size = 8 * 2**20  # a block above glibc's default mmap threshold, below the one keep_freed_memory sets
+    torch.empty(size, dtype=torch.uint8).fill_(1)  # maps and touches it once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(size, dtype=torch.uint8).fill_(1)  # freed memory reused: no new faults
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < size // 4096, faults  # with glibc's defaults: about 5 x 2048 pages faulted in
 
 
 def test_tiny_run_errors_against_float64(tiny_run):

@@ -109,7 +109,7 @@ def finish_metadata(metadata):
     metadata["load_average"]["end"] = load_average()
 
 
-def run_metadata(device, command, plan_name, timing_plan, peaks):
+def run_metadata(device, command, plan_name, timing_plan, peaks, cpu_allocator=None):
     device = torch.device(device)
     return {
         "schema": SCHEMA_VERSION,
@@ -132,6 +132,7 @@ def run_metadata(device, command, plan_name, timing_plan, peaks):
             "warmup_calls": timing_plan.warmup_calls,
             "statistic": "median per-call time over all blocks; spread = IQR; speedup = median over the rounds "
                          "of the per-round ratio of medians",
+            "cpu_allocator": cpu_allocator,  # timing.keep_freed_memory's setting, or None (glibc's defaults)
         },
         "peaks": peaks,
     }

@@ -21,7 +21,7 @@ from fastgpt.bench.records import (
     load_results,
     run_metadata,
 )
-from fastgpt.bench.timing import TimingPlan, measure_copy_gbps, measure_matmul_tflops
+from fastgpt.bench.timing import TimingPlan, keep_freed_memory, measure_copy_gbps, measure_matmul_tflops
 
 OPS = {
     bench.name: bench
@@ -76,8 +76,9 @@ def run(ops, device, dtypes, sweep, results_path, *, include=None, exclude=None,
         print(f"fastgpt bench: the load average is {load:.1f} on {os.cpu_count()} CPUs; CPU timings taken while "
               "other processes compete for the cores are noisy (try an idle machine, or --threads 1)")
     plan = PLANS[sweep]
+    cpu_allocator = keep_freed_memory() if device.type == "cpu" else None  # before any timing, peaks included
     peaks = measure_peaks(device, dtypes, sweep)
-    metadata = run_metadata(device, command, sweep, plan, peaks)
+    metadata = run_metadata(device, command, sweep, plan, peaks, cpu_allocator)
     if append and results_path is not None and results_path.exists():
         previous = load_results(results_path)
         results = Results(results_path, appended_metadata(previous["metadata"], metadata),
