@@ -322,3 +322,15 @@ def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
         assert records.git_sha().removesuffix("-dirty") == head
     monkeypatch.setenv("FASTGPT_GIT_SHA", "0123abc")
     assert records.git_sha() == "0123abc"
+
+
+def test_a_backend_without_a_kernel_for_the_op_is_skipped_with_the_reason(monkeypatch):
+    import fastgpt
+    from fastgpt.bench.providers import fastgpt_providers
+
+    monkeypatch.setattr(fastgpt, "available_backends", lambda: ["cpu", "triton", "cuda"])
+    by_name = {p.name: p for p in fastgpt_providers(fastgpt.linear_cross_entropy, "cuda")}
+    assert by_name["fastgpt:cuda"].skip == "backend 'cuda' has no kernel for linear_cross_entropy"
+    assert by_name["fastgpt:triton"].skip is None and by_name["fastgpt:triton"].fn is not None
+    by_name = {p.name: p for p in fastgpt_providers(fastgpt.layer_norm, "cuda")}
+    assert by_name["fastgpt:cuda"].skip is None

@@ -31,9 +31,11 @@ class Provider:
 
 def fastgpt_providers(public_op, device):
     """One provider per fastgpt kernel backend that runs on this device type, bound to the public op.
-    A backend that is missing, or that declines the op, dtype or shape, is reported when called."""
+    A backend that is missing or has no kernel for the op is skipped with the reason; one that declines
+    the dtype or shape is reported when called."""
     device = torch.device(device)
     available = fastgpt.available_backends()
+    op = public_op.__name__  # the public function's name is the dispatch op's
     providers = []
     for backend in KERNEL_BACKENDS[device.type]:
         name = f"fastgpt:{backend}"
@@ -41,6 +43,8 @@ def fastgpt_providers(public_op, device):
             providers.append(Provider(name, FASTGPT, skip=INTERPRETER_NOT_TIMED))
         elif backend not in available:
             providers.append(Provider(name, FASTGPT, skip=dispatch.backend_status()[backend]))
+        elif op not in dispatch.IMPLEMENTATIONS[backend]:
+            providers.append(Provider(name, FASTGPT, skip=f"backend {backend!r} has no kernel for {op}"))
         else:
             providers.append(Provider(name, FASTGPT, functools.partial(public_op, backend=backend)))
     return providers
