@@ -286,6 +286,8 @@ def test_render_readme_between_markers(tiny_run, tmp_path):
     assert "old numbers" not in text
     section = text.split(report.START_MARKER)[1].split(report.END_MARKER)[0]
     assert data["metadata"]["device"] in section and data["metadata"]["versions"]["torch"] in section
+    if data["metadata"]["timing"]["cpu_allocator"]:
+        assert data["metadata"]["timing"]["cpu_allocator"] in section
     first = data["records"][0]
     assert report.format_time(first) in section  # the numbers come from the file
     assert "[attention_fwd](results/2026-01-01-cpu/attention_fwd.png)" in section

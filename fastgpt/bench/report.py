@@ -243,7 +243,8 @@ def metadata_lines(data):
         f"- versions: {listed}",
         f"- measured peaks (the denominators of % peak): matmul {matmul}; copy {peaks.get('copy_gbps', 0):.0f} GB/s",
         (f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "
-         f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}"),
+         f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}"
+         + (f"; {meta['timing']['cpu_allocator']}" if meta["timing"].get("cpu_allocator") else "")),
     ]
 
 
