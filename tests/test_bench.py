@@ -336,3 +336,16 @@ def test_a_backend_without_a_kernel_for_the_op_is_skipped_with_the_reason(monkey
     assert by_name["fastgpt:triton"].skip is None and by_name["fastgpt:triton"].fn is not None
     by_name = {p.name: p for p in fastgpt_providers(fastgpt.layer_norm, "cuda")}
     assert by_name["fastgpt:cuda"].skip is None
+
+
+def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
+    from fastgpt.bench import gpt
+
+    shape = gpt.TINY[1]
+    providers = gpt.build_providers(gpt._hf_model(shape, seed=0), "cpu", torch.float32,
+                                    include=["nanogpt*"], skips={"nanogpt+torch.compile": "not here"})
+    by_name = {p.name: p for p in providers}
+    assert set(by_name) == {"nanogpt", "nanogpt+torch.compile"}
+    assert by_name["nanogpt+torch.compile"].skip == "not here"
+    assert by_name["nanogpt+torch.compile"].model is None and by_name["nanogpt+torch.compile"].kind == records.BASELINE
+    assert by_name["nanogpt"].skip is None and by_name["nanogpt"].model is not None

@@ -145,8 +145,9 @@ def _nanogpt(hf_model, compile_it):
 PROVIDER_NAMES = ("fastgpt.nn", "hf+fastgpt.patch", "hf (sdpa)", "nanogpt", "nanogpt+torch.compile")
 
 
-def build_providers(master, device, dtype, include=None, exclude=None):
-    """Every provider, each with its own copy of the master model's weights in (device, dtype)."""
+def build_providers(master, device, dtype, include=None, exclude=None, skips=None):
+    """Every provider, each with its own copy of the master model's weights in (device, dtype); those
+    named in `skips` ({name: reason}) are not built and carry the reason."""
     def fresh():
         return copy.deepcopy(master).to(device=device, dtype=dtype)
 
@@ -160,10 +161,13 @@ def build_providers(master, device, dtype, include=None, exclude=None):
     names = [p.name for p in select([ModelProvider(n, "") for n in PROVIDER_NAMES], include, exclude)]
     providers = []
     for name in names:
+        kind = FASTGPT if name.startswith(("fastgpt", "hf+fastgpt")) else BASELINE
+        if name in (skips or {}):
+            providers.append(ModelProvider(name, kind, skip=skips[name]))
+            continue
         try:
             providers.append(builders[name]())
         except Exception as error:  # a provider that cannot be built is reported, not fatal
-            kind = FASTGPT if name.startswith(("fastgpt", "hf+fastgpt")) else BASELINE
             providers.append(ModelProvider(name, kind, skip=f"error: {type(error).__name__}: {error}"[:500]))
     return providers
 
@@ -283,10 +287,9 @@ class GPTBench:
         master = _hf_model(shape, seed=0)
         tokens = _tokens(shape, device)
         error_of = _reference_error(shape, master, tokens, device)
-        compiled_generation_skipped = mode == "generate" and device.type == "cuda"
-        if compiled_generation_skipped:
-            exclude = [*(exclude or []), "nanogpt+torch.compile"]
-        providers = build_providers(master, device, dtype, include, exclude)
+        skips = ({"nanogpt+torch.compile": GPU_COMPILED_GENERATION_SKIP}
+                 if mode == "generate" and device.type == "cuda" else None)
+        providers = build_providers(master, device, dtype, include, exclude, skips)
         calls = _calls(providers, shape, tokens, device)
         if mode == "generate":
             rounds = plan.gpu_generation_rounds if device.type == "cuda" else plan.cpu_generation_rounds
@@ -295,9 +298,6 @@ class GPTBench:
                                        cpu_round_s=plan.cpu_round_s * GENERATION_ROUND_FACTOR)
         work = self.work(shape, dtype, mode)
         skipped = [{**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip]
-        if compiled_generation_skipped:
-            skipped.append({**note, "provider": "nanogpt+torch.compile", "kind": BASELINE,
-                            "reason": GPU_COMPILED_GENERATION_SKIP})
         kinds = {p.name: p.kind for p in providers}
         measured = {}
         for name, call in calls.items():  # first call: compilation; its result gives the error
