@@ -2,13 +2,14 @@
 the record schema, speedups, a tiny `fastgpt bench` run with its results file, report and plots, and
 the README render."""
 
+import ctypes
 import json
 import os
 import platform
-import resource
 import statistics
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,17 +217,40 @@ def test_tiny_run_record_schema(tiny_run):
         assert "M_TRIM_THRESHOLD" in meta["timing"]["cpu_allocator"]
 
 
-def test_keep_freed_memory_stops_page_faults_on_reallocation():
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
+FREED_BLOCK_HEAP = """
+import ctypes, sys, torch
+from fastgpt.bench import timing
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
     assert timing.keep_freed_memory() is not None
-    size = 8 * 2**20  # a block above glibc's default mmap threshold, below the one keep_freed_memory sets
-    torch.empty(size, dtype=torch.uint8).fill_(1)  # maps and touches it once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.empty(size, dtype=torch.uint8).fill_(1)  # freed memory reused: no new faults
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < size // 4096, faults  # with glibc's defaults: about 5 x 2048 pages faulted in
+block = torch.empty(30 * 2**20, dtype=torch.uint8)
+mapped = libc.mallinfo2().hblkhd  # bytes in mmapped blocks while it lives
+del block
+print(mapped, libc.mallinfo2().fordblks)  # ... and free bytes kept in the heap after it is freed
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
+    """A 30 MiB block, in a fresh process each time (a process's history moves glibc's dynamic
+    thresholds): with glibc's defaults it is mmapped and unmapped on free, so every reallocation
+    page-faults it in again; after keep_freed_memory it comes from the heap and stays there when freed."""
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc 2.33+ (mallopt and mallinfo2)")
+
+    def heap_after_free(setting):
+        result = subprocess.run([sys.executable, "-c", FREED_BLOCK_HEAP, setting], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        return [int(value) for value in result.stdout.split()]
+
+    block = 30 * 2**20
+    mapped, kept_free = heap_after_free("default")
+    assert mapped >= block and kept_free < block, (mapped, kept_free)
+    mapped, kept_free = heap_after_free("keep")
+    assert mapped < block and kept_free >= block, (mapped, kept_free)
 
 
 def test_tiny_run_errors_against_float64(tiny_run):
