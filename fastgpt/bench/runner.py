@@ -30,7 +30,7 @@ OPS = {
 
 # quick: under 3 minutes on a 2-core CPU; tiny: seconds (tests and gpu_check.sh --dry-run)
 PLANS = {
-    "full": TimingPlan(rounds=7, warmup_calls=3, warmup_s=1.0, gpu_warmup_s=0.2, cpu_round_s=0.2, gpu_block_ms=10.0,
+    "full": TimingPlan(rounds=7, warmup_calls=3, warmup_s=1.0, gpu_warmup_s=0.1, cpu_round_s=0.2, gpu_block_ms=10.0,
                        cpu_generation_rounds=16, gpu_generation_rounds=3),
     "quick": TimingPlan(rounds=5, warmup_calls=2, warmup_s=0.3, gpu_warmup_s=0.1, cpu_round_s=0.05, gpu_block_ms=5.0,
                         cpu_generation_rounds=16, gpu_generation_rounds=2),

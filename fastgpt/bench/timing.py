@@ -56,7 +56,9 @@ class TimingPlan:
     warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
     warmup_s: float  # ... and for at least this long on CPU: compiled code can stay slow for a while after
     # its first call (inductor finishes compiling in background workers), for a time, not a number of calls
-    gpu_warmup_s: float  # ... and on GPU, where a call takes milliseconds: 0.2 s is already ~100 calls
+    # ... and on GPU, where a call takes milliseconds: 0.1 s is already ~100 calls of a 1 ms kernel. It is
+    # paid once per provider and case (173 of them in benchmarks/gpu_check.sh's set, 17 s at 0.1 s)
+    gpu_warmup_s: float
     cpu_round_s: float  # blocked_autorange min_run_time of one CPU round
     gpu_block_ms: float  # target length of one GPU block of calls
     # Rounds of whole-model generate calls (gpt.py). CPU: many, because the speed of Python-bound calls
