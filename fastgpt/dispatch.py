@@ -59,7 +59,7 @@ def debug_checks_enabled():
 def _import_error(module_name):
     try:
         importlib.import_module(module_name)
-    except Exception as error:  # a broken install can raise more than ImportError
+    except Exception as error:  # noqa: BLE001 - a broken install can raise more than ImportError
         return f"{type(error).__name__}: {error}"
     return None
 

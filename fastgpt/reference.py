@@ -24,7 +24,7 @@ def causal_attention(q, k, v, softmax_scale=None, return_lse=False):
     Query i sees keys j <= i + (Tk - Tq), so a prompt appended to a KV cache attends to all of it.
     Returns out (B, H, Tq, D), and lse (B, H, Tq) in float32 (natural log) if return_lse.
     """
-    batch, heads, q_len, head_dim = q.shape
+    heads, q_len, head_dim = q.shape[1:]
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     group = heads // kv_heads

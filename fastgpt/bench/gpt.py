@@ -167,7 +167,7 @@ def build_providers(master, device, dtype, include=None, exclude=None, skips=Non
             continue
         try:
             providers.append(builders[name]())
-        except Exception as error:  # a provider that cannot be built is reported, not fatal
+        except Exception as error:  # noqa: BLE001 - a provider that cannot be built is reported, not fatal
             providers.append(ModelProvider(name, kind, skip=f"error: {type(error).__name__}: {error}"[:500]))
     return providers
 
@@ -303,7 +303,7 @@ class GPTBench:
         for name, call in calls.items():  # first call: compilation; its result gives the error
             try:
                 seconds, result = timing.timed_first_call(call, device)
-            except Exception as error:  # report it and go on with the others
+            except Exception as error:  # noqa: BLE001 - report it and go on with the others
                 skipped.append({**note, "provider": name, "kind": kinds[name],
                                 "reason": f"error: {type(error).__name__}: {error}"[:500]})
                 continue

@@ -136,7 +136,7 @@ class KernelBench:
                 call = timing.rotating(_step(provider.fn, mode), list(zip(input_sets, grad_sets)))
                 try:
                     first_call_s[provider.name], _ = timing.timed_first_call(call, device)
-                except Exception as error:  # report it and go on with the others
+                except Exception as error:  # noqa: BLE001 - report it and go on with the others
                     skipped.append({**note, "reason": f"error: {type(error).__name__}: {error}"[:500]})
                     continue
                 callables[provider.name] = call

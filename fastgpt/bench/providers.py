@@ -54,7 +54,7 @@ def optional_module(name):
     """The module, or None when it is not installed or fails to import."""
     try:
         return importlib.import_module(name)
-    except Exception:  # a broken install (wrong CUDA, missing symbol) counts as missing
+    except Exception:  # noqa: BLE001 - a broken install (wrong CUDA, missing symbol) counts as missing
         return None
 
 

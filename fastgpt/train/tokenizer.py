@@ -153,7 +153,7 @@ def from_directory(directory):
     if os.path.isfile(vocab) and os.path.isfile(merges):
         try:
             return BPETokenizer.from_files(vocab, merges)
-        except Exception as error:  # the tokenizers package raises plain Exception for unreadable files
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
             raise UserError(f"cannot read BPE files {vocab} and {merges} ({error})") from None
     return None
 
@@ -163,7 +163,7 @@ def _read_bpe_file(path):
         raise UserError(f"tokenizer file {path} does not exist")
     try:
         return BPETokenizer.from_file(path)
-    except Exception as error:  # the tokenizers package raises plain Exception for unreadable files
+    except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
         raise UserError(f"cannot read tokenizer file {path} ({error})") from None
 
 
