@@ -6,11 +6,12 @@
 #   bash benchmarks/gpu_check.sh correctness   # build, GPU tests, benchmark smoke, dev harnesses, compute-sanitizer
 #   bash benchmarks/gpu_check.sh bench         # build and the full benchmark set
 #   bash benchmarks/gpu_check.sh sanitizer     # build, dev harnesses, compute-sanitizer (after a run of 'all')
+#   bash benchmarks/gpu_check.sh profile       # build, then where each op's time goes: host or kernels
 #   bash benchmarks/gpu_check.sh --dry-run     # the same stages on CPU at tiny sizes (no build, no GPU)
 #
 # Stages, in this order, each under its own timeout and all under one time budget
 # (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200); [all],
-# [correctness], [bench] and [sanitizer] say which runs include a stage:
+# [correctness], [bench], [sanitizer] and [profile] say which runs include a stage:
 #   1. environment: nvidia-smi, `fastgpt info` after the build;
 #   2. build: `python setup.py build_ext --inplace` with the CUDA extension for the GPU present
 #      (FASTGPT_CUDA=1, TORCH_CUDA_ARCH_LIST=<detected>); everything after runs from the source tree
@@ -27,6 +28,8 @@
 #      training step and generation, FFN (GPT-2 small and XL, 8k tokens), LayerNorm (GB/s against the
 #      copy bandwidth) and linear cross-entropy (vocab 50257, time and peak memory), then attention
 #      fp16 at the quick set (head_dim 64 and 128 at seq 512, 4k and 16k);
+#      benchmarks/host_overhead.py [profile]: each op's wall time per call against its kernels' time
+#      (torch.profiler) and fastgpt's Python hotspots, into host_overhead.json and host_overhead.md;
 #   5. the dev harnesses validate against their CPU references (--validate) [correctness, sanitizer];
 #   6. compute-sanitizer memcheck, then racecheck, on each GPU harness with --validate (their small
 #      validation shapes) and on tests/test_gpu_sanitizer.py (Triton attention forward, backward and
@@ -51,8 +54,8 @@ PART=all
 for argument in "$@"; do
   case "$argument" in
     --dry-run) DRY_RUN=1 ;;
-    all | correctness | bench | sanitizer) PART=$argument ;;
-    *) echo "gpu_check.sh: expected all, correctness, bench, sanitizer or --dry-run, got '$argument'" >&2; exit 2 ;;
+    all | correctness | bench | sanitizer | profile) PART=$argument ;;
+    *) echo "gpu_check.sh: expected all, correctness, bench, sanitizer, profile or --dry-run, got '$argument'" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3}
@@ -68,20 +71,23 @@ rm -f "$OUT/results.json"
 
 if [[ "$DRY_RUN" == 1 ]]; then
   BENCH=("$PYTHON" -m fastgpt bench --device cpu --tiny --out "$OUT" --append --no-plots)
+  HOST_OVERHEAD_ARGS=(--device cpu --tiny)
   BF16=fp32
   FP16=fp16
 else
   BENCH=("$PYTHON" -m fastgpt bench --device cuda --out "$OUT" --append --no-plots)
+  HOST_OVERHEAD_ARGS=(--device cuda)
   BF16=bf16
   FP16=fp16
 fi
 
-wants() {  # wants STAGE_SET: whether this run includes the stages of tests, smoke, bench or sanitizer
+wants() {  # wants STAGE_SET: whether this run includes the stages of tests, smoke, bench, sanitizer or profile
   case "$1" in
     tests) [[ "$PART" == all || "$PART" == correctness ]] ;;
     smoke) [[ "$PART" == correctness ]] ;;
     bench) [[ "$PART" == all || "$PART" == bench ]] ;;
     sanitizer) [[ "$PART" == correctness || "$PART" == sanitizer ]] ;;
+    profile) [[ "$PART" == profile ]] ;;
   esac
 }
 
@@ -202,6 +208,12 @@ if wants bench; then
   run_stage "bench attention $FP16 (quick set)" 60 "${BENCH[@]}" --ops attention --dtype "$FP16" --quick
 fi
 
+# ... or where the time of each op's call goes (host or kernels)
+if wants profile; then
+  run_stage "host overhead" 150 env PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/host_overhead.py \
+    --out "$OUT" "${HOST_OVERHEAD_ARGS[@]}"
+fi
+
 # 5. the dev harnesses run (validation and timing)
 HARNESSES=()
 if [[ -n "$DEV_BUILD_PID" ]]; then
@@ -251,4 +263,4 @@ if [[ "$DRY_RUN" != 1 ]]; then
   GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())" 2>/dev/null)
   echo "commit as: benchmarks/results/$(date +%F)-${GPU:-gpu}.json (and render: python -m fastgpt bench --render ...)"
 fi
-echo "gpu_check: ${SECONDS}s; wrote $OUT/results.json, $OUT/report.md, $STAGES, $LOG"
+echo "gpu_check: ${SECONDS}s; wrote in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -335,9 +335,37 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     result = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
                             env={**os.environ, "OUT": str(tmp_path / "out")}, check=False)
     assert result.returncode == 2
-    assert "expected all, correctness, bench, sanitizer or --dry-run, got 'everything'" in result.stderr
+    assert "expected all, correctness, bench, sanitizer, profile or --dry-run, got 'everything'" in result.stderr
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
+
+
+def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
+    """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
+    provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--device", "cpu", "--tiny",
+         "--ops", "layer_norm,gpt", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False, cwd=root,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((tmp_path / "host_overhead.json").read_text())
+    by_key = {(r["op"], r["mode"], r["provider"]): r for r in found["records"]}
+    assert set(by_key) == {
+        *(("layer_norm", mode, p) for mode in ("fwd", "fwd+bwd") for p in ("fastgpt:triton", "fastgpt:cpu", "F.layer_norm")),
+        *(("gpt", "generate", p) for p in ("fastgpt.nn", "nanogpt", "hf (sdpa)")),
+    }
+    assert by_key[("layer_norm", "fwd", "fastgpt:triton")]["skipped"].startswith("interpreter: not timed")
+    fused = by_key[("layer_norm", "fwd+bwd", "fastgpt:cpu")]
+    assert fused["wall_ms"] > 0 and fused["device_ms"] is None and fused["calls"] >= 3
+    own = [h["own_us_per_call"] for h in fused["python_hotspots"]]
+    assert own == sorted(own, reverse=True) and own[0] > 0
+    assert any("layer_norm" in h["function"] for h in fused["python_hotspots"])
+    assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
+    assert "| layer_norm | fwd+bwd | tokens 64, channels 32, residual True | fastgpt:cpu |" in (
+        tmp_path / "host_overhead.md").read_text()
 
 
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
