@@ -49,6 +49,7 @@ BASELINES = {
 # takes 0.25-0.45 s on the H200, a LayerNorm 0.1 ms).
 MIN_CALLS, MAX_CALLS, SECONDS_PER_MEASUREMENT = 3, 200, 1.0
 TOP = 8  # rows of each hotspot table
+SUMMARY_KEYS = ("wall_ms", "device_ms", "busy", "skipped", "error")  # printed as each record is done
 
 
 def cases(op, device_type, tiny):
@@ -142,8 +143,8 @@ def measure(bench, shape, mode, provider, dtype, device):
                 record["kernels"] = kernels
         if provider.startswith("fastgpt"):
             record["python_hotspots"] = python_hotspots(call, calls)
-    except Exception as error:  # noqa: BLE001 - report it and go on with the other providers
-        return {**record, "skipped": f"error: {type(error).__name__}: {error}"[:500]}
+    except Exception as error:  # noqa: BLE001 - keep what was measured, report it, go on with the others
+        record["error"] = f"{type(error).__name__}: {error}"[:500]
     return record
 
 
@@ -157,18 +158,17 @@ def markdown(records, metadata):
         "",
         "wall: median synchronised call; device: kernel time per call (torch.profiler); busy = device / wall.",
         "",
-        "| op | mode | shape | provider | wall ms | device ms | busy | launches/call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | mode | shape | provider | wall ms | device ms | busy | launches/call | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        if "skipped" in r:
-            lines.append(f"| {r['op']} | {r['mode']} | {shape_text(r['shape'])} | {r['provider']} | {r['skipped']} | | | |")
-            continue
-        device = f"{r['device_ms']:.3f}" if r["device_ms"] is not None else "-"
-        busy = f"{100 * r['busy']:.0f}%" if r["busy"] is not None else "-"
-        launches = f"{r['launches_per_call']:.0f}" if r["launches_per_call"] is not None else "-"
+        wall = f"{r['wall_ms']:.3f}" if r.get("wall_ms") is not None else "-"
+        device = f"{r['device_ms']:.3f}" if r.get("device_ms") is not None else "-"
+        busy = f"{100 * r['busy']:.0f}%" if r.get("busy") is not None else "-"
+        launches = f"{r['launches_per_call']:.0f}" if r.get("launches_per_call") is not None else "-"
+        note = r.get("skipped") or (f"error: {r['error']}" if "error" in r else "")
         lines.append(f"| {r['op']} | {r['mode']} | {shape_text(r['shape'])} | {r['provider']} | "
-                     f"{r['wall_ms']:.3f} | {device} | {busy} | {launches} |")
+                     f"{wall} | {device} | {busy} | {launches} | {note} |")
     for r in records:
         if "python_hotspots" not in r:
             continue
@@ -203,9 +203,7 @@ def main(argv=None):
             for provider in providers(op, bench, shape, dtype, device):
                 records.append(measure(bench, shape, mode, provider, dtype, device))
                 r = records[-1]
-                print(f"{op} {mode} {provider}: " + (r["skipped"] if "skipped" in r else
-                      f"wall {r['wall_ms']:.3f} ms, device {r['device_ms'] if r['device_ms'] is None else round(r['device_ms'], 3)} ms"),
-                      flush=True)
+                print(f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}", flush=True)
     name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU"
     metadata = {"device": name, "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"),
                 "torch": torch.__version__, "tiny": args.tiny}

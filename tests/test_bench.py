@@ -364,8 +364,33 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert own == sorted(own, reverse=True) and own[0] > 0
     assert any("layer_norm" in h["function"] for h in fused["python_hotspots"])
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
-    assert "| layer_norm | fwd+bwd | tokens 64, channels 32, residual True | fastgpt:cpu |" in (
+    assert "| layer_norm | fwd+bwd | tokens 64, channels 32, residual True | fastgpt:cpu | " in (
         tmp_path / "host_overhead.md").read_text()
+
+
+def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    host_overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_overhead)
+    calls = []
+
+    def call():  # compiles fine, then fails: as a kernel that breaks on its second launch would
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("launch failed")
+
+    class Bench:
+        name = "layer_norm"
+
+        def benchmark_call(self, shape, dtype, device, provider, mode):
+            return call, None
+
+    record = host_overhead.measure(Bench(), {"tokens": 4}, "fwd", "fastgpt:cpu", torch.float32, torch.device("cpu"))
+    assert record["first_call_s"] >= 0 and record["error"] == "RuntimeError: launch failed"
+    assert "wall_ms" not in record
 
 
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
