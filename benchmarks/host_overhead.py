@@ -5,14 +5,15 @@
 
 Every op at its first GPU benchmark shape (fastgpt bench's, so the numbers sit next to the committed
 results), in each mode, for fastgpt's backends and the fused torch baseline (F.layer_norm, sdpa, the
-torch FFN, F.cross_entropy), and GPT-2 generation (fastgpt.nn against nanoGPT and transformers). For each:
+torch FFN, F.cross_entropy), and the GPT-2 training step and generation (fastgpt.nn against nanoGPT and
+transformers). For each:
 - wall: the median time of one call, synchronised, after warm-up;
 - device: the kernels' time per call, summed over torch.profiler's CUDA events, and the kernel launches
   per call; busy = device / wall. Well below 100% means the GPU waits between kernels: the call is
   bound by the host, and a faster kernel cannot make it faster;
-- for fastgpt's providers: the Python functions with the most host time per call (cProfile's own time;
-  cProfile slows Python down, so these rank the overhead rather than time it) and, on GPU, the kernels
-  with the most device time.
+- on GPU, the kernels with the most device time (for the training step: whose kernels fill its time);
+- for fastgpt's providers, the Python functions with the most host time per call (cProfile's own time;
+  cProfile slows Python down, so these rank the overhead rather than time it).
 
 The H200's LayerNorm times raised the question (benchmarks/results/2026-11-30-h200.json): the Triton
 forward is flat at 0.11-0.145 ms and forward+backward at 1.0-1.14 ms from 768 to 4096 columns, so
@@ -53,11 +54,11 @@ SUMMARY_KEYS = ("wall_ms", "device_ms", "busy", "skipped", "error")  # printed a
 
 
 def cases(op, device_type, tiny):
-    """(bench, shape, mode): the op's first shape in each mode; for gpt, its generation case."""
+    """(bench, shape, mode): the op's first shape in each mode; for gpt, its training and generation cases."""
     bench = runner.OPS[op]
     shapes = bench.shapes(device_type, "tiny" if tiny else "full")
     if op == "gpt":
-        return [(bench, shape, shape["mode"]) for shape in shapes if shape["mode"] == "generate"]
+        return [(bench, shape, shape["mode"]) for shape in shapes]
     return [(bench, shapes[0], mode) for mode in bench.modes]
 
 
@@ -138,9 +139,8 @@ def measure(bench, shape, mode, provider, dtype, device):
         record["device_ms"] = record["launches_per_call"] = record["busy"] = None
         if device.type == "cuda":
             device_ms, launches, kernels = device_profile(call, calls, device)
-            record.update(device_ms=device_ms, launches_per_call=launches, busy=device_ms / record["wall_ms"])
-            if provider.startswith("fastgpt"):
-                record["kernels"] = kernels
+            record.update(device_ms=device_ms, launches_per_call=launches, busy=device_ms / record["wall_ms"],
+                          kernels=kernels)
         if provider.startswith("fastgpt"):
             record["python_hotspots"] = python_hotspots(call, calls)
     except Exception as error:  # noqa: BLE001 - keep what was measured, report it, go on with the others
@@ -170,11 +170,13 @@ def markdown(records, metadata):
         lines.append(f"| {r['op']} | {r['mode']} | {shape_text(r['shape'])} | {r['provider']} | "
                      f"{wall} | {device} | {busy} | {launches} | {note} |")
     for r in records:
-        if "python_hotspots" not in r:
+        if "python_hotspots" not in r and not r.get("kernels"):
             continue
-        lines += ["", f"## {r['op']} {r['mode']}, {r['provider']}", "",
-                  "| Python function (cProfile own time) | calls per call | us per call |", "|---|---|---|"]
-        lines += [f"| `{h['function']}` | {h['calls_per_call']:g} | {h['own_us_per_call']:.1f} |" for h in r["python_hotspots"]]
+        lines += ["", f"## {r['op']} {r['mode']}, {r['provider']}"]
+        if "python_hotspots" in r:
+            lines += ["", "| Python function (cProfile own time) | calls per call | us per call |", "|---|---|---|"]
+            lines += [f"| `{h['function']}` | {h['calls_per_call']:g} | {h['own_us_per_call']:.1f} |"
+                      for h in r["python_hotspots"]]
         if r.get("kernels"):
             lines += ["", "| kernel | launches per call | us per call |", "|---|---|---|"]
             lines += [f"| `{k['kernel']}` | {k['launches_per_call']:g} | {k['us_per_call']:.1f} |" for k in r["kernels"]]

@@ -355,7 +355,7 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     by_key = {(r["op"], r["mode"], r["provider"]): r for r in found["records"]}
     assert set(by_key) == {
         *(("layer_norm", mode, p) for mode in ("fwd", "fwd+bwd") for p in ("fastgpt:triton", "fastgpt:cpu", "F.layer_norm")),
-        *(("gpt", "generate", p) for p in ("fastgpt.nn", "nanogpt", "hf (sdpa)")),
+        *(("gpt", mode, p) for mode in ("train", "generate") for p in ("fastgpt.nn", "nanogpt", "hf (sdpa)")),
     }
     assert by_key[("layer_norm", "fwd", "fastgpt:triton")]["skipped"].startswith("interpreter: not timed")
     fused = by_key[("layer_norm", "fwd+bwd", "fastgpt:cpu")]
