@@ -36,6 +36,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastgpt.bench import runner
 from fastgpt.bench.command import DEFAULT_DTYPE, DTYPES
+from fastgpt.bench.records import device_name, dtype_name
+from fastgpt.bench.report import markdown_table, shape_label
 from fastgpt.bench.timing import synchronize
 
 OP_ORDER = ("layer_norm", "attention", "ffn", "cross_entropy", "gpt")
@@ -50,6 +52,7 @@ BASELINES = {
 # takes 0.25-0.45 s on the H200, a LayerNorm 0.1 ms).
 MIN_CALLS, MAX_CALLS, SECONDS_PER_MEASUREMENT = 3, 200, 1.0
 TOP = 8  # rows of each hotspot table
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = ("wall_ms", "device_ms", "busy", "skipped", "error")  # printed as each record is done
 
 
@@ -115,8 +118,9 @@ def python_hotspots(call, calls):
 
 
 def short_path(file_name):
-    """A source path from the package or library root on: '.../site-packages/torch/_ops.py' -> 'torch/_ops.py'."""
-    for marker in ("site-packages/", "dist-packages/", "/fastgpt/fastgpt/", "/work/main/"):
+    """A source path from the library or checkout root on: '.../site-packages/torch/_ops.py' ->
+    'torch/_ops.py', '<checkout>/fastgpt/dispatch.py' -> 'fastgpt/dispatch.py'."""
+    for marker in ("site-packages/", "dist-packages/", f"{REPO_ROOT}{os.sep}"):
         if marker in file_name:
             return file_name.split(marker, 1)[1]
     return os.path.basename(file_name)
@@ -148,38 +152,37 @@ def measure(bench, shape, mode, provider, dtype, device):
     return record
 
 
-def shape_text(shape):
-    return ", ".join(f"{key} {value}" for key, value in shape.items() if key not in ("mode", "vocab_size", "block_size"))
+def _number(value, template):
+    return template.format(value) if value is not None else "-"
 
 
 def markdown(records, metadata):
+    rows = [
+        [r["op"], r["mode"], shape_label(r["op"], r["shape"]), r["provider"], _number(r.get("wall_ms"), "{:.3f}"),
+         _number(r.get("device_ms"), "{:.3f}"), _number(r.get("busy"), "{:.0%}"),
+         _number(r.get("launches_per_call"), "{:.0f}"), r.get("skipped") or (f"error: {r['error']}" if "error" in r else "")]
+        for r in records
+    ]
     lines = [
         f"# Host overhead: {metadata['device']}, {metadata['dtype']}, {metadata['date']}",
         "",
         "wall: median synchronised call; device: kernel time per call (torch.profiler); busy = device / wall.",
         "",
-        "| op | mode | shape | provider | wall ms | device ms | busy | launches/call | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(["op", "mode", "shape", "provider", "wall ms", "device ms", "busy", "launches/call", "note"], rows),
     ]
-    for r in records:
-        wall = f"{r['wall_ms']:.3f}" if r.get("wall_ms") is not None else "-"
-        device = f"{r['device_ms']:.3f}" if r.get("device_ms") is not None else "-"
-        busy = f"{100 * r['busy']:.0f}%" if r.get("busy") is not None else "-"
-        launches = f"{r['launches_per_call']:.0f}" if r.get("launches_per_call") is not None else "-"
-        note = r.get("skipped") or (f"error: {r['error']}" if "error" in r else "")
-        lines.append(f"| {r['op']} | {r['mode']} | {shape_text(r['shape'])} | {r['provider']} | "
-                     f"{wall} | {device} | {busy} | {launches} | {note} |")
     for r in records:
         if "python_hotspots" not in r and not r.get("kernels"):
             continue
         lines += ["", f"## {r['op']} {r['mode']}, {r['provider']}"]
         if "python_hotspots" in r:
-            lines += ["", "| Python function (cProfile own time) | calls per call | us per call |", "|---|---|---|"]
-            lines += [f"| `{h['function']}` | {h['calls_per_call']:g} | {h['own_us_per_call']:.1f} |"
-                      for h in r["python_hotspots"]]
+            lines += ["", markdown_table(
+                ["Python function (cProfile own time)", "calls per call", "us per call"],
+                [[f"`{h['function']}`", f"{h['calls_per_call']:g}", f"{h['own_us_per_call']:.1f}"]
+                 for h in r["python_hotspots"]])]
         if r.get("kernels"):
-            lines += ["", "| kernel | launches per call | us per call |", "|---|---|---|"]
-            lines += [f"| `{k['kernel']}` | {k['launches_per_call']:g} | {k['us_per_call']:.1f} |" for k in r["kernels"]]
+            lines += ["", markdown_table(
+                ["kernel", "launches per call", "us per call"],
+                [[f"`{k['kernel']}`", f"{k['launches_per_call']:g}", f"{k['us_per_call']:.1f}"] for k in r["kernels"]])]
     return "\n".join(lines) + "\n"
 
 
@@ -206,8 +209,7 @@ def main(argv=None):
                 records.append(measure(bench, shape, mode, provider, dtype, device))
                 r = records[-1]
                 print(f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}", flush=True)
-    name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU"
-    metadata = {"device": name, "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"),
+    metadata = {"device": device_name(device), "dtype": dtype_name(dtype), "date": time.strftime("%Y-%m-%d"),
                 "torch": torch.__version__, "tiny": args.tiny}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -364,7 +364,7 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert own == sorted(own, reverse=True) and own[0] > 0
     assert any("layer_norm" in h["function"] for h in fused["python_hotspots"])
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
-    assert "| layer_norm | fwd+bwd | tokens 64, channels 32, residual True | fastgpt:cpu | " in (
+    assert "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | " in (
         tmp_path / "host_overhead.md").read_text()
 
 
