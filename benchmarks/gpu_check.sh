@@ -44,8 +44,8 @@
 # of 0.2 s, and the report's reserve is 10 s instead of 20 s: an estimated 440 s of the 460 s the stages
 # may take. Not yet confirmed on a GPU.
 # Results are written after every benchmark case, so a stage cut short by its timeout still leaves its
-# finished measurements in $OUT/results.json. $OUT ends with: results.json, report.md, stages.tsv,
-# gpu_check.log (every stage's output).
+# finished measurements in $OUT/results.json. $OUT ends with: stages.tsv, gpu_check.log (every stage's
+# output) and report.md; results.json where benchmarks ran; host_overhead.json and .md for 'profile'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -214,7 +214,7 @@ if wants profile; then
     --out "$OUT" "${HOST_OVERHEAD_ARGS[@]}"
 fi
 
-# 5. the dev harnesses run (validation and timing)
+# 5. the dev harnesses validate against their CPU references
 HARNESSES=()
 if [[ -n "$DEV_BUILD_PID" ]]; then
   wait "$DEV_BUILD_PID"

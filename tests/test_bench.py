@@ -21,6 +21,8 @@ from fastgpt.bench import flops, records, report, timing
 from fastgpt.bench.command import OP_NAMES
 from fastgpt.bench.runner import OPS
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # ----------------------------------------------------------------------------------------------
 # FLOP and byte counts, against numbers worked out by hand in the comments
 
@@ -243,7 +245,7 @@ def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
 
     def heap_after_free(setting):
         result = subprocess.run([sys.executable, "-c", FREED_BLOCK_HEAP, setting], capture_output=True,
-                                text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+                                text=True, check=True, cwd=REPO_ROOT)
         return [int(value) for value in result.stdout.split()]
 
     block = 30 * 2**20
@@ -331,7 +333,7 @@ def test_render_needs_the_markers(tiny_run, tmp_path):
 
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
                             env={**os.environ, "OUT": str(tmp_path / "out")}, check=False)
     assert result.returncode == 2
@@ -339,16 +341,14 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
-
 def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
     provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
-    root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--device", "cpu", "--tiny",
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), "--device", "cpu", "--tiny",
          "--ops", "layer_norm,gpt", "--out", str(tmp_path)],
-        capture_output=True, text=True, check=False, cwd=root,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
+        capture_output=True, text=True, check=False, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads((tmp_path / "host_overhead.json").read_text())
@@ -371,7 +371,7 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
 def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    path = REPO_ROOT / "benchmarks" / "host_overhead.py"
     spec = importlib.util.spec_from_file_location("host_overhead", path)
     host_overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_overhead)
@@ -396,7 +396,7 @@ def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
     monkeypatch.delenv("FASTGPT_GIT_SHA", raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                          cwd=REPO_ROOT).stdout.strip()
     if head:
         assert records.git_sha().removesuffix("-dirty") == head
     monkeypatch.setenv("FASTGPT_GIT_SHA", "0123abc")
