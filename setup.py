@@ -36,7 +36,7 @@ def relative_sources(pattern):
     return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern)))
 
 
-CPU_SOURCES = ["csrc/api.cpp", *relative_sources("csrc/cpu/*.cpp")]
+CPU_SOURCES = ["csrc/api.cpp", "csrc/autograd.cpp", *relative_sources("csrc/cpu/*.cpp")]
 CUDA_SOURCES = relative_sources("csrc/cuda/*.cu")
 
 

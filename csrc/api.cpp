@@ -1,15 +1,14 @@
-// The torch-facing side of fastgpt._C, and the only file that includes torch headers.
+// The torch-facing side of fastgpt._C: the operators of the `fastgpt` namespace, one schema per op
+// (forward and backward of each fused op) with its CPU and Meta implementations.
 //
-// It defines the operators of the `fastgpt` namespace (forward and backward of each fused op), checks
-// their tensors with TORCH_CHECK, fills the params.h structs (pointers, sizes, strides; a tensor whose
-// innermost stride is not 1 is copied, every other stride is passed through) and calls the kernels. The
-// CPU implementations run the C++ kernels of csrc/cpu, with BLAS (through ATen) for the FFN's and the
-// cross-entropy's large GEMMs; the Meta implementations give output shapes (SymInt-aware, for
-// torch.compile with dynamic shapes). fastgpt/ops/cpu.py registers autograd for these operators.
-//
-// Built with FASTGPT_WITH_CUDA (setup.py, when csrc/cuda/*.cu exist and CUDA is available), the CUDA
-// ops over the launchers of csrc/cuda/launch.h are registered by csrc/cuda/api_cuda.inc, included
-// below; fastgpt/ops/cuda.py registers their autograd.
+// Every op takes tensors of any number of leading dimensions (flattened to rows here), checks them with
+// TORCH_CHECK, fills the params.h structs (pointers, sizes, strides; a tensor whose innermost stride is
+// not 1 is copied, every other stride is passed through) and calls the kernels. The CPU implementations
+// run the C++ kernels of csrc/cpu, with BLAS (through ATen) for the FFN's and the cross-entropy's large
+// GEMMs; the Meta implementations give output shapes (SymInt-aware, for torch.compile with dynamic
+// shapes). The same schemas get their CUDA implementations from csrc/cuda/api_cuda.inc (included below
+// when built with FASTGPT_WITH_CUDA: setup.py, when csrc/cuda/*.cu exist and CUDA is available) and
+// their autograd, once for both devices, from csrc/autograd.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/div.h>
@@ -44,10 +43,13 @@ namespace {
 
 // FASTGPT_POISON_OUTPUTS=1 (the test suite sets it): outputs start as NaN, so an element a kernel
 // forgets to write shows up (the same switch as fastgpt/ops/memory.py).
+// The switch is read once, at the first output: it is set before fastgpt is imported.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const char* poison = std::getenv("FASTGPT_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) return at::full(sizes, NAN, options);
-  return at::empty(sizes, options);
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTGPT_POISON_OUTPUTS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return poison ? at::full(sizes, NAN, options) : at::empty(sizes, options);
 }
 
 // The kernels require a unit innermost stride; any other stride is passed through.
@@ -58,6 +60,21 @@ at::Tensor unit_inner_stride(const at::Tensor& t) {
 DType kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32; }
 
 HeadTensor head_tensor(const at::Tensor& t) { return HeadTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// t (..., cols) as (rows, cols): a view where the strides allow, else a copy. Every op takes any number
+// of leading dimensions and flattens them here, so the Python side passes tensors through unchanged.
+at::Tensor as_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)});
+}
+
+// t's sizes with the last one replaced by `last`: the shape of a row-wise op's output.
+std::vector<int64_t> with_last_size(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
 
 // A 2-D tensor with unit column stride (see unit_inner_stride).
 Matrix matrix(const at::Tensor& t) { return Matrix{t.data_ptr(), t.stride(0), 1}; }
@@ -144,21 +161,22 @@ void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
 
 // The weight is read in place whatever its strides (linear_into falls back to BLAS for layouts the
 // skinny kernel does not read): copying it would cost more than the product.
+// x (..., K) -> (..., N).
 at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in) {
   const char* op = "fastgpt::linear";
   check_cpu_float(op, "x", x_in);
   check_like(op, "weight", weight, "x", x_in);
-  check_dim(op, "x", x_in, 2);
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(weight.size(1) == x_in.size(1), op, ": weight must have shape (out_features, ", x_in.size(1),
+  TORCH_CHECK(weight.size(1) == x_in.size(-1), op, ": weight must have shape (out_features, ", x_in.size(-1),
               "), got ", weight.sizes());
   check_vector(op, "bias", bias_in, weight.size(0), x_in);
-  const at::Tensor x = unit_inner_stride(x_in);
+  const at::Tensor x = unit_inner_stride(as_rows(x_in));  // (M, K)
   std::optional<at::Tensor> bias;
   if (bias_in) bias = bias_in->contiguous();
   at::Tensor out = new_output({x.size(0), weight.size(0)}, x.options());  // (M, N)
   linear_into(out, x, weight, bias);
-  return out;
+  return out.view(with_last_size(x_in, weight.size(0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,10 +269,10 @@ void check_ffn(const char* op, const at::Tensor& x, const at::Tensor& fc_weight,
   check_cpu_float(op, "x", x);
   check_like(op, "fc_weight", fc_weight, "x", x);
   check_like(op, "proj_weight", proj_weight, "x", x);
-  check_dim(op, "x", x, 2);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   check_dim(op, "fc_weight", fc_weight, 2);
   check_dim(op, "proj_weight", proj_weight, 2);
-  TORCH_CHECK(fc_weight.size(1) == x.size(1), op, ": fc_weight must have shape (hidden, ", x.size(1), "), got ",
+  TORCH_CHECK(fc_weight.size(1) == x.size(-1), op, ": fc_weight must have shape (hidden, ", x.size(-1), "), got ",
               fc_weight.sizes());
   TORCH_CHECK(proj_weight.size(1) == fc_weight.size(0), op, ": proj_weight must have shape (out_features, ",
               fc_weight.size(0), "), got ", proj_weight.sizes());
@@ -270,26 +288,30 @@ GemmParams epilogue_params(const at::Tensor& out, Activation activation) {
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x, const at::Tensor& fc_weight,
+// x (..., C) -> (out (..., C_out), h (..., Hid)); residual (..., C_out).
+std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x_in, const at::Tensor& fc_weight,
                                                    const std::optional<at::Tensor>& fc_bias_in,
                                                    const at::Tensor& proj_weight,
                                                    const std::optional<at::Tensor>& proj_bias_in,
                                                    c10::string_view activation_name,
                                                    const std::optional<at::Tensor>& residual_in) {
   const char* op = "fastgpt::ffn_forward";
-  check_ffn(op, x, fc_weight, proj_weight);
+  check_ffn(op, x_in, fc_weight, proj_weight);
   const Activation activation = parse_activation(op, activation_name);
-  const int64_t tokens = x.size(0), hidden = fc_weight.size(0), out_features = proj_weight.size(0);
-  check_vector(op, "fc_bias", fc_bias_in, hidden, x);
-  check_vector(op, "proj_bias", proj_bias_in, out_features, x);
+  const int64_t hidden = fc_weight.size(0), out_features = proj_weight.size(0);
+  check_vector(op, "fc_bias", fc_bias_in, hidden, x_in);
+  check_vector(op, "proj_bias", proj_bias_in, out_features, x_in);
+  const std::vector<int64_t> out_sizes = with_last_size(x_in, out_features);
   std::optional<at::Tensor> fc_bias, proj_bias, residual;
   if (fc_bias_in) fc_bias = fc_bias_in->contiguous();
   if (proj_bias_in) proj_bias = proj_bias_in->contiguous();
   if (residual_in) {
-    check_like(op, "residual", *residual_in, "x", x);
-    check_sizes(op, "residual", *residual_in, {tokens, out_features});
-    residual = unit_inner_stride(*residual_in);
+    check_like(op, "residual", *residual_in, "x", x_in);
+    check_sizes(op, "residual", *residual_in, out_sizes);
+    residual = unit_inner_stride(as_rows(*residual_in));  // (M, C_out)
   }
+  const at::Tensor x = as_rows(x_in);  // (M, C)
+  const int64_t tokens = x.size(0);
 
   at::Tensor h = new_output({tokens, hidden}, x.options());  // (M, Hid): x @ fc_weight^T, then + fc_bias
   linear_into(h, x, fc_weight, std::nullopt);
@@ -307,21 +329,24 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_cpu(const at::Tensor& x, const at
     if (residual) proj.residual = matrix(*residual);
     cpu::gemm_epilogue(proj);
   }
-  return {out, h};
+  return {out.view(out_sizes), h.view(with_last_size(x_in, hidden))};
 }
 
+// dout (..., C_out), x (..., C), h (..., Hid) -> dx (..., C), dfc_weight, dfc_bias, dproj_weight, dproj_bias.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_cpu(
-    const at::Tensor& dout_in, const at::Tensor& x, const at::Tensor& h_in, const at::Tensor& fc_weight,
+    const at::Tensor& dout_in, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& fc_weight,
     const at::Tensor& proj_weight, c10::string_view activation_name) {
   const char* op = "fastgpt::ffn_backward";
-  check_ffn(op, x, fc_weight, proj_weight);
+  check_ffn(op, x_in, fc_weight, proj_weight);
   const Activation activation = parse_activation(op, activation_name);
-  const int64_t tokens = x.size(0), hidden = fc_weight.size(0), out_features = proj_weight.size(0);
-  check_like(op, "dout", dout_in, "x", x);
-  check_like(op, "h", h_in, "x", x);
-  check_sizes(op, "dout", dout_in, {tokens, out_features});
-  check_sizes(op, "h", h_in, {tokens, hidden});
-  const at::Tensor dout = dout_in.contiguous(), h = unit_inner_stride(h_in);
+  const int64_t hidden = fc_weight.size(0), out_features = proj_weight.size(0);
+  check_like(op, "dout", dout_in, "x", x_in);
+  check_like(op, "h", h_in, "x", x_in);
+  check_sizes(op, "dout", dout_in, with_last_size(x_in, out_features));
+  check_sizes(op, "h", h_in, with_last_size(x_in, hidden));
+  const at::Tensor x = as_rows(x_in);                                             // (M, C)
+  const at::Tensor dout = as_rows(dout_in).contiguous(), h = unit_inner_stride(as_rows(h_in));  // (M, C_out), (M, Hid)
+  const int64_t tokens = x.size(0);
 
   // dproj_bias: column sums of dout, read as float32 partial rows when float32, else via one upcast.
   at::Tensor dproj_bias = column_sums(dout.to(at::kFloat), x.scalar_type());
@@ -341,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backw
   at::Tensor dproj_weight = at::mm(dout.t(), act);  // (C_out, Hid)
   at::Tensor dfc_weight = at::mm(dh.t(), x);        // (Hid, C)
   at::Tensor dx = at::mm(dh, fc_weight);            // (M, C)
-  return {dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias};
+  return {dx.view(x_in.sizes()), dfc_weight, dfc_bias, dproj_weight, dproj_bias};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,18 +383,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cp
     const std::optional<at::Tensor>& residual_in, double eps) {
   const char* op = "fastgpt::layer_norm_forward";
   check_cpu_float(op, "x", x_in);
-  check_dim(op, "x", x_in, 2);
-  const int64_t rows = x_in.size(0), cols = x_in.size(1);
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  const at::Tensor x = unit_inner_stride(as_rows(x_in));  // (R, C)
+  const int64_t rows = x.size(0), cols = x.size(1);
   check_vector(op, "weight", weight_in, cols, x_in);
   check_vector(op, "bias", bias_in, cols, x_in);
-  const at::Tensor x = unit_inner_stride(x_in);
   std::optional<at::Tensor> weight, bias, residual;
   if (weight_in) weight = weight_in->contiguous();
   if (bias_in) bias = bias_in->contiguous();
   if (residual_in) {
     check_like(op, "residual", *residual_in, "x", x_in);
     check_sizes(op, "residual", *residual_in, x_in.sizes());
-    residual = unit_inner_stride(*residual_in);
+    residual = unit_inner_stride(as_rows(*residual_in));  // (R, C)
   }
   at::Tensor out = new_output({rows, cols}, x.options());
   at::Tensor residual_out = residual ? new_output({rows, cols}, x.options()) : at::empty({0}, x.options());
@@ -391,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cp
   p.mean = mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
   cpu::layer_norm_forward(p);
-  return {out, residual_out, mean, rstd};
+  return {out.view(x_in.sizes()), residual ? residual_out.view(x_in.sizes()) : residual_out, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
@@ -399,8 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     const std::optional<at::Tensor>& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
   const char* op = "fastgpt::layer_norm_backward";
   check_cpu_float(op, "input", input_in);
-  check_dim(op, "input", input_in, 2);
-  const int64_t rows = input_in.size(0), cols = input_in.size(1);
+  TORCH_CHECK(input_in.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
+  const at::Tensor input = unit_inner_stride(as_rows(input_in));  // (R, C)
+  const int64_t rows = input.size(0), cols = input.size(1);
   check_like(op, "dout", dout_in, "input", input_in);
   check_sizes(op, "dout", dout_in, input_in.sizes());
   check_vector(op, "weight", weight_in, cols, input_in);
@@ -408,14 +434,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
               ": mean and rstd must be float32");
   check_sizes(op, "mean", mean_in, {rows});
   check_sizes(op, "rstd", rstd_in, {rows});
-  const at::Tensor input = unit_inner_stride(input_in), dout = unit_inner_stride(dout_in);
+  const at::Tensor dout = unit_inner_stride(as_rows(dout_in));  // (R, C)
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   std::optional<at::Tensor> weight, dresidual_out;
   if (weight_in) weight = weight_in->contiguous();
   if (dresidual_out_in) {
     check_like(op, "dresidual_out", *dresidual_out_in, "input", input_in);
     check_sizes(op, "dresidual_out", *dresidual_out_in, input_in.sizes());
-    dresidual_out = unit_inner_stride(*dresidual_out_in);
+    dresidual_out = unit_inner_stride(as_rows(*dresidual_out_in));  // (R, C)
   }
   at::Tensor dx = new_output({rows, cols}, input.options());
   const int64_t partials = layer_norm_partials(rows);
@@ -436,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   p.dbias_partial = dbias_partial.data_ptr<float>();
   p.num_partials = static_cast<int32_t>(partials);
   cpu::layer_norm_backward(p);
-  return {dx, column_sums(dweight_partial, input.scalar_type()), column_sums(dbias_partial, input.scalar_type())};
+  return {dx.view(input_in.sizes()), column_sums(dweight_partial, input.scalar_type()),
+          column_sums(dbias_partial, input.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,31 +569,44 @@ void check_reduction(const char* op, c10::string_view reduction) {
               ": reduction must be one of mean, sum, none, got '", std::string(reduction), "'");
 }
 
+// x (..., C) and targets (...) as (N, C) and (N): x's leading dimensions must be targets' shape.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const char* op, const at::Tensor& x, const at::Tensor& targets) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  check_sizes(op, "targets", targets, x.sizes().slice(0, x.dim() - 1));
+  return {as_rows(x), targets.reshape({-1})};
+}
+
+// x (..., C), targets (...) -> loss (() for mean/sum, targets' shape for none) and, with compute_grad,
+// the gradients of the summed loss: dx (..., C), dweight (V, C), dbias (V, or 0 without a bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
-    int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& targets_in,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
   const char* op = "fastgpt::linear_cross_entropy_forward";
   check_reduction(op, reduction);
   TORCH_CHECK(!compute_grad || reduction != "none", op,
               ": compute_grad needs reduction 'mean' or 'sum' (with 'none' the backward runs its own pass)");
+  const auto [x, targets] = cross_entropy_rows(op, x_in, targets_in);
   CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, compute_grad, nullptr);
   at::Tensor loss = reduce_loss(r.loss, targets, ignore_index, reduction);
+  if (reduction == "none") loss = loss.view(targets_in.sizes());
   if (!compute_grad) {
     at::Tensor empty = at::empty({0}, x.options());
     return {loss, empty, empty.clone(), empty.clone()};
   }
-  return {loss, r.dx, r.dweight, r.dbias};
+  return {loss, r.dx.view(x_in.sizes()), r.dweight, r.dbias};
 }
 
+// row_grad (...): the upstream gradient of each row's loss, float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
-    const at::Tensor& row_grad_in, int64_t ignore_index) {
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& targets_in,
+    const std::optional<at::Tensor>& bias, const at::Tensor& row_grad_in, int64_t ignore_index) {
   const char* op = "fastgpt::linear_cross_entropy_backward";
   TORCH_CHECK(row_grad_in.scalar_type() == at::kFloat, op, ": row_grad must be float32, got ", row_grad_in.scalar_type());
-  check_sizes(op, "row_grad", row_grad_in, {x.size(0)});
-  const at::Tensor row_grad = row_grad_in.contiguous();
+  check_sizes(op, "row_grad", row_grad_in, targets_in.sizes());
+  const auto [x, targets] = cross_entropy_rows(op, x_in, targets_in);
+  const at::Tensor row_grad = row_grad_in.reshape({-1}).contiguous();  // (N,)
   CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, true, &row_grad);
-  return {r.dx, r.dweight, r.dbias};
+  return {r.dx.view(x_in.sizes()), r.dweight, r.dbias};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,6 +696,20 @@ at::Tensor empty_like_sizes(const at::Tensor& t, c10::SymIntArrayRef sizes, at::
   return at::empty_symint(sizes, t.options().dtype(dtype));
 }
 
+// t's sizes with the last one replaced by `last`.
+std::vector<c10::SymInt> sym_with_last_size(const at::Tensor& t, const c10::SymInt& last) {
+  std::vector<c10::SymInt> sizes(t.sym_sizes().begin(), t.sym_sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+// The number of rows of t (..., cols): the product of its leading sizes.
+c10::SymInt sym_rows(const at::Tensor& t) {
+  c10::SymInt rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
+  return rows;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                           double softmax_scale) {
   (void)k, (void)v, (void)softmax_scale;
@@ -674,7 +728,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(const at:
 
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   (void)bias;
-  return empty_like_sizes(x, {x.sym_size(0), weight.sym_size(0)}, x.scalar_type());
+  return empty_like_sizes(x, sym_with_last_size(x, weight.sym_size(0)), x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> ffn_forward_meta(const at::Tensor& x, const at::Tensor& fc_weight,
@@ -684,8 +738,8 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_meta(const at::Tensor& x, const a
                                                     c10::string_view activation,
                                                     const std::optional<at::Tensor>& residual) {
   (void)fc_bias, (void)proj_bias, (void)activation, (void)residual;
-  return {empty_like_sizes(x, {x.sym_size(0), proj_weight.sym_size(0)}, x.scalar_type()),
-          empty_like_sizes(x, {x.sym_size(0), fc_weight.sym_size(0)}, x.scalar_type())};
+  return {empty_like_sizes(x, sym_with_last_size(x, proj_weight.sym_size(0)), x.scalar_type()),
+          empty_like_sizes(x, sym_with_last_size(x, fc_weight.sym_size(0)), x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_meta(
@@ -705,8 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_me
   const at::ScalarType dtype = x.scalar_type();
   at::Tensor residual_out =
       residual ? empty_like_sizes(x, x.sym_sizes(), dtype) : empty_like_sizes(x, {c10::SymInt(0)}, dtype);
-  return {empty_like_sizes(x, x.sym_sizes(), dtype), residual_out, empty_like_sizes(x, {x.sym_size(0)}, at::kFloat),
-          empty_like_sizes(x, {x.sym_size(0)}, at::kFloat)};
+  return {empty_like_sizes(x, x.sym_sizes(), dtype), residual_out, empty_like_sizes(x, {sym_rows(x)}, at::kFloat),
+          empty_like_sizes(x, {sym_rows(x)}, at::kFloat)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_meta(
@@ -714,16 +768,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_meta(
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd) {
   (void)dout, (void)dresidual_out, (void)weight, (void)mean, (void)rstd;
   const at::ScalarType dtype = input.scalar_type();
-  return {empty_like_sizes(input, input.sym_sizes(), dtype), empty_like_sizes(input, {input.sym_size(1)}, dtype),
-          empty_like_sizes(input, {input.sym_size(1)}, dtype)};
+  const c10::SymInt cols = input.sym_size(-1);
+  return {empty_like_sizes(input, input.sym_sizes(), dtype), empty_like_sizes(input, {cols}, dtype),
+          empty_like_sizes(input, {cols}, dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_meta(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
     int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
-  (void)targets, (void)ignore_index;
+  (void)ignore_index;
   const at::ScalarType dtype = x.scalar_type();
-  at::Tensor loss = reduction == "none" ? empty_like_sizes(x, {x.sym_size(0)}, at::kFloat)
+  at::Tensor loss = reduction == "none" ? empty_like_sizes(x, targets.sym_sizes(), at::kFloat)
                                         : empty_like_sizes(x, c10::SymIntArrayRef{}, at::kFloat);
   const c10::SymInt none(0);
   if (!compute_grad) {
@@ -816,17 +871,8 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastgpt::cpu::isa_name(fastgpt::cpu::active_isa()));
 }
 
-PyObject* with_cuda(PyObject*, PyObject*) {
-#ifdef FASTGPT_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
 PyMethodDef module_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with: avx512, avx2 or baseline."},
-    {"with_cuda", with_cuda, METH_NOARGS, "Whether the CUDA kernels of csrc/cuda were compiled in."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -58,7 +58,6 @@ struct AttentionParams {
   HeadTensor dk;      // summed over the query heads of each kv head (GQA)
   HeadTensor dv;
   float* delta;       // (batch, heads, q_len): rowsum(dout * out), contiguous
-  float* dq_accum;    // (batch, heads, q_len, head_dim) float32 scratch, or null if a backend has none
 
   // Launch configuration chosen by the host (CUDA: threads per block and dynamic shared memory).
   int32_t num_threads;

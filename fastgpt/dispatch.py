@@ -1,32 +1,39 @@
-"""Backend names, validation of arguments, and the choice of backend for each call.
+"""THE routing table, and the validation of every op's arguments.
 
-Every public op goes through three steps here before any kernel runs:
+Every public op (fastgpt/functional.py) makes two calls here before any kernel runs:
 1. `validate_*` checks types, ranks, shapes, dtypes and devices, and raises TypeError/ValueError whose
-   message names the argument, what was expected and what was given;
-2. `resolve` picks the backend (`auto` → cuda, triton on CUDA tensors; cpu, reference on CPU tensors;
-   `FASTGPT_BACKEND` overrides `auto`);
-3. the chosen backend module's function of the same name as the op is called.
+   message names the argument, what was expected and what was given. It runs once per call, and not
+   at all while torch.compile traces or a CUDA graph captures (`skip_validation`): the C++ operators
+   repeat the shape checks, so even then a bad call fails before a kernel reads memory;
+2. `resolve` returns the function that serves the call: the op of the chosen backend, or a variant of
+   it (the split-KV decode kernel for one query that needs no gradient; the weight-streaming linear for
+   at most 16 rows). The choice depends on the op, the `backend` argument (`auto`, or a name), the
+   device, the dtype and a few facts of the call's shapes, and is made once per combination.
 
-Backends are imported lazily, so a missing compiler, Triton or GPU never breaks `import fastgpt`.
+`auto` walks an order of backends per op, per device kind and GPU architecture (AUTO_ORDER below, each
+order with the results file it comes from) and takes the first that runs the call; FASTGPT_BACKEND
+overrides it. No other module chooses an implementation: fastgpt.nn and the transformers integration
+call the public ops only. Backends are imported lazily, so a missing compiler, Triton or GPU never
+breaks `import fastgpt`.
 """
 
 import functools
 import importlib
 import math
 import os
+import warnings
 
 import torch
 
 from fastgpt.activations import ACTIVATIONS
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
-OPS = ("causal_attention", "fused_ffn", "layer_norm", "linear_cross_entropy")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+OPS = ("causal_attention", "fused_ffn", "layer_norm", "linear_cross_entropy", "linear")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# The module holding each backend's implementation of each op. A backend implements an op by
-# exposing a function of the op's name that takes the validated arguments.
+# The module holding each backend's implementation of each op: a function of the op's name taking the
+# op's arguments positionally, in fastgpt.functional's order.
 IMPLEMENTATIONS = {
     "reference": {op: "fastgpt.reference" for op in OPS},
     "triton": {
@@ -35,12 +42,74 @@ IMPLEMENTATIONS = {
         "layer_norm": "fastgpt.ops.triton_layernorm",
         "linear_cross_entropy": "fastgpt.ops.triton_cross_entropy",
     },
-    "cpu": {op: "fastgpt.ops.cpu" for op in OPS},
-    "cuda": {op: "fastgpt.ops.cuda" for op in ("causal_attention", "fused_ffn", "layer_norm")},
+    "cpu": {op: "fastgpt.ops.compiled" for op in OPS},
+    "cuda": {op: "fastgpt.ops.compiled" for op in ("causal_attention", "fused_ffn", "layer_norm")},
+}
+# Decode kernels: causal_attention with one query that needs no gradient, by backend (module, function).
+# The Triton one splits a long cache over the whole GPU instead of one program per head; the cpu and
+# cuda kernels handle q_len == 1 themselves.
+DECODE_KERNELS = {"triton": ("fastgpt.ops.triton_decode", "decode_attention_op")}
+
+# The dtypes each backend's kernels take.
+SUPPORTED_DTYPES = {
+    "reference": FLOAT_DTYPES,
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16),
 }
 
-# Modules whose import decides whether a backend exists at all on this machine.
-BACKEND_PROBES = {"triton": "triton", "cpu": "fastgpt.ops.cpu", "cuda": "fastgpt.ops.cuda"}
+# Causal attention over at most this many keys is "short" in the routing facts: the order of the CUDA
+# backends flips there on the H200 (AUTO_ORDER).
+SHORT_SEQUENCE = 512
+# The most rows `linear` sends to the cpu backend's weight-streaming kernel (csrc/cpu/kernels.h's
+# kSkinnyGemmMaxRows, which fastgpt._C exports as LINEAR_KERNEL_MAX_ROWS; a test checks they agree):
+# 1.25-3.9x BLAS at 1-16 rows of GPT-2 projections, no faster beyond (benchmarks/cpu_linear.py).
+LINEAR_KERNEL_MAX_ROWS = 16
+# The FFN hidden width up to which the cuda backend leads on the H200 (AUTO_ORDER).
+CUDA_FFN_MAX_HIDDEN = 3072
+
+
+def kv_len_class(kv_len):
+    """kv_len as the routing facts see it: SHORT_SEQUENCE for a short sequence, one more for a long one,
+    so a decode loop's growing cache makes two choices, not one per length."""
+    return SHORT_SEQUENCE if kv_len <= SHORT_SEQUENCE else SHORT_SEQUENCE + 1
+
+
+class SizeSplit:
+    """An auto order that depends on one fact of the call: `small` where facts[fact] <= limit (or is
+    True, for a boolean fact), `large` otherwise, and where the fact is unknown."""
+
+    def __init__(self, fact, limit, small, large):
+        self.fact, self.limit, self.small, self.large = fact, limit, small, large
+
+    def order(self, facts):
+        value = facts.get(self.fact)
+        return self.small if value is not None and value <= self.limit else self.large
+
+
+# `auto`'s order of backends per op: the first that runs the call serves it.
+CPU_ORDER = {op: ("cpu", "reference") for op in OPS}
+# CUDA GPUs, from the H200 (sm_90) run benchmarks/results/2026-11-30-h200.json, bf16, median ms of
+# forward+backward (fastgpt:cuda vs fastgpt:triton). No other architecture has been measured: they use
+# the same order until one is (the cuda kernels are an sm_80 design, so that is where they stand best).
+CUDA_ORDER = {
+    # seq 512: 0.83 vs 1.26 (d64), 0.85 vs 1.17 (d128); seq 1024-16k Triton leads: 1.36 vs 1.17 at 1k,
+    # 9.06 vs 6.08 at 8k (d64), 18.39 vs 12.37 at 16k (d128).
+    "causal_attention": SizeSplit(
+        "kv_len", SHORT_SEQUENCE, ("cuda", "triton", "reference"), ("triton", "cuda", "reference")
+    ),
+    # 8192x768x3072: 1.29 vs 1.83; 8192x1600x6400: 4.29 vs 3.08.
+    "fused_ffn": SizeSplit(
+        "hidden", CUDA_FFN_MAX_HIDDEN, ("cuda", "triton", "reference"), ("triton", "cuda", "reference")
+    ),
+    # 16384 rows of 768-4096 columns, with and without a residual: 0.47-0.54 vs 0.99-1.14.
+    "layer_norm": ("cuda", "triton", "reference"),
+    # Triton is the only kernel backend: 10.7 ms against F.cross_entropy's 17.2 (8192 x 768, V=50257).
+    "linear_cross_entropy": ("triton", "reference"),
+    # No kernel backend has a CUDA linear: F.linear (cuBLAS).
+    "linear": ("reference",),
+}
+AUTO_ORDER = {"cpu": CPU_ORDER, "cuda": CUDA_ORDER}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,18 +138,19 @@ def backend_status():
     """{backend: None if usable here, else the reason it is not}. Computed once per process: the
     environment it reads (TRITON_INTERPRET, the extension, the GPU) is fixed once fastgpt is imported."""
     status = {"reference": None}
-    error = _import_error(BACKEND_PROBES["triton"])
+    error = _import_error("triton")
     if error:
         status["triton"] = f"Triton is not importable ({error}); pip install triton"
     elif not torch.cuda.is_available() and not triton_interpreter_enabled():
         status["triton"] = "no CUDA GPU, and TRITON_INTERPRET=1 (the CPU interpreter) is not set"
     else:
         status["triton"] = None
-    error = _import_error(BACKEND_PROBES["cpu"])
+    error = _import_error("fastgpt.ops.compiled")
     status["cpu"] = f"the compiled extension fastgpt._C is missing ({error})" if error else None
-    error = _import_error(BACKEND_PROBES["cuda"])
     if error:
-        status["cuda"] = f"fastgpt._C has no CUDA kernels ({error})"
+        status["cuda"] = status["cpu"]
+    elif not importlib.import_module("fastgpt.ops.compiled").HAS_CUDA_KERNELS:
+        status["cuda"] = "fastgpt._C was built without CUDA kernels (FASTGPT_CUDA=1 with nvcc and a CUDA torch)"
     elif not torch.cuda.is_available():
         status["cuda"] = "no CUDA GPU is visible to torch"
     else:
@@ -102,11 +172,15 @@ def _runs_on(backend, device_type):
     return backend == device_type
 
 
-def _backend_module(op, backend):
-    module_name = IMPLEMENTATIONS[backend].get(op)
-    if module_name is None:
-        return None
-    return importlib.import_module(module_name)
+def _size_check(backend):
+    """The backend's function saying which shapes its kernels decline: f(op, **facts) -> reason or None."""
+    if backend in ("cpu", "cuda"):
+        return getattr(importlib.import_module("fastgpt.ops.compiled"), f"{backend}_unsupported_reason")
+    if backend == "triton":
+        return lambda op, **facts: getattr(importlib.import_module(IMPLEMENTATIONS["triton"][op]), "unsupported_reason")(
+            op, **facts
+        )
+    return lambda op, **facts: None
 
 
 def _unsupported_reason(op, backend, device_type, dtype, facts):
@@ -118,26 +192,20 @@ def _unsupported_reason(op, backend, device_type, dtype, facts):
     reason = backend_status()[backend]
     if reason:
         return reason
-    module = _backend_module(op, backend)
-    if module is None:
+    if op not in IMPLEMENTATIONS[backend]:
         return f"backend {backend!r} does not implement {op}"
-    supported = getattr(module, "SUPPORTED_DTYPES", FLOAT_DTYPES)
-    if dtype not in supported:
-        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+    if dtype not in SUPPORTED_DTYPES[backend]:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[backend])
         return f"backend {backend!r} supports dtypes ({names}) for {op}, got {dtype}"
-    check = getattr(module, "unsupported_reason", None)
-    return check(op, **facts) if check else None
+    return _size_check(backend)(op, **facts)
 
 
-def resolve(op, backend, device, dtype, **facts):
-    """The function implementing `op` for this call. `facts` (head_dim=..., hidden=...) let a backend
-    decline shapes it has no kernel for; `auto` then moves on to the next backend."""
-    name = choose_backend(op, backend, torch.device(device).type, dtype, tuple(sorted(facts.items())))
-    return IMPLEMENTATION_SLOTS[(op, name)].function
+# ----------------------------------------------------------------------------------------------
+# The choice of implementation
 
 
 class ImplementationSlot:
-    """Holds one backend's function for one op, filled by choose_backend on first use.
+    """Holds the function serving one (op, backend, variant), filled by choose_backend on first use.
 
     The slots are created once, here, and never replaced: torch.compile snapshots a container the
     first time a trace reads it, so a dict filled during the trace would look stale, while the
@@ -146,28 +214,64 @@ class ImplementationSlot:
     function = None
 
 
-IMPLEMENTATION_SLOTS = {(op, backend): ImplementationSlot() for op in OPS for backend in BACKENDS}
-
+VARIANTS = (None, "decode")
+IMPLEMENTATION_SLOTS = {
+    (op, backend, variant): ImplementationSlot() for op in OPS for backend in BACKENDS for variant in VARIANTS
+}
 
 # (op, backend, device_type, dtype, facts) -> chosen backend name. A plain dict rather than
 # functools.cache, whose wrapper torch.compile warns about and traces through.
 _CHOICES = {}
 
 
+def resolve(op, backend, device_type, dtype, facts, variant=None):
+    """The function serving this call. facts: a tuple of (name, value) pairs of the call's shapes that
+    a backend's choice depends on (head_dim, kv_len, hidden, vocab, few_rows); variant: "decode" for
+    causal_attention with one query and no gradient. Cheap after the first call with the same key."""
+    name = choose_backend(op, backend, device_type, dtype, facts)
+    if variant is not None and name in DECODE_KERNELS:
+        return IMPLEMENTATION_SLOTS[(op, name, variant)].function
+    return IMPLEMENTATION_SLOTS[(op, name, None)].function
+
+
 @torch.compiler.assume_constant_result
 def choose_backend(op, backend, device_type, dtype, facts):
     """The backend name for this call (a constant under torch.compile, which runs it once at trace time)."""
     key = (op, backend, device_type, dtype, facts)
-    if key not in _CHOICES:
+    name = _CHOICES.get(key)
+    if name is None:
         name = _choose_backend(op, backend, device_type, dtype, dict(facts))
-        IMPLEMENTATION_SLOTS[(op, name)].function = getattr(_backend_module(op, name), op)
+        IMPLEMENTATION_SLOTS[(op, name, None)].function = getattr(
+            importlib.import_module(IMPLEMENTATIONS[name][op]), op
+        )
+        if op == "causal_attention" and name in DECODE_KERNELS:
+            module_name, function_name = DECODE_KERNELS[name]
+            IMPLEMENTATION_SLOTS[(op, name, "decode")].function = getattr(
+                importlib.import_module(module_name), function_name
+            )
         _CHOICES[key] = name
-    return _CHOICES[key]
+    return name
 
 
 def forget_choices():
     """Drop the cached backend choices, e.g. after changing FASTGPT_BACKEND."""
     _CHOICES.clear()
+
+
+def _auto_order(op, device_type, facts):
+    order = AUTO_ORDER.get(device_type, {}).get(op, ("reference",))
+    return order.order(facts) if isinstance(order, SizeSplit) else order
+
+
+@functools.cache
+def _warn_missing_extension():
+    warnings.warn(
+        f"fastgpt: the compiled kernels are missing, so CPU tensors run on the slow `reference` backend "
+        f"({backend_status()['cpu']}). Install with `pip install --no-build-isolation .` where torch is "
+        "installed, then check `python -m fastgpt info`.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _choose_backend(op, backend, device_type, dtype, facts):
@@ -178,18 +282,49 @@ def _choose_backend(op, backend, device_type, dtype, facts):
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+        for candidate in _auto_order(op, device_type, facts):
             if _unsupported_reason(op, candidate, device_type, dtype, facts) is None:
+                if candidate == "reference" and device_type == "cpu" and backend_status()["cpu"] is not None:
+                    _warn_missing_extension()
                 return candidate
         raise RuntimeError(f"{op}: no backend can run {dtype} tensors on {device_type}")
     reason = _unsupported_reason(op, backend, device_type, dtype, facts)
     if reason is None:
         return backend
+    if op == "linear":
+        return "reference"  # a projection the chosen backend has no kernel for runs as F.linear
     if "dtypes" in reason:
         raise TypeError(f"{op}: {reason}")
     if not _runs_on(backend, device_type) or backend_status()[backend] is None:
         raise ValueError(f"{op}: {reason}")
     raise RuntimeError(f"{op}: backend {backend!r} is not available here: {reason}")
+
+
+def fused_decode_step(backend, device_type, dtype, head_dim, rows):
+    """The function that runs all of a GPT's blocks for one decode step in one call, or None: the cpu
+    backend's decode_blocks (fastgpt.ops.compiled), where every op of the step (attention, LayerNorm,
+    the FFN and the few-row projections) would run on the cpu backend anyway. It runs the same kernels
+    in the same order, without ~15 Python op calls per block."""
+    if device_type != "cpu" or not 0 < rows <= LINEAR_KERNEL_MAX_ROWS:
+        return None
+    ops_facts = {
+        "causal_attention": (("head_dim", head_dim), ("kv_len", SHORT_SEQUENCE)),
+        "layer_norm": (),
+        "fused_ffn": (),
+        "linear": (("few_rows", True),),
+    }
+    if any(choose_backend(op, backend, device_type, dtype, facts) != "cpu" for op, facts in ops_facts.items()):
+        return None
+    return importlib.import_module("fastgpt.ops.compiled").decode_blocks
+
+
+def skip_validation(tensor):
+    """Whether this call skips argument validation: while torch.compile traces (the checks would be
+    traced) or a CUDA graph captures (host time only; nothing is replayed). `tensor` is the op's
+    first input: only a CUDA tensor can be in a capture."""
+    if torch.compiler.is_compiling():
+        return True
+    return isinstance(tensor, torch.Tensor) and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,8 +383,11 @@ def check_channels(op, name, tensor):
         raise ValueError(f"{op}: {name}'s last dimension (channels) must be at least 1, got 0 (shape {tuple(tensor.shape)})")
 
 
-def validate_attention(q, k, v, softmax_scale):
-    """Checks causal_attention's arguments; returns the softmax scale as a float."""
+def default_softmax_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _diagnose_attention(q, k, v, softmax_scale):
     op = "causal_attention"
     check_tensor(op, "q", q, ndim=4)
     check_tensor(op, "k", k, ndim=4)
@@ -272,7 +410,7 @@ def validate_attention(q, k, v, softmax_scale):
     if q_len > kv_len:
         raise ValueError(f"{op}: q_len must be <= kv_len (bottom-right causal mask), got q_len={q_len}, kv_len={kv_len}")
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return default_softmax_scale(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"{op}: softmax_scale must be a float or None, got {describe(softmax_scale)}")
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
@@ -288,7 +426,7 @@ def check_optional_vector(op, name, tensor, size, reference_name, reference, why
     check_shape(op, name, tensor, (size,), f" (it must match {why})")
 
 
-def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
+def _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
     op = "fused_ffn"
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "fc_weight", fc_weight, ndim=2)
@@ -315,7 +453,19 @@ def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resi
         check_shape(op, "residual", residual, (*x.shape[:-1], out_features))
 
 
-def validate_layer_norm(x, weight, bias, eps, residual):
+def _diagnose_linear(x, weight, bias):
+    op = "linear"
+    check_tensor(op, "x", x, min_ndim=1)
+    check_tensor(op, "weight", weight, ndim=2)
+    check_same_dtype_and_device(op, "x", x, weight=weight)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must have shape (out_features, {x.shape[-1]}) for x's last dim, got {tuple(weight.shape)}"
+        )
+    check_optional_vector(op, "bias", bias, weight.shape[0], "x", x, f"weight's {weight.shape[0]} outputs")
+
+
+def _diagnose_layer_norm(x, weight, bias, eps, residual):
     op = "layer_norm"
     check_tensor(op, "x", x, min_ndim=1)
     check_channels(op, "x", x)
@@ -336,7 +486,7 @@ def check_eps(op, eps):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
 
 
-def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
+def _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     op = "linear_cross_entropy"
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "weight", weight, ndim=2)
@@ -350,12 +500,12 @@ def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if vocab == 0:
         raise ValueError(f"{op}: weight must have at least one row (vocab >= 1), got shape {tuple(weight.shape)}")
-    validate_targets(op, targets, x.shape[:-1], x.device, vocab, ignore_index)
+    validate_targets(op, targets, x.shape[:-1], x.device, vocab, ignore_index, check_values=False)
 
 
-def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_of="x"):
+def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_of="x", check_values=True):
     """Class-index targets of a cross-entropy: int64, `shape`, on `device` (that of `device_of`), each
-    in [0, vocab) or equal to ignore_index (values are read as check_index_range says)."""
+    in [0, vocab) or equal to ignore_index (with check_values, values are read as check_index_range says)."""
     check_tensor(op, "targets", targets, floating=False)
     if targets.dtype != torch.int64:
         raise TypeError(f"{op}: targets must be an int64 (torch.long) tensor of class indices, got dtype {targets.dtype}")
@@ -366,7 +516,8 @@ def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_
         raise TypeError(f"{op}: ignore_index must be an int, got {describe(ignore_index)}")
     if not INT64_MIN <= ignore_index <= INT64_MAX:
         raise ValueError(f"{op}: ignore_index must fit in int64 (targets' dtype), got {ignore_index}")
-    check_index_range(op, "targets", targets, vocab, ignore_index)
+    if check_values:
+        check_index_range(op, "targets", targets, vocab, ignore_index)
 
 
 def check_index_range(op, name, indices, size, ignore_index=None):
@@ -378,6 +529,9 @@ def check_index_range(op, name, indices, size, ignore_index=None):
         return
     if not (indices.device.type == "cpu" or (indices.device.type == "cuda" and debug_checks_enabled())):
         return
+    extremes = torch.aminmax(indices)
+    if extremes.min.item() >= 0 and extremes.max.item() < size:
+        return  # one pass over the values; the masks below only when some index needs a closer look
     bad = (indices < 0) | (indices >= size)
     if ignore_index is not None:
         bad &= indices != ignore_index
@@ -385,3 +539,123 @@ def check_index_range(op, name, indices, size, ignore_index=None):
         first = indices[bad][0].item()
         allowed = f"[0, {size})" + ("" if ignore_index is None else f" or equal ignore_index={ignore_index}")
         raise ValueError(f"{op}: {name} must be in {allowed}, got {first} ({int(bad.sum())} out-of-range value(s))")
+
+
+# ----------------------------------------------------------------------------------------------
+# The validators each op calls: a fast check of the valid case (a few attribute reads per tensor),
+# and, only when it fails, the detailed checks above, which raise the error naming the argument.
+
+_STRIDED = torch.strided
+
+
+def _is_float_tensor(t):
+    return isinstance(t, torch.Tensor) and t.layout == _STRIDED and t.dtype in FLOAT_DTYPES and not t.is_nested
+
+
+def _is_companion(t, x):
+    """t is a dense tensor with x's dtype and device."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.layout == _STRIDED
+        and t.dtype == x.dtype
+        and t.device == x.device
+        and not t.is_nested
+    )
+
+
+def _is_vector_or_none(t, size, x):
+    return t is None or (_is_companion(t, x) and t.dim() == 1 and t.shape[0] == size)
+
+
+def _is_positive_float(value, *, allow_zero):
+    return type(value) is float and math.isfinite(value) and (value > 0 or (allow_zero and value == 0))
+
+
+def validate_attention(q, k, v, softmax_scale):
+    """Checks causal_attention's arguments; returns the softmax scale as a float."""
+    if (
+        _is_float_tensor(q)
+        and _is_companion(k, q)
+        and _is_companion(v, q)
+        and q.dim() == 4
+        and k.dim() == 4
+        and v.shape == k.shape
+        and k.shape[0] == q.shape[0]
+        and k.shape[3] == q.shape[3] > 0
+        and k.shape[1] > 0
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[2] <= k.shape[2]
+    ):
+        if softmax_scale is None:
+            return default_softmax_scale(q.shape[3])
+        if _is_positive_float(softmax_scale, allow_zero=False):
+            return softmax_scale
+    return _diagnose_attention(q, k, v, softmax_scale)
+
+
+def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
+    if not (
+        _is_float_tensor(x)
+        and _is_companion(fc_weight, x)
+        and _is_companion(proj_weight, x)
+        and x.dim() >= 1
+        and fc_weight.dim() == 2
+        and proj_weight.dim() == 2
+        and 0 < x.shape[-1] == fc_weight.shape[1]
+        and proj_weight.shape[1] == fc_weight.shape[0]
+        and _is_vector_or_none(fc_bias, fc_weight.shape[0], x)
+        and _is_vector_or_none(proj_bias, proj_weight.shape[0], x)
+        and activation in ACTIVATIONS
+        and (
+            residual is None
+            or (_is_companion(residual, x) and residual.shape == (*x.shape[:-1], proj_weight.shape[0]))
+        )
+    ):
+        _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+
+
+def validate_linear(x, weight, bias):
+    if not (
+        _is_float_tensor(x)
+        and _is_companion(weight, x)
+        and x.dim() >= 1
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[-1]
+        and _is_vector_or_none(bias, weight.shape[0], x)
+    ):
+        _diagnose_linear(x, weight, bias)
+
+
+def validate_layer_norm(x, weight, bias, eps, residual):
+    if not (
+        _is_float_tensor(x)
+        and x.dim() >= 1
+        and x.shape[-1] > 0
+        and _is_vector_or_none(weight, x.shape[-1], x)
+        and _is_vector_or_none(bias, x.shape[-1], x)
+        and (residual is None or (_is_companion(residual, x) and residual.shape == x.shape))
+        and _is_positive_float(eps, allow_zero=True)
+    ):
+        _diagnose_layer_norm(x, weight, bias, eps, residual)
+
+
+def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
+    if not (
+        _is_float_tensor(x)
+        and _is_companion(weight, x)
+        and x.dim() >= 1
+        and weight.dim() == 2
+        and 0 < x.shape[-1] == weight.shape[1]
+        and weight.shape[0] > 0
+        and _is_vector_or_none(bias, weight.shape[0], x)
+        and reduction in REDUCTIONS
+        and isinstance(targets, torch.Tensor)
+        and targets.dtype == torch.int64
+        and targets.device == x.device
+        and targets.layout == _STRIDED
+        and targets.shape == x.shape[:-1]
+        and type(ignore_index) is int
+        and INT64_MIN <= ignore_index <= INT64_MAX
+    ):
+        _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
+    check_index_range("linear_cross_entropy", "targets", targets, weight.shape[0], ignore_index)

@@ -1,4 +1,8 @@
-"""The public ops. Each validates its arguments, resolves a backend and calls it."""
+"""The public ops. Each validates its arguments once, asks dispatch for the function that serves the
+call, and calls it with the arguments in the op's order. Nothing else runs per call: this is the host
+time a call adds to its kernel's (benchmarks/host_overhead.py --tiny-calls measures it)."""
+
+import torch
 
 from fastgpt import dispatch
 
@@ -10,9 +14,22 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
     heads % kv_heads == 0 and q_len <= kv_len: query i sees keys j <= i + kv_len - q_len.
     Returns (batch, heads, q_len, head_dim) in q's dtype. Differentiable in q, k and v.
     """
-    scale = dispatch.validate_attention(q, k, v, softmax_scale)
-    impl = dispatch.resolve("causal_attention", backend, q.device, q.dtype, head_dim=q.shape[-1])
-    return impl(q, k, v, softmax_scale=scale)
+    if dispatch.skip_validation(q):
+        scale = dispatch.default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
+    else:
+        scale = dispatch.validate_attention(q, k, v, softmax_scale)
+    decode = q.shape[2] == 1 and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+    impl = dispatch.resolve(
+        "causal_attention",
+        backend,
+        q.device.type,
+        q.dtype,
+        (("head_dim", q.shape[3]), ("kv_len", dispatch.kv_len_class(k.shape[2]))),
+        "decode" if decode else None,
+    )
+    return impl(q, k, v, scale)
 
 
 def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None, backend="auto"):
@@ -21,16 +38,18 @@ def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu
     x: (..., C); fc_weight: (hidden, C); proj_weight: (C_out, hidden). Returns (..., C_out).
     Activations: gelu_tanh (GPT-2's gelu_new), gelu, relu, silu.
     """
-    dispatch.validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
-    impl = dispatch.resolve("fused_ffn", backend, x.device, x.dtype, hidden=fc_weight.shape[0])
-    return impl(x, fc_weight, fc_bias, proj_weight, proj_bias, activation=activation, residual=residual)
+    if not dispatch.skip_validation(x):
+        dispatch.validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+    impl = dispatch.resolve("fused_ffn", backend, x.device.type, x.dtype, (("hidden", fc_weight.shape[0]),))
+    return impl(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
 
 
 def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
     """LayerNorm over the last dimension. With residual: returns (out, x + residual), the add fused."""
-    dispatch.validate_layer_norm(x, weight, bias, eps, residual)
-    impl = dispatch.resolve("layer_norm", backend, x.device, x.dtype, hidden=x.shape[-1])
-    return impl(x, weight, bias, eps=float(eps), residual=residual)
+    if not dispatch.skip_validation(x):
+        dispatch.validate_layer_norm(x, weight, bias, eps, residual)
+    impl = dispatch.resolve("layer_norm", backend, x.device.type, x.dtype, (("hidden", x.shape[-1]),))
+    return impl(x, weight, bias, float(eps), residual)
 
 
 def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", backend="auto"):
@@ -39,6 +58,22 @@ def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, re
     x: (..., C); weight: (vocab, C); targets: (...) int64. reduction: mean | sum | none.
     The loss is float32 (float64 for float64 inputs).
     """
-    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
-    impl = dispatch.resolve("linear_cross_entropy", backend, x.device, x.dtype, vocab=weight.shape[0])
-    return impl(x, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction)
+    if not dispatch.skip_validation(x):
+        dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
+    impl = dispatch.resolve("linear_cross_entropy", backend, x.device.type, x.dtype, (("vocab", weight.shape[0]),))
+    return impl(x, weight, targets, bias, ignore_index, reduction)
+
+
+def linear(x, weight, bias=None, *, backend="auto"):
+    """F.linear(x, weight, bias): x (..., in_features) @ weight (out_features, in_features)^T + bias.
+
+    The few rows of a decode step (at most 16) run on the cpu backend's kernel that streams the weight
+    once; every other call is F.linear (BLAS or cuBLAS), which is as fast there. Differentiable.
+    """
+    if not dispatch.skip_validation(x):
+        dispatch.validate_linear(x, weight, bias)
+    # Under torch.compile the row count may be symbolic, and the graph's GEMMs are inductor's anyway.
+    rows = 0 if torch.compiler.is_compiling() or not x.shape[-1] else x.numel() // x.shape[-1]
+    few_rows = 0 < rows <= dispatch.LINEAR_KERNEL_MAX_ROWS
+    impl = dispatch.resolve("linear", backend, x.device.type, x.dtype, (("few_rows", few_rows),))
+    return impl(x, weight, bias)

@@ -56,6 +56,11 @@ def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation="gelu_ta
     return y
 
 
+def linear(x, weight, bias=None):
+    """x (..., in_features) @ weight (out_features, in_features)^T + bias: nn.Linear's projection."""
+    return F.linear(x, weight, bias)
+
+
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """LayerNorm over the last dimension, with statistics in at least float32.
 

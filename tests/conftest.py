@@ -38,3 +38,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_routes():
+    """For a test that monkeypatches a backend's function: dispatch keeps the function it resolved,
+    so the choices are dropped before the test (the next call resolves to the patch) and after it
+    (the next test's calls resolve to the original again)."""
+    from fastgpt import dispatch
+
+    dispatch.forget_choices()
+    yield
+    dispatch.forget_choices()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
 from tolerance import assert_close
 

@@ -6,10 +6,10 @@ sized steps on the cpu backend; and bad arguments to the op must raise before an
 import pytest
 import torch
 
-pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
 from fastgpt.nn import GPT, GPTConfig, KVCache
-from fastgpt.ops import cpu
+from fastgpt.ops import compiled
 
 SMALL = {"n_layer": 3, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
@@ -42,7 +42,7 @@ def test_decode_blocks_equals_the_module_path_bitwise(dtype, n_kv_head, bias, ba
         model.hidden_states(prompt, caches, 0)  # a filled prefix of 13 positions
         module_caches = clone_caches(caches)
         idx = torch.randint(0, 97, (batch, new))
-        assert model.takes_cpu_decode_kernel(torch.zeros(batch, new, model.config.n_embd, dtype=dtype))
+        assert model.fused_decode_step(torch.zeros(batch, new, model.config.n_embd, dtype=dtype)) is not None
         fused = model.hidden_states(idx, caches, 13, model.decode_block_parameters())
         per_module = model.hidden_states(idx, module_caches, 13)
     assert torch.isfinite(fused).all()
@@ -54,13 +54,13 @@ def test_decode_blocks_equals_the_module_path_bitwise(dtype, n_kv_head, bias, ba
 
 def count_decode_calls(monkeypatch):
     calls = []
-    original = cpu.decode_blocks
+    original = compiled.decode_blocks
 
     def counting(x, *args):
         calls.append(tuple(x.shape))
         return original(x, *args)
 
-    monkeypatch.setattr(cpu, "decode_blocks", counting)
+    monkeypatch.setattr(compiled, "decode_blocks", counting)
     return calls
 
 
@@ -82,10 +82,10 @@ def test_decode_op_is_not_taken_under_autograd_or_dropout():
     model = GPT(GPTConfig(**SMALL, dropout=0.1))
     x = torch.zeros(1, 1, 64)
     with torch.no_grad():
-        assert not model.train().takes_cpu_decode_kernel(x)  # dropout in training mode
-        assert model.eval().takes_cpu_decode_kernel(x)
-        assert not model.takes_cpu_decode_kernel(torch.zeros(17, 1, 64))  # beyond the kernel's 16 rows
-    assert not model.takes_cpu_decode_kernel(x)  # grad mode: the module path keeps autograd
+        assert model.train().fused_decode_step(x) is None  # dropout in training mode
+        assert model.eval().fused_decode_step(x) is compiled.decode_blocks
+        assert model.fused_decode_step(torch.zeros(17, 1, 64)) is None  # beyond the kernel's 16 rows
+    assert model.fused_decode_step(x) is None  # grad mode: the module path keeps autograd
 
 
 def decode_arguments():
@@ -119,5 +119,5 @@ def test_decode_op_rejects_bad_arguments_before_writing(position, value, pattern
     else:
         arguments[position] = value
     with pytest.raises(RuntimeError, match=pattern):
-        cpu.decode_blocks(*arguments)
+        compiled.decode_blocks(*arguments)
     assert all(torch.equal(a, b) for a, b in zip(arguments[2], before))

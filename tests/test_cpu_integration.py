@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-cpu = pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+compiled = pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
 from fastgpt import _C, dispatch, functional
 
@@ -196,7 +196,7 @@ import torch
 def probe(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 
-import fastgpt.ops.cpu
+import fastgpt.ops.compiled
 q = torch.randn(1, 1, 3, 8)
 assert torch.equal(torch.ops.fastgpt.triton_namespace_probe(q), q * 2)
 assert torch.ops.fastgpt.attention_forward(q, q, q, 0.5)[0].shape == q.shape
@@ -216,7 +216,7 @@ def test_auto_picks_cpu_for_cpu_tensors_and_reports_it(monkeypatch):
         assert dispatch.choose_backend(op, "auto", "cpu", torch.bfloat16, ()) == "cpu"
         assert dispatch.choose_backend(op, "auto", "cpu", torch.float64, ()) == "reference"
     assert _C.cpu_isa() in ("avx512", "avx2", "baseline")
-    assert cpu.SUPPORTED_DTYPES == (torch.float32, torch.bfloat16)
+    assert compiled.SUPPORTED_DTYPES["cpu"] == (torch.float32, torch.bfloat16)
 
 
 def test_operator_checks_name_the_argument():

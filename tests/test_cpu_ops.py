@@ -5,14 +5,14 @@ activation and reduction, ignore_index, empty inputs, huge logits and NaN rows."
 import pytest
 import torch
 
-pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
 from tolerance import assert_close
 
 from fastgpt import functional, reference
 from fastgpt.activations import ACTIVATIONS
 from fastgpt.nn import Linear
-from fastgpt.ops import cpu
+from fastgpt.ops import compiled
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -153,18 +153,18 @@ def test_linear_matches_reference(case, dtype):
         randn(out_features) if with_bias else None,
     ]
     upstream = randn(*x_shape[:-1], out_features)
-    checked = check_against_reference(cpu.linear, torch.nn.functional.linear, inputs, dtype, [upstream])
+    checked = check_against_reference(compiled.linear, torch.nn.functional.linear, inputs, dtype, [upstream])
     assert checked == 2 + with_bias
 
 
-def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch):
+def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch, fresh_routes):
     layer = Linear(32, 24, backend="cpu")
     calls = []
-    monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
+    monkeypatch.setattr(compiled, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
     for rows, expected_calls in (
         (1, 1),
-        (cpu.LINEAR_KERNEL_MAX_ROWS, 2),
-        (cpu.LINEAR_KERNEL_MAX_ROWS + 1, 2),
+        (compiled.LINEAR_KERNEL_MAX_ROWS, 2),
+        (compiled.LINEAR_KERNEL_MAX_ROWS + 1, 2),
     ):
         x = torch.randn(rows, 32)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

@@ -156,16 +156,16 @@ def test_each_part_patches_alone(part, attention_calls):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_patched_projections_run_decode_rows_on_the_cpu_kernel(batch, monkeypatch):
+def test_patched_projections_run_decode_rows_on_the_cpu_kernel(batch, monkeypatch, fresh_routes):
     """A decode-sized call (<= 16 rows) of the patched attention projections and LM head runs the cpu
     linear kernel, Conv1D weights included (1 row: the (in, out) kernel; 3: still within its 4 rows),
     and matches the float64 model within the float32 model's error."""
-    cpu = pytest.importorskip("fastgpt.ops.cpu", reason="fastgpt._C (the cpu backend) is not built")
+    compiled = pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
     hf = random_gpt2()
     patched = fastgpt.patch(copy.deepcopy(hf), attention=False, mlp=False, layer_norm=False, backend="cpu")
     calls = []
-    kernel = cpu.linear
-    monkeypatch.setattr(cpu, "linear", lambda *args: calls.append(args) or kernel(*args))
+    kernel = compiled.linear
+    monkeypatch.setattr(compiled, "linear", lambda *args: calls.append(args) or kernel(*args))
     idx = torch.randint(0, VOCAB, (batch, 1))
     with torch.no_grad():
         logits = patched(idx).logits

@@ -91,9 +91,9 @@ def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
     assert kwargs["BLOCK_H"] >= 4
 
 
-def test_single_query_without_grad_uses_the_decode_kernel(monkeypatch):
+def test_single_query_without_grad_uses_the_decode_kernel(monkeypatch, fresh_routes):
     calls = []
-    monkeypatch.setattr(triton_attention, "decode_attention_op", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(triton_decode, "decode_attention_op", lambda *args: calls.append(args) or args[0])
     q = torch.randn(1, 2, 1, 16, device=DEVICE)
     k, v = cache_views(1, 1, 30, 16, torch.float32, capacity=30)
     with torch.no_grad():

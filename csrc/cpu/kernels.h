@@ -26,7 +26,7 @@ struct BFloat16 {
 void attention_forward(const AttentionParams& p);
 
 // Causal attention backward, FlashAttention-2 style: reads q, k, v, out, dout, lse; writes delta, dq,
-// dk, dv. dq_accum is unused (the CPU kernels keep their float32 accumulators in private scratch).
+// dk, dv (the float32 accumulators live in the kernel's private scratch).
 void attention_backward(const AttentionParams& p);
 
 // The FFN GEMM epilogue, in one pass over a GEMM result the caller already wrote into p.out

@@ -6,23 +6,10 @@
 // Kernels: bfloat16 and float16 only. float32 calls are declined (the *_unsupported_reason functions
 // say so) and run on the Triton backend.
 //
-// Torch ops that api_cuda.inc registers on these launchers (CUDA tensors; outputs allocated by the op,
-// NaN-filled when FASTGPT_POISON_OUTPUTS=1):
-//   fastgpt::cuda_attention_forward(Tensor q, Tensor k, Tensor v, float softmax_scale) -> (Tensor out, Tensor lse)
-//   fastgpt::cuda_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-//                                    float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)
-//   fastgpt::cuda_ffn_forward(Tensor x, Tensor fc_weight, Tensor? fc_bias, Tensor proj_weight,
-//                             Tensor? proj_bias, int activation, Tensor? residual) -> (Tensor y, Tensor h)
-//   fastgpt::cuda_ffn_backward(Tensor dy, Tensor x, Tensor h, Tensor fc_weight, Tensor proj_weight,
-//                              int activation) -> (Tensor dx, Tensor dfc_weight, Tensor dfc_bias,
-//                                                  Tensor dproj_weight, Tensor dproj_bias)
-//   fastgpt::cuda_layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual)
-//       -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)      residual_out is empty without residual
-//   fastgpt::cuda_layer_norm_backward(Tensor dout, Tensor? dresidual_out, Tensor input, Tensor? weight,
-//                                     Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)
-//   fastgpt::cuda_unsupported_reason(str op, int size, ScalarType dtype) -> str       "" when supported
-// `activation` is the Activation enum of params.h; `size` is head_dim for causal_attention and the hidden
-// size for fused_ffn and layer_norm.
+// api_cuda.inc registers these launchers as the CUDA implementations of the fastgpt ops whose schemas
+// csrc/api.cpp defines (attention_forward/backward, ffn_forward/backward, layer_norm_forward/backward),
+// and adds fastgpt::cuda_unsupported_reason(str op, int size, ScalarType dtype) -> str ("" when
+// supported; `size` is head_dim for causal_attention and the hidden size for fused_ffn and layer_norm).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -46,7 +33,7 @@ const char* attention_unsupported_reason(int head_dim, DType dtype);
 cudaError_t attention_forward(const AttentionParams& params, cudaStream_t stream);
 
 // Writes delta (scratch the caller allocates), dq, dk and dv from dout, q, k, v, out and lse.
-// Deterministic: no atomics; dq_accum is not used and may be null.
+// Deterministic: no atomics.
 cudaError_t attention_backward(const AttentionParams& params, cudaStream_t stream);
 
 // ---- GEMM with fused epilogues (gemm.cu) -----------------------------------------------------------

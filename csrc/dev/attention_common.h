@@ -160,7 +160,6 @@ struct AttentionProblem {
     params.dk = with(kv_shaped, dk.device);
     params.dv = with(kv_shaped, dv.device);
     params.delta = delta.device;
-    params.dq_accum = nullptr;
   }
 };
 

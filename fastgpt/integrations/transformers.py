@@ -23,10 +23,10 @@ function with its mask, so a mask is never dropped.
   fused_ffn backends read in place, so nothing is copied per call and gradients land in the
   Conv1D parameters. The MLP's dropout is applied to the fused output, exactly where HF applies it.
 - layer_norm: every nn.LayerNorm over the last dimension runs fastgpt.layer_norm.
-- projections: the attention's Conv1D projections (c_attn, c_proj; q_attn too) and the LM head run the
-  few rows of a decode step (<= 16) on fastgpt's cpu linear kernel, which streams each weight once
-  (Conv1D's (in, out) weight read in place through its transposed view), where the cpu backend is
-  chosen; every other call keeps the original forward.
+- projections: the attention's Conv1D projections (c_attn, c_proj; q_attn too) and the LM head run
+  fastgpt.linear, which routes the few rows of a decode step (<= 16) to the cpu backend's kernel that
+  streams each weight once (Conv1D's (in, out) weight read in place through its transposed view) and
+  every other call to F.linear.
 Only `forward` attributes of the module instances change; parameters stay the same objects, so
 optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
 LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from fastgpt.dispatch import BACKENDS
-from fastgpt.functional import causal_attention, fused_ffn, layer_norm
-from fastgpt.nn.layers import takes_cpu_linear_kernel
+from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear
 from fastgpt.nn.weights import HF_ACTIVATIONS
 
 ATTENTION_NAME = "fastgpt"
@@ -143,16 +142,13 @@ def _mlp_forward(self, hidden_states):
 
 
 def _projection_forward(self, x):
-    """Conv1D.forward / nn.Linear.forward with the few rows of a decode step on fastgpt's cpu linear
-    kernel; any other call (training batches, autocast, other devices) runs the original forward."""
-    weight = self.weight.t() if self.fastgpt_weight_is_in_out else self.weight  # (out, in), a view
-    if torch.is_autocast_enabled(x.device.type) or not takes_cpu_linear_kernel(
-        x, weight, self.fastgpt_backend
-    ):
+    """Conv1D.forward / nn.Linear.forward on fastgpt.linear: the few rows of a decode step run on the cpu
+    backend's kernel that streams the weight once, every other call as F.linear; under autocast, or with
+    an input in another dtype than the weight, the original forward."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != self.weight.dtype:
         return type(self).forward(self, x)
-    from fastgpt.ops import cpu
-
-    return cpu.linear(x, weight, self.bias)
+    weight = self.weight.t() if self.fastgpt_weight_is_in_out else self.weight  # (out, in), a view
+    return linear(x, weight, self.bias, backend=self.fastgpt_backend)
 
 
 def _layer_norm_forward(self, x):

@@ -1,23 +1,26 @@
 """The building blocks of a GPT, each a thin module over one fastgpt op.
 
 Every module keeps its parameters in nanoGPT's layout and names, and holds a `backend` attribute
-(the fastgpt backend its op runs on; GPT.set_backend changes all of them at once).
+(the fastgpt backend its op runs on; GPT.set_backend changes all of them at once). Modules call the
+public ops only, and leave the checking of their inputs to them: the op validates once, before any
+kernel, and only when it rejects an argument (TypeError/ValueError) does the module look at its inputs
+again, to raise the error in the module's own terms (its parameters, its expected shape); a call that
+succeeds pays nothing for that (a try block is free in Python 3.11). A module checks
+upfront only what its first op cannot see (a rank the op accepts, a residual that meets the op only
+after another op ran).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastgpt.dispatch import check_eps, check_tensor, choose_backend, describe
-from fastgpt.functional import causal_attention, fused_ffn, layer_norm
+from fastgpt.dispatch import check_eps, check_tensor, describe
+from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear
 
 
 def check_module_input(module, name, x, *, parameter, features, ndim=None):
-    """Checks a module's input before any op runs: a floating-point tensor in the dtype and on the
-    device of `parameter` (one of the module's), with `features` values in its last dimension (and
-    exactly `ndim` dimensions when given). The message names the module, the argument, expected and
-    given. The caller names the parameter: next(module.parameters()) walks the module tree, and naming
-    it took a one-token step through a block from 316 to 290 us (tiny blocks, 2-core CPU)."""
+    """Checks a module's input: a floating-point tensor in the dtype and on the device of `parameter`
+    (one of the module's), with `features` values in its last dimension (and exactly `ndim` dimensions
+    when given). The message names the module, the argument, expected and given."""
     op = type(module).__name__
     check_tensor(op, name, x, min_ndim=1)
     if x.dtype != parameter.dtype:
@@ -29,22 +32,14 @@ def check_module_input(module, name, x, *, parameter, features, ndim=None):
         raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
 
 
-def takes_cpu_linear_kernel(x, weight, backend):
-    """Whether x (..., in) times weight runs fastgpt's cpu linear kernel: the few rows of a decode step
-    (at most fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS), on CPU, in weight's dtype, where the model's
-    fused_ffn resolves to the cpu backend (so `auto` uses the kernel wherever the cpu backend is built)."""
-    if x.device.type != "cpu" or x.dtype != weight.dtype:
-        return False
-    if choose_backend("fused_ffn", backend, "cpu", x.dtype, ()) != "cpu":
-        return False
-    from fastgpt.ops import cpu
-
-    return 0 < x.numel() // max(x.shape[-1], 1) <= cpu.LINEAR_KERNEL_MAX_ROWS
+def is_sequence_batch(x):
+    """Whether x can be a (batch, seq_len, features) input: what a module checks before its first op."""
+    return isinstance(x, torch.Tensor) and x.dim() == 3
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-row calls on the `cpu` backend (a decode step's projections) run the cpu
-    kernel that streams the weight once; every other call is F.linear."""
+    """nn.Linear on fastgpt.linear: the few rows of a decode step run on the cpu backend's kernel that
+    streams the weight once, every other call as F.linear."""
 
     def __init__(self, in_features, out_features, *, bias=True, backend="auto"):
         super().__init__(in_features, out_features, bias=bias)
@@ -52,11 +47,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         """x: (..., in_features) -> (..., out_features)."""
-        if takes_cpu_linear_kernel(x, self.weight, self.backend):
-            from fastgpt.ops import cpu
-
-            return cpu.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        try:
+            return linear(x, self.weight, self.bias, backend=self.backend)
+        except (TypeError, ValueError):
+            check_module_input(self, "x", x, parameter=self.weight, features=self.in_features)
+            raise
 
 
 class LayerNorm(nn.Module):
@@ -72,10 +67,16 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, residual=None):
         """x: (..., C). Returns ln(x), or with residual (..., C): (ln(x + residual), x + residual) in one pass."""
+        try:
+            return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
+        except (TypeError, ValueError):
+            self.check_inputs(x, residual)
+            raise
+
+    def check_inputs(self, x, residual):
         check_module_input(self, "x", x, parameter=self.weight, features=self.weight.shape[0])
         if residual is not None:
             check_module_input(self, "residual", residual, parameter=self.weight, features=self.weight.shape[0])
-        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
 
 
 class KVCache:
@@ -121,14 +122,23 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, start=0):
         """x: (B, T, C). With a KVCache, x holds positions start .. start+T-1 and attends to the cached prefix too."""
-        check_module_input(self, "x", x, parameter=self.c_proj.weight, features=self.c_proj.out_features, ndim=3)
+        if not is_sequence_batch(x):
+            self.check_input(x)
+        try:
+            qkv = self.c_attn(x)  # (B, T, (H + 2 Hkv) D)
+        except (TypeError, ValueError):
+            self.check_input(x)
+            raise
         batch, seq, channels = x.shape
-        q, k, v = self.split_heads(self.c_attn(x))  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
+        q, k, v = self.split_heads(qkv)  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, start)  # (B, Hkv, start + T, D)
         y = causal_attention(q, k, v, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(batch, seq, channels)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def check_input(self, x):
+        check_module_input(self, "x", x, parameter=self.c_proj.weight, features=self.c_proj.out_features, ndim=3)
 
 
 class MLP(nn.Module):
@@ -144,21 +154,34 @@ class MLP(nn.Module):
 
     def forward(self, x, residual=None):
         """x: (..., C). Returns mlp(x), or residual + mlp(x) when residual (..., C) is given."""
-        check_module_input(self, "x", x, parameter=self.c_fc.weight, features=self.c_fc.in_features)
-        if residual is not None:
-            check_module_input(self, "residual", residual, parameter=self.c_proj.weight,
-                               features=self.c_proj.out_features)
-            if residual.shape[:-1] != x.shape[:-1]:
-                raise ValueError(
-                    f"MLP: residual must have shape {(*x.shape[:-1], self.c_proj.out_features)} to match x, "
-                    f"got {tuple(residual.shape)}"
-                )
         weights = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         if self.training and self.dropout.p > 0:
-            # Dropout sits between the projection and the residual add, so the add cannot be fused.
-            y = self.dropout(fused_ffn(x, *weights, activation=self.activation, backend=self.backend))
+            # Dropout sits between the projection and the residual add, so the add cannot be fused, and
+            # the residual meets an op only after the FFN ran: check it first.
+            if residual is not None:
+                self.check_inputs(x, residual)
+            try:
+                y = self.dropout(fused_ffn(x, *weights, activation=self.activation, backend=self.backend))
+            except (TypeError, ValueError):
+                self.check_inputs(x, None)
+                raise
             return y if residual is None else residual + y
-        return fused_ffn(x, *weights, activation=self.activation, residual=residual, backend=self.backend)
+        try:
+            return fused_ffn(x, *weights, activation=self.activation, residual=residual, backend=self.backend)
+        except (TypeError, ValueError):
+            self.check_inputs(x, residual)
+            raise
+
+    def check_inputs(self, x, residual):
+        check_module_input(self, "x", x, parameter=self.c_fc.weight, features=self.c_fc.in_features)
+        if residual is None:
+            return
+        check_module_input(self, "residual", residual, parameter=self.c_proj.weight, features=self.c_proj.out_features)
+        if residual.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"MLP: residual must have shape {(*x.shape[:-1], self.c_proj.out_features)} to match x, "
+                f"got {tuple(residual.shape)}"
+            )
 
 
 class Block(nn.Module):
@@ -181,7 +204,16 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, start=0):
         """x: (B, T, C) -> (B, T, C)."""
-        check_module_input(self, "x", x, parameter=self.ln_1.weight, features=self.ln_1.weight.shape[0], ndim=3)
-        attn_out = self.attn(self.ln_1(x), cache, start)  # (B, T, C)
+        if not is_sequence_batch(x):
+            self.check_input(x)
+        try:
+            h = self.ln_1(x)  # (B, T, C)
+        except (TypeError, ValueError):
+            self.check_input(x)
+            raise
+        attn_out = self.attn(h, cache, start)  # (B, T, C)
         h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out
         return self.mlp(h, residual=x)  # x + mlp(h)
+
+    def check_input(self, x):
+        check_module_input(self, "x", x, parameter=self.ln_1.weight, features=self.ln_1.weight.shape[0], ndim=3)

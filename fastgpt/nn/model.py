@@ -10,12 +10,13 @@ import os
 import torch
 from torch import nn
 
-from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, choose_backend, validate_targets
+from fastgpt import dispatch
+from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
 from fastgpt.functional import linear_cross_entropy
 from fastgpt.nn import huge_pages, weights
 from fastgpt.nn.config import GPTConfig
 from fastgpt.nn.generation import check_generate_arguments, sample_next_token
-from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear, takes_cpu_linear_kernel
+from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
 
@@ -103,26 +104,26 @@ class GPT(nn.Module):
             )
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        if caches is not None and block_params is not None and self.takes_cpu_decode_kernel(x):
-            x = self.decode_blocks(x, block_params, caches, start)
+        decode_step = None if caches is None or block_params is None else self.fused_decode_step(x)
+        if decode_step is not None:
+            config = self.config
+            x = decode_step(
+                x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
+                config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
+            )  # fmt: skip
         else:
             for layer, block in enumerate(self.transformer.h):
                 x = block(x, None if caches is None else caches[layer], start)
         return self.transformer.ln_f(x)
 
-    def takes_cpu_decode_kernel(self, x):
-        """Whether the blocks over x (B, T, C) run as one cpu decode_blocks call: the few rows of a
-        decode step (B*T <= fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS) outside autograd, with no dropout,
-        where attention, the FFN and LayerNorm all resolve to the cpu backend."""
+    def fused_decode_step(self, x):
+        """The function that runs every block over x (B, T, C) in one call (dispatch.fused_decode_step:
+        the cpu backend's decode_blocks, for the few rows of a decode step), or None. Only outside
+        autograd and without dropout, which that call does not do."""
         if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):
-            return False
-        config = self.config
-        if not takes_cpu_linear_kernel(x, self.lm_head.weight, config.backend):
-            return False
-        facts = {"causal_attention": ("head_dim", config.head_dim), "layer_norm": ("hidden", config.n_embd)}
-        return all(
-            choose_backend(op, config.backend, "cpu", x.dtype, (fact,)) == "cpu" for op, fact in facts.items()
-        )
+            return None
+        rows = x.shape[0] * x.shape[1]
+        return dispatch.fused_decode_step(self.config.backend, x.device.type, x.dtype, self.config.head_dim, rows)
 
     def decode_block_parameters(self):
         """Every block's parameters in decode_blocks' order: per block, the weight and bias (or None)
@@ -132,16 +133,6 @@ class GPT(nn.Module):
             for module in (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj):
                 block_params += (module.weight, module.bias)
         return block_params
-
-    def decode_blocks(self, x, block_params, caches, start):
-        """x (B, T, C) through every block with the cpu decode_blocks op, identical to the per-module path."""
-        from fastgpt.ops import cpu
-
-        config = self.config
-        return cpu.decode_blocks(
-            x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
-            config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
-        )  # fmt: skip
 
     def forward(self, idx, targets=None):
         """idx (B, T) int64 -> logits (B, T, vocab); or, given targets (B, T) int64 (the next token

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
-from fastgpt.ops.triton_decode import check_head_span, decode_attention_op
+from fastgpt.ops.triton_decode import check_head_span
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -699,14 +699,9 @@ attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q, k, v, softmax_scale):
-    """The triton backend of fastgpt.causal_attention (arguments validated by dispatch). A single
-    query that needs no gradient goes to the split-KV decode kernel, which spreads a long cache over
-    the whole GPU instead of one program per head."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.shape[2] == 1 and not needs_grad:
-        return decode_attention_op(q, k, v, softmax_scale)
-    out, _ = attention_forward_op(q, k, v, softmax_scale)
-    return out
+    """The triton backend of fastgpt.causal_attention (arguments validated by fastgpt.functional; a
+    single query that needs no gradient is routed to triton_decode's kernel by dispatch instead)."""
+    return attention_forward_op(q, k, v, softmax_scale)[0]
 
 
 def unsupported_reason(op, head_dim=None, **facts):

@@ -410,7 +410,7 @@ def _backward(ctx, grad_loss, *_):
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, reduction="mean"):
+def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
     """The triton backend of fastgpt.linear_cross_entropy (arguments already validated by dispatch).
     Gradients are formed during the forward only when autograd will ask for them."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

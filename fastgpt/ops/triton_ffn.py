@@ -204,7 +204,7 @@ def _backward(ctx, dy, _dh):
 _fused_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None):
+def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation="gelu_tanh", residual=None):
     """The triton backend of fastgpt.fused_ffn (arguments already validated by dispatch). The
     pre-activation h is written and kept only when autograd will need it."""
     inputs = (x, fc_weight, fc_bias, proj_weight, proj_bias, residual)

@@ -381,7 +381,7 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
 _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layer_norm(x, weight, bias, *, eps=1e-5, residual=None):
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """The triton backend of fastgpt.layer_norm: out, or (out, x + residual) with a residual."""
     out, summed, _, _ = _layer_norm_op(x, weight, bias, eps, residual)
     return (out, summed) if residual is not None else out
