@@ -50,14 +50,6 @@ IMPLEMENTATIONS = {
 # cuda kernels handle q_len == 1 themselves.
 DECODE_KERNELS = {"triton": ("fastgpt.ops.triton_decode", "decode_attention_op")}
 
-# The dtypes each backend's kernels take.
-SUPPORTED_DTYPES = {
-    "reference": FLOAT_DTYPES,
-    "triton": (torch.float16, torch.bfloat16, torch.float32),
-    "cpu": (torch.float32, torch.bfloat16),
-    "cuda": (torch.float16, torch.bfloat16),
-}
-
 # Causal attention over at most this many keys is "short" in the routing facts: the order of the CUDA
 # backends flips there on the H200 (AUTO_ORDER).
 SHORT_SEQUENCE = 512
@@ -177,10 +169,24 @@ def _size_check(backend):
     if backend in ("cpu", "cuda"):
         return getattr(importlib.import_module("fastgpt.ops.compiled"), f"{backend}_unsupported_reason")
     if backend == "triton":
-        return lambda op, **facts: getattr(importlib.import_module(IMPLEMENTATIONS["triton"][op]), "unsupported_reason")(
-            op, **facts
-        )
+        return _triton_unsupported_reason
     return lambda op, **facts: None
+
+
+def _triton_unsupported_reason(op, **facts):
+    """The Triton op module's own unsupported_reason, where it has one (a size limit of its kernels)."""
+    check = getattr(importlib.import_module(IMPLEMENTATIONS["triton"][op]), "unsupported_reason", None)
+    return check(op, **facts) if check else None
+
+
+def _supported_dtypes(op, backend):
+    """The dtypes the backend's kernels for `op` take, as the backend's module states them (a Triton
+    module leaves bfloat16 out under the CPU interpreter, which cannot compute in it)."""
+    if backend == "reference":
+        return FLOAT_DTYPES
+    if backend == "triton":
+        return importlib.import_module(IMPLEMENTATIONS["triton"][op]).SUPPORTED_DTYPES
+    return importlib.import_module("fastgpt.ops.compiled").SUPPORTED_DTYPES[backend]
 
 
 def _unsupported_reason(op, backend, device_type, dtype, facts):
@@ -194,8 +200,9 @@ def _unsupported_reason(op, backend, device_type, dtype, facts):
         return reason
     if op not in IMPLEMENTATIONS[backend]:
         return f"backend {backend!r} does not implement {op}"
-    if dtype not in SUPPORTED_DTYPES[backend]:
-        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[backend])
+    dtypes = _supported_dtypes(op, backend)
+    if dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         return f"backend {backend!r} supports dtypes ({names}) for {op}, got {dtype}"
     return _size_check(backend)(op, **facts)
 

@@ -149,10 +149,8 @@ def test_attention_declines_what_it_has_no_kernel_for():
         dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 256),))
         != "cuda"
     )
-    assert (
-        dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, (("head_dim", 128),))
-        == "cuda"
-    )
+    short = (("head_dim", 128), ("kv_len", dispatch.kv_len_class(512)))
+    assert dispatch.choose_backend("causal_attention", "auto", "cuda", torch.bfloat16, short) == "cuda"
     with pytest.raises(TypeError, match="float32"):
         q32 = torch.randn(1, 2, 8, 64, device=DEVICE)
         fastgpt.causal_attention(q32, q32, q32, backend="cuda")
@@ -267,21 +265,23 @@ def test_layer_norm_no_rows():
 
 
 def test_opcheck():
-    import fastgpt.ops.cuda  # noqa: F401  (fake implementations and autograd)
+    """The CUDA kernels under the ops' one schema each (the same operators as the cpu backend's), with
+    the C++ Meta kernels and the C++ autograd shared by both devices."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
 
     dtype = torch.bfloat16
     q, k, v = (torch.randn(1, 2, 70, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.fastgpt.cuda_attention_forward.default, (q, k, v, 0.125))
+    torch.library.opcheck(torch.ops.fastgpt.attention_forward.default, (q, k, v, 0.125))
     x = torch.randn(2, 5, 64, device=DEVICE, dtype=dtype, requires_grad=True)
     w1 = torch.randn(256, 64, device=DEVICE, dtype=dtype, requires_grad=True)
     w2 = torch.randn(64, 256, device=DEVICE, dtype=dtype, requires_grad=True)
     b1 = torch.randn(256, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.fastgpt.cuda_ffn_forward.default, (x, w1, b1, w2, None, 0, x.detach().clone())
+        torch.ops.fastgpt.ffn_forward.default, (x, w1, b1, w2, None, "gelu_tanh", x.detach().clone())
     )
     w = torch.randn(64, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.fastgpt.cuda_layer_norm_forward.default, (x, w, None, 1e-5, x.detach().clone())
+        torch.ops.fastgpt.layer_norm_forward.default, (x, w, None, x.detach().clone(), 1e-5)
     )
 
 

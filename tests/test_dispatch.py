@@ -1,5 +1,7 @@
 """Backend choice and argument validation through the public API."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,3 +68,63 @@ def test_ffn_and_layer_norm_checks():
         fastgpt.fused_ffn(x, torch.randn(16, 8), None, torch.randn(8, 15), None)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
         fastgpt.layer_norm(x, torch.randn(7), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The routing table
+
+
+def test_cuda_auto_order_follows_the_h200_measurements():
+    """The orders of dispatch.CUDA_ORDER, as its comments cite them from 2026-11-30-h200.json."""
+    short, long = dispatch.kv_len_class(512), dispatch.kv_len_class(513)
+    assert dispatch._auto_order("causal_attention", "cuda", {"kv_len": short})[0] == "cuda"
+    assert dispatch._auto_order("causal_attention", "cuda", {"kv_len": long})[0] == "triton"
+    assert dispatch._auto_order("fused_ffn", "cuda", {"hidden": 3072})[0] == "cuda"
+    assert dispatch._auto_order("fused_ffn", "cuda", {"hidden": 6400})[0] == "triton"
+    assert dispatch._auto_order("layer_norm", "cuda", {"hidden": 768})[0] == "cuda"
+    assert dispatch._auto_order("linear_cross_entropy", "cuda", {})[0] == "triton"
+    assert dispatch._auto_order("linear", "cuda", {}) == ("reference",)
+    for op in dispatch.OPS:
+        assert dispatch._auto_order(op, "cpu", {}) == ("cpu", "reference")
+        assert dispatch._auto_order(op, "cuda", {})[-1] == "reference"
+
+
+def test_kv_len_classes_are_two():
+    """A decode loop's growing cache resolves twice, not once per length."""
+    assert {dispatch.kv_len_class(n) for n in range(1, 2000)} == {dispatch.SHORT_SEQUENCE, dispatch.SHORT_SEQUENCE + 1}
+
+
+@pytest.mark.skipif("cpu" not in fastgpt.available_backends(), reason="fastgpt._C is not built")
+def test_linear_routes_few_rows_to_the_kernel_and_the_rest_to_f_linear():
+    from fastgpt import reference
+    from fastgpt.ops import compiled
+
+    assert dispatch.LINEAR_KERNEL_MAX_ROWS == compiled.LINEAR_KERNEL_MAX_ROWS
+    few, many = (("few_rows", True),), (("few_rows", False),)
+    assert dispatch.resolve("linear", "auto", "cpu", torch.float32, few) is compiled.linear
+    assert dispatch.resolve("linear", "auto", "cpu", torch.float32, many) is reference.linear
+    assert dispatch.resolve("linear", "cpu", "cpu", torch.float32, many) is reference.linear
+    assert dispatch.resolve("linear", "auto", "cpu", torch.float64, few) is reference.linear
+    weight = torch.randn(24, 32)
+    for rows in (1, 16, 17):
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(fastgpt.linear(x, weight), torch.nn.functional.linear(x, weight))
+
+
+def test_auto_warns_once_when_the_extension_is_missing(monkeypatch, fresh_routes):
+    status = dict(dispatch.backend_status(), cpu="the compiled extension fastgpt._C is missing (test)")
+    monkeypatch.setattr(dispatch, "backend_status", lambda: status)
+    dispatch._warn_missing_extension.cache_clear()
+    x, weight = torch.randn(3, 8), torch.ones(8)
+    with pytest.warns(RuntimeWarning, match=r"no-build-isolation.*fastgpt info"):
+        fastgpt.layer_norm(x, weight, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastgpt.layer_norm(x, weight, None)  # once per process
+        fastgpt.layer_norm(x.double(), weight.double(), None)  # float64 is the reference's anyway
+    dispatch._warn_missing_extension.cache_clear()
+
+
+def test_validation_runs_when_not_compiling():
+    assert not dispatch.skip_validation(torch.randn(2))
+    assert not dispatch.skip_validation([1.0])
