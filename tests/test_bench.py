@@ -111,6 +111,29 @@ def test_interleaved_timing_ranks_callables():
     assert firsts.count("short") >= 2 and firsts.count("long") >= 2
 
 
+def test_single_call_rounds_time_each_call_and_its_cpu_time():
+    calls = {"sleep": 0, "spin": 0}
+
+    def sleep():
+        calls["sleep"] += 1
+        time.sleep(0.003)
+
+    def spin():
+        calls["spin"] += 1
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+
+    plan = timing.single_call_plan(rounds=3)
+    result = timing.measure_interleaved({"sleep": sleep, "spin": spin}, "cpu", plan, cpu_time=True)
+    assert calls == {"sleep": 4, "spin": 4}  # one warm-up call and one call per round, none untimed besides
+    for timed in result.values():
+        assert timed.samples == 3 and len(timed.round_ms) == len(timed.round_cpu_ms) == 3
+        assert timed.median_ms >= 3.0
+    # process CPU time: a sleeping call uses next to none, a spinning one about its wall time
+    assert statistics.median(result["sleep"].round_cpu_ms) < 1.0 < statistics.median(result["spin"].round_cpu_ms)
+
+
 def test_cpu_peak_memory_counts_the_call_only():
     existing = torch.ones(2**20)  # allocated before the call, freed during it: not counted
 
