@@ -364,16 +364,21 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
-def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
-    """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
-    provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
+def run_host_overhead(*args):
+    """benchmarks/host_overhead.py in a subprocess, importing this checkout's fastgpt."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), "--device", "cpu", "--tiny",
-         "--ops", "layer_norm,gpt", "--out", str(tmp_path)],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), *args],
         capture_output=True, text=True, check=False, cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
+    """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
+    provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
+    run_host_overhead("--device", "cpu", "--tiny", "--ops", "layer_norm,gpt", "--out", str(tmp_path))
     found = json.loads((tmp_path / "host_overhead.json").read_text())
     by_key = {(r["op"], r["mode"], r["provider"]): r for r in found["records"]}
     assert set(by_key) == {
@@ -389,6 +394,38 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
     assert "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | " in (
         tmp_path / "host_overhead.md").read_text()
+
+
+TINY_CALL_ROWS = {
+    *((op, mode, backend) for op in ("layer_norm", "layer_norm +residual", "causal_attention", "fused_ffn",
+                                     "linear_cross_entropy")
+      for mode in ("fwd", "fwd+bwd") for backend in ("cpu", "auto")),
+    ("linear (decode)", "fwd", "cpu"), ("linear (decode)", "fwd", "auto"),
+}
+
+
+def test_host_overhead_times_each_op_against_torch_at_tiny_shapes(tmp_path):
+    """host_overhead.py --calls-at-tiny-shapes: a row per op, mode and backend, in the JSON and in the
+    printed and written table, with positive times and the ratio against issue 17's target."""
+    result = run_host_overhead("--calls-at-tiny-shapes", "--tiny", "--out", str(tmp_path))
+    found = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert found["metadata"]["threads"] == 1
+    by_key = {(r["op"], r["mode"], r["backend"]): r for r in found["records"]}
+    assert set(by_key) == TINY_CALL_ROWS and len(found["records"]) == len(TINY_CALL_ROWS)
+    for record in found["records"]:
+        for key in ("fastgpt_us", "fastgpt_cpu_us", "torch_us", "torch_cpu_us", "ratio", "wall_ratio"):
+            assert isinstance(record[key], float) and record[key] > 0, (key, record)
+        assert record["target"] == {"fwd": 3.0, "fwd+bwd": 1.3}[record["mode"]]
+        assert record["within_target"] == (record["ratio"] <= record["target"])
+        assert record["max_difference"] < 1e-4, record  # fastgpt and torch computed the same thing
+    table = (tmp_path / "host_overhead.md").read_text()
+    assert table in result.stdout  # printed as written
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| op |")]
+    assert {(row[0], row[1], row[3]) for row in rows} == TINY_CALL_ROWS and len(rows) == len(TINY_CALL_ROWS)
+    for row in rows:
+        assert all(float(row[column]) > 0 for column in (4, 5, 7, 8))  # CPU and wall us of fastgpt and torch
+        assert row[9].endswith("x") and row[10].endswith("x") and row[12] in ("yes", "no")
 
 
 def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
