@@ -4,7 +4,8 @@ projections of GPT-2 small, for the few rows of a decode step.
     PYTHONPATH=. python benchmarks/cpu_linear.py [--calls 30]
 
 For each row count and weight shape: the median time of each provider over `calls` calls (after two
-warm-up calls, providers alternating call by call), the weight bytes read per second, the speedup,
+warm-up calls, providers alternating call by call: fastgpt.bench.timing.measure_interleaved with one
+timed call per provider and round), the weight bytes read per second, the speedup,
 and the max difference between the two results. Each weight alone fits in the last-level cache, so
 these are cache-resident rates; gpt_targets.py --only bandwidth streams all weights from DRAM.
 Rows above fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS (16) go to BLAS inside the op as well.
@@ -12,12 +13,11 @@ Rows above fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS (16) go to BLAS inside the op 
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from fastgpt.bench.timing import measure_interleaved, single_call_plan
 from fastgpt.ops import cpu
 
 # (out_features, in_features): c_attn, attention c_proj, c_fc, MLP c_proj, lm_head.
@@ -26,16 +26,9 @@ ROWS = (1, 2, 4, 8, 16)
 
 
 def median_times(providers, calls):
-    for run in providers.values():
-        run()
-        run()
-    times = {name: [] for name in providers}
-    for _ in range(calls):
-        for name, run in providers.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
+    """{name: median seconds per call} over `calls` rounds of one call per provider."""
+    plan = single_call_plan(calls, warmup_calls=2)
+    return {name: result.median_ms / 1e3 for name, result in measure_interleaved(providers, "cpu", plan).items()}
 
 
 def main():

@@ -5,11 +5,12 @@
 
 Run from the repository root with fastgpt importable (installed, or PYTHONPATH=.) and fastgpt._C built.
 
-Timing: torch.utils.benchmark Timers, one per provider, run in alternation round after round (the
-order reversed every other round), so load from other processes hits every provider alike. Each
-provider's time is its median over rounds; each speedup is the median of the per-round ratios, i.e.
-of paired samples taken moments apart. The process CPU time per call (all threads) is reported too:
-on a machine shared with other jobs it is the steadier measure of the work each provider does.
+Timing: fastgpt.bench.timing.measure_interleaved, the loop `fastgpt bench` times with: one warm-up
+call each, then the providers in alternation round after round (the order rotating from round to
+round), so load from other processes hits every provider alike. Each provider's time is its median
+over rounds; each speedup is the median of the per-round ratios, i.e. of paired samples taken moments
+apart. The process CPU time per call (all threads) is reported too: on a machine shared with other
+jobs it is the steadier measure of the work each provider does.
 - causal attention forward+backward, fp32, B=2, H=12, N=2048, D=64: the cpu backend against
   F.scaled_dot_product_attention(is_causal=True) (target: >= 1.0x);
 - fused FFN forward+backward at GPT-2 small shapes (2048 tokens, C=768, hidden 3072, gelu_tanh): the
@@ -29,29 +30,24 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 from fastgpt import functional, reference
+from fastgpt.bench.timing import measure_interleaved, single_call_plan
 
 
 def interleaved_samples(providers, rounds):
-    """{name: ([wall seconds per round], [process CPU seconds per round])}: the providers timed in
-    alternation, the order reversed every other round, so neighbouring samples see the same load."""
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}) for name, fn in providers.items()}
-    for fn in providers.values():  # warm-up: first-call allocations, lazy initialisation
-        fn()
-    samples = {name: ([], []) for name in providers}
-    for round_index in range(rounds):
-        order = list(timers) if round_index % 2 == 0 else list(reversed(timers))
-        for name in order:
-            start = time.process_time()
-            samples[name][0].append(timers[name].timeit(1).median)
-            samples[name][1].append(time.process_time() - start)
-    return samples
+    """{name: ([wall seconds per round], [process CPU seconds per call, per round])}: the providers
+    timed in interleaved rounds (timing.measure_interleaved), so neighbouring samples see the same load.
+    The calls take tens to hundreds of ms: one call per provider and round, each timed alone."""
+    plan = single_call_plan(rounds)
+    timings = measure_interleaved(providers, "cpu", plan, cpu_time=True)
+    return {
+        name: ([ms / 1e3 for ms in result.round_ms], [ms / 1e3 for ms in result.round_cpu_ms])
+        for name, result in timings.items()
+    }
 
 
 def attention_providers(batch, heads, seq, head_dim):

@@ -4,8 +4,9 @@
                                      [--json out.json]
 
 Both models have GPT-2 small's shape and the same random weights (GPT.from_hf of the transformers
-model). The providers are timed in interleaved rounds (A, B, A, B, ...), so that load from other
-processes hits both alike, and the median of each is reported with the ratio of the medians.
+model). The providers are timed in interleaved rounds, one call each per round in an order that
+rotates from round to round (fastgpt.bench.timing.measure_interleaved), so that load from other
+processes hits them alike, and the median of each is reported with the ratio of the medians.
 
 - generation: greedy decoding, GPT.generate(temperature=0) and a fastgpt.patch-ed transformers model
   against GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
@@ -33,13 +34,13 @@ import functools
 import json
 import platform
 import statistics
-import time
 
 import torch
 from torch.nn import functional as F
 
 import fastgpt
 from fastgpt import dispatch
+from fastgpt.bench.timing import measure_interleaved, single_call_plan
 from fastgpt.nn import GPT, huge_pages
 
 # (batch, prompt length, new tokens). The last case decodes 256 tokens, so that the per-step cost of
@@ -69,15 +70,12 @@ def resolved_backends(dtype=torch.float32):
     return {op: dispatch.choose_backend(op, "auto", "cpu", dtype, (fact,)) for op, fact in facts.items()}
 
 
-def interleaved(providers, rounds):
-    """{name: [seconds per round]} running each provider once per round, in turn."""
-    times = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, run in providers.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
+def interleaved(providers, rounds, warmup_calls=1):
+    """{name: [seconds per round]}: one call of each provider per round, each timed alone, in an order
+    that rotates from round to round (timing.measure_interleaved), after warmup_calls untimed calls each."""
+    plan = single_call_plan(rounds, warmup_calls)
+    timings = measure_interleaved(providers, "cpu", plan)
+    return {name: [ms / 1e3 for ms in result.round_ms] for name, result in timings.items()}
 
 
 def report(kind, case, work, times):
@@ -133,7 +131,7 @@ def bench_generation(hf, gpt, rounds):
             assert all(torch.equal(tokens[0], other) for other in tokens[1:]), (
                 "greedy tokens differ between models"
             )
-            times = interleaved(providers, rounds)
+            times = interleaved(providers, rounds, warmup_calls=0)  # the check above was the warm-up
         case = {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
         results.append(report("generation", case, batch * new_tokens, times))
     return results
@@ -190,8 +188,6 @@ def bench_bandwidth(gpt, generation, rounds):
         providers["fastgpt"] = weight_gemvs(small_pages, linear=cpu.linear)[0]
         providers["fastgpt_huge"] = weight_gemvs(in_huge_pages, linear=cpu.linear)[0]
     with torch.inference_mode():
-        for run in providers.values():
-            run()
         times = interleaved(providers, rounds)
 
     def gigabytes_per_s(provider, nbytes):
@@ -258,9 +254,7 @@ def bench_training(hf, gpt, rounds):
                 train_step, hf, hf_optimizer, lambda m, x=inputs: m(x, labels=x).loss
             ),
         }
-        for run in providers.values():  # warm-up: allocator, optimizer state
-            run()
-        times = interleaved(providers, rounds)
+        times = interleaved(providers, rounds)  # its warm-up call sets up the allocator and optimizer state
         results.append(report("training", {"batch": batch, "seq": seq}, batch * seq, times))
     return results
 

@@ -111,6 +111,29 @@ def test_interleaved_timing_ranks_callables():
     assert firsts.count("short") >= 2 and firsts.count("long") >= 2
 
 
+def test_single_call_rounds_time_each_call_and_its_cpu_time():
+    calls = {"sleep": 0, "spin": 0}
+
+    def sleep():
+        calls["sleep"] += 1
+        time.sleep(0.003)
+
+    def spin():
+        calls["spin"] += 1
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+
+    plan = timing.single_call_plan(rounds=3)
+    result = timing.measure_interleaved({"sleep": sleep, "spin": spin}, "cpu", plan, cpu_time=True)
+    assert calls == {"sleep": 4, "spin": 4}  # one warm-up call and one call per round, none untimed besides
+    for timed in result.values():
+        assert timed.samples == 3 and len(timed.round_ms) == len(timed.round_cpu_ms) == 3
+        assert timed.median_ms >= 3.0
+    # process CPU time: a sleeping call uses next to none, a spinning one about its wall time
+    assert statistics.median(result["sleep"].round_cpu_ms) < 1.0 < statistics.median(result["spin"].round_cpu_ms)
+
+
 def test_cpu_peak_memory_counts_the_call_only():
     existing = torch.ones(2**20)  # allocated before the call, freed during it: not counted
 
@@ -297,27 +320,109 @@ def test_tiny_run_report_and_plots(tiny_run):
         assert width > 200 and height > 200
 
 
-def test_render_readme_between_markers(tiny_run, tmp_path):
-    out, data = tiny_run
-    results = tmp_path / "results" / "2026-01-01-cpu.json"
-    results.parent.mkdir()
-    results.write_text((out / "results.json").read_text())
+def _results_copy(data, path, device=None, date=None):
+    """A results file at path holding data, under another device name or date where given."""
+    metadata = {**data["metadata"], "device": device or data["metadata"]["device"],
+                "date": date or data["metadata"]["date"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**data, "metadata": metadata}))
+    return path
+
+
+def test_render_readme_writes_a_summary_per_device_between_markers(tiny_run, tmp_path):
+    _, data = tiny_run
+    results = _results_copy(data, tmp_path / "results" / "2026-01-02-cpu.json")
+    older = _results_copy(data, tmp_path / "results" / "2026-01-01-cpu.json", date="2026-01-01T00:00:00+00:00")
+    other_device = _results_copy(data, tmp_path / "results" / "2026-01-01-other.json", device="Other CPU")
     readme = tmp_path / "README.md"
     markers = f"{report.START_MARKER}\nold numbers\n{report.END_MARKER}"
     readme.write_text(f"# title\n\nintro\n\n## Performance\n\n{markers}\n\n## after\n")
-    assert cli.main(["bench", "--render", str(results), "--readme", str(readme)]) == 0
+    assert cli.main(["bench", "--render", str(older), str(results), str(other_device), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n\n## Performance\n\n" + report.START_MARKER)
     assert text.endswith(report.END_MARKER + "\n\n## after\n")
     assert "old numbers" not in text
     section = text.split(report.START_MARKER)[1].split(report.END_MARKER)[0]
-    assert data["metadata"]["device"] in section and data["metadata"]["versions"]["torch"] in section
-    if data["metadata"]["timing"]["cpu_allocator"]:
-        assert data["metadata"]["timing"]["cpu_allocator"] in section
-    first = data["records"][0]
-    assert report.format_time(first) in section  # the numbers come from the file
-    assert "[attention_fwd](results/2026-01-01-cpu/attention_fwd.png)" in section
-    assert (tmp_path / "results" / "2026-01-01-cpu" / "attention_fwd.png").exists()
+    # one summary per device, of its newest file: the older file of the same device is left out
+    device = data["metadata"]["device"]
+    assert f"### {device} — {data['metadata']['date'][:10]}" in section
+    assert "### Other CPU — " in section
+    assert "(results/2026-01-01-cpu" not in section  # no link to it (the command in the comment names it)
+    assert "[results file](results/2026-01-02-cpu.json)" in section
+    assert "[full per-shape report](results/2026-01-02-cpu.report.md)" in section
+    assert "[plots](results/2026-01-02-cpu)" in section
+    # the summary, not the per-shape tables: the README holds no per-shape time ...
+    assert not any(report.format_time(record) in section for record in data["records"])
+    # ... and its speedups are the medians over the shapes of the file's per-shape speedups
+    attention = [r for r in data["records"] if (r["op"], r["mode"], r["provider"]) == ("attention", "fwd", "fastgpt:cpu")]
+    sdpa = statistics.median(records.speedup(_matching_record(data, r, "sdpa"), r) for r in attention)
+    row = next(line for line in section.splitlines() if line.startswith("| attention | float32 | fwd | fastgpt:cpu |"))
+    assert f"sdpa {sdpa:.2f}x" in row and f"| {len(attention)} |" in row
+    # the full report is written beside the results file, with every per-shape time and the plots
+    full = (tmp_path / "results" / "2026-01-02-cpu.report.md").read_text()
+    assert all(report.format_time(record) in full for record in data["records"])
+    assert "![attention_fwd](2026-01-02-cpu/attention_fwd.png)" in full
+    assert (tmp_path / "results" / "2026-01-02-cpu" / "attention_fwd.png").exists()
+    assert not (tmp_path / "results" / "2026-01-01-cpu.report.md").exists()
+
+
+def _matching_record(data, record, provider):
+    """The record of provider in the same case as record."""
+    return next(r for r in data["records"] if r["provider"] == provider and records.case_key(r) == records.case_key(record))
+
+
+def test_render_keeps_a_committed_full_report(tiny_run, tmp_path):
+    _, data = tiny_run
+    results = _results_copy(data, tmp_path / "2026-01-01-cpu.json")
+    committed = tmp_path / "2026-01-01-cpu.report.md"
+    committed.write_text("## Stages\n\nthe GPU check's own report\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START_MARKER}\n{report.END_MARKER}\n")
+    report.render_readme(readme, [results])
+    assert committed.read_text() == "## Stages\n\nthe GPU check's own report\n"
+    assert "[full per-shape report](2026-01-01-cpu.report.md)" in readme.read_text()
+
+
+def test_best_fastgpt_provider_is_fastest_at_the_most_shapes():
+    def timed(provider, seq, median_ms):
+        return {**_record(provider, records.FASTGPT, median_ms), "shape": {"seq": seq}}
+
+    table = [timed("fastgpt:cuda", 1, 2.0), timed("fastgpt:triton", 1, 1.0), timed("fastgpt:cuda", 2, 1.0),
+             timed("fastgpt:triton", 2, 3.0), timed("fastgpt:triton", 3, 1.0), timed("fastgpt:cuda", 3, 1.5),
+             _record("sdpa", records.BASELINE, 0.5)]
+    assert report.best_fastgpt_provider(table) == "fastgpt:triton"  # 2 shapes of 3
+    assert report.best_fastgpt_provider(table[:4]) == "fastgpt:cuda"  # a tie: the first in run order
+    assert report.best_fastgpt_provider(table[-1:]) is None
+
+
+WITHOUT_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as if it were not installed: importing it raises ImportError
+from fastgpt import cli
+out, readme = sys.argv[1], sys.argv[2]
+assert cli.main(["bench", "--tiny", "--device", "cpu", "--ops", "layer_norm", "--providers", "F.layer_norm,fastgpt:cpu",
+                 "--out", out]) == 0
+print("--- render")
+assert cli.main(["bench", "--render", out + "/results.json", "--readme", readme]) == 0
+"""
+
+
+def test_bench_without_matplotlib_says_so_first_and_writes_everything_else(tmp_path):
+    out, readme = tmp_path / "out", tmp_path / "README.md"
+    readme.write_text(f"{report.START_MARKER}\n{report.END_MARKER}\n")
+    result = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, str(out), str(readme)], capture_output=True,
+                            text=True, check=False, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, render = result.stdout.split("--- render\n")
+    notice = "fastgpt bench: matplotlib is not installed, so no plots will be drawn"
+    assert run.startswith(notice), run[:500]  # before the sweep, not after it
+    assert "pip install matplotlib" in run and "fastgpt[test]" in run
+    assert render.startswith(notice)
+    assert json.loads((out / "results.json").read_text())["records"]
+    assert "| shape | provider | median ms ± IQR" in (out / "report.md").read_text()
+    assert "layer_norm · float32 · fwd" in run  # the tables were printed
+    assert not list(tmp_path.rglob("*.png"))
+    assert "[full per-shape report](out/results.report.md)" in readme.read_text()
 
 
 def test_render_needs_the_markers(tiny_run, tmp_path):
@@ -341,16 +446,21 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
-def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
-    """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
-    provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
+def run_host_overhead(*args):
+    """benchmarks/host_overhead.py in a subprocess, importing this checkout's fastgpt."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), "--device", "cpu", "--tiny",
-         "--ops", "layer_norm,gpt", "--out", str(tmp_path)],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), *args],
         capture_output=True, text=True, check=False, cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
+    """benchmarks/host_overhead.py (gpu_check.sh profile) at the tiny shapes: a record per op, mode and
+    provider, measured or skipped with the reason, and fastgpt's Python hotspots ranked by own time."""
+    run_host_overhead("--device", "cpu", "--tiny", "--ops", "layer_norm,gpt", "--out", str(tmp_path))
     found = json.loads((tmp_path / "host_overhead.json").read_text())
     by_key = {(r["op"], r["mode"], r["provider"]): r for r in found["records"]}
     assert set(by_key) == {
@@ -366,6 +476,38 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
     assert "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | " in (
         tmp_path / "host_overhead.md").read_text()
+
+
+TINY_CALL_ROWS = {
+    *((op, mode, backend) for op in ("layer_norm", "layer_norm +residual", "causal_attention", "fused_ffn",
+                                     "linear_cross_entropy")
+      for mode in ("fwd", "fwd+bwd") for backend in ("cpu", "auto")),
+    ("linear (decode)", "fwd", "cpu"), ("linear (decode)", "fwd", "auto"),
+}
+
+
+def test_host_overhead_times_each_op_against_torch_at_tiny_shapes(tmp_path):
+    """host_overhead.py --calls-at-tiny-shapes: a row per op, mode and backend, in the JSON and in the
+    printed and written table, with positive times and the ratio against issue 17's target."""
+    result = run_host_overhead("--calls-at-tiny-shapes", "--tiny", "--out", str(tmp_path))
+    found = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert found["metadata"]["threads"] == 1
+    by_key = {(r["op"], r["mode"], r["backend"]): r for r in found["records"]}
+    assert set(by_key) == TINY_CALL_ROWS and len(found["records"]) == len(TINY_CALL_ROWS)
+    for record in found["records"]:
+        for key in ("fastgpt_us", "fastgpt_cpu_us", "torch_us", "torch_cpu_us", "ratio", "wall_ratio"):
+            assert isinstance(record[key], float) and record[key] > 0, (key, record)
+        assert record["target"] == {"fwd": 3.0, "fwd+bwd": 1.3}[record["mode"]]
+        assert record["within_target"] == (record["ratio"] <= record["target"])
+        assert record["max_difference"] < 1e-4, record  # fastgpt and torch computed the same thing
+    table = (tmp_path / "host_overhead.md").read_text()
+    assert table in result.stdout  # printed as written
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| op |")]
+    assert {(row[0], row[1], row[3]) for row in rows} == TINY_CALL_ROWS and len(rows) == len(TINY_CALL_ROWS)
+    for row in rows:
+        assert all(float(row[column]) > 0 for column in (4, 5, 7, 8))  # CPU and wall us of fastgpt and torch
+        assert row[9].endswith("x") and row[10].endswith("x") and row[12] in ("yes", "no")
 
 
 def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():

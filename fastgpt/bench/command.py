@@ -4,8 +4,10 @@
                   [--dtype bf16,fp16] [--quick] [--out DIR] [--providers GLOBS] [--skip-providers GLOBS]
     fastgpt bench --render benchmarks/results/FILE.json [...] [--readme README.md]
 
-A run writes DIR/results.json (after every case), DIR/report.md and DIR/*.png, and prints a table
-per op and a summary of fastgpt's speedups.
+A run writes DIR/results.json (after every case), DIR/report.md and DIR/*.png (the plots need
+matplotlib; without it the run says so at the start and skips them), and prints a table per op and a
+summary of fastgpt's speedups. --render writes, per device, a summary of the newest of the given
+results files into the README (fastgpt.bench.report.render_readme).
 """
 
 import argparse
@@ -64,6 +66,19 @@ def plots_dir(results_path):
     return Path(results_path).with_suffix("")
 
 
+def draws_plots(args):
+    """Whether this run draws plots: not with --no-plots, nor without matplotlib, which it says at
+    once rather than after the sweep."""
+    from fastgpt.bench.plots import NO_MATPLOTLIB, matplotlib_available
+
+    if args.no_plots:
+        return False
+    if not matplotlib_available():
+        print(f"fastgpt bench: {NO_MATPLOTLIB}", flush=True)
+        return False
+    return True
+
+
 def render(args):
     from fastgpt.bench.plots import write_plots
     from fastgpt.bench.report import render_readme
@@ -71,8 +86,11 @@ def render(args):
     missing = [str(path) for path in args.render if not path.exists()]
     if missing:
         raise SystemExit(f"fastgpt bench --render: no such results file: {', '.join(missing)}")
-    render_readme(args.readme, args.render, plots_for=lambda path, data: write_plots(data, plots_dir(path)))
-    print(f"rendered {len(args.render)} results file(s) into {args.readme}")
+    plots_for = (lambda path, data: write_plots(data, plots_dir(path))) if draws_plots(args) else None
+    rendered = render_readme(args.readme, args.render, plots_for=plots_for)
+    superseded = [str(path) for path in args.render if path not in rendered]
+    print(f"rendered {', '.join(str(path) for path in rendered)} into {args.readme}"
+          + (f" (superseded by a newer file of the same device: {', '.join(superseded)})" if superseded else ""))
     return 0
 
 
@@ -89,6 +107,7 @@ def run(args):
         raise SystemExit(f"fastgpt bench: --ops must be among {', '.join(runner.OPS)}, got {', '.join(unknown)}")
     device = _device(args.device)
     dtypes = _dtypes(args.dtype, device)
+    plots_wanted = draws_plots(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     sweep = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -102,7 +121,7 @@ def run(args):
     results = runner.run(args.ops, device, dtypes, sweep, results_path, include=args.providers,
                          exclude=args.skip_providers, append=args.append, command=command)
     data = results.as_dict()
-    plots = [] if args.no_plots else write_plots(data, args.out)
+    plots = write_plots(data, args.out) if plots_wanted else []
     (args.out / "report.md").write_text(
         markdown_report(data, [p.relative_to(args.out) for p in plots], heading_level=2) + "\n"
     )

@@ -5,14 +5,24 @@
 - ffn.png, layer_norm.png, gpt.png: the headline metric per shape and provider (layer_norm.png marks
   the measured copy bandwidth);
 - cross_entropy.png, cross_entropy_memory.png: median time and peak memory per shape and provider.
-Each plot is drawn only when the results hold its op.
+Each plot is drawn only when the results hold its op. matplotlib is optional (the `test` and `dev`
+extras install it): without it `fastgpt bench` says so before it starts and writes everything else.
 """
 
+import importlib.util
 from pathlib import Path
 
 from fastgpt.bench.report import METRIC_LABELS, shape_label
 
 PROVIDER_STYLE = {"fastgpt": "-", "baseline": "--"}
+NO_MATPLOTLIB = ("matplotlib is not installed, so no plots will be drawn (results.json, report.md and the "
+                 "tables are written all the same); to get them: pip install matplotlib, or install fastgpt "
+                 "with its test or dev extra (pip install 'fastgpt[test]')")
+
+
+def matplotlib_available():
+    # find_spec, not an import: matplotlib takes a second to import, and the plots come last
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot():

@@ -1,14 +1,18 @@
 """Tables of results: rich tables for the terminal, markdown for report.md and the README.
 
 Every number comes from a results file (records.py); nothing here measures anything. The README's
-"Performance" section is the markdown of one or more committed results files, placed between the
-markers below by `fastgpt bench --render FILE...`.
+"Performance" section, between the markers below, is written by `fastgpt bench --render FILE...`:
+for each device, a summary of the newest of the given results files (fastgpt's speedups over the
+shapes), with links to that file and to its full per-shape report, `<name>.report.md` beside it
+(written from the results file when it is not there yet).
 
 `python -m fastgpt.bench.report RESULTS.json [--stages stages.tsv] [--markdown report.md]` prints the
 tables (and writes the markdown): benchmarks/gpu_check.sh uses it for its report.
 """
 
 import argparse
+import collections
+import datetime
 import math
 import os
 import statistics
@@ -277,24 +281,125 @@ def markdown_report(data, plots=(), heading_level=3, title=None, inline_plots=Tr
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------------------------
+# The README: a summary per device
+
+
+README_LEGEND = (
+    "Per row, fastgpt's provider that was fastest at the most shapes (the others are in the full report), "
+    "and its speedup over each baseline: a baseline's time / fastgpt's, per shape the median over the "
+    "interleaved rounds of the ratio within a round, here the median over the shapes the two share "
+    "(min-max)."
+)
+
+
+def best_fastgpt_provider(records):
+    """The fastgpt provider fastest at the most shapes of one table (a tie goes to the first in run order)."""
+    fastest = {}
+    for record in records:
+        if record["kind"] != FASTGPT:
+            continue
+        shape = tuple(sorted(record["shape"].items()))
+        if shape not in fastest or record["median_ms"] < fastest[shape]["median_ms"]:
+            fastest[shape] = record
+    wins = collections.Counter(record["provider"] for record in fastest.values())
+    providers = _ordered(r["provider"] for r in records if r["kind"] == FASTGPT)
+    return max(providers, key=lambda provider: wins[provider]) if providers else None
+
+
+def device_summary_rows(data):
+    """[(op, dtype, mode, provider, shapes, {baseline: [speedups over the shapes]})], one row per table
+    with a fastgpt provider: its best provider's speedups (best_fastgpt_provider)."""
+    rows = []
+    for op, dtype, mode, records, _ in table_groups(data):
+        provider = best_fastgpt_provider(records)
+        if provider is None:
+            continue
+        ratios = {}
+        for record in (r for r in records if r["provider"] == provider):
+            for name, value in record["speedup"].items():
+                ratios.setdefault(name, []).append(value)
+        rows.append((op, dtype, mode, provider, sum(r["provider"] == provider for r in records), ratios))
+    return rows
+
+
+def format_median_speedups(ratios, shapes):
+    """'sdpa 0.69x (0.50-0.83)', naming the count where a baseline ran at fewer of the shapes."""
+    cells = []
+    for name, values in ratios.items():
+        low, high = min(values), max(values)
+        spread = [f"{low:.2f}-{high:.2f}"] if high > low else []
+        spread += [f"{len(values)} of {shapes} shapes"] if len(values) < shapes else []
+        cells.append(f"{name} {statistics.median(values):.2f}x" + (f" ({'; '.join(spread)})" if spread else ""))
+    return ", ".join(cells) or "-"
+
+
+def newest_per_device(loaded):
+    """The (path, data) pairs of loaded that are each device's newest run, in the order given."""
+    newest = {}
+    for path, data in loaded:
+        device, date = data["metadata"]["device"], datetime.datetime.fromisoformat(data["metadata"]["date"])
+        if device not in newest or date > newest[device][0]:
+            newest[device] = (date, path)
+    kept = {path for _, path in newest.values()}
+    return [(path, data) for path, data in loaded if path in kept]
+
+
+def full_report_path(results_path, data, plots=()):
+    """The per-shape report committed beside a results file (`NAME.report.md`; benchmarks/gpu_check.sh
+    writes it with its stage table); written from the results file, plots inline, when missing."""
+    path = Path(results_path).with_suffix(".report.md")
+    if not path.exists():
+        relative = [os.path.relpath(plot, path.parent) for plot in plots]
+        path.write_text(markdown_report(data, relative, heading_level=2) + "\n")
+    return path
+
+
+def device_summary(data, links, title):
+    """Markdown of one device: its run, the links, and the summary table."""
+    meta = data["metadata"]
+    versions = meta.get("versions", {})
+    listed = ", ".join(f"{key} {versions[key]}" for key in ("torch", "triton", "cuda (torch)") if versions.get(key))
+    run = (f"git `{meta.get('git_sha') or 'unknown'}`; sweep `{meta.get('sweep')}`; threads: {meta.get('threads')}; "
+           f"{listed}.")
+    out = [f"### {title}", "", " · ".join(links), "", run, ""]
+    rows = device_summary_rows(data)
+    if not rows:
+        return "\n".join(out + ["No fastgpt kernel backend was timed in this run.", ""])
+    out.append(markdown_table(
+        ["op", "dtype", "mode", "fastgpt", "shapes", "speedup vs each baseline (median over shapes, min-max)"],
+        [[op, dtype, mode, provider, str(shapes), format_median_speedups(ratios, shapes)]
+         for op, dtype, mode, provider, shapes, ratios in rows],
+    ))
+    return "\n".join(out + [""])
+
+
 def render_readme(readme_path, results_paths, plots_for=None):
-    """Replace the README's text between the perf markers with the report of each results file.
-    plots_for(path, data) returns the plot files (paths relative to the README) for that file."""
+    """Replace the README's text between the perf markers with a summary of each device's newest
+    results file among results_paths, and return those paths. plots_for(path, data) draws a file's
+    plots and returns their paths (linked from the README, and inline in a report written here)."""
     readme_path = Path(readme_path)
     text = readme_path.read_text()
     if START_MARKER not in text or END_MARKER not in text:
         raise ValueError(f"{readme_path} has no '{START_MARKER}' ... '{END_MARKER}' section to render into")
     before, rest = text.split(START_MARKER, 1)
     _, after = rest.split(END_MARKER, 1)
+    kept = newest_per_device([(Path(path), load_results(path)) for path in results_paths])
+
+    def link(name, target):
+        return f"[{name}]({os.path.relpath(target, readme_path.parent)})"
+
     command = "python -m fastgpt bench --render " + " ".join(str(p) for p in results_paths)
-    sections = [f"<!-- generated by `{command}`: edit the results files, not this section -->", ""]
-    for path in results_paths:
-        data = load_results(path)
+    sections = [f"<!-- generated by `{command}`: edit the results files, not this section -->", "",
+                README_LEGEND, ""]
+    for path, data in kept:
         plots = plots_for(path, data) if plots_for else []
-        relative = [os.path.relpath(p, readme_path.parent) for p in plots]
-        title = f"{data['metadata']['device']} — {data['metadata']['date'][:10]} (`{path}`)"
-        sections.append(markdown_report(data, relative, title=title, inline_plots=False))
+        links = [link("full per-shape report", full_report_path(path, data, plots)), link("results file", path)]
+        links += [link("plots", Path(plots[0]).parent)] if plots else []
+        title = f"{data['metadata']['device']} — {data['metadata']['date'][:10]}"
+        sections.append(device_summary(data, links, title))
     readme_path.write_text(before + START_MARKER + "\n" + "\n".join(sections).rstrip() + "\n" + END_MARKER + after)
+    return [path for path, _ in kept]
 
 
 def stage_table(stages_path):

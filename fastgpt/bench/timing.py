@@ -4,13 +4,18 @@ Timing rules (ARCHITECTURE.md, Benchmarks):
 - every provider is called a few times first (warm-up: compilation, autotuning, allocator caches);
 - the providers of one case are interleaved: each round times every provider once, in an order that
   rotates from round to round, so a burst of load from elsewhere on the machine hits them all alike;
-- CPU: each round is one `torch.utils.benchmark.Timer.blocked_autorange` per provider (one
-  `Timer.timeit(1)` when a single call outlasts the round), run with torch's threads; the per-call
-  block times are pooled over the rounds;
+- CPU: each round is one `torch.utils.benchmark.Timer.blocked_autorange` per provider (when a single
+  call outlasts the round: a plan's `calls_per_long_round` calls, each timed alone), run with torch's
+  threads; the per-call block times are pooled over the rounds;
 - GPU: each round is one block of calls between two CUDA events, the block sized to a few ms; the
   callables rotate over several copies of their inputs so the working set exceeds the L2 cache, as a
   layer inside a real model sees it;
-- the result is the median per-call time over all blocks, with its interquartile range and extremes.
+- the result is the median per-call time over all blocks, with its interquartile range and extremes;
+  on request (`cpu_time=True`) also the process CPU time per call of each round, all threads summed:
+  on a machine shared with other jobs it is the steadier measure of the work a provider does.
+
+Every benchmark script times through `measure_interleaved`; a script that wants one timed call per
+provider and round on CPU (calls of seconds, or a count of single calls) uses `single_call_plan`.
 
 CPU allocator: on glibc, `keep_freed_memory()` stops malloc from handing freed memory back to the OS
 (M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB, the largest glibc allows), as jemalloc and tcmalloc
@@ -50,17 +55,18 @@ MAX_INPUT_COPIES = 64
 
 @dataclasses.dataclass(frozen=True)
 class TimingPlan:
-    """How hard to time each case: runner.PLANS holds one per sweep (full, quick, tiny)."""
+    """How hard to time each case: runner.PLANS holds one per sweep (full, quick, tiny); the benchmark
+    scripts build their own, leaving the fields they do not use at their defaults."""
 
     rounds: int  # interleaved rounds, each timing every provider once
     warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
-    warmup_s: float  # ... and for at least this long on CPU: compiled code can stay slow for a while after
+    warmup_s: float = 0.0  # ... and for at least this long on CPU: compiled code can stay slow for a while after
     # its first call (inductor finishes compiling in background workers), for a time, not a number of calls
     # ... and on GPU, where a call takes milliseconds: 0.1 s is already ~100 calls of a 1 ms kernel. It is
     # paid once per provider and case (173 of them in benchmarks/gpu_check.sh's set, 17 s at 0.1 s)
-    gpu_warmup_s: float
-    cpu_round_s: float  # blocked_autorange min_run_time of one CPU round
-    gpu_block_ms: float  # target length of one GPU block of calls
+    gpu_warmup_s: float = 0.0
+    cpu_round_s: float = 0.2  # blocked_autorange min_run_time of one CPU round
+    gpu_block_ms: float = 10.0  # target length of one GPU block of calls
     # Rounds of whole-model generate calls (gpt.py). CPU: many, because the speed of Python-bound calls
     # (transformers' generate at the quick sweep's small model) drifts on a timescale of seconds on a
     # shared machine: 45-66 ms in successive 4 s windows of one process on the 2-core development VM,
@@ -68,8 +74,18 @@ class TimingPlan:
     # fastgpt.nn vs transformers spread 3.1% with 16 rounds, 12.9% with 6). GPU: a call is a whole
     # decode loop (64 tokens at 16 sequences in the full sweep), and few rounds keep the case inside
     # benchmarks/gpu_check.sh's budget.
-    cpu_generation_rounds: int
-    gpu_generation_rounds: int
+    cpu_generation_rounds: int = 0
+    gpu_generation_rounds: int = 0
+    # CPU calls timed per round when one call outlasts cpu_round_s: with a single call, five rounds gave
+    # five samples, and baselines that allocate tens of MiB per call (F.cross_entropy on 50257-wide
+    # logits, IQR ~30% of the median) moved the quick sweep's speedups by up to 25% run to run.
+    calls_per_long_round: int = 2
+
+
+def single_call_plan(rounds, warmup_calls=1):
+    """A CPU plan of one call per provider and round, each timed alone (a zero-length round makes every
+    call a long one)."""
+    return TimingPlan(rounds=rounds, warmup_calls=warmup_calls, cpu_round_s=0.0, calls_per_long_round=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +96,12 @@ class Timing:
     max_ms: float
     samples: int  # blocks pooled over all rounds
     round_ms: tuple = ()  # the median per-call time of each round, in round order
+    round_cpu_ms: tuple = ()  # process CPU time per call of each round (all threads), when asked for
 
 
-def summarize(per_call_seconds, rounds=()):
-    """Timing from per-call times in seconds (one per block); `rounds` splits them by round."""
+def summarize(per_call_seconds, rounds=(), round_cpu_seconds=()):
+    """Timing from per-call times in seconds (one per block); `rounds` splits them by round;
+    `round_cpu_seconds` is the process CPU time per call of each round."""
     ms = sorted(1e3 * t for t in per_call_seconds)
     if len(ms) >= 2:
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
@@ -91,7 +109,7 @@ def summarize(per_call_seconds, rounds=()):
         q1 = q3 = ms[0]
     round_ms = tuple(1e3 * statistics.median(times) for times in rounds)
     return Timing(median_ms=statistics.median(ms), iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1], samples=len(ms),
-                  round_ms=round_ms)
+                  round_ms=round_ms, round_cpu_ms=tuple(1e3 * t for t in round_cpu_seconds))
 
 
 def keep_freed_memory():
@@ -141,19 +159,23 @@ def timed_first_call(fn, device):
     return time.perf_counter() - start, result
 
 
-# Calls timed per round when one call outlasts the round: with a single call, five rounds gave five
-# samples, and baselines that allocate tens of MiB per call (F.cross_entropy on 50257-wide logits,
-# IQR ~30% of the median) moved the quick sweep's speedups by up to 25% run to run.
-LONG_CALLS_PER_ROUND = 2
+def _single_calls(fn, calls):
+    """Per-call times of calls each timed alone (Timer.timeit(1) would run two more, untimed, first)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def _cpu_round(fn, round_s, call_s):
+def _cpu_round(fn, plan, call_s):
     """Per-call times of one CPU round: blocked_autorange, or, for a call longer than the round,
-    LONG_CALLS_PER_ROUND timeit(1) calls (blocked_autorange would spend a call estimating the block size)."""
+    plan.calls_per_long_round single calls (blocked_autorange would spend a call estimating the block size)."""
+    if call_s >= plan.cpu_round_s:
+        return _single_calls(fn, plan.calls_per_long_round)
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    if call_s >= round_s:
-        return [timer.timeit(number=1).times[0] for _ in range(LONG_CALLS_PER_ROUND)]
-    return list(timer.blocked_autorange(min_run_time=round_s).times)
+    return list(timer.blocked_autorange(min_run_time=plan.cpu_round_s).times)
 
 
 def _gpu_block(fn, calls):
@@ -167,34 +189,63 @@ def _gpu_block(fn, calls):
     return start.elapsed_time(end) / 1e3 / calls
 
 
-def measure_interleaved(callables, device, plan):
-    """{name: Timing} for no-argument callables, timed in interleaved rounds after warm-up."""
+def _counting(fn):
+    """(a callable that calls fn and counts, a function returning the count so far)."""
+    count = 0
+
+    def counted():
+        nonlocal count
+        count += 1
+        return fn()
+
+    return counted, lambda: count
+
+
+def _warm_up(fn, device, plan):
+    """Untimed calls (module docstring); returns the last one's duration in seconds."""
+    warmup_s = plan.gpu_warmup_s if device.type == "cuda" else plan.warmup_s
+    start, calls, call_s = time.perf_counter(), 0, 0.0
+    while calls < plan.warmup_calls or time.perf_counter() - start < warmup_s:
+        call_start = time.perf_counter()
+        fn()
+        synchronize(device)
+        call_s = time.perf_counter() - call_start
+        calls += 1
+    return call_s
+
+
+def measure_interleaved(callables, device, plan, *, cpu_time=False):
+    """{name: Timing} for no-argument callables, timed in interleaved rounds after warm-up. With
+    cpu_time, each Timing's round_cpu_ms holds the process CPU time per call of each round (the calls
+    are then counted through a wrapper, about 0.1 us each, so leave it off for calls of a few us)."""
     device = torch.device(device)
     names = list(callables)
-    warmup_s = plan.gpu_warmup_s if device.type == "cuda" else plan.warmup_s
-    call_s = {}  # the last warm-up call's duration
-    for name in names:
-        start, calls = time.perf_counter(), 0
-        while calls < plan.warmup_calls or time.perf_counter() - start < warmup_s:
-            call_start = time.perf_counter()
-            callables[name]()
-            synchronize(device)
-            call_s[name] = time.perf_counter() - call_start
-            calls += 1
+    call_s = {name: _warm_up(callables[name], device, plan) for name in names}
     block_calls = {}
     if device.type == "cuda":
         for name in names:
             one_call = _gpu_block(callables[name], 1)
             block_calls[name] = max(1, min(10_000, math.ceil(plan.gpu_block_ms / 1e3 / max(one_call, 1e-7))))
+
+    def one_round(name, fn):
+        if device.type == "cuda":
+            return [_gpu_block(fn, block_calls[name])]
+        return _cpu_round(fn, plan, call_s[name])
+
     rounds = {name: [] for name in names}
+    cpu_per_call = {name: [] for name in names}
     for round_index in range(plan.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            if device.type == "cuda":
-                rounds[name].append([_gpu_block(callables[name], block_calls[name])])
-            else:
-                rounds[name].append(_cpu_round(callables[name], plan.cpu_round_s, call_s.get(name, 0.0)))
-    return {name: summarize([t for times in rounds[name] for t in times], rounds[name]) for name in names}
+            if not cpu_time:
+                rounds[name].append(one_round(name, callables[name]))
+                continue
+            counted, calls_made = _counting(callables[name])
+            cpu_start = time.process_time()
+            rounds[name].append(one_round(name, counted))
+            cpu_per_call[name].append((time.process_time() - cpu_start) / calls_made())
+    return {name: summarize([t for times in rounds[name] for t in times], rounds[name], cpu_per_call[name])
+            for name in names}
 
 
 @contextlib.contextmanager
