@@ -8,7 +8,7 @@ warm-up calls, providers alternating call by call: fastgpt.bench.timing.measure_
 timed call per provider and round), the weight bytes read per second, the speedup,
 and the max difference between the two results. Each weight alone fits in the last-level cache, so
 these are cache-resident rates; gpt_targets.py --only bandwidth streams all weights from DRAM.
-Rows above fastgpt.ops.cpu.LINEAR_KERNEL_MAX_ROWS (16) go to BLAS inside the op as well.
+Rows above fastgpt.ops.compiled.LINEAR_KERNEL_MAX_ROWS (16) go to BLAS inside the op as well.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.bench.timing import measure_interleaved, single_call_plan
-from fastgpt.ops import cpu
+from fastgpt.ops import compiled
 
 # (out_features, in_features): c_attn, attention c_proj, c_fc, MLP c_proj, lm_head.
 GPT2_SMALL_WEIGHTS = ((2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768))
@@ -41,12 +41,12 @@ def main():
         for out_features, in_features in GPT2_SMALL_WEIGHTS:
             x = torch.randn(rows, in_features)
             weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
-            error = (cpu.linear(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
+            error = (compiled.linear(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
             arguments = (x, weight, bias)
             times = median_times(
                 {
                     "torch": functools.partial(F.linear, *arguments),
-                    "fastgpt": functools.partial(cpu.linear, *arguments),
+                    "fastgpt": functools.partial(compiled.linear, *arguments),
                 },
                 args.calls,
             )

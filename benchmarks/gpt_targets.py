@@ -183,10 +183,10 @@ def bench_bandwidth(gpt, generation, rounds):
         "gemvs_huge": weight_gemvs(in_huge_pages)[0], "transposed": weight_gemvs(small_pages, transposed=True)[0],
     }  # fmt: skip
     if "cpu" in dispatch.available_backends():
-        from fastgpt.ops import cpu
+        from fastgpt.ops import compiled
 
-        providers["fastgpt"] = weight_gemvs(small_pages, linear=cpu.linear)[0]
-        providers["fastgpt_huge"] = weight_gemvs(in_huge_pages, linear=cpu.linear)[0]
+        providers["fastgpt"] = weight_gemvs(small_pages, linear=compiled.linear)[0]
+        providers["fastgpt_huge"] = weight_gemvs(in_huge_pages, linear=compiled.linear)[0]
     with torch.inference_mode():
         times = interleaved(providers, rounds)
 

@@ -11,12 +11,9 @@
 // their autograd, once for both devices, from csrc/autograd.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/ne.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <Python.h>
 #include <torch/library.h>
@@ -556,12 +553,25 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   return result;
 }
 
-at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& targets, int64_t ignore_index,
-                       c10::string_view reduction) {
+// Rows whose target is not ignore_index: the divisor of 'mean'.
+int64_t kept_rows(const at::Tensor& targets, int64_t ignore_index) {
+  const int64_t* values = targets.data_ptr<int64_t>();
+  int64_t kept = 0;
+  for (int64_t n = 0; n < targets.numel(); ++n) kept += values[n] != ignore_index;
+  return kept;
+}
+
+// The per-row losses (N) reduced: themselves for 'none', else a 0-d float32 tensor, the sum (in
+// float64) or the mean over the kept rows (0 / 0 = NaN when every row is ignored, as in torch). A plain
+// loop: at a decode-sized batch, ATen's sum and division cost more than the kernel.
+at::Tensor reduce_loss(const at::Tensor& loss, int64_t kept, c10::string_view reduction) {
   if (reduction == "none") return loss;
-  at::Tensor total = loss.sum();
-  if (reduction == "sum") return total;
-  return at::div(total, at::ne(targets, ignore_index).sum());  // 0 / 0 = NaN when every row is ignored, as in torch
+  const float* values = loss.data_ptr<float>();
+  double total = 0.0;
+  for (int64_t n = 0; n < loss.numel(); ++n) total += values[n];
+  at::Tensor reduced = at::empty({}, loss.options());
+  *reduced.data_ptr<float>() = static_cast<float>(reduction == "sum" ? total : total / static_cast<double>(kept));
+  return reduced;
 }
 
 void check_reduction(const char* op, c10::string_view reduction) {
@@ -586,8 +596,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   TORCH_CHECK(!compute_grad || reduction != "none", op,
               ": compute_grad needs reduction 'mean' or 'sum' (with 'none' the backward runs its own pass)");
   const auto [x, targets] = cross_entropy_rows(op, x_in, targets_in);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.device().is_cpu(), op,
+              ": targets must be a CPU int64 tensor, got ", targets.scalar_type(), " on ", targets.device());
+  const int64_t kept = reduction == "mean" ? kept_rows(targets.contiguous(), ignore_index) : 0;
   CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, compute_grad, nullptr);
-  at::Tensor loss = reduce_loss(r.loss, targets, ignore_index, reduction);
+  at::Tensor loss = reduce_loss(r.loss, kept, reduction);
   if (reduction == "none") loss = loss.view(targets_in.sizes());
   if (!compute_grad) {
     at::Tensor empty = at::empty({0}, x.options());
