@@ -36,8 +36,11 @@ bench: install
 	$(PYTHON) -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
 	$(PYTHON) -m fastgpt bench --quick --out bench-results
 
+# ruff from the registry, at the [dev] extra's lower bound; linting needs neither torch nor a build.
 lint:
+	$(PYTHON) -m ruff --version || $(PIP) install "ruff>=0.15"
 	$(PYTHON) -m ruff check fastgpt tests benchmarks
+	$(PYTHON) -m ruff format --check fastgpt tests benchmarks
 
 clean:
 	rm -rf .make build *.egg-info fastgpt/*.so fastgpt/_C_build_error.txt

@@ -59,9 +59,15 @@ def torch_extension():
         import torch
         from torch.utils import cpp_extension
     except Exception as error:  # noqa: BLE001 (a missing or broken torch raises many kinds): pure Python
+        if cuda_mode() == "1":
+            sys.exit(
+                f"setup.py: FASTGPT_CUDA=1 but torch cannot be imported ({type(error).__name__}: {error})"
+            )
+        # The usual cause: pip builds in an isolated environment, which has no torch unless told otherwise.
         reason = (
-            f"torch was not importable when fastgpt was built ({type(error).__name__}: {error}); "
-            "reinstall with `pip install --no-build-isolation .` where torch is installed"
+            f"torch was not importable when fastgpt was built ({type(error).__name__}: {error}). "
+            "A plain `pip install` builds in an isolated environment without torch: install torch first, "
+            "then reinstall with `pip install --no-build-isolation .` (or the same with a git URL)"
         )
         return Extension(EXTENSION_NAME, sources=CPU_SOURCES), build_ext, reason
 
@@ -122,9 +128,15 @@ class OptionalBuildExtension(BUILD_BASE):
         if self.inplace or getattr(self, "editable_mode", False):
             directories.add(os.path.join(ROOT, "fastgpt"))
         if reason is not None:
+            # pip shows a successful build's output only with -v; the reason also goes into the package,
+            # where `fastgpt info` and the import error of the cpu backend repeat it.
             banner = "=" * 78
             print(
-                f"{banner}\nWARNING: {reason}\nfastgpt is installed without its cpu and cuda backends.\n{banner}"
+                f"{banner}\nWARNING: fastgpt is installed WITHOUT its compiled kernels (the cpu and cuda "
+                f"backends).\n{reason}\nOn CPU tensors, backend='auto' runs the slower `reference` backend "
+                f"instead; `python -m fastgpt info` shows this reason again.\n{banner}",
+                file=sys.stderr,
+                flush=True,
             )
         for directory in directories:
             path = os.path.join(directory, BUILD_ERROR_FILE)
