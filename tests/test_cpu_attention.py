@@ -64,11 +64,14 @@ def test_attention_matches_reference(shape, dtype):
 
 
 # Long sequences in float32, where the backward's long sums show: dK and dV sum group * q_len terms per
-# key, dQ kv_len terms per row. Summed in one float32 chain each, they broke the 2x rule on these draws
-# (dK and dV at 4-6x eager float32's error). GQA, and MQA with a ragged last tile.
+# key, dQ kv_len terms per row, and every score and dP is a head_dim-long dot product. Summed in one
+# float32 chain each, they broke the 2x rule on these draws (dK and dV at 4-6x eager float32's error at
+# GQA and MQA; dQ at 3.7x and dK at 3.1x at head_dim 256). GQA, MQA (a ragged last tile) and MHA at
+# head_dim 256.
 LONG_SHAPES = [
     (1, 8, 2, 1024, 1024, 64),
     (1, 8, 1, 1100, 1100, 64),
+    (1, 4, 4, 1024, 1024, 256),
 ]
 
 

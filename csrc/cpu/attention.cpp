@@ -67,6 +67,15 @@ namespace fastgpt::cpu::FASTGPT_ISA {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
+// Terms per float32 chunk of the sums over head_dim, S = Q K^T and dP = dO V^T (see
+// chunked_dot_products): as long as a tile, so head_dim <= 64 sums in one chunk and pays nothing; each
+// further chunk costs its GEMM one pass of additions over the output tile. dS = P (dP - delta) cancels
+// dP against delta, so dP's absolute rounding error becomes dS's and dQ's: one float32 chain over
+// head_dim 256 left dQ at up to 3.7x eager float32's error (eager's GEMM blocks its sums) and the
+// forward's output, through S, at up to 2.4x; in 64-term chunks, at most 1.4x and 1.1x (1024 queries,
+// 2 and 4 heads, six draws).
+constexpr int64_t kDotChunk = 64;
+
 // ---------------------------------------------------------------------------------------------
 // Packing: strided float32/bfloat16 rows into contiguous float32 tiles.
 
@@ -109,6 +118,18 @@ inline void mask_row(float* row, int64_t cols, int64_t last_visible) {
   for (int64_t c = 0; c < cols; c += kWidth) {
     VecInt beyond = iota(static_cast<int32_t>(c)) > static_cast<int32_t>(last_visible);
     store(row + c, vselect(beyond, splat(-__builtin_inff()), load(row + c)));
+  }
+}
+
+// c = a[rows x head_dim] @ b[head_dim x cols] (see gemm), each element summed in float32 chunks of
+// kDotChunk terms, the chunks' sums added in order. The forward's S^T and the backward's S both come
+// from here, so each score is summed the same way in both.
+inline void chunked_dot_products(int64_t rows, int64_t cols, int64_t head_dim, const float* a, int64_t lda,
+                                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+  gemm<false>(rows, cols, head_dim < kDotChunk ? head_dim : kDotChunk, a, lda, b, ldb, c, ldc, false);
+  for (int64_t d0 = kDotChunk; d0 < head_dim; d0 += kDotChunk) {
+    const int64_t depth = head_dim - d0 < kDotChunk ? head_dim - d0 : kDotChunk;
+    gemm<false>(rows, cols, depth, a + d0, lda, b + d0 * ldb, ldb, c, ldc, true);
   }
 }
 
@@ -209,7 +230,7 @@ void forward(const AttentionParams& p) {
                                             padded_dim, &k_ld);
         const float* v_rows = rows_as_float(v + k0 * p.v.row_stride, p.v.row_stride, keys, head_dim, true, v_buffer,
                                             padded_dim, &v_ld);
-        gemm<false>(keys, kBlockQ, head_dim, k_rows, k_ld, qt_tile, kBlockQ, scores_t, kBlockQ, false);
+        chunked_dot_products(keys, kBlockQ, head_dim, k_rows, k_ld, qt_tile, kBlockQ, scores_t, kBlockQ);
 
         // Key k0 + j is visible to query q0 + i iff i >= k0 + j - q0 - offset; only tiles reaching past
         // the first query's last visible key need the mask.
@@ -607,8 +628,8 @@ struct TilePair {
 };
 
 // S is recomputed as the forward computed it, so that exp(S - lse) matches the forward to the bit even
-// where |S| is large: by the tile GEMM after the tiled forward, by row_scores after the decode forward
-// (decode_scores).
+// where |S| is large: by chunked_dot_products after the tiled forward, by row_scores after the decode
+// forward (decode_scores).
 //
 // dK and dV sum group * q_len rows' terms per key (dQ kv_len keys' terms per row): one float32 chain in
 // that order would carry a rounding error growing linearly with the count (13x eager float32's error on
@@ -623,9 +644,9 @@ inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_di
                  t.scores + r * kBlockK);
     }
   } else {
-    gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+    chunked_dot_products(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK);
   }
-  gemm<false>(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK, false);
+  chunked_dot_products(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK);
   const bool on_diagonal = !decode_scores && t.last_visible < kBlockK - 1;  // row_scores masked already
   for (int64_t r = 0; r < t.rows; ++r) {
     float* s = t.scores + r * kBlockK;

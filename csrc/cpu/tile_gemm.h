@@ -6,10 +6,11 @@
 // B, broadcasts one element of A per row of C, and issues kMicroRows * kMicroVecs multiply-adds (fused
 // where the instruction set has FMA).
 //
-// C is float32, or float64 for accumulators that sum very many products: the product is then summed in
-// float32 registers from 0 over the depth and added to C in float64 once at the end, so that such an
-// accumulator adds short float32 sums instead of extending one long float32 chain, whose rounding error
-// grows with its length.
+// The product is always summed from 0 in the registers and added to C (when accumulating) once at the
+// end, never continued from C's value: a caller that accumulates many products into C, or splits a long
+// depth into several calls, so adds short float32 sums instead of extending one long float32 chain,
+// whose rounding error grows with its length. C is float32, or float64 for accumulators that sum very
+// many products.
 
 // 6 x 4 accumulators + 4 B vectors + 1 broadcast = 29 of AVX-512's 32 registers; 6 x 2 + 2 + 1 = 15
 // of the 16 that AVX2, SSE and NEON-as-baseline are given.
@@ -21,16 +22,9 @@ constexpr int kMicroVecs = FASTGPT_SIMD_REGISTERS >= 32 ? 4 : 2;
 template <int kRows, int kVecs, bool kTransposedA, typename C>
 __attribute__((noinline)) void gemm_micro(int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
                                           C* c, int64_t ldc, bool accumulate) {
-  constexpr bool kDoubleC = sizeof(C) == sizeof(double);
   Vec acc[kRows][kVecs];
   for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < kVecs; ++v) {
-      if constexpr (kDoubleC) {
-        acc[i][v] = splat(0.0f);
-      } else {
-        acc[i][v] = accumulate ? load(c + i * ldc + v * kWidth) : splat(0.0f);
-      }
-    }
+    for (int v = 0; v < kVecs; ++v) acc[i][v] = splat(0.0f);
   }
   for (int64_t k = 0; k < depth; ++k) {
     Vec b_row[kVecs];
@@ -43,7 +37,7 @@ __attribute__((noinline)) void gemm_micro(int64_t depth, const float* a, int64_t
   for (int i = 0; i < kRows; ++i) {
     for (int v = 0; v < kVecs; ++v) {
       C* out = c + i * ldc + v * kWidth;
-      if constexpr (kDoubleC) {
+      if constexpr (sizeof(C) == sizeof(double)) {
         VecDouble sum = __builtin_convertvector(acc[i][v], VecDouble);
         if (accumulate) {
           VecDouble previous;
@@ -52,7 +46,7 @@ __attribute__((noinline)) void gemm_micro(int64_t depth, const float* a, int64_t
         }
         __builtin_memcpy(out, &sum, sizeof sum);
       } else {
-        store(out, acc[i][v]);
+        store(out, accumulate ? load(out) + acc[i][v] : acc[i][v]);
       }
     }
   }
