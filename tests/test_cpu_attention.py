@@ -63,6 +63,27 @@ def test_attention_matches_reference(shape, dtype):
     check_against_reference(cpu_attention, reference.causal_attention, [q, k, v], dtype, q.shape)
 
 
+# Long sequences in float32, where the backward's long sums show: dK and dV sum group * q_len terms per
+# key, dQ kv_len terms per row, and every score and dP is a head_dim-long dot product. Summed in one
+# float32 chain each, they broke the 2x rule on these draws (dK and dV at 4-6x eager float32's error at
+# GQA and MQA; dQ at 3.7x and dK at 3.1x at head_dim 256). GQA, MQA (a ragged last tile) and MHA at
+# head_dim 256.
+LONG_SHAPES = [
+    (1, 8, 2, 1024, 1024, 64),
+    (1, 8, 1, 1100, 1100, 64),
+    (1, 4, 4, 1024, 1024, 256),
+]
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=lambda s: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s))
+def test_attention_float32_gradients_at_long_sequences(shape):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=torch.float64)
+    check_against_reference(cpu_attention, reference.causal_attention, [q, k, v], torch.float32, q.shape)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_on_views_of_a_fused_qkv_projection(dtype):
     batch, seq, heads, head_dim = 2, 97, 4, 80

@@ -11,6 +11,7 @@
 // Backward: delta = rowsum(dO * O), then for each (query tile, key tile) pair P is recomputed from the
 // saved logsumexp (S summed exactly as the forward summed it: see backward_pair) and
 //   dP = dO V^T,  dS = P * (dP - delta),  dV += P^T dO,  dK += dS^T Q,  dQ += dS K.
+// Each pair's products are float32 sums of 64 terms, added to float64 accumulators (see backward_pair).
 // No two threads ever add into the same accumulator, so the result is deterministic and independent of
 // the thread count. Two schedules give bitwise identical results (same summation order):
 //   - per kv head: one task per (batch, kv head) owns dK, dV of the whole head and dQ of its query
@@ -18,7 +19,8 @@
 //   - per tile: pass 1 runs one task per (batch, kv head, key tile) for dK, dV; pass 2 one task per
 //     (batch, head, query tile) for dQ, recomputing P and dS (seven GEMMs per pair instead of five, but
 //     parallel over tiles when there are few heads).
-// Inputs are float32 or bfloat16 with any strides (head_dim contiguous); all arithmetic is float32.
+// Inputs are float32 or bfloat16 with any strides (head_dim contiguous); all arithmetic is float32 but
+// for the backward's float64 accumulators.
 //
 // Decode forward (a few queries: a decode step's q_len of 1, or a short prefill over a cache): the
 // tiled forward's vectors run across kBlockQ query rows, so one query would use one lane of each. The
@@ -65,6 +67,15 @@ namespace fastgpt::cpu::FASTGPT_ISA {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
+// Terms per float32 chunk of the sums over head_dim, S = Q K^T and dP = dO V^T (see
+// chunked_dot_products): as long as a tile, so head_dim <= 64 sums in one chunk and pays nothing; each
+// further chunk costs its GEMM one pass of additions over the output tile. dS = P (dP - delta) cancels
+// dP against delta, so dP's absolute rounding error becomes dS's and dQ's: one float32 chain over
+// head_dim 256 left dQ at up to 3.7x eager float32's error (eager's GEMM blocks its sums) and the
+// forward's output, through S, at up to 2.4x; in 64-term chunks, at most 1.4x and 1.1x (1024 queries,
+// 2 and 4 heads, six draws).
+constexpr int64_t kDotChunk = 64;
+
 // ---------------------------------------------------------------------------------------------
 // Packing: strided float32/bfloat16 rows into contiguous float32 tiles.
 
@@ -107,6 +118,18 @@ inline void mask_row(float* row, int64_t cols, int64_t last_visible) {
   for (int64_t c = 0; c < cols; c += kWidth) {
     VecInt beyond = iota(static_cast<int32_t>(c)) > static_cast<int32_t>(last_visible);
     store(row + c, vselect(beyond, splat(-__builtin_inff()), load(row + c)));
+  }
+}
+
+// c = a[rows x head_dim] @ b[head_dim x cols] (see gemm), each element summed in float32 chunks of
+// kDotChunk terms, the chunks' sums added in order. The forward's S^T and the backward's S both come
+// from here, so each score is summed the same way in both.
+inline void chunked_dot_products(int64_t rows, int64_t cols, int64_t head_dim, const float* a, int64_t lda,
+                                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+  gemm<false>(rows, cols, head_dim < kDotChunk ? head_dim : kDotChunk, a, lda, b, ldb, c, ldc, false);
+  for (int64_t d0 = kDotChunk; d0 < head_dim; d0 += kDotChunk) {
+    const int64_t depth = head_dim - d0 < kDotChunk ? head_dim - d0 : kDotChunk;
+    gemm<false>(rows, cols, depth, a + d0, lda, b + d0 * ldb, ldb, c, ldc, true);
   }
 }
 
@@ -207,7 +230,7 @@ void forward(const AttentionParams& p) {
                                             padded_dim, &k_ld);
         const float* v_rows = rows_as_float(v + k0 * p.v.row_stride, p.v.row_stride, keys, head_dim, true, v_buffer,
                                             padded_dim, &v_ld);
-        gemm<false>(keys, kBlockQ, head_dim, k_rows, k_ld, qt_tile, kBlockQ, scores_t, kBlockQ, false);
+        chunked_dot_products(keys, kBlockQ, head_dim, k_rows, k_ld, qt_tile, kBlockQ, scores_t, kBlockQ);
 
         // Key k0 + j is visible to query q0 + i iff i >= k0 + j - q0 - offset; only tiles reaching past
         // the first query's last visible key need the mask.
@@ -587,16 +610,16 @@ void pack_key_side(const AttentionParams& p, const KeySide& dst, int64_t batch, 
 
 // One (query tile, key tile) pair. q/dout/lse/delta point at the tile's first query row, kt/vt at its
 // first key column, k at its first key row; dk/dv (keys x padded_dim) and dq (rows x padded_dim) are
-// float32 accumulators, each skipped when null. scores and dscores are (kBlockQ, kBlockK) scratch.
+// float64 accumulators, each skipped when null. scores and dscores are (kBlockQ, kBlockK) scratch.
 struct TilePair {
   QuerySide query;
   const float* kt;
   const float* vt;
   int64_t kt_ld;  // row length of kt and vt
   const float* k;
-  float* dk;
-  float* dv;
-  float* dq;
+  double* dk;
+  double* dv;
+  double* dq;
   float* scores;
   float* dscores;
   int64_t rows;
@@ -605,8 +628,15 @@ struct TilePair {
 };
 
 // S is recomputed as the forward computed it, so that exp(S - lse) matches the forward to the bit even
-// where |S| is large: by the tile GEMM after the tiled forward, by row_scores after the decode forward
-// (decode_scores).
+// where |S| is large: by chunked_dot_products after the tiled forward, by row_scores after the decode
+// forward (decode_scores).
+//
+// dK and dV sum group * q_len rows' terms per key (dQ kv_len keys' terms per row): one float32 chain in
+// that order would carry a rounding error growing linearly with the count (13x eager float32's error on
+// dV at MQA, 2048 queries), where eager's blocked GEMMs grow about as its square root. So each pair's
+// products, sums of at most 64 terms, are taken in float32 by the tile GEMM and added to float64
+// accumulators: the error stays that of a 64-term float32 sum (below eager's). The sum over (group
+// head, query tile) or key tile runs in the same order in both schedules and at any thread count.
 inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_dim, bool decode_scores) {
   if (decode_scores) {
     for (int64_t r = 0; r < t.rows; ++r) {
@@ -614,9 +644,9 @@ inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_di
                  t.scores + r * kBlockK);
     }
   } else {
-    gemm<false>(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK, false);
+    chunked_dot_products(t.rows, kBlockK, head_dim, t.query.q, padded_dim, t.kt, t.kt_ld, t.scores, kBlockK);
   }
-  gemm<false>(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK, false);
+  chunked_dot_products(t.rows, kBlockK, head_dim, t.query.dout, padded_dim, t.vt, t.kt_ld, t.dscores, kBlockK);
   const bool on_diagonal = !decode_scores && t.last_visible < kBlockK - 1;  // row_scores masked already
   for (int64_t r = 0; r < t.rows; ++r) {
     float* s = t.scores + r * kBlockK;
@@ -635,15 +665,30 @@ inline void backward_pair(const TilePair& t, int64_t head_dim, int64_t padded_di
   if (t.dq) gemm<false>(t.rows, padded_dim, t.keys, t.dscores, kBlockK, t.k, padded_dim, t.dq, padded_dim, true);
 }
 
-inline void zero(float* dst, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = 0.0f;
+inline void zero(double* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = 0.0;
 }
 
+// Rows [row0, row0 + rows) of one head of dst_tensor = src * scale, rounded to float32 (then to
+// bfloat16 when T is).
 template <typename T>
-void store_rows(const HeadTensor& dst_tensor, int64_t batch, int64_t head, int64_t row0, const float* src,
-                int64_t rows, int64_t head_dim, int64_t padded_dim, float scale) {
+void store_sums(const HeadTensor& dst_tensor, int64_t batch, int64_t head, int64_t row0, const double* src,
+                int64_t rows, int64_t head_dim, int64_t padded_dim, double scale) {
   T* dst = head_pointer_mut<T>(dst_tensor, batch, head) + row0 * dst_tensor.row_stride;
-  for (int64_t r = 0; r < rows; ++r) store_row(dst + r * dst_tensor.row_stride, src + r * padded_dim, head_dim, scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* in = src + r * padded_dim;
+    T* out = dst + r * dst_tensor.row_stride;
+    for (int64_t c = 0; c < head_dim; c += kWidth) {
+      VecDouble sum;
+      __builtin_memcpy(&sum, in + c, sizeof sum);
+      const Vec value = __builtin_convertvector(sum * scale, Vec);
+      if (c + kWidth <= head_dim) {
+        store(out + c, value);
+      } else {
+        store_partial(out + c, value, head_dim - c);
+      }
+    }
+  }
 }
 
 // The index of the first query tile whose rows see key k0.
@@ -676,25 +721,27 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
   const int64_t padded_keys = round_up(p.kv_len, kBlockK);
   const int64_t key_floats = padded_keys * s.padded_dim;
   const int64_t query_floats = static_cast<int64_t>(p.q_len) * s.padded_dim;
-  // K^T, V^T, K, dK, dV of the kv head; Q, dO, dQ, lse, delta of one query head; two score tiles.
-  const int64_t per_thread = 2 * s.head_dim * padded_keys + 3 * key_floats + 3 * query_floats + 2 * p.q_len +
-                             2 * kBlockQ * kBlockK;
+  // K^T, V^T, K of the kv head; Q, dO, lse, delta of one query head; two score tiles.
+  const int64_t per_thread =
+      2 * s.head_dim * padded_keys + key_floats + 2 * query_floats + 2 * p.q_len + 2 * kBlockQ * kBlockK;
   const int64_t tasks = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
+  // dK, dV of the kv head and dQ of one query head, summed in float64 (see backward_pair).
+  ThreadScratch<double> sums(threads, 2 * key_floats + query_floats);
 
 #pragma omp parallel num_threads(threads)
   {
     float* base = scratch.for_thread(thread_index());
     KeySide key_side{base, base + s.head_dim * padded_keys, base + 2 * s.head_dim * padded_keys, padded_keys};
-    float* dk = key_side.k + key_floats;
-    float* dv = dk + key_floats;
-    QuerySide query_side{dv + key_floats, dv + key_floats + query_floats, nullptr, nullptr};
-    float* dq = query_side.dout + query_floats;
-    query_side.lse = dq + query_floats;
+    QuerySide query_side{key_side.k + key_floats, key_side.k + key_floats + query_floats, nullptr, nullptr};
+    query_side.lse = query_side.dout + query_floats;
     query_side.delta = query_side.lse + p.q_len;
     float* scores = query_side.delta + p.q_len;
     float* dscores = scores + kBlockQ * kBlockK;
+    double* dk = sums.for_thread(thread_index());
+    double* dv = dk + key_floats;
+    double* dq = dv + key_floats;
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -729,10 +776,10 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
             backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
           }
         }
-        store_rows<T>(p.dq, batch, head, 0, dq, p.q_len, s.head_dim, s.padded_dim, s.dq_scale);
+        store_sums<T>(p.dq, batch, head, 0, dq, p.q_len, s.head_dim, s.padded_dim, s.dq_scale);
       }
-      store_rows<T>(p.dk, batch, kv_head, 0, dk, p.kv_len, s.head_dim, s.padded_dim, 1.0f);
-      store_rows<T>(p.dv, batch, kv_head, 0, dv, p.kv_len, s.head_dim, s.padded_dim, 1.0f);
+      store_sums<T>(p.dk, batch, kv_head, 0, dk, p.kv_len, s.head_dim, s.padded_dim, 1.0);
+      store_sums<T>(p.dv, batch, kv_head, 0, dv, p.kv_len, s.head_dim, s.padded_dim, 1.0);
     }
   }
 }
@@ -741,11 +788,13 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
 template <typename T>
 void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
   const int64_t tile_floats = kBlockQ * s.padded_dim;  // kBlockQ == kBlockK
-  // K^T, V^T, K tiles; Q, dO tiles, lse, delta; two score tiles; two accumulators (dK, dV or dQ).
-  const int64_t per_thread = 2 * s.head_dim * kBlockK + tile_floats + 2 * tile_floats + 2 * kBlockQ +
-                             2 * kBlockQ * kBlockK + 2 * tile_floats;
+  // K^T, V^T, K tiles; Q, dO tiles, lse, delta; two score tiles.
+  const int64_t per_thread =
+      2 * s.head_dim * kBlockK + tile_floats + 2 * tile_floats + 2 * kBlockQ + 2 * kBlockQ * kBlockK;
   const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
+  // Two float64 accumulator tiles: dK and dV, or dQ (see backward_pair).
+  ThreadScratch<double> sums(threads, 2 * tile_floats);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -758,8 +807,8 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
     query_side.delta = query_side.lse + kBlockQ;
     float* scores = query_side.delta + kBlockQ;
     float* dscores = scores + kBlockQ * kBlockK;
-    float* acc0 = dscores + kBlockQ * kBlockK;
-    float* acc1 = acc0 + tile_floats;
+    double* acc0 = sums.for_thread(thread_index());
+    double* acc1 = acc0 + tile_floats;
 
     // Pass 1: dK and dV of one key tile, summed over the query heads of its kv head.
     const int64_t key_tasks = static_cast<int64_t>(p.batch) * p.kv_heads * s.k_tiles;
@@ -784,8 +833,8 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
           backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
         }
       }
-      store_rows<T>(p.dk, batch, kv_head, k0, acc0, keys, s.head_dim, s.padded_dim, 1.0f);
-      store_rows<T>(p.dv, batch, kv_head, k0, acc1, keys, s.head_dim, s.padded_dim, 1.0f);
+      store_sums<T>(p.dk, batch, kv_head, k0, acc0, keys, s.head_dim, s.padded_dim, 1.0);
+      store_sums<T>(p.dv, batch, kv_head, k0, acc1, keys, s.head_dim, s.padded_dim, 1.0);
     }
 
     // Pass 2: dQ of one query tile (the heaviest tiles first).
@@ -809,7 +858,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
                       scores, dscores, rows, keys, q0 + s.offset - k0};
         backward_pair(pair, s.head_dim, s.padded_dim, s.decode_scores);
       }
-      store_rows<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
+      store_sums<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
     }
   }
 }

@@ -45,25 +45,27 @@ inline int threads_for(int64_t work) {
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Float32 scratch, 64-byte aligned, for every thread of the next parallel region: thread t uses
-// floats [t * per_thread, (t + 1) * per_thread). Allocated before the region, so that running out of
+// Float32 (or T) scratch, 64-byte aligned, for every thread of the next parallel region: thread t uses
+// elements [t * per_thread, (t + 1) * per_thread). Allocated before the region, so that running out of
 // memory throws std::bad_alloc to the caller instead of terminating inside an OpenMP region.
+template <typename T = float>
 class ThreadScratch {
  public:
+  // per_thread is rounded up to 16 elements (64 bytes or more), so every thread's part stays aligned.
   ThreadScratch(int threads, int64_t per_thread) : per_thread_(round_up(per_thread, 16)) {
-    size_t bytes = static_cast<size_t>(threads) * static_cast<size_t>(per_thread_) * sizeof(float);
-    data_ = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    size_t bytes = static_cast<size_t>(threads) * static_cast<size_t>(per_thread_) * sizeof(T);
+    data_ = static_cast<T*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
     if (data_ == nullptr) throw std::bad_alloc();
   }
   ~ThreadScratch() { std::free(data_); }
   ThreadScratch(const ThreadScratch&) = delete;
   ThreadScratch& operator=(const ThreadScratch&) = delete;
 
-  float* for_thread(int thread) const { return data_ + thread * per_thread_; }
+  T* for_thread(int thread) const { return data_ + thread * per_thread_; }
 
  private:
   int64_t per_thread_;
-  float* data_;
+  T* data_;
 };
 
 }  // namespace fastgpt::cpu
