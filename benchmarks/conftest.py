@@ -53,8 +53,9 @@ def run_provider(benchmark):
         if skip:
             pytest.skip(skip)
         benchmark.group = f"{op} {mode} {dtype_name(DTYPE)}"
-        benchmark.extra_info.update(op=op, shape=shape, dtype=dtype_name(DTYPE), device=DEVICE.type,
-                                    provider=provider, mode=mode)
+        benchmark.extra_info.update(
+            op=op, shape=shape, dtype=dtype_name(DTYPE), device=DEVICE.type, provider=provider, mode=mode
+        )
         benchmark.pedantic(call, warmup_rounds=WARMUP_ROUNDS, rounds=ROUNDS, iterations=1)
         seconds = benchmark.stats.stats.median
         for name, amount in bench.work(shape, DTYPE, mode).items():

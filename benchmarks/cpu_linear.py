@@ -28,7 +28,9 @@ ROWS = (1, 2, 4, 8, 16)
 def median_times(providers, calls):
     """{name: median seconds per call} over `calls` rounds of one call per provider."""
     plan = single_call_plan(calls, warmup_calls=2)
-    return {name: result.median_ms / 1e3 for name, result in measure_interleaved(providers, "cpu", plan).items()}
+    return {
+        name: result.median_ms / 1e3 for name, result in measure_interleaved(providers, "cpu", plan).items()
+    }
 
 
 def main():

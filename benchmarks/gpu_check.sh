@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single GPU command (ARCHITECTURE.md, "GPU runs"). On a machine with a CUDA GPU, from the
+# The single GPU command (the shared ARCHITECTURE.md, "GPU runs"). On a machine with a CUDA GPU, from the
 # repository root:
 #
 #   bash benchmarks/gpu_check.sh               # build, GPU tests, full benchmark set; results in $OUT or ./gpu-results

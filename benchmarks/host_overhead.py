@@ -112,10 +112,18 @@ def device_profile(call, calls, device):
     device_us = sum(event.device_time_total for event in kernels)
     launches = sum(event.count for event in kernels)
     top = sorted(kernels, key=lambda event: event.device_time_total, reverse=True)[:TOP]
-    return device_us / 1e3 / calls, launches / calls, [
-        {"kernel": event.key[:90], "us_per_call": event.device_time_total / calls, "launches_per_call": event.count / calls}
-        for event in top
-    ]
+    return (
+        device_us / 1e3 / calls,
+        launches / calls,
+        [
+            {
+                "kernel": event.key[:90],
+                "us_per_call": event.device_time_total / calls,
+                "launches_per_call": event.count / calls,
+            }
+            for event in top
+        ],
+    )
 
 
 def python_hotspots(call, calls):
@@ -157,13 +165,19 @@ def measure(bench, shape, mode, provider, dtype, device):
             return {**record, "skipped": reason}
         record["first_call_s"], _ = timed_first_call(call, device)  # compilation and autotuning
         record["wall_ms"] = measure_interleaved({provider: call}, device, WALL_PLAN)[provider].median_ms
-        calls = max(MIN_CALLS, min(MAX_CALLS, int(SECONDS_PER_MEASUREMENT / max(record["wall_ms"] / 1e3, 1e-6))))
+        calls = max(
+            MIN_CALLS, min(MAX_CALLS, int(SECONDS_PER_MEASUREMENT / max(record["wall_ms"] / 1e3, 1e-6)))
+        )
         record["calls"] = calls
         record["device_ms"] = record["launches_per_call"] = record["busy"] = None
         if device.type == "cuda":
             device_ms, launches, kernels = device_profile(call, calls, device)
-            record.update(device_ms=device_ms, launches_per_call=launches, busy=device_ms / record["wall_ms"],
-                          kernels=kernels)
+            record.update(
+                device_ms=device_ms,
+                launches_per_call=launches,
+                busy=device_ms / record["wall_ms"],
+                kernels=kernels,
+            )
         if provider.startswith("fastgpt"):
             record["python_hotspots"] = python_hotspots(call, calls)
     except Exception as error:  # noqa: BLE001 - keep what was measured, report it, go on with the others
@@ -177,32 +191,57 @@ def _number(value, template):
 
 def markdown(records, metadata):
     rows = [
-        [r["op"], r["mode"], shape_label(r["op"], r["shape"]), r["provider"], _number(r.get("wall_ms"), "{:.3f}"),
-         _number(r.get("device_ms"), "{:.3f}"), _number(r.get("busy"), "{:.0%}"),
-         _number(r.get("launches_per_call"), "{:.0f}"), r.get("skipped") or (f"error: {r['error']}" if "error" in r else "")]
+        [
+            r["op"],
+            r["mode"],
+            shape_label(r["op"], r["shape"]),
+            r["provider"],
+            _number(r.get("wall_ms"), "{:.3f}"),
+            _number(r.get("device_ms"), "{:.3f}"),
+            _number(r.get("busy"), "{:.0%}"),
+            _number(r.get("launches_per_call"), "{:.0f}"),
+            r.get("skipped") or (f"error: {r['error']}" if "error" in r else ""),
+        ]
         for r in records
     ]
     lines = [
         f"# Host overhead: {metadata['device']}, {metadata['dtype']}, {metadata['date']}",
         "",
-        ("wall: median time per synchronised call; device: kernel time per call (torch.profiler); "
-         "busy = device / wall."),
+        (
+            "wall: median time per synchronised call; device: kernel time per call (torch.profiler); "
+            "busy = device / wall."
+        ),
         "",
-        markdown_table(["op", "mode", "shape", "provider", "wall ms", "device ms", "busy", "launches/call", "note"], rows),
+        markdown_table(
+            ["op", "mode", "shape", "provider", "wall ms", "device ms", "busy", "launches/call", "note"], rows
+        ),
     ]
     for r in records:
         if "python_hotspots" not in r and not r.get("kernels"):
             continue
         lines += ["", f"## {r['op']} {r['mode']}, {r['provider']}"]
         if "python_hotspots" in r:
-            lines += ["", markdown_table(
-                ["Python function (cProfile own time)", "calls per call", "us per call"],
-                [[f"`{h['function']}`", f"{h['calls_per_call']:g}", f"{h['own_us_per_call']:.1f}"]
-                 for h in r["python_hotspots"]])]
+            lines += [
+                "",
+                markdown_table(
+                    ["Python function (cProfile own time)", "calls per call", "us per call"],
+                    [
+                        [f"`{h['function']}`", f"{h['calls_per_call']:g}", f"{h['own_us_per_call']:.1f}"]
+                        for h in r["python_hotspots"]
+                    ],
+                ),
+            ]
         if r.get("kernels"):
-            lines += ["", markdown_table(
-                ["kernel", "launches per call", "us per call"],
-                [[f"`{k['kernel']}`", f"{k['launches_per_call']:g}", f"{k['us_per_call']:.1f}"] for k in r["kernels"]])]
+            lines += [
+                "",
+                markdown_table(
+                    ["kernel", "launches per call", "us per call"],
+                    [
+                        [f"`{k['kernel']}`", f"{k['launches_per_call']:g}", f"{k['us_per_call']:.1f}"]
+                        for k in r["kernels"]
+                    ],
+                ),
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -263,24 +302,55 @@ def tiny_calls():
         return F.layer_norm(summed, (64,), w, b), summed
 
     return [
-        TinyCall("layer_norm", "x (4, 64)", "F.layer_norm",
-                 lambda backend: lambda x, w, b: fastgpt.layer_norm(x, w, b, backend=backend),
-                 lambda x, w, b: F.layer_norm(x, (64,), w, b), (ln_x, ln_w, ln_b)),
-        TinyCall("layer_norm +residual", "x, r (4, 64)", "F.layer_norm(x + r)",
-                 lambda backend: lambda x, r, w, b: fastgpt.layer_norm(x, w, b, residual=r, backend=backend),
-                 torch_ln_residual, (ln_x, ln_r, ln_w, ln_b)),
-        TinyCall("causal_attention", "q, k, v (1, 2, 8, 16)", "F.scaled_dot_product_attention(is_causal=True)",
-                 lambda backend: lambda q, k, v: fastgpt.causal_attention(q, k, v, backend=backend),
-                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                 _tensors((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))),
-        TinyCall("fused_ffn", "x (4, 32), hidden 128", "F.linear, F.gelu(tanh), F.linear",
-                 lambda backend: lambda *args: fastgpt.fused_ffn(*args, activation="gelu_tanh", backend=backend),
-                 lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), ffn),
-        TinyCall("linear_cross_entropy", "x (4, 32), vocab 64", "F.cross_entropy(F.linear(x, w), t)",
-                 lambda backend: lambda x, w, t: fastgpt.linear_cross_entropy(x, w, t, backend=backend),
-                 lambda x, w, t: F.cross_entropy(F.linear(x, w), t), (ce_x, ce_w, targets)),
-        TinyCall("linear (decode)", "x (1, 32), out 128", "F.linear", decode_linear(linear_w, linear_b), F.linear,
-                 (linear_x, linear_w, linear_b), modes=("fwd",)),
+        TinyCall(
+            "layer_norm",
+            "x (4, 64)",
+            "F.layer_norm",
+            lambda backend: lambda x, w, b: fastgpt.layer_norm(x, w, b, backend=backend),
+            lambda x, w, b: F.layer_norm(x, (64,), w, b),
+            (ln_x, ln_w, ln_b),
+        ),
+        TinyCall(
+            "layer_norm +residual",
+            "x, r (4, 64)",
+            "F.layer_norm(x + r)",
+            lambda backend: lambda x, r, w, b: fastgpt.layer_norm(x, w, b, residual=r, backend=backend),
+            torch_ln_residual,
+            (ln_x, ln_r, ln_w, ln_b),
+        ),
+        TinyCall(
+            "causal_attention",
+            "q, k, v (1, 2, 8, 16)",
+            "F.scaled_dot_product_attention(is_causal=True)",
+            lambda backend: lambda q, k, v: fastgpt.causal_attention(q, k, v, backend=backend),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            _tensors((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)),
+        ),
+        TinyCall(
+            "fused_ffn",
+            "x (4, 32), hidden 128",
+            "F.linear, F.gelu(tanh), F.linear",
+            lambda backend: lambda *args: fastgpt.fused_ffn(*args, activation="gelu_tanh", backend=backend),
+            lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2),
+            ffn,
+        ),
+        TinyCall(
+            "linear_cross_entropy",
+            "x (4, 32), vocab 64",
+            "F.cross_entropy(F.linear(x, w), t)",
+            lambda backend: lambda x, w, t: fastgpt.linear_cross_entropy(x, w, t, backend=backend),
+            lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
+            (ce_x, ce_w, targets),
+        ),
+        TinyCall(
+            "linear (decode)",
+            "x (1, 32), out 128",
+            "F.linear",
+            decode_linear(linear_w, linear_b),
+            F.linear,
+            (linear_x, linear_w, linear_b),
+            modes=("fwd",),
+        ),
     ]
 
 
@@ -328,7 +398,9 @@ def measure_tiny_call(case, mode, plan):
     wall time and in process CPU time (the time this process ran: on a machine shared with other jobs
     it leaves out the time the scheduler gave to them, so its ratios are the steadier ones)."""
     fastgpt_fns = {backend: case.fastgpt(backend) for backend in TINY_CALL_BACKENDS}
-    callables = {f"fastgpt:{backend}": _mode_call(fn, case.inputs, mode) for backend, fn in fastgpt_fns.items()}
+    callables = {
+        f"fastgpt:{backend}": _mode_call(fn, case.inputs, mode) for backend, fn in fastgpt_fns.items()
+    }
     callables["torch"] = _mode_call(case.torch, case.inputs, mode)
     timings = measure_interleaved(callables, "cpu", plan, cpu_time=True)
     theirs = timings["torch"]
@@ -336,37 +408,83 @@ def measure_tiny_call(case, mode, plan):
     for backend, fn in fastgpt_fns.items():
         ours = timings[f"fastgpt:{backend}"]
         ratio = _ratio(ours, theirs, lambda timing: timing.round_cpu_ms)
-        records.append({
-            "op": case.op, "mode": mode, "shape": case.shape, "torch_equivalent": case.torch_name,
-            "backend": backend, "fastgpt_us": 1e3 * ours.median_ms, "fastgpt_iqr_us": 1e3 * ours.iqr_ms,
-            "fastgpt_cpu_us": _cpu_us(ours), "torch_us": 1e3 * theirs.median_ms, "torch_iqr_us": 1e3 * theirs.iqr_ms,
-            "torch_cpu_us": _cpu_us(theirs), "ratio": ratio, "wall_ratio": _ratio(ours, theirs, lambda t: t.round_ms),
-            "target": CALL_TARGETS[mode], "within_target": ratio <= CALL_TARGETS[mode],
-            "max_difference": _max_difference(case, fn),
-        })
+        records.append(
+            {
+                "op": case.op,
+                "mode": mode,
+                "shape": case.shape,
+                "torch_equivalent": case.torch_name,
+                "backend": backend,
+                "fastgpt_us": 1e3 * ours.median_ms,
+                "fastgpt_iqr_us": 1e3 * ours.iqr_ms,
+                "fastgpt_cpu_us": _cpu_us(ours),
+                "torch_us": 1e3 * theirs.median_ms,
+                "torch_iqr_us": 1e3 * theirs.iqr_ms,
+                "torch_cpu_us": _cpu_us(theirs),
+                "ratio": ratio,
+                "wall_ratio": _ratio(ours, theirs, lambda t: t.round_ms),
+                "target": CALL_TARGETS[mode],
+                "within_target": ratio <= CALL_TARGETS[mode],
+                "max_difference": _max_difference(case, fn),
+            }
+        )
     return records
 
 
 def tiny_call_markdown(records, metadata):
     rows = [
-        [r["op"], r["mode"], r["shape"], r["backend"], f"{r['fastgpt_cpu_us']:.1f}", f"{r['fastgpt_us']:.1f}",
-         r["torch_equivalent"], f"{r['torch_cpu_us']:.1f}", f"{r['torch_us']:.1f}", f"{r['ratio']:.2f}x",
-         f"{r['wall_ratio']:.2f}x", f"<= {r['target']:g}x", "yes" if r["within_target"] else "no"]
+        [
+            r["op"],
+            r["mode"],
+            r["shape"],
+            r["backend"],
+            f"{r['fastgpt_cpu_us']:.1f}",
+            f"{r['fastgpt_us']:.1f}",
+            r["torch_equivalent"],
+            f"{r['torch_cpu_us']:.1f}",
+            f"{r['torch_us']:.1f}",
+            f"{r['ratio']:.2f}x",
+            f"{r['wall_ratio']:.2f}x",
+            f"<= {r['target']:g}x",
+            "yes" if r["within_target"] else "no",
+        ]
         for r in records
     ]
-    return "\n".join([
-        f"# Host time per call at tiny shapes: {metadata['device']}, {metadata['dtype']}, {metadata['date']}",
-        "",
-        (f"One thread, {metadata['rounds']} interleaved rounds of {metadata['round_s'] * 1e3:g} ms per provider "
-         "(timing.measure_interleaved). CPU us: the process's CPU time per call, the median over the rounds; "
-         "wall us: the median wall time per call. fastgpt / torch: the median over the rounds of the ratio "
-         "within a round, of CPU time (the steadier on a shared machine; the target applies to it) and of wall "
-         f"time; target: issue 17's. Load average at start / end: {metadata['load_average']}."),
-        "",
-        markdown_table(["op", "mode", "shape", "fastgpt backend", "fastgpt CPU us", "fastgpt wall us",
-                        "torch equivalent", "torch CPU us", "torch wall us", "fastgpt / torch (CPU)",
-                        "(wall)", "target", "met"], rows),
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# Host time per call at tiny shapes: {metadata['device']}, {metadata['dtype']}, {metadata['date']}",
+                "",
+                (
+                    f"One thread, {metadata['rounds']} interleaved rounds of {metadata['round_s'] * 1e3:g} ms per provider "
+                    "(timing.measure_interleaved). CPU us: the process's CPU time per call, the median over the rounds; "
+                    "wall us: the median wall time per call. fastgpt / torch: the median over the rounds of the ratio "
+                    "within a round, of CPU time (the steadier on a shared machine; the target applies to it) and of wall "
+                    f"time; target: issue 17's. Load average at start / end: {metadata['load_average']}."
+                ),
+                "",
+                markdown_table(
+                    [
+                        "op",
+                        "mode",
+                        "shape",
+                        "fastgpt backend",
+                        "fastgpt CPU us",
+                        "fastgpt wall us",
+                        "torch equivalent",
+                        "torch CPU us",
+                        "torch wall us",
+                        "fastgpt / torch (CPU)",
+                        "(wall)",
+                        "target",
+                        "met",
+                    ],
+                    rows,
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
 def calls_at_tiny_shapes(tiny):
@@ -379,13 +497,26 @@ def calls_at_tiny_shapes(tiny):
     for case in tiny_calls():
         for mode in case.modes:
             records += measure_tiny_call(case, mode, plan)
-            print(f"{case.op} {mode}: " + ", ".join(
-                f"{r['backend']} {r['fastgpt_cpu_us']:.1f} us / torch {r['torch_cpu_us']:.1f} us = {r['ratio']:.2f}x"
-                for r in records[-len(TINY_CALL_BACKENDS):]), flush=True)
-    metadata = {"device": device_name(torch.device("cpu")), "dtype": "float32", "date": time.strftime("%Y-%m-%d"),
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": plan.rounds,
-                "round_s": plan.cpu_round_s, "available_backends": fastgpt.available_backends(), "tiny": tiny,
-                "load_average": f"{load_at_start} / {load_average()} on {os.cpu_count()} CPUs"}
+            print(
+                f"{case.op} {mode}: "
+                + ", ".join(
+                    f"{r['backend']} {r['fastgpt_cpu_us']:.1f} us / torch {r['torch_cpu_us']:.1f} us = {r['ratio']:.2f}x"
+                    for r in records[-len(TINY_CALL_BACKENDS) :]
+                ),
+                flush=True,
+            )
+    metadata = {
+        "device": device_name(torch.device("cpu")),
+        "dtype": "float32",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": plan.rounds,
+        "round_s": plan.cpu_round_s,
+        "available_backends": fastgpt.available_backends(),
+        "tiny": tiny,
+        "load_average": f"{load_at_start} / {load_average()} on {os.cpu_count()} CPUs",
+    }
     return records, metadata
 
 
@@ -412,23 +543,40 @@ def profile_ops(parser, args):
             for provider in providers(op, bench, shape, dtype, device):
                 records.append(measure(bench, shape, mode, provider, dtype, device))
                 r = records[-1]
-                print(f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}", flush=True)
-    metadata = {"device": device_name(device), "dtype": dtype_name(dtype), "date": time.strftime("%Y-%m-%d"),
-                "torch": torch.__version__, "tiny": args.tiny}
+                print(
+                    f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}",
+                    flush=True,
+                )
+    metadata = {
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+    }
     return records, metadata
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--ops", default=",".join(OP_ORDER), help=f"comma-separated, from {', '.join(OP_ORDER)}")
-    parser.add_argument("--tiny", action="store_true",
-                        help="the benchmarks' tiny shapes; with --calls-at-tiny-shapes, short rounds (seconds, for tests)")
-    parser.add_argument("--calls-at-tiny-shapes", action="store_true",
-                        help="instead of the profile: each public op's time per call at tiny shapes against torch's "
-                             "(CPU, one thread, float32; --device, --dtype and --ops do not apply)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--ops", default=",".join(OP_ORDER), help=f"comma-separated, from {', '.join(OP_ORDER)}"
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the benchmarks' tiny shapes; with --calls-at-tiny-shapes, short rounds (seconds, for tests)",
+    )
+    parser.add_argument(
+        "--calls-at-tiny-shapes",
+        action="store_true",
+        help="instead of the profile: each public op's time per call at tiny shapes against torch's "
+        "(CPU, one thread, float32; --device, --dtype and --ops do not apply)",
+    )
     parser.add_argument("--out", default="host-overhead", help="folder for host_overhead.json and .md")
     args = parser.parse_args(argv)
     if args.calls_at_tiny_shapes:

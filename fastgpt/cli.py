@@ -9,12 +9,21 @@ from fastgpt.train.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "info": ("fastgpt.info", "print versions, the device, and each backend with why it is or isn't available"),
-    "demo": ("fastgpt.demo", "the showcase: kernels on every backend, with time and error against the reference"),
+    "info": (
+        "fastgpt.info",
+        "print versions, the device, and each backend with why it is or isn't available",
+    ),
+    "demo": (
+        "fastgpt.demo",
+        "the showcase: kernels on every backend, with time and error against the reference",
+    ),
     "train": ("fastgpt.train_cli", "train a GPT on text, fine-tune one from a checkpoint, or resume a run"),
     "generate": ("fastgpt.generate_cli", "sample text from a checkpoint, streamed as it is generated"),
     "eval": ("fastgpt.eval_cli", "held-out loss and perplexity of a checkpoint"),
-    "bench": ("fastgpt.bench.command", "benchmark every backend against the baselines; tables, plots, results.json"),
+    "bench": (
+        "fastgpt.bench.command",
+        "benchmark every backend against the baselines; tables, plots, results.json",
+    ),
 }
 
 

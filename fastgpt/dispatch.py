@@ -142,7 +142,9 @@ def backend_status():
     if error:
         status["cuda"] = status["cpu"]
     elif not importlib.import_module("fastgpt.ops.compiled").HAS_CUDA_KERNELS:
-        status["cuda"] = "fastgpt._C was built without CUDA kernels (FASTGPT_CUDA=1 with nvcc and a CUDA torch)"
+        status["cuda"] = (
+            "fastgpt._C was built without CUDA kernels (FASTGPT_CUDA=1 with nvcc and a CUDA torch)"
+        )
     elif not torch.cuda.is_available():
         status["cuda"] = "no CUDA GPU is visible to torch"
     else:
@@ -283,7 +285,9 @@ def _warn_missing_extension():
 
 def _choose_backend(op, backend, device_type, dtype, facts):
     if not isinstance(backend, str):
-        raise TypeError(f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}")
+        raise TypeError(
+            f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}"
+        )
     if backend == "auto":
         backend = os.environ.get("FASTGPT_BACKEND", "auto")
     if backend != "auto" and backend not in BACKENDS:
@@ -320,7 +324,9 @@ def fused_decode_step(backend, device_type, dtype, head_dim, rows):
         "fused_ffn": (),
         "linear": (("few_rows", True),),
     }
-    if any(choose_backend(op, backend, device_type, dtype, facts) != "cpu" for op, facts in ops_facts.items()):
+    if any(
+        choose_backend(op, backend, device_type, dtype, facts) != "cpu" for op, facts in ops_facts.items()
+    ):
         return None
     return importlib.import_module("fastgpt.ops.compiled").decode_blocks
 
@@ -345,7 +351,9 @@ def describe(value):
     """A short description of an argument's value for error messages."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (list, tuple)) else type(value).__name__
+    return (
+        f"{type(value).__name__} {value!r}" if not isinstance(value, (list, tuple)) else type(value).__name__
+    )
 
 
 def check_tensor(op, name, value, *, ndim=None, min_ndim=None, floating=True):
@@ -360,7 +368,9 @@ def check_tensor(op, name, value, *, ndim=None, min_ndim=None, floating=True):
             f"got dtype {value.dtype}"
         )
     if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got {value.dim()} (shape {tuple(value.shape)})")
+        raise ValueError(
+            f"{op}: {name} must have {ndim} dimensions, got {value.dim()} (shape {tuple(value.shape)})"
+        )
     if min_ndim is not None and value.dim() < min_ndim:
         raise ValueError(
             f"{op}: {name} must have at least {min_ndim} dimension(s), got {value.dim()} (shape {tuple(value.shape)})"
@@ -372,7 +382,9 @@ def check_same_dtype_and_device(op, reference_name, reference, **others):
         if tensor is None:
             continue
         if tensor.dtype != reference.dtype:
-            raise TypeError(f"{op}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}")
+            raise TypeError(
+                f"{op}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}"
+            )
         if tensor.device != reference.device:
             raise ValueError(
                 f"{op}: {name} must be on the device of {reference_name} ({reference.device}), got {tensor.device}"
@@ -387,7 +399,9 @@ def check_shape(op, name, tensor, expected, why=""):
 def check_channels(op, name, tensor):
     """The last dimension (the features a row is reduced over) must not be empty."""
     if tensor.shape[-1] == 0:
-        raise ValueError(f"{op}: {name}'s last dimension (channels) must be at least 1, got 0 (shape {tuple(tensor.shape)})")
+        raise ValueError(
+            f"{op}: {name}'s last dimension (channels) must be at least 1, got 0 (shape {tuple(tensor.shape)})"
+        )
 
 
 def default_softmax_scale(head_dim):
@@ -415,7 +429,9 @@ def _diagnose_attention(q, k, v, softmax_scale):
             f"{op}: q's heads must be a multiple of k's kv_heads (GQA/MQA), got heads={heads}, kv_heads={kv_heads}"
         )
     if q_len > kv_len:
-        raise ValueError(f"{op}: q_len must be <= kv_len (bottom-right causal mask), got q_len={q_len}, kv_len={kv_len}")
+        raise ValueError(
+            f"{op}: q_len must be <= kv_len (bottom-right causal mask), got q_len={q_len}, kv_len={kv_len}"
+        )
     if softmax_scale is None:
         return default_softmax_scale(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -444,14 +460,18 @@ def _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, res
     hidden, fc_in = fc_weight.shape
     out_features, proj_in = proj_weight.shape
     if fc_in != channels:
-        raise ValueError(f"{op}: fc_weight must have shape (hidden, {channels}) for x's last dim {channels}, got {tuple(fc_weight.shape)}")
+        raise ValueError(
+            f"{op}: fc_weight must have shape (hidden, {channels}) for x's last dim {channels}, got {tuple(fc_weight.shape)}"
+        )
     if proj_in != hidden:
         raise ValueError(
             f"{op}: proj_weight must have shape (out_features, {hidden}) to follow fc_weight's {hidden} outputs, "
             f"got {tuple(proj_weight.shape)}"
         )
     check_optional_vector(op, "fc_bias", fc_bias, hidden, "x", x, f"fc_weight's {hidden} outputs")
-    check_optional_vector(op, "proj_bias", proj_bias, out_features, "x", x, f"proj_weight's {out_features} outputs")
+    check_optional_vector(
+        op, "proj_bias", proj_bias, out_features, "x", x, f"proj_weight's {out_features} outputs"
+    )
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if residual is not None:
@@ -501,12 +521,16 @@ def _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     check_channels(op, "x", x)
     vocab, channels = weight.shape
     if channels != x.shape[-1]:
-        raise ValueError(f"{op}: weight must have shape (vocab, {x.shape[-1]}) for x's last dim, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: weight must have shape (vocab, {x.shape[-1]}) for x's last dim, got {tuple(weight.shape)}"
+        )
     check_optional_vector(op, "bias", bias, vocab, "x", x, f"weight's vocab {vocab}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if vocab == 0:
-        raise ValueError(f"{op}: weight must have at least one row (vocab >= 1), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: weight must have at least one row (vocab >= 1), got shape {tuple(weight.shape)}"
+        )
     validate_targets(op, targets, x.shape[:-1], x.device, vocab, ignore_index, check_values=False)
 
 
@@ -515,9 +539,13 @@ def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_
     in [0, vocab) or equal to ignore_index (with check_values, values are read as check_index_range says)."""
     check_tensor(op, "targets", targets, floating=False)
     if targets.dtype != torch.int64:
-        raise TypeError(f"{op}: targets must be an int64 (torch.long) tensor of class indices, got dtype {targets.dtype}")
+        raise TypeError(
+            f"{op}: targets must be an int64 (torch.long) tensor of class indices, got dtype {targets.dtype}"
+        )
     if targets.device != device:
-        raise ValueError(f"{op}: targets must be on the device of {device_of} ({device}), got {targets.device}")
+        raise ValueError(
+            f"{op}: targets must be on the device of {device_of} ({device}), got {targets.device}"
+        )
     check_shape(op, "targets", targets, shape)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {describe(ignore_index)}")
@@ -545,7 +573,9 @@ def check_index_range(op, name, indices, size, ignore_index=None):
     if bool(bad.any()):
         first = indices[bad][0].item()
         allowed = f"[0, {size})" + ("" if ignore_index is None else f" or equal ignore_index={ignore_index}")
-        raise ValueError(f"{op}: {name} must be in {allowed}, got {first} ({int(bad.sum())} out-of-range value(s))")
+        raise ValueError(
+            f"{op}: {name} must be in {allowed}, got {first} ({int(bad.sum())} out-of-range value(s))"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +586,9 @@ _STRIDED = torch.strided
 
 
 def _is_float_tensor(t):
-    return isinstance(t, torch.Tensor) and t.layout == _STRIDED and t.dtype in FLOAT_DTYPES and not t.is_nested
+    return (
+        isinstance(t, torch.Tensor) and t.layout == _STRIDED and t.dtype in FLOAT_DTYPES and not t.is_nested
+    )
 
 
 def _is_companion(t, x):

@@ -32,7 +32,9 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
     return impl(q, k, v, scale)
 
 
-def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None, backend="auto"):
+def fused_ffn(
+    x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None, backend="auto"
+):
     """proj(act(fc(x))) (+ residual), with weights in nn.Linear layout; biases may be None.
 
     x: (..., C); fc_weight: (hidden, C); proj_weight: (C_out, hidden). Returns (..., C_out).
@@ -52,7 +54,9 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
     return impl(x, weight, bias, float(eps), residual)
 
 
-def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", backend="auto"):
+def linear_cross_entropy(
+    x, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", backend="auto"
+):
     """F.cross_entropy(x @ weight.T + bias, targets) without materialising the (tokens, vocab) logits.
 
     x: (..., C); weight: (vocab, C); targets: (...) int64. reduction: mean | sum | none.
@@ -60,7 +64,9 @@ def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, re
     """
     if not dispatch.skip_validation(x):
         dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
-    impl = dispatch.resolve("linear_cross_entropy", backend, x.device.type, x.dtype, (("vocab", weight.shape[0]),))
+    impl = dispatch.resolve(
+        "linear_cross_entropy", backend, x.device.type, x.dtype, (("vocab", weight.shape[0]),)
+    )
     return impl(x, weight, targets, bias, ignore_index, reduction)
 
 

@@ -81,7 +81,9 @@ def _tripwire(what):
 def no_kernels(monkeypatch):
     """Every backend implementation and every Triton launch becomes a tripwire; yields a recorder
     of the torch operators that run."""
-    for op, modules in ((op, {b: dispatch.IMPLEMENTATIONS[b].get(op) for b in BACKENDS}) for op in dispatch.OPS):
+    for op, modules in (
+        (op, {b: dispatch.IMPLEMENTATIONS[b].get(op) for b in BACKENDS}) for op in dispatch.OPS
+    ):
         for backend, module_name in modules.items():
             if module_name is not None:
                 module = importlib.import_module(module_name)
@@ -155,7 +157,11 @@ def norm(t, **overrides):
 
 
 def cross_entropy(t, x=None, weight=None, targets=None, **kwargs):
-    args = (t.x if x is None else x, t.vocab_weight if weight is None else weight, t.targets if targets is None else targets)
+    args = (
+        t.x if x is None else x,
+        t.vocab_weight if weight is None else weight,
+        t.targets if targets is None else targets,
+    )
     return args, kwargs
 
 
@@ -257,7 +263,13 @@ def test_op_rejects_bad_input(case, backend, no_kernels, monkeypatch):
     args, kwargs = case.build(standard_tensors(device))
     kwargs.setdefault("backend", backend)
     assert_rejected(
-        lambda: OPS[case.op](*args, **kwargs), no_kernels, case.error, case.op, case.argument, case.expected, case.given
+        lambda: OPS[case.op](*args, **kwargs),
+        no_kernels,
+        case.error,
+        case.op,
+        case.argument,
+        case.expected,
+        case.given,
     )
 
 
@@ -359,7 +371,9 @@ def test_module_rejects_bad_input(case, backend, no_kernels):
 @pytest.mark.parametrize("case, _", list(numbered(CONFIG_CASES, FIRST_CONFIG_CASE, [None])))
 def test_config_rejects_bad_fields(case, _, no_kernels):
     fields = {"block_size": 16, "vocab_size": 11, "n_layer": 1, "n_head": 2, "n_embd": 8} | case.build
-    assert_rejected(lambda: GPTConfig(**fields), no_kernels, case.error, case.op, case.argument, case.expected, case.given)
+    assert_rejected(
+        lambda: GPTConfig(**fields), no_kernels, case.error, case.op, case.argument, case.expected, case.given
+    )
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +389,13 @@ def hf_model():
 def test_patch_rejects_bad_arguments_and_changes_nothing(case, backend, hf_model, no_kernels):
     args, kwargs = case.build(hf_model)
     assert_rejected(
-        lambda: fastgpt.patch(*args, **kwargs), no_kernels, case.error, case.op, case.argument, case.expected, case.given
+        lambda: fastgpt.patch(*args, **kwargs),
+        no_kernels,
+        case.error,
+        case.op,
+        case.argument,
+        case.expected,
+        case.given,
     )
     assert hf_model.config._attn_implementation != "fastgpt"
     for module in hf_model.modules():

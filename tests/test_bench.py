@@ -102,8 +102,16 @@ def test_interleaved_timing_ranks_callables():
         calls.append("long")
         time.sleep(0.006)
 
-    plan = timing.TimingPlan(rounds=3, warmup_calls=1, warmup_s=0.0, gpu_warmup_s=0.0, cpu_round_s=0.02,
-                              gpu_block_ms=1.0, cpu_generation_rounds=0, gpu_generation_rounds=0)
+    plan = timing.TimingPlan(
+        rounds=3,
+        warmup_calls=1,
+        warmup_s=0.0,
+        gpu_warmup_s=0.0,
+        cpu_round_s=0.02,
+        gpu_block_ms=1.0,
+        cpu_generation_rounds=0,
+        gpu_generation_rounds=0,
+    )
     result = timing.measure_interleaved({"short": short, "long": long}, "cpu", plan)
     assert 1.8 < result["long"].median_ms / result["short"].median_ms < 3.5
     # interleaved: the order of the providers rotates between rounds, so neither always runs first
@@ -131,7 +139,9 @@ def test_single_call_rounds_time_each_call_and_its_cpu_time():
         assert timed.samples == 3 and len(timed.round_ms) == len(timed.round_cpu_ms) == 3
         assert timed.median_ms >= 3.0
     # process CPU time: a sleeping call uses next to none, a spinning one about its wall time
-    assert statistics.median(result["sleep"].round_cpu_ms) < 1.0 < statistics.median(result["spin"].round_cpu_ms)
+    assert (
+        statistics.median(result["sleep"].round_cpu_ms) < 1.0 < statistics.median(result["spin"].round_cpu_ms)
+    )
 
 
 def test_cpu_peak_memory_counts_the_call_only():
@@ -158,8 +168,16 @@ def test_no_rotation_on_cpu():
 
 
 def _record(provider, kind, median_ms, dtype="float32"):
-    return {"op": "attention", "shape": {"seq": 128}, "dtype": dtype, "device": "cpu", "mode": "fwd",
-            "provider": provider, "kind": kind, "median_ms": median_ms}
+    return {
+        "op": "attention",
+        "shape": {"seq": 128},
+        "dtype": dtype,
+        "device": "cpu",
+        "mode": "fwd",
+        "provider": provider,
+        "kind": kind,
+        "median_ms": median_ms,
+    }
 
 
 def test_speedups_are_taken_within_one_case():
@@ -174,8 +192,15 @@ def test_speedups_are_taken_within_one_case():
     assert rows[0]["speedup"]["sdpa"] == pytest.approx(2.0)
     assert rows[3]["speedup"] == {"eager": pytest.approx(1.0)}
     summary = report.summary_rows({"records": rows, "skipped": []})
-    assert summary == [("attention", "float32", "fwd", "fastgpt:cpu",
-                        {"eager": (pytest.approx(2.0), 2.0, 2.0), "sdpa": (pytest.approx(4.0), 4.0, 4.0)})]
+    assert summary == [
+        (
+            "attention",
+            "float32",
+            "fwd",
+            "fastgpt:cpu",
+            {"eager": (pytest.approx(2.0), 2.0, 2.0), "sdpa": (pytest.approx(4.0), 4.0, 4.0)},
+        )
+    ]
 
 
 def test_speedup_is_the_median_of_per_round_ratios():
@@ -208,8 +233,18 @@ def test_every_op_is_on_the_command_line():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--tiny", "--device", "cpu", "--out", str(out), "--ops", "attention,layer_norm,cross_entropy,gpt",
-            "--skip-providers", "nanogpt*,hf+fastgpt.patch"]
+    argv = [
+        "bench",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--ops",
+        "attention,layer_norm,cross_entropy,gpt",
+        "--skip-providers",
+        "nanogpt*,hf+fastgpt.patch",
+    ]
     assert cli.main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -217,9 +252,16 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_writes_every_op_and_mode(tiny_run):
     _, data = tiny_run
     measured = {(r["op"], r["mode"]) for r in data["records"]}
-    assert measured == {("attention", "fwd"), ("attention", "fwd+bwd"), ("layer_norm", "fwd"),
-                        ("layer_norm", "fwd+bwd"), ("cross_entropy", "fwd"), ("cross_entropy", "fwd+bwd"),
-                        ("gpt", "train"), ("gpt", "generate")}
+    assert measured == {
+        ("attention", "fwd"),
+        ("attention", "fwd+bwd"),
+        ("layer_norm", "fwd"),
+        ("layer_norm", "fwd+bwd"),
+        ("cross_entropy", "fwd"),
+        ("cross_entropy", "fwd+bwd"),
+        ("gpt", "train"),
+        ("gpt", "generate"),
+    }
     providers = {r["provider"] for r in data["records"]}
     assert {"eager", "torch.compile", "sdpa", "F.layer_norm", "F.cross_entropy", "hf (sdpa)"} <= providers
     assert not any(p.startswith("nanogpt") for p in providers)  # --skip-providers
@@ -236,7 +278,9 @@ def test_tiny_run_record_schema(tiny_run):
     meta = data["metadata"]
     for key in ("date", "git_sha", "device", "versions", "peaks", "command", "timing"):
         assert key in meta
-    assert {"python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel"} <= set(meta["versions"])
+    assert {"python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel"} <= set(
+        meta["versions"]
+    )
     assert meta["peaks"]["matmul_tflops"]["float32"] > 0 and meta["peaks"]["copy_gbps"] > 0
     if platform.libc_ver()[0] == "glibc":  # the CPU run kept freed memory (timing.keep_freed_memory)
         assert "M_TRIM_THRESHOLD" in meta["timing"]["cpu_allocator"]
@@ -267,8 +311,13 @@ def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
         pytest.skip("needs glibc 2.33+ (mallopt and mallinfo2)")
 
     def heap_after_free(setting):
-        result = subprocess.run([sys.executable, "-c", FREED_BLOCK_HEAP, setting], capture_output=True,
-                                text=True, check=True, cwd=REPO_ROOT)
+        result = subprocess.run(
+            [sys.executable, "-c", FREED_BLOCK_HEAP, setting],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+        )
         return [int(value) for value in result.stdout.split()]
 
     block = 30 * 2**20
@@ -285,8 +334,11 @@ def test_tiny_run_errors_against_float64(tiny_run):
             # float32 against float64 at tiny shapes: the error is rounding, far below 1e-3
             assert 0 < record["err_vs_reference"] < 1e-3, record
             expected_outputs = 2 if record["shape"].get("residual") else 1
-            gradients = {"attention": 3, "layer_norm": 4 if record["shape"].get("residual") else 3,
-                         "cross_entropy": 2}[record["op"]]
+            gradients = {
+                "attention": 3,
+                "layer_norm": 4 if record["shape"].get("residual") else 3,
+                "cross_entropy": 2,
+            }[record["op"]]
             expected = expected_outputs + (gradients if record["mode"] == "fwd+bwd" else 0)
             assert len(record["err_detail"]) == expected, record["err_detail"]
         elif record["mode"] == "generate":
@@ -303,7 +355,9 @@ def test_tiny_run_speedups_and_skips(tiny_run):
     for case in by_case.values():
         for record in case.values():
             for baseline, ratio in record["speedup"].items():
-                per_round = [b / r for b, r in zip(case[baseline]["round_ms"], record["round_ms"], strict=True)]
+                per_round = [
+                    b / r for b, r in zip(case[baseline]["round_ms"], record["round_ms"], strict=True)
+                ]
                 assert ratio == pytest.approx(statistics.median(per_round))
     reasons = {(s["op"], s["provider"]): s["reason"] for s in data["skipped"]}
     assert reasons[("attention", "fastgpt:triton")].startswith("interpreter: not timed")
@@ -313,7 +367,13 @@ def test_tiny_run_speedups_and_skips(tiny_run):
 def test_tiny_run_report_and_plots(tiny_run):
     out, _ = tiny_run
     assert "| shape | provider | median ms ± IQR" in (out / "report.md").read_text()
-    for name in ("attention_fwd.png", "attention_fwd_bwd.png", "attention_memory.png", "layer_norm.png", "gpt.png"):
+    for name in (
+        "attention_fwd.png",
+        "attention_fwd_bwd.png",
+        "attention_memory.png",
+        "layer_norm.png",
+        "gpt.png",
+    ):
         header = (out / name).read_bytes()[:24]
         assert header[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = struct.unpack(">II", header[16:24])
@@ -322,8 +382,11 @@ def test_tiny_run_report_and_plots(tiny_run):
 
 def _results_copy(data, path, device=None, date=None):
     """A results file at path holding data, under another device name or date where given."""
-    metadata = {**data["metadata"], "device": device or data["metadata"]["device"],
-                "date": date or data["metadata"]["date"]}
+    metadata = {
+        **data["metadata"],
+        "device": device or data["metadata"]["device"],
+        "date": date or data["metadata"]["date"],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**data, "metadata": metadata}))
     return path
@@ -332,12 +395,17 @@ def _results_copy(data, path, device=None, date=None):
 def test_render_readme_writes_a_summary_per_device_between_markers(tiny_run, tmp_path):
     _, data = tiny_run
     results = _results_copy(data, tmp_path / "results" / "2026-01-02-cpu.json")
-    older = _results_copy(data, tmp_path / "results" / "2026-01-01-cpu.json", date="2026-01-01T00:00:00+00:00")
+    older = _results_copy(
+        data, tmp_path / "results" / "2026-01-01-cpu.json", date="2026-01-01T00:00:00+00:00"
+    )
     other_device = _results_copy(data, tmp_path / "results" / "2026-01-01-other.json", device="Other CPU")
     readme = tmp_path / "README.md"
     markers = f"{report.START_MARKER}\nold numbers\n{report.END_MARKER}"
     readme.write_text(f"# title\n\nintro\n\n## Performance\n\n{markers}\n\n## after\n")
-    assert cli.main(["bench", "--render", str(older), str(results), str(other_device), "--readme", str(readme)]) == 0
+    assert (
+        cli.main(["bench", "--render", str(older), str(results), str(other_device), "--readme", str(readme)])
+        == 0
+    )
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n\n## Performance\n\n" + report.START_MARKER)
     assert text.endswith(report.END_MARKER + "\n\n## after\n")
@@ -354,9 +422,17 @@ def test_render_readme_writes_a_summary_per_device_between_markers(tiny_run, tmp
     # the summary, not the per-shape tables: the README holds no per-shape time ...
     assert not any(report.format_time(record) in section for record in data["records"])
     # ... and its speedups are the medians over the shapes of the file's per-shape speedups
-    attention = [r for r in data["records"] if (r["op"], r["mode"], r["provider"]) == ("attention", "fwd", "fastgpt:cpu")]
+    attention = [
+        r
+        for r in data["records"]
+        if (r["op"], r["mode"], r["provider"]) == ("attention", "fwd", "fastgpt:cpu")
+    ]
     sdpa = statistics.median(records.speedup(_matching_record(data, r, "sdpa"), r) for r in attention)
-    row = next(line for line in section.splitlines() if line.startswith("| attention | float32 | fwd | fastgpt:cpu |"))
+    row = next(
+        line
+        for line in section.splitlines()
+        if line.startswith("| attention | float32 | fwd | fastgpt:cpu |")
+    )
     assert f"sdpa {sdpa:.2f}x" in row and f"| {len(attention)} |" in row
     # the full report is written beside the results file, with every per-shape time and the plots
     full = (tmp_path / "results" / "2026-01-02-cpu.report.md").read_text()
@@ -368,7 +444,11 @@ def test_render_readme_writes_a_summary_per_device_between_markers(tiny_run, tmp
 
 def _matching_record(data, record, provider):
     """The record of provider in the same case as record."""
-    return next(r for r in data["records"] if r["provider"] == provider and records.case_key(r) == records.case_key(record))
+    return next(
+        r
+        for r in data["records"]
+        if r["provider"] == provider and records.case_key(r) == records.case_key(record)
+    )
 
 
 def test_render_keeps_a_committed_full_report(tiny_run, tmp_path):
@@ -387,9 +467,15 @@ def test_best_fastgpt_provider_is_fastest_at_the_most_shapes():
     def timed(provider, seq, median_ms):
         return {**_record(provider, records.FASTGPT, median_ms), "shape": {"seq": seq}}
 
-    table = [timed("fastgpt:cuda", 1, 2.0), timed("fastgpt:triton", 1, 1.0), timed("fastgpt:cuda", 2, 1.0),
-             timed("fastgpt:triton", 2, 3.0), timed("fastgpt:triton", 3, 1.0), timed("fastgpt:cuda", 3, 1.5),
-             _record("sdpa", records.BASELINE, 0.5)]
+    table = [
+        timed("fastgpt:cuda", 1, 2.0),
+        timed("fastgpt:triton", 1, 1.0),
+        timed("fastgpt:cuda", 2, 1.0),
+        timed("fastgpt:triton", 2, 3.0),
+        timed("fastgpt:triton", 3, 1.0),
+        timed("fastgpt:cuda", 3, 1.5),
+        _record("sdpa", records.BASELINE, 0.5),
+    ]
     assert report.best_fastgpt_provider(table) == "fastgpt:triton"  # 2 shapes of 3
     assert report.best_fastgpt_provider(table[:4]) == "fastgpt:cuda"  # a tie: the first in run order
     assert report.best_fastgpt_provider(table[-1:]) is None
@@ -410,8 +496,13 @@ assert cli.main(["bench", "--render", out + "/results.json", "--readme", readme]
 def test_bench_without_matplotlib_says_so_first_and_writes_everything_else(tmp_path):
     out, readme = tmp_path / "out", tmp_path / "README.md"
     readme.write_text(f"{report.START_MARKER}\n{report.END_MARKER}\n")
-    result = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, str(out), str(readme)], capture_output=True,
-                            text=True, check=False, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MATPLOTLIB, str(out), str(readme)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run, render = result.stdout.split("--- render\n")
     notice = "fastgpt bench: matplotlib is not installed, so no plots will be drawn"
@@ -439,10 +530,17 @@ def test_render_needs_the_markers(tiny_run, tmp_path):
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path):
     script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
-    result = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
-                            env={**os.environ, "OUT": str(tmp_path / "out")}, check=False)
+    result = subprocess.run(
+        ["bash", str(script), "everything"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+        check=False,
+    )
     assert result.returncode == 2
-    assert "expected all, correctness, bench, sanitizer, profile or --dry-run, got 'everything'" in result.stderr
+    assert (
+        "expected all, correctness, bench, sanitizer, profile or --dry-run, got 'everything'" in result.stderr
+    )
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
@@ -450,8 +548,14 @@ def run_host_overhead(*args):
     """benchmarks/host_overhead.py in a subprocess, importing this checkout's fastgpt."""
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "host_overhead.py"), *args],
-        capture_output=True, text=True, check=False, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -464,7 +568,11 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     found = json.loads((tmp_path / "host_overhead.json").read_text())
     by_key = {(r["op"], r["mode"], r["provider"]): r for r in found["records"]}
     assert set(by_key) == {
-        *(("layer_norm", mode, p) for mode in ("fwd", "fwd+bwd") for p in ("fastgpt:triton", "fastgpt:cpu", "F.layer_norm")),
+        *(
+            ("layer_norm", mode, p)
+            for mode in ("fwd", "fwd+bwd")
+            for p in ("fastgpt:triton", "fastgpt:cpu", "F.layer_norm")
+        ),
         *(("gpt", mode, p) for mode in ("train", "generate") for p in ("fastgpt.nn", "nanogpt", "hf (sdpa)")),
     }
     assert by_key[("layer_norm", "fwd", "fastgpt:triton")]["skipped"].startswith("interpreter: not timed")
@@ -474,15 +582,27 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert own == sorted(own, reverse=True) and own[0] > 0
     assert any(h["function"].startswith("fastgpt/") for h in fused["python_hotspots"])
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
-    assert "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | " in (
-        tmp_path / "host_overhead.md").read_text()
+    assert (
+        "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | "
+        in (tmp_path / "host_overhead.md").read_text()
+    )
 
 
 TINY_CALL_ROWS = {
-    *((op, mode, backend) for op in ("layer_norm", "layer_norm +residual", "causal_attention", "fused_ffn",
-                                     "linear_cross_entropy")
-      for mode in ("fwd", "fwd+bwd") for backend in ("cpu", "auto")),
-    ("linear (decode)", "fwd", "cpu"), ("linear (decode)", "fwd", "auto"),
+    *(
+        (op, mode, backend)
+        for op in (
+            "layer_norm",
+            "layer_norm +residual",
+            "causal_attention",
+            "fused_ffn",
+            "linear_cross_entropy",
+        )
+        for mode in ("fwd", "fwd+bwd")
+        for backend in ("cpu", "auto")
+    ),
+    ("linear (decode)", "fwd", "cpu"),
+    ("linear (decode)", "fwd", "auto"),
 }
 
 
@@ -502,8 +622,11 @@ def test_host_overhead_times_each_op_against_torch_at_tiny_shapes(tmp_path):
         assert record["max_difference"] < 1e-4, record  # fastgpt and torch computed the same thing
     table = (tmp_path / "host_overhead.md").read_text()
     assert table in result.stdout  # printed as written
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith("| ") and not line.startswith("| op |")]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| op |")
+    ]
     assert {(row[0], row[1], row[3]) for row in rows} == TINY_CALL_ROWS and len(rows) == len(TINY_CALL_ROWS)
     for row in rows:
         assert all(float(row[column]) > 0 for column in (4, 5, 7, 8))  # CPU and wall us of fastgpt and torch
@@ -530,15 +653,18 @@ def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
         def benchmark_call(self, shape, dtype, device, provider, mode):
             return call, None
 
-    record = host_overhead.measure(Bench(), {"tokens": 4}, "fwd", "fastgpt:cpu", torch.float32, torch.device("cpu"))
+    record = host_overhead.measure(
+        Bench(), {"tokens": 4}, "fwd", "fastgpt:cpu", torch.float32, torch.device("cpu")
+    )
     assert record["first_call_s"] >= 0 and record["error"] == "RuntimeError: launch failed"
     assert "wall_ms" not in record
 
 
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
     monkeypatch.delenv("FASTGPT_GIT_SHA", raising=False)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                          cwd=REPO_ROOT).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=REPO_ROOT
+    ).stdout.strip()
     if head:
         assert records.git_sha().removesuffix("-dirty") == head
     monkeypatch.setenv("FASTGPT_GIT_SHA", "0123abc")
@@ -561,10 +687,18 @@ def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
     from fastgpt.bench import gpt
 
     shape = gpt.TINY[1]
-    providers = gpt.build_providers(gpt._hf_model(shape, seed=0), "cpu", torch.float32,
-                                    include=["nanogpt*"], skips={"nanogpt+torch.compile": "not here"})
+    providers = gpt.build_providers(
+        gpt._hf_model(shape, seed=0),
+        "cpu",
+        torch.float32,
+        include=["nanogpt*"],
+        skips={"nanogpt+torch.compile": "not here"},
+    )
     by_name = {p.name: p for p in providers}
     assert set(by_name) == {"nanogpt", "nanogpt+torch.compile"}
     assert by_name["nanogpt+torch.compile"].skip == "not here"
-    assert by_name["nanogpt+torch.compile"].model is None and by_name["nanogpt+torch.compile"].kind == records.BASELINE
+    assert (
+        by_name["nanogpt+torch.compile"].model is None
+        and by_name["nanogpt+torch.compile"].kind == records.BASELINE
+    )
     assert by_name["nanogpt"].skip is None and by_name["nanogpt"].model is not None

@@ -173,8 +173,14 @@ def parameters_of(model):
     [
         pytest.param(True, lambda s: s.pop("transformer.h.1.attn.c_proj.weight"), id="missing-tensor"),
         pytest.param(True, lambda s: s.update({"transformer.extra": torch.zeros(1)}), id="extra-tensor"),
-        pytest.param(True, lambda s: s.update({"transformer.h.1.ln_2.bias": torch.zeros(31)}), id="wrong-shape"),
-        pytest.param(False, lambda s: s.update({"transformer.h.1.ln_2.bias": torch.zeros(31)}), id="wrong-shape-not-strict"),
+        pytest.param(
+            True, lambda s: s.update({"transformer.h.1.ln_2.bias": torch.zeros(31)}), id="wrong-shape"
+        ),
+        pytest.param(
+            False,
+            lambda s: s.update({"transformer.h.1.ln_2.bias": torch.zeros(31)}),
+            id="wrong-shape-not-strict",
+        ),
     ],
 )
 def test_load_state_dict_is_all_or_nothing(strict, break_state):

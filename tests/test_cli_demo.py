@@ -36,12 +36,16 @@ def test_backend_table_covers_every_op_with_small_errors(monkeypatch):
 
 
 def test_training_comparison_plots_and_records(tmp_path):
-    args = argparse.Namespace(steps=8, train_seconds=60.0, out=str(tmp_path), results_dir=str(tmp_path / "results"))
+    args = argparse.Namespace(
+        steps=8, train_seconds=60.0, out=str(tmp_path), results_dir=str(tmp_path / "results")
+    )
     console = Console(file=io.StringIO())
     results, fused, eager = demo.train_comparison(torch.device("cpu"), args, console)
     assert results["steps"] == 8 and results["timed_steps"] == 8 - demo.CALIBRATION_STEPS
     assert results["tokens_per_s"]["fastgpt"] > 0 and results["tokens_per_s"]["eager"] > 0
-    assert results["speedup"] == pytest.approx(results["tokens_per_s"]["fastgpt"] / results["tokens_per_s"]["eager"])
+    assert results["speedup"] == pytest.approx(
+        results["tokens_per_s"]["fastgpt"] / results["tokens_per_s"]["eager"]
+    )
     # Same initial weights, same batches: the two runs learn the same thing.
     fused_losses = [h["loss"] for h in fused.history]
     eager_losses = [h["loss"] for h in eager.history]
@@ -53,6 +57,14 @@ def test_training_comparison_plots_and_records(tmp_path):
     path = demo.write_record(results, torch.device("cpu"), args, wall_seconds=1.0)
     record = json.loads(path.read_text())
     assert path.name.endswith("-demo-cpu.json") and path.parent == tmp_path / "results"
-    for key in ("date", "git_sha", "device", "versions", "available_backends", "fastgpt_backends", "tokens_per_s"):
+    for key in (
+        "date",
+        "git_sha",
+        "device",
+        "versions",
+        "available_backends",
+        "fastgpt_backends",
+        "tokens_per_s",
+    ):
         assert key in record
     assert record["speedup"] == results["speedup"] and record["versions"]["torch"] == torch.__version__

@@ -19,7 +19,9 @@ def model_and_caches(dtype, batch, max_len, **config):
     for p in model.parameters():  # biases and LayerNorm weights off their zero/one init
         torch.nn.init.normal_(p, std=0.1)
     c = model.config
-    caches = [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype=dtype, device="cpu") for _ in range(c.n_layer)]
+    caches = [
+        KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype=dtype, device="cpu") for _ in range(c.n_layer)
+    ]
     return model, caches
 
 
@@ -33,7 +35,9 @@ def clone_caches(caches):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n_kv_head,bias", [(4, True), (2, False), (1, True)], ids=["mha", "gqa-nobias", "mqa"])
+@pytest.mark.parametrize(
+    "n_kv_head,bias", [(4, True), (2, False), (1, True)], ids=["mha", "gqa-nobias", "mqa"]
+)
 @pytest.mark.parametrize("batch,new", [(1, 1), (3, 1), (2, 5)])
 def test_decode_blocks_equals_the_module_path_bitwise(dtype, n_kv_head, bias, batch, new):
     model, caches = model_and_caches(dtype, batch, 40, n_kv_head=n_kv_head, bias=bias)
@@ -91,7 +95,17 @@ def test_decode_op_is_not_taken_under_autograd_or_dropout():
 def decode_arguments():
     model, caches = model_and_caches(torch.float32, 2, 8)
     keys, values = [c.keys.normal_() for c in caches], [c.values.normal_() for c in caches]
-    return [torch.randn(2, 1, 64), model.decode_block_parameters(), keys, values, 3, 4, 1e-5, 0.25, "gelu_tanh"]
+    return [
+        torch.randn(2, 1, 64),
+        model.decode_block_parameters(),
+        keys,
+        values,
+        3,
+        4,
+        1e-5,
+        0.25,
+        "gelu_tanh",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -101,7 +115,11 @@ def decode_arguments():
         (3, "drop_last", r"one key cache and one value cache per block"),
         (4, 8, r"each cache must have shape \(2, kv_heads dividing 4, >= 9, 16\), got \[2, 4, 8, 16\]"),
         (5, 3, r"heads must divide n_embd \(64\), got 3"),
-        (0, torch.randn(2, 1, 64, dtype=torch.float64), r"supports float32 and bfloat16 tensors; x has dtype Double"),
+        (
+            0,
+            torch.randn(2, 1, 64, dtype=torch.float64),
+            r"supports float32 and bfloat16 tensors; x has dtype Double",
+        ),
         (1, "none_weight", r"parameter 2 of block 2 \(a weight\) must be a tensor, got None"),
         (1, "short_weight", r"parameter 8 of block 2 must have shape \[256, 64\], got \[255, 64\]"),
     ],

@@ -160,7 +160,9 @@ def test_linear_matches_reference(case, dtype):
 def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch, fresh_routes):
     layer = Linear(32, 24, backend="cpu")
     calls = []
-    monkeypatch.setattr(compiled, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args))
+    monkeypatch.setattr(
+        compiled, "linear", lambda *args: calls.append(args) or torch.nn.functional.linear(*args)
+    )
     for rows, expected_calls in (
         (1, 1),
         (compiled.LINEAR_KERNEL_MAX_ROWS, 2),

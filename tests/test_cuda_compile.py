@@ -310,7 +310,11 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
     stub.write_text("#pragma once\n")
     candidates = [os.environ.get("CUDA_HOME"), pathlib.Path(NVCC).resolve().parents[1], "/usr/local/cuda"]
     cuda_include = next(
-        (pathlib.Path(c) / "include" for c in candidates if c and (pathlib.Path(c) / "include" / "cuda_runtime.h").exists()),
+        (
+            pathlib.Path(c) / "include"
+            for c in candidates
+            if c and (pathlib.Path(c) / "include" / "cuda_runtime.h").exists()
+        ),
         None,
     )
     if cuda_include is None:

@@ -43,7 +43,13 @@ def ffn_case(device, dtype):
         "residual": torch.randn(2, 37, 24, device=device, dtype=dtype),
     }
     return tensors, lambda t, backend: fastgpt.fused_ffn(
-        t["x"], t["fc_weight"], t["fc_bias"], t["proj_weight"], t["proj_bias"], residual=t["residual"], backend=backend
+        t["x"],
+        t["fc_weight"],
+        t["fc_bias"],
+        t["proj_weight"],
+        t["proj_bias"],
+        residual=t["residual"],
+        backend=backend,
     )
 
 
@@ -63,7 +69,9 @@ def cross_entropy_case(device, dtype, reduction):
     targets = torch.randint(0, 45, (2, 25), device=device)
     targets[0, :7] = -100
     tensors = {
-        "x": torch.randn(2, 25, 16, device=device, dtype=dtype),  # 50 tokens: several chunks (16 rows in fp32)
+        "x": torch.randn(
+            2, 25, 16, device=device, dtype=dtype
+        ),  # 50 tokens: several chunks (16 rows in fp32)
         "weight": torch.randn(45, 16, device=device, dtype=dtype),
         "bias": torch.randn(45, device=device, dtype=dtype),
     }

@@ -27,8 +27,13 @@ def test_env_override_picks_reference(monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", "reference")
     dispatch.forget_choices()
     q = torch.randn(1, 2, 5, 8)
-    torch.testing.assert_close(fastgpt.causal_attention(q, q, q), fastgpt.causal_attention(q, q, q, backend="reference"))
-    assert dispatch.choose_backend("causal_attention", "auto", "cpu", torch.float32, (("head_dim", 8),)) == "reference"
+    torch.testing.assert_close(
+        fastgpt.causal_attention(q, q, q), fastgpt.causal_attention(q, q, q, backend="reference")
+    )
+    assert (
+        dispatch.choose_backend("causal_attention", "auto", "cpu", torch.float32, (("head_dim", 8),))
+        == "reference"
+    )
     dispatch.forget_choices()
 
 
@@ -37,8 +42,16 @@ def test_env_override_picks_reference(monkeypatch):
     [
         (lambda q: (q[0], q, q), ValueError, r"q must have 4 dimensions, got 3"),
         (lambda q: (q.tolist(), q, q), TypeError, r"q must be a torch.Tensor, got list"),
-        (lambda q: (q, q.half(), q), TypeError, r"k must have the dtype of q \(torch.float32\), got torch.float16"),
-        (lambda q: (q.long(), q.long(), q.long()), TypeError, r"q must be a floating-point tensor .*got dtype torch.int64"),
+        (
+            lambda q: (q, q.half(), q),
+            TypeError,
+            r"k must have the dtype of q \(torch.float32\), got torch.float16",
+        ),
+        (
+            lambda q: (q.long(), q.long(), q.long()),
+            TypeError,
+            r"q must be a floating-point tensor .*got dtype torch.int64",
+        ),
         (lambda q: (q, q[:, :, :3], q[:, :, :3]), ValueError, r"q_len must be <= kv_len .*q_len=4, kv_len=3"),
         (lambda q: (q, q[:, :4], q[:, :4]), ValueError, r"multiple of k's kv_heads .*heads=6, kv_heads=4"),
         (lambda q: (q, q, q[..., :4]), ValueError, r"v must have shape \(2, 6, 4, 8\), got \(2, 6, 4, 4\)"),
@@ -91,7 +104,10 @@ def test_cuda_auto_order_follows_the_h200_measurements():
 
 def test_kv_len_classes_are_two():
     """A decode loop's growing cache resolves twice, not once per length."""
-    assert {dispatch.kv_len_class(n) for n in range(1, 2000)} == {dispatch.SHORT_SEQUENCE, dispatch.SHORT_SEQUENCE + 1}
+    assert {dispatch.kv_len_class(n) for n in range(1, 2000)} == {
+        dispatch.SHORT_SEQUENCE,
+        dispatch.SHORT_SEQUENCE + 1,
+    }
 
 
 @pytest.mark.skipif("cpu" not in fastgpt.available_backends(), reason="fastgpt._C is not built")

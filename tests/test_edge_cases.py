@@ -68,7 +68,9 @@ def attention_leaves(batch, heads, kv_heads, q_len, kv_len, head_dim, scale=1.0)
 
 
 def attention(transform=lambda q, k, v: (q, k, v), **kwargs):
-    return lambda t, backend: fastgpt.causal_attention(*transform(t["q"], t["k"], t["v"]), backend=backend, **kwargs)
+    return lambda t, backend: fastgpt.causal_attention(
+        *transform(t["q"], t["k"], t["v"]), backend=backend, **kwargs
+    )
 
 
 def scores_near(offset, batch=1, heads=2, kv_heads=1, length=8, head_dim=8):
@@ -249,7 +251,12 @@ def ce(transform=lambda t: t, reduction="mean", bias=True):
     def call(t, backend):
         t = transform(dict(t))
         return fastgpt.linear_cross_entropy(
-            t["x"], t["weight"], t["targets"], bias=t["bias"] if bias else None, reduction=reduction, backend=backend
+            t["x"],
+            t["weight"],
+            t["targets"],
+            bias=t["bias"] if bias else None,
+            reduction=reduction,
+            backend=backend,
         )
 
     return call
@@ -281,12 +288,19 @@ CE = [
     Edge("cross_entropy", "grad-for-x-only", ce_leaves((6,), 8, 11), ce(reduction="sum"), grad=("x",)),
 ]  # fmt: skip
 
-OP_NAMES = {"attention": "causal_attention", "ffn": "fused_ffn", "layer_norm": "layer_norm", "cross_entropy": "linear_cross_entropy"}
+OP_NAMES = {
+    "attention": "causal_attention",
+    "ffn": "fused_ffn",
+    "layer_norm": "layer_norm",
+    "cross_entropy": "linear_cross_entropy",
+}
 EDGES = ATTENTION + FFN + NORM + CE
 
 
 def supported(edge, backend, dtype):
-    reason = dispatch._unsupported_reason(OP_NAMES[edge.op], backend, torch.device(DEVICE[backend]).type, dtype, {})
+    reason = dispatch._unsupported_reason(
+        OP_NAMES[edge.op], backend, torch.device(DEVICE[backend]).type, dtype, {}
+    )
     return reason is None
 
 
@@ -322,7 +336,11 @@ def run(edge, base, backend, dtype, device, upstream):
     leaves = leaves_for(base, dtype, device, edge.grad)
     outputs = as_tuple(edge.call(leaves, backend))
     if edge.grad:
-        pairs = [(o, g.to(device=device, dtype=o.dtype)) for o, g in zip(outputs, upstream, strict=True) if o.requires_grad]
+        pairs = [
+            (o, g.to(device=device, dtype=o.dtype))
+            for o, g in zip(outputs, upstream, strict=True)
+            if o.requires_grad
+        ]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return outputs, {name: leaf.grad for name, leaf in leaves.items()}
 
@@ -332,7 +350,9 @@ def test_edge_case_matches_reference(edge, backend, dtype):
     device = DEVICE[backend]
     base = edge.make(dtype)
     with torch.no_grad():
-        shapes = [o.shape for o in as_tuple(edge.call(leaves_for(base, torch.float64, "cpu", ()), "reference"))]
+        shapes = [
+            o.shape for o in as_tuple(edge.call(leaves_for(base, torch.float64, "cpu", ()), "reference"))
+        ]
     upstream = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
 
     actual, actual_grads = run(edge, base, backend, dtype, device, upstream)
@@ -343,7 +363,9 @@ def test_edge_case_matches_reference(edge, backend, dtype):
         name = f"{edge.name} output {index}"
         assert_close(name, a.detach().cpu(), r.detach(), e.detach())
         finite = torch.isfinite(r)
-        assert torch.isfinite(a.detach().cpu()[finite]).all(), f"{name}: overflow where the reference is finite"
+        assert torch.isfinite(a.detach().cpu()[finite]).all(), (
+            f"{name}: overflow where the reference is finite"
+        )
     for leaf, grad in actual_grads.items():
         if leaf not in edge.grad:
             assert grad is None, f"{leaf} does not require grad but got one"

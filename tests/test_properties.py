@@ -79,7 +79,10 @@ def examples(backend):
 def check_property(body, backend):
     """Runs body(backend, draw) for this backend's share of the profile's examples."""
 
-    @settings(max_examples=examples(backend), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples(backend),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(data=st.data())
     def property_holds(data):
         body(backend, data.draw)
@@ -176,9 +179,14 @@ def compare(op_call, inputs, backend, dtype, with_grad):
         for outputs, _ in runs.values():
             torch.autograd.backward(outputs, [g.to(o.device, o.dtype) for o, g in zip(outputs, upstream)])
     (actual, actual_leaves), (expected, expected_leaves), (eager, eager_leaves) = runs.values()
-    pairs = [(f"output {i}", a, r, e) for i, (a, r, e) in enumerate(zip(actual, expected, eager, strict=True))]
+    pairs = [
+        (f"output {i}", a, r, e) for i, (a, r, e) in enumerate(zip(actual, expected, eager, strict=True))
+    ]
     if with_grad:
-        pairs += [(f"d{n}", leaf.grad, expected_leaves[n].grad, eager_leaves[n].grad) for n, leaf in actual_leaves.items()]
+        pairs += [
+            (f"d{n}", leaf.grad, expected_leaves[n].grad, eager_leaves[n].grad)
+            for n, leaf in actual_leaves.items()
+        ]
     for name, a, r, e in pairs:
         assert_within_rule(name, a.detach().cpu(), r.detach(), e.detach(), dtype)
 
@@ -196,7 +204,9 @@ ULPS_OF_LARGEST = 8
 def assert_within_rule(name, actual, reference64, eager, dtype):
     """tolerance.assert_close, unless the kernel's error is within ULPS_OF_LARGEST ulps of the largest
     reference magnitude (NaN/Inf positions must agree either way)."""
-    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    assert actual.shape == reference64.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    )
     finite = reference64[torch.isfinite(reference64)]
     largest = float(finite.abs().max()) if finite.numel() else 0.0
     if max_error(actual, reference64) <= ULPS_OF_LARGEST * torch.finfo(dtype).eps * largest:
@@ -255,7 +265,9 @@ def ffn_property(backend, draw):
     dtype = draw(st.sampled_from(dtypes_for("fused_ffn", backend)), label="dtype")
     limit = bounds(backend)
     lead = leading_shape(draw, limit)
-    channels, hidden, out_features = (draw(st.integers(1, limit.features), label=n) for n in ("C", "hidden", "C_out"))
+    channels, hidden, out_features = (
+        draw(st.integers(1, limit.features), label=n) for n in ("C", "hidden", "C_out")
+    )
     activation = draw(st.sampled_from(("gelu_tanh", "gelu", "relu", "silu")), label="activation")
     inputs = Inputs(draw, dtype)
     inputs.tensor("x", (*lead, channels))
@@ -300,7 +312,9 @@ def layer_norm_property(backend, draw):
     with_grad = draw(st.integers(0, 2), label="gradients when 0") == 0
 
     def call(t, backend):
-        return fastgpt.layer_norm(t["x"], t.get("weight"), t.get("bias"), eps, residual=t.get("residual"), backend=backend)
+        return fastgpt.layer_norm(
+            t["x"], t.get("weight"), t.get("bias"), eps, residual=t.get("residual"), backend=backend
+        )
 
     compare(call, inputs, backend, dtype, with_grad)
 
@@ -327,7 +341,10 @@ def cross_entropy_property(backend, draw):
     inputs = Inputs(draw, dtype)
     inputs.tensor("x", (*lead, channels))
     inputs.tensor(
-        "weight", (vocab, channels), magnitude=draw(st.sampled_from((0.3, 3.0)), label="weight scale"), expandable=False
+        "weight",
+        (vocab, channels),
+        magnitude=draw(st.sampled_from((0.3, 3.0)), label="weight scale"),
+        expandable=False,
     )
     inputs.optional("bias", (vocab,))
     targets = torch.randint(0, vocab, lead)

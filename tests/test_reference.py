@@ -27,7 +27,9 @@ def test_attention_bottom_right_mask_and_gqa():
             visible = row + 4 + 1
             scores = q[0, head, row] @ k[0, head // 2, :visible].T / math.sqrt(8)
             torch.testing.assert_close(lse[0, head, row], torch.logsumexp(scores, 0))
-            torch.testing.assert_close(out[0, head, row], torch.softmax(scores, 0) @ v[0, head // 2, :visible])
+            torch.testing.assert_close(
+                out[0, head, row], torch.softmax(scores, 0) @ v[0, head // 2, :visible]
+            )
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -64,11 +66,17 @@ def test_layer_norm_matches_torch_with_and_without_residual():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_matches_torch(reduction):
-    x, weight, bias = torch.randn(9, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    x, weight, bias = (
+        torch.randn(9, 8, dtype=torch.float64),
+        torch.randn(11, 8, dtype=torch.float64),
+        torch.randn(11, dtype=torch.float64),
+    )
     targets = torch.randint(0, 11, (9,))
     targets[[1, 4]] = -100
     expected = F.cross_entropy(F.linear(x, weight, bias), targets, reduction=reduction)
-    torch.testing.assert_close(reference.linear_cross_entropy(x, weight, targets, bias, reduction=reduction), expected)
+    torch.testing.assert_close(
+        reference.linear_cross_entropy(x, weight, targets, bias, reduction=reduction), expected
+    )
 
 
 def test_cross_entropy_all_ignored_mean_is_nan():

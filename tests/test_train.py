@@ -130,7 +130,9 @@ def test_eval_and_generate_need_a_tokenizer(tmp_path):
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=257, block_size=8)).save(str(tmp_path))
     with pytest.raises(UserError, match="holds no tokenizer files; pass --tokenizer byte"):
         checkpoint.load_model_and_tokenizer(str(tmp_path), None, device="cpu", dtype=torch.float32)
-    _, tokenizer = checkpoint.load_model_and_tokenizer(str(tmp_path), "byte", device="cpu", dtype=torch.float32)
+    _, tokenizer = checkpoint.load_model_and_tokenizer(
+        str(tmp_path), "byte", device="cpu", dtype=torch.float32
+    )
     assert isinstance(tokenizer, ByteTokenizer)
 
 

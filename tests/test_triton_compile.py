@@ -16,7 +16,11 @@ def compile_records():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "fastgpt.ops.triton_compile"],
-        check=False, env=env, capture_output=True, text=True, timeout=900,
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

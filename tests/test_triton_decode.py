@@ -13,7 +13,7 @@ from tolerance import assert_close
 
 import fastgpt
 from fastgpt import reference
-from fastgpt.ops import triton_attention, triton_decode
+from fastgpt.ops import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -82,7 +82,7 @@ def test_reads_the_cache_in_place_and_splits_it(monkeypatch):
     k, v = cache_views(2, 2, 97, 64, torch.float32, capacity=160)
     check_decode(q, k, v)
 
-    (grid, args, kwargs), = launches
+    ((grid, args, kwargs),) = launches
     assert args[1].data_ptr() == k.data_ptr() and args[1].stride() == k.stride()
     assert args[2].data_ptr() == v.data_ptr() and args[2].stride() == v.stride()
     assert grid[0] == 2 * 2  # one program per (batch, kv head) and split

@@ -25,9 +25,13 @@ def max_error(actual, reference64):
     actual = actual.double()
     finite = torch.isfinite(reference64)
     expected_special, actual_special = reference64[~finite], actual[~finite]
-    assert torch.equal(actual_special.isnan(), expected_special.isnan()), "NaN positions differ from the reference"
+    assert torch.equal(actual_special.isnan(), expected_special.isnan()), (
+        "NaN positions differ from the reference"
+    )
     infinite = ~expected_special.isnan()
-    assert torch.equal(actual_special[infinite], expected_special[infinite]), "Inf values differ from the reference"
+    assert torch.equal(actual_special[infinite], expected_special[infinite]), (
+        "Inf values differ from the reference"
+    )
     if not bool(finite.any()):
         return 0.0
     return float((actual - reference64)[finite].abs().max())
@@ -36,8 +40,12 @@ def max_error(actual, reference64):
 def assert_close(name, actual, reference64, eager, *, factor=2.0):
     """Assert the FlashAttention rule for one output or gradient."""
     assert actual is not None, f"{name}: missing"
-    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
-    assert not torch.isnan(actual[torch.isfinite(reference64)]).any(), f"{name}: NaN where the reference is finite"
+    assert actual.shape == reference64.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    )
+    assert not torch.isnan(actual[torch.isfinite(reference64)]).any(), (
+        f"{name}: NaN where the reference is finite"
+    )
     dtype = eager.dtype
     kernel_error = max_error(actual, reference64)
     eager_error = max_error(eager, reference64)

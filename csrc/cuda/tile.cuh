@@ -5,7 +5,7 @@
 //   A (16x16, rows m, cols k):  a0 = (g, 2t..2t+1)  a1 = (g+8, 2t..2t+1)  a2 = (g, 2t+8..)  a3 = (g+8, 2t+8..)
 //   B (16x8, rows k, cols n):   b0 = (k 2t..2t+1, n g)   b1 = (k 2t+8..2t+9, n g)
 //   C (16x8 float32):           c0, c1 = (g, 2t..2t+1)   c2, c3 = (g+8, 2t..2t+1)
-// The layout helpers below are __host__ __device__ so that csrc/dev/fragment_layouts.cu can check them
+// The layout helpers below are __host__ __device__ so that csrc/dev/index_checks.cu can check them
 // on the CPU against a model of ldmatrix and mma.
 #pragma once
 

@@ -1,6 +1,6 @@
 """The benchmark runner behind `fastgpt bench`.
 
-ARCHITECTURE.md places "the runner behind fastgpt bench" with the benchmarks; it lives here, inside
+The shared ARCHITECTURE.md places "the runner behind fastgpt bench" with the benchmarks; it lives here, inside
 the package, so that `fastgpt bench` works for pip-installed users. The repository's benchmarks/
 folder holds what is not installed: the pytest-benchmark files (which reuse the providers defined
 here), gpu_check.sh, and the committed results files (benchmarks/results/).

@@ -30,8 +30,13 @@ GPU_COMPILE_SCOPE = {"dtype": torch.bfloat16, "head_dim": 128, "max_seq": 4096}
 
 
 def _gpu_shape(seq, head_dim):
-    return {"batch": GPU_TOKENS // seq, "heads": GPU_HIDDEN // head_dim, "kv_heads": GPU_HIDDEN // head_dim,
-            "seq": seq, "head_dim": head_dim}
+    return {
+        "batch": GPU_TOKENS // seq,
+        "heads": GPU_HIDDEN // head_dim,
+        "kv_heads": GPU_HIDDEN // head_dim,
+        "seq": seq,
+        "head_dim": head_dim,
+    }
 
 
 def _cpu_shape(batch, heads, seq, head_dim):
@@ -75,7 +80,9 @@ class AttentionBench(KernelBench):
         return TINY if sweep == "tiny" else SHAPES[(device_type, sweep)]
 
     def tensors(self, shape, dtype, device):
-        q = torch.randn(shape["batch"], shape["heads"], shape["seq"], shape["head_dim"], device=device, dtype=dtype)
+        q = torch.randn(
+            shape["batch"], shape["heads"], shape["seq"], shape["head_dim"], device=device, dtype=dtype
+        )
         kv_shape = (shape["batch"], shape["kv_heads"], shape["seq"], shape["head_dim"])
         k = torch.randn(kv_shape, device=device, dtype=dtype)
         v = torch.randn(kv_shape, device=device, dtype=dtype)
@@ -89,15 +96,21 @@ class AttentionBench(KernelBench):
         limit = EAGER_SCORES_LIMIT[torch.device(device).type]
         needed = _scores_bytes(shape, 4)
         if needed > limit:
-            return (f"eager would materialise {needed / 2**30:.0f} GiB of float32 scores "
-                    f"(limit {limit / 2**30:.0f} GiB)")
+            return (
+                f"eager would materialise {needed / 2**30:.0f} GiB of float32 scores "
+                f"(limit {limit / 2**30:.0f} GiB)"
+            )
         return None
 
     def compile_skip(self, shape, dtype, device):
         if torch.device(device).type != "cuda":
             return None
         scope = GPU_COMPILE_SCOPE
-        if dtype != scope["dtype"] or shape["head_dim"] != scope["head_dim"] or shape["seq"] > scope["max_seq"]:
+        if (
+            dtype != scope["dtype"]
+            or shape["head_dim"] != scope["head_dim"]
+            or shape["seq"] > scope["max_seq"]
+        ):
             return "compiled at bf16, head_dim 128, seq <= 4k only (compile time within the GPU budget)"
         return None
 

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 OP_NAMES = ("attention", "ffn", "layer_norm", "cross_entropy", "gpt")  # runner.OPS, without importing it
 DEFAULT_DTYPE = {"cuda": "bf16", "cpu": "fp32"}  # bf16 is what GPUs train in; CPUs have no fast bf16 path
 
@@ -26,23 +32,51 @@ def _comma_list(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("--ops", type=_comma_list, default=list(OP_NAMES),
-                        help=f"comma-separated ops to run (default: all of {','.join(OP_NAMES)})")
+    parser.add_argument(
+        "--ops",
+        type=_comma_list,
+        default=list(OP_NAMES),
+        help=f"comma-separated ops to run (default: all of {','.join(OP_NAMES)})",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", type=_comma_list, default=None,
-                        help="comma-separated dtypes: bf16, fp16, fp32 (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--quick", action="store_true", help="a short sweep (under 3 minutes on a 2-core CPU)")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds: tests, gpu_check --dry-run
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
-    parser.add_argument("--append", action="store_true", help="add to DIR/results.json instead of replacing it")
-    parser.add_argument("--providers", type=_comma_list, default=None, help="only providers matching these globs")
-    parser.add_argument("--skip-providers", type=_comma_list, default=None,
-                        help="leave out providers matching these globs")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dtype",
+        type=_comma_list,
+        default=None,
+        help="comma-separated dtypes: bf16, fp16, fp32 (default: bf16 on cuda, fp32 on cpu)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short sweep (under 3 minutes on a 2-core CPU)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help=argparse.SUPPRESS
+    )  # seconds: tests, gpu_check --dry-run
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add to DIR/results.json instead of replacing it"
+    )
+    parser.add_argument(
+        "--providers", type=_comma_list, default=None, help="only providers matching these globs"
+    )
+    parser.add_argument(
+        "--skip-providers", type=_comma_list, default=None, help="leave out providers matching these globs"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",
-                        help="regenerate the README's Performance section (and plots) from these results files")
-    parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the README --render writes into")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS.json",
+        help="regenerate the README's Performance section (and plots) from these results files",
+    )
+    parser.add_argument(
+        "--readme", type=Path, default=Path("README.md"), help="the README --render writes into"
+    )
 
 
 def _device(choice):
@@ -57,7 +91,9 @@ def _dtypes(names, device):
     names = names or [DEFAULT_DTYPE[device.type]]
     unknown = [name for name in names if name not in DTYPES]
     if unknown:
-        raise SystemExit(f"fastgpt bench: --dtype must be among {', '.join(DTYPES)}, got {', '.join(unknown)}")
+        raise SystemExit(
+            f"fastgpt bench: --dtype must be among {', '.join(DTYPES)}, got {', '.join(unknown)}"
+        )
     return list(dict.fromkeys(DTYPES[name] for name in names))
 
 
@@ -89,8 +125,10 @@ def render(args):
     plots_for = (lambda path, data: write_plots(data, plots_dir(path))) if draws_plots(args) else None
     rendered = render_readme(args.readme, args.render, plots_for=plots_for)
     superseded = [str(path) for path in args.render if path not in rendered]
-    print(f"rendered {', '.join(str(path) for path in rendered)} into {args.readme}"
-          + (f" (superseded by a newer file of the same device: {', '.join(superseded)})" if superseded else ""))
+    print(
+        f"rendered {', '.join(str(path) for path in rendered)} into {args.readme}"
+        + (f" (superseded by a newer file of the same device: {', '.join(superseded)})" if superseded else "")
+    )
     return 0
 
 
@@ -104,22 +142,35 @@ def run(args):
 
     unknown = [op for op in args.ops if op not in runner.OPS]
     if unknown:
-        raise SystemExit(f"fastgpt bench: --ops must be among {', '.join(runner.OPS)}, got {', '.join(unknown)}")
+        raise SystemExit(
+            f"fastgpt bench: --ops must be among {', '.join(runner.OPS)}, got {', '.join(unknown)}"
+        )
     device = _device(args.device)
     dtypes = _dtypes(args.dtype, device)
     plots_wanted = draws_plots(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     sweep = "tiny" if args.tiny else "quick" if args.quick else "full"
-    command = (f"fastgpt bench --ops {','.join(args.ops)} --device {device.type} "
-               f"--dtype {','.join(dtype_name(d) for d in dtypes)} --sweep {sweep}")
+    command = (
+        f"fastgpt bench --ops {','.join(args.ops)} --device {device.type} "
+        f"--dtype {','.join(dtype_name(d) for d in dtypes)} --sweep {sweep}"
+    )
     if args.providers:
         command += f" --providers {','.join(args.providers)}"
     if args.skip_providers:
         command += f" --skip-providers {','.join(args.skip_providers)}"
     results_path = args.out / "results.json"
-    results = runner.run(args.ops, device, dtypes, sweep, results_path, include=args.providers,
-                         exclude=args.skip_providers, append=args.append, command=command)
+    results = runner.run(
+        args.ops,
+        device,
+        dtypes,
+        sweep,
+        results_path,
+        include=args.providers,
+        exclude=args.skip_providers,
+        append=args.append,
+        command=command,
+    )
     data = results.as_dict()
     plots = write_plots(data, args.out) if plots_wanted else []
     (args.out / "report.md").write_text(

@@ -55,8 +55,9 @@ class CrossEntropyBench(KernelBench):
         tokens, channels, vocab = shape["tokens"], shape["channels"], shape["vocab"]
         return {
             "x": torch.randn(tokens, channels, device=device, dtype=dtype).requires_grad_(),
-            "weight": (torch.randn(vocab, channels, device=device, dtype=dtype) / math.sqrt(channels))
-            .requires_grad_(),
+            "weight": (
+                torch.randn(vocab, channels, device=device, dtype=dtype) / math.sqrt(channels)
+            ).requires_grad_(),
             "targets": torch.randint(0, vocab, (tokens,), device=device),
         }
 
@@ -66,8 +67,14 @@ class CrossEntropyBench(KernelBench):
     def baselines(self, shape, dtype, device):
         return [
             baseline("F.cross_entropy", _torch_cross_entropy),
-            gpu_only_baseline("liger", "liger_kernel.transformers", device, dtype, _liger,
-                              dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+            gpu_only_baseline(
+                "liger",
+                "liger_kernel.transformers",
+                device,
+                dtype,
+                _liger,
+                dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            ),
         ]
 
     def flops(self, shape, mode):

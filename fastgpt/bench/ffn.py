@@ -28,7 +28,9 @@ SHAPES = {
     ("cpu", "quick"): [{"tokens": 256, "channels": GPT2_SMALL, "hidden": 4 * GPT2_SMALL}],
 }
 TINY = [{"tokens": 64, "channels": 32, "hidden": 128}]
-LIGER_MISMATCH = "liger's fused MLPs are gated (GEGLU/SwiGLU); GPT-2's MLP is not, so none computes this function"
+LIGER_MISMATCH = (
+    "liger's fused MLPs are gated (GEGLU/SwiGLU); GPT-2's MLP is not, so none computes this function"
+)
 
 
 def _torch_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
@@ -48,7 +50,9 @@ class FFNBench(KernelBench):
         tokens, channels, hidden = shape["tokens"], shape["channels"], shape["hidden"]
 
         def weight(rows, columns):  # nn.Linear's scale keeps the activations O(1) in every dtype
-            return (torch.randn(rows, columns, device=device, dtype=dtype) / math.sqrt(columns)).requires_grad_()
+            return (
+                torch.randn(rows, columns, device=device, dtype=dtype) / math.sqrt(columns)
+            ).requires_grad_()
 
         def bias(size):
             return (0.1 * torch.randn(size, device=device, dtype=dtype)).requires_grad_()

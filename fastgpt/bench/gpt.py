@@ -36,15 +36,24 @@ from fastgpt.bench.nanogpt import NanoGPT, generate_greedy
 from fastgpt.bench.providers import optional_module, reset_compiled, select
 from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name, matmul_peak
 
-GPT2_124M = {"model": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024}
+GPT2_124M = {
+    "model": "gpt2",
+    "n_layer": 12,
+    "n_head": 12,
+    "n_embd": 768,
+    "vocab_size": 50257,
+    "block_size": 1024,
+}
 SMALL = {"model": "small", "n_layer": 2, "n_head": 4, "n_embd": 256, "vocab_size": 8192, "block_size": 256}
 TINY_MODEL = {"model": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 256, "block_size": 64}
 
 
 def _cases(model, batch, seq, gen_batch, prompt, new_tokens):
     """A training case and a generation case (each written to the results as soon as it is done)."""
-    return [{"mode": "train", **model, "batch": batch, "seq": seq},
-            {"mode": "generate", **model, "batch": gen_batch, "prompt": prompt, "new_tokens": new_tokens}]
+    return [
+        {"mode": "train", **model, "batch": batch, "seq": seq},
+        {"mode": "generate", **model, "batch": gen_batch, "prompt": prompt, "new_tokens": new_tokens},
+    ]
 
 
 SHAPES = {
@@ -59,8 +68,10 @@ ERROR_ROWS = 2  # generated sequences compared with float64 greedy decoding
 # On GPU, nanoGPT's generation under torch.compile would compile two more graphs (prefill and decode;
 # the training step's graph took 22.6 s to compile on the H200), over gpu_check.sh's budget.
 # transformers' generate is the generation baseline there.
-GPU_COMPILED_GENERATION_SKIP = ("not run on GPU: compiling its prefill and decode graphs would exceed "
-                                "gpu_check.sh's budget (transformers is the generation baseline)")
+GPU_COMPILED_GENERATION_SKIP = (
+    "not run on GPU: compiling its prefill and decode graphs would exceed "
+    "gpu_check.sh's budget (transformers is the generation baseline)"
+)
 # CPU rounds of generate calls last this many times the sweep's round: the quick sweep's calls take
 # ~25 ms, and its 50 ms rounds held two calls, whose median moved the speedups by up to 50% run to run.
 GENERATION_ROUND_FACTOR = 10
@@ -82,9 +93,17 @@ def _hf_model(shape, seed):
 
     last = shape["vocab_size"] - 1
     config = GPT2Config(
-        n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"], vocab_size=shape["vocab_size"],
-        n_positions=shape["block_size"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=last, eos_token_id=last, pad_token_id=last,
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        vocab_size=shape["vocab_size"],
+        n_positions=shape["block_size"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=last,
+        eos_token_id=last,
+        pad_token_id=last,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -102,8 +121,14 @@ def _hf_generate(model):
     pad = model.config.pad_token_id
 
     def generate(prompts, new_tokens):
-        return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        return model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
 
     return generate
 
@@ -115,7 +140,10 @@ def _fastgpt_nn(hf_model):
     weight = hf_model.lm_head.weight
     model = nn_module.GPT.from_hf(hf_model).to(device=weight.device, dtype=weight.dtype)
     return ModelProvider(
-        "fastgpt.nn", FASTGPT, model=model, loss=lambda x, y: model(x, y),
+        "fastgpt.nn",
+        FASTGPT,
+        model=model,
+        loss=lambda x, y: model(x, y),
         generate=lambda prompts, new_tokens: model.generate(prompts, new_tokens, temperature=0),
     )
 
@@ -124,11 +152,15 @@ def _hf_patched(hf_model):
     if not hasattr(fastgpt, "patch"):
         return ModelProvider("hf+fastgpt.patch", FASTGPT, skip="fastgpt.patch not available")
     model = fastgpt.patch(hf_model)
-    return ModelProvider("hf+fastgpt.patch", FASTGPT, model=model, loss=_hf_loss(model), generate=_hf_generate(model))
+    return ModelProvider(
+        "hf+fastgpt.patch", FASTGPT, model=model, loss=_hf_loss(model), generate=_hf_generate(model)
+    )
 
 
 def _hf_plain(model):
-    return ModelProvider("hf (sdpa)", BASELINE, model=model, loss=_hf_loss(model), generate=_hf_generate(model))
+    return ModelProvider(
+        "hf (sdpa)", BASELINE, model=model, loss=_hf_loss(model), generate=_hf_generate(model)
+    )
 
 
 def _nanogpt(hf_model, compile_it):
@@ -148,6 +180,7 @@ PROVIDER_NAMES = ("fastgpt.nn", "hf+fastgpt.patch", "hf (sdpa)", "nanogpt", "nan
 def build_providers(master, device, dtype, include=None, exclude=None, skips=None):
     """Every provider, each with its own copy of the master model's weights in (device, dtype); those
     named in `skips` ({name: reason}) are not built and carry the reason."""
+
     def fresh():
         return copy.deepcopy(master).to(device=device, dtype=dtype)
 
@@ -174,8 +207,11 @@ def build_providers(master, device, dtype, include=None, exclude=None, skips=Non
 
 def _train_step(provider, x, y, device):
     """One optimizer step on (x, y); returns the loss before the update."""
-    optimizer = torch.optim.AdamW(provider.model.parameters(), lr=LEARNING_RATE,
-                                  **({"fused": True} if torch.device(device).type == "cuda" else {}))
+    optimizer = torch.optim.AdamW(
+        provider.model.parameters(),
+        lr=LEARNING_RATE,
+        **({"fused": True} if torch.device(device).type == "cuda" else {}),
+    )
 
     def step():
         loss = provider.loss(x, y)
@@ -214,7 +250,9 @@ def _reference_error(shape, master, tokens, device):
             expected_loss = float(reference(*tokens))
 
             def loss_error(loss):
-                return {"loss_abs_error": abs(float(loss) - expected_loss)}, "loss of the first step (fresh weights)"
+                return {
+                    "loss_abs_error": abs(float(loss) - expected_loss)
+                }, "loss of the first step (fresh weights)"
 
             return loss_error
         new_tokens = shape["new_tokens"]
@@ -222,8 +260,10 @@ def _reference_error(shape, master, tokens, device):
 
     def token_error(generated):
         mismatch = (generated[:ERROR_ROWS, -new_tokens:] != expected).double().mean()
-        return ({"token_mismatch_fraction": float(mismatch)},
-                f"greedy tokens of the first {ERROR_ROWS} prompts against float64 greedy decoding")
+        return (
+            {"token_mismatch_fraction": float(mismatch)},
+            f"greedy tokens of the first {ERROR_ROWS} prompts against float64 greedy decoding",
+        )
 
     return token_error
 
@@ -272,8 +312,17 @@ class GPTBench:
 
     def work(self, shape, dtype, mode):
         if mode == "train":
-            return {"tokens": shape["batch"] * shape["seq"], "flops": counts.gpt_train_flops(
-                shape["batch"], shape["seq"], shape["n_layer"], shape["n_head"], shape["n_embd"], shape["vocab_size"])}
+            return {
+                "tokens": shape["batch"] * shape["seq"],
+                "flops": counts.gpt_train_flops(
+                    shape["batch"],
+                    shape["seq"],
+                    shape["n_layer"],
+                    shape["n_head"],
+                    shape["n_embd"],
+                    shape["vocab_size"],
+                ),
+            }
         return {"tokens": shape["batch"] * shape["new_tokens"], "flops": None}
 
     def run_case(self, shape, dtype, device, plan, peaks, include=None, exclude=None):
@@ -282,30 +331,48 @@ class GPTBench:
         recorded_shape = {key: value for key, value in shape.items() if key != "mode"}
         note = {"op": self.name, "shape": recorded_shape, "dtype": dtype_name(dtype), "mode": mode}
         if optional_module("transformers") is None:
-            return [], [{**note, "provider": "*", "kind": BASELINE, "reason": "transformers is not installed"}]
+            return [], [
+                {**note, "provider": "*", "kind": BASELINE, "reason": "transformers is not installed"}
+            ]
         reset_compiled()
         master = _hf_model(shape, seed=0)
         tokens = _tokens(shape, device)
         error_of = _reference_error(shape, master, tokens, device)
-        skips = ({"nanogpt+torch.compile": GPU_COMPILED_GENERATION_SKIP}
-                 if mode == "generate" and device.type == "cuda" else None)
+        skips = (
+            {"nanogpt+torch.compile": GPU_COMPILED_GENERATION_SKIP}
+            if mode == "generate" and device.type == "cuda"
+            else None
+        )
         providers = build_providers(master, device, dtype, include, exclude, skips)
         calls = _calls(providers, shape, tokens, device)
         if mode == "generate":
             rounds = plan.gpu_generation_rounds if device.type == "cuda" else plan.cpu_generation_rounds
-            plan = dataclasses.replace(plan, rounds=rounds,
-                                       warmup_calls=min(plan.warmup_calls, 1), warmup_s=0.0, gpu_warmup_s=0.0,
-                                       cpu_round_s=plan.cpu_round_s * GENERATION_ROUND_FACTOR)
+            plan = dataclasses.replace(
+                plan,
+                rounds=rounds,
+                warmup_calls=min(plan.warmup_calls, 1),
+                warmup_s=0.0,
+                gpu_warmup_s=0.0,
+                cpu_round_s=plan.cpu_round_s * GENERATION_ROUND_FACTOR,
+            )
         work = self.work(shape, dtype, mode)
-        skipped = [{**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip]
+        skipped = [
+            {**note, "provider": p.name, "kind": p.kind, "reason": p.skip} for p in providers if p.skip
+        ]
         kinds = {p.name: p.kind for p in providers}
         measured = {}
         for name, call in calls.items():  # first call: compilation; its result gives the error
             try:
                 seconds, result = timing.timed_first_call(call, device)
             except Exception as error:  # noqa: BLE001 - report it and go on with the others
-                skipped.append({**note, "provider": name, "kind": kinds[name],
-                                "reason": f"error: {type(error).__name__}: {error}"[:500]})
+                skipped.append(
+                    {
+                        **note,
+                        "provider": name,
+                        "kind": kinds[name],
+                        "reason": f"error: {type(error).__name__}: {error}"[:500],
+                    }
+                )
                 continue
             measured[name] = (seconds, error_of(result))
         timed = {name: calls[name] for name in measured}
@@ -316,15 +383,29 @@ class GPTBench:
             result = timings[name]
             seconds = result.median_ms * 1e-3
             tflops = work["flops"] / seconds / 1e12 if work["flops"] else None
-            records.append({
-                **note, "device": peaks["device"], "provider": name, "kind": kinds[name],
-                "median_ms": result.median_ms, "iqr_ms": result.iqr_ms, "min_ms": result.min_ms,
-                "max_ms": result.max_ms, "samples": result.samples, "round_ms": list(result.round_ms),
-                "first_call_s": first_call_s,
-                "input_copies": 1, "metric": "tokens_per_s", "tflops": tflops, "gbps": None,
-                "tokens_per_s": work["tokens"] / seconds,
-                "pct_of_peak": 100 * tflops / peak_tflops if tflops and peak_tflops else None,
-                "err_vs_reference": max(detail.values()), "err_detail": detail, "err_note": err_note,
-                "peak_mem_bytes": int(timing.peak_memory_bytes(calls[name], device)),
-            })
+            records.append(
+                {
+                    **note,
+                    "device": peaks["device"],
+                    "provider": name,
+                    "kind": kinds[name],
+                    "median_ms": result.median_ms,
+                    "iqr_ms": result.iqr_ms,
+                    "min_ms": result.min_ms,
+                    "max_ms": result.max_ms,
+                    "samples": result.samples,
+                    "round_ms": list(result.round_ms),
+                    "first_call_s": first_call_s,
+                    "input_copies": 1,
+                    "metric": "tokens_per_s",
+                    "tflops": tflops,
+                    "gbps": None,
+                    "tokens_per_s": work["tokens"] / seconds,
+                    "pct_of_peak": 100 * tflops / peak_tflops if tflops and peak_tflops else None,
+                    "err_vs_reference": max(detail.values()),
+                    "err_detail": detail,
+                    "err_note": err_note,
+                    "peak_mem_bytes": int(timing.peak_memory_bytes(calls[name], device)),
+                }
+            )
         return records, skipped

@@ -128,8 +128,14 @@ class KernelBench:
             reference = self._reference(shape, input_sets[0], grad_sets[0], mode, device)
             callables, first_call_s = {}, {}
             for provider in providers:
-                note = {"op": self.name, "shape": shape, "dtype": dtype_name(dtype), "mode": mode,
-                        "provider": provider.name, "kind": provider.kind}
+                note = {
+                    "op": self.name,
+                    "shape": shape,
+                    "dtype": dtype_name(dtype),
+                    "mode": mode,
+                    "provider": provider.name,
+                    "kind": provider.kind,
+                }
                 if provider.skip:
                     skipped.append({**note, "reason": provider.skip})
                     continue
@@ -145,10 +151,26 @@ class KernelBench:
                 if provider.name not in timings:
                     continue
                 peak = timing.peak_memory_bytes(
-                    functools.partial(_step(provider.fn, mode), input_sets[0], grad_sets[0]), device)
-                detail = self._errors(provider.fn, shape, input_sets[0], grad_sets[0], mode, reference, device)
-                records.append(self._record(shape, dtype, device, mode, provider, timings[provider.name],
-                                            first_call_s[provider.name], copies, peak, detail, peaks))
+                    functools.partial(_step(provider.fn, mode), input_sets[0], grad_sets[0]), device
+                )
+                detail = self._errors(
+                    provider.fn, shape, input_sets[0], grad_sets[0], mode, reference, device
+                )
+                records.append(
+                    self._record(
+                        shape,
+                        dtype,
+                        device,
+                        mode,
+                        provider,
+                        timings[provider.name],
+                        first_call_s[provider.name],
+                        copies,
+                        peak,
+                        detail,
+                        peaks,
+                    )
+                )
         return records, skipped
 
     def _reference(self, shape, tensors, grad_outputs, mode, device):
@@ -177,7 +199,9 @@ class KernelBench:
         produced = {f"out{i}": out.detach() for i, out in enumerate(outputs)}
         if mode == counts.FWD_BWD:
             names = _differentiable(tensors)
-            grads = torch.autograd.grad(outputs, [tensors[name] for name in names], _matching(grad_outputs, outputs))
+            grads = torch.autograd.grad(
+                outputs, [tensors[name] for name in names], _matching(grad_outputs, outputs)
+            )
             produced.update({f"d{name}": grad for name, grad in zip(names, grads)})
         errors = {}
         for name, expected in reference.items():
@@ -186,7 +210,9 @@ class KernelBench:
             errors[name] = float(difference.max()) if difference.numel() else 0.0
         return errors
 
-    def _record(self, shape, dtype, device, mode, provider, timing_result, first_call_s, copies, peak, errors, peaks):
+    def _record(
+        self, shape, dtype, device, mode, provider, timing_result, first_call_s, copies, peak, errors, peaks
+    ):
         seconds = timing_result.median_ms * 1e-3
         work_flops, work_bytes = self.flops(shape, mode), self.bytes(shape, dtype, mode)
         tflops = work_flops / seconds / 1e12 if work_flops else None
@@ -198,20 +224,37 @@ class KernelBench:
             peak_value = peaks.get("copy_gbps")
             pct = 100 * gbps / peak_value if gbps and peak_value else None
         return {
-            "op": self.name, "shape": dict(shape), "dtype": dtype_name(dtype), "device": peaks["device"],
-            "provider": provider.name, "kind": provider.kind, "mode": mode,
-            "median_ms": timing_result.median_ms, "iqr_ms": timing_result.iqr_ms,
-            "min_ms": timing_result.min_ms, "max_ms": timing_result.max_ms, "samples": timing_result.samples,
+            "op": self.name,
+            "shape": dict(shape),
+            "dtype": dtype_name(dtype),
+            "device": peaks["device"],
+            "provider": provider.name,
+            "kind": provider.kind,
+            "mode": mode,
+            "median_ms": timing_result.median_ms,
+            "iqr_ms": timing_result.iqr_ms,
+            "min_ms": timing_result.min_ms,
+            "max_ms": timing_result.max_ms,
+            "samples": timing_result.samples,
             "round_ms": list(timing_result.round_ms),
-            "first_call_s": first_call_s, "input_copies": copies,
-            "metric": self.metric, "tflops": tflops, "gbps": gbps, "tokens_per_s": None, "pct_of_peak": pct,
-            "err_vs_reference": max(errors.values()) if errors else None, "err_detail": errors,
-            "err_note": self.error_scope(shape, device)[1], "peak_mem_bytes": int(peak),
+            "first_call_s": first_call_s,
+            "input_copies": copies,
+            "metric": self.metric,
+            "tflops": tflops,
+            "gbps": gbps,
+            "tokens_per_s": None,
+            "pct_of_peak": pct,
+            "err_vs_reference": max(errors.values()) if errors else None,
+            "err_detail": errors,
+            "err_note": self.error_scope(shape, device)[1],
+            "peak_mem_bytes": int(peak),
         }
 
 
 def _differentiable(tensors):
-    return [name for name, value in tensors.items() if isinstance(value, torch.Tensor) and value.requires_grad]
+    return [
+        name for name, value in tensors.items() if isinstance(value, torch.Tensor) and value.requires_grad
+    ]
 
 
 def _matching(grad_outputs, outputs):
@@ -222,6 +265,7 @@ def _matching(grad_outputs, outputs):
 def _step(fn, mode):
     """step(tensors, grad_outputs): the forward, or the forward and the input gradients."""
     if mode == counts.FWD:
+
         def forward(tensors, grad_outputs):
             with torch.no_grad():
                 return fn(**tensors)
@@ -231,6 +275,8 @@ def _step(fn, mode):
     def forward_backward(tensors, grad_outputs):
         outputs = as_tuple(fn(**tensors))
         names = _differentiable(tensors)
-        return torch.autograd.grad(outputs, [tensors[name] for name in names], _matching(grad_outputs, outputs))
+        return torch.autograd.grad(
+            outputs, [tensors[name] for name in names], _matching(grad_outputs, outputs)
+        )
 
     return forward_backward

@@ -28,7 +28,9 @@ SHAPES = {
         {"tokens": GPU_TOKENS, "channels": 768, "residual": True},
         {"tokens": GPU_TOKENS, "channels": 1600, "residual": False},
     ],
-    ("cpu", "full"): [{"tokens": 4096, "channels": c, "residual": r} for c in (768, 1600) for r in (False, True)],
+    ("cpu", "full"): [
+        {"tokens": 4096, "channels": c, "residual": r} for c in (768, 1600) for r in (False, True)
+    ],
     # 512 rows (1.5 MiB per tensor, within the caches): at 2048 the speedups over three quick runs spread
     # by up to 28%, with the eager reference's memory-bound passes taking 1.8-2.2 ms in different processes
     ("cpu", "quick"): [{"tokens": 512, "channels": 768, "residual": r} for r in (False, True)],
@@ -81,10 +83,18 @@ class LayerNormBench(KernelBench):
     def baselines(self, shape, dtype, device):
         return [
             baseline("F.layer_norm", _torch_layer_norm),
-            gpu_only_baseline("liger", "liger_kernel.ops.layer_norm", device, dtype, _liger,
-                              dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+            gpu_only_baseline(
+                "liger",
+                "liger_kernel.ops.layer_norm",
+                device,
+                dtype,
+                _liger,
+                dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            ),
         ]
 
     def bytes(self, shape, dtype, mode):
         element_size = torch.empty((), dtype=dtype).element_size()
-        return counts.layer_norm_bytes(shape["tokens"], shape["channels"], element_size, shape["residual"], mode)
+        return counts.layer_norm_bytes(
+            shape["tokens"], shape["channels"], element_size, shape["residual"], mode
+        )

@@ -40,7 +40,9 @@ class CausalSelfAttention(nn.Module):
         batch, seq, channels = x.shape
         q, k, v = self.c_attn(x).split(channels, dim=2)
         head_dim = channels // self.n_head
-        q, k, v = (t.view(batch, seq, self.n_head, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        q, k, v = (
+            t.view(batch, seq, self.n_head, head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hd)
         if positions is None or seq > 1:
             if positions is not None:  # prefill from an empty cache
                 self.k_cache.index_copy_(2, positions, k)
@@ -49,7 +51,9 @@ class CausalSelfAttention(nn.Module):
         else:  # one decode step: attend to every cached position up to this one
             self.k_cache.index_copy_(2, positions, k)
             self.v_cache.index_copy_(2, positions, v)
-            visible = (torch.arange(self.k_cache.shape[2], device=x.device) <= positions)[None, :]  # (1, T_max)
+            visible = (torch.arange(self.k_cache.shape[2], device=x.device) <= positions)[
+                None, :
+            ]  # (1, T_max)
             y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible)
         y = y.transpose(1, 2).contiguous().view(batch, seq, channels)  # (B, T, C)
         return self.c_proj(y)
@@ -124,8 +128,11 @@ class NanoGPT(nn.Module):
         """The same weights as a transformers GPT2LMHeadModel, in nn.Linear layout."""
         hf_config = hf_model.config
         config = NanoGPTConfig(
-            n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-            vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_embd=hf_config.n_embd,
+            vocab_size=hf_config.vocab_size,
+            block_size=hf_config.n_positions,
             layer_norm_eps=hf_config.layer_norm_epsilon,
         )
         model = cls(config)

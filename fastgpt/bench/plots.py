@@ -15,9 +15,11 @@ from pathlib import Path
 from fastgpt.bench.report import METRIC_LABELS, shape_label
 
 PROVIDER_STYLE = {"fastgpt": "-", "baseline": "--"}
-NO_MATPLOTLIB = ("matplotlib is not installed, so no plots will be drawn (results.json, report.md and the "
-                 "tables are written all the same); to get them: pip install matplotlib, or install fastgpt "
-                 "with its test or dev extra (pip install 'fastgpt[test]')")
+NO_MATPLOTLIB = (
+    "matplotlib is not installed, so no plots will be drawn (results.json, report.md and the "
+    "tables are written all the same); to get them: pip install matplotlib, or install fastgpt "
+    "with its test or dev extra (pip install 'fastgpt[test]')"
+)
 
 
 def matplotlib_available():
@@ -69,8 +71,14 @@ def attention_lines(records, mode, value, ylabel, title, path, log_y=False):
         for provider in dict.fromkeys(r["provider"] for r in subset):
             points = sorted((r["shape"]["seq"], value(r)) for r in subset if r["provider"] == provider)
             kind = next(r["kind"] for r in subset if r["provider"] == provider)
-            ax.plot([p[0] for p in points], [p[1] for p in points], PROVIDER_STYLE.get(kind, "-"), marker="o",
-                    color=colors[provider], label=provider)
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                PROVIDER_STYLE.get(kind, "-"),
+                marker="o",
+                color=colors[provider],
+                label=provider,
+            )
         ax.set_xscale("log", base=2)
         seqs = sorted({r["shape"]["seq"] for r in subset})
         ax.set_xticks(seqs, [str(seq) for seq in seqs])
@@ -104,10 +112,25 @@ def grouped_bars(records, op, value, ylabel, path, reference_line=None):
         providers = list(dict.fromkeys(r["provider"] for r in subset))
         width = 0.8 / len(providers)
         for index, provider in enumerate(providers):
-            heights = [next((value(r) for r in subset if r["provider"] == provider
-                             and shape_label(op, r["shape"]) == label), 0) or 0 for label in shapes]
-            ax.bar([s + index * width for s in range(len(shapes))], heights, width, color=colors[provider],
-                   label=provider)
+            heights = [
+                next(
+                    (
+                        value(r)
+                        for r in subset
+                        if r["provider"] == provider and shape_label(op, r["shape"]) == label
+                    ),
+                    0,
+                )
+                or 0
+                for label in shapes
+            ]
+            ax.bar(
+                [s + index * width for s in range(len(shapes))],
+                heights,
+                width,
+                color=colors[provider],
+                label=provider,
+            )
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes, fontsize=7, rotation=15)
         if reference_line:
             ax.axhline(reference_line[0], color="black", linestyle=":", label=reference_line[1])
@@ -129,18 +152,50 @@ def write_plots(data, directory):
         return r[r["metric"]]
 
     written = [
-        attention_lines(records, "fwd", lambda r: r["tflops"], "TFLOP/s", "attention forward",
-                        directory / "attention_fwd.png"),
-        attention_lines(records, "fwd+bwd", lambda r: r["tflops"], "TFLOP/s", "attention forward+backward",
-                        directory / "attention_fwd_bwd.png"),
-        attention_lines(records, "fwd+bwd", lambda r: r["peak_mem_bytes"] / 2**20, "peak memory (MiB)",
-                        "attention fwd+bwd memory", directory / "attention_memory.png", log_y=True),
+        attention_lines(
+            records,
+            "fwd",
+            lambda r: r["tflops"],
+            "TFLOP/s",
+            "attention forward",
+            directory / "attention_fwd.png",
+        ),
+        attention_lines(
+            records,
+            "fwd+bwd",
+            lambda r: r["tflops"],
+            "TFLOP/s",
+            "attention forward+backward",
+            directory / "attention_fwd_bwd.png",
+        ),
+        attention_lines(
+            records,
+            "fwd+bwd",
+            lambda r: r["peak_mem_bytes"] / 2**20,
+            "peak memory (MiB)",
+            "attention fwd+bwd memory",
+            directory / "attention_memory.png",
+            log_y=True,
+        ),
         grouped_bars(records, "ffn", metric, METRIC_LABELS["tflops"], directory / "ffn.png"),
-        grouped_bars(records, "layer_norm", metric, METRIC_LABELS["gbps"], directory / "layer_norm.png",
-                     reference_line=(copy_gbps, "copy bandwidth") if copy_gbps else None),
-        grouped_bars(records, "cross_entropy", lambda r: r["peak_mem_bytes"] / 2**20, "peak memory (MiB)",
-                     directory / "cross_entropy_memory.png"),
-        grouped_bars(records, "cross_entropy", lambda r: r["median_ms"], "median ms", directory / "cross_entropy.png"),
+        grouped_bars(
+            records,
+            "layer_norm",
+            metric,
+            METRIC_LABELS["gbps"],
+            directory / "layer_norm.png",
+            reference_line=(copy_gbps, "copy bandwidth") if copy_gbps else None,
+        ),
+        grouped_bars(
+            records,
+            "cross_entropy",
+            lambda r: r["peak_mem_bytes"] / 2**20,
+            "peak memory (MiB)",
+            directory / "cross_entropy_memory.png",
+        ),
+        grouped_bars(
+            records, "cross_entropy", lambda r: r["median_ms"], "median ms", directory / "cross_entropy.png"
+        ),
         grouped_bars(records, "gpt", metric, METRIC_LABELS["tokens_per_s"], directory / "gpt.png"),
     ]
     return [path for path in written if path is not None]

@@ -17,7 +17,9 @@ import fastgpt
 from fastgpt import dispatch
 from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name
 
-INTERPRETER_NOT_TIMED = "interpreter: not timed (Triton on CPU runs under TRITON_INTERPRET=1, a correctness path)"
+INTERPRETER_NOT_TIMED = (
+    "interpreter: not timed (Triton on CPU runs under TRITON_INTERPRET=1, a correctness path)"
+)
 KERNEL_BACKENDS = {"cpu": ("triton", "cpu"), "cuda": ("triton", "cuda")}
 
 
@@ -71,6 +73,7 @@ def reset_compiled():
 
 def select(providers, include=None, exclude=None):
     """Keep providers whose name matches one of the `include` globs (all when None) and none of `exclude`."""
+
     def wanted(name):
         if include and not any(fnmatch.fnmatch(name, pattern) for pattern in include):
             return False

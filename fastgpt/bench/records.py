@@ -86,11 +86,18 @@ def git_sha():
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -126,12 +133,13 @@ def run_metadata(device, command, plan_name, timing_plan, peaks, cpu_allocator=N
         "command": command,
         "sweep": plan_name,
         "timing": {
-            "method": "CUDA events over blocks of calls, inputs rotated beyond L2" if device.type == "cuda"
+            "method": "CUDA events over blocks of calls, inputs rotated beyond L2"
+            if device.type == "cuda"
             else "torch.utils.benchmark.Timer.blocked_autorange",
             "interleaved_rounds": timing_plan.rounds,
             "warmup_calls": timing_plan.warmup_calls,
             "statistic": "median per-call time over all blocks; spread = IQR; speedup = median over the rounds "
-                         "of the per-round ratio of medians",
+            "of the per-round ratio of medians",
             "cpu_allocator": cpu_allocator,  # timing.keep_freed_memory's setting, or None (glibc's defaults)
         },
         "peaks": peaks,
@@ -180,7 +188,9 @@ def check_record(record):
             raise ValueError(f"record is missing field {name!r}: {record}")
         value = record[name]
         if not isinstance(value, types) or isinstance(value, bool):
-            raise TypeError(f"record field {name!r} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+            raise TypeError(
+                f"record field {name!r} must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
+            )
 
 
 class Results:

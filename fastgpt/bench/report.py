@@ -27,7 +27,16 @@ from fastgpt.bench.records import BASELINE, FASTGPT, load_results
 START_MARKER = "<!-- perf:start -->"
 END_MARKER = "<!-- perf:end -->"
 METRIC_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
-VERSION_KEYS = ("python", "torch", "triton", "transformers", "fastgpt", "flash-attn", "liger-kernel", "cuda (torch)")
+VERSION_KEYS = (
+    "python",
+    "torch",
+    "triton",
+    "transformers",
+    "fastgpt",
+    "flash-attn",
+    "liger-kernel",
+    "cuda (torch)",
+)
 LEGEND = (
     "Columns: median time per call ± its interquartile range; throughput and % of the measured peak; "
     "speedup = a baseline's median / this median, both from the same run (the median over the "
@@ -109,7 +118,9 @@ def table_groups(data):
     entries = data["records"] + data["skipped"]
     ops, dtypes = _ordered(e["op"] for e in entries), _ordered(e["dtype"] for e in entries)
     keys = _ordered((e["op"], e["dtype"], e["mode"]) for e in entries)
-    keys.sort(key=lambda key: (ops.index(key[0]), dtypes.index(key[1]), MODE_ORDER.get(key[2], len(MODE_ORDER))))
+    keys.sort(
+        key=lambda key: (ops.index(key[0]), dtypes.index(key[1]), MODE_ORDER.get(key[2], len(MODE_ORDER)))
+    )
     groups = []
     for op, dtype, mode in keys:
         records = [r for r in data["records"] if (r["op"], r["dtype"], r["mode"]) == (op, dtype, mode)]
@@ -147,15 +158,23 @@ def table_rows(op, records, baselines):
     for record in sorted(records, key=lambda r: shapes.index(shape_label(op, r["shape"]))):
         pct = record["pct_of_peak"]
         speedups = [
-            "" if name == record["provider"] else
-            (f"{record['speedup'][name]:.2f}x" if name in record["speedup"] else "-")
+            ""
+            if name == record["provider"]
+            else (f"{record['speedup'][name]:.2f}x" if name in record["speedup"] else "-")
             for name in baselines
         ]
-        rows.append([
-            shape_label(op, record["shape"]), record["provider"], format_time(record),
-            format_metric(record[metric], metric), "-" if pct is None else f"{pct:.0f}%",
-            *speedups, format_error(record["err_vs_reference"]), format_bytes(record["peak_mem_bytes"]),
-        ])
+        rows.append(
+            [
+                shape_label(op, record["shape"]),
+                record["provider"],
+                format_time(record),
+                format_metric(record[metric], metric),
+                "-" if pct is None else f"{pct:.0f}%",
+                *speedups,
+                format_error(record["err_vs_reference"]),
+                format_bytes(record["peak_mem_bytes"]),
+            ]
+        )
     return header, rows
 
 
@@ -176,16 +195,26 @@ def summary_rows(data):
             for record in (r for r in records if r["provider"] == provider):
                 for name, value in record["speedup"].items():
                     ratios.setdefault(name, []).append(value)
-            rows.append((op, dtype, mode, provider,
-                         {name: (geometric_mean(v), min(v), max(v)) for name, v in ratios.items()}))
+            rows.append(
+                (
+                    op,
+                    dtype,
+                    mode,
+                    provider,
+                    {name: (geometric_mean(v), min(v), max(v)) for name, v in ratios.items()},
+                )
+            )
     return rows
 
 
 def format_speedups(speedups):
-    return ", ".join(
-        f"{name} {mean:.2f}x" + (f" ({low:.2f}-{high:.2f})" if high > low else "")
-        for name, (mean, low, high) in speedups.items()
-    ) or "-"
+    return (
+        ", ".join(
+            f"{name} {mean:.2f}x" + (f" ({low:.2f}-{high:.2f})" if high > low else "")
+            for name, (mean, low, high) in speedups.items()
+        )
+        or "-"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +240,10 @@ def print_tables(data, console=None, ops=None):
 
 def print_summary(data, console=None):
     console = console or wide_console()
-    table = Table(title=f"fastgpt speedups (geometric mean over shapes, min-max) · {data['metadata']['device']}",
-                  title_justify="left")
+    table = Table(
+        title=f"fastgpt speedups (geometric mean over shapes, min-max) · {data['metadata']['device']}",
+        title_justify="left",
+    )
     for name in ("op", "dtype", "mode", "fastgpt", "speedup vs baselines (same run)"):
         table.add_column(name)
     rows = summary_rows(data)
@@ -239,16 +270,22 @@ def metadata_lines(data):
     listed = ", ".join(f"{key} {versions[key]}" for key in VERSION_KEYS if versions.get(key))
     peaks = meta.get("peaks", {})
     load = meta.get("load_average") or {}
-    matmul = ", ".join(f"{dtype} {value:.3g} TFLOP/s" for dtype, value in peaks.get("matmul_tflops", {}).items())
+    matmul = ", ".join(
+        f"{dtype} {value:.3g} TFLOP/s" for dtype, value in peaks.get("matmul_tflops", {}).items()
+    )
     return [
-        (f"- device: **{meta['device']}**; date: {meta['date']}; git: `{meta.get('git_sha') or 'unknown'}`; "
-         f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}; load average at start / end: "
-         f"{load.get('start')} / {load.get('end')} on {meta.get('cpus')} CPUs"),
+        (
+            f"- device: **{meta['device']}**; date: {meta['date']}; git: `{meta.get('git_sha') or 'unknown'}`; "
+            f"sweep: `{meta.get('sweep')}`; threads: {meta.get('threads')}; load average at start / end: "
+            f"{load.get('start')} / {load.get('end')} on {meta.get('cpus')} CPUs"
+        ),
         f"- versions: {listed}",
         f"- measured peaks (the denominators of % peak): matmul {matmul}; copy {peaks.get('copy_gbps', 0):.0f} GB/s",
-        (f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "
-         f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}"
-         + (f"; {meta['timing']['cpu_allocator']}" if meta["timing"].get("cpu_allocator") else "")),
+        (
+            f"- timing: {meta['timing']['method']}; {meta['timing']['interleaved_rounds']} interleaved rounds after "
+            f"{meta['timing']['warmup_calls']} warm-up call(s); {meta['timing']['statistic']}"
+            + (f"; {meta['timing']['cpu_allocator']}" if meta["timing"].get("cpu_allocator") else "")
+        ),
     ]
 
 
@@ -260,10 +297,18 @@ def markdown_report(data, plots=(), heading_level=3, title=None, inline_plots=Tr
     out = [f"{hashes} {title or meta['device']}", "", *metadata_lines(data), "", LEGEND, ""]
     rows = summary_rows(data)
     if rows:
-        out.append(markdown_table(
-            ["op", "dtype", "mode", "fastgpt", "speedup vs baselines (geometric mean over shapes, min-max)"],
-            [[op, dtype, mode, provider, format_speedups(s)] for op, dtype, mode, provider, s in rows],
-        ))
+        out.append(
+            markdown_table(
+                [
+                    "op",
+                    "dtype",
+                    "mode",
+                    "fastgpt",
+                    "speedup vs baselines (geometric mean over shapes, min-max)",
+                ],
+                [[op, dtype, mode, provider, format_speedups(s)] for op, dtype, mode, provider, s in rows],
+            )
+        )
     else:
         out.append("No fastgpt kernel backend was timed in this run: the tables hold the baselines only.")
     out.append("")
@@ -274,10 +319,18 @@ def markdown_report(data, plots=(), heading_level=3, title=None, inline_plots=Tr
     for op, dtype, mode, records, skipped in table_groups(data):
         baselines = baselines_of(records)
         header, table = table_rows(op, records, baselines)
-        table += [[label, provider, f"*{short_reason(reason)}*"] + [""] * (len(header) - 3)
-                  for label, provider, reason in skipped_rows(op, records, skipped)]
-        out += [f"<details><summary>{op} · {dtype} · {mode}</summary>", "", markdown_table(header, table), "",
-                "</details>", ""]
+        table += [
+            [label, provider, f"*{short_reason(reason)}*"] + [""] * (len(header) - 3)
+            for label, provider, reason in skipped_rows(op, records, skipped)
+        ]
+        out += [
+            f"<details><summary>{op} · {dtype} · {mode}</summary>",
+            "",
+            markdown_table(header, table),
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -330,7 +383,9 @@ def format_median_speedups(ratios, shapes):
         low, high = min(values), max(values)
         spread = [f"{low:.2f}-{high:.2f}"] if high > low else []
         spread += [f"{len(values)} of {shapes} shapes"] if len(values) < shapes else []
-        cells.append(f"{name} {statistics.median(values):.2f}x" + (f" ({'; '.join(spread)})" if spread else ""))
+        cells.append(
+            f"{name} {statistics.median(values):.2f}x" + (f" ({'; '.join(spread)})" if spread else "")
+        )
     return ", ".join(cells) or "-"
 
 
@@ -359,18 +414,33 @@ def device_summary(data, links, title):
     """Markdown of one device: its run, the links, and the summary table."""
     meta = data["metadata"]
     versions = meta.get("versions", {})
-    listed = ", ".join(f"{key} {versions[key]}" for key in ("torch", "triton", "cuda (torch)") if versions.get(key))
-    run = (f"git `{meta.get('git_sha') or 'unknown'}`; sweep `{meta.get('sweep')}`; threads: {meta.get('threads')}; "
-           f"{listed}.")
+    listed = ", ".join(
+        f"{key} {versions[key]}" for key in ("torch", "triton", "cuda (torch)") if versions.get(key)
+    )
+    run = (
+        f"git `{meta.get('git_sha') or 'unknown'}`; sweep `{meta.get('sweep')}`; threads: {meta.get('threads')}; "
+        f"{listed}."
+    )
     out = [f"### {title}", "", " · ".join(links), "", run, ""]
     rows = device_summary_rows(data)
     if not rows:
         return "\n".join(out + ["No fastgpt kernel backend was timed in this run.", ""])
-    out.append(markdown_table(
-        ["op", "dtype", "mode", "fastgpt", "shapes", "speedup vs each baseline (median over shapes, min-max)"],
-        [[op, dtype, mode, provider, str(shapes), format_median_speedups(ratios, shapes)]
-         for op, dtype, mode, provider, shapes, ratios in rows],
-    ))
+    out.append(
+        markdown_table(
+            [
+                "op",
+                "dtype",
+                "mode",
+                "fastgpt",
+                "shapes",
+                "speedup vs each baseline (median over shapes, min-max)",
+            ],
+            [
+                [op, dtype, mode, provider, str(shapes), format_median_speedups(ratios, shapes)]
+                for op, dtype, mode, provider, shapes, ratios in rows
+            ],
+        )
+    )
     return "\n".join(out + [""])
 
 
@@ -390,15 +460,24 @@ def render_readme(readme_path, results_paths, plots_for=None):
         return f"[{name}]({os.path.relpath(target, readme_path.parent)})"
 
     command = "python -m fastgpt bench --render " + " ".join(str(p) for p in results_paths)
-    sections = [f"<!-- generated by `{command}`: edit the results files, not this section -->", "",
-                README_LEGEND, ""]
+    sections = [
+        f"<!-- generated by `{command}`: edit the results files, not this section -->",
+        "",
+        README_LEGEND,
+        "",
+    ]
     for path, data in kept:
         plots = plots_for(path, data) if plots_for else []
-        links = [link("full per-shape report", full_report_path(path, data, plots)), link("results file", path)]
+        links = [
+            link("full per-shape report", full_report_path(path, data, plots)),
+            link("results file", path),
+        ]
         links += [link("plots", Path(plots[0]).parent)] if plots else []
         title = f"{data['metadata']['device']} — {data['metadata']['date'][:10]}"
         sections.append(device_summary(data, links, title))
-    readme_path.write_text(before + START_MARKER + "\n" + "\n".join(sections).rstrip() + "\n" + END_MARKER + after)
+    readme_path.write_text(
+        before + START_MARKER + "\n" + "\n".join(sections).rstrip() + "\n" + END_MARKER + after
+    )
     return [path for path, _ in kept]
 
 
@@ -410,7 +489,9 @@ def stage_table(stages_path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastgpt.bench.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastgpt.bench.report", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("results", type=Path)
     parser.add_argument("--stages", type=Path, help="a TSV of stage, status, seconds, note (gpu_check.sh)")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")

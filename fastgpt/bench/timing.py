@@ -1,6 +1,6 @@
 """Timing, peak memory and the device's measured peaks.
 
-Timing rules (ARCHITECTURE.md, Benchmarks):
+Timing rules (the shared ARCHITECTURE.md, Benchmarks):
 - every provider is called a few times first (warm-up: compilation, autotuning, allocator caches);
 - the providers of one case are interleaved: each round times every provider once, in an order that
   rotates from round to round, so a burst of load from elsewhere on the machine hits them all alike;
@@ -49,7 +49,9 @@ DEFAULT_L2_BYTES = 50 * 2**20  # H100/H200; used when torch does not report the 
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEPT_TOP_BYTES = 2**30  # freed memory at the top of the heap stays mapped up to this much
-LARGEST_HEAP_ALLOCATION = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit: larger blocks are mmapped
+LARGEST_HEAP_ALLOCATION = (
+    32 * 2**20
+)  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit: larger blocks are mmapped
 MAX_INPUT_COPIES = 64
 
 
@@ -60,7 +62,9 @@ class TimingPlan:
 
     rounds: int  # interleaved rounds, each timing every provider once
     warmup_calls: int  # untimed calls before the first round (the first one is reported separately)
-    warmup_s: float = 0.0  # ... and for at least this long on CPU: compiled code can stay slow for a while after
+    warmup_s: float = (
+        0.0  # ... and for at least this long on CPU: compiled code can stay slow for a while after
+    )
     # its first call (inductor finishes compiling in background workers), for a time, not a number of calls
     # ... and on GPU, where a call takes milliseconds: 0.1 s is already ~100 calls of a 1 ms kernel. It is
     # paid once per provider and case (173 of them in benchmarks/gpu_check.sh's set, 17 s at 0.1 s)
@@ -108,8 +112,15 @@ def summarize(per_call_seconds, rounds=(), round_cpu_seconds=()):
     else:
         q1 = q3 = ms[0]
     round_ms = tuple(1e3 * statistics.median(times) for times in rounds)
-    return Timing(median_ms=statistics.median(ms), iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1], samples=len(ms),
-                  round_ms=round_ms, round_cpu_ms=tuple(1e3 * t for t in round_cpu_seconds))
+    return Timing(
+        median_ms=statistics.median(ms),
+        iqr_ms=q3 - q1,
+        min_ms=ms[0],
+        max_ms=ms[-1],
+        samples=len(ms),
+        round_ms=round_ms,
+        round_cpu_ms=tuple(1e3 * t for t in round_cpu_seconds),
+    )
 
 
 def keep_freed_memory():
@@ -122,8 +133,10 @@ def keep_freed_memory():
         return None
     if not (mallopt(M_TRIM_THRESHOLD, KEPT_TOP_BYTES) and mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_ALLOCATION)):
         return None
-    return (f"glibc malloc keeps freed memory: M_TRIM_THRESHOLD {KEPT_TOP_BYTES >> 20} MiB, "
-            f"M_MMAP_THRESHOLD {LARGEST_HEAP_ALLOCATION >> 20} MiB")
+    return (
+        f"glibc malloc keeps freed memory: M_TRIM_THRESHOLD {KEPT_TOP_BYTES >> 20} MiB, "
+        f"M_MMAP_THRESHOLD {LARGEST_HEAP_ALLOCATION >> 20} MiB"
+    )
 
 
 def synchronize(device):
@@ -244,8 +257,10 @@ def measure_interleaved(callables, device, plan, *, cpu_time=False):
             cpu_start = time.process_time()
             rounds[name].append(one_round(name, counted))
             cpu_per_call[name].append((time.process_time() - cpu_start) / calls_made())
-    return {name: summarize([t for times in rounds[name] for t in times], rounds[name], cpu_per_call[name])
-            for name in names}
+    return {
+        name: summarize([t for times in rounds[name] for t in times], rounds[name], cpu_per_call[name])
+        for name in names
+    }
 
 
 @contextlib.contextmanager

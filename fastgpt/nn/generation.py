@@ -31,7 +31,9 @@ def check_generate_arguments(
         or not isinstance(temperature, (int, float))
         or not 0 <= temperature < float("inf")
     ):
-        raise ValueError(f"{op}: temperature must be a float >= 0 and finite (0 is greedy), got {temperature!r}")
+        raise ValueError(
+            f"{op}: temperature must be a float >= 0 and finite (0 is greedy), got {temperature!r}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (
@@ -47,7 +49,9 @@ def check_generate_arguments(
             f"{op}: eos_token_id must be None or an int in [0, {vocab_size}), got {eos_token_id!r}"
         )
     if callback is not None and not callable(callback):
-        raise TypeError(f"{op}: callback must be None or a callable taking the new tokens (B,), got {callback!r}")
+        raise TypeError(
+            f"{op}: callback must be None or a callable taking the new tokens (B,), got {callback!r}"
+        )
 
 
 def filter_logits(logits, top_k=None, top_p=None):

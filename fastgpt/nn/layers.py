@@ -24,9 +24,13 @@ def check_module_input(module, name, x, *, parameter, features, ndim=None):
     op = type(module).__name__
     check_tensor(op, name, x, min_ndim=1)
     if x.dtype != parameter.dtype:
-        raise TypeError(f"{op}: {name} must have the dtype of the module's parameters ({parameter.dtype}), got {x.dtype}")
+        raise TypeError(
+            f"{op}: {name} must have the dtype of the module's parameters ({parameter.dtype}), got {x.dtype}"
+        )
     if x.device != parameter.device:
-        raise ValueError(f"{op}: {name} must be on the device of the module's parameters ({parameter.device}), got {x.device}")
+        raise ValueError(
+            f"{op}: {name} must be on the device of the module's parameters ({parameter.device}), got {x.device}"
+        )
     expected = f"(batch, seq_len, {features})" if ndim == 3 else f"(..., {features})"
     if (ndim is not None and x.dim() != ndim) or x.shape[-1] != features:
         raise ValueError(f"{op}: {name} must have shape {expected} (n_embd={features}), got {describe(x)}")
@@ -76,7 +80,9 @@ class LayerNorm(nn.Module):
     def check_inputs(self, x, residual):
         check_module_input(self, "x", x, parameter=self.weight, features=self.weight.shape[0])
         if residual is not None:
-            check_module_input(self, "residual", residual, parameter=self.weight, features=self.weight.shape[0])
+            check_module_input(
+                self, "residual", residual, parameter=self.weight, features=self.weight.shape[0]
+            )
 
 
 class KVCache:
@@ -138,7 +144,9 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def check_input(self, x):
-        check_module_input(self, "x", x, parameter=self.c_proj.weight, features=self.c_proj.out_features, ndim=3)
+        check_module_input(
+            self, "x", x, parameter=self.c_proj.weight, features=self.c_proj.out_features, ndim=3
+        )
 
 
 class MLP(nn.Module):
@@ -176,7 +184,9 @@ class MLP(nn.Module):
         check_module_input(self, "x", x, parameter=self.c_fc.weight, features=self.c_fc.in_features)
         if residual is None:
             return
-        check_module_input(self, "residual", residual, parameter=self.c_proj.weight, features=self.c_proj.out_features)
+        check_module_input(
+            self, "residual", residual, parameter=self.c_proj.weight, features=self.c_proj.out_features
+        )
         if residual.shape[:-1] != x.shape[:-1]:
             raise ValueError(
                 f"MLP: residual must have shape {(*x.shape[:-1], self.c_proj.out_features)} to match x, "
@@ -216,4 +226,6 @@ class Block(nn.Module):
         return self.mlp(h, residual=x)  # x + mlp(h)
 
     def check_input(self, x):
-        check_module_input(self, "x", x, parameter=self.ln_1.weight, features=self.ln_1.weight.shape[0], ndim=3)
+        check_module_input(
+            self, "x", x, parameter=self.ln_1.weight, features=self.ln_1.weight.shape[0], ndim=3
+        )

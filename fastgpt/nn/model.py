@@ -85,7 +85,9 @@ class GPT(nn.Module):
         values are read."""
         check_tensor(op, "idx", idx, floating=False)
         if idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{op}: idx must be an int64 (torch.long) or int32 tensor of token ids, got dtype {idx.dtype}")
+            raise TypeError(
+                f"{op}: idx must be an int64 (torch.long) or int32 tensor of token ids, got dtype {idx.dtype}"
+            )
         device = self.transformer.wte.weight.device
         if idx.device != device:
             raise ValueError(f"{op}: idx must be on the model's device ({device}), got {idx.device}")
@@ -123,14 +125,23 @@ class GPT(nn.Module):
         if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):
             return None
         rows = x.shape[0] * x.shape[1]
-        return dispatch.fused_decode_step(self.config.backend, x.device.type, x.dtype, self.config.head_dim, rows)
+        return dispatch.fused_decode_step(
+            self.config.backend, x.device.type, x.dtype, self.config.head_dim, rows
+        )
 
     def decode_block_parameters(self):
         """Every block's parameters in decode_blocks' order: per block, the weight and bias (or None)
         of ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc and mlp.c_proj."""
         block_params = []
         for block in self.transformer.h:
-            for module in (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj):
+            for module in (
+                block.ln_1,
+                block.attn.c_attn,
+                block.attn.c_proj,
+                block.ln_2,
+                block.mlp.c_fc,
+                block.mlp.c_proj,
+            ):
                 block_params += (module.weight, module.bias)
         return block_params
 
@@ -209,7 +220,9 @@ class GPT(nn.Module):
         position = 0
         tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
         for step in range(max_new_tokens):
-            hidden = self.hidden_states(tokens, caches, position, block_params)[:, -1]  # (B, C): only the last position
+            hidden = self.hidden_states(tokens, caches, position, block_params)[
+                :, -1
+            ]  # (B, C): only the last position
             logits = self.lm_head(hidden)  # (B, vocab)
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             position += tokens.shape[1]
@@ -274,7 +287,10 @@ class GPT(nn.Module):
         if copy:
             source, configuration = f"the {type(model_or_dir).__name__}'s weights", "its config"
         else:
-            source, configuration = os.path.join(model_or_dir, ""), os.path.join(model_or_dir, weights.CONFIG_FILE)
+            source, configuration = (
+                os.path.join(model_or_dir, ""),
+                os.path.join(model_or_dir, weights.CONFIG_FILE),
+            )
         return cls._from_state_dict(config, state, f"GPT.from_hf: {source}", configuration)
 
     def save(self, directory):
@@ -288,5 +304,8 @@ class GPT(nn.Module):
         file and tensor, and no model is made."""
         config, state = weights.read_directory(directory, device, **overrides)
         return cls._from_state_dict(
-            config, state, os.path.join(directory, weights.WEIGHTS_FILE), os.path.join(directory, weights.CONFIG_FILE)
+            config,
+            state,
+            os.path.join(directory, weights.WEIGHTS_FILE),
+            os.path.join(directory, weights.CONFIG_FILE),
         )

@@ -175,16 +175,24 @@ def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.cons
 
 @triton.jit
 def _forward_inner(
-    acc, row_sum, row_max,  # running output (BLOCK_M, BLOCK_D) fp32, softmax sum and max (BLOCK_M,)
+    acc,
+    row_sum,
+    row_max,  # running output (BLOCK_M, BLOCK_D) fp32, softmax sum and max (BLOCK_M,)
     q,  # (BLOCK_M, BLOCK_D) query tile
-    k_ptrs, v_ptrs,  # pointers to the first key/value tile of the range, (BLOCK_N, BLOCK_D)
-    stride_kt, stride_vt,  # strides between keys, between values
-    offs_m, offs_d,  # query positions (BLOCK_M,), feature offsets (BLOCK_D,)
-    key_start, key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
+    k_ptrs,
+    v_ptrs,  # pointers to the first key/value tile of the range, (BLOCK_N, BLOCK_D)
+    stride_kt,
+    stride_vt,  # strides between keys, between values
+    offs_m,
+    offs_d,  # query positions (BLOCK_M,), feature offsets (BLOCK_D,)
+    key_start,
+    key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
     diag_offset,  # kv_len - q_len: query i sees keys j <= i + diag_offset
     kv_len,
     qk_scale,  # softmax_scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal (mask scores and ragged keys)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (eager fp32 matmuls do not use TF32)
 ):
@@ -211,17 +219,32 @@ def _forward_inner(
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V,  # inputs: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), any strides
+    Q,
+    K,
+    V,  # inputs: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), any strides
     Out,  # output (B, H, Tq, D) in q's dtype, any strides
     Lse,  # output (B, H, Tq) float32, contiguous: natural-log logsumexp of each score row
     softmax_scale,  # float: scores are softmax_scale * q.k
-    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
-    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
-    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
-    stride_ob, stride_oh, stride_ot, stride_od,  # out strides
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,  # q strides
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,  # out strides
     heads,  # H
     group,  # H // Hkv: query heads per kv head
-    q_len, kv_len,  # Tq <= Tk
+    q_len,
+    kv_len,  # Tq <= Tk
     tune_len,  # next power of two of Tk: an autotune key only, so lengths of one octave share a tuning
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
@@ -259,13 +282,48 @@ def _attention_forward_kernel(
     # Keys past causal_end are seen by none: those blocks are skipped, not masked.
     causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
     acc, row_sum, row_max = _forward_inner(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
-        diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+        acc,
+        row_sum,
+        row_max,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        0,
+        full_end,
+        diag_offset,
+        kv_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
     )
     acc, row_sum, row_max = _forward_inner(
-        acc, row_sum, row_max, q, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt,
-        stride_vt, offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D,
-        BLOCK_N, True, DOT_PRECISION,
+        acc,
+        row_sum,
+        row_max,
+        q,
+        k_ptrs + full_end * stride_kt,
+        v_ptrs + full_end * stride_vt,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        full_end,
+        causal_end,
+        diag_offset,
+        kv_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
     )
 
     out = acc / row_sum[:, None]
@@ -277,12 +335,21 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _attention_backward_preprocess_kernel(
-    Out, dOut,  # (B, H, Tq, D) forward output and its gradient, any strides
+    Out,
+    dOut,  # (B, H, Tq, D) forward output and its gradient, any strides
     Delta,  # output (B, H, Tq) float32, contiguous: rowsum(dO * O)
-    stride_ob, stride_oh, stride_ot, stride_od,  # out strides
-    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
-    heads, q_len,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,  # out strides
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_gd,  # dout strides
+    heads,
+    q_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
 ):
     num_m_blocks = tl.cdiv(q_len, BLOCK_M)  # 1-D grid of (row block, batch * head)
@@ -301,15 +368,26 @@ def _attention_backward_preprocess_kernel(
 
 @triton.jit
 def _backward_dkdv_inner(
-    dk, dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
-    k, v,  # (BLOCK_N, BLOCK_D) key and value tiles
-    q_ptrs, do_ptrs,  # pointers to the query / output-gradient tile at query query_start
-    lse_ptr, delta_ptr,  # pointers to the row statistics of query 0 of this head
-    stride_qt, stride_gt,  # strides between queries, between output-gradient rows
-    offs_n, offs_d,  # key positions (BLOCK_N,), feature offsets (BLOCK_D,)
-    query_start, query_end,  # the range of queries to visit, query_start a multiple of BLOCK_M
-    diag_offset, q_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk,
+    dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
+    k,
+    v,  # (BLOCK_N, BLOCK_D) key and value tiles
+    q_ptrs,
+    do_ptrs,  # pointers to the query / output-gradient tile at query query_start
+    lse_ptr,
+    delta_ptr,  # pointers to the row statistics of query 0 of this head
+    stride_qt,
+    stride_gt,  # strides between queries, between output-gradient rows
+    offs_n,
+    offs_d,  # key positions (BLOCK_N,), feature offsets (BLOCK_D,)
+    query_start,
+    query_end,  # the range of queries to visit, query_start a multiple of BLOCK_M
+    diag_offset,
+    q_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal: mask P
     DOT_PRECISION: tl.constexpr,
 ):
@@ -338,19 +416,46 @@ def _backward_dkdv_inner(
 
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    Q, K, V, dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
-    Lse, Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
-    dK, dV,  # outputs (B, Hkv, Tk, D) in k's dtype, any strides
+    Q,
+    K,
+    V,
+    dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
+    Lse,
+    Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
+    dK,
+    dV,  # outputs (B, Hkv, Tk, D) in k's dtype, any strides
     softmax_scale,
-    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
-    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
-    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
-    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # dk strides
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,  # dv strides
-    heads, group, q_len, kv_len,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,  # q strides
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_gd,  # dout strides
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dkd,  # dk strides
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_dvd,  # dv strides
+    heads,
+    group,
+    q_len,
+    kv_len,
     tune_len,  # next power of two of Tk, an autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per iteration
     BLOCK_N: tl.constexpr,  # keys per program
     DOT_PRECISION: tl.constexpr,
@@ -391,15 +496,53 @@ def _attention_backward_dkdv_kernel(
         do_ptrs = _tile_ptrs(do_base, queries, offs_d, stride_gt, stride_gd)
         row_stats = (batch * heads + head) * q_len
         dk, dv = _backward_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_stats, Delta + row_stats, stride_qt, stride_gt, offs_n,
-            offs_d, query_start, full_start, diag_offset, q_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            Lse + row_stats,
+            Delta + row_stats,
+            stride_qt,
+            stride_gt,
+            offs_n,
+            offs_d,
+            query_start,
+            full_start,
+            diag_offset,
+            q_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            True,
             DOT_PRECISION,
         )
         skipped = full_start - query_start
         dk, dv = _backward_dkdv_inner(
-            dk, dv, k, v, q_ptrs + skipped * stride_qt, do_ptrs + skipped * stride_gt, Lse + row_stats,
-            Delta + row_stats, stride_qt, stride_gt, offs_n, offs_d, full_start, q_len, diag_offset, q_len,
-            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs + skipped * stride_qt,
+            do_ptrs + skipped * stride_gt,
+            Lse + row_stats,
+            Delta + row_stats,
+            stride_qt,
+            stride_gt,
+            offs_n,
+            offs_d,
+            full_start,
+            q_len,
+            diag_offset,
+            q_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            False,
+            DOT_PRECISION,
         )
 
     dk *= softmax_scale  # d(scores)/dk = softmax_scale * q
@@ -415,14 +558,24 @@ def _attention_backward_dkdv_kernel(
 @triton.jit
 def _backward_dq_inner(
     dq,  # running (BLOCK_M, BLOCK_D) fp32 gradient of this query block
-    q, do,  # (BLOCK_M, BLOCK_D) query and output-gradient tiles
-    lse2, delta,  # (BLOCK_M,) base-2 logsumexp and rowsum(dO * O)
-    k_ptrs, v_ptrs,  # pointers to the first key/value tile of the range
-    stride_kt, stride_vt,
-    offs_m, offs_d,
-    key_start, key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
-    diag_offset, kv_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    q,
+    do,  # (BLOCK_M, BLOCK_D) query and output-gradient tiles
+    lse2,
+    delta,  # (BLOCK_M,) base-2 logsumexp and rowsum(dO * O)
+    k_ptrs,
+    v_ptrs,  # pointers to the first key/value tile of the range
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    key_start,
+    key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
+    diag_offset,
+    kv_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal: mask P and ragged keys
     DOT_PRECISION: tl.constexpr,
 ):
@@ -445,18 +598,41 @@ def _backward_dq_inner(
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    Q, K, V, dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
-    Lse, Delta,  # (B, H, Tq) float32, contiguous
+    Q,
+    K,
+    V,
+    dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D), any strides
+    Lse,
+    Delta,  # (B, H, Tq) float32, contiguous
     dQ,  # output (B, H, Tq, D) in q's dtype, any strides
     softmax_scale,
-    stride_qb, stride_qh, stride_qt, stride_qd,  # q strides
-    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
-    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
-    stride_gb, stride_gh, stride_gt, stride_gd,  # dout strides
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,  # dq strides
-    heads, group, q_len, kv_len,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,  # q strides
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_gd,  # dout strides
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,  # dq strides
+    heads,
+    group,
+    q_len,
+    kv_len,
     tune_len,  # next power of two of Tk, an autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_PRECISION: tl.constexpr,
@@ -488,13 +664,50 @@ def _attention_backward_dq_kernel(
     full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N  # as in the forward
     causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
     dq = _backward_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_d, 0, full_end,
-        diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        0,
+        full_end,
+        diag_offset,
+        kv_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
     )
     dq = _backward_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs + full_end * stride_kt, v_ptrs + full_end * stride_vt, stride_kt,
-        stride_vt, offs_m, offs_d, full_end, causal_end, diag_offset, kv_len, qk_scale, HEAD_DIM, BLOCK_D,
-        BLOCK_N, True, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs + full_end * stride_kt,
+        v_ptrs + full_end * stride_vt,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        full_end,
+        causal_end,
+        diag_offset,
+        kv_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
     )
 
     dq *= softmax_scale  # d(scores)/dq = softmax_scale * k
@@ -601,10 +814,27 @@ def attention_forward(q, k, v, softmax_scale):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_head_span(name, tensor)
     _launch(
-        "forward", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
-        q, k, v, out, lse, softmax_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, heads // kv_heads, q_len, kv_len, _tune_len(kv_len),
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+        "forward",
+        q,
+        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        softmax_scale,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        _tune_len(kv_len),
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
@@ -626,20 +856,64 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     group = heads // kv_heads
     delta = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
     _launch(
-        "preprocess", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
-        out, dout, delta, *out.stride(), *dout.stride(), heads, q_len, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        "preprocess",
+        q,
+        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        out,
+        dout,
+        delta,
+        *out.stride(),
+        *dout.stride(),
+        heads,
+        q_len,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(q.dtype)}
     _launch(
-        "dkdv", q, lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
-        q, k, v, dout, lse, delta, dk, dv, softmax_scale, *strides, *dk.stride(), *dv.stride(),
-        heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
+        "dkdv",
+        q,
+        lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        softmax_scale,
+        *strides,
+        *dk.stride(),
+        *dv.stride(),
+        heads,
+        group,
+        q_len,
+        kv_len,
+        _tune_len(kv_len),
+        **constexprs,
     )
     _launch(
-        "dq", q, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
-        q, k, v, dout, lse, delta, dq, softmax_scale, *strides, *dq.stride(),
-        heads, group, q_len, kv_len, _tune_len(kv_len), **constexprs,
+        "dq",
+        q,
+        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        softmax_scale,
+        *strides,
+        *dq.stride(),
+        heads,
+        group,
+        q_len,
+        kv_len,
+        _tune_len(kv_len),
+        **constexprs,
     )
     return dq, dk, dv
 

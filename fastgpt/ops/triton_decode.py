@@ -83,13 +83,22 @@ COMBINE_WARPS = {64: 4, 128: 4, 256: 8}
 @triton.jit
 def _decode_partial_kernel(
     Q,  # (B, H, 1, D), any strides
-    K, V,  # (B, Hkv, L, D), any strides
+    K,
+    V,  # (B, Hkv, L, D), any strides
     PartialOut,  # output (B, H, S, D) float32, contiguous: each split's normalised output
     PartialLse,  # output (B, H, S) float32, contiguous: each split's logsumexp (natural log)
     softmax_scale,  # float: scores are softmax_scale * q.k
-    stride_qb, stride_qh, stride_qd,  # q strides (its length-1 dimension is never stepped)
-    stride_kb, stride_kh, stride_kt, stride_kd,  # k strides
-    stride_vb, stride_vh, stride_vt, stride_vd,  # v strides
+    stride_qb,
+    stride_qh,
+    stride_qd,  # q strides (its length-1 dimension is never stepped)
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
     kv_heads,  # Hkv
     group,  # H // Hkv: query heads sharing a kv head
     kv_len,  # L
@@ -156,10 +165,13 @@ def _decode_combine_kernel(
     PartialOut,  # (B, H, S, D) float32, contiguous
     PartialLse,  # (B, H, S) float32, contiguous
     Out,  # output (B, H, 1, D) in q's dtype, any strides
-    stride_ob, stride_oh, stride_od,  # out strides
+    stride_ob,
+    stride_oh,
+    stride_od,  # out strides
     heads,  # H
     num_splits,  # S
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # S padded to a power of two
 ):
     batch_head = tl.program_id(0)
@@ -264,11 +276,27 @@ def decode_forward(q, k, v, softmax_scale):
     partial_lse = new_output((batch, heads, num_splits), torch.float32, q.device)  # (B, H, S)
     block_d = _block_d(head_dim)
     args = (
-        q, k, v, partial_out, partial_lse, softmax_scale, q.stride(0), q.stride(1), q.stride(3), *k.stride(),
-        *v.stride(), kv_heads, group, kv_len, split_len, num_splits,
+        q,
+        k,
+        v,
+        partial_out,
+        partial_lse,
+        softmax_scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k.stride(),
+        *v.stride(),
+        kv_heads,
+        group,
+        kv_len,
+        split_len,
+        num_splits,
     )
     constexprs = {
-        "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_H": max(MIN_BLOCK, triton.next_power_of_2(group)),
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": block_d,
+        "BLOCK_H": max(MIN_BLOCK, triton.next_power_of_2(group)),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
     grid = (batch * kv_heads, num_splits)
@@ -277,8 +305,17 @@ def decode_forward(q, k, v, softmax_scale):
     else:
         _autotuned_partial(_device_facts(q.device.index)[0], block_d, q.dtype)[grid](*args, **constexprs)
     _decode_combine_kernel[(batch * heads,)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1), out.stride(3), heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+        partial_out,
+        partial_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
+        heads,
+        num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=COMBINE_WARPS[_head_dim_class(block_d)],
     )
     return out
@@ -352,15 +389,25 @@ def gpu_compile_cases(capability):
                 _compile_case(
                     f"decode_partial {TRITON_TYPES[dtype]} D={head_dim} N={config.kwargs['BLOCK_N']} "
                     f"w{config.num_warps} s{config.num_stages}",
-                    _decode_partial_kernel, "*" + TRITON_TYPES[dtype], pointers, dict(config.kwargs, **shape),
-                    config.num_warps, config.num_stages, tensor_cores=True,
+                    _decode_partial_kernel,
+                    "*" + TRITON_TYPES[dtype],
+                    pointers,
+                    dict(config.kwargs, **shape),
+                    config.num_warps,
+                    config.num_stages,
+                    tensor_cores=True,
                 )
             )
     cases.append(
         _compile_case(
-            f"decode_combine bf16 D=128 S={MAX_SPLITS}", _decode_combine_kernel, "*bf16",
-            ("PartialOut", "PartialLse", "Out"), {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": MAX_SPLITS},
-            COMBINE_WARPS[128], 1, tensor_cores=False,
+            f"decode_combine bf16 D=128 S={MAX_SPLITS}",
+            _decode_combine_kernel,
+            "*bf16",
+            ("PartialOut", "PartialLse", "Out"),
+            {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": MAX_SPLITS},
+            COMBINE_WARPS[128],
+            1,
+            tensor_cores=False,
         )
     )
     return cases
