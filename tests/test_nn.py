@@ -225,9 +225,10 @@ def test_save_load_round_trip(tmp_path, tie_weights):
     assert GPT.load(tmp_path, dropout=0.2).config.dropout == 0.2
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("tie_weights", [True, False], ids=["tied", "untied"])
+def test_torch_compile_fullgraph(tie_weights):
     """Inductor compiles the GPT in one graph each for logits and for the loss, and matches eager."""
-    model = random_model(n_layer=1)  # one block: every op is covered, at half the compile time
+    model = random_model(n_layer=1, tie_weights=tie_weights)  # one block: every op, half the compile time
     idx = torch.randint(0, 97, (2, 16))
     targets = torch.randint(0, 97, (2, 16))
     expected_logits = model(idx)
