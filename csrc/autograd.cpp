@@ -2,24 +2,34 @@
 // schemas in csrc/api.cpp, so that the CPU and the CUDA kernels of an op (two implementations of one
 // operator) share it.
 //
-// Each op's Autograd kernel is a torch::autograd::Function: its forward calls the op below autograd
-// (the dispatcher then picks the CPU, CUDA or Meta kernel by the inputs' device), saves what the
-// backward needs and marks the statistics it returns (lse, h, mean, rstd, precomputed gradients) as
-// non-differentiable; its backward calls the op's backward operator. Written in C++, a forward+backward
-// costs a few microseconds of host time, where a Python autograd.Function costs tens
-// (benchmarks/host_overhead.py). torch.compile traces through these kernels like any ATen op's autograd,
-// with the Meta kernels for shapes. The backward operators have no autograd of their own: the ops are
-// differentiable once, not twice.
+// Each op's Autograd kernel does what torch's generated autograd does for an ATen op:
+// - it runs the op below autograd (the dispatcher then picks the CPU, CUDA or Meta kernel by the
+//   inputs' device);
+// - when an input needs a gradient, it builds the op's backward node: the edges to the inputs, the
+//   tensors the backward reads (SavedVariable), and the differentiable outputs' history;
+// - the statistics it returns (lse, h, mean, rstd, precomputed gradients) get no history.
+// The node's apply calls the op's backward operator.
+//
+// Why not torch::autograd::Function? It demangles its type name on every backward call and keeps
+// generic per-input and per-output bookkeeping. At the tiny shapes of a decode step that costs more
+// than the kernels, so forward+backward would stay well above the host time of torch's own ops
+// (benchmarks/host_overhead.py --calls-at-tiny-shapes).
+//
+// torch.compile traces through these kernels like any ATen op's autograd, with the Meta kernels for
+// shapes. The backward operators have no autograd of their own: the ops are differentiable once, not
+// twice.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/ne.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -27,11 +37,13 @@
 namespace fastgpt {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::collect_next_edges;
+using torch::autograd::SavedVariable;
+using torch::autograd::set_history;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The operator `name` of the fastgpt library with C++ signature `Signature`, looked up once.
+// The operator `name` of the fastgpt library with C++ signature `Signature`, looked up once per call site.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> fastgpt_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -41,7 +53,7 @@ bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
 bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
 
 // Whether autograd records a call with these inputs. When it does not (inference, or no input needing
-// a gradient), the op runs below autograd at once, without a graph node or saved tensors.
+// a gradient), the op runs below autograd and nothing else happens.
 template <typename... Inputs>
 bool records_grad(const Inputs&... inputs) {
   return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
@@ -51,121 +63,93 @@ at::Tensor defined_or_empty(const OptionalTensor& t) { return t.has_value() ? *t
 
 OptionalTensor optional_of(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
-// The forward operators, called below autograd by their Autograd kernels (looked up once).
-using AttentionForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                            double);
-using FfnForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                                                      const at::Tensor&, const OptionalTensor&, c10::string_view,
-                                                      const OptionalTensor&);
-using LayerNormForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double);
-using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, int64_t, c10::string_view, bool);
-using LinearForward = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&);
-
-const c10::TypedOperatorHandle<AttentionForward>& attention_forward_op() {
-  static const auto op = fastgpt_op<AttentionForward>("fastgpt::attention_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<FfnForward>& ffn_forward_op() {
-  static const auto op = fastgpt_op<FfnForward>("fastgpt::ffn_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<LayerNormForward>& layer_norm_forward_op() {
-  static const auto op = fastgpt_op<LayerNormForward>("fastgpt::layer_norm_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<CrossEntropyForward>& linear_cross_entropy_forward_op() {
-  static const auto op = fastgpt_op<CrossEntropyForward>("fastgpt::linear_cross_entropy_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<LinearForward>& linear_op() {
-  static const auto op = fastgpt_op<LinearForward>("fastgpt::linear");
-  return op;
-}
+// The base of the ops' backward nodes: a fixed name (torch's default demangles the type's on every call).
+template <const char* kName>
+struct OpBackward : torch::autograd::Node {
+  std::string name() const override { return kName; }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Causal attention: the backward recomputes the probabilities from q, k and the saved logsumexp.
 
-class CausalAttention : public torch::autograd::Function<CausalAttention> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               double softmax_scale) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, lse] = attention_forward_op().call(q, k, v, softmax_scale);  // (B, H, Tq, D), (B, H, Tq) float32
-    ctx->set_materialize_grads(false);                   // lse gets no gradient: no zero tensor for it
-    ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["softmax_scale"] = softmax_scale;
-    return {out, lse};
+using AttentionForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            double);
+using AttentionBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, const at::Tensor&, double);
+
+constexpr char kAttentionBackward[] = "fastgpt::AttentionBackward";
+
+struct AttentionBackwardNode : OpBackward<kAttentionBackward> {
+  SavedVariable q, k, v, out, lse;
+  double softmax_scale = 0.0;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    q.reset_data(), k.reset_data(), v.reset_data(), out.reset_data(), lse.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        fastgpt_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                  double)>("fastgpt::attention_backward");
-    const at::Tensor& dout = grads[0];
-    if (!dout.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const variable_list saved = ctx->get_saved_variables();
-    auto [dq, dk, dv] = op.call(dout, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                ctx->saved_data["softmax_scale"].toDouble());
-    return {dq, dk, dv, at::Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    static const auto op = fastgpt_op<AttentionBackward>("fastgpt::attention_backward");
+    const at::Tensor& dout = grads[0];  // (B, H, Tq, D)
+    if (!dout.defined()) return variable_list(3);
+    auto [dq, dk, dv] = op.call(dout, q.unpack(), k.unpack(), v.unpack(), out.unpack(getptr()), lse.unpack(),
+                                softmax_scale);
+    return {dq, dk, dv};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, double softmax_scale) {
-  if (!records_grad(q, k, v)) {
+  static const auto op = fastgpt_op<AttentionForward>("fastgpt::attention_forward");
+  auto [out, lse] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return attention_forward_op().call(q, k, v, softmax_scale);
-  }
-  const variable_list outputs = CausalAttention::apply(q, k, v, softmax_scale);
-  return {outputs[0], outputs[1]};
+    return op.call(q, k, v, softmax_scale);  // (B, H, Tq, D), (B, H, Tq) float32
+  }();
+  if (!records_grad(q, k, v)) return {out, lse};
+  auto node = c10::make_intrusive<AttentionBackwardNode>();
+  node->set_next_edges(collect_next_edges(q, k, v));
+  set_history(out, node);
+  node->q = SavedVariable(q, false), node->k = SavedVariable(k, false), node->v = SavedVariable(v, false);
+  node->out = SavedVariable(out, true), node->lse = SavedVariable(lse, false);
+  node->softmax_scale = softmax_scale;
+  return {out, lse};
 }
 
 // ---------------------------------------------------------------------------------------------
 // FFN: the activations saved are x and the pre-activation h; act(h) is recomputed in the backward.
 
-class FusedFfn : public torch::autograd::Function<FusedFfn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fc_weight,
-                               const OptionalTensor& fc_bias, const at::Tensor& proj_weight,
-                               const OptionalTensor& proj_bias, const std::string& activation,
-                               const OptionalTensor& residual) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, h] = ffn_forward_op().call(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
-    ctx->set_materialize_grads(false);  // h gets no gradient: no (tokens, hidden) zero tensor for it
-    ctx->mark_non_differentiable({h});
-    ctx->save_for_backward({x, h, fc_weight, proj_weight});
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["has_fc_bias"] = fc_bias.has_value();
-    ctx->saved_data["has_proj_bias"] = proj_bias.has_value();
-    ctx->saved_data["has_residual"] = residual.has_value();
-    return {out, h};
+using FfnForward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                                                      const at::Tensor&, const OptionalTensor&, c10::string_view,
+                                                      const OptionalTensor&);
+using FfnBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view);
+
+constexpr char kFfnBackward[] = "fastgpt::FusedFfnBackward";
+
+struct FfnBackwardNode : OpBackward<kFfnBackward> {
+  SavedVariable x, h, fc_weight, proj_weight;
+  std::string activation;
+  bool has_fc_bias = false, has_proj_bias = false, has_residual = false;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data(), h.reset_data(), fc_weight.reset_data(), proj_weight.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        fastgpt_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-            c10::string_view)>("fastgpt::ffn_backward");
-    const at::Tensor& dout = grads[0];
-    if (!dout.defined()) return variable_list(7);
-    const variable_list saved = ctx->get_saved_variables();
+  // Gradients for x, fc_weight, fc_bias, proj_weight, proj_bias, residual.
+  variable_list apply(variable_list&& grads) override {
+    static const auto op = fastgpt_op<FfnBackward>("fastgpt::ffn_backward");
+    const at::Tensor& dout = grads[0];  // (..., C_out)
+    if (!dout.defined()) return variable_list(6);
     auto [dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias] =
-        op.call(dout, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["activation"].toStringRef());
+        op.call(dout, x.unpack(), h.unpack(), fc_weight.unpack(), proj_weight.unpack(), activation);
     return {dx,
             dfc_weight,
-            ctx->saved_data["has_fc_bias"].toBool() ? dfc_bias : at::Tensor(),
+            has_fc_bias ? dfc_bias : at::Tensor(),
             dproj_weight,
-            ctx->saved_data["has_proj_bias"].toBool() ? dproj_bias : at::Tensor(),
-            at::Tensor(),
-            ctx->saved_data["has_residual"].toBool() ? dout : at::Tensor()};
+            has_proj_bias ? dproj_bias : at::Tensor(),
+            has_residual ? dout : at::Tensor()};
   }
 };
 
@@ -173,171 +157,205 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_autograd(const at::Tensor& x, con
                                                         const OptionalTensor& fc_bias, const at::Tensor& proj_weight,
                                                         const OptionalTensor& proj_bias, c10::string_view activation,
                                                         const OptionalTensor& residual) {
-  if (!records_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)) {
+  static const auto op = fastgpt_op<FfnForward>("fastgpt::ffn_forward");
+  auto [out, h] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ffn_forward_op().call(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
-  }
-  const variable_list outputs =
-      FusedFfn::apply(x, fc_weight, fc_bias, proj_weight, proj_bias, std::string(activation), residual);
-  return {outputs[0], outputs[1]};
+    return op.call(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
+  }();
+  if (!records_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)) return {out, h};
+  auto node = c10::make_intrusive<FfnBackwardNode>();
+  node->set_next_edges(collect_next_edges(x, fc_weight, fc_bias, proj_weight, proj_bias, residual));
+  set_history(out, node);
+  node->x = SavedVariable(x, false), node->h = SavedVariable(h, false);
+  node->fc_weight = SavedVariable(fc_weight, false), node->proj_weight = SavedVariable(proj_weight, false);
+  node->activation = std::string(activation);
+  node->has_fc_bias = fc_bias.has_value(), node->has_proj_bias = proj_bias.has_value();
+  node->has_residual = residual.has_value();
+  return {out, h};
 }
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (+ fused residual): the backward reads what was normalised (x, or x + residual) and the
 // saved mean and rstd; the gradient reaching x + residual from its other uses is added to dx there.
 
-class LayerNorm : public torch::autograd::Function<LayerNorm> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptionalTensor& weight,
-                               const OptionalTensor& bias, const OptionalTensor& residual, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, residual_out, mean, rstd] = layer_norm_forward_op().call(x, weight, bias, residual, eps);
-    ctx->set_materialize_grads(false);  // mean, rstd (and an unused x + residual) get no zero tensors
-    if (residual.has_value()) {
-      ctx->mark_non_differentiable({mean, rstd});
-    } else {
-      ctx->mark_non_differentiable({residual_out, mean, rstd});  // residual_out: an empty placeholder
-    }
-    ctx->save_for_backward({residual.has_value() ? residual_out : x, defined_or_empty(weight), mean, rstd});
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["has_residual"] = residual.has_value();
-    return {out, residual_out, mean, rstd};
+using LayerNormForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double);
+using LayerNormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptionalTensor&,
+                                                                         const at::Tensor&, const OptionalTensor&,
+                                                                         const at::Tensor&, const at::Tensor&);
+
+constexpr char kLayerNormBackward[] = "fastgpt::LayerNormBackward";
+
+struct LayerNormBackwardNode : OpBackward<kLayerNormBackward> {
+  SavedVariable normalized_input, weight, mean, rstd;
+  bool has_weight = false, has_bias = false, has_residual = false;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    normalized_input.reset_data(), weight.reset_data(), mean.reset_data(), rstd.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = fastgpt_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&,
-        const at::Tensor&)>("fastgpt::layer_norm_backward");
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+  // grads: of out and (with a residual) of x + residual. Gradients for x, weight, bias, residual.
+  variable_list apply(variable_list&& grads) override {
+    static const auto op = fastgpt_op<LayerNormBackward>("fastgpt::layer_norm_backward");
     at::Tensor dout = grads[0];
     const at::Tensor dresidual_out = has_residual ? grads[1] : at::Tensor();
-    if (!dout.defined() && !dresidual_out.defined()) return variable_list(5);
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& normalized_input = saved[0];
-    if (!dout.defined()) dout = at::zeros_like(normalized_input);  // only x + residual was used downstream
+    if (!dout.defined() && !dresidual_out.defined()) return variable_list(4);
+    const at::Tensor input = normalized_input.unpack(getptr());
+    if (!dout.defined()) dout = at::zeros_like(input);  // only x + residual was used downstream
     auto [dx, dweight, dbias] =
-        op.call(dout, optional_of(dresidual_out), normalized_input, optional_of(saved[1]), saved[2], saved[3]);
-    return {dx, ctx->saved_data["has_weight"].toBool() ? dweight : at::Tensor(),
-            ctx->saved_data["has_bias"].toBool() ? dbias : at::Tensor(), has_residual ? dx : at::Tensor(),
-            at::Tensor()};
+        op.call(dout, optional_of(dresidual_out), input, optional_of(weight.unpack()), mean.unpack(), rstd.unpack());
+    return {dx, has_weight ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor(),
+            has_residual ? dx : at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_autograd(
     const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& residual,
     double eps) {
-  if (!records_grad(x, weight, bias, residual)) {
+  static const auto op = fastgpt_op<LayerNormForward>("fastgpt::layer_norm_forward");
+  auto [out, residual_out, mean, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return layer_norm_forward_op().call(x, weight, bias, residual, eps);
+    return op.call(x, weight, bias, residual, eps);
+  }();
+  if (!records_grad(x, weight, bias, residual)) return {out, residual_out, mean, rstd};
+  auto node = c10::make_intrusive<LayerNormBackwardNode>();
+  node->set_next_edges(collect_next_edges(x, weight, bias, residual));
+  set_history(out, node);
+  if (residual.has_value()) {
+    set_history(residual_out, node);  // without a residual, residual_out is an empty placeholder
+    node->normalized_input = SavedVariable(residual_out, true);
+  } else {
+    node->normalized_input = SavedVariable(x, false);
   }
-  const variable_list outputs = LayerNorm::apply(x, weight, bias, residual, eps);
-  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+  node->weight = SavedVariable(defined_or_empty(weight), false);
+  node->mean = SavedVariable(mean, false), node->rstd = SavedVariable(rstd, false);
+  node->has_weight = weight.has_value(), node->has_bias = bias.has_value();
+  node->has_residual = residual.has_value();
+  return {out, residual_out, mean, rstd};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Linear cross-entropy. With 'mean' or 'sum', the forward forms the gradients of the summed loss in
 // the same pass over the logits when autograd will need them, and the backward only scales them by
-// the upstream gradient. 'none' needs each row's upstream gradient, so its backward runs its own pass.
+// the upstream gradient (and 1 / kept rows for 'mean'). 'none' needs each row's upstream gradient, so
+// its backward runs its own pass.
 
-class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& targets, const OptionalTensor& bias, int64_t ignore_index,
-                               const std::string& reduction, bool compute_grad) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, dx, dweight, dbias] = linear_cross_entropy_forward_op().call(x, weight, targets, bias, ignore_index, reduction, compute_grad);
-    ctx->set_materialize_grads(false);  // the gradient outputs get no (vocab, channels) zero tensors
-    ctx->mark_non_differentiable({dx, dweight, dbias});
-    if (compute_grad) {
-      ctx->save_for_backward({targets, dx, dweight, dbias});
-    } else {
-      ctx->save_for_backward({targets, x, weight, defined_or_empty(bias)});
-    }
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return {loss, dx, dweight, dbias};
+using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, int64_t, c10::string_view, bool);
+using CrossEntropyBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                            const at::Tensor&, const OptionalTensor&,
+                                                                            const at::Tensor&, int64_t);
+
+constexpr char kCrossEntropyBackward[] = "fastgpt::LinearCrossEntropyBackward";
+
+struct CrossEntropyBackwardNode : OpBackward<kCrossEntropyBackward> {
+  // With gradients from the forward: dx, dweight, dbias, targets. Otherwise ('none'): x, weight, targets,
+  // bias.
+  SavedVariable dx, dweight, dbias, x, weight, targets, bias;
+  int64_t ignore_index = 0;
+  bool grads_in_forward = false, has_bias = false, is_mean = false;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    dx.reset_data(), dweight.reset_data(), dbias.reset_data();
+    x.reset_data(), weight.reset_data(), targets.reset_data(), bias.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = fastgpt_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, int64_t)>(
-        "fastgpt::linear_cross_entropy_backward");
-    const at::Tensor& dloss = grads[0];
-    if (!dloss.defined()) return variable_list(7);
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& targets = saved[0];
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    at::Tensor scale = dloss;  // () for 'mean'/'sum', targets' shape for 'none'
-    if (ctx->saved_data["reduction"].toStringRef() == "mean") {
-      // With no kept row the gradients of sum(loss) are zeros; max(kept, 1) keeps them zeros (as the
-      // reference's) instead of 0 * inf = NaN.
-      scale = dloss.div(at::ne(targets, ignore_index).sum().clamp_min(1));
+  // Gradients for x, weight, bias.
+  variable_list apply(variable_list&& grads) override {
+    static const auto op = fastgpt_op<CrossEntropyBackward>("fastgpt::linear_cross_entropy_backward");
+    const at::Tensor& dloss = grads[0];  // () for 'mean'/'sum', targets' shape for 'none'
+    if (!dloss.defined()) return variable_list(3);
+    if (grads_in_forward) {
+      // The forward formed the gradients of the summed loss: 'mean' divides by the kept rows (none
+      // kept: zeros, as the reference's, rather than 0 * inf).
+      const at::Tensor scale =
+          is_mean ? dloss.div(targets.unpack().ne(ignore_index).sum().clamp_min(1)) : dloss;  // ()
+      return {dx.unpack().mul(scale), dweight.unpack().mul(scale),
+              has_bias ? dbias.unpack().mul(scale) : at::Tensor()};
     }
-    at::Tensor dx, dweight, dbias;
-    if (ctx->saved_data["compute_grad"].toBool()) {
-      dx = saved[1].mul(scale);
-      dweight = saved[2].mul(scale);
-      if (has_bias) dbias = saved[3].mul(scale);
-    } else {
-      const at::Tensor row_grad = scale.expand(targets.sizes()).to(at::kFloat).contiguous();  // (...)
-      std::tie(dx, dweight, dbias) = op.call(saved[1], saved[2], targets, optional_of(saved[3]), row_grad, ignore_index);
-      if (!has_bias) dbias = at::Tensor();
-    }
-    return {dx, dweight, at::Tensor(), dbias, at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor row_grad = dloss.to(at::kFloat).contiguous();
+    auto [grad_x, grad_weight, grad_bias] =
+        op.call(x.unpack(), weight.unpack(), targets.unpack(), optional_of(bias.unpack()), row_grad, ignore_index);
+    return {grad_x, grad_weight, has_bias ? grad_bias : at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_autograd(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets, const OptionalTensor& bias,
     int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
-  if (!records_grad(x, weight, bias)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return linear_cross_entropy_forward_op().call(x, weight, targets, bias, ignore_index, reduction, compute_grad);
-  }
+  static const auto op = fastgpt_op<CrossEntropyForward>("fastgpt::linear_cross_entropy_forward");
+  const bool records = records_grad(x, weight, bias);
   // The gradients are formed in the forward pass, where autograd will ask for them ('mean' and 'sum').
-  const bool grads_in_forward = compute_grad || reduction != "none";
-  const variable_list outputs = LinearCrossEntropy::apply(x, weight, targets, bias, ignore_index,
-                                                          std::string(reduction), grads_in_forward);
-  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+  const bool grads_in_forward = compute_grad || (records && reduction != "none");
+  auto [loss, dx, dweight, dbias] = [&] {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, weight, targets, bias, ignore_index, reduction, grads_in_forward);
+  }();
+  if (!records) return {loss, dx, dweight, dbias};
+  auto node = c10::make_intrusive<CrossEntropyBackwardNode>();
+  node->set_next_edges(collect_next_edges(x, weight, bias));
+  set_history(loss, node);
+  if (grads_in_forward) {
+    node->dx = SavedVariable(dx, false), node->dweight = SavedVariable(dweight, false);
+    node->dbias = SavedVariable(dbias, false);
+  } else {
+    node->x = SavedVariable(x, false), node->weight = SavedVariable(weight, false);
+    node->bias = SavedVariable(defined_or_empty(bias), false);
+  }
+  node->targets = SavedVariable(targets, false);
+  node->ignore_index = ignore_index;
+  node->is_mean = reduction == "mean";
+  node->grads_in_forward = grads_in_forward;
+  node->has_bias = bias.has_value();
+  return {loss, dx, dweight, dbias};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Linear (the weight-streaming kernel for the few rows of a decode step): the backward is two GEMMs
 // and a column sum, run by ATen.
 
-class Linear : public torch::autograd::Function<Linear> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                               const OptionalTensor& bias) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({x, weight});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return {linear_op().call(x, weight, bias)};
+using LinearForward = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&);
+
+constexpr char kLinearBackward[] = "fastgpt::LinearBackward";
+
+struct LinearBackwardNode : OpBackward<kLinearBackward> {
+  SavedVariable x, weight;
+  bool has_bias = false;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data(), weight.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // Gradients for x, weight, bias.
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& dout = grads[0];  // (..., N)
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1];  // (..., K), (N, K)
-    const at::Tensor dout_rows = dout.reshape({-1, weight.size(0)});  // (M, N)
+    if (!dout.defined()) return variable_list(3);
+    const at::Tensor input = x.unpack(), w = weight.unpack();  // (..., K), (N, K)
+    const at::Tensor dout_rows = dout.reshape({-1, w.size(0)});  // (M, N)
     at::Tensor dx, dweight, dbias;
-    if (ctx->needs_input_grad(0)) dx = at::matmul(dout, weight);                           // (..., K)
-    if (ctx->needs_input_grad(1)) dweight = at::mm(dout_rows.t(), x.reshape({-1, x.size(-1)}));  // (N, K)
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) dbias = dout_rows.sum(0);  // (N,)
+    if (should_compute_output(0)) dx = at::matmul(dout, w);                                      // (..., K)
+    if (should_compute_output(1)) dweight = at::mm(dout_rows.t(), input.reshape({-1, w.size(1)}));  // (N, K)
+    if (has_bias && should_compute_output(2)) dbias = dout_rows.sum(0);                          // (N,)
     return {dx, dweight, dbias};
   }
 };
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
-  if (!records_grad(x, weight, bias)) {
+  static const auto op = fastgpt_op<LinearForward>("fastgpt::linear");
+  at::Tensor out = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return linear_op().call(x, weight, bias);
-  }
-  return Linear::apply(x, weight, bias)[0];
+    return op.call(x, weight, bias);
+  }();
+  if (!records_grad(x, weight, bias)) return out;
+  auto node = c10::make_intrusive<LinearBackwardNode>();
+  node->set_next_edges(collect_next_edges(x, weight, bias));
+  set_history(out, node);
+  node->x = SavedVariable(x, false), node->weight = SavedVariable(weight, false);
+  node->has_bias = bias.has_value();
+  return out;
 }
 
 }  // namespace
