@@ -3,9 +3,13 @@
 1. every op on every available backend, with its error against the float64 reference;
 2. speed against eager PyTorch and SDPA on this device;
 3. a tiny GPT trained on the standard library's sources with the fused kernels, interleaved step by
-   step with the same model on eager PyTorch ops (backend "reference"): the loss curves (PNG) and the
-   training tokens/s of both, recorded as JSON under benchmarks/results/;
-4. a sample from the trained model.
+   step with the same model on eager PyTorch ops (backend "reference"), for the training tokens/s of both;
+4. the fastgpt model trained on alone (it is the faster one) to the end of the one warmup + cosine
+   schedule planned over parts 3 and 4, so that what it writes reads like Python;
+5. its held-out loss and a sample.
+
+Everything it writes goes under --out (default ./demo-out, which git ignores): the loss curves
+(loss.png), the checkpoint and the record of the run (results.json).
 """
 
 import datetime
@@ -20,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 from torch.utils import benchmark
 
 import fastgpt
@@ -36,34 +42,53 @@ from fastgpt.train.tokenizer import ByteTokenizer
 
 # (batch, heads, kv_heads, seq, head_dim): GPT-2 small's attention at a length a CPU handles in seconds.
 ATTENTION_SHAPE = (2, 12, 12, 512, 64)
-# Model and batch of the training comparison. On CPU: small enough that both runs take a few hundred
-# steps in about a minute on 2 cores. On GPU: large enough that the kernels, not launches, dominate.
+# Model, batch and peak learning rate of the demo's training. On CPU: among the shapes tried (2-4 layers,
+# 128-160 wide, context 64-256, batches of 4-16, lr 2e-3 to 8e-3), one of the few that reached a held-out
+# loss of 1.44-1.47 in 180 CPU-seconds of one thread, about the fastgpt steps an idle 2-core machine takes
+# in the demo's 100 s of training (lr 6e-3 and up trained worse). max_steps caps the comparison only.
+# On GPU: large enough that the kernels, not launches, dominate.
 DEMO_MODEL = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=400),
-    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_steps=600),
+    "cpu": dict(n_layer=3, n_head=4, n_embd=128, block_size=64, batch_size=16, lr=3e-3, max_steps=400),
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, lr=2e-3, max_steps=600),
 }
-CALIBRATION_STEPS = 4  # interleaved steps timed to choose how many fit in --train-seconds; all in warmup
-WARMUP_STEPS = 20
-EVALUATIONS = 4  # held-out evaluations of the fastgpt run, the last at the end
+CALIBRATION_STEPS = 4  # interleaved steps before the first plan of how many fit in the time budgets
+PACE_STEPS = 20  # the latest steps whose median time is the pace that plans the steps left
+WARMUP_STEPS = 40
+EVALUATIONS = 8  # held-out evaluations over the run planned after calibration, and one at each end
 MIN_STEPS = 30  # on a machine too slow for more in --train-seconds, the demo overruns rather than train less
 PROMPT = "def "
+SAMPLE_BYTES = 400  # about ten lines of code: several context windows of the CPU model
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 20  # of 257 byte tokens: cuts the long tail of unlikely bytes that turns a sample into noise
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser):
     parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
     parser.add_argument(
-        "--out", default="demo-out", help="loss curve, checkpoint and results (default: ./demo-out)"
+        "--out",
+        default="demo-out",
+        help="the only place the demo writes: loss curves, checkpoint and results.json (default: ./demo-out)",
     )
     parser.add_argument(
-        "--train-seconds", type=float, default=60.0, help="time for the training comparison (default: 60)"
+        "--train-seconds",
+        type=float,
+        default=20.0,
+        help="time for the training comparison, fastgpt against eager PyTorch (default: 20)",
     )
     parser.add_argument(
-        "--steps", type=int, help="training steps (default: as many as fit in --train-seconds)"
+        "--continue-seconds",
+        type=float,
+        default=80.0,
+        help="time for training the fastgpt model on alone after the comparison (default: 80)",
     )
     parser.add_argument(
-        "--results-dir",
-        help="where the JSON record goes (default: benchmarks/results in a source checkout, else --out)",
+        "--steps", type=int, help="steps of the comparison (default: as many as fit in --train-seconds)"
+    )
+    parser.add_argument(
+        "--continue-steps",
+        type=int,
+        help="steps of the fastgpt model alone (default: as many as fit in --continue-seconds)",
     )
 
 
@@ -246,7 +271,7 @@ def speed_table(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Training: fastgpt against eager PyTorch, interleaved
+# 3. Training: fastgpt against eager PyTorch, interleaved; 4. fastgpt on alone
 
 
 def chosen_backends(config, device, dtype):
@@ -260,16 +285,40 @@ def chosen_backends(config, device, dtype):
     return {op: dispatch.choose_backend(op, "auto", device.type, dtype, fact) for op, fact in facts.items()}
 
 
-def train_comparison(device, args, console):
-    """Trains the demo GPT with fastgpt's kernels and the same GPT on eager ops, a step of each in
-    turn on the same batches; returns the results (tokens/s of both, losses) and both Trainers."""
+def check_step_counts(args):
     if args.steps is not None and args.steps <= CALIBRATION_STEPS:
         raise UserError(
             f"--steps must be more than {CALIBRATION_STEPS} (the untimed warm-up steps), got {args.steps}"
         )
+    if args.continue_steps is not None and args.continue_steps < 0:
+        raise UserError(f"--continue-steps must be at least 0, got {args.continue_steps}")
+    if args.train_seconds < 0 or args.continue_seconds < 0:
+        raise UserError(
+            f"--train-seconds and --continue-seconds must be at least 0, got {args.train_seconds} and "
+            f"{args.continue_seconds}"
+        )
+
+
+def steps_left(deadline, step_seconds):
+    """How many more steps fit before deadline (a time.perf_counter() value) at the median of the
+    latest step times: the median of a few, since another program on the machine can slow any one step."""
+    pace = statistics.median(step_seconds[-PACE_STEPS:])
+    return max(0, int((deadline - time.perf_counter()) / pace))
+
+
+def evaluate_once(trainer):
+    """The held-out loss at the trainer's current step, evaluated unless it already was."""
+    if trainer.evals[-1]["step"] != trainer.step:
+        trainer.evaluate()
+    return trainer.evals[-1]["loss"]
+
+
+def demo_trainers(device):
+    """The demo GPT with fastgpt's kernels and the same GPT on eager ops (backend "reference"): their
+    Trainers, which start from the same weights and draw the same batches, and the corpus."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = dict(DEMO_MODEL[device.type])
-    batch_size, max_steps = spec.pop("batch_size"), spec.pop("max_steps")
+    batch_size, lr, max_steps = spec.pop("batch_size"), spec.pop("lr"), spec.pop("max_steps")
     tokenizer = ByteTokenizer()
     corpus = read_corpus(None)
     train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), spec["block_size"])
@@ -279,31 +328,50 @@ def train_comparison(device, args, console):
     eager_model = GPT(GPTConfig(**{**config.to_dict(), "backend": "reference"})).to(device)
     eager_model.load_state_dict(fused_model.state_dict())
     settings = dict(
-        steps=args.steps or max_steps, batch_size=batch_size, seq_len=config.block_size, lr=2e-3,
-        warmup=WARMUP_STEPS, eval_windows=32, seed=0,
+        steps=max_steps, batch_size=batch_size, seq_len=config.block_size, lr=lr, warmup=WARMUP_STEPS,
+        eval_windows=64, seed=0,
     )  # fmt: skip
     env = runtime.Runtime(device, dtype)
-    fused = Trainer(
-        fused_model, tokenizer, train_tokens, val_tokens, Settings(**settings), env, data_name=corpus.name
+    fused, eager = (
+        Trainer(model, tokenizer, train_tokens, val_tokens, Settings(**settings), env, data_name=corpus.name)
+        for model in (fused_model, eager_model)
     )
-    eager = Trainer(
-        eager_model, tokenizer, train_tokens, val_tokens, Settings(**settings), env, data_name=corpus.name
-    )
-    backends = chosen_backends(config, device, dtype)
+    return fused, eager, corpus
+
+
+def describe_training(fused, corpus, backends, console):
+    config, settings = fused.model.config, fused.settings
     console.print(
-        f"[bold]training[/bold] a {fused_model.num_params() / 1e6:.2f}M-parameter GPT ({config.n_layer} layers, "
-        f"{config.n_embd} wide, context {config.block_size}) on {corpus.name}, batches of {batch_size} x "
-        f"{config.block_size} bytes, {dtype}.\nfastgpt runs {', '.join(f'{op} on {b}' for op, b in backends.items())}; "
-        "the eager copy runs every op as plain PyTorch (backend 'reference'). Both start from the same weights and "
-        "take turns, one step each, on the same batches."
+        f"[bold]training[/bold] a {fused.model.num_params() / 1e6:.2f}M-parameter GPT ({config.n_layer} layers, "
+        f"{config.n_embd} wide, context {config.block_size}) on {corpus.name}, batches of {settings.batch_size} x "
+        f"{settings.seq_len} bytes, {fused.runtime.dtype}.\nfastgpt runs "
+        f"{', '.join(f'{op} on {b}' for op, b in backends.items())}; the eager copy runs every op as plain "
+        "PyTorch (backend 'reference'). Both start from the same weights and take turns, one step each, on the "
+        "same batches."
     )
     if set(backends.values()) == {"reference"}:
         console.print(
             "[yellow]no kernel backend is available here, so both runs use the same eager ops[/yellow]"
         )
+
+
+def train_comparison(device, args, console):
+    """Trains the demo GPT with fastgpt's kernels and the same GPT on eager ops, a step of each in
+    turn on the same batches; returns the results (tokens/s of both, losses) and both Trainers.
+
+    Both follow one warmup + cosine schedule over this comparison and the fastgpt model's training on
+    alone after it (train_alone): the fastgpt run is one run, whose second part the eager copy skips.
+    Where step counts are not given, the schedule's end moves with every step to where the time
+    budgets say at the pace measured so far, so that the run ends on time and at the end of its cosine."""
+    check_step_counts(args)
+    fused, eager, corpus = demo_trainers(device)
+    max_steps = fused.settings.steps
+    backends = chosen_backends(fused.model.config, device, fused.runtime.dtype)
+    describe_training(fused, corpus, backends, console)
     fused.evaluate()
+    comparison_steps = args.steps or max_steps  # until the calibration steps have measured the pace
     seconds = {"fastgpt": 0.0, "eager": 0.0}
-    pair_seconds = []
+    pair_seconds, fastgpt_seconds = [], []
 
     def timed_step(trainer, name):
         started = time.perf_counter()
@@ -313,39 +381,53 @@ def train_comparison(device, args, console):
             seconds[name] += elapsed
         return loss, elapsed
 
+    def plan():
+        """The steps of the comparison and the end of the schedule, at the pace of the steps after
+        the first pair, which warms up."""
+        nonlocal comparison_steps
+        if args.steps is None:
+            fit = fused.step + steps_left(deadline, pair_seconds[1:])
+            comparison_steps = min(max_steps, max(MIN_STEPS, fit))
+        alone_steps = args.continue_steps
+        if alone_steps is None:
+            alone_steps = int(args.continue_seconds / statistics.median(fastgpt_seconds[1:][-PACE_STEPS:]))
+        fused.settings.steps = eager.settings.steps = comparison_steps + alone_steps
+
+    deadline = time.perf_counter() + args.train_seconds
     with progress_bar(console) as progress:
-        task = progress.add_task("fastgpt", total=fused.settings.steps, loss=float("nan"), tokens_per_s=0.0)
+        task = progress.add_task(
+            "fastgpt vs eager", total=comparison_steps, loss=float("nan"), tokens_per_s=0.0
+        )
         runs = [(fused, "fastgpt"), (eager, "eager")]
-        while fused.step < fused.settings.steps:
+        while fused.step < comparison_steps:
             step_seconds, losses = {}, {}
             for trainer, name in runs if fused.step % 2 == 0 else runs[::-1]:  # neither always goes first
                 losses[name], step_seconds[name] = timed_step(trainer, name)
             pair_seconds.append(step_seconds["fastgpt"] + step_seconds["eager"])
-            if fused.step == CALIBRATION_STEPS and args.steps is None:
-                per_pair = statistics.median(pair_seconds[1:])  # the first pair warms up
-                steps = int(min(max_steps, max(MIN_STEPS, CALIBRATION_STEPS + args.train_seconds / per_pair)))
-                fused.settings.steps = eager.settings.steps = steps
-                progress.update(task, total=steps)
+            fastgpt_seconds.append(step_seconds["fastgpt"])
+            if fused.step >= CALIBRATION_STEPS:
+                plan()
+            if fused.step == CALIBRATION_STEPS:  # held-out evaluations spread over the planned run
+                fused.settings.eval_every = max(1, fused.settings.steps // EVALUATIONS)
             progress.update(
                 task,
+                total=comparison_steps,
                 advance=1,
                 loss=losses["fastgpt"],
                 tokens_per_s=fused.tokens_per_step / step_seconds["fastgpt"],
             )
-            if (
-                fused.step % max(1, fused.settings.steps // EVALUATIONS) == 0
-                and fused.step < fused.settings.steps
-            ):
+            if fused.step % fused.settings.eval_every == 0:
                 fused.evaluate()
-    held_out = fused.evaluate()
+    held_out = evaluate_once(fused)
     timed_steps = fused.step - CALIBRATION_STEPS
     tokens_per_s = {name: fused.tokens_per_step * timed_steps / s for name, s in seconds.items()}
     results = {
-        "model": {k: v for k, v in config.to_dict().items() if k != "backend"},
+        "model": {k: v for k, v in fused.model.config.to_dict().items() if k != "backend"},
         "fastgpt_backends": backends,
-        "dtype": str(dtype).replace("torch.", ""),
-        "batch_size": batch_size,
-        "seq_len": config.block_size,
+        "dtype": str(fused.runtime.dtype).replace("torch.", ""),
+        "batch_size": fused.settings.batch_size,
+        "seq_len": fused.settings.seq_len,
+        "lr": fused.settings.lr,
         "steps": fused.step,
         "timed_steps": timed_steps,
         "data": corpus.name,
@@ -356,6 +438,45 @@ def train_comparison(device, args, console):
         "held_out_perplexity": math.exp(held_out),
     }
     return results, fused, eager
+
+
+def train_alone(trainer, args, console):
+    """Trains the fastgpt model on to the end of its schedule: --continue-steps more steps, or, moving
+    the end with every step, as many as fit in --continue-seconds. Returns what that took and reached."""
+    first_step, started = trainer.step, time.perf_counter()
+    deadline = started + args.continue_seconds
+    step_seconds = []
+    with progress_bar(console) as progress:
+        task = progress.add_task(
+            "fastgpt alone",
+            total=trainer.settings.steps,
+            completed=trainer.step,
+            loss=float("nan"),
+            tokens_per_s=0.0,
+        )
+        while trainer.step < trainer.settings.steps:
+            step_started = time.perf_counter()
+            loss = trainer.train_step()
+            step_seconds.append(time.perf_counter() - step_started)
+            if args.continue_steps is None:
+                trainer.settings.steps = trainer.step + steps_left(deadline, step_seconds)
+            progress.update(
+                task,
+                total=trainer.settings.steps,
+                advance=1,
+                loss=loss,
+                tokens_per_s=trainer.tokens_per_step / step_seconds[-1],
+            )
+            if trainer.step % trainer.settings.eval_every == 0:
+                trainer.evaluate()
+    held_out = evaluate_once(trainer)
+    return {
+        "steps": trainer.step - first_step,
+        "seconds": time.perf_counter() - started,
+        "train_loss": trainer.history[-1]["loss"],
+        "held_out_loss": held_out,
+        "held_out_perplexity": math.exp(held_out),
+    }
 
 
 def plot_losses(fused, eager, results, path):
@@ -376,6 +497,8 @@ def plot_losses(fused, eager, results, path):
     axes.plot(
         [e["step"] for e in fused.evals], [e["loss"] for e in fused.evals], "o-", label="fastgpt, held-out"
     )
+    if fused.step > eager.step:
+        axes.axvline(eager.step, color="grey", linestyle=":", label="from here fastgpt trains alone")
     speed = results["tokens_per_s"]
     axes.set(
         xlabel="step", ylabel="cross-entropy (nats per byte)",
@@ -389,7 +512,28 @@ def plot_losses(fused, eager, results, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The record under benchmarks/results
+# 5. A sample
+
+
+def sample(model, tokenizer, prompt, length):
+    """The tokens of prompt and of what the model writes after it, up to length tokens in all (fewer if
+    it ends the document). GPT.generate's KV cache holds one context window, so past the first window
+    the text goes on from the last half window."""
+    block_size = model.config.block_size
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt)
+    while len(ids) < length and tokenizer.eot_id not in ids:
+        context = ids[-(block_size // 2) :]
+        generated = model.generate(
+            torch.tensor([context], device=device), min(block_size - len(context), length - len(ids)),
+            temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, eos_token_id=tokenizer.eot_id,
+        )  # fmt: skip
+        ids += generated[0, len(context) :].tolist()
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The record of the run
 
 
 def git_sha():
@@ -407,12 +551,17 @@ def git_sha():
     return f"{sha}-dirty" if dirty else sha
 
 
+def command_line(args):
+    """The `fastgpt demo` command of this run, with the step counts it was given."""
+    given = {"--steps": args.steps, "--continue-steps": args.continue_steps}
+    return " ".join(
+        ["fastgpt demo"] + [f"{flag} {value}" for flag, value in given.items() if value is not None]
+    )
+
+
 def write_record(results, device, args, wall_seconds):
-    directory = args.results_dir
-    if directory is None:
-        in_checkout = (REPO_ROOT / "benchmarks").is_dir() and (REPO_ROOT / "fastgpt").is_dir()
-        directory = REPO_ROOT / "benchmarks" / "results" if in_checkout else Path(args.out)
-    os.makedirs(directory, exist_ok=True)
+    """Writes the record of the run to --out/results.json, and nowhere else, so that a checkout stays
+    clean. A run worth keeping is committed by copying it to benchmarks/results/<date>-demo-<device>.json."""
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
         "kind": "demo training tokens/s, fastgpt vs eager PyTorch (same model, same batches, interleaved steps)",
@@ -424,11 +573,14 @@ def write_record(results, device, args, wall_seconds):
         "load_average_1m": os.getloadavg()[0],  # other work on the machine slows both runs alike
         "versions": package_versions(),
         "available_backends": fastgpt.available_backends(),
-        "command": "fastgpt demo" + ("" if args.steps is None else f" --steps {args.steps}"),
+        "command": command_line(args),
+        "train_seconds": args.train_seconds,
+        "continue_seconds": args.continue_seconds,
         "demo_wall_s": wall_seconds,
         **results,
     }
-    path = Path(directory) / f"{now.date().isoformat()}-demo-{device.type}.json"
+    path = Path(args.out) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -447,31 +599,39 @@ def run(args):
     console.print(speed_table(device))
     console.rule("[bold]3. training: fastgpt against eager PyTorch")
     results, fused, eager = train_comparison(device, args, console)
+    speed = results["tokens_per_s"]
+    console.print(
+        f"{results['steps']} steps each: held-out loss {results['held_out_loss']:.3f}; training "
+        f"[bold]{speed['fastgpt']:,.0f} tok/s with fastgpt vs {speed['eager']:,.0f} tok/s eager: "
+        f"{results['speedup']:.2f}x[/bold]"
+    )
+    console.rule("[bold]4. training on: fastgpt alone")
+    alone = results["continued"] = train_alone(fused, args, console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fused.save(str(out / "checkpoint"))
     plot_losses(fused, eager, results, out / "loss.png")
-    speed = results["tokens_per_s"]
     console.print(
-        f"{results['steps']} steps: held-out loss {results['held_out_loss']:.3f} "
-        f"(perplexity {results['held_out_perplexity']:.2f}); training [bold]{speed['fastgpt']:,.0f} tok/s with "
-        f"fastgpt vs {speed['eager']:,.0f} tok/s eager: {results['speedup']:.2f}x[/bold]\n"
+        f"{alone['steps']} more steps in {alone['seconds']:.0f} s\n"
         f"loss curves: {out / 'loss.png'}; checkpoint: {out / 'checkpoint'}"
     )
-    console.rule("[bold]4. a sample")
-    from fastgpt.generate_cli import stream
-
+    console.rule("[bold]5. the trained model")
     torch.manual_seed(0)
-    prompt = fused.tokenizer.encode(PROMPT)
-    print(PROMPT, end="", flush=True)
-    stream(
-        fused.compute_model, fused.tokenizer, prompt, max_new_tokens=fused.model.config.block_size - len(prompt),
-        temperature=0.8, top_p=0.95,
-    )  # fmt: skip
+    text = fused.tokenizer.decode(sample(fused.compute_model, fused.tokenizer, PROMPT, SAMPLE_BYTES))
     wall_seconds = time.perf_counter() - started
-    path = write_record(results, device, args, wall_seconds)
+    record = write_record(results, device, args, wall_seconds)
     console.print(
-        f"\ndemo finished in {wall_seconds:.0f} s; recorded in {path}\n"
+        Panel(
+            Text(text),
+            title=f"a sample (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K})",
+            title_align="left",
+        )
+    )
+    console.print(
+        f"[bold]held-out loss {alone['held_out_loss']:.3f} nats per byte[/bold] (perplexity "
+        f"{alone['held_out_perplexity']:.2f}) after {fused.step} steps, {fused.step * fused.tokens_per_step:,} "
+        f"bytes of {results['data']}\n"
+        f"demo finished in {wall_seconds:.0f} s; it wrote only under {out}: {record.name}, loss.png, checkpoint\n"
         f"try: fastgpt generate 'import ' --checkpoint {out / 'checkpoint'}"
     )
     return 0

@@ -1,16 +1,21 @@
-"""`fastgpt demo`'s parts that are not timing: the backend error table and the training comparison with
-its loss-curve PNG and JSON record (a few steps; the whole demo takes about 2 minutes)."""
+"""`fastgpt demo`'s parts that are not timing: the backend error table, the training comparison and the
+training on alone after it, the loss-curve PNG and JSON record, and where the demo writes (a few steps;
+the whole demo takes about 2 minutes)."""
 
 import argparse
 import io
 import json
 import re
+import subprocess
+import time
 
 import pytest
 import torch
 from rich.console import Console
 
 from fastgpt import demo
+from fastgpt.nn import GPT, GPTConfig
+from fastgpt.train.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,6 +25,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def demo_args(out, steps, continue_steps):
+    return argparse.Namespace(
+        device="cpu", out=str(out), train_seconds=60.0, continue_seconds=60.0, steps=steps,
+        continue_steps=continue_steps,
+    )  # fmt: skip
 
 
 def test_backend_table_covers_every_op_with_small_errors(monkeypatch):
@@ -35,36 +47,87 @@ def test_backend_table_covers_every_op_with_small_errors(monkeypatch):
         assert len(errors) == 2 and all(0 < e < 1e-4 for e in errors), row  # float32 against float64
 
 
-def test_training_comparison_plots_and_records(tmp_path):
-    args = argparse.Namespace(
-        steps=8, train_seconds=60.0, out=str(tmp_path), results_dir=str(tmp_path / "results")
-    )
+def test_training_comparison_then_alone_plots_and_records(tmp_path):
+    args = demo_args(tmp_path, steps=8, continue_steps=4)
     console = Console(file=io.StringIO())
     results, fused, eager = demo.train_comparison(torch.device("cpu"), args, console)
     assert results["steps"] == 8 and results["timed_steps"] == 8 - demo.CALIBRATION_STEPS
     assert results["tokens_per_s"]["fastgpt"] > 0 and results["tokens_per_s"]["eager"] > 0
-    assert results["speedup"] == pytest.approx(
-        results["tokens_per_s"]["fastgpt"] / results["tokens_per_s"]["eager"]
-    )
+    speedup = results["tokens_per_s"]["fastgpt"] / results["tokens_per_s"]["eager"]
+    assert results["speedup"] == pytest.approx(speedup)
     # Same initial weights, same batches: the two runs learn the same thing.
     fused_losses = [h["loss"] for h in fused.history]
     eager_losses = [h["loss"] for h in eager.history]
     assert fused_losses == pytest.approx(eager_losses, rel=1e-3)
     assert results["held_out_loss"] < fused.evals[0]["loss"]
+    assert fused.settings.steps == 12  # one schedule over the comparison and the steps alone after it
+
+    alone = demo.train_alone(fused, args, console)
+    assert alone["steps"] == 4 and fused.step == 12 and eager.step == 8
+    assert fused.evals[-1] == {
+        "step": 12,
+        "loss": alone["held_out_loss"],
+        "perplexity": alone["held_out_perplexity"],
+    }
+    assert alone["held_out_loss"] < results["held_out_loss"]
+    results["continued"] = alone
 
     demo.plot_losses(fused, eager, results, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     path = demo.write_record(results, torch.device("cpu"), args, wall_seconds=1.0)
     record = json.loads(path.read_text())
-    assert path.name.endswith("-demo-cpu.json") and path.parent == tmp_path / "results"
-    for key in (
-        "date",
-        "git_sha",
-        "device",
-        "versions",
-        "available_backends",
-        "fastgpt_backends",
-        "tokens_per_s",
-    ):
-        assert key in record
+    assert path == tmp_path / "results.json"
+    assert record["command"] == "fastgpt demo --steps 8 --continue-steps 4"
+    keys = {"date", "git_sha", "device", "versions", "available_backends", "fastgpt_backends", "continued"}
+    assert keys <= record.keys()
     assert record["speedup"] == results["speedup"] and record["versions"]["torch"] == torch.__version__
+
+
+def test_steps_left_at_the_median_pace():
+    # Slow first steps drop out of the latest PACE_STEPS, and the median leaves out one slow step.
+    step_seconds = [50.0] * 5 + [2.0] * (demo.PACE_STEPS - 1) + [100.0]
+    assert demo.steps_left(time.perf_counter() + 10.5, step_seconds) == 5
+    assert demo.steps_left(time.perf_counter() - 1.0, step_seconds) == 0
+
+
+def test_training_alone_out_of_time_ends_its_schedule_where_it_stops(tmp_path):
+    fused, _, _ = demo.demo_trainers(torch.device("cpu"))
+    fused.evaluate()
+    args = demo_args(tmp_path, steps=None, continue_steps=None)
+    args.continue_seconds = 0.0
+    alone = demo.train_alone(fused, args, Console(file=io.StringIO()))
+    assert alone["steps"] == 1 and fused.settings.steps == fused.step == 1
+    assert fused.evals[-1]["step"] == 1
+
+
+def test_sample_goes_on_past_the_context_window():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    tokenizer = ByteTokenizer(eot=False)  # an untrained model may write 256 at any step: no end of document
+    ids = demo.sample(model, tokenizer, demo.PROMPT, 3 * 16 + 5)
+    assert len(ids) == 3 * 16 + 5 and ids[: len(demo.PROMPT)] == tokenizer.encode(demo.PROMPT)
+
+
+def git_status(repo):
+    return subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+
+def test_demo_writes_only_under_out(tmp_path, monkeypatch):
+    """The whole demo, its tables stubbed out and a few steps, leaves the checkout as it found it and
+    writes nothing in the working directory: everything goes under --out."""
+    try:
+        before = git_status(demo.REPO_ROOT)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    for table in ("backend_table", "attention_table", "speed_table"):
+        monkeypatch.setattr(demo, table, lambda device: "(table left out)")
+    working_dir, out = tmp_path / "cwd", tmp_path / "out"
+    working_dir.mkdir()
+    monkeypatch.chdir(working_dir)
+    assert demo.run(demo_args(out, steps=6, continue_steps=2)) == 0
+    assert git_status(demo.REPO_ROOT) == before
+    assert list(working_dir.iterdir()) == []
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "loss.png", "results.json"]
