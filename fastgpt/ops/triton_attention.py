@@ -17,6 +17,15 @@ group in turn (so the group's sum is formed in registers: no atomics, determinis
 program per block of queries accumulates dQ over the key blocks it sees. Both recompute
 P = exp2(scale * log2(e) * q.k - lse * log2(e)) from the saved logsumexp.
 
+Float32 inputs order those steps differently, because rounding a scaled logit errs by up to half
+its ulp, and at logits of 30-60 that is up to 2.6e-6 relative in P, as much as eager's whole error,
+which the tests allow only twice. The forward keeps the raw scores and their running max and
+scales the difference, (q.k - max) * scale * log2(e), exact near the max where P matters; it forms
+lse = max * scale + log(sum) with one rounding (an FMA). The backward subtracts before scaling too,
+with lse split into a raw-score part and a small remainder (_lse_terms). Per score that is the same
+number of operations in the forward and one more in the backward, next to float32's FMA products;
+16-bit inputs, whose P is rounded to 16 bits for the next product anyway, keep the form above.
+
 head_dim is padded to BLOCK_D, the next power of two (at least 16, the smallest tl.dot K), with
 masked loads and stores. Autotune configurations are chosen per GPU capability, built lazily on the
 first launch (importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
@@ -200,14 +209,21 @@ def _forward_inner(
     for start_n in range(key_start, key_end, BLOCK_N):
         keys = start_n + offs_n
         k = _load_tile(k_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if q.dtype != tl.float32:
+            scores *= qk_scale  # base-2 units: the max and exponents below need no further product
         if ON_DIAGONAL:
             scores = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, scores, float("-inf"))
         # Key 0 is in the first block visited and every query sees it, so the max is finite from the
         # first iteration on and -inf - -inf never happens.
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
+        if q.dtype == tl.float32:
+            # Raw scores: subtract the max first (exact near it), then scale; see the module docstring.
+            rescale = tl.exp2((row_max - new_max) * qk_scale)
+            p = tl.exp2((scores - new_max[:, None]) * qk_scale)
+        else:
+            rescale = tl.exp2(row_max - new_max)
+            p = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
@@ -273,7 +289,7 @@ def _attention_forward_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw scores for fp32, else base 2
     qk_scale = softmax_scale * LOG2E
 
     diag_offset = kv_len - q_len
@@ -329,7 +345,10 @@ def _attention_forward_kernel(
     out = acc / row_sum[:, None]
     o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
+    if q.dtype == tl.float32:
+        lse = tl.fma(row_max, softmax_scale, tl.log(row_sum))  # one rounding of the large term
+    else:
+        lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
     tl.store(Lse + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=rows_ok)
 
 
@@ -367,6 +386,35 @@ def _attention_backward_preprocess_kernel(
 
 
 @triton.jit
+def _lse_terms(lse, softmax_scale, FLOAT32: tl.constexpr):
+    """The row terms (hi, lo) that _probabilities takes, from the forward's natural-log logsumexp.
+    16-bit inputs: (lse * log2(e), 0). Float32: hi = lse / softmax_scale in raw-score units, and
+    lo = (hi * softmax_scale - lse) * log2(e), the part of lse that the rounded hi misses: the FMA
+    forms that small difference with a single rounding, so hi and lo together keep lse exact to
+    within a rounding of lo."""
+    if FLOAT32:
+        hi = lse / softmax_scale
+        lo = tl.fma(hi, softmax_scale, -lse) * LOG2E
+    else:
+        hi = lse * LOG2E
+        lo = tl.zeros_like(hi)
+    return hi, lo
+
+
+@triton.jit
+def _probabilities(scores, lse_hi, lse_lo, qk_scale, FLOAT32: tl.constexpr):
+    """P = exp2(scores * qk_scale - lse * log2(e)) from raw scores and the _lse_terms broadcast against
+    them; qk_scale = softmax_scale * log2(e)."""
+    if FLOAT32:
+        # Wherever P is not negligible, scores is close to hi and their difference is exact, so the
+        # exponent is rounded only relative to its own small size (see the module docstring).
+        p = tl.exp2(tl.fma(scores - lse_hi, qk_scale, lse_lo))
+    else:
+        p = tl.exp2(scores * qk_scale - lse_hi)
+    return p
+
+
+@triton.jit
 def _backward_dkdv_inner(
     dk,
     dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
@@ -384,7 +432,8 @@ def _backward_dkdv_inner(
     query_end,  # the range of queries to visit, query_start a multiple of BLOCK_M
     diag_offset,
     q_len,
-    qk_scale,
+    softmax_scale,
+    qk_scale,  # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -397,10 +446,11 @@ def _backward_dkdv_inner(
         rows_ok = queries < q_len
         # Rows past q_len read as zeros (q, dO, lse, delta), so they add exactly 0 to dK and dV.
         q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0) * LOG2E
+        lse = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0)
+        lse_hi, lse_lo = _lse_terms(lse, softmax_scale, q.dtype == tl.float32)
         # Work transposed, keys along rows, so P^T and dS^T come out ready for the dK/dV products.
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(scores_t * qk_scale - lse2[None, :])
+        p_t = _probabilities(scores_t, lse_hi[None, :], lse_lo[None, :], qk_scale, q.dtype == tl.float32)
         if ON_DIAGONAL:
             p_t = tl.where(offs_n[:, None] <= queries[None, :] + diag_offset, p_t, 0.0)
         do = _load_tile(do_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
@@ -512,6 +562,7 @@ def _attention_backward_dkdv_kernel(
             full_start,
             diag_offset,
             q_len,
+            softmax_scale,
             qk_scale,
             HEAD_DIM,
             BLOCK_D,
@@ -537,6 +588,7 @@ def _attention_backward_dkdv_kernel(
             q_len,
             diag_offset,
             q_len,
+            softmax_scale,
             qk_scale,
             HEAD_DIM,
             BLOCK_D,
@@ -560,8 +612,9 @@ def _backward_dq_inner(
     dq,  # running (BLOCK_M, BLOCK_D) fp32 gradient of this query block
     q,
     do,  # (BLOCK_M, BLOCK_D) query and output-gradient tiles
-    lse2,
-    delta,  # (BLOCK_M,) base-2 logsumexp and rowsum(dO * O)
+    lse_hi,
+    lse_lo,  # (BLOCK_M,) _lse_terms of the rows' logsumexps
+    delta,  # (BLOCK_M,) rowsum(dO * O)
     k_ptrs,
     v_ptrs,  # pointers to the first key/value tile of the range
     stride_kt,
@@ -572,7 +625,7 @@ def _backward_dq_inner(
     key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
     diag_offset,
     kv_len,
-    qk_scale,
+    qk_scale,  # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -585,7 +638,7 @@ def _backward_dq_inner(
         k = _load_tile(k_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
         v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(scores * qk_scale - lse2[:, None])
+        p = _probabilities(scores, lse_hi[:, None], lse_lo[:, None], qk_scale, q.dtype == tl.float32)
         if ON_DIAGONAL:
             p = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -653,11 +706,12 @@ def _attention_backward_dq_kernel(
     q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(do_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
     row_stats = batch_head.to(tl.int64) * q_len + offs_m
-    lse2 = tl.load(Lse + row_stats, mask=rows_ok, other=0.0) * LOG2E
+    lse = tl.load(Lse + row_stats, mask=rows_ok, other=0.0)
     delta = tl.load(Delta + row_stats, mask=rows_ok, other=0.0)
     k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
     v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lse_hi, lse_lo = _lse_terms(lse, softmax_scale, q.dtype == tl.float32)
     qk_scale = softmax_scale * LOG2E
 
     diag_offset = kv_len - q_len
@@ -667,7 +721,8 @@ def _attention_backward_dq_kernel(
         dq,
         q,
         do,
-        lse2,
+        lse_hi,
+        lse_lo,
         delta,
         k_ptrs,
         v_ptrs,
@@ -690,7 +745,8 @@ def _attention_backward_dq_kernel(
         dq,
         q,
         do,
-        lse2,
+        lse_hi,
+        lse_lo,
         delta,
         k_ptrs + full_end * stride_kt,
         v_ptrs + full_end * stride_vt,

@@ -133,18 +133,25 @@ def _decode_partial_kernel(
 
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # raw scores for fp32, else base 2
     qk_scale = softmax_scale * LOG2E
     for start_n in range(key_start, key_end, BLOCK_N):
         keys_ok = start_n + offs_n < key_end
         tile_mask = keys_ok[:, None] & dims_ok[None, :]
         k = tl.load(k_ptrs, mask=tile_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_H, BLOCK_N)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
+        if q.dtype != tl.float32:
+            scores *= qk_scale  # base-2 units: the max and exponents below need no further product
         scores = tl.where(keys_ok[None, :], scores, float("-inf"))
         # Every split holds at least one key, and the first block of a split starts with one.
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
+        if q.dtype == tl.float32:
+            # Raw scores: subtract the max first, then scale (as triton_attention's forward, which says why).
+            rescale = tl.exp2((row_max - new_max) * qk_scale)
+            p = tl.exp2((scores - new_max[:, None]) * qk_scale)
+        else:
+            rescale = tl.exp2(row_max - new_max)
+            p = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         v = tl.load(v_ptrs, mask=tile_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
@@ -156,7 +163,10 @@ def _decode_partial_kernel(
     partial = ((batch * kv_heads + kv_head) * group + offs_h) * num_splits + split
     out_ptrs = PartialOut + partial[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(out_ptrs, acc / row_sum[:, None], mask=heads_ok[:, None] & dims_ok[None, :])
-    lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
+    if q.dtype == tl.float32:
+        lse = tl.fma(row_max, softmax_scale, tl.log(row_sum))  # one rounding of the large term
+    else:
+        lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
     tl.store(PartialLse + partial, lse, mask=heads_ok)
 
 
