@@ -501,14 +501,18 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   std::optional<at::Tensor> bias;
   if (bias_in) bias = bias_in->contiguous();
 
+  const int64_t chunk = cross_entropy_chunk_rows(tokens, vocab);
+  // One chunk (every small batch) takes dweight from one GEMM, with no accumulator and no views: at a
+  // decode-sized batch each ATen call costs more than the kernel. No rows: zero gradients.
+  const bool one_chunk = tokens > 0 && chunk == tokens;
   CrossEntropyResult result;
   result.loss = new_output({tokens}, x.options().dtype(at::kFloat));
   at::Tensor dweight_acc, dbias_acc, dweight_chunk;
   if (with_grad) {
     result.dx = new_output({tokens, channels}, x.options());
-    dweight_acc = at::zeros({vocab, channels}, x.options().dtype(at::kFloat));
+    if (!one_chunk) dweight_acc = at::zeros({vocab, channels}, x.options().dtype(at::kFloat));
     if (bias) dbias_acc = at::zeros({vocab}, x.options().dtype(at::kFloat));
-    if (x.scalar_type() != at::kFloat) dweight_chunk = at::empty({vocab, channels}, x.options());
+    if (!one_chunk && x.scalar_type() != at::kFloat) dweight_chunk = at::empty({vocab, channels}, x.options());
   }
   CrossEntropyParams p{};
   p.dtype = kernel_dtype(x);
@@ -524,22 +528,22 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   p.row_grad = row_grad ? row_grad->data_ptr<float>() : nullptr;
   if (with_grad) {
     p.dx = matrix(result.dx);
-    p.dweight = dweight_acc.data_ptr<float>();
     p.dbias = bias ? dbias_acc.data_ptr<float>() : nullptr;
   }
-  const int64_t chunk = cross_entropy_chunk_rows(tokens, vocab);
   p.chunk_size = static_cast<int32_t>(chunk);
   at::Tensor logits = at::empty({chunk, vocab}, x.options());  // (chunk, V): logits, then dlogits
   for (int64_t begin = 0; begin < tokens; begin += chunk) {
     const int64_t rows = std::min(chunk, tokens - begin);
-    at::Tensor x_chunk = x.narrow(0, begin, rows);
-    at::Tensor chunk_logits = logits.narrow(0, 0, rows);
+    const at::Tensor x_chunk = one_chunk ? x : x.narrow(0, begin, rows);
+    at::Tensor chunk_logits = one_chunk ? logits : logits.narrow(0, 0, rows);
     at::mm_out(chunk_logits, x_chunk, weight.t());
     cpu::cross_entropy_chunk(p, begin, rows, chunk_logits.data_ptr(), vocab);
     if (!with_grad) continue;
-    at::Tensor dx_chunk = result.dx.narrow(0, begin, rows);
+    at::Tensor dx_chunk = one_chunk ? result.dx : result.dx.narrow(0, begin, rows);
     at::mm_out(dx_chunk, chunk_logits, weight);
-    if (dweight_chunk.defined()) {
+    if (one_chunk) {
+      result.dweight = at::mm(chunk_logits.t(), x_chunk);  // (V, C) in x's dtype, rounded once
+    } else if (dweight_chunk.defined()) {
       at::mm_out(dweight_chunk, chunk_logits.t(), x_chunk);
       dweight_acc.add_(dweight_chunk);
     } else {
@@ -547,7 +551,7 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
     }
   }
   if (with_grad) {
-    result.dweight = dweight_acc.to(x.scalar_type());
+    if (!one_chunk) result.dweight = dweight_acc.to(x.scalar_type());
     result.dbias = bias ? dbias_acc.to(x.scalar_type()) : at::empty({0}, x.options());
   }
   return result;

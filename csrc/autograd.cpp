@@ -21,18 +21,22 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/ne.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastgpt {
 namespace {
@@ -49,6 +53,23 @@ c10::TypedOperatorHandle<Signature> fastgpt_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// Calls `op` below autograd: the dispatcher goes straight to its CPU, CUDA or Meta kernel.
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(std::forward<Args>(args)...);
+}
+
+// Calls a backward operator from a node's apply. In a plain backward (grad mode off) it goes below
+// autograd: the backward operators have no Autograd kernel, and the boxed fallbacks the dispatcher
+// runs in its place cost more than a tiny shape's kernel. Under create_graph the fallback runs, and
+// warns that these ops are differentiable once.
+template <typename Signature, typename... Args>
+auto call_backward(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  return call_below_autograd(op, std::forward<Args>(args)...);
+}
+
 bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
 bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
 
@@ -63,10 +84,25 @@ at::Tensor defined_or_empty(const OptionalTensor& t) { return t.has_value() ? *t
 
 OptionalTensor optional_of(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
-// The base of the ops' backward nodes: a fixed name (torch's default demangles the type's on every call).
+// Whether t's values can be read on the host now: a CPU tensor that is not a tracer's (torch.compile's
+// fake and functional tensors carry the Python or Functionalize key and have no data).
+bool holds_host_data(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet kTracerKeys({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  return t.is_cpu() && !t.key_set().has_any(kTracerKeys);
+}
+
+// The base of the ops' backward nodes: a fixed name (torch's default demangles the type's on every
+// call), and the release of the node's saved tensors once the backward no longer needs them.
 template <const char* kName>
 struct OpBackward : torch::autograd::Node {
   std::string name() const override { return kName; }
+
+ protected:
+  template <typename... Saved>
+  void release(Saved&... saved) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    (saved.reset_data(), ...);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -84,17 +120,14 @@ struct AttentionBackwardNode : OpBackward<kAttentionBackward> {
   SavedVariable q, k, v, out, lse;
   double softmax_scale = 0.0;
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    q.reset_data(), k.reset_data(), v.reset_data(), out.reset_data(), lse.reset_data();
-  }
+  void release_variables() override { release(q, k, v, out, lse); }
 
   variable_list apply(variable_list&& grads) override {
     static const auto op = fastgpt_op<AttentionBackward>("fastgpt::attention_backward");
     const at::Tensor& dout = grads[0];  // (B, H, Tq, D)
     if (!dout.defined()) return variable_list(3);
-    auto [dq, dk, dv] = op.call(dout, q.unpack(), k.unpack(), v.unpack(), out.unpack(getptr()), lse.unpack(),
-                                softmax_scale);
+    auto [dq, dk, dv] = call_backward(op, dout, q.unpack(), k.unpack(), v.unpack(), out.unpack(getptr()),
+                                      lse.unpack(), softmax_scale);
     return {dq, dk, dv};
   }
 };
@@ -102,10 +135,7 @@ struct AttentionBackwardNode : OpBackward<kAttentionBackward> {
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, double softmax_scale) {
   static const auto op = fastgpt_op<AttentionForward>("fastgpt::attention_forward");
-  auto [out, lse] = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(q, k, v, softmax_scale);  // (B, H, Tq, D), (B, H, Tq) float32
-  }();
+  auto [out, lse] = call_below_autograd(op, q, k, v, softmax_scale);  // (B, H, Tq, D), (B, H, Tq) float32
   if (!records_grad(q, k, v)) return {out, lse};
   auto node = c10::make_intrusive<AttentionBackwardNode>();
   node->set_next_edges(collect_next_edges(q, k, v));
@@ -132,10 +162,7 @@ struct FfnBackwardNode : OpBackward<kFfnBackward> {
   std::string activation;
   bool has_fc_bias = false, has_proj_bias = false, has_residual = false;
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    x.reset_data(), h.reset_data(), fc_weight.reset_data(), proj_weight.reset_data();
-  }
+  void release_variables() override { release(x, h, fc_weight, proj_weight); }
 
   // Gradients for x, fc_weight, fc_bias, proj_weight, proj_bias, residual.
   variable_list apply(variable_list&& grads) override {
@@ -143,7 +170,7 @@ struct FfnBackwardNode : OpBackward<kFfnBackward> {
     const at::Tensor& dout = grads[0];  // (..., C_out)
     if (!dout.defined()) return variable_list(6);
     auto [dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias] =
-        op.call(dout, x.unpack(), h.unpack(), fc_weight.unpack(), proj_weight.unpack(), activation);
+        call_backward(op, dout, x.unpack(), h.unpack(), fc_weight.unpack(), proj_weight.unpack(), activation);
     return {dx,
             dfc_weight,
             has_fc_bias ? dfc_bias : at::Tensor(),
@@ -158,10 +185,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_autograd(const at::Tensor& x, con
                                                         const OptionalTensor& proj_bias, c10::string_view activation,
                                                         const OptionalTensor& residual) {
   static const auto op = fastgpt_op<FfnForward>("fastgpt::ffn_forward");
-  auto [out, h] = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
-  }();
+  auto [out, h] = call_below_autograd(op, x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
   if (!records_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)) return {out, h};
   auto node = c10::make_intrusive<FfnBackwardNode>();
   node->set_next_edges(collect_next_edges(x, fc_weight, fc_bias, proj_weight, proj_bias, residual));
@@ -190,10 +214,7 @@ struct LayerNormBackwardNode : OpBackward<kLayerNormBackward> {
   SavedVariable normalized_input, weight, mean, rstd;
   bool has_weight = false, has_bias = false, has_residual = false;
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    normalized_input.reset_data(), weight.reset_data(), mean.reset_data(), rstd.reset_data();
-  }
+  void release_variables() override { release(normalized_input, weight, mean, rstd); }
 
   // grads: of out and (with a residual) of x + residual. Gradients for x, weight, bias, residual.
   variable_list apply(variable_list&& grads) override {
@@ -203,8 +224,8 @@ struct LayerNormBackwardNode : OpBackward<kLayerNormBackward> {
     if (!dout.defined() && !dresidual_out.defined()) return variable_list(4);
     const at::Tensor input = normalized_input.unpack(getptr());
     if (!dout.defined()) dout = at::zeros_like(input);  // only x + residual was used downstream
-    auto [dx, dweight, dbias] =
-        op.call(dout, optional_of(dresidual_out), input, optional_of(weight.unpack()), mean.unpack(), rstd.unpack());
+    auto [dx, dweight, dbias] = call_backward(op, dout, optional_of(dresidual_out), input,
+                                              optional_of(weight.unpack()), mean.unpack(), rstd.unpack());
     return {dx, has_weight ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor(),
             has_residual ? dx : at::Tensor()};
   }
@@ -214,10 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_au
     const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& residual,
     double eps) {
   static const auto op = fastgpt_op<LayerNormForward>("fastgpt::layer_norm_forward");
-  auto [out, residual_out, mean, rstd] = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weight, bias, residual, eps);
-  }();
+  auto [out, residual_out, mean, rstd] = call_below_autograd(op, x, weight, bias, residual, eps);
   if (!records_grad(x, weight, bias, residual)) return {out, residual_out, mean, rstd};
   auto node = c10::make_intrusive<LayerNormBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias, residual));
@@ -256,10 +274,21 @@ struct CrossEntropyBackwardNode : OpBackward<kCrossEntropyBackward> {
   int64_t ignore_index = 0;
   bool grads_in_forward = false, has_bias = false, is_mean = false;
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    dx.reset_data(), dweight.reset_data(), dbias.reset_data();
-    x.reset_data(), weight.reset_data(), targets.reset_data(), bias.reset_data();
+  void release_variables() override { release(dx, dweight, dbias, x, weight, targets, bias); }
+
+  // dloss / the rows 'mean' divides by: those whose target is not ignore_index, at least 1 (none
+  // kept: zero gradients, as the reference's, rather than 0 * inf). A 0-d tensor: a Scalar factor
+  // would cost ATen a conversion per gradient. Counted on the host for CPU tensors, where ATen's
+  // count would cost more than the kernels at a decode step's sizes; on the device otherwise (a GPU's
+  // targets are not read on the host, and a tracer's have no values).
+  at::Tensor mean_scale(const at::Tensor& dloss) {
+    if (!holds_host_data(dloss)) return dloss.div(targets.unpack().ne(ignore_index).sum().clamp_min(1));  // ()
+    const at::Tensor t = targets.unpack().contiguous();
+    const int64_t* values = t.const_data_ptr<int64_t>();
+    int64_t kept = 0;
+    for (int64_t i = 0; i < t.numel(); ++i) kept += values[i] != ignore_index;
+    return at::scalar_tensor(dloss.item<double>() / static_cast<double>(std::max<int64_t>(kept, 1)),
+                             dloss.options());  // ()
   }
 
   // Gradients for x, weight, bias.
@@ -268,16 +297,15 @@ struct CrossEntropyBackwardNode : OpBackward<kCrossEntropyBackward> {
     const at::Tensor& dloss = grads[0];  // () for 'mean'/'sum', targets' shape for 'none'
     if (!dloss.defined()) return variable_list(3);
     if (grads_in_forward) {
-      // The forward formed the gradients of the summed loss: 'mean' divides by the kept rows (none
-      // kept: zeros, as the reference's, rather than 0 * inf).
-      const at::Tensor scale =
-          is_mean ? dloss.div(targets.unpack().ne(ignore_index).sum().clamp_min(1)) : dloss;  // ()
-      return {dx.unpack().mul(scale), dweight.unpack().mul(scale),
-              has_bias ? dbias.unpack().mul(scale) : at::Tensor()};
+      // The forward formed the gradients of the summed loss; one foreach op scales them all.
+      std::vector<at::Tensor> summed_grads = {dx.unpack(), dweight.unpack()};
+      if (has_bias) summed_grads.push_back(dbias.unpack());
+      std::vector<at::Tensor> scaled = at::_foreach_mul(summed_grads, is_mean ? mean_scale(dloss) : dloss);
+      return {scaled[0], scaled[1], has_bias ? scaled[2] : at::Tensor()};
     }
     const at::Tensor row_grad = dloss.to(at::kFloat).contiguous();
-    auto [grad_x, grad_weight, grad_bias] =
-        op.call(x.unpack(), weight.unpack(), targets.unpack(), optional_of(bias.unpack()), row_grad, ignore_index);
+    auto [grad_x, grad_weight, grad_bias] = call_backward(op, x.unpack(), weight.unpack(), targets.unpack(),
+                                                          optional_of(bias.unpack()), row_grad, ignore_index);
     return {grad_x, grad_weight, has_bias ? grad_bias : at::Tensor()};
   }
 };
@@ -289,10 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   const bool records = records_grad(x, weight, bias);
   // The gradients are formed in the forward pass, where autograd will ask for them ('mean' and 'sum').
   const bool grads_in_forward = compute_grad || (records && reduction != "none");
-  auto [loss, dx, dweight, dbias] = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weight, targets, bias, ignore_index, reduction, grads_in_forward);
-  }();
+  auto [loss, dx, dweight, dbias] =
+      call_below_autograd(op, x, weight, targets, bias, ignore_index, reduction, grads_in_forward);
   if (!records) return {loss, dx, dweight, dbias};
   auto node = c10::make_intrusive<CrossEntropyBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias));
@@ -324,10 +350,7 @@ struct LinearBackwardNode : OpBackward<kLinearBackward> {
   SavedVariable x, weight;
   bool has_bias = false;
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    x.reset_data(), weight.reset_data();
-  }
+  void release_variables() override { release(x, weight); }
 
   // Gradients for x, weight, bias.
   variable_list apply(variable_list&& grads) override {
@@ -345,10 +368,7 @@ struct LinearBackwardNode : OpBackward<kLinearBackward> {
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
   static const auto op = fastgpt_op<LinearForward>("fastgpt::linear");
-  at::Tensor out = [&] {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weight, bias);
-  }();
+  at::Tensor out = call_below_autograd(op, x, weight, bias);
   if (!records_grad(x, weight, bias)) return out;
   auto node = c10::make_intrusive<LinearBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias));

@@ -140,7 +140,6 @@ struct CrossEntropyParams {
   // upstream gradient (and 1 / kept rows) on the device, so the host never synchronises.
   const float* row_grad;    // (tokens) or null
   Matrix dx;                // (tokens, channels)
-  float* dweight;           // (vocab, channels) float32 accumulator
   float* dbias;             // (vocab) float32 accumulator, or null
 };
 

@@ -24,7 +24,7 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
     impl = dispatch.resolve(
         "causal_attention",
         backend,
-        q.device.type,
+        dispatch.device_type(q),
         q.dtype,
         (("head_dim", q.shape[3]), ("kv_len", dispatch.kv_len_class(k.shape[2]))),
         "decode" if decode else None,
@@ -42,7 +42,9 @@ def fused_ffn(
     """
     if not dispatch.skip_validation(x):
         dispatch.validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
-    impl = dispatch.resolve("fused_ffn", backend, x.device.type, x.dtype, (("hidden", fc_weight.shape[0]),))
+    impl = dispatch.resolve(
+        "fused_ffn", backend, dispatch.device_type(x), x.dtype, (("hidden", fc_weight.shape[0]),)
+    )
     return impl(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
 
 
@@ -50,7 +52,9 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, backend="auto"):
     """LayerNorm over the last dimension. With residual: returns (out, x + residual), the add fused."""
     if not dispatch.skip_validation(x):
         dispatch.validate_layer_norm(x, weight, bias, eps, residual)
-    impl = dispatch.resolve("layer_norm", backend, x.device.type, x.dtype, (("hidden", x.shape[-1]),))
+    impl = dispatch.resolve(
+        "layer_norm", backend, dispatch.device_type(x), x.dtype, (("hidden", x.shape[-1]),)
+    )
     return impl(x, weight, bias, float(eps), residual)
 
 
@@ -65,7 +69,7 @@ def linear_cross_entropy(
     if not dispatch.skip_validation(x):
         dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
     impl = dispatch.resolve(
-        "linear_cross_entropy", backend, x.device.type, x.dtype, (("vocab", weight.shape[0]),)
+        "linear_cross_entropy", backend, dispatch.device_type(x), x.dtype, (("vocab", weight.shape[0]),)
     )
     return impl(x, weight, targets, bias, ignore_index, reduction)
 
@@ -81,5 +85,5 @@ def linear(x, weight, bias=None, *, backend="auto"):
     # Under torch.compile the row count may be symbolic, and the graph's GEMMs are inductor's anyway.
     rows = 0 if torch.compiler.is_compiling() or not x.shape[-1] else x.numel() // x.shape[-1]
     few_rows = 0 < rows <= dispatch.LINEAR_KERNEL_MAX_ROWS
-    impl = dispatch.resolve("linear", backend, x.device.type, x.dtype, (("few_rows", few_rows),))
+    impl = dispatch.resolve("linear", backend, dispatch.device_type(x), x.dtype, (("few_rows", few_rows),))
     return impl(x, weight, bias)

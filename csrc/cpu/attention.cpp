@@ -190,8 +190,7 @@ void forward(const AttentionParams& p) {
   const int threads = threads_for(score_work(p));
   ThreadScratch scratch(threads, per_thread);
 
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     float* qt_tile = scratch.for_thread(thread_index());  // (head_dim, kBlockQ): Q^T * softmax_scale
     float* k_buffer = qt_tile + head_dim * kBlockQ;       // (kBlockK, padded_dim)
     float* v_buffer = k_buffer + kBlockK * padded_dim;    // (kBlockK, padded_dim)
@@ -285,7 +284,7 @@ void forward(const AttentionParams& p) {
         lse[r] = max + std::log(sum);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,8 +515,7 @@ void forward_decode(const AttentionParams& p) {
   // The splits' states, (pairs, splits, state_floats), when the keys are split.
   std::vector<float> split_states(s.splits > 1 ? static_cast<size_t>(tasks * s.state_floats) : 0);
 
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     const DecodeScratch w(scratch.for_thread(thread_index()), s);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -542,7 +540,7 @@ void forward_decode(const AttentionParams& p) {
         store_decode_rows<T>(p, s, merged, pair / p.kv_heads, pair % p.kv_heads);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,8 +550,7 @@ void forward_decode(const AttentionParams& p) {
 template <typename T>
 void compute_delta(const AttentionParams& p) {
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows_total * p.head_dim))
-  for (int64_t index = 0; index < rows_total; ++index) {
+  parallel_for(rows_total, threads_for(rows_total * p.head_dim), [&](int64_t index) {
     const int64_t row = index % p.q_len;
     const int64_t batch = index / (static_cast<int64_t>(p.heads) * p.q_len);
     const int64_t head = (index / p.q_len) % p.heads;
@@ -564,7 +561,7 @@ void compute_delta(const AttentionParams& p) {
     for (; c + kWidth <= p.head_dim; c += kWidth) sum += load(dout + c) * load(out + c);
     if (c < p.head_dim) sum += load_partial(dout + c, p.head_dim - c) * load_partial(out + c, p.head_dim - c);
     p.delta[index] = reduce_sum(sum);
-  }
+  });
 }
 
 // The query side of a tile, packed: Q (scaled), dO, lse and delta.
@@ -730,8 +727,7 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
   // dK, dV of the kv head and dQ of one query head, summed in float64 (see backward_pair).
   ThreadScratch<double> sums(threads, 2 * key_floats + query_floats);
 
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     float* base = scratch.for_thread(thread_index());
     KeySide key_side{base, base + s.head_dim * padded_keys, base + 2 * s.head_dim * padded_keys, padded_keys};
     QuerySide query_side{key_side.k + key_floats, key_side.k + key_floats + query_floats, nullptr, nullptr};
@@ -781,7 +777,7 @@ void backward_per_head(const AttentionParams& p, const BackwardShape& s) {
       store_sums<T>(p.dk, batch, kv_head, 0, dk, p.kv_len, s.head_dim, s.padded_dim, 1.0);
       store_sums<T>(p.dv, batch, kv_head, 0, dv, p.kv_len, s.head_dim, s.padded_dim, 1.0);
     }
-  }
+  });
 }
 
 // Schedule 2: pass 1 (dK, dV) over key tiles, pass 2 (dQ) over query tiles.
@@ -796,8 +792,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
   // Two float64 accumulator tiles: dK and dV, or dQ (see backward_pair).
   ThreadScratch<double> sums(threads, 2 * tile_floats);
 
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     float* base = scratch.for_thread(thread_index());
     KeySide key_side{base, base + s.head_dim * kBlockK, base + 2 * s.head_dim * kBlockK, kBlockK};
     QuerySide query_side;
@@ -860,7 +855,7 @@ void backward_per_tile(const AttentionParams& p, const BackwardShape& s) {
       }
       store_sums<T>(p.dq, batch, head, q0, acc0, rows, s.head_dim, s.padded_dim, s.dq_scale);
     }
-  }
+  });
 }
 
 template <typename T>

@@ -51,8 +51,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
   const int64_t vocab = p.vocab;
   const T* bias = static_cast<const T*>(p.bias);
   const bool with_grad = p.dx.data != nullptr;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * vocab))
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, threads_for(rows * vocab), [&](int64_t r) {
     const int64_t n = row_begin + r;
     const int64_t target = p.targets[n];
     T* row = logits + r * stride;
@@ -61,7 +60,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
       if (with_grad) {
         for (int64_t c = 0; c < vocab; ++c) row[c] = from_float<T>(0.0f);
       }
-      continue;
+      return;
     }
     Vec max_vec = splat(-__builtin_inff());
     for (int64_t c = 0; c < vocab; c += kWidth) {
@@ -82,7 +81,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
     const float target_logit =
         in_range ? to_float(row[target]) + (bias ? to_float(bias[target]) : 0.0f) : __builtin_nanf("");
     p.loss[n] = lse - target_logit;
-    if (!with_grad) continue;
+    if (!with_grad) return;
     const float scale = p.row_grad ? p.row_grad[n] : 1.0f;
     for (int64_t c = 0; c < vocab; c += kWidth) {
       Vec grad = exp(load_logits(row, bias, c, vocab) - lse) * scale;
@@ -93,12 +92,11 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
       }
     }
     if (in_range) row[target] = from_float<T>((std::exp(target_logit - lse) - 1.0f) * scale);
-  }
+  });
 
   if (!with_grad || p.dbias == nullptr) return;
   const int64_t tasks = ceil_div(vocab, kColumnsPerTask);
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * vocab))
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, threads_for(rows * vocab), [&](int64_t task) {
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < vocab ? begin + kColumnsPerTask : vocab;
     for (int64_t c = begin; c < end; c += kWidth) {
@@ -115,7 +113,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
         store_partial(p.dbias + c, __builtin_convertvector(sum, Vec), count);
       }
     }
-  }
+  });
 }
 
 void cross_entropy_chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, void* logits,

@@ -184,8 +184,7 @@ void epilogue(const GemmParams& p) {
   const bool backward = p.activation_grad_input.data != nullptr;
   const int64_t block = p.bias_grad_partial ? p.bias_grad_block_m : kRowsPerTask;
   const int64_t blocks = ceil_div(p.M, block);
-#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<int64_t>(p.M) * p.N))
-  for (int64_t b = 0; b < blocks; ++b) {
+  parallel_for(blocks, threads_for(static_cast<int64_t>(p.M) * p.N), [&](int64_t b) {
     const int64_t begin = b * block;
     const int64_t end = begin + block < p.M ? begin + block : p.M;
     if (backward) {
@@ -193,7 +192,7 @@ void epilogue(const GemmParams& p) {
     } else {
       forward_rows<T, kActivation>(p, begin, end);
     }
-  }
+  });
 }
 
 template <typename T>
@@ -216,8 +215,7 @@ void gemm_epilogue(const GemmParams& p) {
 
 void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out) {
   const int64_t tasks = ceil_div(cols, kColumnsPerTask);
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, threads_for(rows * cols), [&](int64_t task) {
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < cols ? begin + kColumnsPerTask : cols;
     for (int64_t c = begin; c < end; c += kWidth) {
@@ -233,7 +231,7 @@ void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out)
         store_partial(out + c, __builtin_convertvector(sum, Vec), count);
       }
     }
-  }
+  });
 }
 
 }  // namespace fastgpt::cpu::FASTGPT_ISA

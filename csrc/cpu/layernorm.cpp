@@ -67,8 +67,7 @@ void forward(const LayerNormParams& p) {
   const T* bias = static_cast<const T*>(p.bias);
   const bool has_residual = p.residual.data != nullptr;
   const int64_t tasks = ceil_div(p.rows, kRowsPerTask);
-#pragma omp parallel for schedule(static) num_threads(threads_for(p.rows * cols))
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, threads_for(p.rows * cols), [&](int64_t task) {
     const int64_t end = (task + 1) * kRowsPerTask < p.rows ? (task + 1) * kRowsPerTask : p.rows;
     for (int64_t r = task * kRowsPerTask; r < end; ++r) {
       const T* input = row_of<T>(p.x, r);
@@ -99,7 +98,7 @@ void forward(const LayerNormParams& p) {
       p.mean[r] = mean;
       p.rstd[r] = rstd;
     }
-  }
+  });
 }
 
 template <typename T>
@@ -109,8 +108,7 @@ void backward(const LayerNormParams& p) {
   const bool has_dresidual = p.dresidual_out.data != nullptr;
   const int64_t rows_per_partial = p.num_partials > 0 ? ceil_div(p.rows, p.num_partials) : 0;
   const float inv_cols = 1.0f / static_cast<float>(cols);
-#pragma omp parallel for schedule(static) num_threads(threads_for(p.rows * cols))
-  for (int64_t part = 0; part < p.num_partials; ++part) {
+  parallel_for(p.num_partials, threads_for(p.rows * cols), [&](int64_t part) {
     float* dweight = p.dweight_partial + part * cols;
     float* dbias = p.dbias_partial + part * cols;
     for (int64_t c = 0; c < cols; ++c) dweight[c] = dbias[c] = 0.0f;
@@ -144,7 +142,7 @@ void backward(const LayerNormParams& p) {
         store_columns(dx, c, cols, grad);
       }
     }
-  }
+  });
 }
 
 void layer_norm_forward(const LayerNormParams& p) {

@@ -42,6 +42,29 @@ inline int threads_for(int64_t work) {
   return static_cast<int>(std::min<int64_t>(max_threads(), work / kGrainSize));
 }
 
+// Runs region() once on each of `threads` OpenMP threads (thread_index() tells them apart), or once
+// inline for one thread: libgomp forms a team and joins it at a barrier even for num_threads(1), a
+// few microseconds that the tiny kernels of a decode step cannot afford. A worksharing loop
+// (`omp for`) inside region splits over the team, or runs whole when inline.
+template <typename Region>
+void parallel_region(int threads, const Region& region) {
+  if (threads <= 1) {
+    region();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  region();
+}
+
+// body(task) for every task in [0, tasks), split statically over `threads` threads (see parallel_region).
+template <typename Body>
+void parallel_for(int64_t tasks, int threads, const Body& body) {
+  parallel_region(threads, [&] {
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) body(task);
+  });
+}
+
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 

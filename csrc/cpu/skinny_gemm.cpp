@@ -224,8 +224,7 @@ void skinny_gemm_typed(const GemmParams& p) {
   const bool rows_contiguous = p.b.col_stride == 1;
   const int64_t per_task = rows_contiguous ? kWeightRowsPerTask : kColumnsPerTask;
   const int64_t tasks = ceil_div(p.N, per_task);
-#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<int64_t>(p.N) * p.K))
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(tasks, threads_for(static_cast<int64_t>(p.N) * p.K), [&](int64_t task) {
     const int64_t begin = task * per_task;
     const int64_t end = begin + per_task < p.N ? begin + per_task : p.N;
     if (rows_contiguous) {
@@ -233,7 +232,7 @@ void skinny_gemm_typed(const GemmParams& p) {
     } else {
       columns_block<T>(p, begin, end);
     }
-  }
+  });
 }
 
 void skinny_gemm(const GemmParams& p) {

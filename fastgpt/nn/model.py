@@ -126,7 +126,7 @@ class GPT(nn.Module):
             return None
         rows = x.shape[0] * x.shape[1]
         return dispatch.fused_decode_step(
-            self.config.backend, x.device.type, x.dtype, self.config.head_dim, rows
+            self.config.backend, dispatch.device_type(x), x.dtype, self.config.head_dim, rows
         )
 
     def decode_block_parameters(self):

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
-from fastgpt.ops.triton_decode import check_head_span
+from fastgpt.ops.triton_decode import check_head_span, online_softmax_block
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -216,18 +216,12 @@ def _forward_inner(
             scores = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, scores, float("-inf"))
         # Key 0 is in the first block visited and every query sees it, so the max is finite from the
         # first iteration on and -inf - -inf never happens.
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        if q.dtype == tl.float32:
-            # Raw scores: subtract the max first (exact near it), then scale; see the module docstring.
-            rescale = tl.exp2((row_max - new_max) * qk_scale)
-            p = tl.exp2((scores - new_max[:, None]) * qk_scale)
-        else:
-            rescale = tl.exp2(row_max - new_max)
-            p = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, 1)
+        p, rescale, row_max_next, row_sum = online_softmax_block(
+            scores, row_max, row_sum, qk_scale, q.dtype == tl.float32
+        )
         v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
-        row_max = new_max
+        row_max = row_max_next
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     return acc, row_sum, row_max

@@ -81,6 +81,24 @@ COMBINE_WARPS = {64: 4, 128: 4, 256: 8}
 
 
 @triton.jit
+def online_softmax_block(scores, row_max, row_sum, qk_scale, RAW_SCORES: tl.constexpr):
+    """One key block of the online softmax over the rows of scores (ROWS, BLOCK_N), masked keys at -inf;
+    shared by this module's decode kernel and triton_attention's forward. The scores are in base-2
+    units, or raw (unscaled) with RAW_SCORES (float32 inputs), which subtract the max first, exact near
+    it, and scale after (triton_attention's docstring says why). row_max, row_sum: the running max and
+    sum (ROWS,), in the scores' units. Returns the block's unnormalised probabilities (ROWS, BLOCK_N),
+    the factor that rescales what was accumulated before, the new max and the new sum."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    if RAW_SCORES:
+        rescale = tl.exp2((row_max - new_max) * qk_scale)
+        p = tl.exp2((scores - new_max[:, None]) * qk_scale)
+    else:
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+    return p, rescale, new_max, row_sum * rescale + tl.sum(p, 1)
+
+
+@triton.jit
 def _decode_partial_kernel(
     Q,  # (B, H, 1, D), any strides
     K,
@@ -144,18 +162,12 @@ def _decode_partial_kernel(
             scores *= qk_scale  # base-2 units: the max and exponents below need no further product
         scores = tl.where(keys_ok[None, :], scores, float("-inf"))
         # Every split holds at least one key, and the first block of a split starts with one.
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        if q.dtype == tl.float32:
-            # Raw scores: subtract the max first, then scale (as triton_attention's forward, which says why).
-            rescale = tl.exp2((row_max - new_max) * qk_scale)
-            p = tl.exp2((scores - new_max[:, None]) * qk_scale)
-        else:
-            rescale = tl.exp2(row_max - new_max)
-            p = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, 1)
+        p, rescale, row_max_next, row_sum = online_softmax_block(
+            scores, row_max, row_sum, qk_scale, q.dtype == tl.float32
+        )
         v = tl.load(v_ptrs, mask=tile_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
-        row_max = new_max
+        row_max = row_max_next
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
 
