@@ -1,7 +1,10 @@
 """fastgpt: fused Triton and CUDA C++ kernels for GPT models, with a CPU path behind the same API."""
 
+from fastgpt.compile_cache import tag_compile_caches
 from fastgpt.dispatch import available_backends
 from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear, linear_cross_entropy
+
+tag_compile_caches()  # so that torch.compile never reuses a graph compiled against other fastgpt code
 
 __version__ = "0.1.0"
 

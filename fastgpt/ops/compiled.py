@@ -49,14 +49,6 @@ CUDA_MIN_CAPABILITY = (8, 0)
 LINEAR_KERNEL_MAX_ROWS = _C.LINEAR_KERNEL_MAX_ROWS
 HAS_CUDA_KERNELS = hasattr(torch.ops.fastgpt, "cuda_unsupported_reason")
 
-# torch.compile's donated buffers (AOTAutograd lets inductor's backward reuse the memory of saved
-# activations) give wrong gradients for some GPT graphs over these operators: a GPT-2 with an untied LM
-# head (tests/test_nn.py::test_torch_compile_fullgraph) differs from eager under inductor by up to 3.6
-# in wte's gradient, while aot_eager matches eager, and the gradients match with donation off. The
-# cause is not found yet (it is not the C++ autograd: a Python one gives the same); until it is,
-# donation is off for the process that uses these operators. It costs some backward peak memory.
-torch._functorch.config.donated_buffer = False
-
 # The overloads, bound once: calling an OpOverload skips the packet's overload resolution.
 _attention_forward = torch.ops.fastgpt.attention_forward.default
 _ffn_forward = torch.ops.fastgpt.ffn_forward.default
