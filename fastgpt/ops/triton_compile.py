@@ -4,7 +4,9 @@ Each Triton kernel module listed in KERNEL_MODULES exposes `gpu_compile_cases(ca
 one CompileCase per (kernel, autotune configuration, dtype) that it would launch on a GPU of that
 compute capability. `python -m fastgpt.ops.triton_compile` compiles them all with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))` and prints one JSON record
-per case: shared memory used, whether the PTX holds tensor-core instructions, or the error.
+per case: shared memory used, registers and spilled bytes (from ptxas's log: every case is compiled
+afresh, not taken from Triton's cache, so that ptxas runs), whether the PTX holds tensor-core
+instructions, or the error.
 
 Each case is compiled as a launch on aligned shapes specialises it: every pointer and integer
 argument is marked divisible by 16 (16-byte aligned tensors; sizes and strides that are multiples of
@@ -15,9 +17,12 @@ It must run in a process where TRITON_INTERPRET is unset: under the interpreter 
 interpreted functions, which cannot be compiled. tests/test_triton_compile.py runs it that way.
 """
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
+import re
 import sys
 
 CAPABILITIES = (80, 90)
@@ -61,12 +66,16 @@ def compile_case(case, capability):
         for index, name in enumerate(case.kernel.arg_names)
         if case.signature[name].startswith("*") or case.signature[name] in ALIGNED_INTEGER_TYPES
     }
+    ptxas_log = io.StringIO()  # Triton prints ptxas's log (knobs.nvidia.dump_ptxas_log, set by main)
     try:
-        compiled = compile(
-            ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=aligned),
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-        )
+        with contextlib.redirect_stdout(ptxas_log):
+            compiled = compile(
+                ASTSource(
+                    fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=aligned
+                ),
+                target=GPUTarget("cuda", capability, 32),
+                options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+            )
     except Exception as error:  # noqa: BLE001 - report every failure instead of stopping at the first
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
         return record
@@ -77,8 +86,18 @@ def compile_case(case, capability):
         has_mma="mma.sync" in ptx,
         has_wgmma="wgmma" in ptx,
         has_cp_async="cp.async" in ptx,
+        **ptxas_usage(ptxas_log.getvalue()),
     )
     return record
+
+
+def ptxas_usage(log):
+    """Registers per thread and spilled bytes (stores + loads) from ptxas -v's log; empty if absent."""
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        return {}
+    return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) + int(spills.group(2))}
 
 
 def all_cases():
@@ -90,6 +109,10 @@ def all_cases():
 
 
 def main():
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True
     for case, capability in all_cases():
         print(json.dumps(compile_case(case, capability)), flush=True)
     return 0

@@ -60,7 +60,8 @@ INTERPRETER_CONFIG = {"BLOCK_N": 16}
 # The kernel is bandwidth-bound (a 16-row query tile against each K/V tile, mma.sync even on sm_90
 # since 16 rows are below wgmma's 64), so the choice is about keeping enough K/V bytes in flight:
 # deep cp.async pipelines of modest tiles. Measured as a launch specialises them (bf16/fp16):
-# at most 182 registers, no spills; shared memory in the comments.
+# at most 182 registers; only sm_90's 32-key tile at D=256 spills (8 bytes). Shared memory in the
+# comments.
 DECODE_CONFIGS = {
     # sm_90 (227 KiB): 4 stages of 64 keys (102 KiB at D=128) or 3 of 128 (136 KiB).
     90: {64: [(128, 4, 4), (64, 4, 4)], 128: [(64, 4, 4), (128, 4, 3)], 256: [(64, 4, 3), (32, 4, 4)]},

@@ -23,7 +23,8 @@ from fastgpt.ops.triton_gemm import compile_case, multiprocessor_count, sum_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A row is held whole in registers: 16384 fp32 values over 16 warps is 32 registers per thread per
-# live row-sized value, the most that stays clear of spills in the backward (about six are live).
+# live row-sized value. About six are live in the backward, which at 16384 spills 0.6-0.7 KiB
+# (tests/test_triton_compile.py's ledger): the price of reading each row once.
 MAX_HIDDEN = 16384
 # Elements of one program's (BLOCK_M, BLOCK_N) tile. Forward: 8192 (16 KiB of bf16 in flight per
 # program, and three programs per SM cover H100/H200 memory latency). Backward: 4096, because it keeps
