@@ -16,7 +16,8 @@ SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size"
 
 
 def eager_logits(model, idx):
-    """The same GPT written with plain torch ops (F.layer_norm, SDPA, F.gelu), reading model's parameters."""
+    """The same GPT written with plain torch ops (F.layer_norm, SDPA, F.gelu), reading model's parameters
+    (the LM head's first vocab_size rows: the padded ones are no part of the model)."""
     config, tr = model.config, model.transformer
     batch, seq = idx.shape
     heads, kv_heads, head_dim, channels = config.n_head, config.n_kv_head, config.head_dim, config.n_embd
@@ -36,7 +37,7 @@ def eager_logits(model, idx):
         h = F.gelu(F.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias), approximate="tanh")
         x = x + F.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
     x = F.layer_norm(x, (channels,), tr.ln_f.weight, tr.ln_f.bias, config.layer_norm_eps)
-    return F.linear(x, model.lm_head.weight)
+    return F.linear(x, model.lm_head.weight[: config.vocab_size])  # the real vocabulary's rows
 
 
 def random_model(**overrides):

@@ -7,6 +7,9 @@ from fastgpt.activations import ACTIVATIONS
 from fastgpt.dispatch import BACKENDS
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE vocabulary (50,000 merges + 256 bytes + <|endoftext|>)
+# The embedding and LM head get their rows rounded up to a multiple of this (GPT-2's 50257 -> 50304,
+# as nanoGPT does): a row count, and so a logits row stride, that GEMMs can tile and vectorise.
+VOCAB_PADDING_MULTIPLE = 64
 
 # name -> the fields that differ from GPTConfig's defaults (GPT-2 small).
 PRESETS = {
@@ -31,6 +34,12 @@ class GPTConfig:
     tie_weights: the LM head shares the token embedding matrix, as in GPT-2.
     activation: the MLP's activation, one of fastgpt's fused activations (gelu_tanh is GPT-2's gelu_new).
     backend: the fastgpt backend every op of the model runs on ("auto" picks per device).
+    vocab_padding_multiple: the token embedding and the LM head are allocated with
+        `padded_vocab_size` rows, vocab_size rounded up to a multiple of this (64: GPT-2's 50257
+        becomes 50304, as in nanoGPT); 1 turns padding off. vocab_size stays the real vocabulary:
+        the padded rows start at zero, no token id reaches them, the logits and the loss cover the
+        vocab_size real rows only, and their gradients are exactly zero (see fastgpt.nn.GPT).
+        Checkpoints hold vocab_size rows whatever this is.
     """
 
     block_size: int = 1024
@@ -46,13 +55,17 @@ class GPTConfig:
     activation: str = "gelu_tanh"
     layer_norm_eps: float = 1e-5
     backend: str = "auto"
+    vocab_padding_multiple: int = VOCAB_PADDING_MULTIPLE
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "n_inner"):
+        for name in (
+            "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "n_inner",
+            "vocab_padding_multiple",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
@@ -84,6 +97,13 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self):
+        """The rows of the token embedding and the LM head: vocab_size rounded up to a multiple of
+        vocab_padding_multiple."""
+        multiple = self.vocab_padding_multiple
+        return -(-self.vocab_size // multiple) * multiple
 
     @classmethod
     def preset(cls, name, **overrides):

@@ -23,7 +23,19 @@ IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's an
 
 class GPT(nn.Module):
     """GPT-2 architecture: token + position embeddings, n_layer pre-LN blocks, a final LayerNorm
-    and an LM head (tied to the token embedding by default). State-dict names follow nanoGPT."""
+    and an LM head (tied to the token embedding by default). State-dict names follow nanoGPT.
+
+    Vocabulary padding: the token embedding and the LM head have config.padded_vocab_size rows
+    (GPT-2's 50257 -> 50304), so the LM head GEMM and its logits have aligned row counts and strides.
+    The padding is invisible: the padded rows start at zero, no token id reaches them, `forward`
+    returns logits with config.vocab_size columns (a view of the padded GEMM output, row stride
+    padded_vocab_size), the loss reads only the first vocab_size rows of the LM head, `generate`
+    samples among real ids only, and the padded rows' gradients are exactly zero. num_params counts
+    the real vocabulary. state_dict() holds the parameters as they are (padded, as nanoGPT's), and
+    load_state_dict takes either padded or vocab_size-row vocabulary tensors (those are padded with
+    zeros). save/load and from_hf work on vocab_size rows (GPT-2's and nanoGPT's shapes; checkpoints
+    written before padding load unchanged). config.vocab_padding_multiple=1 turns padding off.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -32,7 +44,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
                 "wpe": nn.Embedding(config.block_size, config.n_embd),
                 "drop": nn.Dropout(config.dropout),
                 "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -41,7 +53,7 @@ class GPT(nn.Module):
                 ),
             }
         )
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, backend=config.backend)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False, backend=config.backend)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -49,6 +61,9 @@ class GPT(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():
+            for weight in self.vocab_weights():
+                weight[config.vocab_size :].zero_()  # (padded_vocab_size - vocab_size, C)
 
     @staticmethod
     def _init_weights(module):
@@ -59,9 +74,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def vocab_weights(self):
+        """The distinct (padded_vocab_size, C) parameters: the token embedding, and the LM head
+        unless it is tied to it."""
+        wte, lm_head = self.transformer.wte.weight, self.lm_head.weight
+        return [wte] if lm_head is wte else [wte, lm_head]
+
     def num_params(self, non_embedding=True):
-        """Parameter count; the position embedding is left out by default, as in nanoGPT."""
+        """Parameter count of the real vocabulary (the padded rows are left out); the position
+        embedding is left out by default, as in nanoGPT."""
         total = sum(p.numel() for p in self.parameters())
+        padded_rows = self.config.padded_vocab_size - self.config.vocab_size
+        total -= padded_rows * self.config.n_embd * len(self.vocab_weights())
         return total - self.transformer.wpe.weight.numel() if non_embedding else total
 
     def set_backend(self, backend):
@@ -145,11 +169,18 @@ class GPT(nn.Module):
                 block_params += (module.weight, module.bias)
         return block_params
 
+    def logits(self, x):
+        """x (..., C) -> logits (..., vocab_size): the LM head over all padded_vocab_size rows, whose
+        output rows keep an aligned stride, viewed without the padded columns."""
+        return self.lm_head(x)[..., : self.config.vocab_size]
+
     def forward(self, idx, targets=None):
-        """idx (B, T) int64 -> logits (B, T, vocab); or, given targets (B, T) int64 (the next token
-        of each position, already shifted as in nanoGPT; IGNORE_INDEX=-100 skips a position), the mean
-        cross-entropy loss as a float32 scalar. The loss goes through linear_cross_entropy, so the
-        (B, T, vocab) logits are never built in training. Unlike nanoGPT, it returns only the loss."""
+        """idx (B, T) int64 -> logits (B, T, vocab_size), a view whose rows have stride
+        padded_vocab_size; or, given targets (B, T) int64 (the next token of each position, already
+        shifted as in nanoGPT; IGNORE_INDEX=-100 skips a position), the mean cross-entropy loss as a
+        float32 scalar. The loss goes through linear_cross_entropy over the LM head's first
+        vocab_size rows (a contiguous view), so the (B, T, vocab) logits are never built in training
+        and the padded rows take no part in the softmax. Unlike nanoGPT, it returns only the loss."""
         self.check_tokens("GPT", idx)
         if targets is not None:
             validate_targets(
@@ -162,10 +193,9 @@ class GPT(nn.Module):
             )
         x = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        return linear_cross_entropy(
-            x, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend
-        )
+            return self.logits(x)  # (B, T, vocab_size)
+        head = self.lm_head.weight[: self.config.vocab_size]  # (vocab_size, C)
+        return linear_cross_entropy(x, head, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -223,7 +253,7 @@ class GPT(nn.Module):
             hidden = self.hidden_states(tokens, caches, position, block_params)[
                 :, -1
             ]  # (B, C): only the last position
-            logits = self.lm_head(hidden)  # (B, vocab)
+            logits = self.logits(hidden)  # (B, vocab_size): padded ids are never drawn
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             position += tokens.shape[1]
             if eos_token_id is not None:
@@ -248,7 +278,9 @@ class GPT(nn.Module):
         """nn.Module.load_state_dict, all or nothing: names (with strict) and shapes are checked
         first, so a state dict that does not fit raises weights.CheckpointError (a ValueError and a
         RuntimeError) and leaves every parameter unchanged, where torch would copy the tensors that
-        fit before raising."""
+        fit before raising. The vocabulary tensors may have padded_vocab_size rows (state_dict()'s)
+        or vocab_size rows (a checkpoint's, nanoGPT's): those get zero padded rows."""
+        state_dict = weights.pad_vocab_rows(state_dict, self.config)
         weights.check_state_dict(self, state_dict, "load_state_dict: the state dict", strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -259,6 +291,7 @@ class GPT(nn.Module):
         tensors' origin and `configuration` the config's, for error messages."""
         with torch.device("meta"):
             model = cls(config)
+        state = weights.pad_vocab_rows(state, config)
         weights.check_state_dict(model, state, source, configuration=configuration)
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
@@ -294,7 +327,8 @@ class GPT(nn.Module):
         return cls._from_state_dict(config, state, f"GPT.from_hf: {source}", configuration)
 
     def save(self, directory):
-        """Writes config.json and model.safetensors (a tied LM head is stored once) into directory."""
+        """Writes config.json and model.safetensors into directory: the vocabulary tensors with
+        vocab_size rows (the padding is not saved), a tied LM head stored once."""
         weights.save(self, directory)
 
     @classmethod

@@ -5,10 +5,16 @@ Loading is all or nothing: files are read and every tensor's name, shape and dty
 against the configuration before any parameter is made or changed, and a problem raises
 CheckpointError naming the file and the tensor. Saving is atomic: a crash mid-save leaves the
 previous files in place (see write_files).
+
+Vocabulary padding: a GPT allocates its token embedding and LM head with config.padded_vocab_size
+rows, but checkpoints (fastgpt's, GPT-2's, nanoGPT's) hold vocab_size rows. Saving cuts the padded
+rows off (checkpoint_tensors) and loading appends zero rows again (pad_vocab_rows), so files keep
+GPT-2's shapes and those written before padding existed still load.
 """
 
 import json
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -33,6 +39,8 @@ CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weigh
 # Causal-mask buffers that old GPT-2 checkpoints carry; they hold no learned values.
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 BODY_PREFIXES = ("h.", "wte.", "wpe.", "ln_f.")
+# The tensors with one row per token id: padded_vocab_size rows in a GPT, vocab_size in a checkpoint.
+VOCAB_ROW_TENSORS = ("transformer.wte.weight", "lm_head.weight")
 # A mismatch report lists at most this many tensor names of each kind.
 MAX_NAMES_SHOWN = 5
 
@@ -70,11 +78,63 @@ def check_state_dict(model, state, source, *, strict=True, configuration="the mo
             raise CheckpointError(f"{source}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{source}: tensor {name} must have shape {tuple(target.shape)} for {configuration}, "
-                f"got {tuple(tensor.shape)}"
+                f"{source}: tensor {name} must have shape {expected_shape(model.config, name, target)} "
+                f"for {configuration}, got {tuple(tensor.shape)}"
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} must be floating-point, got dtype {tensor.dtype}")
+
+
+def expected_shape(config, name, target):
+    """The shape a state dict's tensor `name` must have, for an error message: the target's, and for
+    a padded vocabulary tensor both the checkpoint's (vocab_size rows) and the model's."""
+    if name not in VOCAB_ROW_TENSORS or config.padded_vocab_size == config.vocab_size:
+        return str(tuple(target.shape))
+    return f"{(config.vocab_size, *target.shape[1:])} (or, padded, {tuple(target.shape)})"
+
+
+def pad_vocab_rows(state, config):
+    """state with every vocabulary tensor of config.vocab_size rows (a checkpoint's) grown to
+    config.padded_vocab_size rows by appending zero rows; a tensor under both names (a tied LM head)
+    is padded once and stays shared. Everything else passes unchanged, for check_state_dict to judge.
+    Returns state itself when nothing needs padding."""
+    vocab, padded_vocab = config.vocab_size, config.padded_vocab_size
+    to_pad = [name for name in VOCAB_ROW_TENSORS if has_rows(state.get(name), vocab)]
+    if padded_vocab == vocab or not to_pad:
+        return state
+    result = OrderedDict(state)
+    if hasattr(state, "_metadata"):  # torch's per-module versions, which load_state_dict reads
+        result._metadata = state._metadata
+    padded_by_id = {}
+    for name in to_pad:
+        tensor = state[name]  # (vocab, C)
+        if id(tensor) not in padded_by_id:
+            padded_by_id[id(tensor)] = append_zero_rows(tensor, padded_vocab)  # (padded_vocab, C)
+        result[name] = padded_by_id[id(tensor)]
+    return result
+
+
+def has_rows(tensor, rows):
+    """Whether tensor is a matrix of `rows` rows."""
+    return isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[0] == rows
+
+
+def append_zero_rows(tensor, rows):
+    """tensor (n, C) followed by zero rows: (rows, C), a new tensor."""
+    padding = tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])  # (rows - n, C)
+    return torch.cat((tensor, padding))
+
+
+def checkpoint_tensors(model):
+    """model.state_dict() as a checkpoint holds it: every vocabulary tensor cut to its first
+    config.vocab_size rows (a contiguous view of the padded one), and a tied LM head left out (it is
+    stored once, as the token embedding)."""
+    config = model.config
+    return {
+        name: tensor.detach()[: config.vocab_size] if name in VOCAB_ROW_TENSORS else tensor.detach()
+        for name, tensor in model.state_dict().items()
+        if not (config.tie_weights and name == "lm_head.weight")
+    }
 
 
 def read_safetensors(path, device="cpu"):
@@ -218,15 +278,12 @@ def write_files(directory, files):
 
 
 def save(model, directory):
-    """config.json + model.safetensors, atomically (write_files); a tied LM head is stored once, as
-    the token embedding. The weights are renamed into place first and the config last."""
+    """config.json + model.safetensors, atomically (write_files), with checkpoint_tensors' names and
+    shapes: vocab_size rows for the vocabulary tensors, a tied LM head stored once as the token
+    embedding. The weights are renamed into place first and the config last."""
     from safetensors.torch import save_file
 
-    state = {
-        name: tensor.detach().contiguous()
-        for name, tensor in model.state_dict().items()
-        if not (model.config.tie_weights and name == "lm_head.weight")
-    }
+    state = {name: tensor.contiguous() for name, tensor in checkpoint_tensors(model).items()}
     write_files(
         directory,
         {

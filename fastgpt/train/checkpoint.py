@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from fastgpt.nn import GPT
-from fastgpt.nn.weights import CONFIG_FILE, HF_PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, CheckpointError, write_files
+from fastgpt.nn.weights import (
+    CONFIG_FILE,
+    HF_PICKLE_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checkpoint_tensors,
+    write_files,
+)
 from fastgpt.train import tokenizer as tokenizers
 from fastgpt.train.errors import UserError
 
@@ -39,12 +46,10 @@ TRAINER_FILE = "trainer_state.json"
 
 
 def model_files(model, step):
-    """config.json and model.safetensors in GPT.save's format, as bytes."""
-    tied = model.config.tie_weights
+    """config.json and model.safetensors in GPT.save's format (weights.checkpoint_tensors), as bytes."""
     state = {
-        name: tensor.detach().to("cpu", torch.float32).contiguous()
-        for name, tensor in model.state_dict().items()
-        if not (tied and name == "lm_head.weight")
+        name: tensor.to("cpu", torch.float32).contiguous()
+        for name, tensor in checkpoint_tensors(model).items()
     }
     return {
         CONFIG_FILE: json.dumps(model.config.to_dict(), indent=2).encode(),

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from fastgpt.nn.weights import VOCAB_ROW_TENSORS, append_zero_rows, has_rows
 from fastgpt.train import checkpoint
 from fastgpt.train.data import BatchSampler, eval_starts, windows
 from fastgpt.train.errors import UserError
@@ -220,9 +221,12 @@ class Trainer:
     def state_tensors(self):
         """AdamW's moments and step per parameter name, and the RNG states of every process."""
         tensors = {}
+        vocab_size = self.model.config.vocab_size
         for group in self.param_groups:
             for name, parameter in zip(group["names"], group["params"]):
                 for key, value in self.optimizer.state.get(parameter, {}).items():
+                    if name in VOCAB_ROW_TENSORS and value.dim() == 2:
+                        value = value[:vocab_size]  # (vocab_size, C): checkpoints hold no padded rows
                     tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
         tensors["rng.data"] = self.sampler.state()
         generators = {"torch": torch.get_rng_state()}
@@ -232,6 +236,14 @@ class Trainer:
             for rank, part in enumerate(self._gather(state)):
                 tensors[f"rng.{key}.rank{rank}"] = part
         return tensors
+
+    def optimizer_moment(self, name, value):
+        """A checkpoint's optimizer state tensor for parameter `name` as the optimizer holds it: the
+        moments of a vocabulary tensor, saved with vocab_size rows, get zero padded rows again."""
+        config = self.model.config
+        if name in VOCAB_ROW_TENSORS and has_rows(value, config.vocab_size):
+            return append_zero_rows(value, config.padded_vocab_size)  # (padded_vocab_size, C)
+        return value
 
     def _gather(self, state):
         """Every process's copy of a uint8 state tensor (all processes must call this)."""
@@ -262,7 +274,9 @@ class Trainer:
             for name in group["names"]:
                 prefix = f"optimizer.{name}."
                 state = {
-                    key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)
+                    key[len(prefix) :]: self.optimizer_moment(name, value)
+                    for key, value in tensors.items()
+                    if key.startswith(prefix)
                 }
                 if state:
                     optimizer_state["state"][index] = state
