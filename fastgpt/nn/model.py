@@ -29,9 +29,9 @@ class GPT(nn.Module):
     (GPT-2's 50257 -> 50304), so the LM head GEMM and its logits have aligned row counts and strides.
     The padding is invisible: the padded rows start at zero, no token id reaches them, `forward`
     returns logits with config.vocab_size columns (a view of the padded GEMM output, row stride
-    padded_vocab_size), the loss reads only the first vocab_size rows of the LM head, `generate`
-    samples among real ids only, and the padded rows' gradients are exactly zero. num_params counts
-    the real vocabulary. state_dict() holds the parameters as they are (padded, as nanoGPT's), and
+    padded_vocab_size), `generate` samples among real ids only, the loss masks the padded rows out
+    (loss_head), and the padded rows' gradients are exactly zero. num_params counts the real
+    vocabulary. state_dict() holds the parameters as they are (padded, as nanoGPT's), and
     load_state_dict takes either padded or vocab_size-row vocabulary tensors (those are padded with
     zeros). save/load and from_hf work on vocab_size rows (GPT-2's and nanoGPT's shapes; checkpoints
     written before padding load unchanged). config.vocab_padding_multiple=1 turns padding off.
@@ -178,8 +178,8 @@ class GPT(nn.Module):
         """idx (B, T) int64 -> logits (B, T, vocab_size), a view whose rows have stride
         padded_vocab_size; or, given targets (B, T) int64 (the next token of each position, already
         shifted as in nanoGPT; IGNORE_INDEX=-100 skips a position), the mean cross-entropy loss as a
-        float32 scalar. The loss goes through linear_cross_entropy over the LM head's first
-        vocab_size rows (a contiguous view), so the (B, T, vocab) logits are never built in training
+        float32 scalar. The loss goes through linear_cross_entropy over the padded LM head with the
+        padded rows masked out (loss_head), so the (B, T, vocab) logits are never built in training
         and the padded rows take no part in the softmax. Unlike nanoGPT, it returns only the loss."""
         self.check_tokens("GPT", idx)
         if targets is not None:
@@ -194,8 +194,25 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
             return self.logits(x)  # (B, T, vocab_size)
-        head = self.lm_head.weight[: self.config.vocab_size]  # (vocab_size, C)
-        return linear_cross_entropy(x, head, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend)
+        head, padding_bias = self.loss_head()
+        return linear_cross_entropy(
+            x, head, targets, bias=padding_bias, ignore_index=IGNORE_INDEX, backend=self.config.backend
+        )
+
+    def loss_head(self):
+        """The LM head as the loss takes it: the whole padded weight (padded_vocab_size, C), so that the
+        loss GEMMs run on aligned rows (at GPT-2's odd 50257, Triton's dW GEMM spills 2.2 KB and loses
+        its 16-byte loads: fastgpt/ops/triton_cross_entropy.gpu_compile_cases), and a bias
+        (padded_vocab_size,) of 0 on the real ids and -inf on the padded rows, which takes those out of
+        the softmax (exp(-inf) = 0: no probability, exactly zero gradient). Without padding: (weight,
+        None). The bias is built per call (two small ops): no buffer to keep in step with the
+        parameters' device and dtype."""
+        weight = self.lm_head.weight  # (padded_vocab_size, C)
+        if self.config.padded_vocab_size == self.config.vocab_size:
+            return weight, None
+        padding_bias = torch.zeros(self.config.padded_vocab_size, dtype=weight.dtype, device=weight.device)
+        padding_bias[self.config.vocab_size :] = float("-inf")
+        return weight, padding_bias
 
     # ------------------------------------------------------------------------------------------
     # Generation

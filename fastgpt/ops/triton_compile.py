@@ -8,10 +8,12 @@ per case: shared memory used, registers and spilled bytes (from ptxas's log: eve
 afresh, not taken from Triton's cache, so that ptxas runs), whether the PTX holds tensor-core
 instructions, or the error.
 
-Each case is compiled as a launch on aligned shapes specialises it: every pointer and integer
-argument is marked divisible by 16 (16-byte aligned tensors; sizes and strides that are multiples of
-16, as at GPT-2 shapes). Without those hints Triton cannot pipeline loads with cp.async, and the
-shared memory it reports would be that of an unpipelined kernel, not of the one a GPU runs.
+Each case is compiled as a launch specialises it: pointers are marked divisible by 16 (torch's
+allocations are 16-byte aligned), and so is every integer argument, unless the case lists it in
+`unaligned` (a size or stride that is not a multiple of 16 in the launch it stands for: V=50257's
+logits rows). Without those hints Triton cannot pipeline loads with cp.async, and the shared memory it
+reports would be that of an unpipelined kernel, not of the one a GPU runs; with a hint a real launch
+would not give, the record would describe a kernel that never runs.
 
 It must run in a process where TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields
 interpreted functions, which cannot be compiled. tests/test_triton_compile.py runs it that way.
@@ -48,6 +50,7 @@ class CompileCase:
     num_warps: int
     num_stages: int
     tensor_cores: bool  # True when the PTX must hold mma (sm_80) / mma or wgmma (sm_90)
+    unaligned: frozenset = frozenset()  # integer arguments that are not multiples of 16 at this launch
 
 
 def compile_case(case, capability):
@@ -64,7 +67,8 @@ def compile_case(case, capability):
     aligned = {
         (index,): [["tt.divisibility", 16]]
         for index, name in enumerate(case.kernel.arg_names)
-        if case.signature[name].startswith("*") or case.signature[name] in ALIGNED_INTEGER_TYPES
+        if case.signature[name].startswith("*")
+        or (case.signature[name] in ALIGNED_INTEGER_TYPES and name not in case.unaligned)
     }
     ptxas_log = io.StringIO()  # Triton prints ptxas's log (knobs.nvidia.dump_ptxas_log, set by main)
     try:

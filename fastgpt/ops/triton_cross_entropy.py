@@ -425,8 +425,16 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
 def gpu_compile_cases(capability):
     """The chunk's GEMMs (logits with bias; split-K dx; accumulating dW^T with the bias row) in bf16 with
     the largest configuration, and the row kernel in its forward and 'none'-backward forms, at GPT-2
-    small: a 1536-token chunk, C 768, V 50257."""
-    rows, channels, vocab = 1536, 768, 50257
+    small: a 1536-token chunk, C 768, and V 50257 (GPT-2's vocabulary: odd logits strides, so no
+    16-byte vector loads) and 50304 (padded to a multiple of 64, as fastgpt.nn.GPT pads it)."""
+    cases = []
+    for vocab in (50257, 50304):
+        cases += _vocab_compile_cases(capability, vocab)
+    return cases
+
+
+def _vocab_compile_cases(capability, vocab):
+    rows, channels = 1536, 768
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -455,9 +463,9 @@ def gpu_compile_cases(capability):
 
     cases = []
     for name, make in (
-        ("ce logits+bias", logits_gemm),
-        ("ce dx split-K", dx_gemm),
-        ("ce dW^T+=x^T dlogits, db", weight_gemm),
+        (f"ce V={vocab} logits+bias", logits_gemm),
+        (f"ce V={vocab} dx split-K", dx_gemm),
+        (f"ce V={vocab} dW^T+=x^T dlogits, db", weight_gemm),
     ):
         cases += matmul_compile_cases(capability, name, make)
     logits, targets = meta(rows, vocab), meta(rows, dtype=torch.int64)
@@ -480,7 +488,7 @@ def gpu_compile_cases(capability):
             lse_given=lse_given,
             scale=scale,
         )
-        name = f"cross_entropy_rows bf16 {form}"
+        name = f"cross_entropy_rows bf16 V={vocab} {form}"
         meta_args = {"BLOCK_V": BLOCK_V}
         cases.append(
             compile_case(name, cross_entropy_rows_kernel, args, meta_args, ROW_KERNEL_WARPS, 3, False)

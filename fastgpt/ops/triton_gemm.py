@@ -517,10 +517,10 @@ _TRITON_TYPES = {
 
 def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
     """A triton_compile.CompileCase from launch arguments, specialised as a launch would be: integers
-    equal to 1 (unit strides) become constants."""
+    equal to 1 (unit strides) become constants, and only multiples of 16 are marked divisible by 16."""
     from fastgpt.ops.triton_compile import CompileCase
 
-    signature, constexprs = {}, dict(meta)
+    signature, constexprs, unaligned = {}, dict(meta), set()
     for param in kernel.params:
         arg_name = param.name
         value = meta[arg_name] if arg_name in meta else args[arg_name]
@@ -534,6 +534,8 @@ def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
             constexprs[arg_name] = 1
         else:
             signature[arg_name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16:
+                unaligned.add(arg_name)
     return CompileCase(
         name=name,
         kernel=kernel,
@@ -542,6 +544,7 @@ def compile_case(name, kernel, args, meta, num_warps, num_stages, tensor_cores):
         num_warps=num_warps,
         num_stages=num_stages,
         tensor_cores=tensor_cores,
+        unaligned=frozenset(unaligned),
     )
 
 
