@@ -157,7 +157,7 @@ def test_attention_declines_what_it_has_no_kernel_for():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused FFN: both CUDA implementations, cuBLASLt epilogues (the default) and the mma.sync GEMM, chosen
+# Fused FFN: both CUDA implementations, the mma.sync GEMM (the default) and cuBLASLt epilogues, chosen
 # per call by FASTGPT_CUDA_FFN (csrc/cuda/api_cuda.inc).
 
 FFN_PATHS = ("cublaslt", "mma")
