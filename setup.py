@@ -6,6 +6,8 @@ CUDAExtension that also compiles csrc/cuda/*.cu (the `cuda` backend). Environmen
 
   FASTGPT_CUDA=auto|0|1   compile the CUDA kernels when possible (default), never, or always (fail if
                           CUDA torch or nvcc is missing)
+  FASTGPT_CUBLASLT_ROOT   where cuBLASLt's include/ and lib/ are, when not in the `nvidia` wheels that
+                          torch's CUDA build installs nor in the CUDA toolkit (fastgpt/_cublaslt_paths.py)
   TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0"
   MAX_JOBS                parallel compile jobs
 
@@ -37,7 +39,8 @@ def relative_sources(pattern):
 
 
 CPU_SOURCES = ["csrc/api.cpp", "csrc/autograd.cpp", *relative_sources("csrc/cpu/*.cpp")]
-CUDA_SOURCES = relative_sources("csrc/cuda/*.cu")
+# The cuBLASLt host code (csrc/cuda/ffn_cublaslt.cpp) is plain C++ for the host compiler.
+CUDA_SOURCES = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
 
 
 def cuda_mode():
@@ -45,6 +48,18 @@ def cuda_mode():
     if mode not in ("auto", "0", "1"):
         sys.exit(f"setup.py: FASTGPT_CUDA must be auto, 0 or 1, got {mode!r}")
     return mode
+
+
+def find_cublaslt():
+    """(include_dir, lib_dir, link_name) of cuBLASLt, from fastgpt/_cublaslt_paths.py loaded by path
+    (fastgpt itself is not importable while it is being built)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "fastgpt", "_cublaslt_paths.py")
+    spec = importlib.util.spec_from_file_location("_fastgpt_cublaslt_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cublaslt()
 
 
 def openmp_flags():
@@ -84,13 +99,30 @@ def torch_extension():
         "include_dirs": [os.path.join(ROOT, "csrc")],
         "extra_link_args": openmp_flags(),
     }
+    cublaslt = find_cublaslt() if with_cuda else None
+    if with_cuda and cublaslt is None:
+        message = (
+            "the CUDA backend's FFN needs cuBLASLt (cublasLt.h and libcublasLt.so*), found neither in the "
+            "`nvidia` wheels (pip install nvidia-cublas), the CUDA toolkit, nor $FASTGPT_CUBLASLT_ROOT"
+        )
+        if mode == "1":
+            sys.exit(f"setup.py: FASTGPT_CUDA=1 but {message}")
+        print(f"setup.py: building without the cuda backend: {message}", file=sys.stderr)
+        with_cuda = False
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cublaslt_include, cublaslt_lib, cublaslt_name = cublaslt
         extension = cpp_extension.CUDAExtension(
             sources=CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("FASTGPT_WITH_CUDA", None)],
             extra_compile_args={"cxx": CPU_FLAGS + openmp_flags(), "nvcc": NVCC_FLAGS},
-            **common,
+            name=EXTENSION_NAME,
+            include_dirs=[*common["include_dirs"], cublaslt_include],
+            library_dirs=[cublaslt_lib],
+            libraries=[cublaslt_name],
+            # The rpath finds the library where it was linked; when torch has already loaded its own
+            # libcublasLt of the same soname, the loader reuses that one.
+            extra_link_args=[*common["extra_link_args"], f"-Wl,-rpath,{cublaslt_lib}"],
         )
     else:
         extension = cpp_extension.CppExtension(

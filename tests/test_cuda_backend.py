@@ -157,7 +157,16 @@ def test_attention_declines_what_it_has_no_kernel_for():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused FFN
+# Fused FFN: both CUDA implementations, the mma.sync GEMM (the default) and cuBLASLt epilogues, chosen
+# per call by FASTGPT_CUDA_FFN (csrc/cuda/api_cuda.inc).
+
+FFN_PATHS = ("cublaslt", "mma")
+
+
+@pytest.fixture(params=FFN_PATHS)
+def ffn_path(request, monkeypatch):
+    monkeypatch.setenv("FASTGPT_CUDA_FFN", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,11 +177,12 @@ def test_attention_declines_what_it_has_no_kernel_for():
         ((1,), 64, True, False),
         ((2, 33), 64, True, True),
         ((70,), 128, False, True),
-        ((3, 11), 131, True, False),
+        ((3, 11), 131, True, False),  # hidden 524: cuBLASLt's GELU aux rule (hidden % 8) fails
+        ((5, 51), 96, False, False),
     ],
-    ids=["one-token", "bias-residual", "no-bias", "odd-width"],
+    ids=["one-token", "bias-residual", "no-bias", "odd-width", "no-bias-no-residual"],
 )
-def test_fused_ffn_matches_reference(leading, channels, bias, residual, activation, dtype):
+def test_fused_ffn_matches_reference(leading, channels, bias, residual, activation, dtype, ffn_path):
     hidden = 4 * channels
     x = torch.randn(*leading, channels, device=DEVICE, dtype=dtype)
     fc_weight = torch.randn(hidden, channels, device=DEVICE, dtype=dtype) / channels**0.5
@@ -196,6 +206,41 @@ def test_fused_ffn_matches_reference(leading, channels, bias, residual, activati
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_ffn_strided_operands(dtype, ffn_path):
+    """Weights given as transposed views (dense, so the leaf clones keep their strides): the cuBLASLt
+    path reads them in place with the opposite transpose flag."""
+    channels, hidden = 64, 256
+    x = torch.randn(97, channels, device=DEVICE, dtype=dtype)
+    fc_weight = (torch.randn(channels, hidden, device=DEVICE, dtype=dtype) / channels**0.5).t()
+    proj_weight = (torch.randn(hidden, channels, device=DEVICE, dtype=dtype) / hidden**0.5).t()
+    fc_bias = torch.randn(hidden, device=DEVICE, dtype=dtype)
+    proj_bias = torch.randn(channels, device=DEVICE, dtype=dtype)
+    res = torch.randn(97, channels, device=DEVICE, dtype=dtype)
+    grad = torch.randn(97, channels, device=DEVICE, dtype=dtype)
+
+    def run(function, **options):
+        return lambda x, w1, b1, w2, b2, r: function(x, w1, b1, w2, b2, residual=r, **options)
+
+    check_against_reference(
+        "ffn strided",
+        run(fastgpt.fused_ffn, backend="cuda"),
+        run(reference.fused_ffn),
+        [x, fc_weight, fc_bias, proj_weight, proj_bias, res],
+        [grad],
+    )
+
+
+def test_fused_ffn_rejects_an_unknown_path(monkeypatch):
+    monkeypatch.setenv("FASTGPT_CUDA_FFN", "cutlass")
+    x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
+    w1 = torch.randn(256, 64, device=DEVICE, dtype=torch.bfloat16)
+    w2 = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="FASTGPT_CUDA_FFN must be 'cublaslt' or 'mma', got 'cutlass'"):
+        fastgpt.fused_ffn(x, w1, None, w2, None, backend="cuda")
+
+
+@pytest.mark.usefixtures("ffn_path")
 def test_fused_ffn_no_tokens():
     x = torch.randn(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     w1 = torch.randn(256, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)

@@ -1,7 +1,9 @@
 """The CUDA kernels of csrc/cuda compile for sm_80 and sm_90a with no register spills and no stack frame,
 every shipped template instantiation is there, and the attention and GEMM kernels run on tensor cores
 (HMMA in the SASS). Also: the fragment layouts check out on the CPU, the csrc/dev harnesses compile and
-link against the kernel objects, and the kernels stay free of torch. Needs nvcc, not a GPU."""
+link against the kernel objects, the cuBLASLt host code of the FFN (csrc/cuda/ffn_cublaslt.cpp)
+compiles against cuBLASLt's header, and the kernels stay free of torch. Needs nvcc, not a GPU; the
+cuBLASLt checks also need cublasLt.h (the nvidia-cublas wheel or a CUDA toolkit that has it)."""
 
 import concurrent.futures
 import os
@@ -13,6 +15,8 @@ import sysconfig
 
 import pytest
 
+from fastgpt._cublaslt_paths import find_cublaslt, find_cublaslt_header
+
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 
@@ -20,7 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DEV_DIR = ROOT / "csrc" / "dev"
 KERNEL_FILES = sorted(CUDA_DIR.glob("*.cu"))
-HARNESSES = ("attention_fwd", "attention_bwd", "gemm", "layernorm")
+HARNESSES = ("attention_fwd", "attention_bwd", "gemm", "layernorm", "ffn_cublaslt")
+CUBLASLT_SOURCE = CUDA_DIR / "ffn_cublaslt.cpp"
+NO_CUBLASLT = "cublasLt.h is not found: pip install nvidia-cublas (what torch's CUDA build installs)"
 ARCHS = ("sm_80", "sm_90a")
 GENCODE = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch[3:]},code={arch}")]
 NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo"]
@@ -40,7 +46,9 @@ EXPECTED_KERNELS = {
     "gemm_kernel": 8,  # bfloat16, float16 x (a, b) K-contiguous or transposed
     "layer_norm_forward_kernel": 4,  # bfloat16, float16 x vectorised, scalar
     "layer_norm_backward_kernel": 4,
-    "column_sums_kernel": 2,
+    "column_sums_kernel": 4,  # (float32 partials, bfloat16/float16 matrix) x bfloat16, float16 out
+    "activation_forward_kernel": 4,  # bfloat16, float16 x 16-byte vectors, single elements
+    "activation_backward_kernel": 4,
 }
 
 
@@ -249,17 +257,58 @@ def test_index_checks_on_cpu(tmp_path):
     assert "all index checks passed" in result.stdout
 
 
+def test_cublaslt_host_code_compiles(tmp_path):
+    """ffn_cublaslt.cpp is host code (no kernels, so no architecture to target): the host compiler builds
+    it with every warning on against cuBLASLt's header, as setup.py's extension and the harness do."""
+    include = find_cublaslt_header()
+    if include is None:
+        pytest.skip(NO_CUBLASLT)
+    command = [
+        NVCC,
+        "-std=c++17",
+        "-O3",
+        "-x",
+        "c++",
+        f"-I{include}",
+        f"-I{CUDA_DIR.parent}",
+        "-Xcompiler",
+        "-Wall,-Wextra",
+        "-c",
+        str(CUBLASLT_SOURCE),
+        "-o",
+        str(tmp_path / "ffn_cublaslt.o"),
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
+
+
 def test_dev_harnesses_compile_and_link(builds, tmp_path):
     objects = [str(result["object"]) for result in builds.values()]
+    cublaslt = find_cublaslt()
+    harnesses = [name for name in HARNESSES if cublaslt is not None or name != "ffn_cublaslt"]
+    extra = {}
+    if cublaslt is not None:
+        include, lib_dir, library = cublaslt
+        extra["ffn_cublaslt"] = [f"-I{include}", str(CUBLASLT_SOURCE), f"-L{lib_dir}", f"-l{library}"]
 
     def build(name):
         executable = tmp_path / name
-        command = [NVCC, *NVCC_FLAGS, *GENCODE, str(DEV_DIR / f"{name}.cu"), *objects, "-o", str(executable)]
+        command = [
+            NVCC,
+            *NVCC_FLAGS,
+            *GENCODE,
+            str(DEV_DIR / f"{name}.cu"),
+            *objects,
+            *extra.get(name, []),
+            "-o",
+            str(executable),
+        ]
         result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=DEV_DIR)
         return name, result.returncode, result.stdout + result.stderr
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        for name, returncode, output in pool.map(build, HARNESSES):
+        for name, returncode, output in pool.map(build, harnesses):
             assert returncode == 0, f"csrc/dev/{name}.cu failed to build:\n{output[-4000:]}"
             assert "warning" not in output.lower(), (
                 f"csrc/dev/{name}.cu builds with warnings:\n{output[-4000:]}"
@@ -291,7 +340,7 @@ def test_launch_header_is_plain_cpp(tmp_path):
 
 def test_kernels_include_no_torch():
     for path in sorted(CUDA_DIR.iterdir()):
-        if path.suffix in (".cu", ".cuh", ".h"):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
             includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', path.read_text())
             torch_like = [name for name in includes if name.split("/")[0] in ("torch", "ATen", "c10")]
             assert not torch_like, f"{path.name} includes {torch_like}; only csrc/cuda/api_cuda.inc may"
@@ -301,13 +350,25 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
     """csrc/api.cpp with its CUDA section (csrc/cuda/api_cuda.inc: the CUDA kernels registered under the
     ops' one schema each) passes the host compiler's syntax and type checks against this torch's headers,
     so a schema or signature mismatch shows here, not first on a GPU machine. The CPU wheel lacks one
-    generated header of c10/cuda (its build's macros); an empty stand-in takes its place."""
+    generated header of c10/cuda (its build's macros); an empty stand-in takes its place. The FFN's
+    cuBLASLt path takes torch's cuBLASLt handle from ATen/cuda/CUDAContextLight.h, which includes
+    cuBLAS (from the nvidia-cublas wheel: cublasLt.h and cublas_v2.h) and, for handles declared beside
+    it, cuSPARSE and cuSOLVER: stand-ins declare the two handle types it names from those."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
-    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#pragma once\n")
+    cublaslt_include = find_cublaslt_header()
+    if cublaslt_include is None:
+        pytest.skip(NO_CUBLASLT)
+    stubs = {
+        "c10/cuda/impl/cuda_cmake_macros.h": "#pragma once\n",
+        "cusparse.h": "#pragma once\ntypedef struct cusparseContext* cusparseHandle_t;\n",
+        "cusolverDn.h": "#pragma once\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+    }
+    for name, text in stubs.items():
+        stub = tmp_path / name
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text(text)
     candidates = [os.environ.get("CUDA_HOME"), pathlib.Path(NVCC).resolve().parents[1], "/usr/local/cuda"]
     cuda_include = next(
         (
@@ -320,7 +381,14 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
     if cuda_include is None:
         pytest.skip("the CUDA toolkit's headers (cuda_runtime.h) are not found")
     python_include = sysconfig.get_paths()["include"]
-    includes = [tmp_path, *cpp_extension.include_paths(), python_include, cuda_include, ROOT / "csrc"]
+    includes = [
+        tmp_path,
+        *cpp_extension.include_paths(),
+        python_include,
+        cuda_include,
+        cublaslt_include,
+        ROOT / "csrc",
+    ]
     command = [
         shutil.which("c++") or "g++",
         "-std=c++20",

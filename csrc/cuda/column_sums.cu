@@ -1,5 +1,6 @@
-// Deterministic column sums of float32 partial sums: the second pass of the LayerNorm weight/bias
-// gradients and of the GEMM bias gradient. out[c] = sum over r of partial[r][c].
+// Deterministic column sums: of float32 partial sums (the second pass of the LayerNorm weight/bias
+// gradients and of the GEMM bias gradient), and of a 16-bit matrix (the FFN's bias gradient where
+// cuBLASLt has no bias-gradient epilogue for a GEMM). out[c] = sum over r of in[r][c], in float32.
 //
 // A block takes 32 columns; its 16 row slices each add every 16th partial row in increasing order,
 // then slice sums are added in slice order. The order never depends on timing, so the result is the
@@ -16,14 +17,20 @@ namespace {
 constexpr int kColumns = 32;  // one warp reads 128 contiguous bytes of a partial row
 constexpr int kSlices = 16;   // rows in flight per column
 
-template <typename T>
+template <typename TIn, typename T>
 __global__ void __launch_bounds__(kColumns* kSlices)
-    column_sums_kernel(const float* partial, int64_t rows, int cols, T* out) {
+    column_sums_kernel(const TIn* partial, int64_t rows, int cols, int64_t ld, T* out) {
   __shared__ float slice_sums[kSlices][kColumns + 1];
   const int col = blockIdx.x * kColumns + threadIdx.x;
   float sum = 0.0f;
   if (col < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += kSlices) sum += partial[r * cols + col];
+    for (int64_t r = threadIdx.y; r < rows; r += kSlices) {
+      if constexpr (std::is_same_v<TIn, float>) {
+        sum += partial[r * ld + col];
+      } else {
+        sum += to_float(partial[r * ld + col]);
+      }
+    }
   }
   slice_sums[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
@@ -44,9 +51,27 @@ cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtyp
   const dim3 block(kColumns, kSlices);
   const unsigned blocks = static_cast<unsigned>(ceil_div(cols, kColumns));
   if (dtype == DType::kBFloat16) {
-    column_sums_kernel<<<blocks, block, 0, stream>>>(partial, rows, cols, static_cast<__nv_bfloat16*>(out));
+    column_sums_kernel<<<blocks, block, 0, stream>>>(partial, rows, cols, int64_t(cols),
+                                                     static_cast<__nv_bfloat16*>(out));
   } else {
-    column_sums_kernel<<<blocks, block, 0, stream>>>(partial, rows, cols, static_cast<__half*>(out));
+    column_sums_kernel<<<blocks, block, 0, stream>>>(partial, rows, cols, int64_t(cols), static_cast<__half*>(out));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t column_sums_16bit(const void* matrix, int64_t rows, int cols, int64_t ld, DType dtype, void* out,
+                              cudaStream_t stream) {
+  if ((dtype != DType::kBFloat16 && dtype != DType::kFloat16) || rows < 0 || cols < 0) return cudaErrorInvalidValue;
+  if (cols == 0) return cudaSuccess;
+  if (out == nullptr || (rows > 0 && (matrix == nullptr || ld < cols))) return cudaErrorInvalidValue;
+  const dim3 block(kColumns, kSlices);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(cols, kColumns));
+  if (dtype == DType::kBFloat16) {
+    column_sums_kernel<<<blocks, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(matrix), rows, cols, ld,
+                                                     static_cast<__nv_bfloat16*>(out));
+  } else {
+    column_sums_kernel<<<blocks, block, 0, stream>>>(static_cast<const __half*>(matrix), rows, cols, ld,
+                                                     static_cast<__half*>(out));
   }
   return cudaGetLastError();
 }

@@ -56,6 +56,19 @@ const char* gemm_unsupported_reason(DType dtype);
 
 cudaError_t gemm(const GemmParams& params, cudaStream_t stream);
 
+// ---- FFN activation passes beside the cuBLASLt GEMMs (ffn_elementwise.cu) --------------------------
+// (rows, cols) matrices with col_stride 1 and row_stride >= cols, bfloat16 or float16, act in float32
+// with activations.cuh's formulas. 16-byte vectors when cols % 8 == 0 and every matrix's pointer is
+// 16-byte aligned with a row_stride that is a multiple of 8; element by element otherwise.
+
+// out = act(h). out may be h itself (in place).
+cudaError_t activation_forward(DType dtype, Activation activation, int64_t rows, int64_t cols, const Matrix& h,
+                               const Matrix& out, cudaStream_t stream);
+
+// grad *= act'(h), in place (grad: dL/d act(h) in, dL/dh out); act_out = act(h) unless act_out.data is null.
+cudaError_t activation_backward(DType dtype, Activation activation, int64_t rows, int64_t cols, const Matrix& grad,
+                                const Matrix& h, const Matrix& act_out, cudaStream_t stream);
+
 // ---- LayerNorm with fused residual (layernorm.cu) --------------------------------------------------
 // cols up to 16384 when cols % 8 == 0 and every row starts 16-byte aligned (the vectorised path), up to
 // 4096 otherwise (the scalar path; layer_norm_unsupported_reason declines wider rows of odd widths, and
@@ -71,9 +84,14 @@ int layer_norm_backward_num_partials(int64_t rows);
 
 cudaError_t layer_norm_backward(const LayerNormParams& params, cudaStream_t stream);
 
-// ---- Deterministic column sums of float32 partial sums (column_sums.cu) ----------------------------
+// ---- Deterministic column sums (column_sums.cu) ----------------------------------------------------
 // out[c] = sum over r of partial[r * cols + c] in float32, in a fixed order, stored as `dtype`. The second
 // pass of the LayerNorm weight/bias gradients and of the GEMM bias gradient. rows may be 0 (zeros).
 cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtype, void* out, cudaStream_t stream);
+
+// The same over a (rows, cols) `dtype` matrix with row stride ld >= cols: the FFN's bias gradient where
+// cuBLASLt offers no bias-gradient epilogue for the GEMM at hand (ffn_cublaslt.cpp).
+cudaError_t column_sums_16bit(const void* matrix, int64_t rows, int cols, int64_t ld, DType dtype, void* out,
+                              cudaStream_t stream);
 
 }  // namespace fastgpt::cuda

@@ -12,54 +12,8 @@ Compile and run (from csrc/dev; `make` builds every harness, ARCH="-arch=sm_90a"
 #include <cstdio>
 
 #include "../cuda/launch.h"
+#include "activations_ref.h"
 #include "common.h"
-
-using fastgpt::Activation;
-
-static const char* activation_name(Activation a) {
-  switch (a) {
-    case Activation::kGeluTanh:
-      return "gelu_tanh";
-    case Activation::kGelu:
-      return "gelu";
-    case Activation::kRelu:
-      return "relu";
-    default:
-      return "silu";
-  }
-}
-
-// The formulas of fastgpt/activations.py, in double.
-static double activation(Activation a, double h) {
-  switch (a) {
-    case Activation::kGeluTanh:
-      return 0.5 * h * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (h + 0.044715 * h * h * h)));
-    case Activation::kGelu:
-      return 0.5 * h * (1.0 + std::erf(h / std::sqrt(2.0)));
-    case Activation::kRelu:
-      return h > 0.0 ? h : 0.0;
-    default:
-      return h / (1.0 + std::exp(-h));
-  }
-}
-
-static double activation_derivative(Activation a, double h) {
-  switch (a) {
-    case Activation::kGeluTanh: {
-      const double k = std::sqrt(2.0 / M_PI);
-      const double t = std::tanh(k * (h + 0.044715 * h * h * h));
-      return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * h * h);
-    }
-    case Activation::kGelu:
-      return 0.5 * (1.0 + std::erf(h / std::sqrt(2.0))) + h * std::exp(-0.5 * h * h) / std::sqrt(2.0 * M_PI);
-    case Activation::kRelu:
-      return h > 0.0 ? 1.0 : 0.0;
-    default: {
-      const double s = 1.0 / (1.0 + std::exp(-h));
-      return s * (1.0 + h * (1.0 - s));
-    }
-  }
-}
 
 // A logical (rows, k) operand, stored K-contiguous or transposed (rows contiguous), optionally
 // starting `misalign` elements into its allocation (16-byte misaligned: the element-wise path).
