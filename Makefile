@@ -9,7 +9,7 @@ STAMP := .make/installed
 # Editing any C++/CUDA source rebuilds the extension fastgpt._C on the next `make install`/`make test`.
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test ctest bench lint clean
+.PHONY: install demo test ctest cuda-compile-deps bench lint clean
 
 $(STAMP): setup.py pyproject.toml $(CSRC)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -23,9 +23,15 @@ demo: install
 	$(PYTHON) -m fastgpt demo
 
 # The C++ kernels' own tests (csrc/cpu/tests, no torch), and the CUDA sources compiled when nvcc exists.
-ctest:
+ctest: cuda-compile-deps
 	command -v cmake >/dev/null || $(PIP) install cmake
 	cmake -S . -B build && cmake --build build -j2 && ctest --test-dir build --output-on-failure
+
+# Where nvcc exists, the compile checks of the CUDA sources (tests/test_cuda_compile.py) also need
+# cuBLASLt's header: the nvidia-cublas wheel that torch's CUDA builds install (about 0.6 GB).
+cuda-compile-deps:
+	command -v nvcc >/dev/null || exit 0; \
+	$(PYTHON) fastgpt/_cublaslt_paths.py | grep -q . || $(PIP) install nvidia-cublas
 
 test: install ctest
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
