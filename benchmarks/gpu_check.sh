@@ -9,25 +9,42 @@
 #   bash benchmarks/gpu_check.sh profile       # build, then where each op's time goes: host or kernels
 #   bash benchmarks/gpu_check.sh --dry-run     # the same stages on CPU at tiny sizes (no build, no GPU)
 #
+# One area at a time, each under 3 minutes (GPU_CHECK_BUDGET_S defaults to 175 s for these), so one GPU
+# loan allows several measure-change-measure rounds: build (reused when unchanged), that area's GPU tests
+# (`pytest -m gpu tests -k <area>`), and `fastgpt bench --ops <area> --quick` in bf16:
+#
+#   bash benchmarks/gpu_check.sh attention     # tests matching 'attention or decode'; attention's quick set
+#   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn'; FFN at GPT-2 small and XL
+#   bash benchmarks/gpu_check.sh layer_norm    # tests matching 'layer_norm or layernorm'; LayerNorm GB/s
+#   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy'; vocab 50257
+#   bash benchmarks/gpu_check.sh gpt           # the training step's tests (eager, compile, CUDA graph,
+#                                              # determinism) and the GPT-2 step and generation, with the
+#                                              # fastgpt.nn+torch.compile and fastgpt.nn+cuda-graph providers
+#
 # Stages, in this order, each under its own timeout and all under one time budget
-# (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200); [all],
-# [correctness], [bench], [sanitizer] and [profile] say which runs include a stage:
+# (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200; 175 s for an
+# area); [all], [correctness], [bench], [sanitizer], [profile] and [area] say which runs include a stage:
 #   1. environment: nvidia-smi, `fastgpt info` after the build;
 #   2. build: `python setup.py build_ext --inplace` with the CUDA extension for the GPU present
 #      (FASTGPT_CUDA=1, TORCH_CUDA_ARCH_LIST=<detected>); everything after runs from the source tree
 #      (`python -m fastgpt` and pytest import the checkout), so nothing is installed and no pip or
 #      network is needed; a failure is recorded (with fastgpt/_C_build_error.txt) and everything after
-#      runs anyway, without the cuda backend [every part]. The CUDA dev harnesses of csrc/dev (CMake,
+#      runs anyway, without the cuda backend [every part]. The build is reused when build/gpu-check.stamp
+#      holds the hash of csrc/, setup.py and the architecture it was built from and the cuda backend
+#      loads (setuptools alone would miss a changed header). The CUDA dev harnesses of csrc/dev (CMake,
 #      for this GPU's architecture only) then build in the background while the GPU tests run
 #      [correctness, sanitizer];
 #   3. `pytest -m gpu tests`, on one xdist worker per CPU core when pytest-xdist is there (their Triton
 #      compilations run in parallel; this also fills Triton's compile cache for the benchmarks), with
 #      the ten slowest tests listed [all, correctness];
 #      then `fastgpt bench` at tiny sizes, so the benchmark code itself runs on the GPU [correctness];
+#      or only the area's GPU tests [area];
 #   4. `fastgpt bench` [all, bench]: attention bf16 (head_dim 64 and 128, seq 512..16k), the GPT-2
 #      training step and generation, FFN (GPT-2 small and XL, 8k tokens), LayerNorm (GB/s against the
 #      copy bandwidth) and linear cross-entropy (vocab 50257, time and peak memory), then attention
-#      fp16 at the quick set (head_dim 64 and 128 at seq 512, 4k and 16k);
+#      fp16 at the quick set (head_dim 64 and 128 at seq 512, 4k and 16k); the GPT stage leaves out
+#      fastgpt.nn+torch.compile (its compilation would take the stage past its cap; the gpt part times it);
+#      or `fastgpt bench --ops <area> --quick` in bf16 [area];
 #      benchmarks/host_overhead.py [profile]: each op's wall time per call against its kernels' time
 #      (torch.profiler) and fastgpt's Python hotspots, into host_overhead.json and host_overhead.md;
 #   5. the dev harnesses validate against their CPU references (--validate) [correctness, sanitizer];
@@ -51,16 +68,35 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 PART=all
+AREA=""
 for argument in "$@"; do
   case "$argument" in
     --dry-run) DRY_RUN=1 ;;
     all | correctness | bench | sanitizer | profile) PART=$argument ;;
-    *) echo "gpu_check.sh: expected all, correctness, bench, sanitizer, profile or --dry-run, got '$argument'" >&2; exit 2 ;;
+    attention | ffn | layer_norm | cross_entropy | gpt) PART=$argument AREA=$argument ;;
+    *)
+      echo "gpu_check.sh: expected all, correctness, bench, sanitizer, profile, attention, ffn, layer_norm," \
+        "cross_entropy, gpt or --dry-run, got '$argument'" >&2
+      exit 2
+      ;;
   esac
 done
+# area_tests AREA: the pytest -k expression choosing the area's GPU tests (test and module names)
+area_tests() {
+  case "$1" in
+    attention) echo "attention or decode" ;;
+    layer_norm) echo "layer_norm or layernorm" ;;
+    gpt) echo "train_step or training_step or torch_compile or gpt" ;;
+    *) echo "$1" ;;
+  esac
+}
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-./gpu-results}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+if [[ -n "$AREA" ]]; then
+  BUDGET=${GPU_CHECK_BUDGET_S:-175}
+else
+  BUDGET=${GPU_CHECK_BUDGET_S:-470}
+fi
 SUMMARY_RESERVE=10  # seconds kept for the report at the end (it takes 4 s on a 2-core CPU)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -148,11 +184,21 @@ if [[ "$DRY_RUN" == 1 ]]; then
   note_stage "CUDA build" "dry-run" "would run: FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST=<detected> $PYTHON setup.py build_ext --inplace"
 else
   ARCH=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>>"$LOG")
-  STAGE_NOTE="TORCH_CUDA_ARCH_LIST=$ARCH"
-  run_stage "CUDA build" 200 env FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
-    "$PYTHON" setup.py build_ext --inplace
+  BUILD_STAMP=build/gpu-check.stamp
+  SOURCES_HASH=$( (echo "arch $ARCH" && find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1)
+  if [[ -f "$BUILD_STAMP" && "$(cat "$BUILD_STAMP")" == "$SOURCES_HASH" ]] &&
+    "$PYTHON" -c "import fastgpt, sys; sys.exit('cuda' not in fastgpt.available_backends())" 2>>"$LOG"; then
+    note_stage "CUDA build" "reused" "csrc/ and setup.py unchanged since the last build for $ARCH"
+  else
+    rm -f "$BUILD_STAMP"
+    STAGE_NOTE="TORCH_CUDA_ARCH_LIST=$ARCH"
+    run_stage "CUDA build" 200 env FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+      "$PYTHON" setup.py build_ext --inplace
+    [[ "$(tail -n 1 "$STAGES" | cut -f 2)" == ok ]] || SOURCES_HASH=""  # a failed build is never reused
+  fi
   if "$PYTHON" -c "import fastgpt, sys; sys.exit('cuda' not in fastgpt.available_backends())" 2>>"$LOG"; then
     note_stage "CUDA backend" "ok" "fastgpt.available_backends() includes cuda"
+    [[ -n "$SOURCES_HASH" ]] && mkdir -p build && echo "$SOURCES_HASH" >"$BUILD_STAMP"
   else
     REASON=$(head -c 300 fastgpt/_C_build_error.txt 2>/dev/null | tr '\t\n' '  ')
     note_stage "CUDA backend" "missing" "${REASON:-see the build stage in gpu_check.log}"
@@ -195,6 +241,15 @@ if wants tests; then
   run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10 "${WORKERS[@]}"
 fi
 
+# ... or only the area's
+if [[ -n "$AREA" ]]; then
+  WORKERS=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
+  STAGE_NOTE="-k '$(area_tests "$AREA")'"
+  run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -q \
+    -p no:cacheprovider --durations=5 "${WORKERS[@]}"
+fi
+
 # ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)
 if wants smoke; then
   run_stage "bench smoke (tiny sizes)" 60 "${BENCH[@]}" --tiny --dtype "$BF16,$FP16" --skip-providers "*torch.compile"
@@ -203,9 +258,14 @@ fi
 # 4. the benchmark set, the headline first
 if wants bench; then
   run_stage "bench attention $BF16" 130 "${BENCH[@]}" --ops attention --dtype "$BF16"
-  run_stage "bench gpt $BF16" 120 "${BENCH[@]}" --ops gpt --dtype "$BF16"
+  run_stage "bench gpt $BF16" 120 "${BENCH[@]}" --ops gpt --dtype "$BF16" --skip-providers "fastgpt.nn+torch.compile"
   run_stage "bench ffn, layer_norm, cross_entropy $BF16" 110 "${BENCH[@]}" --ops ffn,layer_norm,cross_entropy --dtype "$BF16"
   run_stage "bench attention $FP16 (quick set)" 60 "${BENCH[@]}" --ops attention --dtype "$FP16" --quick
+fi
+
+# ... or the area's quick set, in the time left
+if [[ -n "$AREA" ]]; then
+  run_stage "bench $AREA $BF16 (quick set)" 150 "${BENCH[@]}" --ops "$AREA" --dtype "$BF16" --quick
 fi
 
 # ... or where the time of each op's call goes (host or kernels)

@@ -5,6 +5,7 @@ fastgpt train --data notes/ --steps 2000 --out runs/notes
 fastgpt train --init ./gpt2 --data book.txt --lr 3e-5 --steps 200   # fine-tune a local HF GPT-2
 fastgpt train --out runs/notes --steps 4000 --resume
 torchrun --nproc_per_node 2 -m fastgpt train ...  # DDP: gloo on CPU, nccl on GPUs
+fastgpt train --step-mode compile                # eager | compile | cuda-graph; auto says which it picks
 """
 
 import torch
@@ -16,6 +17,7 @@ from fastgpt.train import checkpoint, runtime
 from fastgpt.train.data import read_corpus, split_tokens
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, fit
+from fastgpt.train.step import STEP_MODES, choose_step_mode
 from fastgpt.train.tokenizer import load_tokenizer
 
 # --n-layer and friends: GPTConfig fields a new model may override on its preset.
@@ -67,6 +69,13 @@ def add_arguments(parser):
     )
     run.add_argument(
         "--eval-windows", type=int, default=64, help="held-out sequences per evaluation (default: 64)"
+    )
+    run.add_argument(
+        "--step-mode",
+        choices=STEP_MODES,
+        default="auto",
+        help="how each step runs: eager, torch.compile (fullgraph), or the whole step replayed from a CUDA "
+        "graph (auto: cuda-graph on one GPU, compile under torchrun on GPUs, eager on CPU)",
     )
     runtime.add_arguments(run)
 
@@ -138,7 +147,10 @@ def train(args, env):
     )  # fmt: skip
     corpus = read_corpus(args.data)
     train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
-    trainer = Trainer(model, tokenizer, train_tokens, val_tokens, settings, env, data_name=corpus.name)
+    step_mode, step_reason = choose_step_mode(args.step_mode, env.device, env.world_size)
+    trainer = Trainer(
+        model, tokenizer, train_tokens, val_tokens, settings, env, data_name=corpus.name, step_mode=step_mode
+    )
     if args.resume:
         trainer.resume(args.out)
         if trainer.step >= settings.steps:
@@ -155,6 +167,7 @@ def train(args, env):
         f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)\n"
         f"{settings.steps} steps of {settings.batch_size} x {seq_len} tokens"
         + (f", resuming at step {trainer.step}" if args.resume else "")
+        + f"\nstep mode: {step_mode} ({step_reason})"
     )
     try:
         tokens_per_s = fit(trainer, args.out, console)

@@ -362,6 +362,13 @@ def test_tiny_run_speedups_and_skips(tiny_run):
     reasons = {(s["op"], s["provider"]): s["reason"] for s in data["skipped"]}
     assert reasons[("attention", "fastgpt:triton")].startswith("interpreter: not timed")
     assert reasons[("attention", "flash_attn")] == "flash_attn runs on CUDA only"
+    # the compiled and graph-captured GPT steps are training providers; CUDA graphs need CUDA
+    gpt_skips = {(s["mode"], s["provider"]): s["reason"] for s in data["skipped"] if s["op"] == "gpt"}
+    assert gpt_skips[("train", "fastgpt.nn+cuda-graph")] == "CUDA graphs need a CUDA device, got cpu"
+    for provider in ("fastgpt.nn+torch.compile", "fastgpt.nn+cuda-graph"):
+        assert gpt_skips[("generate", provider)].startswith("a training-step provider")
+    trained = {r["provider"] for r in data["records"] if (r["op"], r["mode"]) == ("gpt", "train")}
+    assert {"fastgpt.nn", "fastgpt.nn+torch.compile"} <= trained
 
 
 def test_tiny_run_report_and_plots(tiny_run):
@@ -539,7 +546,8 @@ def test_gpu_check_rejects_an_unknown_part(tmp_path):
     )
     assert result.returncode == 2
     assert (
-        "expected all, correctness, bench, sanitizer, profile or --dry-run, got 'everything'" in result.stderr
+        "expected all, correctness, bench, sanitizer, profile, attention, ffn, layer_norm, cross_entropy, "
+        "gpt or --dry-run, got 'everything'" in result.stderr
     )
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
@@ -573,8 +581,16 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
             for mode in ("fwd", "fwd+bwd")
             for p in ("fastgpt:triton", "fastgpt:cpu", "F.layer_norm")
         ),
-        *(("gpt", mode, p) for mode in ("train", "generate") for p in ("fastgpt.nn", "nanogpt", "hf (sdpa)")),
+        *(
+            ("gpt", mode, p)
+            for mode in ("train", "generate")
+            for p in ("fastgpt.nn", "fastgpt.nn+cuda-graph", "nanogpt", "hf (sdpa)")
+        ),
     }
+    assert (
+        by_key[("gpt", "train", "fastgpt.nn+cuda-graph")]["skipped"]
+        == "CUDA graphs need a CUDA device, got cpu"
+    )
     assert by_key[("layer_norm", "fwd", "fastgpt:triton")]["skipped"].startswith("interpreter: not timed")
     fused = by_key[("layer_norm", "fwd+bwd", "fastgpt:cpu")]
     assert fused["wall_ms"] > 0 and fused["device_ms"] is None and fused["calls"] >= 3

@@ -333,3 +333,16 @@ def test_console_entry_exits_non_zero_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"fastgpt train: error: --data {tmp_path / 'nope'} does not exist\n"
     assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    "step_mode, expected",
+    [
+        ("auto", "step mode: eager (auto on cpu: fastgpt's CPU kernels do the work"),
+        ("cuda-graph", "step mode: eager (cuda-graph needs a CUDA device; running eager on cpu)"),
+    ],
+)
+def test_train_says_which_step_mode_it_runs(tmp_path, capsys, step_mode, expected):
+    train(tmp_path, "--steps", "2", "--eval-every", "2", "--step-mode", step_mode)
+    assert expected in capsys.readouterr().out

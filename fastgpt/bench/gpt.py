@@ -3,13 +3,19 @@
 Providers, all holding the same weights (one randomly initialised transformers GPT-2, copied):
 - `fastgpt.nn`: fastgpt.nn.GPT.from_hf(model) (imported lazily; reported as not available until it
   exists);
+- `fastgpt.nn+torch.compile`: the same model under torch.compile(fullgraph=True) (fastgpt's ops opaque,
+  the glue between them fused by Inductor), and `fastgpt.nn+cuda-graph` (CUDA only): its whole
+  training step (forward, backward, AdamW(fused=True, capturable=True), zero_grad) captured in a CUDA
+  graph after one eager step on a side stream and replayed (fastgpt.train.step.CapturedStep, as
+  `fastgpt train --step-mode cuda-graph` runs it). Both time the training step only: GPT.generate runs
+  its own decode step, which neither changes;
 - `hf+fastgpt.patch`: the transformers model patched in place by fastgpt.patch;
 - `hf (sdpa)`: the unpatched transformers model with attn_implementation="sdpa";
 - `nanogpt`: the nanoGPT-style eager model of fastgpt.bench.nanogpt, and `nanogpt+torch.compile`.
 
-Training step: forward, loss, backward and AdamW (fused on CUDA, the default on CPU), then
-zero_grad(set_to_none=True). Weights, gradients and optimizer state are all in the run's dtype (pure
-bf16 on GPU, no autocast), the same for every provider. The transformers models' loss is
+Training step: forward, loss, backward and AdamW (fused on CUDA, the default on CPU; capturable for
+the graph-captured provider), then zero_grad(set_to_none=True). Weights, gradients and optimizer state
+are all in the run's dtype (pure bf16 on GPU, no autocast), the same for every provider. The transformers models' loss is
 F.cross_entropy on their float32-upcast logits (what their `labels=` path computes), over the same
 (input, target) pairs as the others. tokens/s = batch x seq / step time; % of peak is the model-FLOP
 utilisation (flops.gpt_train_flops) against the measured matmul peak.
@@ -35,6 +41,7 @@ from fastgpt.bench import timing
 from fastgpt.bench.nanogpt import NanoGPT, generate_greedy
 from fastgpt.bench.providers import optional_module, reset_compiled, select
 from fastgpt.bench.records import BASELINE, FASTGPT, dtype_name, matmul_peak
+from fastgpt.train.step import CapturedStep
 
 GPT2_124M = {
     "model": "gpt2",
@@ -76,6 +83,11 @@ GPU_COMPILED_GENERATION_SKIP = (
 # ~25 ms, and its 50 ms rounds held two calls, whose median moved the speedups by up to 50% run to run.
 GENERATION_ROUND_FACTOR = 10
 LEARNING_RATE = 1e-5  # small, so the timed steps leave the weights near where the errors were measured
+# The graph-captured step runs its first call eagerly (that call's loss gives the error, and it creates
+# AdamW's state and tunes Triton's kernels) and captures at the second, an untimed warm-up call in every
+# timing plan, so the timed rounds are replays only.
+CAPTURE_WARMUP_STEPS = 1
+TRAINING_ONLY = "a training-step provider: GPT.generate runs its own decode step, which this does not change"
 
 
 @dataclasses.dataclass
@@ -86,6 +98,7 @@ class ModelProvider:
     model: object = None  # the torch.nn.Module holding the weights
     loss: object = None  # loss(x, y) -> scalar
     generate: object = None  # generate(prompts, new_tokens) -> (B, P + new_tokens)
+    captured: bool = False  # the whole training step replayed from a CUDA graph
 
 
 def _hf_model(shape, seed):
@@ -133,18 +146,29 @@ def _hf_generate(model):
     return generate
 
 
-def _fastgpt_nn(hf_model):
+def _fastgpt_nn(hf_model, step="eager"):
+    """fastgpt.nn.GPT with hf_model's weights; step: "eager", "compile" (the model under
+    torch.compile(fullgraph=True)) or "cuda-graph" (the training step captured)."""
+    name = {
+        "eager": "fastgpt.nn",
+        "compile": "fastgpt.nn+torch.compile",
+        "cuda-graph": "fastgpt.nn+cuda-graph",
+    }[step]
     nn_module = optional_module("fastgpt.nn")
     if nn_module is None or not hasattr(nn_module, "GPT"):
-        return ModelProvider("fastgpt.nn", FASTGPT, skip="fastgpt.nn not available")
+        return ModelProvider(name, FASTGPT, skip="fastgpt.nn not available")
     weight = hf_model.lm_head.weight
+    if step == "cuda-graph" and weight.device.type != "cuda":
+        return ModelProvider(name, FASTGPT, skip=f"CUDA graphs need a CUDA device, got {weight.device.type}")
     model = nn_module.GPT.from_hf(hf_model).to(device=weight.device, dtype=weight.dtype)
+    forward = torch.compile(model, fullgraph=True, dynamic=False) if step == "compile" else model
     return ModelProvider(
-        "fastgpt.nn",
+        name,
         FASTGPT,
         model=model,
-        loss=lambda x, y: model(x, y),
+        loss=lambda x, y: forward(x, y),
         generate=lambda prompts, new_tokens: model.generate(prompts, new_tokens, temperature=0),
+        captured=step == "cuda-graph",
     )
 
 
@@ -174,7 +198,16 @@ def _nanogpt(hf_model, compile_it):
     return ModelProvider(name, BASELINE, model=model, loss=lambda x, y: step(x, y), generate=generate)
 
 
-PROVIDER_NAMES = ("fastgpt.nn", "hf+fastgpt.patch", "hf (sdpa)", "nanogpt", "nanogpt+torch.compile")
+PROVIDER_NAMES = (
+    "fastgpt.nn",
+    "fastgpt.nn+torch.compile",
+    "fastgpt.nn+cuda-graph",
+    "hf+fastgpt.patch",
+    "hf (sdpa)",
+    "nanogpt",
+    "nanogpt+torch.compile",
+)
+TRAINING_ONLY_PROVIDERS = ("fastgpt.nn+torch.compile", "fastgpt.nn+cuda-graph")
 
 
 def build_providers(master, device, dtype, include=None, exclude=None, skips=None):
@@ -186,6 +219,8 @@ def build_providers(master, device, dtype, include=None, exclude=None, skips=Non
 
     builders = {
         "fastgpt.nn": lambda: _fastgpt_nn(fresh()),
+        "fastgpt.nn+torch.compile": lambda: _fastgpt_nn(fresh(), step="compile"),
+        "fastgpt.nn+cuda-graph": lambda: _fastgpt_nn(fresh(), step="cuda-graph"),
         "hf+fastgpt.patch": lambda: _hf_patched(fresh()),
         "hf (sdpa)": lambda: _hf_plain(fresh()),
         "nanogpt": lambda: _nanogpt(fresh(), compile_it=False),
@@ -206,11 +241,13 @@ def build_providers(master, device, dtype, include=None, exclude=None, skips=Non
 
 
 def _train_step(provider, x, y, device):
-    """One optimizer step on (x, y); returns the loss before the update."""
+    """One optimizer step on (x, y); returns the loss before the update. A captured provider's step
+    reads x and y in place: they are its graph's static inputs."""
+    on_cuda = torch.device(device).type == "cuda"
     optimizer = torch.optim.AdamW(
         provider.model.parameters(),
         lr=LEARNING_RATE,
-        **({"fused": True} if torch.device(device).type == "cuda" else {}),
+        **({"fused": True, "capturable": provider.captured} if on_cuda else {}),
     )
 
     def step():
@@ -220,7 +257,7 @@ def _train_step(provider, x, y, device):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    return CapturedStep(step, warmup_steps=CAPTURE_WARMUP_STEPS) if provider.captured else step
 
 
 def _generate_call(provider, prompts, new_tokens):
@@ -229,6 +266,16 @@ def _generate_call(provider, prompts, new_tokens):
             return provider.generate(prompts, new_tokens)
 
     return call
+
+
+def mode_skips(mode, device):
+    """{provider: reason} of the providers not built for this mode on this device."""
+    if mode == "train":
+        return {}
+    skips = dict.fromkeys(TRAINING_ONLY_PROVIDERS, TRAINING_ONLY)
+    if torch.device(device).type == "cuda":
+        skips["nanogpt+torch.compile"] = GPU_COMPILED_GENERATION_SKIP
+    return skips
 
 
 def _tokens(shape, device):
@@ -283,6 +330,14 @@ def _calls(providers, shape, tokens, device):
     return calls
 
 
+def _peak_memory_bytes(call, device):
+    """A call's peak memory beyond what was allocated before it; for a captured step, which allocates
+    nothing when replayed, the memory its graph's private pool holds for the replays."""
+    if isinstance(call, CapturedStep):
+        return call.pool_bytes()
+    return timing.peak_memory_bytes(call, device)
+
+
 class GPTBench:
     name = "gpt"
     modes = MODES
@@ -298,7 +353,9 @@ class GPTBench:
         for pytest-benchmark; or (None, the reason it cannot run)."""
         if optional_module("transformers") is None:
             return None, "transformers is not installed"
-        providers = build_providers(_hf_model(shape, seed=0), device, dtype, include=[provider_name])
+        providers = build_providers(
+            _hf_model(shape, seed=0), device, dtype, include=[provider_name], skips=mode_skips(mode, device)
+        )
         if providers[0].skip:
             return None, providers[0].skip
         (run,) = _calls(providers, shape, _tokens(shape, device), device).values()
@@ -338,12 +395,7 @@ class GPTBench:
         master = _hf_model(shape, seed=0)
         tokens = _tokens(shape, device)
         error_of = _reference_error(shape, master, tokens, device)
-        skips = (
-            {"nanogpt+torch.compile": GPU_COMPILED_GENERATION_SKIP}
-            if mode == "generate" and device.type == "cuda"
-            else None
-        )
-        providers = build_providers(master, device, dtype, include, exclude, skips)
+        providers = build_providers(master, device, dtype, include, exclude, mode_skips(mode, device))
         calls = _calls(providers, shape, tokens, device)
         if mode == "generate":
             rounds = plan.gpu_generation_rounds if device.type == "cuda" else plan.cpu_generation_rounds
@@ -405,7 +457,7 @@ class GPTBench:
                     "err_vs_reference": max(detail.values()),
                     "err_detail": detail,
                     "err_note": err_note,
-                    "peak_mem_bytes": int(timing.peak_memory_bytes(calls[name], device)),
+                    "peak_mem_bytes": int(_peak_memory_bytes(calls[name], device)),
                 }
             )
         return records, skipped

@@ -6,6 +6,8 @@ torch.autocast). For bfloat16 the Trainer keeps two copies: the float32 model, w
 updates and checkpoints hold, and a bfloat16 copy that computes the forward and backward passes.
 Gradients are cast up into the float32 model before clipping and the step, and the updated weights
 cast back down after it. In float32 the two are one model.
+
+How the step runs (eager, under torch.compile, or replayed from a CUDA graph) is fastgpt.train.step's.
 """
 
 import copy
@@ -30,6 +32,7 @@ from fastgpt.nn.weights import VOCAB_ROW_TENSORS, append_zero_rows, has_rows
 from fastgpt.train import checkpoint
 from fastgpt.train.data import BatchSampler, eval_starts, windows
 from fastgpt.train.errors import UserError
+from fastgpt.train.step import STEP_MODES, CapturedStep, set_learning_rate
 
 
 @dataclass
@@ -105,9 +108,27 @@ def evaluate(model, tokens, starts, seq_len, batch_size, runtime):
 class Trainer:
     """Owns the model copies, the optimizer, the batches and the progress of one run.
 
-    model: a float32 GPT on runtime.device (the weights the optimizer updates and checkpoints store)."""
+    model: a float32 GPT on runtime.device (the weights the optimizer updates and checkpoints store).
+    step_mode: "eager", "compile" or "cuda-graph" (fastgpt.train.step; choose_step_mode resolves "auto")."""
 
-    def __init__(self, model, tokenizer, train_tokens, val_tokens, settings, runtime, *, data_name=""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_tokens,
+        val_tokens,
+        settings,
+        runtime,
+        *,
+        data_name="",
+        step_mode="eager",
+    ):
+        if step_mode not in STEP_MODES[1:]:
+            raise ValueError(f"step_mode must be one of {STEP_MODES[1:]}, got {step_mode!r}")
+        if step_mode == "cuda-graph" and runtime.device.type != "cuda":
+            raise ValueError(f"step_mode 'cuda-graph' needs a CUDA device, got {runtime.device}")
+        if step_mode == "cuda-graph" and runtime.distributed:
+            raise UserError("--step-mode cuda-graph runs one process; use --step-mode compile under torchrun")
         per_step = runtime.world_size * settings.grad_accum
         if settings.batch_size % per_step:
             raise UserError(
@@ -123,18 +144,28 @@ class Trainer:
             model if runtime.dtype == torch.float32 else copy.deepcopy(model).to(runtime.dtype)
         )
         self.compute_model.train()
+        # what the training step calls; compiled inside DDP, as Dynamo cannot trace DDP's own forward
+        # with fullgraph=True
+        self.wrapped = (
+            torch.compile(self.compute_model, fullgraph=True, dynamic=False)
+            if step_mode == "compile"
+            else self.compute_model
+        )
         if runtime.distributed:
             device_ids = [runtime.device] if runtime.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(self.compute_model, device_ids=device_ids)
-        else:
-            self.wrapped = self.compute_model
+            self.wrapped = DistributedDataParallel(self.wrapped, device_ids=device_ids)
         self.param_groups = parameter_groups(model, settings.weight_decay)
+        self.step_mode = step_mode
+        graphed = step_mode == "cuda-graph"
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in self.param_groups],
-            lr=settings.lr,
+            # a captured step reads the rate from device memory, which set_learning_rate updates in place
+            lr=torch.tensor(settings.lr, device=runtime.device) if graphed else settings.lr,
             betas=(settings.beta1, settings.beta2),
             fused=runtime.device.type == "cuda",
+            capturable=graphed,
         )
+        self.run_step = self._step_runner(step_mode)
         self.sampler = BatchSampler(train_tokens, settings.seq_len, settings.seed)
         self.val_tokens = val_tokens
         self.eval_starts = eval_starts(val_tokens, settings.seq_len, settings.eval_windows)
@@ -148,30 +179,45 @@ class Trainer:
     def tokens_per_step(self):
         return self.settings.batch_size * self.settings.seq_len
 
-    def micro_batches(self):
-        """This process's (inputs, targets) micro-batches of the next global batch."""
+    def process_batch(self):
+        """This process's (inputs, targets) of the next global batch, (rows, T) each, on the CPU."""
         inputs, targets = self.sampler.global_batch(self.settings.batch_size)  # (B, T) each
         rows = self.settings.batch_size // self.runtime.world_size
         mine = slice(self.runtime.rank * rows, (self.runtime.rank + 1) * rows)
-        return zip(
-            inputs[mine].chunk(self.settings.grad_accum), targets[mine].chunk(self.settings.grad_accum)
-        )
+        return inputs[mine], targets[mine]
+
+    def _step_runner(self, step_mode):
+        """run(inputs, targets) -> this process's mean loss (a 0-dim device tensor): one whole step in
+        step_mode (fastgpt.train.step) on this process's batch (CPU tensors, (rows, T) each)."""
+        device = self.runtime.device
+        if step_mode != "cuda-graph":  # eager, or compile: self.wrapped is the compiled model then
+            return lambda inputs, targets: self._whole_step(inputs.to(device), targets.to(device))
+        rows = self.settings.batch_size // self.runtime.world_size
+        static_batch = [
+            torch.zeros(rows, self.settings.seq_len, dtype=torch.long, device=device) for _ in range(2)
+        ]  # (rows, T) inputs and targets
+        return CapturedStep(self._whole_step, static_batch)
+
+    def _whole_step(self, inputs, targets):
+        """Forward and backward of each micro-batch of (inputs, targets) ((rows, T) each, on the device),
+        then the optimizer step; returns this process's mean loss, a 0-dim tensor."""
+        accum = self.settings.grad_accum
+        total = torch.zeros((), device=self.runtime.device)
+        for i, (micro_inputs, micro_targets) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
+            # DDP all-reduces the gradients in the backward of the last micro-batch only.
+            last = i == accum - 1
+            with nullcontext() if last or not self.runtime.distributed else self.wrapped.no_sync():
+                loss = self.wrapped(micro_inputs, micro_targets) / accum
+                loss.backward()
+            total += loss.detach()
+        self._optimizer_step()
+        return total
 
     def train_step(self):
         """One optimizer step on one global batch; returns its mean loss over all processes."""
         lr = learning_rate(self.step, self.settings)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        device, accum = self.runtime.device, self.settings.grad_accum
-        total = torch.zeros((), device=device)
-        for i, (inputs, targets) in enumerate(self.micro_batches()):
-            # DDP all-reduces the gradients in the backward of the last micro-batch only.
-            last = i == accum - 1
-            with nullcontext() if last or not self.runtime.distributed else self.wrapped.no_sync():
-                loss = self.wrapped(inputs.to(device), targets.to(device)) / accum
-                loss.backward()
-            total += loss.detach()
-        self._optimizer_step()
+        set_learning_rate(self.optimizer, lr)
+        total = self.run_step(*self.process_batch())
         if self.runtime.distributed:
             dist.all_reduce(total)
             total /= self.runtime.world_size

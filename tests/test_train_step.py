@@ -1,0 +1,167 @@
+"""How a training step runs (fastgpt.train.step): the choice of mode, its argument checks, the compile
+mode against eager on CPU, and, on a GPU, the whole step replayed from a CUDA graph against eager."""
+
+import pytest
+import torch
+
+from fastgpt.nn import GPT, GPTConfig
+from fastgpt.train.data import split_tokens, stdlib_corpus
+from fastgpt.train.errors import UserError
+from fastgpt.train.loop import Settings, Trainer
+from fastgpt.train.runtime import Runtime
+from fastgpt.train.step import CapturedStep, choose_step_mode, set_learning_rate
+from fastgpt.train.tokenizer import ByteTokenizer
+
+SEQ_LEN = 16
+MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=SEQ_LEN, vocab_size=257)  # one block: every op
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def token_split():
+    tokens = ByteTokenizer().encode_documents(stdlib_corpus(max_bytes=100_000).documents)
+    return split_tokens(tokens, SEQ_LEN)
+
+
+def make_trainer(token_split, step_mode, device=CPU, dtype=torch.float32, dropout=0.0, **settings):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL, dropout=dropout)).to(device)
+    settings = Settings(
+        **{"steps": 8, "batch_size": 4, "seq_len": SEQ_LEN, "lr": 3e-3, "eval_windows": 4, **settings}
+    )
+    return Trainer(
+        model, ByteTokenizer(), *token_split, settings, Runtime(device, dtype), step_mode=step_mode
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the mode
+
+
+@pytest.mark.parametrize(
+    "requested, device, world_size, expected, reason",
+    [
+        ("auto", CPU, 1, "eager", "auto on cpu"),
+        ("auto", CPU, 2, "eager", "auto on cpu"),
+        ("auto", CUDA, 1, "cuda-graph", "auto on one CUDA GPU"),
+        ("auto", CUDA, 4, "compile", "auto under torchrun (4 processes)"),
+        ("cuda-graph", CPU, 1, "eager", "cuda-graph needs a CUDA device; running eager on cpu"),
+        ("cuda-graph", CUDA, 1, "cuda-graph", "as asked"),
+        ("compile", CPU, 1, "compile", "as asked"),
+        ("compile", CUDA, 2, "compile", "as asked"),
+        ("eager", CUDA, 1, "eager", "as asked"),
+    ],
+)
+def test_choose_step_mode(requested, device, world_size, expected, reason):
+    mode, why = choose_step_mode(requested, device, world_size)
+    assert mode == expected
+    assert why.startswith(reason)
+
+
+def test_choose_step_mode_rejects_bad_requests():
+    with pytest.raises(ValueError, match=r"step_mode must be one of \('auto', .*\), got 'fast'"):
+        choose_step_mode("fast", CPU)
+    with pytest.raises(TypeError, match="step_mode must be a str, .* got int"):
+        choose_step_mode(1, CPU)
+    with pytest.raises(UserError, match="--step-mode cuda-graph runs one process, got 2 under torchrun"):
+        choose_step_mode("cuda-graph", CUDA, 2)
+
+
+def test_trainer_rejects_an_unresolved_or_impossible_mode(token_split):
+    with pytest.raises(
+        ValueError, match=r"step_mode must be one of \('eager', 'compile', 'cuda-graph'\), got 'auto'"
+    ):
+        make_trainer(token_split, "auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="step_mode 'cuda-graph' needs a CUDA device, got cpu"):
+            make_trainer(token_split, "cuda-graph")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_captured_step_needs_cuda():
+    with pytest.raises(RuntimeError, match="CapturedStep needs a CUDA device"):
+        CapturedStep(lambda: torch.zeros(()))
+
+
+def test_set_learning_rate_updates_tensor_rates_in_place():
+    weight = torch.nn.Parameter(torch.randn(3))
+    by_float = torch.optim.AdamW([weight], lr=1e-3)
+    by_tensor = torch.optim.AdamW([weight], lr=torch.tensor(1e-3), capturable=True)
+    tensor_rate = by_tensor.param_groups[0]["lr"]
+    for optimizer in (by_float, by_tensor):
+        set_learning_rate(optimizer, 5e-4)
+    assert by_float.param_groups[0]["lr"] == 5e-4
+    assert by_tensor.param_groups[0]["lr"] is tensor_rate  # the tensor a captured graph reads
+    assert float(tensor_rate) == pytest.approx(5e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compile mode on CPU
+
+
+def test_compile_mode_trains_like_eager(token_split):
+    """The same steps under torch.compile(fullgraph=True) give eager's losses and weights (up to the
+    rounding of fused glue), on the same batches."""
+    eager, compiled = make_trainer(token_split, "eager"), make_trainer(token_split, "compile")
+    eager_losses = [eager.train_step() for _ in range(3)]
+    compiled_losses = [compiled.train_step() for _ in range(3)]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, expected), actual in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA graph (GPU only)
+
+
+@pytest.mark.gpu
+def test_captured_step_reads_each_new_batch():
+    """Warm-up calls run eagerly, the next captures, and every replay computes on the batch given."""
+    static = torch.zeros(4, device=CUDA)
+    step = CapturedStep(lambda x: (x * 2).sum(), [static], warmup_steps=1)
+    for call in range(4):
+        batch = torch.arange(4.0) + call
+        assert float(step(batch)) == pytest.approx(2 * float(batch.sum()))
+        assert step.captured == (call >= 1)
+    assert step.pool_bytes() > 0
+
+
+@pytest.mark.gpu
+def test_dropout_in_a_captured_step_draws_fresh_masks():
+    """The default CUDA generator is graph-safe: each replay advances its offset, so masks differ."""
+    static = torch.ones(4096, device=CUDA)
+    step = CapturedStep(lambda x: torch.nn.functional.dropout(x, 0.5).clone(), [static], warmup_steps=1)
+    masks = [step(torch.ones(4096)).clone() for _ in range(4)]
+    assert step.captured
+    assert not torch.equal(masks[2], masks[3])  # two replays
+    for mask in masks:
+        assert 0.4 < (mask == 0).float().mean() < 0.6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, grad_accum", [(torch.float32, 1), (torch.bfloat16, 2)], ids=["float32", "bfloat16-accum2"]
+)
+def test_cuda_graph_mode_trains_like_eager(token_split, dtype, grad_accum):
+    """Three eager warm-up steps, the capture, then replays: the same losses and weights as eager."""
+    eager = make_trainer(token_split, "eager", CUDA, dtype, grad_accum=grad_accum)
+    graphed = make_trainer(token_split, "cuda-graph", CUDA, dtype, grad_accum=grad_accum)
+    steps = 6
+    eager_losses = [eager.train_step() for _ in range(steps)]
+    graphed_losses = [graphed.train_step() for _ in range(steps)]
+    assert graphed.run_step.captured
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert graphed_losses == pytest.approx(eager_losses, rel=tolerance)
+    for (name, expected), actual in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=100 * tolerance, atol=100 * tolerance, msg=name)
+    assert graphed.evaluate() < graphed_losses[0]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_mode_with_dropout_trains(token_split):
+    trainer = make_trainer(token_split, "cuda-graph", CUDA, dropout=0.1)
+    losses = [trainer.train_step() for _ in range(8)]
+    assert trainer.run_step.captured
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.evaluate() < losses[0]
