@@ -718,3 +718,41 @@ def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
         and by_name["nanogpt+torch.compile"].kind == records.BASELINE
     )
     assert by_name["nanogpt"].skip is None and by_name["nanogpt"].model is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# The nanoGPT baseline
+
+
+def test_nanogpt_baseline_trains_on_the_padded_vocabulary_as_nanogpt_does():
+    """The baseline pads its vocabulary as nanoGPT's train.py does (97 -> 128 here, 50257 -> 50304 at
+    GPT-2): the loss takes the padded zero logits into its softmax, and generation reads the real
+    vocabulary's logits only, equal to the unpadded model's."""
+    pytest.importorskip("transformers")
+    from fastgpt.bench.gpt import _hf_model
+    from fastgpt.bench.nanogpt import NanoGPT
+
+    shape = {"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 97, "block_size": 16}
+    hf_model = _hf_model(shape, seed=0).float()
+    padded, unpadded = NanoGPT.from_hf(hf_model, vocab_multiple=64), NanoGPT.from_hf(hf_model)
+    assert padded.lm_head.weight.shape == (128, 32) and padded.lm_head.weight is padded.transformer.wte.weight
+    assert torch.equal(padded.lm_head.weight[97:], torch.zeros(31, 32))
+
+    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        positions = torch.arange(8)
+        for model in (padded, unpadded):
+            model.setup_cache(2, 8)
+        torch.testing.assert_close(padded(idx, positions=positions), unpadded(idx, positions=positions))
+        unpadded_logits = unpadded.lm_head(unpadded.transformer.ln_f(hidden(unpadded, idx)))  # (B, T, 97)
+        with_zeros = torch.cat([unpadded_logits, torch.zeros(2, 8, 31)], dim=-1)  # (B, T, 128)
+        expected = torch.nn.functional.cross_entropy(with_zeros.flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(padded(idx, targets), expected)
+
+
+def hidden(model, idx):
+    """The residual stream before ln_f of a bench NanoGPT, for the loss above."""
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
+    for block in model.transformer.h:
+        x = block(x, None)
+    return x

@@ -26,6 +26,14 @@ class NanoGPTConfig:
     vocab_size: int
     block_size: int
     layer_norm_eps: float = 1e-5
+    # nanoGPT's train.py pads GPT-2's vocabulary to a multiple of 64 (50257 -> 50304) for aligned
+    # GEMMs; the padded logits take part in its loss (zero rows here: the loss rises by about
+    # padded rows / vocab, 1e-3 at GPT-2). Generation reads the real vocabulary's logits only.
+    vocab_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self):
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,13 +96,13 @@ class NanoGPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
                 "wpe": nn.Embedding(config.block_size, config.n_embd),
                 "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 "ln_f": nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
 
     def forward(self, idx, targets=None, positions=None):
@@ -110,8 +118,8 @@ class NanoGPT(nn.Module):
             x = block(x, cached)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, -1])  # (B, V)
-        logits = self.lm_head(x)  # (B, T, V)
+            return self.lm_head(x[:, -1])[:, : self.config.vocab_size]  # (B, V)
+        logits = self.lm_head(x)  # (B, T, padded V)
         if logits.dtype != torch.float64:
             logits = logits.float()  # the loss in float32 at least, as transformers computes it
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -124,8 +132,9 @@ class NanoGPT(nn.Module):
             block.attn.v_cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
     @classmethod
-    def from_hf(cls, hf_model):
-        """The same weights as a transformers GPT2LMHeadModel, in nn.Linear layout."""
+    def from_hf(cls, hf_model, vocab_multiple=1):
+        """The same weights as a transformers GPT2LMHeadModel, in nn.Linear layout; vocab_multiple > 1
+        pads the tied embedding and LM head with zero rows (see NanoGPTConfig.vocab_multiple)."""
         hf_config = hf_model.config
         config = NanoGPTConfig(
             n_layer=hf_config.n_layer,
@@ -134,6 +143,7 @@ class NanoGPT(nn.Module):
             vocab_size=hf_config.vocab_size,
             block_size=hf_config.n_positions,
             layer_norm_eps=hf_config.layer_norm_epsilon,
+            vocab_multiple=vocab_multiple,
         )
         model = cls(config)
         weight = hf_model.lm_head.weight
@@ -143,6 +153,9 @@ class NanoGPT(nn.Module):
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # causal-mask buffers of older transformers
             state[name] = value.t() if name.endswith(CONV1D_WEIGHTS) else value
+        padding = config.padded_vocab_size - config.vocab_size
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            state[name] = F.pad(state[name], (0, 0, 0, padding))  # (padded V, C), zero rows last
         model.load_state_dict(state, strict=True)
         return model
 
