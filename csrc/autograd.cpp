@@ -297,7 +297,12 @@ struct CrossEntropyBackwardNode : OpBackward<kCrossEntropyBackward> {
     const at::Tensor& dloss = grads[0];  // () for 'mean'/'sum', targets' shape for 'none'
     if (!dloss.defined()) return variable_list(3);
     if (grads_in_forward) {
-      // The forward formed the gradients of the summed loss; one foreach op scales them all.
+      // The forward formed the gradients of the summed loss; one foreach op scales them all. They have
+      // no history, so under create_graph this says so, as the fallback does for the other ops.
+      if (at::GradMode::is_enabled()) {
+        TORCH_WARN("fastgpt::linear_cross_entropy is differentiable once: under create_graph=True its "
+                        "gradients carry no second-order history");
+      }
       std::vector<at::Tensor> summed_grads = {dx.unpack(), dweight.unpack()};
       if (has_bias) summed_grads.push_back(dbias.unpack());
       std::vector<at::Tensor> scaled = at::_foreach_mul(summed_grads, is_mean ? mean_scale(dloss) : dloss);

@@ -392,3 +392,33 @@ def test_linear_cross_entropy_without_grad_skips_gradient_work():
     )
     assert dx.numel() == dweight.numel() == dbias.numel() == 0
     torch.testing.assert_close(loss, reference.linear_cross_entropy(x, weight, targets))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "linear_cross_entropy"])
+def test_double_backward_warns_and_never_passes_for_a_second_derivative(op):
+    """The ops are differentiable once. Under create_graph=True the first derivative is right and a
+    warning says the second is missing; differentiating again raises rather than returning zeros."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, requires_grad=True)
+    if op == "layer_norm":
+        weight, bias = torch.randn(16), torch.randn(16)
+        loss = (functional.layer_norm(x, weight, bias, backend="cpu") ** 2).sum()
+        expected = (torch.nn.functional.layer_norm(x, (16,), weight, bias) ** 2).sum()
+    else:
+        weight, targets = torch.randn(8, 16), torch.randint(0, 8, (4,))
+        loss = functional.linear_cross_entropy(x, weight, targets, backend="cpu")
+        expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+
+    def differentiate_twice():
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        try:
+            torch.autograd.grad(grad.sum(), x)
+        except RuntimeError:
+            return grad, True
+        return grad, False
+
+    with pytest.warns(UserWarning, match="differentiable once|autograd kernel was not registered"):
+        grad, second_derivative_refused = differentiate_twice()
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    assert second_derivative_refused
