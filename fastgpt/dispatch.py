@@ -49,6 +49,14 @@ IMPLEMENTATIONS = {
 # The Triton one splits a long cache over the whole GPU instead of one program per head; the cpu and
 # cuda kernels handle q_len == 1 themselves.
 DECODE_KERNELS = {"triton": ("fastgpt.ops.triton_decode", "decode_attention_op")}
+# Decode over a preallocated cache whose valid length is a device tensor (GPT.generate's captured step),
+# by backend (module, function). Only Triton has such a kernel, and `auto` takes it wherever Triton
+# runs the call; every other backend, and `auto` without Triton, runs the reference's masked attention
+# over the whole cache (device ops only, so it can be captured too).
+DEVICE_LENGTH_DECODE_KERNELS = {
+    "triton": ("fastgpt.ops.triton_decode", "decode_attention_with_length_op"),
+    "reference": ("fastgpt.reference", "decode_attention_with_length"),
+}
 
 # Causal attention over at most this many keys is "short" in the routing facts: the order of the CUDA
 # backends flips there on the H200 (AUTO_ORDER).
@@ -265,6 +273,7 @@ def choose_backend(op, backend, device_type, dtype, facts):
 def forget_choices():
     """Drop the cached backend choices, e.g. after changing FASTGPT_BACKEND."""
     _CHOICES.clear()
+    _DEVICE_LENGTH_CHOICES.clear()
 
 
 def _auto_order(op, device_type, facts):
@@ -329,6 +338,35 @@ def fused_decode_step(backend, device_type, dtype, head_dim, rows):
     ):
         return None
     return importlib.import_module("fastgpt.ops.compiled").decode_blocks
+
+
+_DEVICE_LENGTH_CHOICES = {}
+
+
+def device_length_decode(backend, device_type, dtype, head_dim):
+    """The function serving decode attention with a device-held cache length,
+    f(q, k_cache, v_cache, kv_len, softmax_scale): Triton's split-KV kernel where `backend` is "auto"
+    or "triton" and Triton runs this call (auto: on CUDA tensors), else the reference (see
+    DEVICE_LENGTH_DECODE_KERNELS)."""
+    key = (backend, device_type, dtype, head_dim)
+    function = _DEVICE_LENGTH_CHOICES.get(key)
+    if function is None:
+        facts = (("head_dim", head_dim), ("kv_len", SHORT_SEQUENCE))
+        name = choose_backend("causal_attention", backend, device_type, dtype, facts)
+        auto = backend == "auto" and os.environ.get("FASTGPT_BACKEND", "auto") == "auto"
+        if (
+            name != "triton"
+            and auto
+            and device_type == "cuda"
+            and _unsupported_reason("causal_attention", "triton", device_type, dtype, dict(facts)) is None
+        ):
+            name = "triton"
+        module_name, function_name = DEVICE_LENGTH_DECODE_KERNELS.get(
+            name, DEVICE_LENGTH_DECODE_KERNELS["reference"]
+        )
+        function = getattr(importlib.import_module(module_name), function_name)
+        _DEVICE_LENGTH_CHOICES[key] = function
+    return function
 
 
 def device_type(tensor):
@@ -638,6 +676,24 @@ def validate_attention(q, k, v, softmax_scale):
         if _is_positive_float(softmax_scale, allow_zero=False):
             return softmax_scale
     return _diagnose_attention(q, k, v, softmax_scale)
+
+
+def validate_decode_with_length(q, k, v, kv_len, softmax_scale):
+    """Checks decode_attention_with_length's arguments (causal_attention's, one query, and an integer
+    kv_len tensor of one element on q's device, whose value is never read); returns the softmax scale."""
+    op = "decode_attention_with_length"
+    scale = validate_attention(q, k, v, softmax_scale)
+    if q.shape[2] != 1:
+        raise ValueError(f"{op}: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
+    if not isinstance(kv_len, torch.Tensor):
+        raise TypeError(
+            f"{op}: kv_len must be a torch.Tensor of one int32/int64 element, got {describe(kv_len)}"
+        )
+    if kv_len.dtype not in (torch.int32, torch.int64) or kv_len.numel() != 1:
+        raise TypeError(f"{op}: kv_len must be a tensor of one int32/int64 element, got {describe(kv_len)}")
+    if kv_len.device != q.device:
+        raise ValueError(f"{op}: kv_len must be on q's device ({q.device}), got {kv_len.device}")
+    return scale
 
 
 def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):

@@ -32,6 +32,23 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
     return impl(q, k, v, scale)
 
 
+def decode_attention_with_length(q, k_cache, v_cache, kv_len, *, softmax_scale=None, backend="auto"):
+    """Attention of one query per head to the first kv_len keys of a preallocated KV cache, where
+    kv_len lives on the device: a decode step whose shapes never change, which a CUDA graph captures.
+
+    q: (batch, heads, 1, head_dim); k_cache, v_cache: (batch, kv_heads, capacity, head_dim), any
+    strides; kv_len: an int32/int64 tensor of one element on q's device (clamped to capacity; never
+    read by the host). Returns (batch, heads, 1, head_dim) in q's dtype; 0 where kv_len is 0.
+    Inference only (no gradient). Backends: dispatch.device_length_decode.
+    """
+    if dispatch.skip_validation(q):
+        scale = dispatch.default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
+    else:
+        scale = dispatch.validate_decode_with_length(q, k_cache, v_cache, kv_len, softmax_scale)
+    impl = dispatch.device_length_decode(backend, dispatch.device_type(q), q.dtype, q.shape[3])
+    return impl(q, k_cache, v_cache, kv_len, scale)
+
+
 def fused_ffn(
     x, fc_weight, fc_bias, proj_weight, proj_bias, *, activation="gelu_tanh", residual=None, backend="auto"
 ):

@@ -13,6 +13,7 @@ from tolerance import assert_close
 
 import fastgpt
 from fastgpt import reference
+from fastgpt.functional import decode_attention_with_length
 from fastgpt.ops import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,3 +187,120 @@ def test_head_span_beyond_32_bits_is_rejected():
     cache = torch.empty_strided((1, 1, 3, 16), (0, 0, 2**30, 1), device="meta")
     with pytest.raises(ValueError, match=r"k spans 2147483663 elements within one \(batch, head\) slice"):
         triton_decode.check_head_span("k", cache)
+
+
+# The device-length variant (the captured decode step's): capacity 97 is cut into splits of 40 keys
+# under the interpreter ([0, 40), [40, 80), [80, 97)), so lengths 1, 17 and 40 leave whole splits
+# empty, 41 and 97 fill a split's first key and the whole cache, and 200 is clamped to the capacity.
+DEVICE_LENGTHS = [1, 17, 40, 41, 97, 200]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_device_length_matches_reference(heads, kv_heads, dtype):
+    capacity, head_dim = 97, 64
+    q = torch.randn(2, heads, 1, head_dim, dtype=dtype, device=DEVICE)
+    k_cache, v_cache = cache_views(2, kv_heads, capacity, head_dim, dtype, capacity=capacity)
+    for kv_len in DEVICE_LENGTHS:
+        length = torch.tensor([kv_len], device=DEVICE)
+        valid = min(kv_len, capacity)
+        with torch.no_grad():
+            out = decode_attention_with_length(q, k_cache, v_cache, length, backend="triton")
+            k, v = k_cache[:, :, :valid], v_cache[:, :, :valid]
+            expected = reference.causal_attention(q.double(), k.double(), v.double())
+            eager = reference.causal_attention(q, k, v)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        assert_close(f"out at kv_len={kv_len}", out, expected, eager)
+        reference_out = reference.decode_attention_with_length(
+            q.double(), k_cache.double(), v_cache.double(), length
+        )
+        torch.testing.assert_close(reference_out, expected, rtol=0, atol=1e-12)
+
+
+def test_device_length_with_every_split_empty_is_zero_and_nan_stays_in_its_row():
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 2, 97, 16, torch.float32, capacity=97)
+    empty = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(
+            decode_attention_with_length(q, k, v, empty, backend="triton"), torch.zeros_like(q)
+        )
+        assert torch.equal(reference.decode_attention_with_length(q, k, v, empty), torch.zeros_like(q))
+        q[0, 1] = float("nan")
+        out = decode_attention_with_length(q, k, v, torch.tensor([60], device=DEVICE), backend="triton")
+    assert out[0, 1].isnan().all() and not out[0, [0, 2, 3]].isnan().any()
+
+
+def test_device_length_launches_one_grid_for_every_length(monkeypatch):
+    """The grid and every host-side argument depend on the cache's capacity, not on the length, so
+    one captured launch serves every step; the int-length path is unchanged (KvLen None)."""
+    launches = []
+    kernel = triton_decode._decode_partial_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, [a for a in args if not isinstance(a, torch.Tensor)], kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    if not triton_decode.INTERPRETER:
+        pytest.skip("records the interpreter's launch; on a GPU the autotuner wraps the kernel")
+    monkeypatch.setattr(triton_decode, "_decode_partial_kernel", RecordingKernel())
+    q = torch.randn(1, 2, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 1, 97, 16, torch.float32, capacity=97)
+    with torch.no_grad():
+        for kv_len in (1, 50):
+            decode_attention_with_length(q, k, v, torch.tensor([kv_len], device=DEVICE), backend="triton")
+        fastgpt.causal_attention(q, k[:, :, :50], v[:, :, :50], backend="triton")
+    (grid_1, host_1, flags_1), (grid_50, host_50, _), (_, host_int, flags_int) = launches
+    assert grid_1 == grid_50 and grid_1[1] == 3 and host_1 == host_50
+    assert flags_1["KV_LEN_ON_DEVICE"] and not flags_int["KV_LEN_ON_DEVICE"]
+    # (..., kv_len, KvLen, split_len, num_splits): 40-key splits of the 97-key capacity; the int path
+    # sizes its splits for its own 50 keys, with no length pointer.
+    assert host_1[-3:] == [97, 40, 3]
+    assert host_int[-4:] == [50, None, 24, 3]
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        ({"kv_len": 5}, TypeError, r"kv_len must be a torch.Tensor of one int32/int64 element, got int 5"),
+        (
+            {"kv_len": torch.tensor([5.0])},
+            TypeError,
+            r"kv_len must be a tensor of one int32/int64 element, got a torch.float32 tensor",
+        ),
+        ({"kv_len": torch.tensor([5, 6])}, TypeError, r"one int32/int64 element, got .* shape \(2,\)"),
+        ({"kv_len": torch.tensor([5], device="meta")}, ValueError, r"kv_len must be on q's device"),
+        ({"q": torch.randn(1, 4, 2, 16)}, ValueError, r"q must have shape \(batch, heads, 1, head_dim\)"),
+        ({"k": torch.randn(1, 3, 40, 16)}, ValueError, r"multiple of k's kv_heads"),
+    ],
+)
+def test_device_length_rejects_bad_arguments(change, error, pattern):
+    if DEVICE != "cpu":
+        pytest.skip("the argument tensors are built on the CPU")
+    arguments = {"q": torch.randn(1, 4, 1, 16), "k": torch.randn(1, 2, 40, 16), "kv_len": torch.tensor([5])}
+    arguments |= change
+    arguments["v"] = arguments["k"]
+    with pytest.raises(error, match=pattern):
+        decode_attention_with_length(
+            arguments["q"], arguments["k"], arguments["v"], arguments["kv_len"], backend="triton"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_device_length_matches_reference(dtype):
+    q = torch.randn(16, 32, 1, 128, dtype=dtype, device="cuda")
+    k_cache, v_cache = cache_views(16, 8, 4096, 128, dtype, capacity=4096, device="cuda")
+    for kv_len in (1, 129, 300, 2048, 4096):
+        with torch.no_grad():
+            out = decode_attention_with_length(
+                q, k_cache, v_cache, torch.tensor([kv_len], device="cuda"), backend="triton"
+            )
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            expected = reference.causal_attention(q.double(), k.double(), v.double())
+            eager = reference.causal_attention(q, k, v)
+        assert_close(f"out at kv_len={kv_len}", out, expected, eager)

@@ -84,3 +84,18 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def sample_next_token_on_device(logits, temperature=1.0, top_k=None, top_p=None):
+    """sample_next_token with no host synchronisation, so a CUDA graph can capture it: logits (B, V)
+    -> (B,). Greedy is the same argmax. A draw is torch.multinomial's one-sample algorithm written out
+    (argmax of probs / q, q ~ Exp(1) from torch's default generator: the exponential-race form of the
+    Gumbel-max trick), without multinomial's check of the probabilities, which reads them on the
+    host. Same distribution as sample_next_token; the same draws where torch.multinomial runs this
+    algorithm on the same generator state (its one-sample path does), which the tests do not assert."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    race = torch.empty_like(probs).exponential_()  # (B, V), Exp(1)
+    return (probs / race).argmax(dim=-1)

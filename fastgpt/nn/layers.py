@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastgpt.dispatch import check_eps, check_tensor, describe
-from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear
+from fastgpt.functional import causal_attention, decode_attention_with_length, fused_ffn, layer_norm, linear
 
 
 def check_module_input(module, name, x, *, parameter, features, ndim=None):
@@ -105,6 +105,12 @@ class KVCache:
         self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def write_at(self, k, v, position):
+        """k, v: (B, n_kv_head, 1, D) for the position held in `position`, a (1,) int64 device tensor:
+        written in place with no host read of the position (a captured decode step)."""
+        self.keys.index_copy_(2, position, k)
+        self.values.index_copy_(2, position, v)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with a fused qkv projection."""
@@ -141,6 +147,19 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v, start)  # (B, Hkv, start + T, D)
         y = causal_attention(q, k, v, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(batch, seq, channels)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def decode_at(self, x, cache, position, length):
+        """The static decode step: x (B, 1, C) holds the token at `position` (a (1,) int64 device
+        tensor); its k/v are written into the KVCache there, and its query attends to the first
+        `length` (a (1,) device tensor, position + 1) cached keys. Every shape is the same at every
+        position, and the host reads neither tensor. Returns (B, 1, C)."""
+        qkv = self.c_attn(x)  # (B, 1, (H + 2 Hkv) D)
+        batch, seq, channels = x.shape
+        q, k, v = self.split_heads(qkv)  # (B, H, 1, D), (B, Hkv, 1, D), (B, Hkv, 1, D)
+        cache.write_at(k, v, position)
+        y = decode_attention_with_length(q, cache.keys, cache.values, length, backend=self.backend)
+        y = y.transpose(1, 2).reshape(batch, seq, channels)  # (B, 1, C)
         return self.resid_dropout(self.c_proj(y))
 
     def check_input(self, x):
@@ -222,6 +241,13 @@ class Block(nn.Module):
             self.check_input(x)
             raise
         attn_out = self.attn(h, cache, start)  # (B, T, C)
+        h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out
+        return self.mlp(h, residual=x)  # x + mlp(h)
+
+    def decode_at(self, x, cache, position, length):
+        """The block over one token per sequence, x (B, 1, C), at a device-held position
+        (CausalSelfAttention.decode_at) -> (B, 1, C)."""
+        attn_out = self.attn.decode_at(self.ln_1(x), cache, position, length)  # (B, 1, C)
         h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out
         return self.mlp(h, residual=x)  # x + mlp(h)
 

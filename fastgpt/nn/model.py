@@ -13,9 +13,9 @@ from torch import nn
 from fastgpt import dispatch
 from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
 from fastgpt.functional import linear_cross_entropy
-from fastgpt.nn import huge_pages, weights
+from fastgpt.nn import huge_pages, static_decode, weights
 from fastgpt.nn.config import GPTConfig
-from fastgpt.nn.generation import check_generate_arguments, sample_next_token
+from fastgpt.nn.generation import check_generate_arguments, sample_next_token, sample_next_token_on_device
 from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
@@ -219,7 +219,15 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(
-        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, callback=None
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        callback=None,
+        cuda_graph=True,
     ):
         """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
 
@@ -234,18 +242,33 @@ class GPT(nn.Module):
         (to stream them). On CPU, the first call moves the parameters into one buffer of transparent
         huge pages (huge_pages.move_to_huge_pages: the Parameter objects stay, their .data moves), which
         the weight reads of every decode step stream faster.
+
+        On CUDA, with cuda_graph=True (the default), the decode steps after the prefill run as one
+        static step (fastgpt.nn.static_decode): the position lives on the device, the attention reads
+        the cache's valid length there, tokens are sampled on the device, and the step is captured once
+        per call in a CUDA graph and replayed per token. Greedy tokens equal the uncaptured path's up
+        to the attention's rounding (its splits are sized for the whole cache, not the current
+        length), so a near-tie may break differently; sampling draws from the same distribution.
+        With eos_token_id the host checks for the end every static_decode.EOS_CHECK_INTERVAL tokens
+        instead of every token. cuda_graph=False keeps the per-op loop (as on CPU), to compare.
         """
         config = self.config
         check_generate_arguments(
             idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
             block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
         )  # fmt: skip
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"GPT.generate: cuda_graph must be a bool, got {cuda_graph!r}")
         self.check_tokens("GPT.generate", idx)
         if idx.device.type == "cpu":
             huge_pages.move_to_huge_pages(self)  # once: each decode step streams every weight from DRAM
         was_training = self.training
         self.eval()
         try:
+            if cuda_graph and idx.is_cuda:
+                return self._generate_static(
+                    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture=True
+                )
             return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback)
         finally:
             self.train(was_training)
@@ -283,6 +306,38 @@ class GPT(nn.Module):
                 return out[:, : position + 1]
             tokens = next_token[:, None]  # (B, 1)
         return out
+
+    def _generate_static(
+        self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+    ):
+        """_generate with the decode steps run by static_decode (captured in a CUDA graph with
+        capture=True, CUDA only; eagerly otherwise, on any device): the prefill as in _generate, then
+        max_new_tokens - 1 static steps. Tokens are sampled with sample_next_token_on_device."""
+        batch, prompt_len = idx.shape
+        total = prompt_len + max_new_tokens
+        out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
+        out[:, :prompt_len] = idx
+        if max_new_tokens == 0:
+            return out
+        config, dtype = self.config, self.lm_head.weight.dtype
+        caches = [
+            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
+            for _ in range(config.n_layer)
+        ]
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)  # (B,)
+        hidden = self.hidden_states(idx, caches, 0)[:, -1]  # (B, C): the prompt's last position
+        next_token = sample_next_token_on_device(self.logits(hidden), temperature, top_k, top_p)  # (B,)
+        if eos_token_id is not None:
+            finished |= next_token == eos_token_id
+        out[:, prompt_len] = next_token
+        if callback is not None:
+            callback(next_token)
+        if max_new_tokens == 1 or (eos_token_id is not None and bool(finished.all())):
+            return out[:, : prompt_len + 1]
+        step = static_decode.StaticDecodeStep(
+            out, caches, prompt_len, finished, (temperature, top_k, top_p), eos_token_id
+        )
+        return static_decode.decode(self, step, max_new_tokens - 1, callback, capture)
 
     # ------------------------------------------------------------------------------------------
     # Weights

@@ -120,9 +120,11 @@ def _decode_partial_kernel(
     stride_vd,  # v strides
     kv_heads,  # Hkv
     group,  # H // Hkv: query heads sharing a kv head
-    kv_len,  # L
+    kv_len,  # L: the keys to attend to; with KV_LEN_ON_DEVICE, the cache's capacity (k's length)
+    KvLen,  # with KV_LEN_ON_DEVICE: pointer to an int32/int64 scalar, the valid length (<= kv_len); else None
     split_len,  # keys per split (the last may be shorter)
     num_splits,  # S
+    KV_LEN_ON_DEVICE: tl.constexpr,  # read the valid length from KvLen (a captured decode step)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_H: tl.constexpr,  # group padded to a power of two >= 16 (the tl.dot M)
@@ -143,6 +145,9 @@ def _decode_partial_kernel(
     q_ptrs = Q + batch * stride_qb + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=heads_ok[:, None] & dims_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
 
+    if KV_LEN_ON_DEVICE:
+        # Clamped to the capacity, so a length past the cache never reads outside it.
+        kv_len = tl.minimum(tl.load(KvLen).to(tl.int32), kv_len)
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, kv_len)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + (key_start + offs_n)[:, None] * stride_kt
@@ -162,7 +167,7 @@ def _decode_partial_kernel(
         if q.dtype != tl.float32:
             scores *= qk_scale  # base-2 units: the max and exponents below need no further product
         scores = tl.where(keys_ok[None, :], scores, float("-inf"))
-        # Every split holds at least one key, and the first block of a split starts with one.
+        # The loop runs only over a split that holds a key, and its first block starts with one.
         p, rescale, row_max_next, row_sum = online_softmax_block(
             scores, row_max, row_sum, qk_scale, q.dtype == tl.float32
         )
@@ -175,11 +180,18 @@ def _decode_partial_kernel(
     # (BLOCK_H,) rows of the (B * H * S, D) partial outputs
     partial = ((batch * kv_heads + kv_head) * group + offs_h) * num_splits + split
     out_ptrs = PartialOut + partial[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(out_ptrs, acc / row_sum[:, None], mask=heads_ok[:, None] & dims_ok[None, :])
+    partial_out = acc / row_sum[:, None]  # (BLOCK_H, BLOCK_D)
     if q.dtype == tl.float32:
         lse = tl.fma(row_max, softmax_scale, tl.log(row_sum))  # one rounding of the large term
     else:
         lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
+    if KV_LEN_ON_DEVICE:
+        # A split past the device length (the loop did not run) contributes nothing: output 0 rather
+        # than 0/0, and lse -inf, which the combine kernel weighs exp(-inf) = 0.
+        split_empty = key_start >= kv_len
+        partial_out = tl.where(split_empty, 0.0, partial_out)
+        lse = tl.where(split_empty, float("-inf"), lse)
+    tl.store(out_ptrs, partial_out, mask=heads_ok[:, None] & dims_ok[None, :])
     tl.store(PartialLse + partial, lse, mask=heads_ok)
 
 
@@ -206,10 +218,16 @@ def _decode_combine_kernel(
     dims_ok = offs_d < HEAD_DIM
     rows = batch_head.to(tl.int64) * num_splits + offs_s  # (BLOCK_S,)
     lse = tl.load(PartialLse + rows, mask=splits_ok, other=float("-inf"))
-    weight = tl.exp2((lse - tl.max(lse, 0)) * LOG2E)  # padded splits weigh exp(-inf) = 0
+    max_lse = tl.max(lse, 0)
+    # All splits empty (a device length of 0): subtract 0, not -inf, which would make (-inf) - (-inf) NaN.
+    max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)
+    weight = tl.exp2((lse - max_lse) * LOG2E)  # padded and empty splits weigh exp(-inf) = 0
     partial_ptrs = PartialOut + rows[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK_S, BLOCK_D)
     partial = tl.load(partial_ptrs, mask=splits_ok[:, None] & dims_ok[None, :], other=0.0)
-    out = tl.sum(weight[:, None] * partial, 0) / tl.sum(weight, 0)
+    total_weight = tl.sum(weight, 0)
+    # No key at all: output 0 (FlashAttention's value for a row with every key masked). A NaN weight
+    # (a NaN query) is not 0, so NaN still stays in its own row.
+    out = tl.where(total_weight == 0.0, 0.0, tl.sum(weight[:, None] * partial, 0) / total_weight)
     out_ptrs = Out + batch * stride_ob + head * stride_oh + offs_d * stride_od
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=dims_ok)
 
@@ -236,11 +254,11 @@ def gpu_configs(capability, block_d, dtype):
 
 @functools.cache
 def _autotuned_partial(capability, block_d, dtype):
-    """Built on first use per (capability, head size, dtype). Keyed on the group's padded size, not
-    on the cache length, which grows every decoding step; the kernel only writes its outputs, so
-    tuning re-runs are harmless."""
+    """Built on first use per (capability, head size, dtype). Keyed on the group's padded size and
+    where the length comes from, not on the cache length, which grows every decoding step; the kernel
+    only writes its outputs, so tuning re-runs are harmless."""
     configs = gpu_configs(capability, block_d, dtype)
-    return triton.autotune(configs=configs, key=["BLOCK_H"])(_decode_partial_kernel)
+    return triton.autotune(configs=configs, key=["BLOCK_H", "KV_LEN_ON_DEVICE"])(_decode_partial_kernel)
 
 
 @functools.cache
@@ -285,6 +303,20 @@ def check_head_span(name, tensor):
 
 def decode_forward(q, k, v, softmax_scale):
     """q (B, H, 1, D); k, v (B, Hkv, L, D) with H % Hkv == 0 -> out (B, H, 1, D) in q's dtype."""
+    return _decode(q, k, v, softmax_scale, None)
+
+
+def decode_forward_with_length(q, k, v, kv_len, softmax_scale):
+    """q (B, H, 1, D); k, v (B, Hkv, L, D) caches; kv_len: an int32/int64 tensor of one element on q's
+    device, the number of valid keys (read by the kernel, never by the host; clamped to L) -> out
+    (B, H, 1, D) in q's dtype, attention of q to keys 0 .. kv_len-1. The splits are sized for L, so
+    every launch of a decode loop has the same grid (a CUDA graph replays it); splits past kv_len
+    contribute nothing. Output 0 for kv_len == 0."""
+    return _decode(q, k, v, softmax_scale, kv_len)
+
+
+def _decode(q, k, v, softmax_scale, device_kv_len):
+    """The two launches. device_kv_len: None (attend to all L keys), or the length tensor."""
     batch, heads, _, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = new_output(q.shape, q.dtype, q.device)  # (B, H, 1, D)
@@ -294,7 +326,7 @@ def decode_forward(q, k, v, softmax_scale):
         check_head_span(name, tensor)
     group = heads // kv_heads
     split_len = _split_len(batch * kv_heads, kv_len, q.device)
-    num_splits = triton.cdiv(kv_len, split_len)  # every split holds at least one key
+    num_splits = triton.cdiv(kv_len, split_len)  # every split holds at least one of the L keys
     partial_out = new_output((batch, heads, num_splits, head_dim), torch.float32, q.device)  # (B, H, S, D)
     partial_lse = new_output((batch, heads, num_splits), torch.float32, q.device)  # (B, H, S)
     block_d = _block_d(head_dim)
@@ -313,10 +345,12 @@ def decode_forward(q, k, v, softmax_scale):
         kv_heads,
         group,
         kv_len,
+        device_kv_len,
         split_len,
         num_splits,
     )
     constexprs = {
+        "KV_LEN_ON_DEVICE": device_kv_len is not None,
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "BLOCK_H": max(MIN_BLOCK, triton.next_power_of_2(group)),
@@ -377,6 +411,18 @@ def decode_attention(q, k, v, softmax_scale=None):
     return decode_attention_op(q, k, v, softmax_scale)
 
 
+@torch.library.custom_op("fastgpt::triton_decode_attention_with_length", mutates_args=())
+def decode_attention_with_length_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, softmax_scale: float
+) -> torch.Tensor:
+    return decode_forward_with_length(q, k, v, kv_len, softmax_scale)
+
+
+@decode_attention_with_length_op.register_fake
+def _(q, k, v, kv_len, softmax_scale):
+    return q.new_empty(q.shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU compile check (fastgpt.ops.triton_compile)
 
@@ -392,7 +438,8 @@ def _unit_feature_strides(kernel):
 def _compile_case(name, kernel, element, pointers, constexprs, num_warps, num_stages, tensor_cores):
     constexprs = dict(constexprs, **_unit_feature_strides(kernel))
     signature = {arg: "i32" for arg in kernel.arg_names}
-    signature.update({arg: "*fp32" if arg.startswith("Partial") else element for arg in pointers})
+    pointer_types = {"PartialOut": "*fp32", "PartialLse": "*fp32", "KvLen": "*i64"}
+    signature.update({arg: pointer_types.get(arg, element) for arg in pointers})
     signature.update({arg: "fp32" for arg in kernel.arg_names if arg == "softmax_scale"})
     signature.update({arg: "constexpr" for arg in constexprs})
     return CompileCase(name, kernel, signature, constexprs, num_warps, num_stages, tensor_cores)
@@ -400,27 +447,33 @@ def _compile_case(name, kernel, element, pointers, constexprs, num_warps, num_st
 
 def gpu_compile_cases(capability):
     """Each partial-kernel configuration of each head-size class, for a GQA group of up to 16 query
-    heads, and the combine kernel at D=128. fp16 and bf16 share every line of these kernels, so each
-    head size is compiled in one of them (the attention kernels' cases cover both dtypes)."""
+    heads, with the length as an int and read from the device (the captured decode step's variant,
+    "decode_partial_device_len"), and the combine kernel at D=128. fp16 and bf16 share every line of
+    these kernels, so each head size is compiled in one of them (the attention kernels' cases cover
+    both dtypes)."""
     cases = []
+    length_variants = (
+        ("decode_partial", {"KV_LEN_ON_DEVICE": False, "KvLen": None}, ()),
+        ("decode_partial_device_len", {"KV_LEN_ON_DEVICE": True}, ("KvLen",)),
+    )
     for dtype, head_dim in ((torch.float16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256)):
         block_d = _block_d(head_dim)
         shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_H": MIN_BLOCK, "DOT_PRECISION": "tf32"}
-        pointers = ("Q", "K", "V", "PartialOut", "PartialLse")
         for config in gpu_configs(capability, block_d, dtype):
-            cases.append(
-                _compile_case(
-                    f"decode_partial {TRITON_TYPES[dtype]} D={head_dim} N={config.kwargs['BLOCK_N']} "
-                    f"w{config.num_warps} s{config.num_stages}",
-                    _decode_partial_kernel,
-                    "*" + TRITON_TYPES[dtype],
-                    pointers,
-                    dict(config.kwargs, **shape),
-                    config.num_warps,
-                    config.num_stages,
-                    tensor_cores=True,
+            for name, length_constexprs, length_pointers in length_variants:
+                cases.append(
+                    _compile_case(
+                        f"{name} {TRITON_TYPES[dtype]} D={head_dim} N={config.kwargs['BLOCK_N']} "
+                        f"w{config.num_warps} s{config.num_stages}",
+                        _decode_partial_kernel,
+                        "*" + TRITON_TYPES[dtype],
+                        ("Q", "K", "V", "PartialOut", "PartialLse", *length_pointers),
+                        dict(config.kwargs, **shape, **length_constexprs),
+                        config.num_warps,
+                        config.num_stages,
+                        tensor_cores=True,
+                    )
                 )
-            )
     cases.append(
         _compile_case(
             f"decode_combine bf16 D=128 S={MAX_SPLITS}",

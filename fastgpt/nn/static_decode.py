@@ -1,0 +1,105 @@
+"""GPT.generate's decode loop with static shapes, captured once in a CUDA graph and replayed per token.
+
+Each decode step reads the token at a position held in a device tensor, writes its keys and values
+into the preallocated caches there (index_copy_), attends to the first position + 1 cached keys
+(fastgpt.functional.decode_attention_with_length: the Triton split-KV kernel reads that length on the
+device), samples the next token on the device, writes it into the output buffer at position + 1 and
+advances the position. No shape and no host value changes from one step to the next, so
+torch.cuda.CUDAGraph records one step and each token is one replay: the host launches one graph
+instead of ~15 ops per block.
+
+eos: the finished flags and the output length are updated inside the step; the host reads them every
+EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps may run
+after every sequence finished; their tokens are cut off.
+"""
+
+import torch
+
+from fastgpt.nn.generation import sample_next_token_on_device
+
+# Eager steps before the capture, on a side stream (torch.cuda.graphs' rule): the first runs the
+# kernels' lazy initialisation and Triton's autotuning, which cannot run inside a capture; a second
+# runs with every allocation already cached. They are real steps of the generation, not thrown away.
+WARMUP_STEPS = 2
+# With eos_token_id, the host checks whether every sequence finished once per this many tokens: a
+# synchronisation per check, against at most this many - 1 wasted steps (~0.2 ms each for GPT-2 on an
+# H200) once all finished.
+EOS_CHECK_INTERVAL = 8
+
+
+class StaticDecodeStep:
+    """The state of a static decode loop: static buffers whose contents change, never their shapes.
+
+    out: (B, total) int64, the prompt and the tokens chosen so far; caches: the model's KVCache per
+    layer, filled up to `position` by the prefill. position: (1,) int64, the position of the token fed
+    to the next step (its column in out), starting at the int `position`. finished: (B,) bool. end: () int64, the length of the result
+    (total, or the column after the token at which every sequence had produced eos).
+    """
+
+    def __init__(self, out, caches, position, finished, sampling, eos_token_id):
+        total = out.shape[1]
+        self.out = out
+        self.caches = caches
+        self.first_position = position  # the host's copy of the starting position, never updated
+        self.position = torch.full((1,), position, dtype=torch.long, device=out.device)  # (1,)
+        self.finished = finished  # (B,)
+        self.total = torch.full((), total, dtype=torch.long, device=out.device)  # ()
+        self.end = self.total.clone()  # ()
+        self.sampling = sampling  # (temperature, top_k, top_p)
+        self.eos_token_id = eos_token_id
+
+    def run(self, model):
+        """One decode step of `model` (the GPT whose caches these are); device work only."""
+        position = self.position  # (1,)
+        length = position + 1  # (1,): the keys cached once this token's are written
+        tokens = self.out.index_select(1, position)  # (B, 1)
+        transformer = model.transformer
+        x = transformer.drop(transformer.wte(tokens) + transformer.wpe(position))  # (B, 1, C)
+        for block, cache in zip(transformer.h, self.caches):
+            x = block.decode_at(x, cache, position, length)  # (B, 1, C)
+        hidden = transformer.ln_f(x)[:, -1]  # (B, C)
+        next_token = sample_next_token_on_device(model.logits(hidden), *self.sampling)  # (B,)
+        if self.eos_token_id is not None:
+            next_token = next_token.masked_fill(self.finished, self.eos_token_id)
+            self.finished |= next_token == self.eos_token_id
+            # The first step at which all have finished sets the length: the column after its token.
+            all_done_end = torch.where(self.finished.all(), position[0] + 2, self.total)  # ()
+            torch.minimum(self.end, all_done_end, out=self.end)
+        self.out.index_copy_(1, position + 1, next_token[:, None])
+        position.add_(1)
+
+
+def decode(model, step, steps, callback=None, capture=True):
+    """Runs `steps` decode steps; returns the generated (B, end) int64 tokens (a new tensor).
+
+    capture: record the step in a CUDA graph after WARMUP_STEPS eager ones and replay it for the rest
+    (CUDA tensors only); False runs every step eagerly (any device). callback gets each step's new
+    tokens (B,), a copy, as soon as they are queued (no synchronisation).
+    """
+    eager_steps = min(steps, WARMUP_STEPS) if capture else steps
+    graph = None
+    done = 0
+    while done < steps:
+        if done < eager_steps:
+            if capture:
+                side = torch.cuda.Stream(device=step.out.device)
+                side.wait_stream(torch.cuda.current_stream(step.out.device))
+                with torch.cuda.stream(side):
+                    step.run(model)
+                torch.cuda.current_stream(step.out.device).wait_stream(side)
+            else:
+                step.run(model)
+        else:
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step.run(model)
+            graph.replay()
+        if callback is not None:
+            callback(step.out[:, step.first_position + 1 + done].clone())
+        done += 1
+        if step.eos_token_id is not None and done % EOS_CHECK_INTERVAL == 0 and bool(step.finished.all()):
+            break
+    if step.eos_token_id is None:
+        return step.out
+    return step.out[:, : int(step.end)]
