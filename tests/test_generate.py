@@ -276,7 +276,7 @@ def test_gpu_captured_generate_equals_the_uncaptured_static_step(dtype):
     """The CUDA graph replays exactly the eager static step: bitwise the same greedy tokens."""
     model = GPT(GPTConfig(**SMALL, n_kv_head=2)).to("cuda", dtype).eval()
     prompt = torch.randint(0, 97, (3, 9), device="cuda")
-    captured = model.generate(prompt, 40, temperature=0)
+    captured = model.generate(prompt, 40, temperature=0, cuda_graph=True)
     assert torch.equal(captured, generate_static(model, prompt, 40, capture=False))
     if dtype == torch.float32:  # today's loop differs only in the attention's rounding: no near-tie in fp32
         assert torch.equal(captured, model.generate(prompt, 40, temperature=0, cuda_graph=False))
@@ -286,15 +286,16 @@ def test_gpu_captured_generate_equals_the_uncaptured_static_step(dtype):
 def test_gpu_captured_sampling_is_reproducible_under_seed_and_eos_stops():
     model = GPT(GPTConfig(**SMALL)).to("cuda").eval()
     prompt = torch.randint(0, 97, (4, 5), device="cuda")
+    sampling = {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "cuda_graph": True}
     torch.manual_seed(123)
-    first = model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9)
+    first = model.generate(prompt, 30, **sampling)
     torch.manual_seed(123)
-    again = model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9)
+    again = model.generate(prompt, 30, **sampling)
     assert torch.equal(first, again)
-    assert not torch.equal(first, model.generate(prompt, 30, temperature=0.8, top_k=20, top_p=0.9))
-    free = model.generate(prompt[:1], 30, temperature=0)
+    assert not torch.equal(first, model.generate(prompt, 30, **sampling))
+    free = model.generate(prompt[:1], 30, temperature=0, cuda_graph=True)
     eos = int(free[0, 7])
-    stopped = model.generate(prompt[:1], 30, temperature=0, eos_token_id=eos)
+    stopped = model.generate(prompt[:1], 30, temperature=0, eos_token_id=eos, cuda_graph=True)
     assert torch.equal(
         stopped, model.generate(prompt[:1], 30, temperature=0, eos_token_id=eos, cuda_graph=False)
     )

@@ -44,7 +44,7 @@ def make_trainer(token_split, step_mode, device=CPU, dtype=torch.float32, dropou
     [
         ("auto", CPU, 1, "eager", "auto on cpu"),
         ("auto", CPU, 2, "eager", "auto on cpu"),
-        ("auto", CUDA, 1, "cuda-graph", "auto on one CUDA GPU"),
+        ("auto", CUDA, 1, "compile", "auto on CUDA"),
         ("auto", CUDA, 4, "compile", "auto under torchrun (4 processes)"),
         ("cuda-graph", CPU, 1, "eager", "cuda-graph needs a CUDA device; running eager on cpu"),
         ("cuda-graph", CUDA, 1, "cuda-graph", "as asked"),

@@ -7,8 +7,9 @@ Providers, all holding the same weights (one randomly initialised transformers G
   the glue between them fused by Inductor), and `fastgpt.nn+cuda-graph` (CUDA only): its whole
   training step (forward, backward, AdamW(fused=True, capturable=True), zero_grad) captured in a CUDA
   graph after one eager step on a side stream and replayed (fastgpt.train.step.CapturedStep, as
-  `fastgpt train --step-mode cuda-graph` runs it). Both time the training step only: GPT.generate runs
-  its own decode step, which neither changes;
+  `fastgpt train --step-mode cuda-graph` runs it). The compiled provider times the training step only;
+  in generation `fastgpt.nn` runs GPT.generate's per-op decode loop and `fastgpt.nn+cuda-graph` its
+  static decode step replayed from a CUDA graph (GPT.generate(cuda_graph=True));
 - `hf+fastgpt.patch`: the transformers model patched in place by fastgpt.patch;
 - `hf (sdpa)`: the unpatched transformers model with attn_implementation="sdpa";
 - `nanogpt`: the nanoGPT-style eager model of fastgpt.bench.nanogpt, and `nanogpt+torch.compile`.
@@ -88,7 +89,9 @@ LEARNING_RATE = 1e-5  # small, so the timed steps leave the weights near where t
 # AdamW's state and tunes Triton's kernels) and captures at the second, an untimed warm-up call in every
 # timing plan, so the timed rounds are replays only.
 CAPTURE_WARMUP_STEPS = 1
-TRAINING_ONLY = "a training-step provider: GPT.generate runs its own decode step, which this does not change"
+TRAINING_ONLY = (
+    "a training-step provider: GPT.generate runs its own decode step, which compiling does not change"
+)
 
 
 @dataclasses.dataclass
@@ -168,7 +171,9 @@ def _fastgpt_nn(hf_model, step="eager"):
         FASTGPT,
         model=model,
         loss=lambda x, y: forward(x, y),
-        generate=lambda prompts, new_tokens: model.generate(prompts, new_tokens, temperature=0),
+        generate=lambda prompts, new_tokens: model.generate(
+            prompts, new_tokens, temperature=0, cuda_graph=step == "cuda-graph"
+        ),
         captured=step == "cuda-graph",
     )
 
@@ -209,7 +214,7 @@ PROVIDER_NAMES = (
     "nanogpt",
     "nanogpt+torch.compile",
 )
-TRAINING_ONLY_PROVIDERS = ("fastgpt.nn+torch.compile", "fastgpt.nn+cuda-graph")
+TRAINING_ONLY_PROVIDERS = ("fastgpt.nn+torch.compile",)
 
 
 def build_providers(master, device, dtype, include=None, exclude=None, skips=None):

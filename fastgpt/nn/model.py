@@ -227,7 +227,7 @@ class GPT(nn.Module):
         top_p=None,
         eos_token_id=None,
         callback=None,
-        cuda_graph=True,
+        cuda_graph=False,
     ):
         """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
 
@@ -243,14 +243,16 @@ class GPT(nn.Module):
         huge pages (huge_pages.move_to_huge_pages: the Parameter objects stay, their .data moves), which
         the weight reads of every decode step stream faster.
 
-        On CUDA, with cuda_graph=True (the default), the decode steps after the prefill run as one
+        On CUDA, with cuda_graph=True, the decode steps after the prefill run as one
         static step (fastgpt.nn.static_decode): the position lives on the device, the attention reads
         the cache's valid length there, tokens are sampled on the device, and the step is captured once
         per call in a CUDA graph and replayed per token. Greedy tokens equal the uncaptured path's up
         to the attention's rounding (its splits are sized for the whole cache, not the current
         length), so a near-tie may break differently; sampling draws from the same distribution.
         With eos_token_id the host checks for the end every static_decode.EOS_CHECK_INTERVAL tokens
-        instead of every token. cuda_graph=False keeps the per-op loop (as on CPU), to compare.
+        instead of every token. cuda_graph=False, the default, keeps the per-op loop (as on CPU):
+        the captured path was written without a GPU, and becomes the default once its GPU tests
+        (tests/test_generate.py -m gpu) pass and `fastgpt bench --ops gpt` shows it faster.
         """
         config = self.config
         check_generate_arguments(

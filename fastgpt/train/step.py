@@ -17,9 +17,10 @@ cuda-graph  the whole step captured once in a CUDA graph and replayed, with each
             AdamW's moments, Triton's autotuning and cuBLAS workspaces exists before capture); they are
             real training steps, so the run's result does not depend on the mode.
 auto        on CPU: eager (fastgpt's C++ kernels do the work; Inductor's CPU code would not beat them and
-            compiling costs tens of seconds). On one CUDA GPU: cuda-graph (the shapes of a training step
-            never change, so one capture serves every step, and it removes the host time that compile
-            leaves). Under torchrun on CUDA: compile (DDP's all-reduce hooks are not captured here).
+            compiling costs tens of seconds). On CUDA: compile. cuda-graph should be faster on one GPU
+            (one capture serves every step and removes the host time compile leaves), but it was
+            written without a GPU: it becomes auto's choice there once its GPU tests
+            (tests/test_train_step.py -m gpu) pass and `fastgpt bench --ops gpt` shows it ahead.
 
 Dropout inside the CUDA graph: random ops draw from the default CUDA generator, which torch.cuda.graph
 registers for capture (kernels read the philox seed and offset from device memory, and each replay
@@ -58,9 +59,9 @@ def choose_step_mode(requested, device, world_size=1):
                 f"auto under torchrun ({world_size} processes): DDP's all-reduce is not captured in a "
                 "CUDA graph, so the glue is fused by torch.compile instead"
             )
-        return "cuda-graph", (
-            "auto on one CUDA GPU: the step's shapes never change, so one captured graph replays every "
-            "step without a kernel launch from the host"
+        return "compile", (
+            "auto on CUDA: the glue between fastgpt's ops fused by torch.compile (--step-mode "
+            "cuda-graph replays the whole step from a CUDA graph; not yet verified on a GPU)"
         )
     if requested == "cuda-graph":
         if not on_cuda:
