@@ -275,19 +275,25 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback):
+    def _generation_buffers(self, idx, max_new_tokens):
+        """(out, caches) of a generate call: out (B, T + new) int64 with idx in its first T columns,
+        and one preallocated KVCache per layer (B, n_kv_head, T + new, D)."""
         batch, prompt_len = idx.shape
         total = prompt_len + max_new_tokens
         out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
         out[:, :prompt_len] = idx
-        if max_new_tokens == 0:
-            return out
         config, dtype = self.config, self.lm_head.weight.dtype
         caches = [
             KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
             for _ in range(config.n_layer)
         ]
-        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        return out, caches
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback):
+        out, caches = self._generation_buffers(idx, max_new_tokens)
+        if max_new_tokens == 0:
+            return out
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
         block_params = self.decode_block_parameters()
         position = 0
         tokens = idx  # the tokens not yet in the cache, (B, T) then (B, 1)
@@ -315,18 +321,11 @@ class GPT(nn.Module):
         """_generate with the decode steps run by static_decode (captured in a CUDA graph with
         capture=True, CUDA only; eagerly otherwise, on any device): the prefill as in _generate, then
         max_new_tokens - 1 static steps. Tokens are sampled with sample_next_token_on_device."""
-        batch, prompt_len = idx.shape
-        total = prompt_len + max_new_tokens
-        out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
-        out[:, :prompt_len] = idx
+        prompt_len = idx.shape[1]
+        out, caches = self._generation_buffers(idx, max_new_tokens)
         if max_new_tokens == 0:
             return out
-        config, dtype = self.config, self.lm_head.weight.dtype
-        caches = [
-            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
-            for _ in range(config.n_layer)
-        ]
-        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)  # (B,)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
         hidden = self.hidden_states(idx, caches, 0)[:, -1]  # (B, C): the prompt's last position
         next_token = sample_next_token_on_device(self.logits(hidden), temperature, top_k, top_p)  # (B,)
         if eos_token_id is not None:
