@@ -31,6 +31,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "params.h"
+#include "targets.h"
 
 namespace fastgpt {
 namespace {
@@ -557,14 +558,6 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   return result;
 }
 
-// Rows whose target is not ignore_index: the divisor of 'mean'.
-int64_t kept_rows(const at::Tensor& targets, int64_t ignore_index) {
-  const int64_t* values = targets.data_ptr<int64_t>();
-  int64_t kept = 0;
-  for (int64_t n = 0; n < targets.numel(); ++n) kept += values[n] != ignore_index;
-  return kept;
-}
-
 // The per-row losses (N) reduced: themselves for 'none', else a 0-d float32 tensor, the sum (in
 // float64) or the mean over the kept rows (0 / 0 = NaN when every row is ignored, as in torch). A plain
 // loop: at a decode-sized batch, ATen's sum and division cost more than the kernel.
@@ -602,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   const auto [x, targets] = cross_entropy_rows(op, x_in, targets_in);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.device().is_cpu(), op,
               ": targets must be a CPU int64 tensor, got ", targets.scalar_type(), " on ", targets.device());
-  const int64_t kept = reduction == "mean" ? kept_rows(targets.contiguous(), ignore_index) : 0;
+  const int64_t kept = reduction == "mean" ? kept_rows(targets, ignore_index) : 0;
   CrossEntropyResult r = cross_entropy_pass(op, x, weight, targets, bias, ignore_index, compute_grad, nullptr);
   at::Tensor loss = reduce_loss(r.loss, kept, reduction);
   if (reduction == "none") loss = loss.view(targets_in.sizes());

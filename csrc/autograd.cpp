@@ -38,6 +38,8 @@
 #include <tuple>
 #include <vector>
 
+#include "targets.h"
+
 namespace fastgpt {
 namespace {
 
@@ -283,10 +285,7 @@ struct CrossEntropyBackwardNode : OpBackward<kCrossEntropyBackward> {
   // targets are not read on the host, and a tracer's have no values).
   at::Tensor mean_scale(const at::Tensor& dloss) {
     if (!holds_host_data(dloss)) return dloss.div(targets.unpack().ne(ignore_index).sum().clamp_min(1));  // ()
-    const at::Tensor t = targets.unpack().contiguous();
-    const int64_t* values = t.const_data_ptr<int64_t>();
-    int64_t kept = 0;
-    for (int64_t i = 0; i < t.numel(); ++i) kept += values[i] != ignore_index;
+    const int64_t kept = kept_rows(targets.unpack(), ignore_index);
     return at::scalar_tensor(dloss.item<double>() / static_cast<double>(std::max<int64_t>(kept, 1)),
                              dloss.options());  // ()
   }
