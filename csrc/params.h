@@ -143,4 +143,19 @@ struct CrossEntropyParams {
   float* dbias;             // (vocab) float32 accumulator, or null
 };
 
+// One chunk of logits for the CUDA backend's row kernel (csrc/cuda/cross_entropy.cu); the GEMMs on
+// either side of it are cuBLAS's (csrc/cuda/api_cuda.inc). The logits already include the bias.
+struct CrossEntropyRowsParams {
+  DType dtype;              // of the logits: float16 or bfloat16
+  int64_t rows;
+  int32_t vocab;
+  Matrix logits;            // (rows, vocab), col_stride 1; replaced by dloss/dlogits when with_grad
+  const int64_t* targets;   // (rows)
+  int64_t ignore_index;
+  float* loss;              // (rows): logsumexp - logit[target], 0 on ignored rows
+  const float* row_grad;    // (rows) upstream gradient of each row's loss, or null for 1
+  bool with_grad;
+  float* dbias;             // (vocab) float32: the chunk's dlogits column sums are added, or null
+};
+
 }  // namespace fastgpt

@@ -306,6 +306,96 @@ def test_layer_norm_no_rows():
 
 
 # ----------------------------------------------------------------------------------------------
+# Linear cross-entropy
+
+CE_IGNORE = -100
+CROSS_ENTROPY_SHAPES = [
+    # (tokens, channels, vocab): one row; a vocabulary not a multiple of 8; GPT-2's odd 50257; three
+    # chunks (16 MiB of logits per chunk at vocab 1000), the last one ragged; a row wider than shared
+    # memory (the streamed path).
+    (1, 64, 8),
+    (37, 64, 1001),
+    (64, 128, 50257),
+    (20000, 64, 1000),
+    (64, 32, 120000),
+]
+
+
+def cross_entropy_inputs(tokens, channels, vocab, dtype, bias):
+    x = torch.randn(tokens, channels, device=DEVICE)
+    weight = torch.randn(vocab, channels, device=DEVICE) / channels**0.5 * 3  # logits spread over a few units
+    bias_vector = torch.randn(vocab, device=DEVICE) if bias else None
+    targets = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    targets[torch.randperm(tokens, device=DEVICE)[: tokens // 10]] = CE_IGNORE
+    return [t.to(dtype) if t is not None else None for t in (x, weight, bias_vector)], targets
+
+
+def cross_entropy_loss_and_grads(tensors, targets, reduction, backend, grad_out, dtype=None):
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+    x, weight, bias = leaves
+    if backend == "reference":
+        loss = reference.linear_cross_entropy(x, weight, targets, bias, CE_IGNORE, reduction)
+    else:
+        loss = fastgpt.linear_cross_entropy(
+            x, weight, targets, bias=bias, ignore_index=CE_IGNORE, reduction=reduction, backend=backend
+        )
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], grad_out.to(loss.dtype))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", CROSS_ENTROPY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_cross_entropy_matches_reference(shape, reduction, dtype):
+    tokens, channels, vocab = shape
+    tensors, targets = cross_entropy_inputs(tokens, channels, vocab, dtype, bias=vocab % 2 == 1)
+    grad_out = torch.rand(() if reduction != "none" else (tokens,), device=DEVICE) + 0.5
+    loss, grads = cross_entropy_loss_and_grads(tensors, targets, reduction, "cuda", grad_out)
+    loss64, grads64 = cross_entropy_loss_and_grads(
+        tensors, targets, reduction, "reference", grad_out, torch.float64
+    )
+    loss_eager, grads_eager = cross_entropy_loss_and_grads(tensors, targets, reduction, "reference", grad_out)
+    assert loss.dtype == torch.float32
+    assert_close("loss", loss, loss64, loss_eager)
+    for name, actual, exact, bar in zip(("x", "weight", "bias"), grads, grads64, grads_eager):
+        assert actual.dtype == dtype
+        assert_close(f"grad {name}", actual, exact, bar)
+
+
+def test_linear_cross_entropy_every_target_ignored():
+    tensors, targets = cross_entropy_inputs(16, 64, 100, torch.bfloat16, bias=False)
+    x, weight, _ = (None if t is None else t.requires_grad_() for t in tensors)
+    targets.fill_(CE_IGNORE)
+    loss = fastgpt.linear_cross_entropy(x, weight, targets, ignore_index=CE_IGNORE, backend="cuda")
+    assert torch.isnan(loss)  # 0 / 0, as torch's mean over no rows
+    total = fastgpt.linear_cross_entropy(
+        x, weight, targets, ignore_index=CE_IGNORE, reduction="sum", backend="cuda"
+    )
+    dx, dweight = torch.autograd.grad(total, (x, weight))
+    assert total.item() == 0.0 and not dx.any() and not dweight.any()
+
+
+def test_linear_cross_entropy_no_tokens():
+    x = torch.randn(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(100, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss = fastgpt.linear_cross_entropy(x, weight, targets, reduction="sum", backend="cuda")
+    dx, dweight = torch.autograd.grad(loss, (x, weight))
+    assert loss.item() == 0.0 and dx.shape == x.shape and not dweight.any()
+
+
+def test_linear_cross_entropy_is_deterministic():
+    tensors, targets = cross_entropy_inputs(20000, 64, 1000, torch.bfloat16, bias=True)
+    runs = [
+        cross_entropy_loss_and_grads(tensors, targets, "mean", "cuda", torch.ones((), device=DEVICE))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for first, second in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------------------------
 # Custom-op plumbing
 
 
@@ -328,6 +418,13 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.fastgpt.layer_norm_forward.default, (x, w, None, x.detach().clone(), 1e-5)
     )
+    weight = torch.randn(1001, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 1001, (2, 5), device=DEVICE)
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            torch.ops.fastgpt.linear_cross_entropy_forward.default,
+            (x, weight, targets, None, -100, reduction, False),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -352,5 +449,6 @@ def test_float32_is_declined_to_triton_or_reference():
         ("causal_attention", (("head_dim", 64),)),
         ("fused_ffn", (("hidden", 256),)),
         ("layer_norm", (("hidden", 768),)),
+        ("linear_cross_entropy", (("vocab", 50257),)),
     ):
         assert dispatch.choose_backend(op, "auto", "cuda", torch.float32, facts) != "cuda"

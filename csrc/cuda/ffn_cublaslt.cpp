@@ -64,7 +64,7 @@ int64_t alignment(const void* p) {
 }
 
 // Everything the heuristic's answer depends on. The pointers' values matter only through alignment.
-using Key = std::array<int64_t, 22>;
+using Key = std::array<int64_t, 23>;
 
 struct Plan {
   cublasLtMatrixLayoutOpaque_t a, b, c, d;  // cuBLASLt's A (our B), B (our A), C (residual or out), D (out)
@@ -77,14 +77,15 @@ std::map<Key, std::unique_ptr<Plan>> cache;  // node-based: a Plan never moves o
 
 cublasStatus_t init_layouts(const Gemm& g, Plan& plan) {
   const cudaDataType_t type = data_type(g.dtype);
+  const cudaDataType_t out_type = g.float32_out ? CUDA_R_32F : type;
   // cuBLASLt's A: our B. Column-major (rows, cols) = the stored row-major (cols, rows).
   const uint64_t a_rows = g.b.transposed ? g.K : g.N, a_cols = g.b.transposed ? g.N : g.K;
   const uint64_t b_rows = g.a.transposed ? g.M : g.K, b_cols = g.a.transposed ? g.K : g.M;
   cublasStatus_t s = cublasLtMatrixLayoutInit(&plan.a, type, a_rows, a_cols, g.b.ld);
   if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutInit(&plan.b, type, b_rows, b_cols, g.a.ld);
   if (s == CUBLAS_STATUS_SUCCESS)
-    s = cublasLtMatrixLayoutInit(&plan.c, type, g.N, g.M, g.residual != nullptr ? g.ld_residual : g.ld_out);
-  if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutInit(&plan.d, type, g.N, g.M, g.ld_out);
+    s = cublasLtMatrixLayoutInit(&plan.c, out_type, g.N, g.M, g.residual != nullptr ? g.ld_residual : g.ld_out);
+  if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutInit(&plan.d, out_type, g.N, g.M, g.ld_out);
   return s;
 }
 
@@ -96,6 +97,7 @@ bool valid(const Gemm& g) {
   if (g.a.ld < a_cols || g.b.ld < b_cols || g.ld_out < g.N) return false;
   if (g.residual != nullptr && g.ld_residual < g.N) return false;
   if (uses_bias(g.epilogue) != (g.bias != nullptr)) return false;
+  if (g.float32_out && g.epilogue != Epilogue::kNone) return false;
   // cuBLASLt: the GELU aux matrix's leading dimension is a multiple of 8 and covers D's rows.
   if (uses_aux(g.epilogue) && (g.aux == nullptr || g.ld_aux < g.N || g.ld_aux % 8 != 0)) return false;
   return true;
@@ -136,6 +138,7 @@ cublasStatus_t matmul(cublasLtHandle_t handle, const Gemm& g, void* workspace, s
   const int64_t align_c = alignment(c), align_d = alignment(g.out);
   const Key key{device,
                 static_cast<int64_t>(g.dtype),
+                g.float32_out,
                 g.M,
                 g.N,
                 g.K,

@@ -1,5 +1,6 @@
 // The FFN on cuBLASLt GEMMs with fused epilogues (ffn_cublaslt.cpp): host code only, no torch and no
-// device code. csrc/cuda/api_cuda.inc calls ffn_forward/ffn_backward with torch's cuBLASLt handle, a
+// device code. Its GEMM, `matmul`, also serves the linear cross-entropy's float32 weight-gradient
+// accumulation (api_cuda.inc). csrc/cuda/api_cuda.inc calls ffn_forward/ffn_backward with torch's cuBLASLt handle, a
 // workspace from torch's caching allocator and the current stream; csrc/dev/ffn_cublaslt.cu calls the
 // same functions with its own.
 //
@@ -71,6 +72,9 @@ struct Gemm {
   void* aux;   // (M, N) pre-activation, row stride ld_aux (a multiple of 8): written by kGeluAux*, read by
                // kDGeluBGrad
   int64_t ld_aux;
+  // out and residual are float32 instead of `dtype` (epilogue kNone only): the linear cross-entropy's
+  // weight gradient accumulates chunk by chunk into a float32 buffer, as residual = out with beta = 1.
+  bool float32_out = false;
 };
 
 // cuBLAS's recommended workspace: 32 MiB on Hopper (sm_90), 4 MiB on earlier GPUs (cuBLAS docs,

@@ -7,9 +7,11 @@
 // say so) and run on the Triton backend.
 //
 // api_cuda.inc registers these launchers as the CUDA implementations of the fastgpt ops whose schemas
-// csrc/api.cpp defines (attention_forward/backward, ffn_forward/backward, layer_norm_forward/backward),
+// csrc/api.cpp defines (attention_forward/backward, ffn_forward/backward, layer_norm_forward/backward,
+// linear_cross_entropy_forward/backward),
 // and adds fastgpt::cuda_unsupported_reason(str op, int size, ScalarType dtype) -> str ("" when
-// supported; `size` is head_dim for causal_attention and the hidden size for fused_ffn and layer_norm).
+// supported; `size` is head_dim for causal_attention, the hidden size for fused_ffn and layer_norm, and
+// the vocabulary for linear_cross_entropy).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -83,6 +85,19 @@ cudaError_t layer_norm_forward(const LayerNormParams& params, cudaStream_t strea
 int layer_norm_backward_num_partials(int64_t rows);
 
 cudaError_t layer_norm_backward(const LayerNormParams& params, cudaStream_t stream);
+
+// ---- Linear cross-entropy, the pass between the GEMMs (cross_entropy.cu) --------------------------
+// Per row of logits (bias included): loss = logsumexp - logit[target] (0 on ignored rows) and, with
+// with_grad, dlogits = (softmax - onehot(target)) * row_grad in place (zeros on ignored rows); with dbias,
+// the chunk's dlogits column sums are added to it. The logits must be 16-byte aligned with a row stride
+// that is a multiple of 8 and at least vocab rounded up to 8: the columns from vocab to that rounding are
+// read and overwritten (api_cuda.inc allocates its logits buffer so). Each row is read once for vocab
+// <= 65536, twice beyond. Deterministic.
+
+// nullptr when the kernel takes this dtype and vocabulary, else why not.
+const char* cross_entropy_unsupported_reason(int64_t vocab, DType dtype);
+
+cudaError_t cross_entropy_rows(const CrossEntropyRowsParams& params, cudaStream_t stream);
 
 // ---- Deterministic column sums (column_sums.cu) ----------------------------------------------------
 // out[c] = sum over r of partial[r * cols + c] in float32, in a fixed order, stored as `dtype`. The second

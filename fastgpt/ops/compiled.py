@@ -112,8 +112,9 @@ def cpu_unsupported_reason(op, **facts):
 
 
 def cuda_unsupported_reason(op, **facts):
-    """Why the CUDA kernels decline a call, or None. facts: head_dim= (causal_attention) or hidden=
-    (fused_ffn, layer_norm). The C++ answers are the same for float16 and bfloat16."""
+    """Why the CUDA kernels decline a call, or None. facts: head_dim= (causal_attention), hidden=
+    (fused_ffn, layer_norm) or vocab= (linear_cross_entropy). The C++ answers are the same for float16
+    and bfloat16."""
     if not HAS_CUDA_KERNELS:
         return (
             "fastgpt._C was built without CUDA kernels; rebuild it with FASTGPT_CUDA=1 on a machine with nvcc "
@@ -123,5 +124,6 @@ def cuda_unsupported_reason(op, **facts):
     if capability < CUDA_MIN_CAPABILITY:
         major, minor = capability
         return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
-    size = facts.get("head_dim" if op == "causal_attention" else "hidden", 0)
+    size_fact = {"causal_attention": "head_dim", "linear_cross_entropy": "vocab"}.get(op, "hidden")
+    size = facts.get(size_fact, 0)
     return torch.ops.fastgpt.cuda_unsupported_reason(op, int(size), torch.bfloat16) or None

@@ -55,6 +55,10 @@ ROW_KERNEL_WARPS = 8
 INTERPRETER_MIN_BLOCK_V = 16
 # Chunk rows are a multiple of 16, the smallest tile the GEMMs' dot products take.
 CHUNK_ROW_MULTIPLE = 16
+# The logits buffer's row stride is the vocabulary rounded up to 64 values (128 bytes in 16 bits), so
+# its rows are aligned for 16-byte vector loads and stores in the GEMMs and the row kernel whatever the
+# vocabulary: GPT-2's 50257 would otherwise make every row stride odd and every access 2 bytes wide.
+LOGITS_ROW_ALIGNMENT = 64
 
 
 def chunk_rows(tokens, channels, element_size):
@@ -70,6 +74,13 @@ def chunk_rows(tokens, channels, element_size):
     """
     rows = max(CHUNK_ROW_MULTIPLE, (4 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
     return min(rows, tokens)
+
+
+def logits_buffer(rows, vocab, dtype, device):
+    """An uninitialised (rows, vocab) logits buffer whose row stride is vocab rounded up to
+    LOGITS_ROW_ALIGNMENT."""
+    padded = triton.cdiv(vocab, LOGITS_ROW_ALIGNMENT) * LOGITS_ROW_ALIGNMENT
+    return torch.empty((rows, padded), dtype=dtype, device=device)[:, :vocab]
 
 
 def _block_v(vocab):
@@ -186,7 +197,7 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
         return
     rows_per_chunk = chunk_rows(tokens, channels, dtype.itemsize)
     chunk_starts = range(0, tokens, rows_per_chunk)
-    logits = torch.empty((rows_per_chunk, vocab), dtype=dtype, device=device)  # reused by every chunk
+    logits = logits_buffer(rows_per_chunk, vocab, dtype, device)  # (chunk, V), reused by every chunk
     block_v = _block_v(vocab)
     num_warps = 1 if triton_interpreter_enabled() else ROW_KERNEL_WARPS
 
@@ -425,8 +436,8 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
 def gpu_compile_cases(capability):
     """The chunk's GEMMs (logits with bias; split-K dx; accumulating dW^T with the bias row) in bf16 with
     the largest configuration, and the row kernel in its forward and 'none'-backward forms, at GPT-2
-    small: a 1536-token chunk, C 768, and V 50257 (GPT-2's vocabulary: odd logits strides, so no
-    16-byte vector loads) and 50304 (padded to a multiple of 64, as fastgpt.nn.GPT pads it)."""
+    small: a 1536-token chunk, C 768, and V 50257 (GPT-2's vocabulary: an odd width, in a logits buffer
+    whose rows are padded to 50304) and 50304 (padded to a multiple of 64, as fastgpt.nn.GPT pads it)."""
     cases = []
     for vocab in (50257, 50304):
         cases += _vocab_compile_cases(capability, vocab)
@@ -443,19 +454,21 @@ def _vocab_compile_cases(capability, vocab):
         return matmul_arguments(
             meta(rows, channels, dtype=dtype),
             meta(vocab, channels, dtype=dtype).t(),
-            meta(rows, vocab, dtype=dtype),
+            logits_buffer(rows, vocab, dtype, "meta"),
             bias=meta(vocab, dtype=dtype),
         )
 
     def dx_gemm(dtype):
         partial = meta(4, rows, channels, dtype=torch.float32)
-        return matmul_arguments(meta(rows, vocab, dtype=dtype), meta(vocab, channels, dtype=dtype), partial)
+        return matmul_arguments(
+            logits_buffer(rows, vocab, dtype, "meta"), meta(vocab, channels, dtype=dtype), partial
+        )
 
     def weight_gemm(dtype):
         accumulator = meta(vocab, channels, dtype=torch.float32)
         return matmul_arguments(
             meta(rows, channels, dtype=dtype).t(),
-            meta(rows, vocab, dtype=dtype),
+            logits_buffer(rows, vocab, dtype, "meta"),
             meta(vocab, channels, dtype=dtype).t(),
             accumulate=accumulator.t(),
             bias_grad=meta(vocab, dtype=torch.float32),
@@ -468,7 +481,7 @@ def _vocab_compile_cases(capability, vocab):
         (f"ce V={vocab} dW^T+=x^T dlogits, db", weight_gemm),
     ):
         cases += matmul_compile_cases(capability, name, make)
-    logits, targets = meta(rows, vocab), meta(rows, dtype=torch.int64)
+    logits, targets = logits_buffer(rows, vocab, torch.bfloat16, "meta"), meta(rows, dtype=torch.int64)
     per_row, kept = meta(rows, dtype=torch.float32), meta((), dtype=torch.int64)
     forms = {  # form: (losses, kept, row_scale, lse_given, scale)
         "forward mean": (per_row, kept, None, False, SCALE_MEAN.value),
