@@ -65,14 +65,19 @@ def chunk_rows(tokens, channels, element_size):
     """Tokens per chunk.
 
     Liger-Kernel sizes chunks so the logits chunk is about as large as x (chunk ~ tokens * C / V).
-    Here the chunk's logits (rows x V x element_size bytes) may be as large as the fp32 weight-gradient
-    accumulator this op needs anyway (V x C x 4 bytes): rows = 4 C / element_size, i.e. 2C tokens in
-    bf16 (1536 at GPT-2 small, 3200 at XL) and C in fp32. So the extra memory is bounded by about
-    twice the weight's size, whatever the token count. Each chunk rereads and rewrites the fp32
-    accumulator in the dW GEMM's epilogue: 8 bytes per dW element against 2 x rows FLOPs, which at
-    rows >= 1024 keeps that GEMM compute-bound on A100/H100, where smaller chunks would not.
+    Here the chunk's logits (rows x V x element_size bytes) may be twice as large as the fp32
+    weight-gradient accumulator this op needs anyway (V x C x 4 bytes): at most 8 C / element_size
+    rows, 3072 tokens in bf16 at GPT-2 small (C 768). So the extra memory stays within about three
+    times the accumulator, whatever the token count: at 8192 tokens of GPT-2, a quarter of what
+    torch.compile's cross-entropy allocates. Each chunk rereads and rewrites the accumulator in the dW
+    GEMM's epilogue, so the chunks are as large as that allows and equal in size (8192 tokens: three
+    of 2736, not 3072 + 3072 + 2048).
     """
-    rows = max(CHUNK_ROW_MULTIPLE, (4 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    max_rows = max(
+        CHUNK_ROW_MULTIPLE, (8 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    )
+    chunks = triton.cdiv(tokens, max_rows)
+    rows = triton.cdiv(triton.cdiv(tokens, max(chunks, 1)), CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
     return min(rows, tokens)
 
 
@@ -436,8 +441,9 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
 def gpu_compile_cases(capability):
     """The chunk's GEMMs (logits with bias; split-K dx; accumulating dW^T with the bias row) in bf16 with
     the largest configuration, and the row kernel in its forward and 'none'-backward forms, at GPT-2
-    small: a 1536-token chunk, C 768, and V 50257 (GPT-2's vocabulary: an odd width, in a logits buffer
-    whose rows are padded to 50304) and 50304 (padded to a multiple of 64, as fastgpt.nn.GPT pads it)."""
+    small: a 2736-token chunk (8192 tokens run in three), C 768, and V 50257 (GPT-2's vocabulary: an odd
+    width, in a logits buffer whose rows are padded to 50304) and 50304 (padded to a multiple of 64, as
+    fastgpt.nn.GPT pads it)."""
     cases = []
     for vocab in (50257, 50304):
         cases += _vocab_compile_cases(capability, vocab)
@@ -445,7 +451,7 @@ def gpu_compile_cases(capability):
 
 
 def _vocab_compile_cases(capability, vocab):
-    rows, channels = 1536, 768
+    rows, channels = 2736, 768
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")
