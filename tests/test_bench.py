@@ -362,6 +362,8 @@ def test_tiny_run_speedups_and_skips(tiny_run):
     reasons = {(s["op"], s["provider"]): s["reason"] for s in data["skipped"]}
     assert reasons[("attention", "fastgpt:triton")].startswith("interpreter: not timed")
     assert reasons[("attention", "flash_attn")] == "flash_attn runs on CUDA only"
+    for pinned in ("sdpa[cudnn]", "sdpa[flash]"):
+        assert reasons[("attention", pinned)] == "SDPA's cuDNN and flash kernels run on CUDA only"
     # the compiled GPT is a training provider; CUDA graphs (the step, the decode step) need CUDA
     gpt_skips = {(s["mode"], s["provider"]): s["reason"] for s in data["skipped"] if s["op"] == "gpt"}
     for mode in ("train", "generate"):
@@ -756,3 +758,30 @@ def hidden(model, idx):
     for block in model.transformer.h:
         x = block(x, None)
     return x
+
+
+def test_report_names_the_kernels_a_profiled_provider_ran():
+    record = {
+        "provider": "sdpa",
+        "shape": {"batch": 2, "heads": 16, "kv_heads": 16, "seq": 4096, "head_dim": 128},
+        "gpu_kernels": ["cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "elementwise_kernel"],
+    }
+    (line, blank) = report.kernel_lines(
+        "attention", [record, {**record, "provider": "eager", "gpu_kernels": []}]
+    )
+    assert line.startswith("- sdpa at ") and "`cudnn_generated_fort_native_sdpa_sm90_flash_fprop`" in line
+    assert blank == ""
+    assert report.kernel_lines("attention", [{**record, "gpu_kernels": []}]) == []
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_names_name_what_sdpa_ran():
+    q = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    names = timing.gpu_kernel_names(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), "cuda")
+    assert names and any(
+        "attention" in name.lower()
+        or "fmha" in name.lower()
+        or "sdpa" in name.lower()
+        or "flash" in name.lower()
+        for name in names
+    ), names

@@ -1,5 +1,8 @@
 """Causal attention: fastgpt's backends against eager, SDPA, torch.compile and flash-attn.
 
+SDPA is timed as it chooses (`sdpa`, whose records name the GPU kernels it ran: cuDNN's on Hopper with
+torch 2.11) and pinned to each of its fused kernels (`sdpa[cudnn]`, `sdpa[flash]`).
+
 Shapes follow FlashAttention's benchmark: batch x seq = 16k tokens and heads x head_dim = 2048 on
 GPU, so every point does comparable work; q_len == kv_len (training and prefill). Inputs are in
 SDPA's (batch, heads, seq, head_dim) layout; flash-attn gets transposed views of the same tensors
@@ -8,6 +11,7 @@ SDPA's (batch, heads, seq, head_dim) layout; flash-attn gets transposed views of
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastgpt
 from fastgpt import reference
@@ -62,6 +66,30 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
 
 
+def _pinned_sdpa(backend):
+    """SDPA restricted to one of its kernels (it raises where that kernel declines the call). The
+    context manager costs a few microseconds of host time per call, which plain `sdpa` does not pay."""
+
+    def pinned(q, k, v):
+        with sdpa_kernel(backend):
+            return _sdpa(q, k, v)
+
+    return pinned
+
+
+def _sdpa_backend_baselines(device, dtype):
+    """SDPA pinned to cuDNN and to FlashAttention-2, so that a comparison with `sdpa` says which of
+    its kernels it was measured against (records of `sdpa` also name the kernels it ran)."""
+    pinned = {"sdpa[cudnn]": SDPBackend.CUDNN_ATTENTION, "sdpa[flash]": SDPBackend.FLASH_ATTENTION}
+    if torch.device(device).type != "cuda":
+        return [baseline(name, skip="SDPA's cuDNN and flash kernels run on CUDA only") for name in pinned]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return [
+            baseline(name, skip="SDPA's cuDNN and flash kernels take float16 and bfloat16") for name in pinned
+        ]
+    return [baseline(name, _pinned_sdpa(backend)) for name, backend in pinned.items()]
+
+
 def _flash_attn(module):
     def flash_attn(q, k, v):
         out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -75,6 +103,7 @@ class AttentionBench(KernelBench):
     public_op = staticmethod(fastgpt.causal_attention)
     reference_op = staticmethod(reference.causal_attention)
     metric = "tflops"
+    profiled_providers = ("sdpa",)
 
     def shapes(self, device_type, sweep):
         return TINY if sweep == "tiny" else SHAPES[(device_type, sweep)]
@@ -117,6 +146,7 @@ class AttentionBench(KernelBench):
     def baselines(self, shape, dtype, device):
         return [
             baseline("sdpa", _sdpa),
+            *_sdpa_backend_baselines(device, dtype),
             gpu_only_baseline("flash_attn", "flash_attn", device, dtype, _flash_attn),
         ]
 

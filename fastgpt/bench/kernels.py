@@ -39,6 +39,9 @@ class KernelBench:
     reference_op = None  # staticmethod: fastgpt.reference's definition, called as reference_op(**tensors)
     metric = "tflops"  # the headline: "tflops" (compute-bound) or "gbps" (memory-bound)
     modes = counts.MODES
+    # Providers whose GPU kernels are named in their records ("gpu_kernels", from one profiled call):
+    # those that choose a kernel themselves, such as SDPA.
+    profiled_providers = ()
 
     def shapes(self, device_type, sweep):
         """The shapes (dicts) of a sweep ('full', 'quick' or 'tiny') on 'cpu' or 'cuda'."""
@@ -156,21 +159,22 @@ class KernelBench:
                 detail = self._errors(
                     provider.fn, shape, input_sets[0], grad_sets[0], mode, reference, device
                 )
-                records.append(
-                    self._record(
-                        shape,
-                        dtype,
-                        device,
-                        mode,
-                        provider,
-                        timings[provider.name],
-                        first_call_s[provider.name],
-                        copies,
-                        peak,
-                        detail,
-                        peaks,
-                    )
+                record = self._record(
+                    shape,
+                    dtype,
+                    device,
+                    mode,
+                    provider,
+                    timings[provider.name],
+                    first_call_s[provider.name],
+                    copies,
+                    peak,
+                    detail,
+                    peaks,
                 )
+                if provider.name in self.profiled_providers and device.type == "cuda":
+                    record["gpu_kernels"] = timing.gpu_kernel_names(callables[provider.name], device)
+                records.append(record)
         return records, skipped
 
     def _reference(self, shape, tensors, grad_outputs, mode, device):

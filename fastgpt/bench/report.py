@@ -328,10 +328,22 @@ def markdown_report(data, plots=(), heading_level=3, title=None, inline_plots=Tr
             "",
             markdown_table(header, table),
             "",
+            *kernel_lines(op, records),
             "</details>",
             "",
         ]
     return "\n".join(out)
+
+
+def kernel_lines(op, records):
+    """One line per profiled provider and shape: the GPU kernels it ran (records' "gpu_kernels")."""
+    lines = [
+        f"- {record['provider']} at {shape_label(op, record['shape'])} ran: "
+        + ", ".join(f"`{name}`" for name in record["gpu_kernels"])
+        for record in records
+        if record.get("gpu_kernels")
+    ]
+    return lines + [""] if lines else []
 
 
 # ----------------------------------------------------------------------------------------------

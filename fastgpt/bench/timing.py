@@ -307,6 +307,20 @@ def peak_memory_bytes(fn, device):
     return _cpu_peak_bytes(fn)
 
 
+def gpu_kernel_names(fn, device):
+    """The names of the GPU kernels one call of fn launches, sorted and without repeats, from
+    torch.profiler: which kernel a library that chooses its own (SDPA) actually ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize(device)
+    return sorted(
+        {event.name for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The device's measured peaks, the denominators of "% of peak"
 
