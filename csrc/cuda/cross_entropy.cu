@@ -173,7 +173,9 @@ cudaError_t launch_rows(const CrossEntropyRowsParams& p, cudaStream_t stream) {
   const int staged_bytes = ceil_div(p.vocab, kVectorWidth) * 16;
   int device = 0, max_shared = 0;
   cudaError_t error = cudaGetDevice(&device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess) {
+    error = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   if (error != cudaSuccess) return error;
   if (staged_bytes + static_cast<int>(sizeof(MaxSum)) * (kThreads / 32) > max_shared) {
     cross_entropy_rows_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p);

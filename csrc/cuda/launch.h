@@ -77,7 +77,7 @@ cudaError_t activation_backward(DType dtype, Activation activation, int64_t rows
 // api_cuda.inc copies misaligned tensors). x/out/residual/... have col_stride 1. Backward: `x` is the normalised input (residual_out
 // when a residual was given), dweight_partial/dbias_partial are (num_partials, cols) float32 with
 // num_partials = layer_norm_backward_num_partials(rows) (either may be null when not needed), and
-// column_sums reduces them.
+// column_sums_pair reduces them in one launch.
 const char* layer_norm_unsupported_reason(int cols, DType dtype);
 
 cudaError_t layer_norm_forward(const LayerNormParams& params, cudaStream_t stream);
@@ -103,6 +103,11 @@ cudaError_t cross_entropy_rows(const CrossEntropyRowsParams& params, cudaStream_
 // out[c] = sum over r of partial[r * cols + c] in float32, in a fixed order, stored as `dtype`. The second
 // pass of the LayerNorm weight/bias gradients and of the GEMM bias gradient. rows may be 0 (zeros).
 cudaError_t column_sums(const float* partial, int64_t rows, int cols, DType dtype, void* out, cudaStream_t stream);
+
+// Two such sums in one launch: partial into out and second_partial into second_out (the LayerNorm
+// weight and bias gradients). A null second_out makes it column_sums.
+cudaError_t column_sums_pair(const float* partial, void* out, const float* second_partial, void* second_out,
+                             int64_t rows, int cols, DType dtype, cudaStream_t stream);
 
 // The same over a (rows, cols) `dtype` matrix with row stride ld >= cols: the FFN's bias gradient where
 // cuBLASLt offers no bias-gradient epilogue for the GEMM at hand (ffn_cublaslt.cpp).

@@ -70,8 +70,8 @@ void check_layer_norm(const Case& c, std::mt19937& rng) {
   back.dbias_partial = dbias_partial.device;
   back.num_partials = num_partials;
   cuda_check(fastgpt::cuda::layer_norm_backward(back, nullptr));
-  cuda_check(fastgpt::cuda::column_sums(dweight_partial.device, num_partials, c.cols, p.dtype, dweight.device, nullptr));
-  cuda_check(fastgpt::cuda::column_sums(dbias_partial.device, num_partials, c.cols, p.dtype, dbias.device, nullptr));
+  cuda_check(fastgpt::cuda::column_sums_pair(dweight_partial.device, dweight.device, dbias_partial.device,
+                                              dbias.device, num_partials, c.cols, p.dtype, nullptr));
   cuda_check(cudaDeviceSynchronize());
 
   std::vector<float> sum_ref(n), out_ref(n), dx_ref(n), mean_ref(c.rows), rstd_ref(c.rows);
@@ -157,8 +157,8 @@ void benchmark(int rows, int cols, float copy_gbps, std::mt19937& rng) {
   back.num_partials = num_partials;
   const float backward_ms = benchmark_ms(3, 20, [&] {
     cuda_check(fastgpt::cuda::layer_norm_backward(back, nullptr));
-    cuda_check(fastgpt::cuda::column_sums(dweight_partial.device, num_partials, cols, back.dtype, dweight.device, nullptr));
-    cuda_check(fastgpt::cuda::column_sums(dbias_partial.device, num_partials, cols, back.dtype, dbias.device, nullptr));
+    cuda_check(fastgpt::cuda::column_sums_pair(dweight_partial.device, dweight.device, dbias_partial.device,
+                                                dbias.device, num_partials, cols, back.dtype, nullptr));
   });
   const double forward_bytes = 4.0 * n * 2;   // read x, residual; write x + residual, out
   const double backward_bytes = 3.0 * n * 2;  // read input, dout; write dx (the partial sums are extra)
