@@ -200,6 +200,17 @@ def test_pointer_fallback_for_what_tma_cannot_describe(monkeypatch, layout):
     assert [tma for tma, _ in paths] == [False]
 
 
+def test_size_one_dimensions_with_odd_strides_stay_on_tma(monkeypatch):
+    """A dimension of size 1 is never stepped, so its stride (here 7 elements, which TMA could not
+    take) does not force the pointer path; the descriptor carries an aligned one in its place."""
+    paths = record_forward_paths(monkeypatch)
+    q, k, v = (
+        leaf(torch.randn(40, 16, device=DEVICE).as_strided((1, 1, 40, 16), (7, 7, 16, 1))) for _ in range(3)
+    )
+    check_against_reference(q, k, v)
+    assert [tma for tma, _ in paths] == [True]
+
+
 @pytest.mark.skipif(
     not triton_attention.INTERPRETER, reason="sets the interpreter's grid and the L2 section size"
 )
@@ -366,6 +377,16 @@ def test_torch_compile_fullgraph():
 def test_gpu_matches_reference(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
     inputs = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
     check_against_reference(*inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_pointer_fallback_bf16():
+    """Rows 136 bytes apart, which TMA cannot address: the pointer path on sm_90, as everywhere else."""
+    q, k, v = (
+        leaf(torch.randn(2, heads, 300, 68, device="cuda", dtype=torch.bfloat16)[..., :64])
+        for heads in (4, 2, 2)
+    )
+    check_against_reference(q, k, v)
 
 
 @pytest.mark.gpu

@@ -4,12 +4,18 @@ Layouts follow SDPA: q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 and
 causal mask is aligned to the bottom right: query i sees keys j <= i + (Tk - Tq). Every tensor is
 read and written through its own strides, so views of a fused qkv projection are never copied.
 
-Forward: one program per (block of BLOCK_M queries, batch * head). It streams the keys in blocks of
-BLOCK_N with an online softmax in float32, in base 2: the scores are multiplied by
-softmax_scale * log2(e) once, so every exponential is a single exp2. Key blocks wholly above the
-diagonal are never visited (the loop stops before them); key blocks wholly below it run without a
-mask; only the few blocks crossing the diagonal are masked. It saves the logsumexp of each row,
-in float32 and natural log (the reference's convention): lse = log(sum_j exp(scale * q.k_j)).
+Forward: a tile is a block of BLOCK_M queries of one (batch, head); each program loops over every
+num_programs-th tile, longest first (on sm_90 the grid is persistent, one program per SM). A tile
+streams the keys in blocks of BLOCK_N with an online softmax in float32, in base 2: the scores are
+multiplied by softmax_scale * log2(e) once, so every exponential is a single exp2. Key blocks wholly
+above the diagonal are never visited (the loop stops before them); key blocks wholly below it run
+without a mask; only the few blocks crossing the diagonal are masked. It saves the logsumexp of each
+row, in float32 and natural log (the reference's convention): lse = log(sum_j exp(scale * q.k_j)).
+On sm_90, 16-bit q, k, v and out go through host-side tensor descriptors (TMA) that carry the
+tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 128x128 fit at
+head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
+other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
+runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
 
 Backward: delta = rowsum(dO * O) first; then one program per block of BLOCK_N keys of a kv head
 accumulates dK and dV over the query blocks that see those keys, for every query head of its GQA
@@ -27,7 +33,7 @@ number of operations in the forward and one more in the backward, next to float3
 16-bit inputs, whose P is rounded to 16 bits for the next product anyway, keep the form above.
 
 head_dim is padded to BLOCK_D, the next power of two (at least 16, the smallest tl.dot K), with
-masked loads and stores. Autotune configurations are chosen per GPU capability, built lazily on the
+masked loads and stores (descriptor blocks are BLOCK_D wide; TMA zero-fills past D and clips stores). Autotune configurations are chosen per GPU capability, built lazily on the
 first launch (importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
 configuration runs, so the CPU tests stay fast.
 """
