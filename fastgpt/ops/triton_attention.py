@@ -33,8 +33,9 @@ number of operations in the forward and one more in the backward, next to float3
 16-bit inputs, whose P is rounded to 16 bits for the next product anyway, keep the form above.
 
 head_dim is padded to BLOCK_D, the next power of two (at least 16, the smallest tl.dot K), with
-masked loads and stores (descriptor blocks are BLOCK_D wide; TMA zero-fills past D and clips stores). Autotune configurations are chosen per GPU capability, built lazily on the
-first launch (importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
+masked loads and stores (descriptor blocks are BLOCK_D wide: TMA zero-fills past D and clips the
+stores). Autotune configurations are chosen per GPU capability, built lazily on the first launch
+(importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
 configuration runs, so the CPU tests stay fast.
 """
 
@@ -92,11 +93,11 @@ KV_SECTION_BYTES = 24 * 2**20
 # GPU configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), by kernel, capability and padded
 # head_dim (64 stands for every BLOCK_D <= 64). The binding limit is registers, not shared memory:
 # each figure quoted below ("R regs, S KiB") is what ptxas reports for the bf16 kernel compiled as
-# a launch specialises it (16-byte aligned pointers and strides, unit feature stride). Two listed
-# configurations spill a little, and were kept as the fastest measured: the sm_80 forward at 64x64
-# for D=128 (56 bytes) and the sm_90 dK/dV at 32x64 for D=128 (88 bytes); the others spill nothing
-# (tests/test_triton_compile.py holds the ledger). Bigger tiles that spilled more were dropped: e.g.
-# the forward at 128x128 for D=128 on sm_90 (100 bytes) or dK/dV at 64x128 (588 bytes).
+# a launch specialises it (16-byte aligned pointers and strides, unit feature stride), by Triton
+# 3.9's ptxas. One listed configuration spills a little, and was kept as the fastest measured: the
+# sm_90 dK/dV at 32x64 for D=128 (88 bytes); the others spill nothing (tests/test_triton_compile.py
+# holds the ledger). Bigger tiles that spilled more were dropped: e.g. the pointer forward at 128x128
+# for D=128 on sm_90 (100 bytes; the TMA forward runs it without spilling) or dK/dV at 64x128 (588).
 # Shared memory limits: 227 KiB per block on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89.
 FORWARD_CONFIGS = {
     # sm_90 through pointers: the fallback for tensors TMA cannot describe (FORWARD_TMA_CONFIGS below
