@@ -12,7 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
 from tolerance import assert_close
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import fastgpt
 from fastgpt import reference
@@ -104,7 +106,11 @@ def test_packed_qkv_views_are_read_in_place(monkeypatch):
         if name == "preprocess":
             continue
         for view, argument in zip((q, k, v), args[:3]):
-            assert argument.data_ptr() == view.data_ptr() and argument.stride() == view.stride(), name
+            if isinstance(argument, TensorDescriptor):  # the forward's TMA path
+                assert argument.base.data_ptr() == view.data_ptr() and argument.base.stride() == view.stride()
+                assert tuple(argument.strides) == view.stride() and tuple(argument.shape) == view.shape
+            else:
+                assert argument.data_ptr() == view.data_ptr() and argument.stride() == view.stride(), name
 
     qkv64 = leaf(qkv.double())
     out64 = reference.causal_attention(*(qkv64[:, :, i].permute(0, 2, 1, 3) for i in range(3)))
@@ -154,6 +160,76 @@ def test_other_block_geometries(monkeypatch):
     monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "dq", {"BLOCK_M": 16, "BLOCK_N": 32})
     check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
     check_against_reference(*random_qkv(1, 2, 2, 70, 70, 16, torch.float32))
+
+
+def record_forward_paths(monkeypatch):
+    """Patches the launcher to record, for each forward launch, whether it took the TMA path and its grid."""
+    paths = []
+    original_launch = triton_attention._launch
+
+    def recording_launch(kernel_name, inputs, grid, *args, **constexprs):
+        if kernel_name == "forward":
+            paths.append((constexprs["TMA"], args))
+        return original_launch(kernel_name, inputs, grid, *args, **constexprs)
+
+    monkeypatch.setattr(triton_attention, "_launch", recording_launch)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "row stride of 17 floats",  # 68 bytes between rows: TMA needs multiples of 16
+        "head_dim 20 in float16",  # 40-byte rows
+        "base offset by one element",  # the view starts 4 bytes into its allocation
+    ],
+)
+def test_pointer_fallback_for_what_tma_cannot_describe(monkeypatch, layout):
+    """Views whose strides or base TMA cannot address take the pointer path, and match the reference."""
+    paths = record_forward_paths(monkeypatch)
+    if layout == "row stride of 17 floats":
+        q, k, v = (leaf(torch.randn(1, heads, 45, 17, device=DEVICE)[..., :16]) for heads in (2, 1, 1))
+    elif layout == "head_dim 20 in float16":
+        q, k, v = random_qkv(1, 2, 1, 33, 40, 20, torch.float16)
+    else:
+        q, k, v = (
+            leaf(torch.randn(1, heads, 30 * 16 + 1, device=DEVICE)[:, :, 1:].view(1, heads, 30, 16))
+            for heads in (2, 2, 2)
+        )
+    check_against_reference(q, k, v)
+    assert [tma for tma, _ in paths] == [False]
+
+
+def test_size_one_dimensions_with_odd_strides_stay_on_tma(monkeypatch):
+    """A dimension of size 1 is never stepped, so its stride (here 7 elements, which TMA could not
+    take) does not force the pointer path; the descriptor carries an aligned one in its place."""
+    paths = record_forward_paths(monkeypatch)
+    q, k, v = (
+        leaf(torch.randn(40, 16, device=DEVICE).as_strided((1, 1, 40, 16), (7, 7, 16, 1))) for _ in range(3)
+    )
+    check_against_reference(q, k, v)
+    assert [tma for tma, _ in paths] == [True]
+
+
+@pytest.mark.skipif(
+    not triton_attention.INTERPRETER, reason="sets the interpreter's grid and the L2 section size"
+)
+def test_persistent_tile_order(monkeypatch):
+    """Fewer programs than tiles, so each program loops over several; sections of two GQA groups, the
+    last one short; ragged query tiles and q_len < kv_len. Every tile must be visited exactly once
+    (unwritten outputs are NaN-poisoned) and for the right (batch, head, query block)."""
+    paths = record_forward_paths(monkeypatch)
+    batch, heads, kv_heads, q_len, kv_len, head_dim = 3, 2, 1, 70, 83, 16
+    group = heads // kv_heads
+    slice_kv_bytes = 2 * kv_len * head_dim * 2 // group  # float16 K and V per query head
+    monkeypatch.setattr(triton_attention, "INTERPRETER_PROGRAMS", 4)
+    monkeypatch.setattr(triton_attention, "KV_SECTION_BYTES", 2 * group * slice_kv_bytes)
+    check_against_reference(*random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, torch.float16))
+    ((tma, args),) = paths
+    tiles = triton.cdiv(q_len, triton_attention.INTERPRETER_CONFIGS["forward"]["BLOCK_M"]) * batch * heads
+    section_heads = args[triton_attention.KERNELS["forward"].arg_names.index("section_heads")]
+    assert tma and tiles > 3 * triton_attention.INTERPRETER_PROGRAMS
+    assert section_heads == 2 * group and (batch * heads) % section_heads != 0
 
 
 # Float32 with large logits: q x5 and k x3 put the scaled scores at 30-60, where rounding a scaled
@@ -301,6 +377,16 @@ def test_torch_compile_fullgraph():
 def test_gpu_matches_reference(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype):
     inputs = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
     check_against_reference(*inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_pointer_fallback_bf16():
+    """Rows 136 bytes apart, which TMA cannot address: the pointer path on sm_90, as everywhere else."""
+    q, k, v = (
+        leaf(torch.randn(2, heads, 300, 68, device="cuda", dtype=torch.bfloat16)[..., :64])
+        for heads in (4, 2, 2)
+    )
+    check_against_reference(q, k, v)
 
 
 @pytest.mark.gpu

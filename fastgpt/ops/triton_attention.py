@@ -4,12 +4,18 @@ Layouts follow SDPA: q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 and
 causal mask is aligned to the bottom right: query i sees keys j <= i + (Tk - Tq). Every tensor is
 read and written through its own strides, so views of a fused qkv projection are never copied.
 
-Forward: one program per (block of BLOCK_M queries, batch * head). It streams the keys in blocks of
-BLOCK_N with an online softmax in float32, in base 2: the scores are multiplied by
-softmax_scale * log2(e) once, so every exponential is a single exp2. Key blocks wholly above the
-diagonal are never visited (the loop stops before them); key blocks wholly below it run without a
-mask; only the few blocks crossing the diagonal are masked. It saves the logsumexp of each row,
-in float32 and natural log (the reference's convention): lse = log(sum_j exp(scale * q.k_j)).
+Forward: a tile is a block of BLOCK_M queries of one (batch, head); each program loops over every
+num_programs-th tile, longest first (on sm_90 the grid is persistent, one program per SM). A tile
+streams the keys in blocks of BLOCK_N with an online softmax in float32, in base 2: the scores are
+multiplied by softmax_scale * log2(e) once, so every exponential is a single exp2. Key blocks wholly
+above the diagonal are never visited (the loop stops before them); key blocks wholly below it run
+without a mask; only the few blocks crossing the diagonal are masked. It saves the logsumexp of each
+row, in float32 and natural log (the reference's convention): lse = log(sum_j exp(scale * q.k_j)).
+On sm_90, 16-bit q, k, v and out go through host-side tensor descriptors (TMA) that carry the
+tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 128x128 fit at
+head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
+other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
+runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
 
 Backward: delta = rowsum(dO * O) first; then one program per block of BLOCK_N keys of a kv head
 accumulates dK and dV over the query blocks that see those keys, for every query head of its GQA
@@ -27,8 +33,9 @@ number of operations in the forward and one more in the backward, next to float3
 16-bit inputs, whose P is rounded to 16 bits for the next product anyway, keep the form above.
 
 head_dim is padded to BLOCK_D, the next power of two (at least 16, the smallest tl.dot K), with
-masked loads and stores. Autotune configurations are chosen per GPU capability, built lazily on the
-first launch (importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
+masked loads and stores (descriptor blocks are BLOCK_D wide: TMA zero-fills past D and clips the
+stores). Autotune configurations are chosen per GPU capability, built lazily on the first launch
+(importing this module needs no GPU). Under TRITON_INTERPRET=1 one fixed small
 configuration runs, so the CPU tests stay fast.
 """
 
@@ -38,6 +45,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
@@ -73,28 +81,34 @@ INTERPRETER_CONFIGS = {
     "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
 }
 
+# Programs of the forward's persistent grid under the interpreter: fewer than the tiles of most test
+# shapes, so each program runs several tiles, and odd, so they do not divide evenly.
+INTERPRETER_PROGRAMS = 3
+# Compute capabilities whose forward reads through tensor descriptors (TMA) when the tensors allow.
+TMA_CAPABILITIES = (90,)
+# The forward's tile order visits (batch, head) slices in sections whose K and V together take at most
+# this much: half of an H100's 50 MiB L2, so a section's keys are read from HBM about once.
+KV_SECTION_BYTES = 24 * 2**20
+
 # GPU configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), by kernel, capability and padded
 # head_dim (64 stands for every BLOCK_D <= 64). The binding limit is registers, not shared memory:
 # each figure quoted below ("R regs, S KiB") is what ptxas reports for the bf16 kernel compiled as
-# a launch specialises it (16-byte aligned pointers and strides, unit feature stride). Two listed
-# configurations spill a little, and were kept as the fastest measured: the sm_80 forward at 64x64
-# for D=128 (56 bytes) and the sm_90 dK/dV at 32x64 for D=128 (88 bytes); the others spill nothing
-# (tests/test_triton_compile.py holds the ledger). Bigger tiles that spilled more were dropped: e.g.
-# the forward at 128x128 for D=128 on sm_90 (100 bytes) or dK/dV at 64x128 (588 bytes).
+# a launch specialises it (16-byte aligned pointers and strides, unit feature stride), by Triton
+# 3.9's ptxas. One listed configuration spills a little, and was kept as the fastest measured: the
+# sm_90 dK/dV at 32x64 for D=128 (88 bytes); the others spill nothing (tests/test_triton_compile.py
+# holds the ledger). Bigger tiles that spilled more were dropped: e.g. the pointer forward at 128x128
+# for D=128 on sm_90 (100 bytes; the TMA forward runs it without spilling) or dK/dV at 64x128 (588).
 # Shared memory limits: 227 KiB per block on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89.
 FORWARD_CONFIGS = {
+    # sm_90 through pointers: the fallback for tensors TMA cannot describe (FORWARD_TMA_CONFIGS below
+    # serves the rest).
     90: {
-        # Small heads: a 128x128 score tile at 8 warps amortises the softmax bookkeeping over more
-        # keys (207 regs, 112 KiB for 3 stages); 128x64 at 4 warps (one warpgroup, 254 regs) wins
-        # when there are few query blocks per head.
-        64: [(128, 128, 8, 3), (128, 64, 4, 3)],
-        # D=128: two warpgroups each own 64 query rows (the wgmma M); the accumulator is 64
-        # regs/thread, the 128x64 score tile 32 (244 regs). Q 32 KiB + 3 stages of K and V 32 KiB
-        # = 128 KiB. 64x64 at 4 warps (230 regs) for short sequences with few query blocks.
-        128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-        # D=256: the accumulator alone is 128 regs/thread at 8 warps, so only 32 keys per step
-        # (254 regs); Q 64 KiB + 2 stages of K and V 32 KiB = 128 KiB.
-        256: [(128, 32, 8, 2)],
+        # The tile loop costs the pointer path a few registers, so the tiles that filled the 255
+        # before spill now: 128x64 at 4 warps for D=64 (56 bytes), 128x64 at 8 warps for D=128 (16),
+        # 128x32 at 8 warps for D=256 (24). What remains spills nothing:
+        64: [(128, 128, 8, 3)],  # 225 regs, 112 KiB
+        128: [(64, 64, 4, 3)],  # 255 regs, 112 KiB
+        256: [(64, 32, 8, 2)],  # 214 regs, 96 KiB
     },
     80: {
         # mma.sync keeps operands in registers, so tiles are smaller than on sm_90 for the same budget:
@@ -109,6 +123,16 @@ FORWARD_CONFIGS = {
     # Any other capability (sm_75, sm_86/89, newer parts): one modest tile per head size that fits
     # 99 KiB of shared memory at 2 stages.
     "other": {64: [(64, 64, 4, 2)], 128: [(64, 64, 4, 2)], 256: [(64, 32, 8, 2)]},
+}
+# The sm_90 forward through tensor descriptors (TMA): loads cost no registers for addresses or masks,
+# so the tiles are those the pointer path spilled at. Every configuration is 8 warps, two warpgroups of
+# 64 query rows each (the wgmma M), one program per SM (the grid is persistent).
+# Shared memory holds Q, num_stages buffers of K and V, and the output's staging buffer for its TMA
+# store (a Q-sized tile), hence 2 stages at D=128 and only 32 keys per step at D=256.
+FORWARD_TMA_CONFIGS = {
+    64: [(128, 128, 8, 3), (128, 64, 8, 3)],  # 167 regs, 129 KiB; 115 regs, 81 KiB
+    128: [(128, 128, 8, 2)],  # 203 regs, 193 KiB; both products are m64n128 wgmma
+    256: [(128, 32, 8, 2)],  # 187 regs, 192 KiB (128x64 needs 256 KiB at 2 stages)
 }
 # The preprocess reads O and dO once and reduces along D: bandwidth-bound, no tensor cores, no
 # pipelining. 64 rows per program at 4 warps; 32 rows at D=256 keeps two fp32 tiles at 64 regs.
@@ -186,17 +210,55 @@ def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.cons
 
 
 @triton.jit
+def _load_block(
+    X,  # a TensorDescriptor of the (B, heads, T, D) tensor, block (1, 1, ROWS, BLOCK_D), with TMA; else its pointer
+    batch,
+    head,
+    start,  # the block's first row: rows [start, start + ROWS) of (batch, head)
+    length,  # T: rows from here on read as 0
+    stride_b,
+    stride_h,
+    stride_t,
+    stride_d,  # X's strides (the pointer path's)
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,  # the pointer path masks rows >= length only when the caller asks
+    TMA: tl.constexpr,
+):
+    """A (ROWS, BLOCK_D) block of one (batch, head) slice. TMA bounds the copy by the descriptor's
+    shape in every dimension and zero-fills the rest: rows past T and features past D read as 0 and
+    never spill into the next head."""
+    if TMA:
+        block = X.load([batch, head, start, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        rows = start + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        base = X + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+        ptrs = _tile_ptrs(base, rows, cols, stride_t, stride_d)
+        block = _load_tile(ptrs, rows < length, cols < HEAD_DIM, MASK_ROWS, HEAD_DIM != BLOCK_D)
+    return block
+
+
+@triton.jit
 def _forward_inner(
     acc,
     row_sum,
     row_max,  # running output (BLOCK_M, BLOCK_D) fp32, softmax sum and max (BLOCK_M,)
     q,  # (BLOCK_M, BLOCK_D) query tile
-    k_ptrs,
-    v_ptrs,  # pointers to the first key/value tile of the range, (BLOCK_N, BLOCK_D)
+    K,
+    V,  # descriptors (TMA) or pointers of k and v
+    batch,
+    kv_head,
+    stride_kb,
+    stride_kh,
     stride_kt,
-    stride_vt,  # strides between keys, between values
-    offs_m,
-    offs_d,  # query positions (BLOCK_M,), feature offsets (BLOCK_D,)
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
+    offs_m,  # query positions (BLOCK_M,)
     key_start,
     key_end,  # the range of keys to visit, key_start a multiple of BLOCK_N
     diag_offset,  # kv_len - q_len: query i sees keys j <= i + diag_offset
@@ -207,26 +269,55 @@ def _forward_inner(
     BLOCK_N: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal (mask scores and ragged keys)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (eager fp32 matmuls do not use TF32)
+    TMA: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(key_start, key_end, BLOCK_N):
-        keys = start_n + offs_n
-        k = _load_tile(k_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        k = _load_block(
+            K,
+            batch,
+            kv_head,
+            start_n,
+            kv_len,
+            stride_kb,
+            stride_kh,
+            stride_kt,
+            stride_kd,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+            ON_DIAGONAL,
+            TMA,
+        )  # (BLOCK_N, BLOCK_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if q.dtype != tl.float32:
             scores *= qk_scale  # base-2 units: the max and exponents below need no further product
         if ON_DIAGONAL:
+            keys = start_n + offs_n
             scores = tl.where(keys[None, :] <= offs_m[:, None] + diag_offset, scores, float("-inf"))
         # Key 0 is in the first block visited and every query sees it, so the max is finite from the
         # first iteration on and -inf - -inf never happens.
         p, rescale, row_max_next, row_sum = online_softmax_block(
             scores, row_max, row_sum, qk_scale, q.dtype == tl.float32
         )
-        v = _load_tile(v_ptrs, keys < kv_len, offs_d < HEAD_DIM, ON_DIAGONAL, HEAD_DIM != BLOCK_D)
+        v = _load_block(
+            V,
+            batch,
+            kv_head,
+            start_n,
+            kv_len,
+            stride_vb,
+            stride_vh,
+            stride_vt,
+            stride_vd,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+            ON_DIAGONAL,
+            TMA,
+        )  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
         row_max = row_max_next
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
     return acc, row_sum, row_max
 
 
@@ -234,14 +325,14 @@ def _forward_inner(
 def _attention_forward_kernel(
     Q,
     K,
-    V,  # inputs: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), any strides
-    Out,  # output (B, H, Tq, D) in q's dtype, any strides
+    V,  # inputs (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D): TensorDescriptors (TMA) or pointers
+    Out,  # output (B, H, Tq, D) in q's dtype: a TensorDescriptor (TMA) or a pointer
     Lse,  # output (B, H, Tq) float32, contiguous: natural-log logsumexp of each score row
     softmax_scale,  # float: scores are softmax_scale * q.k
     stride_qb,
     stride_qh,
     stride_qt,
-    stride_qd,  # q strides
+    stride_qd,  # q strides (the pointer path's; descriptors carry their own)
     stride_kb,
     stride_kh,
     stride_kt,
@@ -254,99 +345,141 @@ def _attention_forward_kernel(
     stride_oh,
     stride_ot,
     stride_od,  # out strides
+    batch_heads,  # B * H
     heads,  # H
     group,  # H // Hkv: query heads per kv head
+    section_heads,  # (batch, head) slices per section of the tile order (see below)
     q_len,
     kv_len,  # Tq <= Tk
     tune_len,  # next power of two of Tk: an autotune key only, so lengths of one octave share a tuning
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_M: tl.constexpr,  # queries per tile
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision
+    TMA: tl.constexpr,  # Q, K, V, Out are TensorDescriptors with blocks (1, 1, BLOCK_M or BLOCK_N, BLOCK_D)
 ):
-    # A 1-D grid of (query block, batch * head), so batch * heads is not capped at 65535. The query
-    # blocks of a head run side by side (sharing its K/V in L2), the last ones first: they see the
-    # most keys, and the short blocks launched last fill the tail of the grid.
+    # Tiles of BLOCK_M queries of one (batch, head); each program takes every num_programs-th tile,
+    # so the grid may be persistent (one program per SM) or one program per tile. The order runs
+    # longest first: the (batch, head) slices are cut into sections of section_heads, chosen on the
+    # host so that a section's K and V stay in L2, and within a section the last query block of
+    # every slice comes first (it sees the most keys), then the one before, and so on. The short
+    # tiles taken last fill the tail evenly.
     num_m_blocks = tl.cdiv(q_len, BLOCK_M)
-    batch_head = tl.program_id(0) // num_m_blocks
-    start_m = (num_m_blocks - 1 - tl.program_id(0) % num_m_blocks) * BLOCK_M
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    kv_head = head // group
+    section_tiles = num_m_blocks * section_heads
+    for tile in range(tl.program_id(0), num_m_blocks * batch_heads, tl.num_programs(0)):
+        section = tile // section_tiles
+        first_slice = section * section_heads
+        slices = tl.minimum(section_heads, batch_heads - first_slice)  # the last section may be short
+        within = tile - section * section_tiles
+        start_m = (num_m_blocks - 1 - within // slices) * BLOCK_M
+        batch_head = first_slice + within % slices
+        batch = batch_head // heads
+        head = batch_head % heads
+        kv_head = head // group
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_ok = offs_m < q_len
-    q_ptrs = _tile_ptrs(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
-    q = _load_tile(q_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)  # (BLOCK_M, BLOCK_D)
-    k_ptrs = _tile_ptrs(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
-    v_ptrs = _tile_ptrs(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows_ok = offs_m < q_len
+        q = _load_block(
+            Q,
+            batch,
+            head,
+            start_m,
+            q_len,
+            stride_qb,
+            stride_qh,
+            stride_qt,
+            stride_qd,
+            BLOCK_M,
+            HEAD_DIM,
+            BLOCK_D,
+            True,
+            TMA,
+        )  # (BLOCK_M, BLOCK_D)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw scores for fp32, else base 2
+        qk_scale = softmax_scale * LOG2E
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw scores for fp32, else base 2
-    qk_scale = softmax_scale * LOG2E
+        diag_offset = kv_len - q_len
+        # Keys [0, full_end) are seen by every query of the tile (the first sees j <= start_m + diag_offset).
+        full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N
+        # Keys past causal_end are seen by none: those blocks are skipped, not masked.
+        causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
+        acc, row_sum, row_max = _forward_inner(
+            acc,
+            row_sum,
+            row_max,
+            q,
+            K,
+            V,
+            batch,
+            kv_head,
+            stride_kb,
+            stride_kh,
+            stride_kt,
+            stride_kd,
+            stride_vb,
+            stride_vh,
+            stride_vt,
+            stride_vd,
+            offs_m,
+            0,
+            full_end,
+            diag_offset,
+            kv_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+            TMA,
+        )
+        acc, row_sum, row_max = _forward_inner(
+            acc,
+            row_sum,
+            row_max,
+            q,
+            K,
+            V,
+            batch,
+            kv_head,
+            stride_kb,
+            stride_kh,
+            stride_kt,
+            stride_kd,
+            stride_vb,
+            stride_vh,
+            stride_vt,
+            stride_vd,
+            offs_m,
+            full_end,
+            causal_end,
+            diag_offset,
+            kv_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+            TMA,
+        )
 
-    diag_offset = kv_len - q_len
-    # Keys [0, full_end) are seen by every query of the block (the first sees j <= start_m + diag_offset).
-    full_end = (start_m + diag_offset + 1) // BLOCK_N * BLOCK_N
-    # Keys past causal_end are seen by none: those blocks are skipped, not masked.
-    causal_end = tl.minimum(start_m + BLOCK_M + diag_offset, kv_len)
-    acc, row_sum, row_max = _forward_inner(
-        acc,
-        row_sum,
-        row_max,
-        q,
-        k_ptrs,
-        v_ptrs,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_d,
-        0,
-        full_end,
-        diag_offset,
-        kv_len,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        False,
-        DOT_PRECISION,
-    )
-    acc, row_sum, row_max = _forward_inner(
-        acc,
-        row_sum,
-        row_max,
-        q,
-        k_ptrs + full_end * stride_kt,
-        v_ptrs + full_end * stride_vt,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_d,
-        full_end,
-        causal_end,
-        diag_offset,
-        kv_len,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        True,
-        DOT_PRECISION,
-    )
-
-    out = acc / row_sum[:, None]
-    o_ptrs = _tile_ptrs(Out + batch * stride_ob + head * stride_oh, offs_m, offs_d, stride_ot, stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    if q.dtype == tl.float32:
-        lse = tl.fma(row_max, softmax_scale, tl.log(row_sum))  # one rounding of the large term
-    else:
-        lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
-    tl.store(Lse + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=rows_ok)
+        out = (acc / row_sum[:, None]).to(q.dtype)
+        if TMA:
+            Out.store([batch, head, start_m, 0], out.reshape(1, 1, BLOCK_M, BLOCK_D))  # clipped to (Tq, D)
+        else:
+            out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+            offs_d = tl.arange(0, BLOCK_D)
+            o_ptrs = _tile_ptrs(out_base, offs_m, offs_d, stride_ot, stride_od)
+            tl.store(o_ptrs, out, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        if q.dtype == tl.float32:
+            lse = tl.fma(row_max, softmax_scale, tl.log(row_sum))  # one rounding of the large term
+        else:
+            lse = (row_max + tl.log2(row_sum)) * LN2  # base 2 -> natural log
+        tl.store(Lse + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=rows_ok)
 
 
 @triton.jit
@@ -785,24 +918,45 @@ def _head_dim_class(block_d):
     return max(block_d, 64)
 
 
-def gpu_configs(kernel_name, capability, block_d, dtype):
+def gpu_configs(kernel_name, capability, block_d, dtype, tma=False):
     """The autotune candidates of one kernel for `dtype` inputs on a GPU of compute capability
-    `capability` (80, 90, ...)."""
+    `capability` (80, 90, ...); `tma`: the forward reads and writes through tensor descriptors."""
     head_dims = _head_dim_class(block_d)
     if kernel_name == "preprocess":
         return [
             triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
             for block_m, warps in PREPROCESS_CONFIGS[head_dims]
         ]
-    if dtype == torch.float32:
-        table = FLOAT32_CONFIGS[kernel_name]
+    if tma:
+        table, pre_hook = FORWARD_TMA_CONFIGS, _set_descriptor_blocks
+    elif dtype == torch.float32:
+        table, pre_hook = FLOAT32_CONFIGS[kernel_name], None
     else:
         tables = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel_name]
-        table = tables.get(capability, tables["other"])
+        table, pre_hook = tables.get(capability, tables["other"]), None
     return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages, pre_hook=pre_hook
+        )
         for block_m, block_n, warps, stages in table[head_dims]
     ]
+
+
+def _set_descriptor_blocks(nargs):
+    """Give the forward's descriptors the blocks of the configuration about to launch (the autotuner
+    calls this before each launch, so descriptors built once serve every candidate)."""
+    for name, block in _descriptor_blocks(nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]).items():
+        nargs[name].block_shape = block
+
+
+def _descriptor_blocks(block_m, block_n, block_d):
+    """The block of each forward descriptor: one (batch, head), a tile of rows, the padded features."""
+    return {
+        "Q": [1, 1, block_m, block_d],
+        "K": [1, 1, block_n, block_d],
+        "V": [1, 1, block_n, block_d],
+        "Out": [1, 1, block_m, block_d],
+    }
 
 
 # Autotune keys: the length's octave (the dtype is added by Triton; the head size and capability
@@ -811,11 +965,12 @@ AUTOTUNE_KEYS = {"forward": ["tune_len"], "preprocess": [], "dkdv": ["tune_len"]
 
 
 @functools.cache
-def _autotuned(kernel_name, capability, block_d, dtype):
-    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size, dtype).
-    Every kernel overwrites its outputs completely and accumulates only in registers, so re-running
-    a kernel while tuning cannot corrupt results: no reset_to_zero or restore_value is needed."""
-    configs = gpu_configs(kernel_name, capability, block_d, dtype)
+def _autotuned(kernel_name, capability, block_d, dtype, tma):
+    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size, dtype,
+    descriptors or pointers). Every kernel overwrites its outputs completely and accumulates only in
+    registers, so re-running a kernel while tuning cannot corrupt results: no reset_to_zero or
+    restore_value is needed."""
+    configs = gpu_configs(kernel_name, capability, block_d, dtype, tma)
     return triton.autotune(configs=configs, key=AUTOTUNE_KEYS[kernel_name])(KERNELS[kernel_name])
 
 
@@ -825,15 +980,25 @@ def _capability(device_index):
     return major * 10 + minor
 
 
+@functools.cache
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _launch(kernel_name, inputs, grid, *args, **constexprs):
     """Launch one kernel on `inputs`' device for their dtype: the fixed interpreter configuration on
     CPU, the autotuned one on a GPU. `grid` maps a configuration's meta-parameters to the grid."""
+    tma = constexprs.get("TMA", False)
     if INTERPRETER:
         config = INTERPRETER_CONFIGS[kernel_name]
+        if tma:
+            _set_descriptor_blocks(
+                {**dict(zip(KERNELS[kernel_name].arg_names, args)), **constexprs, **config}
+            )
         KERNELS[kernel_name][grid(config)](*args, **constexprs, **config)
     else:
         capability = _capability(inputs.device.index)
-        kernel = _autotuned(kernel_name, capability, constexprs["BLOCK_D"], inputs.dtype)
+        kernel = _autotuned(kernel_name, capability, constexprs["BLOCK_D"], inputs.dtype, tma)
         kernel[grid](*args, **constexprs)
 
 
@@ -855,6 +1020,53 @@ def _tune_len(length):
 # Launchers
 
 
+def _describable(tensor):
+    """Whether TMA can address `tensor` (B, heads, T, D) through a descriptor with its own strides: a
+    16-byte aligned base, a unit feature stride, and positive strides of 16-byte multiples on every
+    other dimension it steps (a dimension of size 1 is never stepped, so its stride is free)."""
+    if tensor.data_ptr() % 16 or tensor.stride(-1) != 1:
+        return False
+    itemsize = tensor.element_size()
+    return all(
+        size == 1 or (stride > 0 and stride * itemsize % 16 == 0)
+        for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
+    )
+
+
+def _descriptor(tensor):
+    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides (those of size-1
+    dimensions, never stepped, replaced by an aligned one); its block is set per configuration
+    (_set_descriptor_blocks)."""
+    aligned = 16 // tensor.element_size()
+    strides = [
+        stride if size > 1 else aligned for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
+    ]
+    return TensorDescriptor(tensor, list(tensor.shape), [*strides, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
+
+
+def _forward_uses_tma(tensors):
+    """Tensor descriptors where the hardware has TMA and every tensor is describable: sm_90 with 16-bit
+    inputs (float32 keeps its exact FMA kernel on the pointer path); the interpreter runs them for
+    every dtype, so the CPU tests check the code that runs on Hopper."""
+    if not INTERPRETER:
+        capability = _capability(tensors[0].device.index)
+        if capability not in TMA_CAPABILITIES or tensors[0].dtype == torch.float32:
+            return False
+    return all(_describable(tensor) for tensor in tensors)
+
+
+def _forward_programs(tiles, device, tma):
+    """Programs of the forward's grid: persistent (one per SM, as every TMA configuration takes a whole
+    SM's registers with 8 warps near 255 registers each) on the TMA path, one per tile on the pointer
+    path, whose configurations fit one to three programs per SM. The interpreter runs
+    INTERPRETER_PROGRAMS, so the CPU tests loop over several tiles per program."""
+    if INTERPRETER:
+        return min(tiles, INTERPRETER_PROGRAMS)
+    if tma:
+        return min(tiles, _multiprocessors(device.index))
+    return tiles
+
+
 def attention_forward(q, k, v, softmax_scale):
     """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
     (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
@@ -866,28 +1078,34 @@ def attention_forward(q, k, v, softmax_scale):
         return out, lse
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_head_span(name, tensor)
+    group = heads // kv_heads
+    tma = _forward_uses_tma((q, k, v, out))
+    # The (batch, head) slices whose K and V fit KV_SECTION_BYTES together, whole GQA groups of them.
+    slice_kv_bytes = 2 * kv_len * head_dim * k.element_size() // group
+    section_heads = max(1, KV_SECTION_BYTES // max(slice_kv_bytes, 1) // group) * group
+    tensors = tuple(_descriptor(t) for t in (q, k, v, out)) if tma else (q, k, v, out)
     _launch(
         "forward",
         q,
-        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
-        q,
-        k,
-        v,
-        out,
+        lambda meta: (_forward_programs(triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads, q.device, tma),),
+        *tensors,
         lse,
         softmax_scale,
         *q.stride(),
         *k.stride(),
         *v.stride(),
         *out.stride(),
+        batch * heads,
         heads,
-        heads // kv_heads,
+        group,
+        min(section_heads, batch * heads),
         q_len,
         kv_len,
         _tune_len(kv_len),
         HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
+        TMA=tma,
     )
     return out, lse
 
@@ -1048,11 +1266,16 @@ POINTERS = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
 FLOAT_SCALARS = {"softmax_scale"}
 
 
-def _signature(kernel, dtype, constexprs):
+def _signature(kernel, dtype, constexprs, descriptor_blocks=None):
+    """Triton types of the kernel's arguments; `descriptor_blocks` maps the pointers that are
+    TensorDescriptors at this launch to their block shapes."""
+    descriptor_blocks = descriptor_blocks or {}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in descriptor_blocks:
+            signature[name] = f"tensordesc<{TRITON_TYPES[dtype]}{descriptor_blocks[name]}>"
         elif name in FLOAT32_POINTERS:
             signature[name] = "*fp32"
         elif name in POINTERS:
@@ -1073,31 +1296,48 @@ def unit_feature_strides(kernel):
 
 def gpu_compile_cases(capability):
     """One CompileCase per (kernel, autotune configuration, dtype, head size) launched on a GPU of
-    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. The float32 path is left
-    out: its FMA kernels take 6-20 s each to compile, too slow for CI (its D=256 tiles were compiled
-    for sm_80 and sm_90 when they were chosen: at most 98 KiB of shared memory)."""
+    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. On a TMA capability the
+    forward is compiled as it launches there, through descriptors (whose block shapes a launch takes
+    from the configuration), and its pointer fallback in bf16. The float32
+    path is left out: its FMA kernels take 6-20 s each to compile, too slow for CI (its D=256 tiles
+    were compiled for sm_80 and sm_90 when they were chosen: at most 98 KiB of shared memory)."""
     shapes = [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16) for head_dim in (64, 128)]
     shapes.append((torch.bfloat16, 256))
     cases = []
     for dtype, head_dim in shapes:
         block_d = _block_d(head_dim)
         for kernel_name, kernel in KERNELS.items():
-            for config in gpu_configs(kernel_name, capability, block_d, dtype):
-                constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=block_d)
-                constexprs.update(unit_feature_strides(kernel))
-                if kernel_name != "preprocess":
-                    constexprs["DOT_PRECISION"] = _dot_precision(dtype)
-                blocks = "x".join(str(value) for value in config.kwargs.values())
-                cases.append(
-                    CompileCase(
-                        name=f"attention_{kernel_name} {TRITON_TYPES[dtype]} D={head_dim} {blocks} "
-                        f"w{config.num_warps} s{config.num_stages}",
-                        kernel=kernel,
-                        signature=_signature(kernel, dtype, constexprs),
-                        constexprs=constexprs,
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                        tensor_cores=kernel_name != "preprocess",
-                    )
-                )
+            paths = [False]
+            if kernel_name == "forward" and capability in TMA_CAPABILITIES:
+                paths = [True, False] if dtype == torch.bfloat16 else [True]
+            for tma in paths:
+                for config in gpu_configs(kernel_name, capability, block_d, dtype, tma):
+                    cases.append(_compile_case(kernel_name, kernel, config, dtype, head_dim, tma))
     return cases
+
+
+def _compile_case(kernel_name, kernel, config, dtype, head_dim, tma):
+    block_d = _block_d(head_dim)
+    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    constexprs.update(unit_feature_strides(kernel))
+    if kernel_name != "preprocess":
+        constexprs["DOT_PRECISION"] = _dot_precision(dtype)
+    descriptor_blocks = None
+    if kernel_name == "forward":
+        constexprs["TMA"] = tma
+        if tma:
+            descriptor_blocks = _descriptor_blocks(
+                config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], block_d
+            )
+    blocks = "x".join(str(value) for value in config.kwargs.values())
+    path = " tma" if tma else ""
+    return CompileCase(
+        name=f"attention_{kernel_name}{path} {TRITON_TYPES[dtype]} D={head_dim} {blocks} "
+        f"w{config.num_warps} s{config.num_stages}",
+        kernel=kernel,
+        signature=_signature(kernel, dtype, constexprs, descriptor_blocks),
+        constexprs=constexprs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        tensor_cores=kernel_name != "preprocess",
+    )

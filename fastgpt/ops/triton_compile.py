@@ -6,7 +6,10 @@ compute capability. `python -m fastgpt.ops.triton_compile` compiles them all wit
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))` and prints one JSON record
 per case: shared memory used, registers and spilled bytes (from ptxas's log: every case is compiled
 afresh, not taken from Triton's cache, so that ptxas runs), whether the PTX holds tensor-core
-instructions, or the error.
+instructions (and which wgmma shapes), per-thread cp.async or TMA copies, or the error.
+
+A case may take tensor descriptors: its signature then names them as a launch does,
+"tensordesc<bf16[1, 1, 128, 128]>" (dtype and block shape).
 
 Each case is compiled as a launch specialises it: pointers are marked divisible by 16 (torch's
 allocations are 16-byte aligned), and so is every integer argument, unless the case lists it in
@@ -89,7 +92,10 @@ def compile_case(case, capability):
         shared_limit=SHARED_MEMORY_LIMIT[capability],
         has_mma="mma.sync" in ptx,
         has_wgmma="wgmma" in ptx,
-        has_cp_async="cp.async" in ptx,
+        has_cp_async="cp.async" in ptx,  # per-thread (cp.async.ca/cg) or bulk tensor (TMA) copies
+        has_tma="cp.async.bulk.tensor" in ptx,
+        has_thread_cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None,
+        wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
         **ptxas_usage(ptxas_log.getvalue()),
     )
     return record
