@@ -493,6 +493,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   if (consumer_thread == 0) tma_store_wait<0>();
+#elif defined(__CUDA_ARCH__)
+  // Only the sm_90a image has the kernel; were this stub ever run (say, PTX of another architecture
+  // compiled for a Hopper GPU), it stops instead of leaving out and lse unwritten.
+  __trap();
 #endif
 }
 
@@ -554,6 +558,7 @@ cudaError_t launch_forward_sm90(const AttentionParams& a, cudaStream_t stream) {
   if (error != cudaSuccess) return error;
   auto kernel = attention_forward_sm90_kernel<T, kHeadDim>;
   constexpr int kSharedBytes = sizeof(SharedStorage<T, kHeadDim>);
+  static_assert(kSharedBytes <= 227 * 1024, "an H100/H200 block has at most 227 KB of shared memory");
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
   if (error != cudaSuccess) return error;
   const int grid = p.num_tiles < sms ? p.num_tiles : sms;
