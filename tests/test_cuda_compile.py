@@ -353,14 +353,17 @@ def test_kernels_include_no_torch():
             assert not torch_like, f"{path.name} includes {torch_like}; only csrc/cuda/api_cuda.inc may"
 
 
-def test_torch_facing_cuda_section_compiles(tmp_path):
+@pytest.mark.parametrize("with_sm90", [False, True], ids=["without_cutlass", "with_sm90_attention"])
+def test_torch_facing_cuda_section_compiles(tmp_path, with_sm90):
     """csrc/api.cpp with its CUDA section (csrc/cuda/api_cuda.inc: the CUDA kernels registered under the
     ops' one schema each) passes the host compiler's syntax and type checks against this torch's headers,
     so a schema or signature mismatch shows here, not first on a GPU machine. The CPU wheel lacks one
     generated header of c10/cuda (its build's macros); an empty stand-in takes its place. The FFN's
     cuBLASLt path takes torch's cuBLASLt handle from ATen/cuda/CUDAContextLight.h, which includes
     cuBLAS (from the nvidia-cublas wheel: cublasLt.h and cublas_v2.h) and, for handles declared beside
-    it, cuSPARSE and cuSOLVER: stand-ins declare the two handle types it names from those."""
+    it, cuSPARSE and cuSOLVER: stand-ins declare the two handle types it names from those. Compiled as
+    setup.py builds it without and with the CUTLASS headers (the latter routes attention_forward to the
+    Hopper kernel under FASTGPT_CUDA_ATTENTION=sm90)."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
@@ -401,6 +404,7 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
         "-std=c++20",
         "-fsyntax-only",
         "-DFASTGPT_WITH_CUDA",
+        *(["-DFASTGPT_WITH_SM90_ATTENTION"] if with_sm90 else []),
         *(f"-I{path}" for path in includes),
         str(ROOT / "csrc" / "api.cpp"),
     ]
