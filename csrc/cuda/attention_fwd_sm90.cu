@@ -336,7 +336,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Ping-pong: the turn to issue GEMMs goes WG 0, WG 1, WG 0, ... Each warpgroup issues num_blocks + 1
   // GEMM batches a tile; the first batch of WG 0 needs no turn and the last of WG 1 passes none on,
-  // so the arrivals and waits of each tile pair up.
+  // so the arrivals and waits of each tile pair up. A warpgroup is never two arrivals ahead on a turn
+  // barrier (which would complete it without the other): within a tile each arrival waits for the
+  // other's previous one, and WG 0's untaken first turn of the next tile comes after the epilogue's
+  // kOutputBarrier, which WG 1 reaches only after its last turn of this one.
   auto take_turn = [&](bool first) {
     if (!(consumer == 0 && first)) cutlass::arch::NamedBarrier::sync(2 * 128, kTurnBarrier + consumer);
   };
