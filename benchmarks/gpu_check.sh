@@ -257,7 +257,7 @@ elif [[ ! -f CMakeLists.txt ]] || ! command -v cmake >/dev/null; then
 else
   for source in "${DEV_SOURCES[@]}"; do
     # the sm_90a harnesses run only on compute capability 9.0 and build only with the CUTLASS headers
-    [[ "$source" == *_sm90.cu && ("$ARCH" != 9.0 || -z "$CUTLASS_FOUND") ]] && continue
+    [[ "$source" == *sm90* && ("$ARCH" != 9.0 || -z "$CUTLASS_FOUND") ]] && continue
     DEV_TARGETS+=("dev_$(basename "$source" .cu)")
   done
   mkdir -p build/gpu-check

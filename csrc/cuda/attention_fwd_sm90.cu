@@ -34,11 +34,10 @@
 #include <cmath>
 
 #include "attention.cuh"
+#include "attention_sm90.cuh"
 #include "launch.h"
 #include "mma.cuh"
 
-#include <cute/arch/copy_sm90_tma.hpp>
-#include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
@@ -55,52 +54,12 @@ namespace fastgpt::cuda {
 namespace {
 
 using namespace cute;
+using sm90::accumulator_as_operand_a;
+using sm90::accumulator_rows_cols;
+using sm90::Sm90Tiles;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
-
-template <typename T, int kHeadDim>
-struct Sm90Tiles {
-  static constexpr int kBlockM = 128;  // query rows a tile: 64 per consumer warpgroup (wgmma's M)
-  static constexpr int kBlockN = 128;  // keys a block: S is 64 float32 registers a thread
-  // K/V ring depth: Q 32 KB + 2 x (K 32 KB + V 32 KB) + O 32 KB = 192 KB at head_dim 128; at 64,
-  // 3 stages (16 + 96 + 16 = 128 KB) hide more TMA latency behind the short GEMMs.
-  static constexpr int kStages = kHeadDim == 64 ? 3 : 2;
-
-  using BlockM = Int<kBlockM>;
-  using BlockN = Int<kBlockN>;
-  using HeadDim = Int<kHeadDim>;
-
-  // Q, K and O: rows of head_dim contiguous elements (K-major for both GEMMs' operands), 128-byte
-  // swizzle so that TMA writes and wgmma reads are bank-conflict free.
-  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockM, HeadDim>{}));
-  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockN, HeadDim, Int<kStages>>{}));
-  // V^T: (head_dim, keys) with head_dim contiguous, the MN-major B operand of O += P V; TMA reads V
-  // through a transposed view of the global tensor, so no transpose is ever done.
-  using SmemVt =
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<HeadDim, BlockN, Int<kStages>>{}));
-
-  // Two warpgroups side by side in M, each a 64 x N x 16 wgmma.
-  using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<BlockM, BlockN, HeadDim>>(),
-                                        Layout<Shape<_2, _1, _1>>{}));
-  using MmaPV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<T, T, float, Shape<BlockM, HeadDim, BlockN>, GMMA::Major::K, GMMA::Major::MN>(),
-      Layout<Shape<_2, _1, _1>>{}));
-
-  // Global tensors as TMA sees them: (rows, head_dim, heads, batch), head_dim contiguous; V as
-  // (head_dim, rows, heads, batch).
-  using GmemLayout = Layout<Shape<int, int, int, int>, Stride<int64_t, _1, int64_t, int64_t>>;
-  using GmemLayoutT = Layout<Shape<int, int, int, int>, Stride<_1, int64_t, int64_t, int64_t>>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GmemLayout{}));
-  using GmemTensorT = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GmemLayoutT{}));
-  using GmemTensorOut = decltype(make_tensor(make_gmem_ptr(static_cast<T*>(nullptr)), GmemLayout{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemQ{}, Shape<BlockM, HeadDim>{}, _1{}));
-  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemK{}), Shape<BlockN, HeadDim>{},
-                                      _1{}));
-  using TmaVt = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorT{}, take<0, 2>(SmemVt{}),
-                                       Shape<HeadDim, BlockN>{}, _1{}));
-  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorOut{}, SmemQ{}, Shape<BlockM, HeadDim>{}, _1{}));
-};
 
 template <typename T, int kHeadDim>
 struct SharedStorage {
@@ -167,25 +126,6 @@ struct RingState {
   __device__ int slot(int stages) const { return index % stages; }
   __device__ uint32_t parity(int stages) const { return static_cast<uint32_t>((index / stages) & 1); }
 };
-
-// A wgmma accumulator ((2 columns, 2 rows, N/8), M tiles, N tiles) seen as (rows, columns):
-// ((2 rows, M tiles), (2 columns, N/8, N tiles)), so that row reductions run over mode 1.
-template <typename Layout>
-__device__ constexpr auto accumulator_rows_cols(Layout layout) {
-  static_assert(rank_v<decltype(get<0>(layout))> == 3 && rank_v<Layout> == 3);
-  return make_layout(make_layout(get<0, 1>(layout), get<1>(layout)),
-                     make_layout(get<0, 0>(layout), get<0, 2>(layout), get<2>(layout)));
-}
-
-// The same registers as the A operand of a k16 wgmma: two n8 column groups of the accumulator make
-// one k16 slice, i.e. ((2, 2, 2), M tiles, N / 16).
-template <typename Layout>
-__device__ constexpr auto accumulator_as_operand_a(Layout layout) {
-  static_assert(size<0, 2>(layout) % 2 == 0);
-  const auto column_groups = logical_divide(get<0, 2>(layout), Int<2>{});  // (2, N/16)
-  return make_layout(make_layout(get<0, 0>(layout), get<0, 1>(layout), get<0>(column_groups)), get<1>(layout),
-                     get<1>(column_groups));
-}
 
 // Pins registers in place around wgmma: the compiler may not move reads or writes of them across
 // the asynchronous MMA's issue or its wait (16-bit operands are fenced as 32-bit pairs).
