@@ -24,11 +24,13 @@
 // Tiles are numbered longest first (the query blocks nearest the end see the most keys) and the
 // persistent CTAs (one per SM) take tile blockIdx.x, then every gridDim.x-th after it.
 //
-// Head dims 64 and 128, 128 x 128 tiles. Plan for the others: 96 runs the same code with
-// kHeadDim = 96 (the K-major 128-byte swizzle atoms need head_dim a multiple of 64, so 96 takes the
-// 64-byte swizzle atom: Layout_K_SW64 / Layout_MN_SW64) and 2 stages; 256 needs 128 x 80 tiles (O is
-// 128 float32 registers a thread at 64 rows a warpgroup, plus S) and 2 stages of 80-key K and V
-// (40 KB each) beside a 64 KB Q and O staging: 64 + 160 + ... exceeds 227 KB unless O reuses Q's buffer.
+// Head dims 64 and 128, 128 x 128 tiles. Plan for the others (not instantiated yet):
+//   96: the same code with kHeadDim = 96 and 2 stages, on 64-byte swizzle atoms (Layout_K_SW64 /
+//       Layout_MN_SW64: the 128-byte atoms span 64 elements, which 96 is not a multiple of); wgmma
+//       takes N = 96 for the PV.
+//   256: O alone is 128 float32 registers a thread (64 rows a warpgroup), so S shrinks to 128 x 80
+//       (40 registers) and the intra-warpgroup overlap may have to go; shared memory: Q 64 KB +
+//       2 stages x (K + V, 40 KB each) = 224 KB, so O is staged in Q's buffer instead of its own.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -43,8 +45,8 @@
 #include <cutlass/numeric_types.h>
 
 // wgmma, TMA and setmaxnreg exist only in the architecture-specific sm_90a target; other targets of
-// this file (sm_80 in a multi-architecture build) compile the kernel as an empty stub that is never
-// launched (the launcher runs only on compute capability 9.0).
+// this file (sm_80 in a multi-architecture build) compile the kernel as a stub that is never
+// launched (the launcher runs only on compute capability 9.x).
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FASTGPT_SM90A_DEVICE_CODE 1
 #endif
