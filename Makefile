@@ -28,10 +28,13 @@ ctest: cuda-compile-deps
 	cmake -S . -B build && cmake --build build -j2 && ctest --test-dir build --output-on-failure
 
 # Where nvcc exists, the compile checks of the CUDA sources (tests/test_cuda_compile.py) also need
-# cuBLASLt's header: the nvidia-cublas wheel that torch's CUDA builds install (about 0.6 GB).
+# cuBLASLt's header: the nvidia-cublas wheel that torch's CUDA builds install (about 0.6 GB); and the
+# Hopper attention kernel (csrc/cuda/attention_fwd_sm90.cu) the CUTLASS/CuTe headers: the
+# nvidia-cutlass wheel (6 MB; --no-deps: only its headers are used, not its Python DSL).
 cuda-compile-deps:
 	command -v nvcc >/dev/null || exit 0; \
-	$(PYTHON) fastgpt/_cublaslt_paths.py | grep -q . || $(PIP) install nvidia-cublas
+	$(PYTHON) fastgpt/_cublaslt_paths.py | grep -q . || $(PIP) install nvidia-cublas; \
+	test -n "$$($(PYTHON) fastgpt/_cutlass_paths.py)" || $(PIP) install --no-deps "nvidia-cutlass==4.2.0.0"
 
 test: install ctest
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests

@@ -8,7 +8,15 @@ CUDAExtension that also compiles csrc/cuda/*.cu (the `cuda` backend). Environmen
                           CUDA torch or nvcc is missing)
   FASTGPT_CUBLASLT_ROOT   where cuBLASLt's include/ and lib/ are, when not in the `nvidia` wheels that
                           torch's CUDA build installs nor in the CUDA toolkit (fastgpt/_cublaslt_paths.py)
-  TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0"
+  FASTGPT_CUTLASS_INCLUDE where the CUTLASS/CuTe headers are, when the `nvidia-cutlass` wheel is not
+                          installed (fastgpt/_cutlass_paths.py)
+  TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0a" (9.0 is built as 9.0a when CUTLASS is
+                          found: the Hopper attention kernel needs the architecture-specific target)
+
+The CUDA extension's Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu) is written on CuTe,
+whose headers come from the `nvidia-cutlass` wheel (`pip install nvidia-cutlass`, 6 MB, headers only
+as far as this build is concerned). Without them the CUDA extension is built without that kernel
+(the sm_80 attention kernel serves every GPU) and setup.py says so; a CPU-only build never needs them.
   MAX_JOBS                parallel compile jobs
 
 No -march flag is used: the CPU kernels are compiled for AVX-512, AVX2 and the baseline and pick one
@@ -39,8 +47,12 @@ def relative_sources(pattern):
 
 
 CPU_SOURCES = ["csrc/api.cpp", "csrc/autograd.cpp", *relative_sources("csrc/cpu/*.cpp")]
-# The cuBLASLt host code (csrc/cuda/ffn_cublaslt.cpp) is plain C++ for the host compiler.
-CUDA_SOURCES = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
+# The cuBLASLt host code (csrc/cuda/ffn_cublaslt.cpp) is plain C++ for the host compiler. Sources
+# named *_sm90.cu are written on CuTe and compiled only when its headers are found.
+SM90_SOURCES = relative_sources("csrc/cuda/*_sm90.cu")
+CUDA_SOURCES = [
+    path for path in relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp") if path not in SM90_SOURCES
+]
 
 
 def cuda_mode():
@@ -60,6 +72,24 @@ def find_cublaslt():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.find_cublaslt()
+
+
+def find_cutlass_include():
+    """The CUTLASS/CuTe include directory from fastgpt/_cutlass_paths.py loaded by path, or None."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "fastgpt", "_cutlass_paths.py")
+    spec = importlib.util.spec_from_file_location("_fastgpt_cutlass_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cutlass_include()
+
+
+def hopper_arch_list(arch_list):
+    """TORCH_CUDA_ARCH_LIST with 9.0 as 9.0a: wgmma, TMA and setmaxnreg exist only in the
+    architecture-specific target, and its code runs on every compute capability 9.0 GPU."""
+    return ";".join("9.0a" + arch[3:] if arch.startswith("9.0") and not arch.startswith("9.0a") else arch
+                    for arch in arch_list.replace(" ", ";").split(";") if arch)
 
 
 def openmp_flags():
@@ -109,15 +139,30 @@ def torch_extension():
             sys.exit(f"setup.py: FASTGPT_CUDA=1 but {message}")
         print(f"setup.py: building without the cuda backend: {message}", file=sys.stderr)
         with_cuda = False
+    cutlass_include = find_cutlass_include() if with_cuda else None
+    if with_cuda and cutlass_include is None:
+        print(
+            "setup.py: building the cuda backend without its Hopper attention kernel: the CUTLASS/CuTe "
+            "headers are not found (pip install nvidia-cutlass, or set FASTGPT_CUTLASS_INCLUDE)",
+            file=sys.stderr,
+        )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cublaslt_include, cublaslt_lib, cublaslt_name = cublaslt
+        macros = [("FASTGPT_WITH_CUDA", None)]
+        sources = CPU_SOURCES + CUDA_SOURCES
+        include_dirs = [*common["include_dirs"], cublaslt_include]
+        if cutlass_include is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+            macros.append(("FASTGPT_WITH_SM90_ATTENTION", None))
+            sources += SM90_SOURCES
+            include_dirs.append(cutlass_include)
         extension = cpp_extension.CUDAExtension(
-            sources=CPU_SOURCES + CUDA_SOURCES,
-            define_macros=[("FASTGPT_WITH_CUDA", None)],
+            sources=sources,
+            define_macros=macros,
             extra_compile_args={"cxx": CPU_FLAGS + openmp_flags(), "nvcc": NVCC_FLAGS},
             name=EXTENSION_NAME,
-            include_dirs=[*common["include_dirs"], cublaslt_include],
+            include_dirs=include_dirs,
             library_dirs=[cublaslt_lib],
             libraries=[cublaslt_name],
             # The rpath finds the library where it was linked; when torch has already loaded its own

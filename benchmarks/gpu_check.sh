@@ -14,6 +14,9 @@
 # (`pytest -m gpu tests -k <area>`), and `fastgpt bench --ops <area> --quick` in bf16:
 #
 #   bash benchmarks/gpu_check.sh attention     # tests matching 'attention or decode'; attention's quick set
+#                                              # (on Hopper also the sm_90a forward's harness, attention_sm90)
+#   bash benchmarks/gpu_check.sh pack-cutlass  # before a loan, where nvidia-cutlass is installed: pack the
+#                                              # CUTLASS headers into build/cutlass-include.tar.gz to carry
 #   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn'; FFN at GPT-2 small and XL
 #   bash benchmarks/gpu_check.sh layer_norm    # tests matching 'layer_norm or layernorm'; LayerNorm GB/s
 #   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy'; vocab 50257
@@ -72,6 +75,7 @@ AREA=""
 for argument in "$@"; do
   case "$argument" in
     --dry-run) DRY_RUN=1 ;;
+    pack-cutlass) PART=pack-cutlass ;;
     all | correctness | bench | sanitizer | profile) PART=$argument ;;
     attention | ffn | layer_norm | cross_entropy | gpt) PART=$argument AREA=$argument ;;
     *)
@@ -91,6 +95,23 @@ area_tests() {
   esac
 }
 PYTHON=${PYTHON:-python3}
+
+# The CUTLASS/CuTe headers of the Hopper attention kernel (csrc/cuda/attention_fwd_sm90.cu) come from the
+# nvidia-cutlass wheel, which the GPU machine cannot download: `gpu_check.sh pack-cutlass`, run where
+# the wheel is installed, packs them (cute/ and cutlass/, 2.4 MB) into $CUTLASS_BUNDLE, a path to carry
+# along with the tree; on the GPU machine they are unpacked from there when no installed copy is found.
+CUTLASS_BUNDLE=${CUTLASS_BUNDLE:-build/cutlass-include.tar.gz}
+if [[ "$PART" == pack-cutlass ]]; then
+  CUTLASS_INCLUDE=$("$PYTHON" fastgpt/_cutlass_paths.py | sed -n 1p)
+  if [[ -z "$CUTLASS_INCLUDE" ]]; then
+    echo "gpu_check.sh pack-cutlass: no CUTLASS headers here (pip install --no-deps nvidia-cutlass)" >&2
+    exit 1
+  fi
+  mkdir -p "$(dirname "$CUTLASS_BUNDLE")"
+  tar -czf "$CUTLASS_BUNDLE" -C "$CUTLASS_INCLUDE" cute cutlass
+  echo "packed $CUTLASS_INCLUDE into $CUTLASS_BUNDLE ($(du -h "$CUTLASS_BUNDLE" | cut -f1)): carry it to the GPU machine"
+  exit 0
+fi
 OUT=${OUT:-./gpu-results}
 if [[ -n "$AREA" ]]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-175}
@@ -179,13 +200,26 @@ else
   run_stage "nvidia-smi" 20 nvidia-smi
 fi
 
-# 2. build the extension with the CUDA kernels for the GPU present
+# 2. build the extension with the CUDA kernels for the GPU present (with the Hopper attention kernel
+#    when the CUTLASS headers are installed or carried along in $CUTLASS_BUNDLE)
+if [[ "$DRY_RUN" != 1 && -z "$("$PYTHON" fastgpt/_cutlass_paths.py)" ]]; then
+  if [[ -f "$CUTLASS_BUNDLE" ]]; then
+    mkdir -p build/cutlass-include && tar -xzf "$CUTLASS_BUNDLE" -C build/cutlass-include
+    export FASTGPT_CUTLASS_INCLUDE=$PWD/build/cutlass-include
+  fi
+fi
+CUTLASS_FOUND=$("$PYTHON" fastgpt/_cutlass_paths.py | tr '\n' ' ')
+if [[ -n "$CUTLASS_FOUND" ]]; then
+  note_stage "CUTLASS headers" "ok" "$CUTLASS_FOUND"
+else
+  note_stage "CUTLASS headers" "missing" "no nvidia-cutlass wheel and no $CUTLASS_BUNDLE (gpu_check.sh pack-cutlass): built without the sm_90a attention kernel"
+fi
 if [[ "$DRY_RUN" == 1 ]]; then
   note_stage "CUDA build" "dry-run" "would run: FASTGPT_CUDA=1 TORCH_CUDA_ARCH_LIST=<detected> $PYTHON setup.py build_ext --inplace"
 else
   ARCH=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>>"$LOG")
   BUILD_STAMP=build/gpu-check.stamp
-  SOURCES_HASH=$( (echo "arch $ARCH" && find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1)
+  SOURCES_HASH=$( (echo "arch $ARCH cutlass $CUTLASS_FOUND" && find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1)
   if [[ -f "$BUILD_STAMP" && "$(cat "$BUILD_STAMP")" == "$SOURCES_HASH" ]] &&
     "$PYTHON" -c "import fastgpt, sys; sys.exit('cuda' not in fastgpt.available_backends())" 2>>"$LOG"; then
     note_stage "CUDA build" "reused" "csrc/ and setup.py unchanged since the last build for $ARCH"
@@ -221,7 +255,11 @@ elif [[ "$DRY_RUN" == 1 ]]; then
 elif [[ ! -f CMakeLists.txt ]] || ! command -v cmake >/dev/null; then
   note_stage "dev harnesses" "skipped" "no CMakeLists.txt or no cmake"
 else
-  for source in "${DEV_SOURCES[@]}"; do DEV_TARGETS+=("dev_$(basename "$source" .cu)"); done
+  for source in "${DEV_SOURCES[@]}"; do
+    # the sm_90a harnesses run only on compute capability 9.0 and build only with the CUTLASS headers
+    [[ "$source" == *sm90* && ("$ARCH" != 9.0 || -z "$CUTLASS_FOUND") ]] && continue
+    DEV_TARGETS+=("dev_$(basename "$source" .cu)")
+  done
   mkdir -p build/gpu-check
   DEV_BUILD_START=$SECONDS
   # 9.0 -> 90a (the harnesses are built as the CMake default builds them for Hopper), 8.0 -> 80
@@ -248,6 +286,15 @@ if [[ -n "$AREA" ]]; then
   STAGE_NOTE="-k '$(area_tests "$AREA")'"
   run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -q \
     -p no:cacheprovider --durations=5 "${WORKERS[@]}"
+fi
+
+# ... and for attention on Hopper, the sm_90a forward (opt-in: FASTGPT_CUDA_ATTENTION=sm90) against the
+#     CPU reference and timed beside the sm_80 kernel by its harness (csrc/dev/attention_sm90.cu)
+if [[ "$AREA" == attention && "$DRY_RUN" != 1 && "${ARCH:-}" == 9.0 && -n "$CUTLASS_FOUND" ]]; then
+  SM90_DEV_ARCH="-gencode arch=compute_90a,code=sm_90a"
+  run_stage "dev attention_sm90: build" 120 make -C csrc/dev -j "$(nproc)" ARCH="$SM90_DEV_ARCH" \
+    SM90_ARCH="$SM90_DEV_ARCH" CUTLASS_INCLUDE="$(echo "$CUTLASS_FOUND" | cut -d' ' -f1)" attention_sm90
+  [[ -x csrc/dev/attention_sm90 ]] && run_stage "dev attention_sm90 (validate, time)" 90 csrc/dev/attention_sm90
 fi
 
 # ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)

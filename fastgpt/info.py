@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgpt import dispatch
+from fastgpt._cutlass_paths import cutlass_version, find_cutlass_include
 
 PACKAGES = ("fastgpt", "torch", "triton", "transformers", "flash-attn", "liger-kernel")
 
@@ -21,7 +22,15 @@ def package_versions():
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     versions["cuda (torch)"] = torch.version.cuda
+    versions["cutlass"] = cutlass_header_version()
     return versions
+
+
+def cutlass_header_version():
+    """The version of the CUTLASS/CuTe headers that the CUDA extension's Hopper attention kernel is built
+    with (from the nvidia-cutlass wheel or $FASTGPT_CUTLASS_INCLUDE), or None where there are none."""
+    include = find_cutlass_include()
+    return None if include is None else cutlass_version(include)
 
 
 def device_description():

@@ -2,8 +2,11 @@
 every shipped template instantiation is there, and the attention and GEMM kernels run on tensor cores
 (HMMA in the SASS). Also: the fragment layouts check out on the CPU, the csrc/dev harnesses compile and
 link against the kernel objects, the cuBLASLt host code of the FFN (csrc/cuda/ffn_cublaslt.cpp)
-compiles against cuBLASLt's header, and the kernels stay free of torch. Needs nvcc, not a GPU; the
-cuBLASLt checks also need cublasLt.h (the nvidia-cublas wheel or a CUDA toolkit that has it)."""
+compiles against cuBLASLt's header, and the kernels stay free of torch. The Hopper attention forward
+(csrc/cuda/attention_fwd_sm90.cu, on CuTe) compiles for sm_90a with every instantiation spill-free and
+its PTX holding wgmma, TMA (cp.async.bulk.tensor), setmaxnreg and mbarrier. Needs nvcc, not a GPU; the
+cuBLASLt checks also need cublasLt.h (the nvidia-cublas wheel or a CUDA toolkit that has it), the
+Hopper checks the CUTLASS headers (the nvidia-cutlass wheel)."""
 
 import concurrent.futures
 import os
@@ -16,6 +19,7 @@ import sysconfig
 import pytest
 
 from fastgpt._cublaslt_paths import find_cublaslt, find_cublaslt_header
+from fastgpt._cutlass_paths import find_cutlass_include
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -23,7 +27,10 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DEV_DIR = ROOT / "csrc" / "dev"
-KERNEL_FILES = sorted(CUDA_DIR.glob("*.cu"))
+# The Hopper kernels (*_sm90.cu, on CuTe) need the CUTLASS headers and target sm_90a only: they are
+# compiled by their own fixture below.
+SM90_FILES = sorted(CUDA_DIR.glob("*_sm90.cu"))
+KERNEL_FILES = sorted(set(CUDA_DIR.glob("*.cu")) - set(SM90_FILES))
 HARNESSES = ("attention_fwd", "attention_bwd", "gemm", "layernorm", "cross_entropy", "ffn_cublaslt")
 CUBLASLT_SOURCE = CUDA_DIR / "ffn_cublaslt.cpp"
 NO_CUBLASLT = "cublasLt.h is not found: pip install nvidia-cublas (what torch's CUDA build installs)"
@@ -355,7 +362,9 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
     generated header of c10/cuda (its build's macros); an empty stand-in takes its place. The FFN's
     cuBLASLt path takes torch's cuBLASLt handle from ATen/cuda/CUDAContextLight.h, which includes
     cuBLAS (from the nvidia-cublas wheel: cublasLt.h and cublas_v2.h) and, for handles declared beside
-    it, cuSPARSE and cuSOLVER: stand-ins declare the two handle types it names from those."""
+    it, cuSPARSE and cuSOLVER: stand-ins declare the two handle types it names from those. Compiled as
+    setup.py builds it with the CUTLASS headers found (attention_forward then also routes to the Hopper
+    kernel under FASTGPT_CUDA_ATTENTION=sm90; without them that branch is left out)."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
@@ -396,8 +405,191 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
         "-std=c++20",
         "-fsyntax-only",
         "-DFASTGPT_WITH_CUDA",
+        "-DFASTGPT_WITH_SM90_ATTENTION",
         *(f"-I{path}" for path in includes),
         str(ROOT / "csrc" / "api.cpp"),
     ]
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     assert result.returncode == 0, f"torch {torch.__version__}: " + result.stderr[-4000:]
+
+
+# ---- The Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu) ----------------------------------
+
+NO_CUTLASS = "the CUTLASS/CuTe headers are not found: pip install nvidia-cutlass (make cuda-compile-deps)"
+SM90_KERNEL = "attention_forward_sm90_kernel"
+SM90_INSTANTIATIONS = 4  # bfloat16, float16 x head_dim 64, 128
+# What every instantiation's PTX must hold: warpgroup MMAs, TMA tile loads (and the store of O),
+# register reallocation between producer and consumers, and the mbarrier ring.
+SM90_PTX_INSTRUCTIONS = (
+    "wgmma.mma_async",
+    "cp.async.bulk.tensor",
+    "setmaxnreg.dec",
+    "setmaxnreg.inc",
+    "mbarrier.try_wait",
+    "mbarrier.arrive.expect_tx",
+)
+# setup.py's nvcc flags for the extension, with the half/bfloat16 macros torch's CUDAExtension adds,
+# so that this compile is the extension's.
+SM90_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+
+@pytest.fixture(scope="module")
+def sm90_build(tmp_path_factory):
+    """attention_fwd_sm90.cu compiled once, in one nvcc call, for sm_90a with its PTX kept (CuTe
+    compiles are slow: about 50 s on 2 cores for the four instantiations). The launcher static_asserts
+    its shared storage against the 227 KB an H100/H200 block may opt into, so this compile also proves
+    that each tile configuration fits."""
+    include = find_cutlass_include()
+    if include is None:
+        pytest.skip(NO_CUTLASS)
+    (source,) = [path for path in SM90_FILES if path.name == "attention_fwd_sm90.cu"]
+    build_dir = tmp_path_factory.mktemp("sm90_objects")
+    obj = build_dir / "attention_fwd_sm90.o"
+    command = [
+        NVCC,
+        *SM90_FLAGS,
+        f"-I{include}",
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
+        "-Xptxas",
+        "-v",
+        "-keep",
+        f"-keep-dir={build_dir}",
+        "-c",
+        str(source),
+        "-o",
+        str(obj),
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=CUDA_DIR)
+    ptx = sorted(build_dir.glob("*.ptx"))
+    return {
+        "returncode": result.returncode,
+        "output": result.stdout + result.stderr,
+        "object": obj,
+        "ptx": ptx[0].read_text() if ptx else "",
+        "include": include,
+    }
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels(sm90_build):
+    assert sm90_build["returncode"] == 0, (
+        "attention_fwd_sm90.cu failed to compile:\n" + sm90_build["output"][-4000:]
+    )
+    return [r for r in parse_ptxas(sm90_build["output"]) if base_name(r["name"]) == SM90_KERNEL]
+
+
+def test_sm90_attention_compiles_cleanly(sm90_build):
+    assert sm90_build["returncode"] == 0, sm90_build["output"][-4000:]
+    warnings = [line for line in sm90_build["output"].splitlines() if "warning" in line.lower()]
+    assert not warnings, "attention_fwd_sm90.cu compiles with warnings:\n" + "\n".join(warnings)
+
+
+def test_sm90_every_instantiation_is_spill_free(sm90_kernels):
+    assert len(sm90_kernels) == SM90_INSTANTIATIONS, [r["name"] for r in sm90_kernels]
+    assert {r["arch"] for r in sm90_kernels} == {"sm_90a"}
+    for dtype in ("bfloat16_t", "half_t"):
+        for head_dim in (64, 128):
+            assert any(dtype in r["name"] and f", {head_dim}>" in r["name"] for r in sm90_kernels), (
+                dtype,
+                head_dim,
+            )
+    offenders = [
+        f"{r['name']}: {r['stack']} B stack, {r['spill_stores']}/{r['spill_loads']} B spilled"
+        for r in sm90_kernels
+        if r["stack"] or r["spill_stores"] or r["spill_loads"]
+    ]
+    assert not offenders, "register spills or stack frames:\n" + "\n".join(offenders)
+
+
+def ptx_entries(ptx):
+    """{demangled entry name: its PTX up to the next entry}. Unlike ptx_functions this does not stop at
+    the first closing brace of a line of its own, which CuTe's inline-asm blocks also end with."""
+    starts = [match for match in re.finditer(r"\.entry (\S+?)\(", ptx)]
+    bodies = {
+        match.group(1): ptx[match.start() : (starts[i + 1].start() if i + 1 < len(starts) else len(ptx))]
+        for i, match in enumerate(starts)
+    }
+    names = demangle(list(bodies))
+    return {names[mangled]: body for mangled, body in bodies.items()}
+
+
+def test_sm90_ptx_has_wgmma_tma_setmaxnreg_and_mbarrier(sm90_build, sm90_kernels):
+    functions = ptx_entries(sm90_build["ptx"])
+    assert len([name for name in functions if SM90_KERNEL in name]) == SM90_INSTANTIATIONS, list(functions)
+    for name, body in functions.items():
+        if SM90_KERNEL in name:
+            missing = [instruction for instruction in SM90_PTX_INSTRUCTIONS if instruction not in body]
+            assert not missing, f"{name} lacks {missing}"
+
+
+def test_sm90_sass_runs_hgmma(sm90_build, sm90_kernels):
+    """wgmma with 128-wide tiles becomes HGMMA.64x128x16 in the SASS, and setmaxnreg USETMAXREG."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump is not found (Triton's wheel carries one)")
+    dump = subprocess.run(
+        [tool, "-sass", str(sm90_build["object"])], capture_output=True, text=True, check=True
+    )
+    functions = sass_functions(dump.stdout)
+    for record in sm90_kernels:
+        sass = functions[(record["arch"], record["mangled"])]
+        assert "HGMMA.64x128x16.F32" in sass, record["name"]
+        assert "USETMAXREG" in sass, record["name"]
+
+
+def test_sm90_harness_compiles_and_links(sm90_build, builds, tmp_path):
+    """csrc/dev/attention_sm90.cu links the sm_90a kernel beside the sm_80 one it is timed against."""
+    assert sm90_build["returncode"] == 0, sm90_build["output"][-4000:]
+    objects = [str(result["object"]) for result in builds.values()]
+    command = [
+        NVCC,
+        *NVCC_FLAGS,
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
+        str(DEV_DIR / "attention_sm90.cu"),
+        str(sm90_build["object"]),
+        *objects,
+        "-o",
+        str(tmp_path / "attention_sm90"),
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=DEV_DIR)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stderr[-4000:]
+
+
+def test_sm90_register_layouts_on_cpu(tmp_path):
+    """csrc/dev/sm90_layout_checks.cu runs CuTe's layout functions on the host for every instantiation:
+    the rows the softmax reduces over, the quads it shuffles across, and P read in place as the PV
+    wgmma's A operand are where the kernel assumes them."""
+    include = find_cutlass_include()
+    if include is None:
+        pytest.skip(NO_CUTLASS)
+    program = tmp_path / "sm90_layout_checks"
+    subprocess.run(
+        [
+            NVCC,
+            "-std=c++17",
+            "-O1",
+            "--expt-relaxed-constexpr",
+            f"-I{include}",
+            str(DEV_DIR / "sm90_layout_checks.cu"),
+            "-o",
+            str(program),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=DEV_DIR,
+    )
+    result = subprocess.run([str(program)], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "all sm90 layout checks passed" in result.stdout

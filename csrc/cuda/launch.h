@@ -34,6 +34,17 @@ const char* attention_unsupported_reason(int head_dim, DType dtype);
 // Writes out and lse.
 cudaError_t attention_forward(const AttentionParams& params, cudaStream_t stream);
 
+// The Hopper forward (attention_fwd_sm90.cu, built only where the CUTLASS/CuTe headers were found:
+// FASTGPT_WITH_SM90_ATTENTION is then defined): TMA, wgmma and warp specialisation, compute capability
+// 9.x only. It writes out and lse exactly as attention_forward does (the backward reads that lse).
+// It takes bfloat16 and float16 at head_dim 64 and 128 with every HeadTensor TMA-describable (16-byte
+// aligned data, batch/head/row strides multiples of 8 elements, head_dim contiguous); nullptr when
+// it can take `params`, else why not. attention_forward_sm90 returns cudaErrorInvalidValue for params
+// it cannot take and cudaErrorNoKernelImageForDevice off compute capability 9.x.
+const char* attention_forward_sm90_unsupported_reason(const AttentionParams& params);
+
+cudaError_t attention_forward_sm90(const AttentionParams& params, cudaStream_t stream);
+
 // Writes delta (scratch the caller allocates), dq, dk and dv from dout, q, k, v, out and lse.
 // Deterministic: no atomics.
 cudaError_t attention_backward(const AttentionParams& params, cudaStream_t stream);

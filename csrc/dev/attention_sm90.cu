@@ -1,0 +1,80 @@
+/*
+Causal attention forward on Hopper (csrc/cuda/attention_fwd_sm90.cu: TMA, wgmma, warp specialisation):
+checks out and lse against a double-precision CPU reference over ragged lengths, GQA and MQA,
+q_len < kv_len, packed-qkv strides, a length of 1 and more tiles than SMs (every persistent CTA takes
+several), in bfloat16 and float16 at head_dim 64 and 128; then times bfloat16 for seq 2k to 16k beside
+the sm_80 kernel (attention_fwd.cu) on the same inputs. Needs a compute capability 9.0 GPU.
+
+Compile and run (from csrc/dev; needs the CUTLASS headers: pip install nvidia-cutlass):
+  make attention_sm90 && ./attention_sm90             (add --validate to skip the timing)
+  compute-sanitizer --tool memcheck ./attention_sm90 --validate
+*/
+#include <cstdio>
+
+#include "attention_common.h"
+
+struct Case {
+  AttentionShape shape;
+  bool packed;
+};
+
+// Lengths off the 128-row/128-key tiles, one tile, a length of 1, GQA and MQA, q_len < kv_len (the
+// bottom-right diagonal), packed qkv views, and 4 x 16 x 8 = 512 tiles (more than any GPU's SMs).
+static const Case kCases[] = {
+    {{2, 4, 2, 97, 97, 64}, false},      {{1, 3, 1, 17, 300, 128}, false},  {{2, 2, 2, 257, 257, 128}, false},
+    {{1, 4, 4, 130, 200, 64}, false},    {{1, 2, 1, 1, 1, 64}, false},      {{1, 1, 1, 1, 64, 128}, false},
+    {{2, 4, 4, 150, 150, 64}, true},     {{1, 2, 2, 200, 200, 128}, true},  {{1, 2, 2, 128, 128, 128}, false},
+    {{4, 16, 4, 1000, 1000, 64}, false}, {{1, 4, 2, 300, 1100, 128}, false},
+};
+
+template <typename T>
+void check_forward(const Case& c, std::mt19937& rng) {
+  const AttentionShape& s = c.shape;
+  printf("%s batch %d heads %d/%d q_len %d kv_len %d head_dim %d%s\n", dtype_name<T>(), s.batch, s.heads, s.kv_heads,
+         s.q_len, s.kv_len, s.head_dim, c.packed ? " (packed qkv)" : "");
+  AttentionProblem<T> problem(s, c.packed, rng);
+  const char* reason = fastgpt::cuda::attention_forward_sm90_unsupported_reason(problem.params);
+  if (reason != nullptr) {
+    printf("  declined: %s\n", reason);
+    ++g_failed_checks;
+    return;
+  }
+  cuda_check(fastgpt::cuda::attention_forward_sm90(problem.params, nullptr));
+  cuda_check(cudaDeviceSynchronize());
+  std::vector<float> out, lse, unused_dq, unused_dk, unused_dv;
+  attention_reference(s, problem.scale, problem.q_host, problem.k_host, problem.v_host, HostHeads{nullptr, 0, 0, 0},
+                      out, lse, unused_dq, unused_dk, unused_dv);
+  // bfloat16 keeps 8 bits of mantissa (P is rounded to it before P V), float16 11.
+  const float tolerance = std::is_same_v<T, __nv_bfloat16> ? 2e-2f : 4e-3f;
+  validate_result(problem.out.device, out, "out", out.size(), tolerance, tolerance);
+  validate_result(problem.lse.device, lse, "lse", lse.size(), 2e-3f, 1e-4f);
+}
+
+void benchmark_forward(int seq_len, int head_dim, std::mt19937& rng) {
+  // 16k tokens a call, model width 2048, so every configuration fills the GPU.
+  const AttentionShape s{16384 / seq_len, 2048 / head_dim, 2048 / head_dim, seq_len, seq_len, head_dim};
+  AttentionProblem<__nv_bfloat16> problem(s, false, rng);
+  const float sm90_ms =
+      benchmark_ms(3, 20, [&] { cuda_check(fastgpt::cuda::attention_forward_sm90(problem.params, nullptr)); });
+  const float sm80_ms =
+      benchmark_ms(3, 20, [&] { cuda_check(fastgpt::cuda::attention_forward(problem.params, nullptr)); });
+  const double flops = causal_forward_flops(s);
+  printf("forward bf16 batch %2d heads %2d seq %5d head_dim %3d: sm90 %8.3f ms %6.1f TFLOP/s | sm80 %8.3f ms %6.1f "
+         "TFLOP/s\n",
+         s.batch, s.heads, seq_len, head_dim, sm90_ms, flops / (sm90_ms * 1e-3) / 1e12, sm80_ms,
+         flops / (sm80_ms * 1e-3) / 1e12);
+}
+
+int main(int argc, char** argv) {
+  print_device();
+  std::mt19937 rng(0);
+  for (const Case& c : kCases) check_forward<__nv_bfloat16>(c, rng);
+  for (const Case& c : kCases) check_forward<__half>(c, rng);
+  if (!validate_only(argc, argv)) {
+    for (int head_dim : {64, 128}) {
+      for (int seq_len : {2048, 4096, 8192, 16384}) benchmark_forward(seq_len, head_dim, rng);
+    }
+  }
+  printf(g_failed_checks == 0 ? "all checks passed\n" : "%d check(s) FAILED\n", g_failed_checks);
+  return g_failed_checks == 0 ? 0 : 1;
+}

@@ -1,0 +1,125 @@
+"""The 'cuda' backend's Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu), opted into with
+FASTGPT_CUDA_ATTENTION=sm90 (read per call in csrc/cuda/api_cuda.inc), through the public API: outputs
+and every gradient (the sm_80 backward, fed the lse this forward saves) against float64 fastgpt.reference
+with FlashAttention's rule. Also that the sm_90a kernel is what ran, that calls it does not take (inputs
+TMA cannot describe) still match on the sm_80 kernel, and that an unknown setting is refused. Needs a
+compute capability 9.x GPU and fastgpt._C built with CUDA and the CUTLASS headers; marked `gpu`."""
+
+import pytest
+import torch
+from test_cuda_backend import check_against_reference
+from tolerance import assert_close
+
+import fastgpt
+from fastgpt import reference
+from fastgpt._cutlass_paths import find_cutlass_include
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.bfloat16, torch.float16)
+DEVICE = "cuda"
+KERNEL_NAME = "attention_forward_sm90_kernel"
+
+SHAPES = [
+    # (batch, heads, kv_heads, q_len, kv_len, head_dim)
+    (2, 4, 4, 1, 1, 64),
+    (2, 4, 4, 97, 97, 64),
+    (1, 4, 4, 128, 128, 128),  # exactly one tile
+    (1, 4, 4, 257, 257, 128),
+    (2, 6, 2, 300, 300, 64),  # GQA
+    (1, 4, 1, 130, 130, 128),  # MQA
+    (1, 4, 2, 17, 300, 64),  # q_len < kv_len: the bottom-right diagonal
+    (2, 2, 2, 1, 257, 128),  # one query over a long cache
+    (2, 16, 8, 1000, 1000, 128),  # 256 tiles: more than the SMs, so persistent CTAs take several
+]
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the sm_90a attention kernel runs on compute capability 9.x only")
+    if "cuda" not in fastgpt.available_backends():
+        pytest.skip("fastgpt._C is not built with CUDA")
+    if find_cutlass_include() is None:
+        pytest.skip("no CUTLASS headers here, so fastgpt._C was built without the sm_90a attention kernel")
+    monkeypatch.setenv("FASTGPT_CUDA_ATTENTION", "sm90")
+
+
+def kernels_run(function):
+    """Names of the CUDA kernels that `function()` launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        function()
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events()]
+
+
+def random_heads(batch, heads, length, head_dim, dtype):
+    return torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sm90_attention_matches_reference(sm90, shape, dtype):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = random_heads(batch, heads, q_len, head_dim, dtype)
+    k = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    v = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    grad = random_heads(batch, heads, q_len, head_dim, dtype)
+    check_against_reference(
+        "sm90 attention",
+        lambda q, k, v: fastgpt.causal_attention(q, k, v, backend="cuda"),
+        lambda q, k, v: reference.causal_attention(q, k, v),
+        [q, k, v],
+        [grad],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sm90_attention_packed_qkv_views(sm90, dtype):
+    """q, k, v as strided views of one fused projection output (TMA reads them in place)."""
+    batch, seq, heads, head_dim = 2, 300, 4, 128
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device=DEVICE, dtype=dtype)
+    grad = random_heads(batch, heads, seq, head_dim, dtype)
+
+    def split(packed):
+        return [packed[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, T, D) views
+
+    check_against_reference(
+        "sm90 attention packed",
+        lambda packed: fastgpt.causal_attention(*split(packed), softmax_scale=0.2, backend="cuda"),
+        lambda packed: reference.causal_attention(*split(packed), softmax_scale=0.2),
+        [qkv],
+        [grad],
+    )
+
+
+def test_sm90_attention_kernel_is_what_runs(sm90):
+    q = random_heads(1, 4, 300, 64, torch.bfloat16)
+    names = kernels_run(lambda: fastgpt.causal_attention(q, q, q, backend="cuda"))
+    assert any(KERNEL_NAME in name for name in names), names
+
+
+def test_sm90_attention_leaves_other_calls_to_the_sm80_kernel(sm90):
+    """head_dim 96 (no sm_90a instantiation) and a q that starts 2 bytes off a 16-byte boundary (which
+    TMA cannot describe) run the sm_80 kernel, and match the reference there."""
+    q96 = random_heads(1, 2, 150, 96, torch.bfloat16)
+    names = kernels_run(lambda: fastgpt.causal_attention(q96, q96, q96, backend="cuda"))
+    assert not any(KERNEL_NAME in name for name in names), names
+
+    storage = torch.randn(1 * 2 * 150 * 64 + 1, device=DEVICE, dtype=torch.bfloat16)
+    misaligned = storage[1:].view(1, 2, 150, 64)
+    k = random_heads(1, 2, 150, 64, torch.bfloat16)
+    names = kernels_run(lambda: fastgpt.causal_attention(misaligned, k, k, backend="cuda"))
+    assert not any(KERNEL_NAME in name for name in names), names
+    out = fastgpt.causal_attention(misaligned, k, k, backend="cuda")
+    exact = reference.causal_attention(misaligned.double(), k.double(), k.double())
+    assert_close("sm90 attention misaligned q", out, exact, reference.causal_attention(misaligned, k, k))
+
+
+def test_sm90_attention_rejects_an_unknown_setting(monkeypatch):
+    if "cuda" not in fastgpt.available_backends():
+        pytest.skip("fastgpt._C is not built with CUDA")
+    monkeypatch.setenv("FASTGPT_CUDA_ATTENTION", "fa3")
+    q = random_heads(1, 2, 8, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="FASTGPT_CUDA_ATTENTION must be 'sm90' or 'mma', got 'fa3'"):
+        fastgpt.causal_attention(q, q, q, backend="cuda")
