@@ -51,6 +51,7 @@ class CompileCase:
     num_stages: int
     tensor_cores: bool  # True when the PTX must hold mma (sm_80) / mma or wgmma (sm_90)
     unaligned: frozenset = frozenset()  # integer arguments that are not multiples of 16 at this launch
+    tma: bool = False  # True when the PTX must hold TMA loads (cp.async.bulk.tensor): a descriptor argument
 
 
 def compile_case(case, capability):
@@ -62,6 +63,7 @@ def compile_case(case, capability):
         "name": case.name,
         "capability": capability,
         "tensor_cores_expected": case.tensor_cores,
+        "tma_expected": case.tma,
         "num_stages": case.num_stages,
     }
     aligned = {
@@ -90,6 +92,7 @@ def compile_case(case, capability):
         has_mma="mma.sync" in ptx,
         has_wgmma="wgmma" in ptx,
         has_cp_async="cp.async" in ptx,
+        has_tma="cp.async.bulk.tensor" in ptx,
         **ptxas_usage(ptxas_log.getvalue()),
     )
     return record
