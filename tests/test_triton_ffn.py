@@ -239,7 +239,8 @@ def test_every_gemm_loads_through_descriptors(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels", [768, 1600])  # GPT-2 small and XL
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
-def test_bfloat16_on_gpu(activation):
-    inputs = make_inputs((4, 257), 768, 3072, 768, torch.bfloat16, device="cuda")
+def test_bfloat16_on_gpu(activation, channels):
+    inputs = make_inputs((4, 257), channels, 4 * channels, channels, torch.bfloat16, device="cuda")
     check_against_reference(inputs, activation)

@@ -11,10 +11,12 @@ from fastgpt.activations import activation_forward
 from fastgpt.dispatch import triton_interpreter_enabled
 from fastgpt.ops import triton_gemm
 
-pytestmark = [
-    pytest.mark.skipif("triton" not in fastgpt.available_backends(), reason="Triton backend unavailable"),
-    pytest.mark.skipif(not triton_interpreter_enabled(), reason="interpreter-sized tiles and program count"),
-]
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends(), reason="Triton backend unavailable"
+)
+interpreter_only = pytest.mark.skipif(
+    not triton_interpreter_enabled(), reason="interpreter-sized tiles and program count"
+)
 
 # Ragged sizes that are multiples of 8, so fp16 rows are 16-byte aligned (TMA-describable): 72 rows
 # and 104 columns leave partial 32 x 32 tiles, 40 leaves a partial K step; 3 x 4 = 12 output tiles
@@ -24,14 +26,14 @@ LOADS = {"pointer": triton_gemm.POINTER.value, "descriptor": triton_gemm.DESCRIP
 LOADS["descriptor_t"] = triton_gemm.DESCRIPTOR_T.value
 
 
-def matrix(rows, columns, layout, dtype, scale=1.0):
+def matrix(rows, columns, layout, dtype, scale=1.0, device="cpu"):
     """A random (rows, columns) matrix: row-major, column-major, or rows one element longer than the
     matrix (an odd stride: TMA can describe neither it nor its transpose)."""
     if layout == "rows":
-        return (torch.randn(rows, columns) * scale).to(dtype)
+        return (torch.randn(rows, columns, device=device) * scale).to(dtype)
     if layout == "columns":
-        return (torch.randn(columns, rows) * scale).to(dtype).t()
-    return (torch.randn(rows, columns + 1) * scale).to(dtype)[:, :columns]
+        return (torch.randn(columns, rows, device=device) * scale).to(dtype).t()
+    return (torch.randn(rows, columns + 1, device=device) * scale).to(dtype)[:, :columns]
 
 
 def load_modes(a, b, c):
@@ -40,6 +42,7 @@ def load_modes(a, b, c):
     return args["A_LOAD"], args["B_LOAD"]
 
 
+@interpreter_only
 @pytest.mark.parametrize(
     "a_layout, b_layout, a_load, b_load",
     [
@@ -124,42 +127,50 @@ def epilogue_reference(inputs, spec, dtype):
     return out
 
 
-def run_epilogue(spec, dtype, a_layout, b_layout, rows=M):
+def run_epilogue(spec, dtype, a_layout, b_layout, shape, device):
     """Launch matmul with the epilogue `spec` on fresh random inputs; returns (inputs, outputs)."""
-    a = matrix(rows, K, a_layout, dtype)
-    b = matrix(K, N, b_layout, dtype, scale=K**-0.5)
+    rows, depth, columns = shape
+
+    def poisoned(*size, dtype=dtype):
+        return torch.full(size, float("nan"), dtype=dtype, device=device)
+
+    def random(*size, dtype=dtype):
+        return torch.randn(size, device=device).to(dtype)
+
+    a = matrix(rows, depth, a_layout, dtype, device=device)
+    b = matrix(depth, columns, b_layout, dtype, scale=depth**-0.5, device=device)
     inputs = {"a": a, "b": b}
-    outputs = {"c": torch.full((rows, N), float("nan"), dtype=dtype)}
+    outputs = {"c": poisoned(rows, columns)}
     options = {"activation": spec.get("activation"), "epilogue": spec.get("epilogue", "plain")}
     if spec.get("bias"):
-        inputs["bias"] = options["bias"] = torch.randn(N).to(dtype)
+        inputs["bias"] = options["bias"] = random(columns)
     if spec.get("residual"):
-        inputs["residual"] = options["residual"] = matrix(rows, N, "odd", dtype)
+        inputs["residual"] = options["residual"] = matrix(rows, columns, "odd", dtype, device=device)
     if spec.get("accumulate"):
-        inputs["accumulate"] = options["accumulate"] = torch.randn(rows, N)  # fp32
+        inputs["accumulate"] = options["accumulate"] = random(rows, columns, dtype=torch.float32)
     if spec.get("epilogue") == "store_preact":
-        outputs["aux"] = options["aux"] = torch.full((rows, N), float("nan"), dtype=dtype)
+        outputs["aux"] = options["aux"] = poisoned(rows, columns)
     if spec.get("epilogue") in ("grad_activation", "grad_and_activate"):
-        inputs["aux"] = options["aux"] = torch.randn(rows, N).to(dtype)
+        inputs["aux"] = options["aux"] = random(rows, columns)
     if spec.get("epilogue") == "grad_and_activate":
-        outputs["act_out"] = options["act_out"] = torch.full((rows, N), float("nan"), dtype=dtype)
+        outputs["act_out"] = options["act_out"] = poisoned(rows, columns)
     if spec.get("column_sums"):
-        partials = torch.zeros(triton_gemm.column_sums_rows(rows), N)
+        partials = torch.zeros(triton_gemm.column_sums_rows(rows), columns, device=device)
         options["column_sums"] = partials
     if spec.get("ones_row"):
         if spec.get("accumulate"):
-            inputs["bias_grad"] = torch.randn(N)  # fp32, read and rewritten
+            inputs["bias_grad"] = random(columns, dtype=torch.float32)  # read and rewritten
             outputs["bias_grad"] = options["bias_grad"] = inputs["bias_grad"].clone()
         else:
-            outputs["bias_grad"] = options["bias_grad"] = torch.full((N,), float("nan"), dtype=dtype)
+            outputs["bias_grad"] = options["bias_grad"] = poisoned(columns)
     triton_gemm.matmul(a, b, outputs["c"], **options)
     if spec.get("column_sums"):
-        outputs["column_sums"] = triton_gemm.sum_rows(partials, torch.full((N,), float("nan"), dtype=dtype))
+        outputs["column_sums"] = triton_gemm.sum_rows(partials, poisoned(columns))
     return inputs, outputs
 
 
-def check_epilogue(spec, dtype, a_layout="rows", b_layout="columns", rows=M):
-    inputs, outputs = run_epilogue(spec, dtype, a_layout, b_layout, rows)
+def check_epilogue(spec, dtype, a_layout="rows", b_layout="columns", shape=(M, K, N), device="cpu"):
+    inputs, outputs = run_epilogue(spec, dtype, a_layout, b_layout, shape, device)
     expected = epilogue_reference(inputs, spec, torch.float64)
     eager = epilogue_reference(inputs, spec, dtype)
     assert outputs.keys() == expected.keys()
@@ -188,6 +199,7 @@ EPILOGUES = {
 }
 
 
+@interpreter_only
 @pytest.mark.parametrize("name", list(EPILOGUES))
 @pytest.mark.parametrize(
     "dtype, a_layout, b_layout",
@@ -198,6 +210,7 @@ def test_epilogues(name, dtype, a_layout, b_layout):
     check_epilogue(EPILOGUES[name], dtype, a_layout, b_layout)
 
 
+@interpreter_only
 @pytest.mark.parametrize("subtiles", [1, 4])
 @pytest.mark.parametrize("name", ["grad_and_activate, column_sums", "accumulate, ones_row", "bias, residual"])
 def test_epilogue_slices(monkeypatch, subtiles, name):
@@ -206,11 +219,13 @@ def test_epilogue_slices(monkeypatch, subtiles, name):
     check_epilogue(EPILOGUES[name], torch.float32)
 
 
+@interpreter_only
 def test_ones_row_without_rows():
     """M = 0 with the ones row: the only output is the bias gradient, sum_k B[k, :]."""
-    check_epilogue(EPILOGUES["ones_row"], torch.float32, rows=0)
+    check_epilogue(EPILOGUES["ones_row"], torch.float32, shape=(0, K, N))
 
 
+@interpreter_only
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_split_k(split_k):
     """fp32 partials over ranges of K (with 3 splits of 2 K steps the last range is empty: zeros),
@@ -222,3 +237,38 @@ def test_split_k(split_k):
     assert_close("c", c, a.double() @ b.double(), (a @ b).float())
     with pytest.raises(ValueError, match="split-K partials"):
         triton_gemm.matmul(a, b, partials, split_k=split_k + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name, a_layout, b_layout",
+    [
+        ("store_preact", "rows", "columns"),  # the FFN's fc: x @ Wfc^T
+        ("bias, residual", "rows", "columns"),  # its proj
+        ("grad_and_activate, column_sums", "rows", "rows"),  # dH = dY @ Wproj
+        ("ones_row", "columns", "rows"),  # dWproj^T = act(h)^T @ dY
+        ("accumulate, ones_row", "columns", "rows"),  # cross-entropy's dW^T += x^T @ dlogits
+        ("plain", "columns", "columns"),  # both operands described through their transposes
+        ("activate", "odd", "odd"),  # pointer loads
+        ("grad_activation, column_sums", "odd", "columns"),  # one of each
+    ],
+)
+def test_bfloat16_on_gpu(name, a_layout, b_layout):
+    """bf16 through TMA (both orientations, on sm_90) and pointers, autotuned, at a size with more
+    tiles than SMs and partial tiles everywhere: 2056 x 3080 outputs, K = 776."""
+    check_epilogue(
+        EPILOGUES[name], torch.bfloat16, a_layout, b_layout, shape=(2056, 776, 3080), device="cuda"
+    )
+
+
+@pytest.mark.gpu
+def test_split_k_on_gpu():
+    a, b = (
+        matrix(1536, 50304, "rows", torch.bfloat16, device="cuda"),
+        matrix(50304, 768, "rows", torch.bfloat16, scale=50304**-0.5, device="cuda"),
+    )
+    split_k = triton_gemm.split_k_for(1536, 768, 50304, a.device)
+    partials = torch.full((split_k, 1536, 768), float("nan"), device="cuda")
+    triton_gemm.matmul(a, b, partials, split_k=split_k)
+    c = partials.sum(0)
+    assert_close("c", c, a.double() @ b.double(), (a @ b).float())
