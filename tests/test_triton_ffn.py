@@ -10,7 +10,7 @@ from tolerance import assert_close
 import fastgpt
 from fastgpt import reference
 from fastgpt.dispatch import triton_interpreter_enabled
-from fastgpt.ops import triton_ffn
+from fastgpt.ops import triton_ffn, triton_gemm
 
 pytestmark = pytest.mark.skipif(
     "triton" not in fastgpt.available_backends(), reason="Triton backend unavailable"
@@ -219,8 +219,28 @@ def test_interpreter_declines_bfloat16():
         fastgpt.fused_ffn(*inputs[:5], backend="triton")
 
 
+@pytest.mark.skipif(not triton_interpreter_enabled(), reason="the interpreter runs the descriptor path")
+def test_every_gemm_loads_through_descriptors(monkeypatch):
+    """With rows 16-byte aligned (as at GPT-2 sizes), all six GEMMs of the forward and backward read
+    both operands through TMA descriptors: act(h)^T for dWproj is a stored operand, like the others."""
+    loads = []
+    describe = triton_gemm.with_tensor_descriptors
+
+    def recording(args, *blocks):
+        described = describe(args, *blocks)
+        loads.append((described["A_LOAD"], described["B_LOAD"]))
+        return described
+
+    monkeypatch.setattr(triton_gemm, "with_tensor_descriptors", recording)
+    check_against_reference(make_inputs((2, 24), 32, 96, 40, torch.float32), "gelu_tanh")
+    gemm_count = 2 + 4  # forward, then backward (the reference runs no Triton)
+    assert len(loads) == gemm_count
+    assert all(triton_gemm.POINTER.value not in pair for pair in loads), loads
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels", [768, 1600])  # GPT-2 small and XL
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
-def test_bfloat16_on_gpu(activation):
-    inputs = make_inputs((4, 257), 768, 3072, 768, torch.bfloat16, device="cuda")
+def test_bfloat16_on_gpu(activation, channels):
+    inputs = make_inputs((4, 257), channels, 4 * channels, channels, torch.bfloat16, device="cuda")
     check_against_reference(inputs, activation)

@@ -54,6 +54,7 @@ class CompileCase:
     num_stages: int
     tensor_cores: bool  # True when the PTX must hold mma (sm_80) / mma or wgmma (sm_90)
     unaligned: frozenset = frozenset()  # integer arguments that are not multiples of 16 at this launch
+    tma: bool = False  # True when the PTX must hold TMA loads (cp.async.bulk.tensor): a descriptor argument
 
 
 def compile_case(case, capability):
@@ -65,6 +66,7 @@ def compile_case(case, capability):
         "name": case.name,
         "capability": capability,
         "tensor_cores_expected": case.tensor_cores,
+        "tma_expected": case.tma,
         "num_stages": case.num_stages,
     }
     aligned = {

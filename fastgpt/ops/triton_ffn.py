@@ -1,14 +1,15 @@
 """Fused feed-forward block in Triton: y = proj(act(fc(x))) (+ residual), forward and backward.
 
-Six GEMMs of the shared tiled kernel (`triton_gemm.matmul_kernel`), each with its elementwise work
-fused into a prologue or epilogue, so no activation-sized tensor makes an extra trip through memory:
+Six GEMMs of the shared persistent kernel (`triton_gemm.matmul_kernel`), each with its elementwise
+work fused into an epilogue, so no activation-sized tensor makes an extra trip through memory:
 
 forward   h, a = x @ Wfc^T + b_fc, act(h)      one epilogue writes both; h is kept for the backward
           y = a @ Wproj^T + b_proj (+ residual) a is dropped once y exists
-backward  dH = (dY @ Wproj) * act'(h)           dA lives only in registers; the same epilogue writes
-                                                 per-tile column sums of dH (db_fc partials)
-          dWproj^T = act(h)^T @ dY              act(h) recomputed as h's tiles load; a virtual row of
-                                                 ones under act(h)^T yields db_proj = sum_tokens dY
+backward  dH, a = (dY @ Wproj) * act'(h), act(h) dA lives only in registers; the epilogue that reads
+                                                 h for act'(h) also writes a = act(h) and per-tile
+                                                 column sums of dH (db_fc partials)
+          dWproj^T = a^T @ dY                   a read as a plain operand (through TMA on Hopper); a
+                                                 virtual row of ones under a^T yields db_proj = sum_tokens dY
           dWfc = dH^T @ x,  dx = dH @ Wfc
 
 Bias gradients therefore cost no pass over memory of their own: db_proj comes out of a tensor-core
@@ -16,6 +17,14 @@ GEMM (one extra output row, which usually fits in the last wave of tiles), and d
 (tokens / 64, hidden) fp32 partial buffer added up by `sum_rows`. Transposed operands are strided
 views; nothing is copied. Saved for the backward: x and h (plus the weights), i.e. (C + H) values a
 token, against (C + 2H) for eager F.linear -> gelu -> F.linear.
+
+Memory of the backward's act(h): rather than recompute act(h) from h in every K step of the dWproj
+GEMM (which would also keep a^T's tiles out of TMA's reach: they would have to pass through
+registers), the dH GEMM writes it once, into a (tokens, H) buffer in the input dtype that lives from
+the dH GEMM until dWproj has read it. That raises the backward's peak by tokens x H x element bytes
+(as much as dH itself: 48 MiB for 8192 tokens at GPT-2 small's H = 3072 in bf16, per layer, freed
+before the next layer's backward), and costs one extra write and read of it; nothing more is saved
+between forward and backward.
 """
 
 import torch
@@ -70,8 +79,9 @@ def ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, pro
     h2 = h.reshape(tokens, hidden)  # (M, H)
     dy2 = dy.reshape(tokens, out_features)  # (M, C_out)
 
-    # dH = (dY @ Wproj) * act'(h), with per-tile column sums of dH for db_fc.
+    # dH = (dY @ Wproj) * act'(h), with per-tile column sums of dH for db_fc, and act(h) for dWproj.
     dh = new_output((tokens, hidden), dtype, device)
+    activated = new_output((tokens, hidden), dtype, device)  # act(h): freed once dWproj has read it
     partial_fc_bias = (
         torch.zeros(column_sums_rows(tokens), hidden, dtype=torch.float32, device=device)
         if fc_bias_grad
@@ -82,22 +92,17 @@ def ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, pro
         proj_weight,
         dh,
         aux=h2,
+        act_out=activated,
         activation=activation,
-        epilogue="grad_activation",
+        epilogue="grad_and_activate",
         column_sums=partial_fc_bias,
     )
 
     # dWproj^T (H, C_out) = act(h)^T @ dY, written through dWproj's transposed view; the ones row gives db_proj.
     proj_weight_grad = new_output((out_features, hidden), dtype, device)
     proj_bias_grad_out = new_output((out_features,), dtype, device) if proj_bias_grad else None
-    matmul(
-        h2.t(),
-        dy2,
-        proj_weight_grad.t(),
-        activation=activation,
-        a_activation=True,
-        bias_grad=proj_bias_grad_out,
-    )
+    matmul(activated.t(), dy2, proj_weight_grad.t(), bias_grad=proj_bias_grad_out)
+    del activated
 
     fc_weight_grad = new_output((hidden, channels), dtype, device)
     matmul(dh.t(), x2, fc_weight_grad)  # dWfc (H, C) = dH^T @ x
@@ -261,22 +266,16 @@ def gpu_compile_cases(capability):
             w,
             meta(tokens, hidden, dtype=dtype),
             aux=h,
+            act_out=meta(tokens, hidden, dtype=dtype),
             activation="gelu_tanh",
-            epilogue="grad_activation",
+            epilogue="grad_and_activate",
             column_sums=sums,
         )
 
     def backward_proj_weight(dtype):
-        h, dy = meta(tokens, hidden, dtype=dtype), meta(tokens, channels, dtype=dtype)
+        activated, dy = meta(tokens, hidden, dtype=dtype), meta(tokens, channels, dtype=dtype)
         grad = meta(channels, hidden, dtype=dtype)
-        return matmul_arguments(
-            h.t(),
-            dy,
-            grad.t(),
-            activation="gelu_tanh",
-            a_activation=True,
-            bias_grad=meta(channels, dtype=dtype),
-        )
+        return matmul_arguments(activated.t(), dy, grad.t(), bias_grad=meta(channels, dtype=dtype))
 
     def backward_fc_weight(dtype):
         dh, x = meta(tokens, hidden, dtype=dtype), meta(tokens, channels, dtype=dtype)
@@ -285,8 +284,8 @@ def gpu_compile_cases(capability):
     variants = {
         "ffn fc+gelu_tanh": forward_fc("gelu_tanh"),
         "ffn proj+residual": forward_proj,
-        "ffn dH=dA*act'(h)": backward_dh,
-        "ffn dWproj^T=act(h)^T dY": backward_proj_weight,
+        "ffn dH=dA*act'(h), act(h)": backward_dh,
+        "ffn dWproj^T=act(h)^T dY, db": backward_proj_weight,
         "ffn dWfc=dH^T x": backward_fc_weight,
     }
     cases = [case for name, make in variants.items() for case in matmul_compile_cases(capability, name, make)]
