@@ -17,7 +17,7 @@
 #                                              # (on Hopper also the sm_90a forward's harness, attention_sm90)
 #   bash benchmarks/gpu_check.sh pack-cutlass  # before a loan, where nvidia-cutlass is installed: pack the
 #                                              # CUTLASS headers into build/cutlass-include.tar.gz to carry
-#   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn'; FFN at GPT-2 small and XL
+#   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn or gemm'; FFN at GPT-2 small and XL
 #   bash benchmarks/gpu_check.sh layer_norm    # tests matching 'layer_norm or layernorm'; LayerNorm GB/s
 #   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy'; vocab 50257
 #   bash benchmarks/gpu_check.sh gpt           # the training step's tests (eager, compile, CUDA graph,
@@ -89,6 +89,7 @@ done
 area_tests() {
   case "$1" in
     attention) echo "attention or decode" ;;
+    ffn) echo "ffn or gemm" ;;
     layer_norm) echo "layer_norm or layernorm" ;;
     gpt) echo "train_step or training_step or torch_compile or gpt" ;;
     *) echo "$1" ;;
