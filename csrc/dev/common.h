@@ -152,6 +152,18 @@ float benchmark_ms(int warmup, int repeats, F&& f) {
   return ms / repeats;
 }
 
+// Device-to-device copy bandwidth of 1 GiB, read + write, in GB/s: the memory-bound kernels' yardstick.
+inline float copy_bandwidth_gbps() {
+  const size_t bytes = size_t(1) << 30;
+  void *src, *dst;
+  cuda_check(cudaMalloc(&src, bytes));
+  cuda_check(cudaMalloc(&dst, bytes));
+  const float ms = benchmark_ms(2, 10, [&] { cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
+  cuda_check(cudaFree(src));
+  cuda_check(cudaFree(dst));
+  return static_cast<float>(2.0 * bytes / (ms * 1e-3) / 1e9);
+}
+
 // "--validate" skips the benchmarks (for compute-sanitizer runs).
 inline bool validate_only(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {

@@ -124,17 +124,6 @@ void benchmark(int rows, int vocab, float copy_gbps, std::mt19937& rng) {
   cuda_check(cudaFree(targets_device));
 }
 
-float copy_bandwidth_gbps() {
-  const size_t bytes = size_t(1) << 30;
-  void *src, *dst;
-  cuda_check(cudaMalloc(&src, bytes));
-  cuda_check(cudaMalloc(&dst, bytes));
-  const float ms = benchmark_ms(2, 10, [&] { cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
-  cuda_check(cudaFree(src));
-  cuda_check(cudaFree(dst));
-  return static_cast<float>(2.0 * bytes / (ms * 1e-3) / 1e9);  // read + write
-}
-
 int main(int argc, char** argv) {
   print_device();
   std::mt19937 rng(0);
