@@ -9,13 +9,19 @@ tag_compile_caches()  # so that torch.compile never reuses a graph compiled agai
 __version__ = "0.1.0"
 
 
-def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, backend="auto"):
+def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, loss=True, backend="auto"):
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place; see fastgpt.integrations.transformers.
     transformers is imported on the first call, so `import fastgpt` works without it."""
     from fastgpt.integrations.transformers import patch as patch_transformers
 
     return patch_transformers(
-        model, attention=attention, mlp=mlp, layer_norm=layer_norm, projections=projections, backend=backend
+        model,
+        attention=attention,
+        mlp=mlp,
+        layer_norm=layer_norm,
+        projections=projections,
+        loss=loss,
+        backend=backend,
     )
 
 

@@ -108,7 +108,7 @@ def test_padding_mask_is_routed_to_sdpa(attention_calls):
 
 def test_training_mode_dropout_matches_unpatched(attention_calls):
     hf = random_gpt2(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1).train()
-    patched = fastgpt.patch(copy.deepcopy(hf))
+    patched = fastgpt.patch(copy.deepcopy(hf), loss=False)  # the fused loss would leave logits None
     idx = torch.randint(0, VOCAB, (2, 16))
     torch.manual_seed(7)
     expected = hf(idx, labels=idx)
@@ -118,6 +118,53 @@ def test_training_mode_dropout_matches_unpatched(attention_calls):
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-6)
     assert (got.logits - hf.eval()(idx).logits).abs().max() > 1e-2  # dropout was active
+
+
+@pytest.mark.parametrize("labels_form", ["labels", "ignored labels", "num_items_in_batch", "shift_labels"])
+def test_fused_loss_matches_transformers_loss_and_gradients(labels_form):
+    """In training mode the patched loss is linear_cross_entropy on the hidden states: transformers'
+    loss (its label shift, ignore_index, num_items_in_batch and shift_labels) and every parameter's
+    gradient, with no logits formed."""
+    hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).train()
+    hf64 = copy.deepcopy(hf).double()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (3, 20))
+    labels = idx.clone()
+    kwargs = {}
+    if labels_form == "ignored labels":
+        labels[0, :5] = -100
+        labels[2, 7] = -100
+    elif labels_form == "num_items_in_batch":
+        kwargs["num_items_in_batch"] = torch.tensor(40)
+    elif labels_form == "shift_labels":
+        kwargs["shift_labels"] = torch.randint(0, VOCAB, (3, 20))
+    outputs = {}
+    for name, model in (("patched", patched), ("eager", hf), ("reference", hf64)):
+        out = model(idx, labels=labels, **kwargs)
+        out.loss.backward()
+        outputs[name] = out
+    assert outputs["patched"].logits is None and outputs["eager"].logits is not None
+    assert outputs["patched"].loss.dtype == torch.float32
+    mine, reference, eager = (outputs[name].loss.detach() for name in ("patched", "reference", "eager"))
+    assert_close("loss", mine, reference, eager)
+    eager_parameters = dict(hf.named_parameters())
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in hf64.named_parameters():
+        assert_close(
+            f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
+        )
+
+
+def test_fused_loss_leaves_other_calls_to_transformers():
+    hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 12))
+    evaluated = patched(idx, labels=idx)  # eval mode: logits wanted
+    torch.testing.assert_close(evaluated.logits, hf(idx).logits, rtol=0, atol=1e-5)
+    patched.train()
+    assert patched(idx).logits is not None  # no labels: no loss to fuse
+    as_tuple = patched(idx, labels=idx, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[1].shape == (2, 12, VOCAB)
 
 
 def test_patch_keeps_parameters_and_checkpoints(tmp_path):
@@ -139,10 +186,11 @@ def test_patch_keeps_parameters_and_checkpoints(tmp_path):
     torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm", "projections"])
+@pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm", "projections", "loss"])
 def test_each_part_patches_alone(part, attention_calls):
     hf = random_gpt2()
-    flags = {"attention": False, "mlp": False, "layer_norm": False, "projections": False} | {part: True}
+    flags = {"attention": False, "mlp": False, "layer_norm": False, "projections": False, "loss": False}
+    flags[part] = True
     patched = fastgpt.patch(copy.deepcopy(hf), **flags)
     mlp = patched.transformer.h[0].mlp
     assert ("forward" in vars(mlp)) == (part == "mlp")
@@ -150,6 +198,7 @@ def test_each_part_patches_alone(part, attention_calls):
     assert ("forward" in vars(patched.transformer.h[0].attn.c_attn)) == (part == "projections")
     assert ("forward" in vars(patched.lm_head)) == (part == "projections")
     assert (patched.config._attn_implementation == "fastgpt") == (part == "attention")
+    assert ("forward" in vars(patched)) == (part == "loss")
     idx = torch.randint(0, VOCAB, (2, 12))
     torch.testing.assert_close(patched(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
     assert attention_calls["fastgpt"] == (2 if part == "attention" else 0)

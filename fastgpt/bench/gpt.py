@@ -16,10 +16,11 @@ Providers, all holding the same weights (one randomly initialised transformers G
 
 Training step: forward, loss, backward and AdamW (fused on CUDA, the default on CPU; capturable for
 the graph-captured provider), then zero_grad(set_to_none=True). Weights, gradients and optimizer state
-are all in the run's dtype (pure bf16 on GPU, no autocast), the same for every provider. The transformers models' loss is
-F.cross_entropy on their float32-upcast logits (what their `labels=` path computes), over the same
-(input, target) pairs as the others. tokens/s = batch x seq / step time; % of peak is the model-FLOP
-utilisation (flops.gpt_train_flops) against the measured matmul peak.
+are all in the run's dtype (pure bf16 on GPU, no autocast), the same for every provider. The transformers
+models' loss is their `labels=` path (with `shift_labels`, over the same (input, target) pairs as the
+others): F.cross_entropy on float32-upcast logits unpatched, fastgpt.linear_cross_entropy patched.
+tokens/s = batch x seq / step time; % of peak is the model-FLOP utilisation (flops.gpt_train_flops)
+against the measured matmul peak.
 
 Generation: greedy (temperature 0) from `batch` prompts of `prompt` tokens to exactly `new_tokens` more
 (tokens/s = batch x new_tokens / time of the whole call, prefill included).
@@ -34,7 +35,6 @@ import copy
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.bench import flops as counts
@@ -127,9 +127,12 @@ def _hf_model(shape, seed):
 
 
 def _hf_loss(model):
+    """The loss as transformers users train: `labels=` (here `shift_labels=y`, so the targets are the
+    same (input, target) pairs as the other providers'). Unpatched, transformers upcasts its logits to
+    float32 for F.cross_entropy; patched, fastgpt.linear_cross_entropy forms no logits."""
+
     def loss(x, y):
-        logits = model(input_ids=x).logits  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return model(input_ids=x, labels=y, shift_labels=y).loss
 
     return loss
 

@@ -27,6 +27,14 @@ function with its mask, so a mask is never dropped.
   fastgpt.linear, which routes the few rows of a decode step (<= 16) to the cpu backend's kernel that
   streams each weight once (Conv1D's (in, out) weight read in place through its transposed view) and
   every other call to F.linear.
+- loss: a GPT2LMHeadModel in training mode called with `labels` takes its loss from
+  fastgpt.linear_cross_entropy on the last hidden states and the LM head's weight, so the (batch, seq,
+  vocab) logits and their float32 upcast are never formed, and `logits` in the output is None (as
+  Liger-Kernel's fused loss does). The loss is transformers' own: labels shifted inside the model (or
+  `shift_labels` used as given), ignore_index -100, the mean over kept tokens or the sum divided by
+  `num_items_in_batch` when the Trainer passes it. In eval mode, without labels, under autocast, with
+  `logits_to_keep`, `return_dict=False` or more than one positional argument, transformers' forward
+  runs unchanged.
 Only `forward` attributes of the module instances change; parameters stay the same objects, so
 optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
 LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
@@ -40,7 +48,7 @@ import torch
 from torch import nn
 
 from fastgpt.dispatch import BACKENDS
-from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear
+from fastgpt.functional import causal_attention, fused_ffn, layer_norm, linear, linear_cross_entropy
 from fastgpt.nn.weights import HF_ACTIVATIONS
 
 ATTENTION_NAME = "fastgpt"
@@ -158,6 +166,52 @@ def _layer_norm_forward(self, x):
     return layer_norm(x, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
 
 
+# transformers' causal-LM loss arguments, which GPT2LMHeadModel.forward passes on to its loss function.
+LOSS_ARGUMENTS = ("num_items_in_batch", "shift_labels", "ignore_index")
+IGNORE_INDEX = -100
+
+
+def _fused_loss_applies(model, args, labels, kwargs):
+    return (
+        model.training
+        and labels is not None
+        and len(args) <= 1
+        and not kwargs.get("logits_to_keep")
+        and kwargs.get("return_dict") is not False
+        and not torch.is_autocast_enabled(labels.device.type)
+    )
+
+
+def _causal_lm_forward(self, *args, labels=None, **kwargs):
+    """GPT2LMHeadModel.forward with the loss on fastgpt.linear_cross_entropy (see the module docstring)."""
+    if not _fused_loss_applies(self, args, labels, kwargs):
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.transformer(*args, **kwargs)
+    hidden = outputs.last_hidden_state  # (B, T, C)
+    if shift_labels is None:  # position t predicts label t + 1; the last position predicts nothing
+        hidden, shift_labels = hidden[..., :-1, :], labels[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = linear_cross_entropy(
+        hidden,
+        self.lm_head.weight,
+        shift_labels.to(hidden.device),
+        bias=self.lm_head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=self.fastgpt_backend,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    fields = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **fields)
+
+
 def _gpt2_classes():
     from transformers.models.gpt2 import modeling_gpt2
 
@@ -228,6 +282,12 @@ def _patch_projections(model, attention_class, backend):
         projection.forward = types.MethodType(_projection_forward, projection)
 
 
+def _patch_loss(model, backend):
+    if isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "transformer"):
+        model.fastgpt_backend = backend
+        model.forward = types.MethodType(_causal_lm_forward, model)
+
+
 def _patch_layer_norms(model, backend):
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
@@ -235,12 +295,12 @@ def _patch_layer_norms(model, backend):
             module.forward = types.MethodType(_layer_norm_forward, module)
 
 
-def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, backend="auto"):
+def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, loss=True, backend="auto"):
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place, and returns it.
 
     model: GPT2Model, GPT2LMHeadModel or another GPT-2 head (any GPT2PreTrainedModel).
-    attention / mlp / layer_norm / projections: which parts to patch. backend: the fastgpt backend for
-    all of them.
+    attention / mlp / layer_norm / projections / loss: which parts to patch (loss: a model with an LM
+    head). backend: the fastgpt backend for all of them.
     Calling patch again changes the backend. See the module docstring for what each part does.
     """
     pretrained_class, attention_class, mlp_class = _gpt2_classes()
@@ -250,7 +310,13 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True,
         )
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"fastgpt.patch: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    flags = (("attention", attention), ("mlp", mlp), ("layer_norm", layer_norm), ("projections", projections))
+    flags = (
+        ("attention", attention),
+        ("mlp", mlp),
+        ("layer_norm", layer_norm),
+        ("projections", projections),
+        ("loss", loss),
+    )
     for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"fastgpt.patch: {name} must be a bool (True or False), got {flag!r}")
@@ -262,4 +328,6 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True,
         _patch_layer_norms(model, backend)
     if projections:
         _patch_projections(model, attention_class, backend)
+    if loss:
+        _patch_loss(model, backend)
     return model
