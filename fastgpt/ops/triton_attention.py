@@ -1403,39 +1403,44 @@ def _tune_len(length):
 # Launchers
 
 
-def _describable(tensor):
-    """Whether TMA can address `tensor` (B, heads, T, D) through a descriptor with its own strides: a
-    16-byte aligned base, a unit feature stride, and positive strides of 16-byte multiples on every
-    other dimension it steps (a dimension of size 1 is never stepped, so its stride is free)."""
-    if tensor.data_ptr() % 16 or tensor.stride(-1) != 1:
-        return False
-    itemsize = tensor.element_size()
-    return all(
-        size == 1 or (stride > 0 and stride * itemsize % 16 == 0)
-        for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
-    )
-
-
 def _descriptor(tensor):
-    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides (those of size-1
-    dimensions, never stepped, replaced by an aligned one); its block is set per configuration
-    (_set_descriptor_blocks)."""
-    aligned = 16 // tensor.element_size()
-    strides = [
-        stride if size > 1 else aligned for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
-    ]
-    return TensorDescriptor(tensor, list(tensor.shape), [*strides, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
+    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides, or None where TMA cannot
+    address it. TMA needs a 16-byte aligned base, a unit feature stride, and positive strides of
+    16-byte multiples on every other dimension it steps; a dimension of size 1 is never stepped, so its
+    stride is free and the descriptor carries an aligned one. The block is set per configuration
+    (_set_descriptor_blocks, or the launcher of a single configuration)."""
+    strides = tensor.stride()
+    if tensor.data_ptr() % 16 or strides[-1] != 1:
+        return None
+    shape = list(tensor.shape)
+    itemsize = tensor.element_size()
+    described = []
+    for size, stride in zip(shape[:-1], strides[:-1]):
+        if size == 1:
+            described.append(16 // itemsize)
+        elif stride > 0 and stride * itemsize % 16 == 0:
+            described.append(stride)
+        else:
+            return None
+    return TensorDescriptor(tensor, shape, [*described, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
 
 
-def _uses_tma(tensors):
-    """Tensor descriptors where the hardware has TMA and every tensor is describable: sm_90 with 16-bit
-    inputs (float32 keeps its exact FMA kernel on the pointer path); the interpreter runs them for
-    every dtype, so the CPU tests check the code that runs on Hopper."""
+def _tma_operands(tensors):
+    """(True, their TensorDescriptors) where the hardware has TMA and every tensor is describable: sm_90
+    with 16-bit inputs (float32 keeps its exact FMA kernel on the pointer path); else (False, tensors).
+    The interpreter takes descriptors for every dtype, so the CPU tests check the code that runs on
+    Hopper."""
     if not INTERPRETER:
         capability = _capability(tensors[0].device.index)
         if capability not in TMA_CAPABILITIES or tensors[0].dtype == torch.float32:
-            return False
-    return all(_describable(tensor) for tensor in tensors)
+            return False, tensors
+    descriptors = []
+    for tensor in tensors:
+        descriptor = _descriptor(tensor)
+        if descriptor is None:
+            return False, tensors
+        descriptors.append(descriptor)
+    return True, tuple(descriptors)
 
 
 def _forward_programs(tiles, device, tma):
@@ -1462,11 +1467,10 @@ def attention_forward(q, k, v, softmax_scale):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_head_span(name, tensor)
     group = heads // kv_heads
-    tma = _uses_tma((q, k, v, out))
+    tma, tensors = _tma_operands((q, k, v, out))
     # The (batch, head) slices whose K and V fit KV_SECTION_BYTES together, whole GQA groups of them.
     slice_kv_bytes = 2 * kv_len * head_dim * k.element_size() // group
     section_heads = max(1, KV_SECTION_BYTES // max(slice_kv_bytes, 1) // group) * group
-    tensors = tuple(_descriptor(t) for t in (q, k, v, out)) if tma else (q, k, v, out)
     _launch(
         "forward",
         q,
@@ -1550,11 +1554,10 @@ def _preprocess(out, dout, delta, dq_acc):
 
 def _fused_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale):
     """dk and dv (contiguous), and the unscaled dQ added into dq_acc, in one launch; q, k, v and dout
-    through tensor descriptors where _uses_tma allows."""
+    through tensor descriptors where _tma_operands allows."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    tma = _uses_tma((q, k, v, dout))
-    tensors = tuple(_descriptor(t) for t in (q, k, v, dout)) if tma else (q, k, v, dout)
+    tma, tensors = _tma_operands((q, k, v, dout))
     _launch(
         "fused",
         q,
