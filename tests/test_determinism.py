@@ -5,7 +5,10 @@ cuda in the gpu-marked tests), at shapes whose reductions span several blocks, p
 attention with GQA (dK/dV summed over a group of query heads) over several key blocks; FFN and
 cross-entropy bias and weight gradients summed over several row tiles and chunks; LayerNorm weight
 gradients summed over several backward programs. Then a whole GPT training step (forward, backward,
-AdamW step) on each backend. No backend uses atomics; the reductions run in a fixed order.
+AdamW step) on each backend. Every test here runs under torch.use_deterministic_algorithms(True)
+(warn_only, so torch's own ops without a deterministic kernel only warn), as a user who wants
+repeatable results would: the Triton attention backward then takes its fixed-order kernels instead of
+the fused one, which adds dQ up with atomics. The reductions run in a fixed order.
 (Thread-count independence of the cpu backend is tested in test_cpu_attention.py / test_cpu_ops.py.)
 """
 
@@ -22,6 +25,17 @@ if torch.cuda.is_available():  # on a GPU machine triton runs on CUDA tensors, i
     CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
 GPU_BACKENDS = ["triton", "cuda"]
 REPEATS = 2
+
+
+@pytest.fixture(autouse=True)
+def deterministic_algorithms():
+    previous, previous_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
 def attention_case(device, dtype):

@@ -5,6 +5,7 @@ float16; bfloat16 and larger shapes run in the `gpu` tests. Every output and gra
 the FlashAttention tolerance rule against eager PyTorch in the same dtype.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -101,9 +102,9 @@ def test_packed_qkv_views_are_read_in_place(monkeypatch):
     dout = torch.randn_like(out)
     (dqkv,) = torch.autograd.grad(out, qkv, dout)
 
-    assert [name for name, _ in launched] == ["forward", "preprocess", "dkdv", "dq"]
+    assert [name for name, _ in launched] == ["forward", "preprocess", "fused", "cast"]
     for name, args in launched:
-        if name == "preprocess":
+        if name in ("preprocess", "cast"):
             continue
         for view, argument in zip((q, k, v), args[:3]):
             if isinstance(argument, TensorDescriptor):  # the forward's TMA path
@@ -141,12 +142,80 @@ def test_strided_output_gradient_and_transposed_inputs():
         assert_close(name, actual, expected, same_dtype)
 
 
-def test_gqa_gradients_are_deterministic():
-    """dK/dV sum over a GQA group inside one program, without atomics: bitwise repeatable."""
-    q, k, v = random_qkv(1, 4, 1, 70, 70, 32, torch.float32)
-    dout = torch.randn(1, 4, 70, 32, device=DEVICE)
-    first = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
-    second = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="stands in for a GPU on the interpreter")
+def test_gpu_launcher_runs_single_configurations_directly(monkeypatch):
+    """The GPU launcher, driven on the interpreter as if on sm_90: the preprocess, the fused backward
+    (float16 through descriptors, one candidate at head_dim 32) and the dQ cast each have one
+    configuration, so they launch without an autotuner, the descriptors' blocks set from it."""
+    q, k, v = random_qkv(1, 4, 2, 70, 90, 32, torch.float16)
+    out, lse = triton_attention.attention_forward(q.detach(), k.detach(), v.detach(), 0.2)
+    dout = torch.randn_like(out)
+    for name in ("preprocess", "fused", "cast"):
+        assert len(triton_attention.gpu_configs(name, 90, 32, torch.float16, name == "fused")) == 1
+    monkeypatch.setattr(triton_attention, "INTERPRETER", False)
+    monkeypatch.setattr(triton_attention, "_capability", lambda device_index: 90)
+    monkeypatch.setattr(triton.runtime.Autotuner, "run", None)  # no autotuner may run
+    launched = record_launches(monkeypatch)
+    grads = triton_attention.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
+    assert launched == ["preprocess", "fused", "cast"]
+    upcast = [leaf(t.double()) for t in (q, k, v)]
+    expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=0.2)
+    eager = attention_and_grads(reference.causal_attention, q, k, v, dout, softmax_scale=0.2)
+    for name, actual, exact, same_dtype in zip(("dq", "dk", "dv"), grads, expected[1:], eager[1:]):
+        assert_close(name, actual, exact.detach(), same_dtype.detach())
+
+
+@contextlib.contextmanager
+def torch_deterministic():
+    """torch.use_deterministic_algorithms(True) for the duration."""
+    previous, previous_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+
+
+def record_launches(monkeypatch):
+    """Patches the launcher to record the name of every kernel launched."""
+    names = []
+    original_launch = triton_attention._launch
+
+    def recording_launch(kernel_name, inputs, grid, *args, **constexprs):
+        names.append(kernel_name)
+        return original_launch(kernel_name, inputs, grid, *args, **constexprs)
+
+    monkeypatch.setattr(triton_attention, "_launch", recording_launch)
+    return names
+
+
+def test_backward_takes_the_fused_kernel_by_default(monkeypatch):
+    """One preprocess (delta, and the dQ accumulator zeroed), one fused dK/dV/dQ kernel, one dQ cast,
+    up to head_dim 128."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    launched = record_launches(monkeypatch)
+    check_against_reference(*random_qkv(1, 4, 2, 37, 50, 24, torch.float16))
+    assert launched == ["forward", "preprocess", "fused", "cast"]
+    launched.clear()  # head_dim 200 (padded to 256) takes the two-kernel backward: the fused one spills
+    check_against_reference(*random_qkv(1, 1, 1, 9, 12, 200, torch.float32))
+    assert launched == ["forward", "preprocess", "dkdv", "dq"]
+
+
+def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the two atomic-free kernels
+    (dK/dV summed over a GQA group inside one program, then dQ), matches the reference and repeats
+    bitwise; ragged lengths, q_len < kv_len and padded head_dim."""
+    launched = record_launches(monkeypatch)
+    q, k, v = random_qkv(1, 4, 1, 45, 70, 24, torch.float32)
+    dout = torch.randn(1, 4, 45, 24, device=DEVICE)
+    with torch_deterministic():
+        check_against_reference(q, k, v)
+        assert launched == ["forward", "preprocess", "dkdv", "dq"]
+        first = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
+        second = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -158,8 +227,11 @@ def test_other_block_geometries(monkeypatch):
     monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "forward", {"BLOCK_M": 16, "BLOCK_N": 32})
     monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "dkdv", {"BLOCK_M": 32, "BLOCK_N": 16})
     monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "dq", {"BLOCK_M": 16, "BLOCK_N": 32})
+    monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "fused", {"BLOCK_M": 32, "BLOCK_N": 16})
     check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
     check_against_reference(*random_qkv(1, 2, 2, 70, 70, 16, torch.float32))
+    with torch_deterministic():  # the dK/dV and dQ kernels of the deterministic path
+        check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
 
 
 def record_forward_paths(monkeypatch):

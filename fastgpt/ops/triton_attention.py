@@ -17,11 +17,18 @@ head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned,
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
 
-Backward: delta = rowsum(dO * O) first; then one program per block of BLOCK_N keys of a kv head
-accumulates dK and dV over the query blocks that see those keys, for every query head of its GQA
-group in turn (so the group's sum is formed in registers: no atomics, deterministic); then one
-program per block of queries accumulates dQ over the key blocks it sees. Both recompute
-P = exp2(scale * log2(e) * q.k - lse * log2(e)) from the saved logsumexp.
+Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
+accumulator; then one fused kernel, one program per block of BLOCK_N keys of a kv head, loops over
+the query blocks that see those keys, for every query head of its GQA group in turn, and per block
+recomputes P^T = exp2(scale * log2(e) * k.q - lse * log2(e)) from the saved logsumexp and forms
+dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - delta), dK += dS^T Q and this block's share of dQ,
+dS K, which it adds to the accumulator with atomics (five products); last, one kernel casts the
+accumulator, times softmax_scale, to the input dtype. On sm_90, 16-bit q, k, v and dO come in
+through tensor descriptors as in the forward. The atomics add in whatever order the programs run, so
+dQ may differ between calls in its last bits. When torch.are_deterministic_algorithms_enabled() (and
+at head_dim > 128, where the fused kernel spills), the backward takes two atomic-free kernels
+instead: one program per key block accumulates dK and dV (the GQA group's sum formed in registers),
+then one program per query block accumulates dQ over the key blocks it sees, in a fixed order.
 
 Float32 inputs order those steps differently, because rounding a scaled logit errs by up to half
 its ulp, and at logits of 30-60 that is up to 2.6e-6 relative in P, as much as eager's whole error,
@@ -79,6 +86,8 @@ INTERPRETER_CONFIGS = {
     "preprocess": {"BLOCK_M": 32},
     "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
     "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "fused": {"BLOCK_M": 16, "BLOCK_N": 32},
+    "cast": {"BLOCK": 1024},
 }
 
 # Programs of the forward's persistent grid under the interpreter: fewer than the tiles of most test
@@ -170,6 +179,24 @@ DQ_CONFIGS = {
     },
     "other": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 16, 8, 2)]},
 }
+# The fused backward (dK, dV and a share of dQ per key block): the dK/dV kernel's register budget plus
+# the (BLOCK_M, BLOCK_D) fp32 dQ product it adds to the accumulator with atomics. Figures as above
+# (bf16, Triton 3.9's ptxas). On sm_90 through descriptors: 64x128 at D=64 (250 regs, 81 KiB); at
+# D=128, 32x64 (248 regs, 72 KiB) spills nothing, and 64x128, the tile issue 20 asks for, is a second
+# candidate although it spills about 1.1 KiB (255 regs, 161 KiB; recorded in the spill ledger): the
+# autotuner keeps it only if it is the faster one on the GPU. 64x128 at 1 stage (1.1 KiB), 64x64
+# (320 bytes) and 32x128 (600 bytes) spill too. Through pointers (sm_90 fallback, sm_80, others) the
+# address registers leave less: 32x128 (213 regs) at D=64 and 16x64 (228 regs) at D=128 on sm_90;
+# on sm_80 32x64 at 4 warps (253 regs) for D=64, 32x64 (248) or 16x64 (236) at 8 warps for D=128.
+# Head dims over FUSED_MAX_BLOCK_D take the two-kernel backward: at D=256 every fused tile tried
+# spilled 2.7 KiB or more (16x64 and 32x64 on sm_90).
+FUSED_MAX_BLOCK_D = 128
+FUSED_CONFIGS = {
+    90: {64: [(32, 128, 8, 2)], 128: [(16, 64, 8, 2)]},
+    80: {64: [(32, 64, 4, 2)], 128: [(32, 64, 8, 2), (16, 64, 8, 2)]},
+    "other": {64: [(32, 64, 4, 2)], 128: [(16, 64, 8, 2)]},
+}
+FUSED_TMA_CONFIGS = {64: [(64, 128, 8, 2)], 128: [(32, 64, 8, 2), (64, 128, 8, 2)]}
 # float32 inputs take exact fp32 products ("ieee": FMA, no tensor cores), a correctness path rather
 # than a fast one. Four-byte elements double every tile, so one small tile per head size, unpipelined
 # (one stage), on any capability: at most 98 KiB of shared memory (D=256), under every limit above.
@@ -179,7 +206,12 @@ FLOAT32_CONFIGS = {
     "forward": {64: [(64, 32, 8, 2)], 128: [(64, 32, 8, 1)], 256: [(32, 32, 8, 1)]},
     "dkdv": {64: [(32, 64, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
     "dq": {64: [(64, 32, 8, 1)], 128: [(32, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+    "fused": {64: [(32, 64, 8, 1)], 128: [(16, 32, 8, 1)]},
 }
+# The dQ cast: an elementwise pass over the float32 accumulator, 8 float32 elements per thread per
+# step at 4 warps (two 16-byte loads), 2048 per program.
+CAST_CONFIG = {"BLOCK": 2048}
+CAST_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +519,7 @@ def _attention_backward_preprocess_kernel(
     Out,
     dOut,  # (B, H, Tq, D) forward output and its gradient, any strides
     Delta,  # output (B, H, Tq) float32, contiguous: rowsum(dO * O)
+    dQacc,  # None, or the fused backward's (B, H, Tq, D) float32 contiguous dQ accumulator, zeroed here
     stride_ob,
     stride_oh,
     stride_ot,
@@ -513,6 +546,14 @@ def _attention_backward_preprocess_kernel(
     o = _load_tile(o_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
     do = _load_tile(g_ptrs, rows_ok, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D).to(tl.float32)
     tl.store(Delta + batch_head.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=rows_ok)
+    if dQacc is not None:  # the same rows of the accumulator: no separate memset launch
+        rows = batch_head.to(tl.int64) * q_len + offs_m
+        acc_ptrs = dQacc + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(
+            acc_ptrs,
+            tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+            mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
 
 
 @triton.jit
@@ -901,11 +942,302 @@ def _attention_backward_dq_kernel(
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _backward_fused_inner(
+    dk,
+    dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
+    k,
+    v,  # (BLOCK_N, BLOCK_D) key and value tiles
+    Q,
+    dOut,  # descriptors (TMA) or pointers of q and dout
+    dq_base,  # pointer to row 0, feature 0 of this (batch, head) in the fp32 dQ accumulator (Tq, D), contiguous
+    lse_ptr,
+    delta_ptr,  # pointers to the row statistics of query 0 of this (batch, head)
+    batch,
+    head,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,  # q strides (the pointer path's)
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_gd,  # dout strides
+    offs_n,  # key positions (BLOCK_N,)
+    query_start,
+    query_end,  # the range of queries to visit, query_start a multiple of BLOCK_M
+    diag_offset,
+    q_len,
+    softmax_scale,
+    qk_scale,  # softmax_scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ON_DIAGONAL: tl.constexpr,  # the range crosses the diagonal: mask P
+    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(query_start, query_end, BLOCK_M):
+        queries = start_m + offs_m
+        rows_ok = queries < q_len
+        # Rows past q_len read as zeros (q, dO, lse, delta): they add exactly 0 to dK and dV, and their
+        # dQ is not stored.
+        q = _load_block(
+            Q,
+            batch,
+            head,
+            start_m,
+            q_len,
+            stride_qb,
+            stride_qh,
+            stride_qt,
+            stride_qd,
+            BLOCK_M,
+            HEAD_DIM,
+            BLOCK_D,
+            True,
+            TMA,
+        )  # (BLOCK_M, BLOCK_D)
+        lse = tl.load(lse_ptr + queries, mask=rows_ok, other=0.0)
+        lse_hi, lse_lo = _lse_terms(lse, softmax_scale, q.dtype == tl.float32)
+        # Keys along rows, as in the dK/dV kernel, so P^T and dS^T are the dK/dV products' A operands.
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = _probabilities(scores_t, lse_hi[None, :], lse_lo[None, :], qk_scale, q.dtype == tl.float32)
+        if ON_DIAGONAL:
+            p_t = tl.where(offs_n[:, None] <= queries[None, :] + diag_offset, p_t, 0.0)
+        do = _load_block(
+            dOut,
+            batch,
+            head,
+            start_m,
+            q_len,
+            stride_gb,
+            stride_gh,
+            stride_gt,
+            stride_gd,
+            BLOCK_M,
+            HEAD_DIM,
+            BLOCK_D,
+            True,
+            TMA,
+        )  # (BLOCK_M, BLOCK_D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_ptr + queries, mask=rows_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        # This key block's share of dQ (unscaled: the cast kernel applies softmax_scale), added to the
+        # float32 accumulator that every key block of the row's range adds to.
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D) fp32
+        # Offsets in int32 from the block's first row: int64 ones per element cost registers (at 64x128
+        # and D=128 on sm_90, 84 more bytes spilled).
+        dq_ptrs = dq_base + start_m * HEAD_DIM + (offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+        if HEAD_DIM == BLOCK_D:
+            tl.atomic_add(dq_ptrs, dq, mask=rows_ok[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_fused_kernel(
+    Q,
+    K,
+    V,
+    dOut,  # (B, H, Tq, D), (B, Hkv, Tk, D) x 2, (B, H, Tq, D): TensorDescriptors (TMA) or pointers
+    Lse,
+    Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
+    dK,
+    dV,  # outputs (B, Hkv, Tk, D) in k's dtype, contiguous
+    dQacc,  # (B, H, Tq, D) float32, contiguous, zeroed: the unscaled dQ, summed over key blocks by atomics
+    softmax_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,  # q strides (the pointer path's; descriptors carry their own)
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,  # k strides
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,  # v strides
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_gd,  # dout strides
+    batch_kv_heads,  # B * Hkv
+    heads,  # H
+    group,  # H // Hkv
+    q_len,
+    kv_len,
+    tune_len,  # next power of two of Tk, an autotune key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per iteration
+    BLOCK_N: tl.constexpr,  # keys per program
+    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # Q, K, V, dOut are TensorDescriptors with blocks (1, 1, BLOCK_M or BLOCK_N, BLOCK_D)
+):
+    # 1-D grid of (key block, batch * kv head), key block major: the first key blocks of every slice
+    # are seen by the most queries and run first, and programs running together work on different
+    # slices, so their atomic additions to dQ seldom meet.
+    batch_kv_head = tl.program_id(0) % batch_kv_heads
+    start_n = tl.program_id(0) // batch_kv_heads * BLOCK_N
+    kv_heads = heads // group
+    batch = batch_kv_head // kv_heads
+    kv_head = batch_kv_head % kv_heads
+
+    k = _load_block(
+        K,
+        batch,
+        kv_head,
+        start_n,
+        kv_len,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        BLOCK_N,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+        TMA,
+    )  # (BLOCK_N, BLOCK_D)
+    v = _load_block(
+        V,
+        batch,
+        kv_head,
+        start_n,
+        kv_len,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        BLOCK_N,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+        TMA,
+    )  # (BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+
+    diag_offset = kv_len - q_len
+    # As in the dK/dV kernel: query blocks before query_start see none of these keys, those from
+    # full_start on see all of them.
+    query_start = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
+    full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+    full_start = tl.minimum(full_start, q_len)
+    for member in range(group):
+        head = kv_head * group + member
+        batch_head = (batch * heads + head).to(tl.int64)
+        row_stats = batch_head * q_len
+        dq_base = dQacc + row_stats * HEAD_DIM
+        dk, dv = _backward_fused_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            dOut,
+            dq_base,
+            Lse + row_stats,
+            Delta + row_stats,
+            batch,
+            head,
+            stride_qb,
+            stride_qh,
+            stride_qt,
+            stride_qd,
+            stride_gb,
+            stride_gh,
+            stride_gt,
+            stride_gd,
+            offs_n,
+            query_start,
+            full_start,
+            diag_offset,
+            q_len,
+            softmax_scale,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            True,
+            DOT_PRECISION,
+            TMA,
+        )
+        dk, dv = _backward_fused_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            dOut,
+            dq_base,
+            Lse + row_stats,
+            Delta + row_stats,
+            batch,
+            head,
+            stride_qb,
+            stride_qh,
+            stride_qt,
+            stride_qd,
+            stride_gb,
+            stride_gh,
+            stride_gt,
+            stride_gd,
+            offs_n,
+            full_start,
+            q_len,
+            diag_offset,
+            q_len,
+            softmax_scale,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            False,
+            DOT_PRECISION,
+            TMA,
+        )
+
+    dk *= softmax_scale  # d(scores)/dk = softmax_scale * q
+    offs_d = tl.arange(0, BLOCK_D)
+    # dK and dV are contiguous (B, Hkv, Tk, D): row r of this slice sits at (slice * Tk + r) * D.
+    out_offsets = (batch_kv_head.to(tl.int64) * kv_len + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    store_mask = (offs_n < kv_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dK + out_offsets, dk.to(dK.dtype.element_ty), mask=store_mask)
+    tl.store(dV + out_offsets, dv.to(dV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _attention_backward_dq_cast_kernel(
+    dQacc,  # (B, H, Tq, D) float32, contiguous: the fused kernel's unscaled dQ
+    dQ,  # output (B, H, Tq, D) in q's dtype, contiguous
+    softmax_scale,
+    numel,  # B * H * Tq * D
+    BLOCK: tl.constexpr,  # elements per program
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < numel
+    dq = tl.load(dQacc + offsets, mask=in_range) * softmax_scale  # d(scores)/dq = softmax_scale * k
+    tl.store(dQ + offsets, dq.to(dQ.dtype.element_ty), mask=in_range)
+
+
 KERNELS = {
     "forward": _attention_forward_kernel,
     "preprocess": _attention_backward_preprocess_kernel,
     "dkdv": _attention_backward_dkdv_kernel,
     "dq": _attention_backward_dq_kernel,
+    "fused": _attention_backward_fused_kernel,
+    "cast": _attention_backward_dq_cast_kernel,
 }
 
 
@@ -927,12 +1259,16 @@ def gpu_configs(kernel_name, capability, block_d, dtype, tma=False):
             triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
             for block_m, warps in PREPROCESS_CONFIGS[head_dims]
         ]
+    if kernel_name == "cast":
+        return [triton.Config(CAST_CONFIG, num_warps=CAST_WARPS, num_stages=1)]
     if tma:
-        table, pre_hook = FORWARD_TMA_CONFIGS, _set_descriptor_blocks
+        table = {"forward": FORWARD_TMA_CONFIGS, "fused": FUSED_TMA_CONFIGS}[kernel_name]
+        pre_hook = _set_descriptor_blocks
     elif dtype == torch.float32:
         table, pre_hook = FLOAT32_CONFIGS[kernel_name], None
     else:
-        tables = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel_name]
+        tables = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "fused": FUSED_CONFIGS}
+        tables = tables[kernel_name]
         table, pre_hook = tables.get(capability, tables["other"]), None
     return [
         triton.Config(
@@ -943,35 +1279,72 @@ def gpu_configs(kernel_name, capability, block_d, dtype, tma=False):
 
 
 def _set_descriptor_blocks(nargs):
-    """Give the forward's descriptors the blocks of the configuration about to launch (the autotuner
+    """Give a kernel's descriptors the blocks of the configuration about to launch (the autotuner
     calls this before each launch, so descriptors built once serve every candidate)."""
     for name, block in _descriptor_blocks(nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]).items():
-        nargs[name].block_shape = block
+        if isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = block
 
 
 def _descriptor_blocks(block_m, block_n, block_d):
-    """The block of each forward descriptor: one (batch, head), a tile of rows, the padded features."""
+    """The block of each descriptor a kernel may take: one (batch, head), a tile of rows (BLOCK_M of
+    the query-side tensors, BLOCK_N of the key-side ones), the padded features."""
     return {
         "Q": [1, 1, block_m, block_d],
         "K": [1, 1, block_n, block_d],
         "V": [1, 1, block_n, block_d],
         "Out": [1, 1, block_m, block_d],
+        "dOut": [1, 1, block_m, block_d],
     }
 
 
 # Autotune keys: the length's octave (the dtype is added by Triton; the head size and capability
 # select the autotuner itself).
-AUTOTUNE_KEYS = {"forward": ["tune_len"], "preprocess": [], "dkdv": ["tune_len"], "dq": ["tune_len"]}
+AUTOTUNE_KEYS = {
+    "forward": ["tune_len"],
+    "preprocess": [],
+    "dkdv": ["tune_len"],
+    "dq": ["tune_len"],
+    "fused": ["tune_len"],
+    "cast": [],
+}
+# Outputs accumulated with atomics, which the autotuner must zero before each candidate and once more
+# before the launch that keeps its result.
+ACCUMULATED_OUTPUTS = {"fused": ["dQacc"]}
 
 
 @functools.cache
-def _autotuned(kernel_name, capability, block_d, dtype, tma):
-    """An autotuner over gpu_configs, built on first use per (kernel, capability, head size, dtype,
-    descriptors or pointers). Every kernel overwrites its outputs completely and accumulates only in
-    registers, so re-running a kernel while tuning cannot corrupt results: no reset_to_zero or
-    restore_value is needed."""
+def _launcher(kernel_name, capability, block_d, dtype, tma):
+    """launch(grid, args, constexprs) of one kernel on a GPU, built on first use per (kernel,
+    capability, head size, dtype, descriptors or pointers). Several candidates go through an
+    autotuner; a single one is launched directly, without the autotuner's work on every call.
+    Kernels other than the fused backward overwrite their outputs and accumulate in registers, so
+    re-running them while tuning cannot corrupt results; the fused backward's dQ accumulator is
+    reset between candidates (ACCUMULATED_OUTPUTS)."""
     configs = gpu_configs(kernel_name, capability, block_d, dtype, tma)
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEYS[kernel_name])(KERNELS[kernel_name])
+    kernel = KERNELS[kernel_name]
+    if len(configs) > 1:
+        tuner = triton.autotune(
+            configs=configs,
+            key=AUTOTUNE_KEYS[kernel_name],
+            reset_to_zero=ACCUMULATED_OUTPUTS.get(kernel_name),
+        )(kernel)
+        return lambda grid, args, constexprs: tuner[grid](*args, **constexprs)
+    (config,) = configs
+    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    # The descriptors' blocks follow from this configuration: (argument position, block) of each.
+    blocks = _descriptor_blocks(config.kwargs.get("BLOCK_M"), config.kwargs.get("BLOCK_N"), block_d)
+    descriptor_blocks = [
+        (kernel.arg_names.index(name), block) for name, block in blocks.items() if name in kernel.arg_names
+    ]
+
+    def launch(grid, args, constexprs):
+        if tma:
+            for position, block in descriptor_blocks:
+                args[position].block_shape = block
+        kernel[grid(config.kwargs)](*args, **constexprs, **options)
+
+    return launch
 
 
 @functools.cache
@@ -998,12 +1371,22 @@ def _launch(kernel_name, inputs, grid, *args, **constexprs):
         KERNELS[kernel_name][grid(config)](*args, **constexprs, **config)
     else:
         capability = _capability(inputs.device.index)
-        kernel = _autotuned(kernel_name, capability, constexprs["BLOCK_D"], inputs.dtype, tma)
-        kernel[grid](*args, **constexprs)
+        block_d = constexprs.get("BLOCK_D", MIN_BLOCK_D)  # the cast kernel has none: one configuration
+        _launcher(kernel_name, capability, block_d, inputs.dtype, tma)(grid, args, constexprs)
+
+
+def _cdiv(numerator, denominator):
+    """Host-side ceil division (triton.cdiv is a constexpr function in Triton 3.9, with its own cost on
+    every call)."""
+    return -(numerator // -denominator)
+
+
+def _next_power_of_2(value):
+    return 1 << (value - 1).bit_length()
 
 
 def _block_d(head_dim):
-    return max(MIN_BLOCK_D, triton.next_power_of_2(head_dim))
+    return max(MIN_BLOCK_D, _next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype):
@@ -1013,46 +1396,51 @@ def _dot_precision(dtype):
 
 
 def _tune_len(length):
-    return triton.next_power_of_2(max(length, 16))
+    return _next_power_of_2(max(length, 16))
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
 
-def _describable(tensor):
-    """Whether TMA can address `tensor` (B, heads, T, D) through a descriptor with its own strides: a
-    16-byte aligned base, a unit feature stride, and positive strides of 16-byte multiples on every
-    other dimension it steps (a dimension of size 1 is never stepped, so its stride is free)."""
-    if tensor.data_ptr() % 16 or tensor.stride(-1) != 1:
-        return False
-    itemsize = tensor.element_size()
-    return all(
-        size == 1 or (stride > 0 and stride * itemsize % 16 == 0)
-        for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
-    )
-
-
 def _descriptor(tensor):
-    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides (those of size-1
-    dimensions, never stepped, replaced by an aligned one); its block is set per configuration
-    (_set_descriptor_blocks)."""
-    aligned = 16 // tensor.element_size()
-    strides = [
-        stride if size > 1 else aligned for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])
-    ]
-    return TensorDescriptor(tensor, list(tensor.shape), [*strides, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
+    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides, or None where TMA cannot
+    address it. TMA needs a 16-byte aligned base, a unit feature stride, and positive strides of
+    16-byte multiples on every other dimension it steps; a dimension of size 1 is never stepped, so its
+    stride is free and the descriptor carries an aligned one. The block is set per configuration
+    (_set_descriptor_blocks, or the launcher of a single configuration)."""
+    strides = tensor.stride()
+    if tensor.data_ptr() % 16 or strides[-1] != 1:
+        return None
+    shape = list(tensor.shape)
+    itemsize = tensor.element_size()
+    described = []
+    for size, stride in zip(shape[:-1], strides[:-1]):
+        if size == 1:
+            described.append(16 // itemsize)
+        elif stride > 0 and stride * itemsize % 16 == 0:
+            described.append(stride)
+        else:
+            return None
+    return TensorDescriptor(tensor, shape, [*described, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
 
 
-def _forward_uses_tma(tensors):
-    """Tensor descriptors where the hardware has TMA and every tensor is describable: sm_90 with 16-bit
-    inputs (float32 keeps its exact FMA kernel on the pointer path); the interpreter runs them for
-    every dtype, so the CPU tests check the code that runs on Hopper."""
+def _tma_operands(tensors):
+    """(True, their TensorDescriptors) where the hardware has TMA and every tensor is describable: sm_90
+    with 16-bit inputs (float32 keeps its exact FMA kernel on the pointer path); else (False, tensors).
+    The interpreter takes descriptors for every dtype, so the CPU tests check the code that runs on
+    Hopper."""
     if not INTERPRETER:
         capability = _capability(tensors[0].device.index)
         if capability not in TMA_CAPABILITIES or tensors[0].dtype == torch.float32:
-            return False
-    return all(_describable(tensor) for tensor in tensors)
+            return False, tensors
+    descriptors = []
+    for tensor in tensors:
+        descriptor = _descriptor(tensor)
+        if descriptor is None:
+            return False, tensors
+        descriptors.append(descriptor)
+    return True, tuple(descriptors)
 
 
 def _forward_programs(tiles, device, tma):
@@ -1079,15 +1467,14 @@ def attention_forward(q, k, v, softmax_scale):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_head_span(name, tensor)
     group = heads // kv_heads
-    tma = _forward_uses_tma((q, k, v, out))
+    tma, tensors = _tma_operands((q, k, v, out))
     # The (batch, head) slices whose K and V fit KV_SECTION_BYTES together, whole GQA groups of them.
     slice_kv_bytes = 2 * kv_len * head_dim * k.element_size() // group
     section_heads = max(1, KV_SECTION_BYTES // max(slice_kv_bytes, 1) // group) * group
-    tensors = tuple(_descriptor(t) for t in (q, k, v, out)) if tma else (q, k, v, out)
     _launch(
         "forward",
         q,
-        lambda meta: (_forward_programs(triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads, q.device, tma),),
+        lambda meta: (_forward_programs(_cdiv(q_len, meta["BLOCK_M"]) * batch * heads, q.device, tma),),
         *tensors,
         lse,
         softmax_scale,
@@ -1112,9 +1499,11 @@ def attention_forward(q, k, v, softmax_scale):
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     """Gradients of attention_forward: (dq (B, H, Tq, D), dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, D)), in the
-    inputs' dtype. dout and out are (B, H, Tq, D) in any strides; lse is attention_forward's."""
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    inputs' dtype. dout and out are (B, H, Tq, D) in any strides; lse is attention_forward's.
+    The fused kernel, whose dQ is summed with atomics (bitwise results may vary between calls), unless
+    torch.are_deterministic_algorithms_enabled() or head_dim > FUSED_MAX_BLOCK_D: then the separate dK/dV
+    and dQ kernels, in a fixed order."""
+    batch, heads, q_len = q.shape[:3]
     dq = new_output(q.shape, q.dtype, q.device)  # (B, H, Tq, D)
     dk = new_output(k.shape, k.dtype, k.device)  # (B, Hkv, Tk, D)
     dv = new_output(v.shape, v.dtype, v.device)  # (B, Hkv, Tk, D)
@@ -1123,29 +1512,95 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     if dq.numel() == 0:  # no query sees any key (q_len == 0): the gradients are zero
         return dq, dk.zero_(), dv.zero_()
     check_head_span("the output gradient", dout)
-    block_d = _block_d(head_dim)
-    group = heads // kv_heads
     delta = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
+    if torch.are_deterministic_algorithms_enabled() or _block_d(q.shape[-1]) > FUSED_MAX_BLOCK_D:
+        _preprocess(out, dout, delta, None)
+        _deterministic_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale)
+    else:
+        dq_acc = new_output(q.shape, torch.float32, q.device)  # (B, H, Tq, D), zeroed by the preprocess
+        _preprocess(out, dout, delta, dq_acc)
+        _fused_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
+        _launch(
+            "cast",
+            q,
+            lambda meta: (_cdiv(dq.numel(), meta["BLOCK"]),),
+            dq_acc,
+            dq,
+            softmax_scale,
+            dq.numel(),
+        )
+    return dq, dk, dv
+
+
+def _preprocess(out, dout, delta, dq_acc):
+    """delta = rowsum(dout * out); zeroes dq_acc (the fused backward's accumulator) unless it is None."""
+    batch, heads, q_len, head_dim = out.shape
     _launch(
         "preprocess",
-        q,
-        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        out,
+        lambda meta: (_cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
         out,
         dout,
         delta,
+        dq_acc,
         *out.stride(),
         *dout.stride(),
         heads,
         q_len,
         HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
+        BLOCK_D=_block_d(head_dim),
     )
+
+
+def _fused_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale):
+    """dk and dv (contiguous), and the unscaled dQ added into dq_acc, in one launch; q, k, v and dout
+    through tensor descriptors where _tma_operands allows."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    tma, tensors = _tma_operands((q, k, v, dout))
+    _launch(
+        "fused",
+        q,
+        lambda meta: (_cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
+        *tensors,
+        lse,
+        delta,
+        dk,
+        dv,
+        dq_acc,
+        softmax_scale,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        batch * kv_heads,
+        heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        _tune_len(kv_len),
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        TMA=tma,
+    )
+
+
+def _deterministic_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale):
+    """dk and dv by one kernel (a GQA group summed in registers), dq by another: no atomics."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(q.dtype)}
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": _block_d(head_dim),
+        "DOT_PRECISION": _dot_precision(q.dtype),
+    }
     _launch(
         "dkdv",
         q,
-        lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
+        lambda meta: (_cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,),
         q,
         k,
         v,
@@ -1168,7 +1623,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     _launch(
         "dq",
         q,
-        lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
+        lambda meta: (_cdiv(q_len, meta["BLOCK_M"]) * batch * heads,),
         q,
         k,
         v,
@@ -1186,7 +1641,6 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
         _tune_len(kv_len),
         **constexprs,
     )
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1261,7 +1715,7 @@ def unsupported_reason(op, head_dim=None, **facts):
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Pointer arguments that are always float32 (softmax statistics); other pointers have the input dtype.
-FLOAT32_POINTERS = {"Lse", "Delta"}
+FLOAT32_POINTERS = {"Lse", "Delta", "dQacc"}
 POINTERS = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
 FLOAT_SCALARS = {"softmax_scale"}
 
@@ -1296,9 +1750,11 @@ def unit_feature_strides(kernel):
 
 def gpu_compile_cases(capability):
     """One CompileCase per (kernel, autotune configuration, dtype, head size) launched on a GPU of
-    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256. On a TMA capability the
-    forward is compiled as it launches there, through descriptors (whose block shapes a launch takes
-    from the configuration), and its pointer fallback in bf16. The float32
+    this capability: bf16 and fp16 at head_dim 64 and 128, and bf16 at 256 (the dQ cast, which has no
+    head size, once per dtype). On a TMA capability the forward and the fused backward are compiled as
+    they launch there, through descriptors (whose block shapes a launch takes from the
+    configuration), and their pointer fallbacks in bf16. The preprocess is compiled as the fused
+    backward launches it, zeroing the dQ accumulator. The float32
     path is left out: its FMA kernels take 6-20 s each to compile, too slow for CI (its D=256 tiles
     were compiled for sm_80 and sm_90 when they were chosen: at most 98 KiB of shared memory)."""
     shapes = [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16) for head_dim in (64, 128)]
@@ -1307,8 +1763,12 @@ def gpu_compile_cases(capability):
     for dtype, head_dim in shapes:
         block_d = _block_d(head_dim)
         for kernel_name, kernel in KERNELS.items():
+            if kernel_name == "cast" and head_dim != 64:
+                continue
+            if kernel_name == "fused" and block_d > FUSED_MAX_BLOCK_D:
+                continue
             paths = [False]
-            if kernel_name == "forward" and capability in TMA_CAPABILITIES:
+            if kernel_name in ("forward", "fused") and capability in TMA_CAPABILITIES:
                 paths = [True, False] if dtype == torch.bfloat16 else [True]
             for tma in paths:
                 for config in gpu_configs(kernel_name, capability, block_d, dtype, tma):
@@ -1318,26 +1778,38 @@ def gpu_compile_cases(capability):
 
 def _compile_case(kernel_name, kernel, config, dtype, head_dim, tma):
     block_d = _block_d(head_dim)
+    blocks = "x".join(str(value) for value in config.kwargs.values())
+    warps_stages = f"w{config.num_warps} s{config.num_stages}"
+    if kernel_name == "cast":
+        return CompileCase(
+            name=f"attention_cast {TRITON_TYPES[dtype]} {blocks} {warps_stages}",
+            kernel=kernel,
+            signature=_signature(kernel, dtype, config.kwargs),
+            constexprs=dict(config.kwargs),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            tensor_cores=False,
+        )
     constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_D=block_d)
     constexprs.update(unit_feature_strides(kernel))
     if kernel_name != "preprocess":
         constexprs["DOT_PRECISION"] = _dot_precision(dtype)
     descriptor_blocks = None
-    if kernel_name == "forward":
+    if kernel_name in ("forward", "fused"):
         constexprs["TMA"] = tma
         if tma:
-            descriptor_blocks = _descriptor_blocks(
-                config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], block_d
-            )
-    blocks = "x".join(str(value) for value in config.kwargs.values())
+            blocks_by_name = _descriptor_blocks(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], block_d)
+            descriptor_blocks = {
+                name: blocks_by_name[name] for name in kernel.arg_names if name in blocks_by_name
+            }
     path = " tma" if tma else ""
     return CompileCase(
-        name=f"attention_{kernel_name}{path} {TRITON_TYPES[dtype]} D={head_dim} {blocks} "
-        f"w{config.num_warps} s{config.num_stages}",
+        name=f"attention_{kernel_name}{path} {TRITON_TYPES[dtype]} D={head_dim} {blocks} {warps_stages}",
         kernel=kernel,
         signature=_signature(kernel, dtype, constexprs, descriptor_blocks),
         constexprs=constexprs,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         tensor_cores=kernel_name != "preprocess",
+        tma=tma,
     )
