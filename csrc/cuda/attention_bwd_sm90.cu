@@ -27,8 +27,8 @@
 //   At the end, dK (times softmax_scale) and dV are stored from registers.
 // What it does not have (yet): the next step's S^T is not issued before this step's dK/dV/dQ GEMMs
 // have finished (no intra-warpgroup overlap), the two warpgroups do not ping-pong, dQ's atomics are
-// element-wise red.global.add.f32 rather than a TMA reduce-add of a shared-memory tile, and dK/dV are
-// stored element by element rather than by TMA.
+// 8-byte red.global.add.v2.f32 from registers rather than a TMA reduce-add of a shared-memory tile, and
+// dK/dV are stored from registers as 32-bit pairs rather than staged for a TMA store.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -422,13 +422,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   // dK = softmax_scale * sum dS^T Q and dV, stored for keys below kv_len.
   T* dk_rows = head_rows<T>(p.dk, batch, kv_head) + static_cast<int64_t>(k0) * p.dk.row_stride;
   T* dv_rows = head_rows<T>(p.dv, batch, kv_head) + static_cast<int64_t>(k0) * p.dv.row_stride;
+  // Registers 2j and 2j + 1 are adjacent columns of one key (an even column; row strides are multiples
+  // of 8 elements): one 32-bit store a pair.
+  auto pack = [](float low, float high) {
+    T pair[2] = {static_cast<T>(low), static_cast<T>(high)};
+    return *reinterpret_cast<const uint32_t*>(pair);
+  };
   CUTE_UNROLL
-  for (int i = 0; i < size(tdKrdK); ++i) {
+  for (int i = 0; i < size(tdKrdK); i += 2) {
     const int key = get<0>(tdKcdK(i));
     const int column = get<1>(tdKcdK(i));
     if (k0 + key < p.kv_len) {
-      dk_rows[key * p.dk.row_stride + column] = static_cast<T>(tdKrdK(i) * p.softmax_scale);
-      dv_rows[key * p.dv.row_stride + column] = static_cast<T>(tdVrdV(i));
+      *reinterpret_cast<uint32_t*>(dk_rows + key * p.dk.row_stride + column) =
+          pack(tdKrdK(i) * p.softmax_scale, tdKrdK(i + 1) * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv_rows + key * p.dv.row_stride + column) = pack(tdVrdV(i), tdVrdV(i + 1));
     }
   }
 #elif defined(__CUDA_ARCH__)

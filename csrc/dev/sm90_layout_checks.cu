@@ -16,7 +16,7 @@ And for the backward (csrc/cuda/attention_bwd_sm90.cu), whose S^T and dP^T tiles
   - registers 2j and 2j + 1 of S^T are one key's adjacent queries, 4-byte aligned and adjacent in dS^T's
     shared-memory layout (one 32-bit store), and swizzled_byte_offset matches CuTe's tensor addressing;
   - dQ's registers 2j and 2j + 1 are adjacent columns of one row, 8-byte aligned (one float2 atomic),
-    and the 256 threads cover dQ (queries, head_dim) and dK/dV (keys, head_dim) each element once;
+    dK's and dV's likewise (one 32-bit store), and the 256 threads cover dQ (queries, head_dim) and dK/dV (keys, head_dim) each element once;
   - the transposed views Q^T, K^T and dS address the same elements as Q, K and dS^T.
 No GPU needed.
 
@@ -182,6 +182,11 @@ void check_backward_layouts(const char* name) {
       const int row = get<0>(dq_coord(i)), column = get<1>(dq_coord(i));
       CHECK(get<0>(dq_coord(i + 1)) == row && get<1>(dq_coord(i + 1)) == column + 1 && column % 2 == 0,
             "%s: thread %d dQ registers %d, %d are not a column pair", name, t, i, i + 1);
+    }
+    for (int i = 0; i < size(dkv_coord); i += 2) {
+      const int key = get<0>(dkv_coord(i)), column = get<1>(dkv_coord(i));
+      CHECK(get<0>(dkv_coord(i + 1)) == key && get<1>(dkv_coord(i + 1)) == column + 1 && column % 2 == 0,
+            "%s: thread %d dK/dV registers %d, %d are not a column pair", name, t, i, i + 1);
     }
     for (int i = 0; i < size(dq_coord); ++i) ++dq_seen[get<0>(dq_coord(i)) * kHeadDim + get<1>(dq_coord(i))];
     for (int i = 0; i < size(dkv_coord); ++i) ++dkv_seen[get<0>(dkv_coord(i)) * kHeadDim + get<1>(dkv_coord(i))];
