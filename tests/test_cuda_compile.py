@@ -624,7 +624,9 @@ def test_sm90_harness_compiles_and_links(sm90_builds, builds, tmp_path):
 def test_sm90_register_layouts_on_cpu(tmp_path):
     """csrc/dev/sm90_layout_checks.cu runs CuTe's layout functions on the host for every instantiation:
     the rows the softmax reduces over, the quads it shuffles across, and P read in place as the PV
-    wgmma's A operand are where the kernel assumes them."""
+    wgmma's A operand are where the forward assumes them; the backward's per-query columns of S^T, P^T
+    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores and adds as one word, and its
+    transposed shared-memory views likewise."""
     include = find_cutlass_include()
     if include is None:
         pytest.skip(NO_CUTLASS)

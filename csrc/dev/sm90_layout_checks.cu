@@ -16,7 +16,8 @@ And for the backward (csrc/cuda/attention_bwd_sm90.cu), whose S^T and dP^T tiles
   - registers 2j and 2j + 1 of S^T are one key's adjacent queries, 4-byte aligned and adjacent in dS^T's
     shared-memory layout (one 32-bit store), and swizzled_byte_offset matches CuTe's tensor addressing;
   - dQ's registers 2j and 2j + 1 are adjacent columns of one row, 8-byte aligned (one float2 atomic),
-    dK's and dV's likewise (one 32-bit store), and the 256 threads cover dQ (queries, head_dim) and dK/dV (keys, head_dim) each element once;
+    dK's and dV's likewise (one 32-bit store), and the 256 threads hold each element of dQ (queries,
+    head_dim) and of dK/dV (keys, head_dim) once;
   - the transposed views Q^T, K^T and dS address the same elements as Q, K and dS^T.
 No GPU needed.
 
