@@ -14,7 +14,7 @@
 # (`pytest -m gpu tests -k <area>`), and `fastgpt bench --ops <area> --quick` in bf16:
 #
 #   bash benchmarks/gpu_check.sh attention     # tests matching 'attention or decode'; attention's quick set
-#                                              # (on Hopper also the sm_90a forward's harness, attention_sm90)
+#                                              # (on Hopper also the sm_90a kernels' harness, attention_sm90)
 #   bash benchmarks/gpu_check.sh pack-cutlass  # before a loan, where nvidia-cutlass is installed: pack the
 #                                              # CUTLASS headers into build/cutlass-include.tar.gz to carry
 #   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn or gemm'; FFN at GPT-2 small and XL
@@ -289,13 +289,16 @@ if [[ -n "$AREA" ]]; then
     -p no:cacheprovider --durations=5 "${WORKERS[@]}"
 fi
 
-# ... and for attention on Hopper, the sm_90a forward (opt-in: FASTGPT_CUDA_ATTENTION=sm90) against the
-#     CPU reference and timed beside the sm_80 kernel by its harness (csrc/dev/attention_sm90.cu)
+# ... and for attention on Hopper, the sm_90a forward and backward (opt-in: FASTGPT_CUDA_ATTENTION=sm90)
+#     against the CPU reference and timed beside the sm_80 kernels by their harness
+#     (csrc/dev/attention_sm90.cu); a binary left from an earlier build is removed first, so a failed
+#     build never runs a stale one
 if [[ "$AREA" == attention && "$DRY_RUN" != 1 && "${ARCH:-}" == 9.0 && -n "$CUTLASS_FOUND" ]]; then
   SM90_DEV_ARCH="-gencode arch=compute_90a,code=sm_90a"
+  rm -f csrc/dev/attention_sm90
   run_stage "dev attention_sm90: build" 120 make -C csrc/dev -j "$(nproc)" ARCH="$SM90_DEV_ARCH" \
     SM90_ARCH="$SM90_DEV_ARCH" CUTLASS_INCLUDE="$(echo "$CUTLASS_FOUND" | cut -d' ' -f1)" attention_sm90
-  [[ -x csrc/dev/attention_sm90 ]] && run_stage "dev attention_sm90 (validate, time)" 90 csrc/dev/attention_sm90
+  [[ -x csrc/dev/attention_sm90 ]] && run_stage "dev attention_sm90 (validate, time)" 120 csrc/dev/attention_sm90
 fi
 
 # ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)

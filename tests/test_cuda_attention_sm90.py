@@ -1,9 +1,11 @@
-"""The 'cuda' backend's Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu), opted into with
-FASTGPT_CUDA_ATTENTION=sm90 (read per call in csrc/cuda/api_cuda.inc), through the public API: outputs
-and every gradient (the sm_80 backward, fed the lse this forward saves) against float64 fastgpt.reference
-with FlashAttention's rule. Also that the sm_90a kernel is what ran, that calls it does not take (inputs
-TMA cannot describe) still match on the sm_80 kernel, and that an unknown setting is refused. Needs a
-compute capability 9.x GPU and fastgpt._C built with CUDA and the CUTLASS headers; marked `gpu`."""
+"""The 'cuda' backend's Hopper attention (csrc/cuda/attention_fwd_sm90.cu and attention_bwd_sm90.cu),
+opted into with FASTGPT_CUDA_ATTENTION=sm90 (read per call in csrc/cuda/api_cuda.inc), through the
+public API: outputs and every gradient (the sm90 backward, fed the lse the sm90 forward saves) against
+float64 fastgpt.reference with FlashAttention's rule. Also that the sm_90a kernels are what ran, that
+calls they do not take (inputs TMA cannot describe) still match on the sm_80 kernels, that under
+torch.use_deterministic_algorithms the backward leaves the atomic sm90 kernel for the sm_80 one and is
+bitwise repeatable, and that an unknown setting is refused. Needs a compute capability 9.x GPU and
+fastgpt._C built with CUDA and the CUTLASS headers; marked `gpu`."""
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.gpu
 DTYPES = (torch.bfloat16, torch.float16)
 DEVICE = "cuda"
 KERNEL_NAME = "attention_forward_sm90_kernel"
+BACKWARD_KERNEL_NAME = "attention_backward_sm90_kernel"
 
 SHAPES = [
     # (batch, heads, kv_heads, q_len, kv_len, head_dim)
@@ -97,6 +100,54 @@ def test_sm90_attention_kernel_is_what_runs(sm90):
     q = random_heads(1, 4, 300, 64, torch.bfloat16)
     names = kernels_run(lambda: fastgpt.causal_attention(q, q, q, backend="cuda"))
     assert any(KERNEL_NAME in name for name in names), names
+
+
+def test_sm90_attention_backward_kernel_is_what_runs(sm90):
+    q, k, v = (random_heads(1, 4, 300, 128, torch.bfloat16).requires_grad_() for _ in range(3))
+    out = fastgpt.causal_attention(q, k, v, backend="cuda")
+    grad = torch.randn_like(out)
+    names = kernels_run(lambda: out.backward(grad))
+    assert any(BACKWARD_KERNEL_NAME in name for name in names), names
+
+
+@pytest.fixture
+def deterministic():
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    # warn_only: the eager reference's own ops only warn where they have no deterministic version.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sm90_attention_backward_deterministic_mode(sm90, deterministic, dtype):
+    """With deterministic algorithms on, the backward runs the sm_80 kernels (no atomics): two runs give
+    the same bits, and they still match the reference."""
+    q = random_heads(2, 6, 300, 64, dtype)
+    k = random_heads(2, 2, 300, 64, dtype)
+    v = random_heads(2, 2, 300, 64, dtype)
+    grad = random_heads(2, 6, 300, 64, dtype)
+
+    def gradients():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fastgpt.causal_attention(*leaves, backend="cuda").backward(grad)
+        return [t.grad for t in leaves]
+
+    names = kernels_run(gradients)
+    assert not any(BACKWARD_KERNEL_NAME in name for name in names), names
+    first, second = gradients(), gradients()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    check_against_reference(
+        "sm90 attention deterministic",
+        lambda q, k, v: fastgpt.causal_attention(q, k, v, backend="cuda"),
+        lambda q, k, v: reference.causal_attention(q, k, v),
+        [q, k, v],
+        [grad],
+    )
 
 
 def test_sm90_attention_leaves_other_calls_to_the_sm80_kernel(sm90):

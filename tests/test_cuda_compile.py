@@ -3,8 +3,9 @@ every shipped template instantiation is there, and the attention and GEMM kernel
 (HMMA in the SASS). Also: the fragment layouts check out on the CPU, the csrc/dev harnesses compile and
 link against the kernel objects, the cuBLASLt host code of the FFN (csrc/cuda/ffn_cublaslt.cpp)
 compiles against cuBLASLt's header, and the kernels stay free of torch. The Hopper attention forward
-(csrc/cuda/attention_fwd_sm90.cu, on CuTe) compiles for sm_90a with every instantiation spill-free and
-its PTX holding wgmma, TMA (cp.async.bulk.tensor), setmaxnreg and mbarrier. Needs nvcc, not a GPU; the
+and backward (csrc/cuda/attention_fwd_sm90.cu, attention_bwd_sm90.cu, on CuTe) compile for sm_90a with
+every instantiation spill-free and their PTX holding wgmma, TMA (cp.async.bulk.tensor), setmaxnreg and
+mbarrier. Needs nvcc, not a GPU; the
 cuBLASLt checks also need cublasLt.h (the nvidia-cublas wheel or a CUDA toolkit that has it), the
 Hopper checks the CUTLASS headers (the nvidia-cutlass wheel)."""
 
@@ -413,13 +414,29 @@ def test_torch_facing_cuda_section_compiles(tmp_path):
     assert result.returncode == 0, f"torch {torch.__version__}: " + result.stderr[-4000:]
 
 
-# ---- The Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu) ----------------------------------
+# ---- The Hopper attention kernels (csrc/cuda/attention_fwd_sm90.cu, attention_bwd_sm90.cu) ---------
 
 NO_CUTLASS = "the CUTLASS/CuTe headers are not found: pip install nvidia-cutlass (make cuda-compile-deps)"
-SM90_KERNEL = "attention_forward_sm90_kernel"
-SM90_INSTANTIATIONS = 4  # bfloat16, float16 x head_dim 64, 128
-# What every instantiation's PTX must hold: warpgroup MMAs, TMA tile loads (and the store of O),
-# register reallocation between producer and consumers, and the mbarrier ring.
+SM90_SOURCES = ("attention_fwd_sm90.cu", "attention_bwd_sm90.cu")
+# The warp-specialised kernel of each file: instantiated for bfloat16, float16 x head_dim 64, 128.
+SM90_KERNELS = {
+    "attention_fwd_sm90.cu": "attention_forward_sm90_kernel",
+    "attention_bwd_sm90.cu": "attention_backward_sm90_kernel",
+}
+SM90_INSTANTIATIONS = 4
+# Every kernel each file holds: name -> instantiations (the backward's delta/lse/zeroing pass and its dq
+# conversion run beside the main kernel).
+SM90_EXPECTED_KERNELS = {
+    "attention_fwd_sm90.cu": {"attention_forward_sm90_kernel": 4},
+    "attention_bwd_sm90.cu": {
+        "attention_backward_sm90_kernel": 4,
+        "attention_backward_sm90_prepare_kernel": 4,
+        "attention_backward_sm90_convert_kernel": 4,
+    },
+}
+# What every instantiation's PTX must hold: warpgroup MMAs, TMA tile loads, register reallocation
+# between producer and consumers, and the mbarrier ring. The forward also stores O by TMA; the backward
+# also loads each block's lse and delta rows by bulk copy and adds dQ with float32 atomics.
 SM90_PTX_INSTRUCTIONS = (
     "wgmma.mma_async",
     "cp.async.bulk.tensor",
@@ -428,6 +445,19 @@ SM90_PTX_INSTRUCTIONS = (
     "mbarrier.try_wait",
     "mbarrier.arrive.expect_tx",
 )
+SM90_PTX_EXTRA = {
+    "attention_fwd_sm90.cu": ("cp.async.bulk.tensor.4d.global.shared",),
+    "attention_bwd_sm90.cu": ("cp.async.bulk.shared::cluster.global", "atom.global.add.v2.f32"),
+}
+# wgmma shapes in the SASS: the forward's 128-wide S and O tiles; the backward's S^T, dP^T and dQ
+# (64 x 64 per warpgroup at head_dim 128, 64 x 32 at 64) and dK, dV (64 x head_dim).
+SM90_SASS_HGMMA = {
+    "attention_fwd_sm90.cu": {64: ("HGMMA.64x128x16.F32",), 128: ("HGMMA.64x128x16.F32",)},
+    "attention_bwd_sm90.cu": {
+        64: ("HGMMA.64x64x16.F32", "HGMMA.64x32x16.F32"),
+        128: ("HGMMA.64x64x16.F32", "HGMMA.64x128x16.F32"),
+    },
+}
 # setup.py's nvcc flags for the extension, with the half/bfloat16 macros torch's CUDAExtension adds,
 # so that this compile is the extension's.
 SM90_FLAGS = [
@@ -442,18 +472,11 @@ SM90_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_build(tmp_path_factory):
-    """attention_fwd_sm90.cu compiled once, in one nvcc call, for sm_90a with its PTX kept (CuTe
-    compiles are slow: about 50 s on 2 cores for the four instantiations). The launcher static_asserts
-    its shared storage against the 227 KB an H100/H200 block may opt into, so this compile also proves
-    that each tile configuration fits."""
-    include = find_cutlass_include()
-    if include is None:
-        pytest.skip(NO_CUTLASS)
-    (source,) = [path for path in SM90_FILES if path.name == "attention_fwd_sm90.cu"]
-    build_dir = tmp_path_factory.mktemp("sm90_objects")
-    obj = build_dir / "attention_fwd_sm90.o"
+def compile_sm90_file(source, build_dir, include):
+    """One nvcc call for one *_sm90.cu, sm_90a only, PTX kept."""
+    keep_dir = build_dir / source.stem
+    keep_dir.mkdir()
+    obj = build_dir / (source.stem + ".o")
     command = [
         NVCC,
         *SM90_FLAGS,
@@ -463,49 +486,71 @@ def sm90_build(tmp_path_factory):
         "-Xptxas",
         "-v",
         "-keep",
-        f"-keep-dir={build_dir}",
+        f"-keep-dir={keep_dir}",
         "-c",
         str(source),
         "-o",
         str(obj),
     ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=CUDA_DIR)
-    ptx = sorted(build_dir.glob("*.ptx"))
+    ptx = sorted(keep_dir.glob("*.ptx"))
     return {
         "returncode": result.returncode,
         "output": result.stdout + result.stderr,
         "object": obj,
         "ptx": ptx[0].read_text() if ptx else "",
-        "include": include,
     }
 
 
 @pytest.fixture(scope="module")
-def sm90_kernels(sm90_build):
-    assert sm90_build["returncode"] == 0, (
-        "attention_fwd_sm90.cu failed to compile:\n" + sm90_build["output"][-4000:]
-    )
-    return [r for r in parse_ptxas(sm90_build["output"]) if base_name(r["name"]) == SM90_KERNEL]
+def sm90_builds(tmp_path_factory):
+    """Each *_sm90.cu compiled once, for sm_90a with its PTX kept, the two files in parallel (CuTe
+    compiles are slow: about 45 s of CPU each for four instantiations). The launchers static_assert
+    their shared storage against the 227 KB an H100/H200 block may opt into, so these compiles also
+    prove that each tile configuration fits."""
+    include = find_cutlass_include()
+    if include is None:
+        pytest.skip(NO_CUTLASS)
+    assert {path.name for path in SM90_FILES} == set(SM90_SOURCES)
+    build_dir = tmp_path_factory.mktemp("sm90_objects")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(SM90_FILES)) as pool:
+        results = list(pool.map(lambda source: compile_sm90_file(source, build_dir, include), SM90_FILES))
+    return {source.name: result for source, result in zip(SM90_FILES, results)}
 
 
-def test_sm90_attention_compiles_cleanly(sm90_build):
-    assert sm90_build["returncode"] == 0, sm90_build["output"][-4000:]
-    warnings = [line for line in sm90_build["output"].splitlines() if "warning" in line.lower()]
-    assert not warnings, "attention_fwd_sm90.cu compiles with warnings:\n" + "\n".join(warnings)
+@pytest.fixture(scope="module")
+def sm90_kernels(sm90_builds):
+    """{file: ptxas records of its kernels}."""
+    records = {}
+    for name, build in sm90_builds.items():
+        assert build["returncode"] == 0, f"{name} failed to compile:\n" + build["output"][-4000:]
+        records[name] = parse_ptxas(build["output"])
+    return records
 
 
-def test_sm90_every_instantiation_is_spill_free(sm90_kernels):
-    assert len(sm90_kernels) == SM90_INSTANTIATIONS, [r["name"] for r in sm90_kernels]
-    assert {r["arch"] for r in sm90_kernels} == {"sm_90a"}
+@pytest.mark.parametrize("source", SM90_SOURCES)
+def test_sm90_attention_compiles_cleanly(sm90_builds, source):
+    build = sm90_builds[source]
+    assert build["returncode"] == 0, build["output"][-4000:]
+    warnings = [line for line in build["output"].splitlines() if "warning" in line.lower()]
+    assert not warnings, f"{source} compiles with warnings:\n" + "\n".join(warnings)
+
+
+@pytest.mark.parametrize("source", SM90_SOURCES)
+def test_sm90_every_instantiation_is_spill_free(sm90_kernels, source):
+    records = sm90_kernels[source]
+    counts = {}
+    for r in records:
+        counts[base_name(r["name"])] = counts.get(base_name(r["name"]), 0) + 1
+    assert counts == SM90_EXPECTED_KERNELS[source], counts
+    assert {r["arch"] for r in records} == {"sm_90a"}
+    main = [r for r in records if base_name(r["name"]) == SM90_KERNELS[source]]
     for dtype in ("bfloat16_t", "half_t"):
         for head_dim in (64, 128):
-            assert any(dtype in r["name"] and f", {head_dim}>" in r["name"] for r in sm90_kernels), (
-                dtype,
-                head_dim,
-            )
+            assert any(dtype in r["name"] and f", {head_dim}>" in r["name"] for r in main), (dtype, head_dim)
     offenders = [
         f"{r['name']}: {r['stack']} B stack, {r['spill_stores']}/{r['spill_loads']} B spilled"
-        for r in sm90_kernels
+        for r in records
         if r["stack"] or r["spill_stores"] or r["spill_loads"]
     ]
     assert not offenders, "register spills or stack frames:\n" + "\n".join(offenders)
@@ -523,33 +568,42 @@ def ptx_entries(ptx):
     return {names[mangled]: body for mangled, body in bodies.items()}
 
 
-def test_sm90_ptx_has_wgmma_tma_setmaxnreg_and_mbarrier(sm90_build, sm90_kernels):
-    functions = ptx_entries(sm90_build["ptx"])
-    assert len([name for name in functions if SM90_KERNEL in name]) == SM90_INSTANTIATIONS, list(functions)
+@pytest.mark.parametrize("source", SM90_SOURCES)
+def test_sm90_ptx_has_wgmma_tma_setmaxnreg_and_mbarrier(sm90_builds, sm90_kernels, source):
+    kernel = SM90_KERNELS[source]
+    functions = ptx_entries(sm90_builds[source]["ptx"])
+    assert len([name for name in functions if kernel in name]) == SM90_INSTANTIATIONS, list(functions)
     for name, body in functions.items():
-        if SM90_KERNEL in name:
-            missing = [instruction for instruction in SM90_PTX_INSTRUCTIONS if instruction not in body]
+        if kernel in name:
+            expected = SM90_PTX_INSTRUCTIONS + SM90_PTX_EXTRA[source]
+            missing = [instruction for instruction in expected if instruction not in body]
             assert not missing, f"{name} lacks {missing}"
 
 
-def test_sm90_sass_runs_hgmma(sm90_build, sm90_kernels):
-    """wgmma with 128-wide tiles becomes HGMMA.64x128x16 in the SASS, and setmaxnreg USETMAXREG."""
+@pytest.mark.parametrize("source", SM90_SOURCES)
+def test_sm90_sass_runs_hgmma(sm90_builds, sm90_kernels, source):
+    """wgmma becomes HGMMA of the tile shapes the kernel asks for in the SASS, and setmaxnreg USETMAXREG."""
     tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump is not found (Triton's wheel carries one)")
     dump = subprocess.run(
-        [tool, "-sass", str(sm90_build["object"])], capture_output=True, text=True, check=True
+        [tool, "-sass", str(sm90_builds[source]["object"])], capture_output=True, text=True, check=True
     )
     functions = sass_functions(dump.stdout)
-    for record in sm90_kernels:
+    main = [r for r in sm90_kernels[source] if base_name(r["name"]) == SM90_KERNELS[source]]
+    assert len(main) == SM90_INSTANTIATIONS
+    for record in main:
         sass = functions[(record["arch"], record["mangled"])]
-        assert "HGMMA.64x128x16.F32" in sass, record["name"]
+        head_dim = 64 if ", 64>" in record["name"] else 128
+        for shape in SM90_SASS_HGMMA[source][head_dim]:
+            assert shape in sass, (record["name"], shape)
         assert "USETMAXREG" in sass, record["name"]
 
 
-def test_sm90_harness_compiles_and_links(sm90_build, builds, tmp_path):
-    """csrc/dev/attention_sm90.cu links the sm_90a kernel beside the sm_80 one it is timed against."""
-    assert sm90_build["returncode"] == 0, sm90_build["output"][-4000:]
+def test_sm90_harness_compiles_and_links(sm90_builds, builds, tmp_path):
+    """csrc/dev/attention_sm90.cu links the sm_90a kernels beside the sm_80 ones they are timed against."""
+    for name, build in sm90_builds.items():
+        assert build["returncode"] == 0, f"{name}: " + build["output"][-4000:]
     objects = [str(result["object"]) for result in builds.values()]
     command = [
         NVCC,
@@ -557,7 +611,7 @@ def test_sm90_harness_compiles_and_links(sm90_build, builds, tmp_path):
         "-gencode",
         "arch=compute_90a,code=sm_90a",
         str(DEV_DIR / "attention_sm90.cu"),
-        str(sm90_build["object"]),
+        *(str(build["object"]) for build in sm90_builds.values()),
         *objects,
         "-o",
         str(tmp_path / "attention_sm90"),
@@ -570,7 +624,9 @@ def test_sm90_harness_compiles_and_links(sm90_build, builds, tmp_path):
 def test_sm90_register_layouts_on_cpu(tmp_path):
     """csrc/dev/sm90_layout_checks.cu runs CuTe's layout functions on the host for every instantiation:
     the rows the softmax reduces over, the quads it shuffles across, and P read in place as the PV
-    wgmma's A operand are where the kernel assumes them."""
+    wgmma's A operand are where the forward assumes them; the backward's per-query columns of S^T, P^T
+    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores and adds as one word, and its
+    transposed shared-memory views likewise."""
     include = find_cutlass_include()
     if include is None:
         pytest.skip(NO_CUTLASS)

@@ -521,8 +521,8 @@ cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
       p.lse == nullptr || p.delta == nullptr) {
     return cudaErrorInvalidValue;
   }
-  // Kernel choice by architecture: the mma.sync kernels run on every device from sm_80 on; an sm_90a
-  // wgmma/TMA backward would be selected here.
+  // The mma.sync kernels run on every device from sm_80 on (api_cuda.inc routes calls to the opt-in
+  // sm_90a backward, attention_bwd_sm90.cu, before they get here).
   const cudaError_t error = require_sm80();
   if (error != cudaSuccess) return error;
   return p.dtype == DType::kBFloat16 ? launch_backward_for_head_dim<__nv_bfloat16>(p, stream)

@@ -58,6 +58,10 @@ namespace {
 using namespace cute;
 using sm90::accumulator_as_operand_a;
 using sm90::accumulator_rows_cols;
+using sm90::fence_registers;
+using sm90::gmem_view;
+using sm90::gmem_view_transposed;
+using sm90::issue_gemm;
 using sm90::Sm90Tiles;
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -128,34 +132,6 @@ struct RingState {
   __device__ int slot(int stages) const { return index % stages; }
   __device__ uint32_t parity(int stages) const { return static_cast<uint32_t>((index / stages) & 1); }
 };
-
-// Pins registers in place around wgmma: the compiler may not move reads or writes of them across
-// the asynchronous MMA's issue or its wait (16-bit operands are fenced as 32-bit pairs).
-template <typename Tensor>
-__device__ inline void fence_registers(Tensor& t) {
-  if constexpr (sizeof(typename Tensor::value_type) == 2) {
-    auto words = recast<uint32_t>(t);
-    warpgroup_fence_operand(words);
-  } else {
-    warpgroup_fence_operand(t);
-  }
-}
-
-// acc (+)= A B over every k slice, issued asynchronously and committed as one group; the caller waits
-// (warpgroup_wait) and then fences what it reads or writes next (a register A operand included).
-template <bool kZeroInit, typename TiledMma, typename TensorA, typename TensorB, typename TensorC>
-__device__ inline void issue_gemm(TiledMma& mma, const TensorA& a, const TensorB& b, TensorC& acc) {
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(a); ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(acc);
-}
 
 #endif  // FASTGPT_SM90A_DEVICE_CODE
 
@@ -443,27 +419,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // compiled for a Hopper GPU), it stops instead of leaving out and lse unwritten.
   __trap();
 #endif
-}
-
-// A (rows, head_dim, heads, batch) view of a HeadTensor for TMA. A dimension of one element may carry
-// any stride (torch gives it 0 or anything); TMA wants a nonzero multiple of 16 bytes there, so it
-// gets 8 elements.
-template <typename Element>
-auto gmem_view(Element* data, const HeadTensor& t, int rows, int head_dim, int heads, int batch) {
-  auto stride_or_8 = [](int extent, int64_t stride) { return extent == 1 || stride == 0 ? int64_t{8} : stride; };
-  return make_tensor(make_gmem_ptr(data), make_layout(make_shape(rows, head_dim, heads, batch),
-                                                      make_stride(stride_or_8(rows, t.row_stride), _1{},
-                                                                  stride_or_8(heads, t.head_stride),
-                                                                  stride_or_8(batch, t.batch_stride))));
-}
-
-template <typename Element>
-auto gmem_view_transposed(Element* data, const HeadTensor& t, int rows, int head_dim, int heads, int batch) {
-  auto stride_or_8 = [](int extent, int64_t stride) { return extent == 1 || stride == 0 ? int64_t{8} : stride; };
-  return make_tensor(make_gmem_ptr(data), make_layout(make_shape(head_dim, rows, heads, batch),
-                                                      make_stride(_1{}, stride_or_8(rows, t.row_stride),
-                                                                  stride_or_8(heads, t.head_stride),
-                                                                  stride_or_8(batch, t.batch_stride))));
 }
 
 template <typename T, int kHeadDim>

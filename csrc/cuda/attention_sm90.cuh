@@ -3,8 +3,12 @@
 // can check the register layouts the kernel relies on: that the rows of the (rows, columns) view of an
 // accumulator are rows of the tile, that the 4 threads of a quad together hold whole rows, and that the
 // accumulator registers of S, read as the A operand of the PV wgmma, hold P at the right (row, key).
+// The backward's tiles (Sm90BackwardTiles, attention_bwd_sm90.cu) follow, then what both kernels share:
+// the global views TMA is built on and the wgmma issue helpers.
 // Needs the CUTLASS/CuTe headers (fastgpt/_cutlass_paths.py).
 #pragma once
+
+#include "../params.h"
 
 // cute/tensor.hpp first: the atoms' headers build on it.
 #include <cute/tensor.hpp>
@@ -77,5 +81,127 @@ CUTE_HOST_DEVICE constexpr auto accumulator_as_operand_a(Layout layout) {
   return make_layout(make_layout(get<0, 0>(layout), get<0, 1>(layout), get<0>(column_groups)), get<1>(layout),
                      get<1>(column_groups));
 }
+
+// The backward (attention_bwd_sm90.cu): one CTA per block of kBlockN keys, looping over the query
+// blocks (and GQA query heads) that see them. Everything is computed transposed, keys in wgmma's M, so
+// that P^T and dS^T stay in registers as the A operands of dV += P^T dO and dK += dS^T Q:
+//   S^T = K Q^T and dP^T = V dO^T: SS, (keys, queries), 64 keys per consumer warpgroup;
+//   dV += P^T dO and dK += dS^T Q: RS, (keys, head_dim), B = dO^T and Q^T, transposed views of the
+//     Q and dO ring slots (MN-major: head_dim contiguous);
+//   dQ = dS K: SS, (queries, head_dim), A = dS from shared memory (both warpgroups' keys; MN-major,
+//     queries contiguous), B = K^T;
+//     the two warpgroups split head_dim, kHeadDim / 2 columns each.
+template <typename T, int kHeadDim>
+struct Sm90BackwardTiles {
+  static constexpr int kBlockM = 64;   // query rows a step: S^T's N and dQ's M (one wgmma M)
+  static constexpr int kBlockN = 128;  // keys a CTA: 64 per consumer warpgroup (wgmma's M)
+  // Q/dO ring depth. Shared memory at head_dim 128: K 32 KB + V 32 KB + 2 x (Q 16 KB + dO 16 KB) +
+  // dS 2 x 16 KB = 160 KB; registers, not shared memory, bound the tile: dK and dV are 2 x 64 float32
+  // registers a thread at head_dim 128.
+  static constexpr int kStages = 2;
+
+  using BlockM = Int<kBlockM>;
+  using BlockN = Int<kBlockN>;
+  using HeadDim = Int<kHeadDim>;
+  using Stages = Int<kStages>;
+
+  // Q and dO: (queries, head_dim, stages), head_dim contiguous; K-major B operand of S^T and dP^T.
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockM, HeadDim, Stages>{}));
+  // The same bytes as (head_dim, queries, stages): the MN-major B operand of dV and dK.
+  using SmemQt = decltype(composition(SmemQ{}, make_layout(Shape<HeadDim, BlockM, Stages>{},
+                                                           Stride<BlockM, _1, Int<kBlockM * kHeadDim>>{})));
+  // K: (keys, head_dim), the K-major A operand of S^T; read as (head_dim, keys), the MN-major B operand
+  // of dQ, whose warpgroups take kHeadDim / 2 columns each: a swizzle atom kHeadDim / 2 elements wide
+  // (128 bytes at head_dim 128, 64 at 64) so that each warpgroup's slice is whole atoms.
+  using AtomK = std::conditional_t<kHeadDim == 128, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_K_SW64_Atom<T>>;
+  using SmemK = decltype(tile_to_shape(AtomK{}, Shape<BlockN, HeadDim>{}));
+  using SmemKt = decltype(composition(SmemK{}, make_layout(Shape<HeadDim, BlockN>{}, Stride<BlockN, _1>{})));
+  using SmemV = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockN, HeadDim>{}));
+  // dS^T: (keys, queries, 2 buffers), queries contiguous, so that the dS^T registers (pairs of adjacent
+  // queries) are stored as 32-bit words; read as dS (queries, keys, buffers), the MN-major A operand of
+  // dQ. Two buffers: a warpgroup writes step i + 1's while the other may still read step i's.
+  using SmemDst = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockN, BlockM, _2>{}));
+  using SmemDs = decltype(composition(SmemDst{}, make_layout(Shape<BlockM, BlockN, _2>{},
+                                                             Stride<BlockN, _1, Int<kBlockM * kBlockN>>{})));
+
+  using MmaSdP = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<BlockN, BlockM, HeadDim>>(),
+                                         Layout<Shape<_2, _1, _1>>{}));
+  using MmaDkv = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<BlockN, HeadDim, BlockM>, GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<BlockM, Int<kHeadDim / 2>, BlockN>, GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));
+
+  using GmemTensor = typename Sm90Tiles<T, kHeadDim>::GmemTensor;
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemQ{}), Shape<BlockM, HeadDim>{},
+                                      _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemK{}, Shape<BlockN, HeadDim>{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemV{}, Shape<BlockN, HeadDim>{}, _1{}));
+};
+
+// A (rows, head_dim, heads, batch) view of a HeadTensor for TMA. A dimension of one element may carry
+// any stride (torch gives it 0 or anything); TMA wants a nonzero multiple of 16 bytes there, so it
+// gets 8 elements.
+inline int64_t tma_stride(int extent, int64_t stride) { return extent == 1 || stride == 0 ? int64_t{8} : stride; }
+
+template <typename Element>
+auto gmem_view(Element* data, const HeadTensor& t, int rows, int head_dim, int heads, int batch) {
+  return make_tensor(make_gmem_ptr(data),
+                     make_layout(make_shape(rows, head_dim, heads, batch),
+                                 make_stride(tma_stride(rows, t.row_stride), _1{}, tma_stride(heads, t.head_stride),
+                                             tma_stride(batch, t.batch_stride))));
+}
+
+// The same as (head_dim, rows, heads, batch).
+template <typename Element>
+auto gmem_view_transposed(Element* data, const HeadTensor& t, int rows, int head_dim, int heads, int batch) {
+  return make_tensor(make_gmem_ptr(data),
+                     make_layout(make_shape(head_dim, rows, heads, batch),
+                                 make_stride(_1{}, tma_stride(rows, t.row_stride), tma_stride(heads, t.head_stride),
+                                             tma_stride(batch, t.batch_stride))));
+}
+
+// Byte offset of the element at `coord` of a swizzled shared-memory layout (GMMA atoms tiled by
+// tile_to_shape, from a 1024-byte aligned base): the layout without its swizzle gives the element
+// offset, and the swizzle permutes byte offsets. The backward stores dS^T through it with 32-bit
+// shared-memory addresses; csrc/dev/sm90_layout_checks.cu compares it with CuTe's tensor addressing.
+template <typename T, typename SwizzledLayout, typename Coord>
+CUTE_HOST_DEVICE constexpr int swizzled_byte_offset(SwizzledLayout layout, const Coord& coord) {
+  return get_swizzle_portion(layout)(static_cast<int>(get_nonswizzle_portion(layout)(coord)) *
+                                     static_cast<int>(sizeof(T)));
+}
+
+#if defined(__CUDACC__)
+
+// Pins registers in place around wgmma: the compiler may not move reads or writes of them across
+// the asynchronous MMA's issue or its wait (16-bit operands are fenced as 32-bit pairs).
+template <typename Tensor>
+__device__ inline void fence_registers(Tensor& t) {
+  if constexpr (sizeof(typename Tensor::value_type) == 2) {
+    auto words = recast<uint32_t>(t);
+    warpgroup_fence_operand(words);
+  } else {
+    warpgroup_fence_operand(t);
+  }
+}
+
+// acc (+)= A B over every k slice, issued asynchronously and committed as one group; the caller waits
+// (warpgroup_wait) and then fences what it reads or writes next (a register A operand included).
+template <bool kZeroInit, typename TiledMma, typename TensorA, typename TensorB, typename TensorC>
+__device__ inline void issue_gemm(TiledMma& mma, const TensorA& a, const TensorB& b, TensorC& acc) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(acc);
+}
+
+#endif  // __CUDACC__
 
 }  // namespace fastgpt::cuda::sm90

@@ -16,6 +16,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../params.h"
@@ -48,6 +49,22 @@ cudaError_t attention_forward_sm90(const AttentionParams& params, cudaStream_t s
 // Writes delta (scratch the caller allocates), dq, dk and dv from dout, q, k, v, out and lse.
 // Deterministic: no atomics.
 cudaError_t attention_backward(const AttentionParams& params, cudaStream_t stream);
+
+// The Hopper backward (attention_bwd_sm90.cu, built with attention_fwd_sm90.cu under
+// FASTGPT_WITH_SM90_ATTENTION): TMA, wgmma and a producer warp, compute capability 9.x only. It writes
+// dq, dk and dv from dout, q, k, v, out and lse (params.delta is not used) and needs a 16-byte aligned
+// workspace of attention_backward_sm90_workspace_bytes(params) bytes (the float32 dQ accumulator, lse
+// and delta; no initial contents). NOT deterministic: dQ is accumulated with float32 atomics, so its
+// last bits vary between runs; callers that need repeatable bits use attention_backward. It takes
+// bfloat16 and float16 at head_dim 64 and 128 with q_len >= 1 and every HeadTensor TMA-describable
+// (16-byte aligned data, batch/head/row strides multiples of 8 elements); nullptr when it can take
+// `params`, else why not. attention_backward_sm90 returns cudaErrorInvalidValue for params it cannot
+// take and cudaErrorNoKernelImageForDevice off compute capability 9.x.
+const char* attention_backward_sm90_unsupported_reason(const AttentionParams& params);
+
+size_t attention_backward_sm90_workspace_bytes(const AttentionParams& params);
+
+cudaError_t attention_backward_sm90(const AttentionParams& params, void* workspace, cudaStream_t stream);
 
 // ---- GEMM with fused epilogues (gemm.cu) -----------------------------------------------------------
 // out = epilogue(a @ b^T) as params.h describes, for any M, N, K >= 0 and any strides: operands with a

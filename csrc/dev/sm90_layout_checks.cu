@@ -9,6 +9,16 @@ functions on the host: for each of the 256 consumer threads,
   - O's rows are S's rows, in the same order (the softmax's correction and 1/sum scale O by row);
   - the S registers read as the A operand of the PV wgmma (accumulator_as_operand_a) hold, at each
     operand position (row, key), the S value of that (row, key).
+And for the backward (csrc/cuda/attention_bwd_sm90.cu), whose S^T and dP^T tiles are (keys, queries):
+  - every column of the (rows, columns) view of S^T is one query (the lse and delta it is shifted by),
+    and the thread's keys lie in its warpgroup's 64;
+  - the S^T registers read as the A operand of the dK/dV wgmma hold P^T/dS^T at the right (key, query);
+  - registers 2j and 2j + 1 of S^T are one key's adjacent queries, 4-byte aligned and adjacent in dS^T's
+    shared-memory layout (one 32-bit store), and swizzled_byte_offset matches CuTe's tensor addressing;
+  - dQ's registers 2j and 2j + 1 are adjacent columns of one row, 8-byte aligned (one float2 atomic),
+    dK's and dV's likewise (one 32-bit store), and the 256 threads hold each element of dQ (queries,
+    head_dim) and of dK/dV (keys, head_dim) once;
+  - the transposed views Q^T, K^T and dS address the same elements as Q, K and dS^T.
 No GPU needed.
 
 Compile and run (from csrc/dev; needs the CUTLASS headers: pip install nvidia-cutlass):
@@ -108,11 +118,130 @@ void check_layouts(const char* name) {
   printf("%-16s %s\n", name, g_failures == failures_before ? "OK" : "FAIL");
 }
 
+template <typename T, int kHeadDim>
+void check_backward_layouts(const char* name) {
+  using Tiles = fastgpt::cuda::sm90::Sm90BackwardTiles<T, kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM;
+  constexpr int kBlockN = Tiles::kBlockN;
+  const int failures_before = g_failures;
+  typename Tiles::MmaSdP mma_sdp;
+  typename Tiles::MmaDkv mma_dkv;
+  typename Tiles::MmaDq mma_dq;
+  auto s_layout = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{}).layout();
+  auto p_layout = fastgpt::cuda::sm90::accumulator_as_operand_a(s_layout);
+
+  std::vector<int> dq_seen(kBlockM * kHeadDim, 0), dkv_seen(kBlockN * kHeadDim, 0);
+  for (int t = 0; t < 256; ++t) {
+    auto thread_sdp = mma_sdp.get_thread_slice(t);
+    auto thread_dkv = mma_dkv.get_thread_slice(t);
+    auto thread_dq = mma_dq.get_thread_slice(t);
+    Tensor s_coord = thread_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+    Tensor p_coord = thread_dkv.partition_A(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+    Tensor dq_coord = thread_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor dkv_coord = thread_dkv.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    Tensor s_rows_cols = make_tensor(s_coord.data(), fastgpt::cuda::sm90::accumulator_rows_cols(s_coord.layout()));
+
+    const int warpgroup_key0 = 64 * (t / 128);
+    for (int c = 0; c < size<1>(s_rows_cols); ++c) {
+      for (int r = 0; r < size<0>(s_rows_cols); ++r) {
+        CHECK(get<1>(s_rows_cols(r, c)) == get<1>(s_rows_cols(0, c)), "%s: thread %d S^T column %d mixes queries",
+              name, t, c);
+        const int key = get<0>(s_rows_cols(r, c));
+        CHECK(key >= warpgroup_key0 && key < warpgroup_key0 + 64, "%s: thread %d key %d outside its warpgroup", name,
+              t, key);
+      }
+    }
+
+    std::vector<int> s_index_at_offset(size(s_layout), -1);
+    for (int i = 0; i < size(s_layout); ++i) s_index_at_offset[s_layout(i)] = i;
+    CHECK(size(p_coord) == size(s_coord), "%s: the dK/dV A operand holds %d values, S^T %d", name,
+          int(size(p_coord)), int(size(s_coord)));
+    for (int a = 0; a < size(p_layout); ++a) {
+      const int i = s_index_at_offset[p_layout(a)];
+      CHECK(i >= 0, "%s: operand position %d reads no S^T register", name, a);
+      if (i < 0) continue;
+      CHECK(get<0>(p_coord(a)) == get<0>(s_coord(i)) && get<1>(p_coord(a)) == get<1>(s_coord(i)),
+            "%s: thread %d dK/dV operand (%d, %d) holds S^T (%d, %d)", name, t, int(get<0>(p_coord(a))),
+            int(get<1>(p_coord(a))), int(get<0>(s_coord(i))), int(get<1>(s_coord(i))));
+    }
+
+    for (int i = 0; i < size(s_coord); i += 2) {
+      const int key = get<0>(s_coord(i)), query = get<1>(s_coord(i));
+      CHECK(get<0>(s_coord(i + 1)) == key && get<1>(s_coord(i + 1)) == query + 1 && query % 2 == 0,
+            "%s: thread %d S^T registers %d, %d are not one key's query pair", name, t, i, i + 1);
+      for (int buffer = 0; buffer < 2; ++buffer) {
+        const int offset = fastgpt::cuda::sm90::swizzled_byte_offset<T>(typename Tiles::SmemDst{},
+                                                                         make_coord(key, query, buffer));
+        const int next = fastgpt::cuda::sm90::swizzled_byte_offset<T>(typename Tiles::SmemDst{},
+                                                                       make_coord(key, query + 1, buffer));
+        CHECK(offset % 4 == 0 && next == offset + int(sizeof(T)), "%s: dS^T pair (%d, %d) not one 32-bit word", name,
+              key, query);
+      }
+    }
+
+    for (int i = 0; i < size(dq_coord); i += 2) {
+      const int row = get<0>(dq_coord(i)), column = get<1>(dq_coord(i));
+      CHECK(get<0>(dq_coord(i + 1)) == row && get<1>(dq_coord(i + 1)) == column + 1 && column % 2 == 0,
+            "%s: thread %d dQ registers %d, %d are not a column pair", name, t, i, i + 1);
+    }
+    for (int i = 0; i < size(dkv_coord); i += 2) {
+      const int key = get<0>(dkv_coord(i)), column = get<1>(dkv_coord(i));
+      CHECK(get<0>(dkv_coord(i + 1)) == key && get<1>(dkv_coord(i + 1)) == column + 1 && column % 2 == 0,
+            "%s: thread %d dK/dV registers %d, %d are not a column pair", name, t, i, i + 1);
+    }
+    for (int i = 0; i < size(dq_coord); ++i) ++dq_seen[get<0>(dq_coord(i)) * kHeadDim + get<1>(dq_coord(i))];
+    for (int i = 0; i < size(dkv_coord); ++i) ++dkv_seen[get<0>(dkv_coord(i)) * kHeadDim + get<1>(dkv_coord(i))];
+  }
+  for (int seen : dq_seen) CHECK(seen == 1, "%s: a dQ element is held %d times", name, seen);
+  for (int seen : dkv_seen) CHECK(seen == 1, "%s: a dK/dV element is held %d times", name, seen);
+
+  // Shared-memory views, compared by element address (host arrays stand in for shared memory; the
+  // alignment is the kernel's).
+  alignas(1024) static T ds[cosize_v<typename Tiles::SmemDst>];
+  alignas(1024) static T q[cosize_v<typename Tiles::SmemQ>];
+  alignas(1024) static T k[cosize_v<typename Tiles::SmemK>];
+  Tensor sdSt = make_tensor(make_smem_ptr(ds), typename Tiles::SmemDst{});
+  Tensor sdS = make_tensor(make_smem_ptr(ds), typename Tiles::SmemDs{});
+  for (int buffer = 0; buffer < 2; ++buffer) {
+    for (int key = 0; key < kBlockN; ++key) {
+      for (int query = 0; query < kBlockM; ++query) {
+        const T* element = raw_pointer_cast(&sdSt(key, query, buffer));
+        CHECK(element == raw_pointer_cast(&sdS(query, key, buffer)), "%s: dS and dS^T views differ", name);
+        CHECK(int((element - ds) * sizeof(T)) == fastgpt::cuda::sm90::swizzled_byte_offset<T>(
+                                                     typename Tiles::SmemDst{}, make_coord(key, query, buffer)),
+              "%s: swizzled_byte_offset differs from CuTe at (%d, %d, %d)", name, key, query, buffer);
+      }
+    }
+  }
+  Tensor sQ = make_tensor(make_smem_ptr(q), typename Tiles::SmemQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(q), typename Tiles::SmemQt{});
+  for (int stage = 0; stage < Tiles::kStages; ++stage) {
+    for (int row = 0; row < kBlockM; ++row) {
+      for (int d = 0; d < kHeadDim; ++d) {
+        CHECK(raw_pointer_cast(&sQ(row, d, stage)) == raw_pointer_cast(&sQt(d, row, stage)),
+              "%s: Q and Q^T views differ", name);
+      }
+    }
+  }
+  Tensor sK = make_tensor(make_smem_ptr(k), typename Tiles::SmemK{});
+  Tensor sKt = make_tensor(make_smem_ptr(k), typename Tiles::SmemKt{});
+  for (int key = 0; key < kBlockN; ++key) {
+    for (int d = 0; d < kHeadDim; ++d) {
+      CHECK(raw_pointer_cast(&sK(key, d)) == raw_pointer_cast(&sKt(d, key)), "%s: K and K^T views differ", name);
+    }
+  }
+  printf("%-25s %s\n", name, g_failures == failures_before ? "OK" : "FAIL");
+}
+
 int main() {
   check_layouts<cutlass::bfloat16_t, 64>("bfloat16 d=64");
   check_layouts<cutlass::bfloat16_t, 128>("bfloat16 d=128");
   check_layouts<cutlass::half_t, 64>("float16 d=64");
   check_layouts<cutlass::half_t, 128>("float16 d=128");
+  check_backward_layouts<cutlass::bfloat16_t, 64>("backward bfloat16 d=64");
+  check_backward_layouts<cutlass::bfloat16_t, 128>("backward bfloat16 d=128");
+  check_backward_layouts<cutlass::half_t, 64>("backward float16 d=64");
+  check_backward_layouts<cutlass::half_t, 128>("backward float16 d=128");
   printf(g_failures == 0 ? "all sm90 layout checks passed\n" : "%d sm90 layout check(s) FAILED\n", g_failures);
   return g_failures == 0 ? 0 : 1;
 }
