@@ -26,7 +26,6 @@ KNOWN_SPILL_BYTES = {
     # the spill-free 32x64, kept only if the GPU's autotuner finds it faster.
     ("attention_fused tma bf16 D=128 64x128 w8 s2", 90): 1128,
     ("attention_fused tma fp16 D=128 64x128 w8 s2", 90): 1128,
-    ("decode_partial bf16 D=256 N=32 w4 s4", 90): 8,
     ("layer_norm_backward bf16 N=16384", 80): 640,
     ("layer_norm_backward bf16 N=16384", 90): 716,
 }
