@@ -1,15 +1,18 @@
 """The training library (fastgpt.train): tokenizers, data, schedule, optimizer groups, mixed precision,
 gradient accumulation, and checkpoints that resume exactly and survive an interrupted save."""
 
+import io
 import itertools
 import json
 import os
+import types
 
 import pytest
+import rich.console
 import torch
 
 from fastgpt.nn import GPT, GPTConfig
-from fastgpt.train import checkpoint
+from fastgpt.train import checkpoint, loop
 from fastgpt.train.data import BatchSampler, eval_starts, read_corpus, split_tokens, stdlib_corpus, windows
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, learning_rate, parameter_groups
@@ -308,3 +311,38 @@ def test_checkpoint_mixing_two_saves_is_refused(token_split, tmp_path):
     os.replace(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors")
     with pytest.raises(UserError, match="mixes files of different steps"):
         checkpoint.load_training_state(str(tmp_path / "two"))
+
+
+class _WarmingTrainer:
+    """fit's view of a Trainer whose first `untimed_steps` steps take 10 s each (compilation, capture)
+    and the rest 1 s, on a fake clock."""
+
+    tokens_per_step = 100
+
+    def __init__(self, steps, untimed_steps, clock):
+        self.settings = types.SimpleNamespace(steps=steps, eval_every=1000)
+        self.step, self.untimed_steps, self.clock = 0, untimed_steps, clock
+
+    def evaluate(self):
+        return 1.0
+
+    def save(self, out_dir):
+        pass
+
+    def train_step(self):
+        self.step += 1
+        self.clock.now += 10.0 if self.step <= self.untimed_steps else 1.0
+        return 1.0
+
+
+@pytest.mark.parametrize(
+    ("steps", "untimed_steps", "tokens_per_s"), [(6, 3, 100.0), (6, 1, 100.0), (2, 3, 100 / 10)]
+)
+def test_fit_leaves_warm_up_steps_out_of_tokens_per_second(
+    monkeypatch, tmp_path, steps, untimed_steps, tokens_per_s
+):
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock.now)
+    trainer = _WarmingTrainer(steps, untimed_steps, clock)
+    console = rich.console.Console(file=io.StringIO())
+    assert loop.fit(trainer, tmp_path, console) == pytest.approx(tokens_per_s)

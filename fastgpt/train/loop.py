@@ -179,6 +179,15 @@ class Trainer:
     def tokens_per_step(self):
         return self.settings.batch_size * self.settings.seq_len
 
+    @property
+    def untimed_steps(self):
+        """Steps that warm up rather than train at speed, which fit leaves out of its tokens/s: the
+        first (compilation, allocator and autotuning caches), and with a captured step also its eager
+        warm-up steps and the capture."""
+        if isinstance(self.run_step, CapturedStep):
+            return self.run_step.warmup_steps + 1
+        return 1
+
     def process_batch(self):
         """This process's (inputs, targets) of the next global batch, (rows, T) each, on the CPU."""
         inputs, targets = self.sampler.global_batch(self.settings.batch_size)  # (B, T) each
@@ -364,8 +373,8 @@ def fit(trainer, out_dir, console):
     if trainer.step == 0:
         loss = trainer.evaluate()
         console.print(f"step 0: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
-    first_step = trainer.step + 1  # warms caches and allocators up: left out of the mean if there are others
-    timed_seconds, timed_steps = 0.0, 0
+    last_untimed_step = trainer.step + trainer.untimed_steps  # left out of the mean if there are others
+    timed_seconds, timed_steps, all_seconds, all_steps = 0.0, 0, 0.0, 0
     with progress_bar(console) as progress:
         task = progress.add_task(
             "train", total=settings.steps, completed=trainer.step, loss=float("nan"), tokens_per_s=0.0
@@ -374,7 +383,8 @@ def fit(trainer, out_dir, console):
             started = time.perf_counter()
             loss = trainer.train_step()  # returns a Python float: the step's work has finished
             seconds = time.perf_counter() - started
-            if trainer.step > first_step or settings.steps == first_step:
+            all_seconds, all_steps = all_seconds + seconds, all_steps + 1
+            if trainer.step > last_untimed_step:
                 timed_seconds, timed_steps = timed_seconds + seconds, timed_steps + 1
             progress.update(task, advance=1, loss=loss, tokens_per_s=trainer.tokens_per_step / seconds)
             if trainer.step % settings.eval_every == 0 or trainer.step == settings.steps:
@@ -384,4 +394,6 @@ def fit(trainer, out_dir, console):
                     f"step {trainer.step}: train loss {loss:.4f}, held-out loss {eval_loss:.4f}, "
                     f"perplexity {math.exp(min(eval_loss, 700.0)):.2f}; checkpoint saved to {out_dir}"
                 )
+    if not timed_steps:  # a run no longer than its warm-up: its every step
+        timed_seconds, timed_steps = all_seconds, all_steps
     return trainer.tokens_per_step * timed_steps / timed_seconds if timed_steps else 0.0
