@@ -155,7 +155,6 @@ struct CrossEntropyRowsParams {
   float* loss;              // (rows): logsumexp - logit[target], 0 on ignored rows
   const float* row_grad;    // (rows) upstream gradient of each row's loss, or null for 1
   bool with_grad;
-  float* dbias;             // (vocab) float32: the chunk's dlogits column sums are added, or null
 };
 
 }  // namespace fastgpt

@@ -58,7 +58,6 @@ EXPECTED_KERNELS = {
     "activation_forward_kernel": 4,  # bfloat16, float16 x 16-byte vectors, single elements
     "activation_backward_kernel": 4,
     "cross_entropy_rows_kernel": 4,  # bfloat16, float16 x row staged in shared memory, streamed
-    "add_column_sums_kernel": 2,  # bfloat16, float16 dlogits
 }
 
 

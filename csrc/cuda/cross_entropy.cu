@@ -7,10 +7,7 @@
 // forms each thread's online logsumexp and a second, after the block has combined them, forms
 //   dlogits = (softmax - onehot(target)) * row_grad      (exact zeros on ignored rows)
 // and writes them over the logits. A row too wide for the device's shared memory streams from global
-// memory instead, read twice.
-//
-// The bias gradient (when the linear layer has one) is a second, deterministic kernel: dbias[c] +=
-// sum over the chunk's rows of dlogits[r][c], rows added in a fixed order.
+// memory instead, read twice. (The bias gradient rides in api_cuda.inc's dW GEMM.)
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -28,10 +25,6 @@ constexpr int kVectorWidth = 8;  // 16-bit values in one 16-byte vector
 // Threads per block (one row): 7 vectors a thread at GPT-2's vocabulary, and two blocks fill an SM.
 constexpr int kThreads = 1024;
 constexpr float kLog2e = 1.4426950408889634f;
-// Bias gradient: a block takes 32 columns (one warp reads 64 contiguous bytes of a row) and 16 row
-// slices, each adding every 16th row in increasing order.
-constexpr int kBiasColumns = 32;
-constexpr int kBiasSlices = 16;
 
 // A running logsumexp: the largest value seen and the sum of exp(value - max) over the values seen.
 struct MaxSum {
@@ -147,26 +140,6 @@ __global__ void __launch_bounds__(kThreads, 2) cross_entropy_rows_kernel(const C
   }
 }
 
-// dbias[c] += sum over rows of dlogits[r][c], in a fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kBiasColumns* kBiasSlices)
-    add_column_sums_kernel(const T* logits, int64_t rows, int cols, int64_t ld, float* dbias) {
-  __shared__ float slice_sums[kBiasSlices][kBiasColumns + 1];
-  const int col = blockIdx.x * kBiasColumns + threadIdx.x;
-  float sum = 0.0f;
-  if (col < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += kBiasSlices) sum += to_float(logits[r * ld + col]);
-  }
-  slice_sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.0f;
-#pragma unroll
-    for (int s = 0; s < kBiasSlices; ++s) total += slice_sums[s][threadIdx.x];
-    dbias[col] += total;
-  }
-}
-
 template <typename T>
 cudaError_t launch_rows(const CrossEntropyRowsParams& p, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>(p.rows);
@@ -188,14 +161,6 @@ cudaError_t launch_rows(const CrossEntropyRowsParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-template <typename T>
-void launch_bias_grad(const CrossEntropyRowsParams& p, cudaStream_t stream) {
-  const dim3 block(kBiasColumns, kBiasSlices);
-  const auto blocks = static_cast<unsigned>(ceil_div(p.vocab, kBiasColumns));
-  add_column_sums_kernel<<<blocks, block, 0, stream>>>(static_cast<const T*>(p.logits.data), p.rows, p.vocab,
-                                                       p.logits.row_stride, p.dbias);
-}
-
 }  // namespace
 
 const char* cross_entropy_unsupported_reason(int64_t vocab, DType dtype) {
@@ -215,20 +180,12 @@ cudaError_t cross_entropy_rows(const CrossEntropyRowsParams& p, cudaStream_t str
   const int64_t padded_vocab = int64_t{ceil_div(p.vocab, kVectorWidth)} * kVectorWidth;
   if (p.logits.data == nullptr || !is_aligned(p.logits.data, 16) || p.logits.col_stride != 1 ||
       p.logits.row_stride % kVectorWidth != 0 || p.logits.row_stride < padded_vocab || p.targets == nullptr ||
-      p.loss == nullptr || (p.dbias != nullptr && !p.with_grad)) {
+      p.loss == nullptr) {
     return cudaErrorInvalidValue;
   }
   const cudaError_t error = p.dtype == DType::kBFloat16 ? launch_rows<__nv_bfloat16>(p, stream)
                                                          : launch_rows<__half>(p, stream);
-  if (error != cudaSuccess) return error;
-  if (p.dbias != nullptr) {
-    if (p.dtype == DType::kBFloat16) {
-      launch_bias_grad<__nv_bfloat16>(p, stream);
-    } else {
-      launch_bias_grad<__half>(p, stream);
-    }
-  }
-  return cudaGetLastError();
+  return error != cudaSuccess ? error : cudaGetLastError();
 }
 
 }  // namespace fastgpt::cuda

@@ -116,11 +116,11 @@ cudaError_t layer_norm_backward(const LayerNormParams& params, cudaStream_t stre
 
 // ---- Linear cross-entropy, the pass between the GEMMs (cross_entropy.cu) --------------------------
 // Per row of logits (bias included): loss = logsumexp - logit[target] (0 on ignored rows) and, with
-// with_grad, dlogits = (softmax - onehot(target)) * row_grad in place (zeros on ignored rows); with dbias,
-// the chunk's dlogits column sums are added to it. The logits must be 16-byte aligned with a row stride
-// that is a multiple of 8 and at least vocab rounded up to 8: the columns from vocab to that rounding are
-// read and overwritten (api_cuda.inc allocates its logits buffer so). Each row is read once for vocab
-// <= 65536, twice beyond. Deterministic.
+// with_grad, dlogits = (softmax - onehot(target)) * row_grad in place (zeros on ignored rows). The
+// logits must be 16-byte aligned with a row stride that is a multiple of 8 and at least vocab rounded
+// up to 8: the columns from vocab to that rounding are read and overwritten (api_cuda.inc allocates
+// its logits buffer so). A row that fits the device's shared memory (vocab up to ~113K in 16 bits on
+// H100) is read from global memory once, a wider one twice. Deterministic.
 
 // nullptr when the kernel takes this dtype and vocabulary, else why not.
 const char* cross_entropy_unsupported_reason(int64_t vocab, DType dtype);
