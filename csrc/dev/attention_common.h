@@ -163,6 +163,42 @@ struct AttentionProblem {
   }
 };
 
+// The case line each harness prints before checking it: "<dtype> [label ]batch .. head_dim ..".
+template <typename T>
+void print_case(const char* label, const AttentionShape& s, bool packed) {
+  printf("%s %sbatch %d heads %d/%d q_len %d kv_len %d head_dim %d%s\n", dtype_name<T>(), label, s.batch, s.heads,
+         s.kv_heads, s.q_len, s.kv_len, s.head_dim, packed ? " (packed qkv)" : "");
+}
+
+// out and lse, as a forward kernel left them in `problem`, against the double-precision reference.
+template <typename T>
+void validate_forward(const AttentionProblem<T>& problem) {
+  std::vector<float> out, lse, unused_dq, unused_dk, unused_dv;
+  attention_reference(problem.shape, problem.scale, problem.q_host, problem.k_host, problem.v_host,
+                      HostHeads{nullptr, 0, 0, 0}, out, lse, unused_dq, unused_dk, unused_dv);
+  // bfloat16 keeps 8 bits of mantissa (P is rounded to it before P V), float16 11.
+  const float tolerance = std::is_same_v<T, __nv_bfloat16> ? 2e-2f : 4e-3f;
+  validate_result(problem.out.device, out, "out", out.size(), tolerance, tolerance);
+  validate_result(problem.lse.device, lse, "lse", lse.size(), 2e-3f, 1e-4f);
+}
+
+// dq, dk and dv, as a backward kernel left them in `problem`, against the double-precision reference.
+template <typename T>
+void validate_backward(const AttentionProblem<T>& problem) {
+  std::vector<float> out, lse, dq, dk, dv;
+  attention_reference(problem.shape, problem.scale, problem.q_host, problem.k_host, problem.v_host,
+                      problem.dout_host, out, lse, dq, dk, dv);
+  // Gradients sum many bf16-rounded P and dS terms: tolerance relative to each gradient's scale. Where
+  // the exact dq and dk are 0 (one key per query: the softmax is constant), dS = P (dP - delta) still
+  // leaves the float32 rounding of that difference: 6e-8 and 1.2e-7 in float16 on the H200
+  // (2026-11-29), so the absolute tolerance never drops below kCancellationFloor.
+  constexpr float kCancellationFloor = 1e-6f;
+  const float tolerance = std::is_same_v<T, __nv_bfloat16> ? 4e-2f : 1e-2f;
+  validate_result(problem.dq.device, dq, "dq", dq.size(), tolerance * max_abs(dq) + kCancellationFloor, tolerance);
+  validate_result(problem.dk.device, dk, "dk", dk.size(), tolerance * max_abs(dk) + kCancellationFloor, tolerance);
+  validate_result(problem.dv.device, dv, "dv", dv.size(), tolerance * max_abs(dv), tolerance);
+}
+
 // FLOPs of causal attention, the usual convention: forward 4 * B * H * N * N * D / 2 (QK^T and PV
 // over half the score matrix); the backward counts 2.5 times that.
 inline double causal_forward_flops(const AttentionShape& s) {

@@ -35,10 +35,8 @@ static const Case kCases[] = {
 
 template <typename T>
 void check_forward(const Case& c, std::mt19937& rng) {
-  const AttentionShape& s = c.shape;
-  printf("%s batch %d heads %d/%d q_len %d kv_len %d head_dim %d%s\n", dtype_name<T>(), s.batch, s.heads, s.kv_heads,
-         s.q_len, s.kv_len, s.head_dim, c.packed ? " (packed qkv)" : "");
-  AttentionProblem<T> problem(s, c.packed, rng);
+  print_case<T>("", c.shape, c.packed);
+  AttentionProblem<T> problem(c.shape, c.packed, rng);
   const char* reason = fastgpt::cuda::attention_forward_sm90_unsupported_reason(problem.params);
   if (reason != nullptr) {
     printf("  declined: %s\n", reason);
@@ -47,13 +45,7 @@ void check_forward(const Case& c, std::mt19937& rng) {
   }
   cuda_check(fastgpt::cuda::attention_forward_sm90(problem.params, nullptr));
   cuda_check(cudaDeviceSynchronize());
-  std::vector<float> out, lse, unused_dq, unused_dk, unused_dv;
-  attention_reference(s, problem.scale, problem.q_host, problem.k_host, problem.v_host, HostHeads{nullptr, 0, 0, 0},
-                      out, lse, unused_dq, unused_dk, unused_dv);
-  // bfloat16 keeps 8 bits of mantissa (P is rounded to it before P V), float16 11.
-  const float tolerance = std::is_same_v<T, __nv_bfloat16> ? 2e-2f : 4e-3f;
-  validate_result(problem.out.device, out, "out", out.size(), tolerance, tolerance);
-  validate_result(problem.lse.device, lse, "lse", lse.size(), 2e-3f, 1e-4f);
+  validate_forward(problem);
 }
 
 // The sm90 backward's workspace (dQ accumulator, lse, delta), NaN until the prepare pass writes it.
@@ -69,8 +61,7 @@ void check_backward(const Case& c, std::mt19937& rng) {
   // The double-precision CPU backward costs about three forwards: the 512-tile case (several seconds of
   // CPU reference per dtype) stays forward-only, so the harness fits gpu_check.sh's time limit.
   if (static_cast<double>(s.batch) * s.heads * s.q_len * s.kv_len > 1e7) return;
-  printf("%s backward batch %d heads %d/%d q_len %d kv_len %d head_dim %d%s\n", dtype_name<T>(), s.batch, s.heads,
-         s.kv_heads, s.q_len, s.kv_len, s.head_dim, c.packed ? " (packed qkv)" : "");
+  print_case<T>("backward ", s, c.packed);
   AttentionProblem<T> problem(s, c.packed, rng);
   const char* reason = fastgpt::cuda::attention_backward_sm90_unsupported_reason(problem.params);
   if (reason != nullptr) {
@@ -82,16 +73,7 @@ void check_backward(const Case& c, std::mt19937& rng) {
   cuda_check(fastgpt::cuda::attention_forward_sm90(problem.params, nullptr));
   cuda_check(fastgpt::cuda::attention_backward_sm90(problem.params, workspace.buffer.device, nullptr));
   cuda_check(cudaDeviceSynchronize());
-  std::vector<float> out, lse, dq, dk, dv;
-  attention_reference(s, problem.scale, problem.q_host, problem.k_host, problem.v_host, problem.dout_host, out, lse,
-                      dq, dk, dv);
-  // As in attention_bwd.cu's harness: tolerances relative to each gradient's scale, with a floor for
-  // the float32 rounding of dP - delta where the exact dq and dk are 0.
-  constexpr float kCancellationFloor = 1e-6f;
-  const float tolerance = std::is_same_v<T, __nv_bfloat16> ? 4e-2f : 1e-2f;
-  validate_result(problem.dq.device, dq, "dq", dq.size(), tolerance * max_abs(dq) + kCancellationFloor, tolerance);
-  validate_result(problem.dk.device, dk, "dk", dk.size(), tolerance * max_abs(dk) + kCancellationFloor, tolerance);
-  validate_result(problem.dv.device, dv, "dv", dv.size(), tolerance * max_abs(dv), tolerance);
+  validate_backward(problem);
 }
 
 void benchmark_forward(int seq_len, int head_dim, std::mt19937& rng) {
