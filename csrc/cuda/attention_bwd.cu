@@ -17,7 +17,6 @@ namespace fastgpt::cuda {
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ---------------------------------------------------------------------------------------------
 // 1. delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]: 16 lanes a row, one 16-byte chunk each.

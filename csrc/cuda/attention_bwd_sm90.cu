@@ -48,12 +48,6 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
-// As in attention_fwd_sm90.cu: wgmma, TMA and setmaxnreg exist only in the sm_90a target; any other
-// target of this file compiles the main kernel as a stub that is never launched.
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FASTGPT_SM90A_DEVICE_CODE 1
-#endif
-
 namespace fastgpt::cuda {
 
 namespace {
@@ -66,7 +60,6 @@ using sm90::gmem_view;
 using sm90::issue_gemm;
 using sm90::Sm90BackwardTiles;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = 384;       // producer warpgroup + 2 consumer warpgroups
 constexpr int kRowAlignment = 64;   // workspace rows per (batch, head) are padded to whole query blocks
 constexpr int kPrepareThreads = 256;

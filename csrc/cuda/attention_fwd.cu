@@ -16,7 +16,6 @@ namespace fastgpt::cuda {
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Online softmax step for one KV block. s holds the raw scores of this block and leaves holding P

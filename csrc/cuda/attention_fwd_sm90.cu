@@ -44,13 +44,6 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
-// wgmma, TMA and setmaxnreg exist only in the architecture-specific sm_90a target; other targets of
-// this file (sm_80 in a multi-architecture build) compile the kernel as a stub that is never
-// launched (the launcher runs only on compute capability 9.x).
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FASTGPT_SM90A_DEVICE_CODE 1
-#endif
-
 namespace fastgpt::cuda {
 
 namespace {
@@ -64,7 +57,6 @@ using sm90::gmem_view_transposed;
 using sm90::issue_gemm;
 using sm90::Sm90Tiles;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
 
 template <typename T, int kHeadDim>

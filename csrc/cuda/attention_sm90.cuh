@@ -10,6 +10,13 @@
 
 #include "../params.h"
 
+// wgmma, TMA and setmaxnreg exist only in the architecture-specific sm_90a target; other targets of
+// the kernels' files (sm_80 in a multi-architecture build) compile their kernels as stubs that are
+// never launched (the launchers run only on compute capability 9.x).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FASTGPT_SM90A_DEVICE_CODE 1
+#endif
+
 // cute/tensor.hpp first: the atoms' headers build on it.
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>

@@ -24,7 +24,6 @@ namespace {
 constexpr int kVectorWidth = 8;  // 16-bit values in one 16-byte vector
 // Threads per block (one row): 7 vectors a thread at GPT-2's vocabulary, and two blocks fill an SM.
 constexpr int kThreads = 1024;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // A running logsumexp: the largest value seen and the sum of exp(value - max) over the values seen.
 struct MaxSum {

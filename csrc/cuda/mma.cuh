@@ -33,6 +33,9 @@ constexpr bool is_16bit_float = std::is_same_v<T, __nv_bfloat16> || std::is_same
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// log2(e): exp(x) == exp2(x * kLog2e), how the softmax kernels reach the special-function unit's ex2.
+constexpr float kLog2e = 1.4426950408889634f;
+
 __host__ __device__ inline bool is_aligned(const void* pointer, int bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
 }

@@ -56,7 +56,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
-from fastgpt.ops.triton_decode import check_head_span, online_softmax_block
+from fastgpt.ops.triton_decode import LOG2E, check_head_span, online_softmax_block
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -64,8 +64,7 @@ from fastgpt.ops.triton_decode import check_head_span, online_softmax_block
 MAX_HEAD_DIM = 256
 # tl.dot needs every dimension >= 16, so head_dim is padded to at least this.
 MIN_BLOCK_D = 16
-# Used inside the kernels, hence tl.constexpr.
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+# Used inside the kernels, hence tl.constexpr (LOG2E, log2(e), is triton_decode's).
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a base-2 logsumexp to natural log
 
 # Set before this module is imported, TRITON_INTERPRET=1 makes @triton.jit yield interpreted
