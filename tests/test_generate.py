@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages
+from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
 from fastgpt.nn.generation import filter_logits, sample_next_token, sample_next_token_on_device
 
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
@@ -253,6 +253,53 @@ def test_static_step_sampling_is_reproducible_and_respects_the_filter():
     assert allowed.gather(-1, first[:, 6:, None]).all()
 
 
+def kept_decoder(model):
+    """The StaticDecodeStep that static_decode keeps for model, or None."""
+    kept = static_decode._DECODERS.get(model)
+    return None if kept is None else kept[1]
+
+
+def test_static_decoder_is_kept_and_refilled_by_calls_that_fit():
+    """A second call of the same batch and total length (another prompt length, other prompts) runs on
+    the first call's buffers and gives the tokens of generate; results are copies that later calls do
+    not overwrite; in-place weight changes are seen; other shapes, sampling, eos or moved weights get a
+    new decoder, and release_decode_graph frees it."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (2, 11))
+    expected = model.generate(prompt, 8, temperature=0)  # first, as it moves the weights (huge pages)
+    first = generate_static(model, prompt, 8)
+    decoder = kept_decoder(model)
+    assert decoder is not None and torch.equal(first, expected)
+    kept_first = first.clone()
+    shorter = torch.randint(0, 97, (2, 5))  # 5 + 14 = 11 + 8 tokens: the same buffers
+    second = generate_static(model, shorter, 14)
+    assert kept_decoder(model) is decoder
+    assert torch.equal(second, model.generate(shorter, 14, temperature=0))
+    assert torch.equal(first, kept_first)
+    eos = int(second[1, 7])
+    stopped = generate_static(model, shorter, 14, eos=eos)
+    assert kept_decoder(model) is not decoder
+    assert torch.equal(stopped, model.generate(shorter, 14, temperature=0, eos_token_id=eos))
+    with_eos = kept_decoder(model)
+    assert torch.equal(
+        generate_static(model, prompt, 8, eos=eos), model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    )
+    assert kept_decoder(model) is with_eos
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-3.0)  # in place: the kept buffers (and a graph) read the new weights
+    assert torch.equal(
+        generate_static(model, prompt, 8, eos=eos), model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    )
+    assert kept_decoder(model) is with_eos
+    model.double()  # new parameter storage: a graph captured against the old one must not be replayed
+    assert torch.equal(
+        generate_static(model, prompt, 8, eos=eos), model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    )
+    assert kept_decoder(model) is not with_eos and kept_decoder(model).caches[0].keys.dtype == torch.float64
+    model.release_decode_graph()
+    assert kept_decoder(model) is None
+
+
 def test_on_device_sampling_draws_what_multinomial_draws_on_cpu():
     """sample_next_token_on_device is multinomial's one-sample algorithm: the same draws from the same
     generator state on the CPU (on CUDA the same is expected, not asserted)."""
@@ -277,6 +324,10 @@ def test_gpu_captured_generate_equals_the_uncaptured_static_step(dtype):
     model = GPT(GPTConfig(**SMALL, n_kv_head=2)).to("cuda", dtype).eval()
     prompt = torch.randint(0, 97, (3, 9), device="cuda")
     captured = model.generate(prompt, 40, temperature=0, cuda_graph=True)
+    graph = kept_decoder(model).graph
+    assert graph is not None
+    assert torch.equal(model.generate(prompt, 40, temperature=0, cuda_graph=True), captured)
+    assert kept_decoder(model).graph is graph  # replayed, not captured again
     assert torch.equal(captured, generate_static(model, prompt, 40, capture=False))
     if dtype == torch.float32:  # today's loop differs only in the attention's rounding: no near-tie in fp32
         assert torch.equal(captured, model.generate(prompt, 40, temperature=0, cuda_graph=False))
@@ -293,6 +344,8 @@ def test_gpu_captured_sampling_is_reproducible_under_seed_and_eos_stops():
     again = model.generate(prompt, 30, **sampling)
     assert torch.equal(first, again)
     assert not torch.equal(first, model.generate(prompt, 30, **sampling))
+    torch.manual_seed(123)  # the graph captured by the first call, replayed from its first step
+    assert torch.equal(model.generate(prompt, 30, **sampling), first)
     free = model.generate(prompt[:1], 30, temperature=0, cuda_graph=True)
     eos = int(free[0, 7])
     stopped = model.generate(prompt[:1], 30, temperature=0, eos_token_id=eos, cuda_graph=True)

@@ -243,10 +243,13 @@ class GPT(nn.Module):
         huge pages (huge_pages.move_to_huge_pages: the Parameter objects stay, their .data moves), which
         the weight reads of every decode step stream faster.
 
-        On CUDA, with cuda_graph=True, the decode steps after the prefill run as one
-        static step (fastgpt.nn.static_decode): the position lives on the device, the attention reads
-        the cache's valid length there, tokens are sampled on the device, and the step is captured once
-        per call in a CUDA graph and replayed per token. Greedy tokens equal the uncaptured path's up
+        On CUDA, with cuda_graph=True, the decode steps after the prefill run as one static step
+        (fastgpt.nn.static_decode): the position lives on the device, the attention reads the cache's
+        valid length there, tokens are sampled on the device, and the step is captured in a CUDA graph
+        and replayed per token. The graph, its KV caches and output buffer stay with the model, so a
+        later call with the same batch size, prompt + new token count, sampling arguments and weights
+        replays it from its first step without capturing again (release_decode_graph() frees them; a
+        call that needs other shapes replaces them). Greedy tokens equal the uncaptured path's up
         to the attention's rounding (its splits are sized for the whole cache, not the current
         length), so a near-tie may break differently; sampling draws from the same distribution.
         With eos_token_id the host checks for the end every static_decode.EOS_CHECK_INTERVAL tokens
@@ -275,22 +278,21 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def _generation_buffers(self, idx, max_new_tokens):
-        """(out, caches) of a generate call: out (B, T + new) int64 with idx in its first T columns,
-        and one preallocated KVCache per layer (B, n_kv_head, T + new, D)."""
-        batch, prompt_len = idx.shape
-        total = prompt_len + max_new_tokens
-        out = torch.empty(batch, total, dtype=torch.long, device=idx.device)  # (B, T + new)
-        out[:, :prompt_len] = idx
+    def _generation_buffers(self, batch, total, device):
+        """(out, caches) of a generate call: out (B, total) int64, uninitialised, for the prompt and the
+        new tokens, and one preallocated KVCache per layer (B, n_kv_head, total, D)."""
+        out = torch.empty(batch, total, dtype=torch.long, device=device)  # (B, total)
         config, dtype = self.config, self.lm_head.weight.dtype
         caches = [
-            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=idx.device)
+            KVCache(batch, config.n_kv_head, total, config.head_dim, dtype=dtype, device=device)
             for _ in range(config.n_layer)
         ]
         return out, caches
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback):
-        out, caches = self._generation_buffers(idx, max_new_tokens)
+        batch, prompt_len = idx.shape
+        out, caches = self._generation_buffers(batch, prompt_len + max_new_tokens, idx.device)
+        out[:, :prompt_len] = idx
         if max_new_tokens == 0:
             return out
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
@@ -320,25 +322,33 @@ class GPT(nn.Module):
     ):
         """_generate with the decode steps run by static_decode (captured in a CUDA graph with
         capture=True, CUDA only; eagerly otherwise, on any device): the prefill as in _generate, then
-        max_new_tokens - 1 static steps. Tokens are sampled with sample_next_token_on_device."""
-        prompt_len = idx.shape[1]
-        out, caches = self._generation_buffers(idx, max_new_tokens)
+        max_new_tokens - 1 static steps. Tokens are sampled with sample_next_token_on_device. The
+        buffers and the graph are static_decode.decoder_for's, kept for the next call that fits."""
+        batch, prompt_len = idx.shape
+        total = prompt_len + max_new_tokens
         if max_new_tokens == 0:
-            return out
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
+            return idx.to(torch.long, copy=True)
+        sampling = (temperature, top_k, top_p)
+        step = static_decode.decoder_for(self, batch, total, sampling, eos_token_id, idx.device)
+        out, caches = step.out, step.caches
+        out[:, :prompt_len] = idx
         hidden = self.hidden_states(idx, caches, 0)[:, -1]  # (B, C): the prompt's last position
         next_token = sample_next_token_on_device(self.logits(hidden), temperature, top_k, top_p)  # (B,)
+        finished = torch.zeros_like(next_token, dtype=torch.bool)  # (B,)
         if eos_token_id is not None:
-            finished |= next_token == eos_token_id
+            finished = next_token == eos_token_id
         out[:, prompt_len] = next_token
         if callback is not None:
             callback(next_token)
         if max_new_tokens == 1 or (eos_token_id is not None and bool(finished.all())):
-            return out[:, : prompt_len + 1]
-        step = static_decode.StaticDecodeStep(
-            out, caches, prompt_len, finished, (temperature, top_k, top_p), eos_token_id
-        )
+            return out[:, : prompt_len + 1].clone()
+        step.start(prompt_len, finished)
         return static_decode.decode(self, step, max_new_tokens - 1, callback, capture)
+
+    def release_decode_graph(self):
+        """Frees the output buffer, KV caches and CUDA graph that generate(cuda_graph=True) keeps for
+        the next call of the same batch, total length and sampling (static_decode.decoder_for)."""
+        static_decode.release(self)
 
     # ------------------------------------------------------------------------------------------
     # Weights

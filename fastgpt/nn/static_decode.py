@@ -11,7 +11,16 @@ instead of ~15 ops per block.
 eos: the finished flags and the output length are updated inside the step; the host reads them every
 EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps may run
 after every sequence finished; their tokens are cut off.
+
+The step's buffers (the output, the KV caches, the position and flags) and its captured graph stay
+with the model after the call (`decoder_for`), so the next call with the same batch, total length,
+sampling and weights refills them and replays the graph from its first step: no eager warm-up steps
+and no capture, which cost more host time than the rest of a short generation. One decoder per model
+is kept; a call that needs another frees the old one first, and `release(model)` frees it outright.
 """
+
+import itertools
+import weakref
 
 import torch
 
@@ -27,26 +36,41 @@ WARMUP_STEPS = 2
 EOS_CHECK_INTERVAL = 8
 
 
+# The decoder kept for each model (at most one): weak keys, so a deleted model takes its buffers along.
+_DECODERS = weakref.WeakKeyDictionary()
+
+
 class StaticDecodeStep:
     """The state of a static decode loop: static buffers whose contents change, never their shapes.
 
     out: (B, total) int64, the prompt and the tokens chosen so far; caches: the model's KVCache per
     layer, filled up to `position` by the prefill. position: (1,) int64, the position of the token fed
-    to the next step (its column in out), starting at the int `position`. finished: (B,) bool. end: () int64, the length of the result
-    (total, or the column after the token at which every sequence had produced eos).
+    to the next step (its column in out). finished: (B,) bool. end: () int64, the length of the result
+    (total, or the column after the token at which every sequence had produced eos). graph: the
+    captured step once `decode` has recorded it, replayed by every later call. `start` readies them
+    for a call.
     """
 
-    def __init__(self, out, caches, position, finished, sampling, eos_token_id):
-        total = out.shape[1]
+    def __init__(self, out, caches, sampling, eos_token_id):
+        batch, total = out.shape
         self.out = out
         self.caches = caches
-        self.first_position = position  # the host's copy of the starting position, never updated
-        self.position = torch.full((1,), position, dtype=torch.long, device=out.device)  # (1,)
-        self.finished = finished  # (B,)
+        self.first_position = 0  # the host's copy of this call's starting position (start sets it)
+        self.position = torch.zeros(1, dtype=torch.long, device=out.device)  # (1,)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=out.device)  # (B,)
         self.total = torch.full((), total, dtype=torch.long, device=out.device)  # ()
         self.end = self.total.clone()  # ()
         self.sampling = sampling  # (temperature, top_k, top_p)
         self.eos_token_id = eos_token_id
+        self.graph = None
+
+    def start(self, position, finished):
+        """Readies the step for a call whose prefill filled the caches up to the int `position` and
+        chose the token in column `position` of out; finished (B,) bool: the sequences it ended."""
+        self.first_position = position
+        self.position.fill_(position)
+        self.finished.copy_(finished)
+        self.end.copy_(self.total)
 
     def run(self, model):
         """One decode step of `model` (the GPT whose caches these are); device work only."""
@@ -69,37 +93,59 @@ class StaticDecodeStep:
         position.add_(1)
 
 
-def decode(model, step, steps, callback=None, capture=True):
-    """Runs `steps` decode steps; returns the generated (B, end) int64 tokens (a new tensor).
+def decoder_for(model, batch, total, sampling, eos_token_id, device):
+    """The StaticDecodeStep kept for `model` if it fits this call (same batch, total length, sampling,
+    eos_token_id, device, dtype, backend and parameter storage: a graph reads the weights where they
+    were at capture, so moved or replaced parameters need a new one), else a new one with fresh buffers
+    (the old one is freed first)."""
+    weights = itertools.chain(model.parameters(), model.buffers())
+    key = (device, batch, total, sampling, eos_token_id, model.config.backend)
+    key += tuple(tensor.data_ptr() for tensor in weights)
+    kept = _DECODERS.get(model)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    _DECODERS.pop(model, None)
+    out, caches = model._generation_buffers(batch, total, device)
+    step = StaticDecodeStep(out, caches, sampling, eos_token_id)
+    _DECODERS[model] = (key, step)
+    return step
 
-    capture: record the step in a CUDA graph after WARMUP_STEPS eager ones and replay it for the rest
-    (CUDA tensors only); False runs every step eagerly (any device). callback gets each step's new
-    tokens (B,), a copy, as soon as they are queued (no synchronisation).
+
+def release(model):
+    """Frees the buffers and the CUDA graph that generate(cuda_graph=True) kept for `model`."""
+    _DECODERS.pop(model, None)
+
+
+def decode(model, step, steps, callback=None, capture=True):
+    """Runs `steps` decode steps from the position `step.start` set; returns the generated (B, end)
+    int64 tokens (a new tensor: out itself is refilled by the next call).
+
+    capture: replay the step's CUDA graph, recording it first after WARMUP_STEPS eager steps if no
+    earlier call did (CUDA tensors only); False runs every step eagerly (any device). callback gets
+    each step's new tokens (B,), a copy, as soon as they are queued (no synchronisation).
     """
-    eager_steps = min(steps, WARMUP_STEPS) if capture else steps
-    graph = None
+    eager_steps = min(steps, WARMUP_STEPS) if capture and step.graph is None else 0
     done = 0
     while done < steps:
         if done < eager_steps:
-            if capture:
-                side = torch.cuda.Stream(device=step.out.device)
-                side.wait_stream(torch.cuda.current_stream(step.out.device))
-                with torch.cuda.stream(side):
-                    step.run(model)
-                torch.cuda.current_stream(step.out.device).wait_stream(side)
-            else:
+            side = torch.cuda.Stream(device=step.out.device)
+            side.wait_stream(torch.cuda.current_stream(step.out.device))
+            with torch.cuda.stream(side):
                 step.run(model)
-        else:
-            if graph is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+            torch.cuda.current_stream(step.out.device).wait_stream(side)
+        elif capture:
+            if step.graph is None:
+                step.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(step.graph):
                     step.run(model)
-            graph.replay()
+            step.graph.replay()
+        else:
+            step.run(model)
         if callback is not None:
             callback(step.out[:, step.first_position + 1 + done].clone())
         done += 1
         if step.eos_token_id is not None and done % EOS_CHECK_INTERVAL == 0 and bool(step.finished.all()):
             break
     if step.eos_token_id is None:
-        return step.out
-    return step.out[:, : int(step.end)]
+        return step.out.clone()
+    return step.out[:, : int(step.end)].clone()
