@@ -6,8 +6,9 @@ The tokens are processed in chunks. For each chunk:
    logit) gives lse and the loss; the second pass overwrites the logits in place with
    dloss/dlogits = (softmax - onehot(target)) * scale (0 on ignored rows);
 3. dx_chunk = dlogits @ W (split-K when the chunk has too few output tiles to fill the GPU), and
-   dW^T += x_chunk^T @ dlogits, accumulated in fp32 across chunks in the GEMM's epilogue (the last
-   chunk writes dW in the input dtype); a virtual row of ones under x_chunk^T yields db.
+   dW^T += x_chunk^T @ dlogits, accumulated in fp32 across chunks in the GEMM's epilogue and cast to
+   the input dtype after the logits buffer is freed (one chunk, or fp32 inputs, write dW directly);
+   a virtual row of ones under x_chunk^T yields db.
 
 Peak extra memory is one chunk of logits plus the fp32 dW accumulator (bf16/fp16 only) and never
 grows with the token count; see `chunk_rows`.
@@ -65,16 +66,17 @@ def chunk_rows(tokens, channels, element_size):
     """Tokens per chunk.
 
     Liger-Kernel sizes chunks so the logits chunk is about as large as x (chunk ~ tokens * C / V).
-    Here the chunk's logits (rows x V x element_size bytes) may be twice as large as the fp32
-    weight-gradient accumulator this op needs anyway (V x C x 4 bytes): at most 8 C / element_size
-    rows, 3072 tokens in bf16 at GPT-2 small (C 768). So the extra memory stays within about three
-    times the accumulator, whatever the token count: at 8192 tokens of GPT-2, a quarter of what
-    torch.compile's cross-entropy allocates. Each chunk rereads and rewrites the accumulator in the dW
-    GEMM's epilogue, so the chunks are as large as that allows and equal in size (8192 tokens: three
-    of 2736, not 3072 + 3072 + 2048).
+    Here the chunk's logits (rows x V x element_size bytes) may be three times as large as the fp32
+    weight-gradient accumulator this op needs anyway (V x C x 4 bytes): at most 12 C / element_size
+    rows, 4608 tokens in bf16 at GPT-2 small (C 768). So the extra memory stays within about four
+    times the accumulator, whatever the token count: at 8192 tokens of GPT-2, about 580 MB, 0.24x
+    the 2.30 GiB torch.compile's cross-entropy allocated on the H200. Each chunk after the first
+    rereads and rewrites the accumulator in the dW GEMM's epilogue, so the chunks are as large as that
+    allows and equal in size: 8192 tokens run in two chunks of 4096, and two GEMMs touch the
+    accumulator (csrc/cuda/api_cuda.inc's logits_chunk_rows follows the same rule).
     """
     max_rows = max(
-        CHUNK_ROW_MULTIPLE, (8 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+        CHUNK_ROW_MULTIPLE, (12 * channels // element_size) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     )
     chunks = triton.cdiv(tokens, max_rows)
     rows = triton.cdiv(triton.cdiv(tokens, max(chunks, 1)), CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
@@ -189,17 +191,18 @@ def _rows_arguments(
 
 
 def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, row_scale, scale, grads):
-    """Runs the chunks. `grads` is None (loss only) or (dx2, dweight, dbias) to fill; with `row_scale`
-    the lse is given and only gradients are formed. Fills the tensors it is given."""
+    """Runs the chunks. `grads` is None (loss only) or (dx2, dbias) to fill (dbias None without a
+    bias); with `row_scale` the lse is given and only gradients are formed. Fills the tensors it is
+    given and returns dW (V, C) in x's dtype when `grads` is given, else None."""
     tokens, channels = x2.shape
     vocab = weight.shape[0]
     dtype, device = x2.dtype, x2.device
     if tokens == 0:
-        if grads is not None:
-            for grad in grads[1:]:
-                if grad is not None:
-                    grad.zero_()
-        return
+        if grads is None:
+            return None
+        if grads[1] is not None:
+            grads[1].zero_()
+        return torch.zeros((vocab, channels), dtype=dtype, device=device)
     rows_per_chunk = chunk_rows(tokens, channels, dtype.itemsize)
     chunk_starts = range(0, tokens, rows_per_chunk)
     logits = logits_buffer(rows_per_chunk, vocab, dtype, device)  # (chunk, V), reused by every chunk
@@ -207,9 +210,10 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
     num_warps = 1 if triton_interpreter_enabled() else ROW_KERNEL_WARPS
 
     if grads is not None:
-        dx2, dweight, dbias = grads
+        dx2, dbias = grads
         # fp32 weights accumulate in dW itself; 16-bit ones in an fp32 buffer, unless one chunk does it all.
         in_place = dtype == torch.float32 or len(chunk_starts) == 1
+        dweight = new_output((vocab, channels), dtype, device) if in_place else None
         weight_accumulator = (
             dweight if in_place else torch.empty((vocab, channels), dtype=torch.float32, device=device)
         )
@@ -256,18 +260,22 @@ def _chunk_loop(x2, weight, targets, bias, ignore_index, *, losses, lse, kept, r
             sum_rows(partial.view(split, rows * channels), dx_chunk.view(-1))
 
         # dW^T (C, V) (+)= x_chunk^T @ dlogits, through transposed views; the ones row adds db.
-        last = start + rows == tokens
-        out = dweight if (last or in_place) else weight_accumulator
         matmul(
             x_chunk.t(),
             chunk_logits,
-            out.t(),
+            weight_accumulator.t(),
             accumulate=weight_accumulator.t() if index > 0 else None,
             bias_grad=bias_accumulator,
         )
 
-    if grads is not None and dbias is not None:
+    if grads is None:
+        return None
+    if dbias is not None:
         dbias.copy_(bias_accumulator)
+    if dweight is None:
+        del logits, chunk_logits  # freed before the cast allocates dW, so the two never coexist
+        dweight = weight_accumulator.to(dtype)
+    return dweight
 
 
 def cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, compute_grads):
@@ -285,13 +293,9 @@ def cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, com
     grads = None
     if compute_grads and reduction != "none":
         dbias = new_output((vocab,), dtype, device) if bias is not None else None
-        grads = (
-            new_output((tokens, channels), dtype, device),
-            new_output((vocab, channels), dtype, device),
-            dbias,
-        )
+        grads = (new_output((tokens, channels), dtype, device), dbias)
     scale = SCALE_MEAN.value if reduction == "mean" else SCALE_ONE.value
-    _chunk_loop(
+    dweight = _chunk_loop(
         x2,
         weight,
         targets1,
@@ -313,7 +317,7 @@ def cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, com
         loss = losses.sum() / kept  # 0 / 0 = NaN when every target is ignored, as in torch
     if grads is None:
         return loss, lse, x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    dx2, dweight, dbias = grads
+    dx2, dbias = grads
     return loss, lse, dx2.view(x.shape), dweight, dbias if dbias is not None else x.new_empty(0)
 
 
@@ -325,12 +329,8 @@ def cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore
     vocab = weight.shape[0]
     dtype, device = x.dtype, x.device
     dbias = new_output((vocab,), dtype, device) if bias is not None else None
-    grads = (
-        new_output((tokens, channels), dtype, device),
-        new_output((vocab, channels), dtype, device),
-        dbias,
-    )
-    _chunk_loop(
+    grads = (new_output((tokens, channels), dtype, device), dbias)
+    dweight = _chunk_loop(
         x2,
         weight,
         targets.reshape(-1).contiguous(),
@@ -343,7 +343,7 @@ def cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore
         scale=SCALE_PER_ROW.value,
         grads=grads,
     )
-    dx2, dweight, dbias = grads
+    dx2, dbias = grads
     return dx2.view(x.shape), dweight, dbias if dbias is not None else x.new_empty(0)
 
 
@@ -441,7 +441,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
 def gpu_compile_cases(capability):
     """The chunk's GEMMs (logits with bias; split-K dx; accumulating dW^T with the bias row) in bf16 with
     the largest configuration, and the row kernel in its forward and 'none'-backward forms, at GPT-2
-    small: a 2736-token chunk (8192 tokens run in three), C 768, and V 50257 (GPT-2's vocabulary: an odd
+    small: a 4096-token chunk (8192 tokens run in two), C 768, and V 50257 (GPT-2's vocabulary: an odd
     width, in a logits buffer whose rows are padded to 50304) and 50304 (padded to a multiple of 64, as
     fastgpt.nn.GPT pads it)."""
     cases = []
@@ -451,7 +451,7 @@ def gpu_compile_cases(capability):
 
 
 def _vocab_compile_cases(capability, vocab):
-    rows, channels = 2736, 768
+    rows, channels = 4096, 768
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -475,7 +475,7 @@ def _vocab_compile_cases(capability, vocab):
         return matmul_arguments(
             meta(rows, channels, dtype=dtype).t(),
             logits_buffer(rows, vocab, dtype, "meta"),
-            meta(vocab, channels, dtype=dtype).t(),
+            accumulator.t(),
             accumulate=accumulator.t(),
             bias_grad=meta(vocab, dtype=torch.float32),
         )
