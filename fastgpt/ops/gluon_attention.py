@@ -40,10 +40,7 @@ tests/test_triton_attention.py, and its code by the sm_90 compile checks of
 tests/test_triton_compile.py. The Gluon API this file uses is the same in Triton 3.6 and 3.9.
 """
 
-import os
-
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -162,11 +159,11 @@ def _producer_partition(
 ):
     num_m_blocks = gl.cdiv(q_len, BLOCK_M)
     loaded = 0  # key blocks loaded so far: slot loaded % STAGES, its use number loaded // STAGES
-    tiles_done = 0
     for tile in range(gl.program_id(0), num_m_blocks * batch_heads, gl.num_programs(0)):
-        batch, head, kv_head, batch_head, start_m = _tile_coordinates(
+        batch, head, kv_head, _, start_m = _tile_coordinates(
             tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M
         )
+        tiles_done = (tile - gl.program_id(0)) // gl.num_programs(0)  # by this program
         # Both consumers release the Q buffer after their tile's last QK^T (a fresh mbarrier counts
         # as released once: phase parity 1 passes).
         mbarrier.wait(q_empty, (tiles_done & 1) ^ 1)
@@ -176,15 +173,10 @@ def _producer_partition(
             slot = loaded % STAGES
             mbarrier.wait(kv_empty.index(slot), ((loaded // STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(slot), K.block_type.nbytes)
-            tma_load(
-                K, [batch, kv_head, block * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot)
-            )
+            tma_load(K, [batch, kv_head, block * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
             mbarrier.expect(v_ready.index(slot), V.block_type.nbytes)
-            tma_load(
-                V, [batch, kv_head, block * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot)
-            )
+            tma_load(V, [batch, kv_head, block * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
             loaded += 1
-        tiles_done += 1
 
 
 @gluon.jit
@@ -256,11 +248,11 @@ def _consumer_partition(
     num_m_blocks = gl.cdiv(q_len, BLOCK_M)
     consumed = 0  # key blocks consumed so far, in the producer's numbering
     turns = 0
-    tiles_done = 0
     for tile in range(gl.program_id(0), num_m_blocks * batch_heads, gl.num_programs(0)):
-        batch, head, kv_head, batch_head, start_m = _tile_coordinates(
+        batch, head, _, batch_head, start_m = _tile_coordinates(
             tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M
         )
+        tiles_done = (tile - gl.program_id(0)) // gl.num_programs(0)  # by this program
         first_row = start_m + CONSUMER * ROWS
         rows = first_row + gl.arange(0, ROWS, layout=row_layout)
         num_blocks = _key_blocks(start_m, q_len, kv_len, BLOCK_M, BLOCK_N)
@@ -328,7 +320,6 @@ def _consumer_partition(
         tma_store(Out, [batch, head, first_row, 0], o_smem)  # clipped to Tq
         lse = (row_max + gl.log2(row_sum)) * LN2  # base 2 -> natural log
         gl.store(Lse + batch_head.to(gl.int64) * q_len + rows, lse, mask=rows < q_len)
-        tiles_done += 1
     tma.store_wait(0)
 
 
@@ -380,28 +371,86 @@ def _gluon_attention_forward_kernel(
             (
                 _consumer_partition,
                 (
-                    Out, Lse, q_smem, k_smem, v_smem, o_smem0,
-                    q_ready, q_empty, k_ready, v_ready, kv_empty, turn0, turn1,
-                    qk_scale, batch_heads, heads, group, section_heads, q_len, kv_len,
-                    0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                    Out,
+                    Lse,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    o_smem0,
+                    q_ready,
+                    q_empty,
+                    k_ready,
+                    v_ready,
+                    kv_empty,
+                    turn0,
+                    turn1,
+                    qk_scale,
+                    batch_heads,
+                    heads,
+                    group,
+                    section_heads,
+                    q_len,
+                    kv_len,
+                    0,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
                 ),
             ),
             (
                 _consumer_partition,
                 (
-                    Out, Lse, q_smem, k_smem, v_smem, o_smem1,
-                    q_ready, q_empty, k_ready, v_ready, kv_empty, turn1, turn0,
-                    qk_scale, batch_heads, heads, group, section_heads, q_len, kv_len,
-                    1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                    Out,
+                    Lse,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    o_smem1,
+                    q_ready,
+                    q_empty,
+                    k_ready,
+                    v_ready,
+                    kv_empty,
+                    turn1,
+                    turn0,
+                    qk_scale,
+                    batch_heads,
+                    heads,
+                    group,
+                    section_heads,
+                    q_len,
+                    kv_len,
+                    1,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
                 ),
             ),
             (
                 _producer_partition,
                 (
-                    Q, K, V, q_smem, k_smem, v_smem,
-                    q_ready, q_empty, k_ready, v_ready, kv_empty,
-                    batch_heads, heads, group, section_heads, q_len, kv_len,
-                    BLOCK_M, BLOCK_N, STAGES,
+                    Q,
+                    K,
+                    V,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_ready,
+                    q_empty,
+                    k_ready,
+                    v_ready,
+                    kv_empty,
+                    batch_heads,
+                    heads,
+                    group,
+                    section_heads,
+                    q_len,
+                    kv_len,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
                 ),
             ),
         ],
@@ -498,7 +547,12 @@ def gpu_compile_cases(capability):
                     signature[name] = f"tensordesc<{TRITON_TYPES[dtype]}[{block_text}],{layout!r}>"
                 else:
                     signature[name] = {"Lse": "*fp32", "qk_scale": "fp32"}.get(name, "i32")
-            constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "STAGES": STAGES[head_dim]}
+            constexprs = {
+                "HEAD_DIM": head_dim,
+                "BLOCK_M": BLOCK_M,
+                "BLOCK_N": BLOCK_N,
+                "STAGES": STAGES[head_dim],
+            }
             signature.update(dict.fromkeys(constexprs, "constexpr"))
             cases.append(
                 CompileCase(

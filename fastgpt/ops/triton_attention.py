@@ -16,6 +16,9 @@ tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 
 head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
+FASTGPT_TRITON_ATTENTION=gluon (read on every call) hands the forward of the calls it serves to
+gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so the backward below is
+the same either way); the default, "tl", is this module's.
 
 Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
 accumulator; then one fused kernel, one program per block of BLOCK_N keys of a kv head, loops over
@@ -1487,7 +1490,7 @@ def forward_kernel_choice():
 def attention_forward(q, k, v, softmax_scale):
     """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
     (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
-    if q.is_cuda and forward_kernel_choice() == "gluon":
+    if forward_kernel_choice() == "gluon" and q.is_cuda:
         from fastgpt.ops import gluon_attention  # it imports this module: loaded on first use
 
         if gluon_attention.supports(q, k, v):
