@@ -37,7 +37,9 @@ longest first within sections of (batch, head) slices whose K and V fit half the
 
 Nothing here runs in the Triton interpreter: its correctness is checked by the GPU tests of
 tests/test_triton_attention.py, and its code by the sm_90 compile checks of
-tests/test_triton_compile.py. The Gluon API this file uses is the same in Triton 3.6 and 3.9.
+tests/test_triton_compile.py, which compile it for sm_90a with Triton 3.9 here; it compiles with
+Triton 3.6, the GPU machines' version, as well. The Gluon API it uses is the same in both but for
+the names of the TMA copies (tma_load and tma_store below pick whichever this Triton has).
 """
 
 import torch
@@ -183,9 +185,11 @@ def _producer_partition(
 def _softmax_step(scores, row_max, row_sum, qk_scale, rows, first_key, diag_offset, MASKED):
     """One online-softmax step in base 2 on a (CONSUMER_ROWS, BLOCK_N) fp32 score block: returns
     (p, rescale, row_max, row_sum) with p = exp2(scores * qk_scale - row_max) and rescale the factor
-    by which the running output and sum shrink. MASKED (a runtime flag) sets the scores of keys past
-    each query's diagonal to -inf; key 0 is in every tile's first block and every query sees it, so
-    the running max is finite from the first block on (rows past Tq, never stored, excepted)."""
+    by which the running output and sum shrink. The max is taken before scaling, which is the same
+    as after since qk_scale > 0 (dispatch rejects other softmax scales); the exponent is then one
+    FMA per score. MASKED (a runtime flag) sets the scores of keys past each query's diagonal to -inf;
+    key 0 is in every tile's first block and every query sees it, so the running max is finite from
+    the first block on (rows past Tq, never stored, excepted)."""
     if MASKED:
         keys = first_key + gl.arange(0, scores.shape[1], layout=gl.SliceLayout(0, scores.type.layout))
         visible = keys[None, :] <= rows[:, None] + diag_offset
