@@ -135,14 +135,14 @@ def all_cases(module_names=KERNEL_MODULES):
                 yield case, capability
 
 
-def main(module_names=None):
-    """Compiles the cases of `module_names` (default: the command line's module names, else every
-    module in KERNEL_MODULES)."""
+def main():
+    """Compiles the cases of the modules named on the command line, or of every module in
+    KERNEL_MODULES."""
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
-    for case, capability in all_cases(module_names or sys.argv[1:] or KERNEL_MODULES):
+    for case, capability in all_cases(sys.argv[1:] or KERNEL_MODULES):
         print(json.dumps(compile_case(case, capability)), flush=True)
     return 0
 
