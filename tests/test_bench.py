@@ -362,6 +362,9 @@ def test_tiny_run_speedups_and_skips(tiny_run):
     reasons = {(s["op"], s["provider"]): s["reason"] for s in data["skipped"]}
     assert reasons[("attention", "fastgpt:triton")].startswith("interpreter: not timed")
     assert reasons[("attention", "flash_attn")] == "flash_attn runs on CUDA only"
+    assert reasons[("attention", "fastgpt:triton[gluon]")] == (
+        "the Gluon forward runs with the triton backend on CUDA only"
+    )
     for pinned in ("sdpa[cudnn]", "sdpa[flash]"):
         assert reasons[("attention", pinned)] == "SDPA's cuDNN and flash kernels run on CUDA only"
     # the compiled GPT is a training provider; CUDA graphs (the step, the decode step) need CUDA

@@ -430,6 +430,18 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(actual, wanted, rtol=0, atol=0)
 
 
+def test_forward_selector_rejects_unknown_kernels(monkeypatch):
+    """FASTGPT_TRITON_ATTENTION is read on every call, on every device, and only "tl" and "gluon"
+    are accepted; "gluon" off sm_90 (here: the CPU) keeps the tl kernel."""
+    q, k, v = random_qkv(1, 2, 1, 20, 20, 32, torch.float32)
+    monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "fa3")
+    with pytest.raises(ValueError, match="FASTGPT_TRITON_ATTENTION must be one of"):
+        fastgpt.causal_attention(q, k, v, backend="triton")
+    monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "gluon")
+    if DEVICE == "cpu":
+        check_against_reference(q, k, v, names=("out",))
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 
@@ -467,3 +479,82 @@ def test_gpu_packed_qkv_bf16():
     qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     q, k, v = (leaf(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
     check_against_reference(q, k, v, softmax_scale=1.0 / math.sqrt(head_dim))
+
+
+@pytest.fixture
+def gluon_forward(monkeypatch):
+    """FASTGPT_TRITON_ATTENTION=gluon, and the list of the Gluon forward's calls (so a test fails if
+    its shapes silently took the tl kernel instead)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward runs on sm_90 only")
+    from fastgpt.ops import gluon_attention
+
+    monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "gluon")
+    calls = []
+    original = gluon_attention.attention_forward
+
+    def recording_forward(q, k, v, softmax_scale):
+        calls.append(q.shape)
+        return original(q, k, v, softmax_scale)
+
+    monkeypatch.setattr(gluon_attention, "attention_forward", recording_forward)
+    return calls
+
+
+# (batch, heads, kv_heads, q_len, kv_len, head_dim): full tiles, GQA and MQA, q_len < kv_len, and
+# lengths that are not multiples of the 128-row tiles (ragged last tiles and key blocks).
+GLUON_SHAPES = [
+    (2, 8, 8, 1024, 1024, 128),
+    (2, 8, 2, 1000, 1000, 64),
+    (1, 4, 1, 300, 1337, 128),
+    (1, 6, 3, 129, 130, 64),
+    (3, 2, 1, 77, 77, 128),
+    (1, 2, 2, 1, 257, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, heads, kv_heads, q_len, kv_len, head_dim", GLUON_SHAPES)
+def test_gpu_gluon_forward_matches_reference(
+    gluon_forward, batch, heads, kv_heads, q_len, kv_len, head_dim, dtype
+):
+    """The Gluon forward's output and logsumexp against the float64 reference, then the Triton
+    backward through the lse it saved."""
+    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
+    scale = 1.0 / math.sqrt(head_dim)
+    out, lse = triton_attention.attention_forward(q.detach(), k.detach(), v.detach(), scale)
+    assert gluon_forward, "the Gluon forward was not taken"
+    out64, lse64 = reference.causal_attention(*(t.detach().double() for t in (q, k, v)), return_lse=True)
+    out_eager, lse_eager = reference.causal_attention(*(t.detach() for t in (q, k, v)), return_lse=True)
+    assert lse.dtype == torch.float32
+    assert_close("out", out, out64, out_eager)
+    assert_close("lse", lse, lse64, lse_eager)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_forward_reads_packed_qkv_views(gluon_forward, head_dim, dtype):
+    """q, k, v as strided views of one fused (B, T, 3, H, D) projection, through TMA descriptors of
+    their own strides, forward and backward."""
+    batch, seq, heads = 2, 777, 6
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)
+    q, k, v = (leaf(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
+    check_against_reference(q, k, v, softmax_scale=1.0 / math.sqrt(head_dim))
+    assert gluon_forward, "the Gluon forward was not taken"
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_selector_keeps_the_tl_kernel_elsewhere(gluon_forward):
+    """Under FASTGPT_TRITON_ATTENTION=gluon, what the Gluon kernel does not serve (float32, head_dim
+    80, rows TMA cannot address) still runs, on the tl kernel."""
+    check_against_reference(*random_qkv(1, 2, 2, 100, 100, 64, torch.float32, device="cuda"))
+    check_against_reference(*random_qkv(1, 2, 1, 100, 100, 80, torch.bfloat16, device="cuda"))
+    q, k, v = (
+        leaf(torch.randn(1, heads, 100, 68, device="cuda", dtype=torch.bfloat16)[..., :64])
+        for heads in (2, 1, 1)
+    )
+    check_against_reference(q, k, v)
+    assert not gluon_forward

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+from fastgpt.ops.triton_compile import KERNEL_MODULES
 
 # The configurations that spill registers today, with the bytes ptxas reports (stores + loads; Triton
 # 3.9's ptxas). Every other configuration must spill nothing, and none of these more. They are kept
@@ -34,11 +35,14 @@ KNOWN_SPILL_BYTES = {
 }
 
 
-@pytest.fixture(scope="module")
-def compile_records():
+GLUON_MODULE = "fastgpt.ops.gluon_attention"
+
+
+def compile_modules(module_names):
+    """The records of `python -m fastgpt.ops.triton_compile MODULE...`, run without the interpreter."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "fastgpt.ops.triton_compile"],
+        [sys.executable, "-m", "fastgpt.ops.triton_compile", *module_names],
         check=False,
         env=env,
         capture_output=True,
@@ -49,6 +53,17 @@ def compile_records():
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert records, "no compile cases were reported"
     return records
+
+
+@pytest.fixture(scope="module")
+def compile_records():
+    """Every module's cases but the Gluon forward's, which gluon_records compiles (once per run)."""
+    return compile_modules([name for name in KERNEL_MODULES if name != GLUON_MODULE])
+
+
+@pytest.fixture(scope="module")
+def gluon_records():
+    return compile_modules([GLUON_MODULE])
 
 
 def test_every_case_compiles(compile_records):
@@ -151,3 +166,28 @@ def test_attention_fused_backward_on_sm90_is_tma_fed_wgmma(compile_records):
     assert any(r["name"].startswith("attention_fused tma bf16 D=128 64x128 ") for r in tma)
     casts = [r for r in compile_records if r["name"].startswith("attention_cast ")]
     assert casts and all("error" not in r for r in casts)
+
+
+def test_gluon_attention_forward_is_warp_specialized_tma_and_wgmma(gluon_records):
+    """Issue 20, item 4: the Gluon forward compiles for sm_90a at head_dim 64 and 128 in bf16 and
+    fp16, loads through TMA (cp.async.bulk.tensor, no per-thread cp.async), multiplies with wgmma
+    of n128 for QK^T and n = head_dim for PV, moves registers between its partitions (setmaxnreg),
+    synchronises them with mbarriers, spills nothing and fits in 227 KiB of shared memory."""
+    names = sorted(r["name"].split(" 128x128")[0] for r in gluon_records)
+    assert names == [
+        f"gluon_attention_forward {dtype} D={head_dim}"
+        for dtype in ("bf16", "fp16")
+        for head_dim in (128, 64)
+    ]
+    for r in gluon_records:
+        assert "error" not in r, r
+        assert r["capability"] == 90
+        assert r["has_tma"] and not r["has_thread_cp_async"], r["name"]
+        head_dim = int(r["name"].split("D=")[1].split()[0])
+        assert "m64n128k16" in r["wgmma_shapes"], f"{r['name']}: {r['wgmma_shapes']}"
+        assert set(r["wgmma_shapes"]) <= {"m64n128k16", f"m64n{head_dim}k16"}, r["wgmma_shapes"]
+        assert r["has_setmaxnreg"] and r["has_mbarrier"], r["name"]
+        assert r["spill_bytes"] == 0, (
+            f"{r['name']}: {r['spill_bytes']} bytes spilled ({r['registers']} registers)"
+        )
+        assert r["shared_bytes"] <= 227 * 1024, f"{r['name']}: {r['shared_bytes']} bytes of shared memory"

@@ -1,5 +1,8 @@
 """Causal attention: fastgpt's backends against eager, SDPA, torch.compile and flash-attn.
 
+On sm_90, `fastgpt:triton[gluon]` is the triton backend with FASTGPT_TRITON_ATTENTION=gluon: its
+forward is the warp-specialized Gluon kernel (fastgpt/ops/gluon_attention.py), its backward the same.
+
 SDPA is timed as it chooses (`sdpa`, whose records name the GPU kernels it ran: cuDNN's on Hopper with
 torch 2.11) and pinned to each of its fused kernels (`sdpa[cudnn]`, `sdpa[flash]`).
 
@@ -9,6 +12,8 @@ SDPA's (batch, heads, seq, head_dim) layout; flash-attn gets transposed views of
 (its (batch, seq, heads, head_dim) layout with the last dim contiguous), so nothing is copied.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -17,7 +22,8 @@ import fastgpt
 from fastgpt import reference
 from fastgpt.bench import flops as counts
 from fastgpt.bench.kernels import KernelBench
-from fastgpt.bench.providers import baseline, gpu_only_baseline
+from fastgpt.bench.providers import Provider, baseline, gpu_only_baseline, optional_module
+from fastgpt.bench.records import FASTGPT
 
 GPU_TOKENS = 16384  # batch x seq, FlashAttention's benchmark convention
 GPU_HIDDEN = 2048  # heads x head_dim
@@ -90,6 +96,37 @@ def _sdpa_backend_baselines(device, dtype):
     return [baseline(name, _pinned_sdpa(backend)) for name, backend in pinned.items()]
 
 
+def _gluon_attention(q, k, v):
+    """The triton backend with FASTGPT_TRITON_ATTENTION=gluon for this call (the variable is read on
+    every call, and set back afterwards)."""
+    previous = os.environ.get("FASTGPT_TRITON_ATTENTION")
+    os.environ["FASTGPT_TRITON_ATTENTION"] = "gluon"
+    try:
+        return fastgpt.causal_attention(q, k, v, backend="triton")
+    finally:
+        if previous is None:
+            del os.environ["FASTGPT_TRITON_ATTENTION"]
+        else:
+            os.environ["FASTGPT_TRITON_ATTENTION"] = previous
+
+
+def _gluon_variant(shape, dtype, device):
+    """`fastgpt:triton[gluon]` where the Gluon forward would serve the call, else skipped with why."""
+    name = "fastgpt:triton[gluon]"
+    device = torch.device(device)
+    if device.type != "cuda" or "triton" not in fastgpt.available_backends():
+        return Provider(name, FASTGPT, skip="the Gluon forward runs with the triton backend on CUDA only")
+    module = optional_module("fastgpt.ops.gluon_attention")
+    if module is None:
+        return Provider(name, FASTGPT, skip="triton.experimental.gluon does not import here")
+    q = torch.empty(1, 1, 1, shape["head_dim"], device=device, dtype=dtype)
+    if not module.supports(q, q, q):
+        return Provider(
+            name, FASTGPT, skip="the Gluon forward takes sm_90, float16/bfloat16 and head_dim 64 or 128 only"
+        )
+    return Provider(name, FASTGPT, _gluon_attention)
+
+
 def _flash_attn(module):
     def flash_attn(q, k, v):
         out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -142,6 +179,9 @@ class AttentionBench(KernelBench):
         ):
             return "compiled at bf16, head_dim 128, seq <= 4k only (compile time within the GPU budget)"
         return None
+
+    def fastgpt_variants(self, shape, dtype, device):
+        return [_gluon_variant(shape, dtype, device)]
 
     def baselines(self, shape, dtype, device):
         return [

@@ -59,6 +59,11 @@ class KernelBench:
         """The baseline providers; `eager` and `torch.compile` of the reference come for free."""
         return []
 
+    def fastgpt_variants(self, shape, dtype, device):
+        """fastgpt providers beside one per backend: a backend run with an opt-in kernel (named
+        `fastgpt:<backend>[<variant>]`). None by default."""
+        return []
+
     def flops(self, shape, mode):
         return None
 
@@ -91,7 +96,12 @@ class KernelBench:
             baseline("eager", self.reference_op, eager_skip),
             baseline("torch.compile", None if compile_skip else compiled(self.reference_op), compile_skip),
         ]
-        every = fastgpt_providers(self.public_op, device) + eager + self.baselines(shape, dtype, device)
+        every = (
+            fastgpt_providers(self.public_op, device)
+            + self.fastgpt_variants(shape, dtype, device)
+            + eager
+            + self.baselines(shape, dtype, device)
+        )
         return select(every, include, exclude)
 
     def provider_names(self, shape, dtype, device):

@@ -16,6 +16,9 @@ tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 
 head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
+FASTGPT_TRITON_ATTENTION=gluon (read on every call) hands the forward of the calls it serves to
+gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so the backward below is
+the same either way); the default, "tl", is this module's.
 
 Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
 accumulator; then one fused kernel, one program per block of BLOCK_N keys of a kv head, loops over
@@ -92,6 +95,10 @@ INTERPRETER_CONFIGS = {
 # Programs of the forward's persistent grid under the interpreter: fewer than the tiles of most test
 # shapes, so each program runs several tiles, and odd, so they do not divide evenly.
 INTERPRETER_PROGRAMS = 3
+# The environment variable that picks the forward kernel on a GPU, and its values: "tl" is this
+# module's; "gluon" is gluon_attention.py's warp-specialized Hopper kernel where it applies.
+FORWARD_SELECTOR = "FASTGPT_TRITON_ATTENTION"
+FORWARD_CHOICES = ("tl", "gluon")
 # Compute capabilities whose forward reads through tensor descriptors (TMA) when the tensors allow.
 TMA_CAPABILITIES = (90,)
 # The forward's tile order visits (batch, head) slices in sections whose K and V together take at most
@@ -1402,26 +1409,35 @@ def _tune_len(length):
 # Launchers
 
 
-def _descriptor(tensor):
-    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides, or None where TMA cannot
-    address it. TMA needs a 16-byte aligned base, a unit feature stride, and positive strides of
-    16-byte multiples on every other dimension it steps; a dimension of size 1 is never stepped, so its
-    stride is free and the descriptor carries an aligned one. The block is set per configuration
-    (_set_descriptor_blocks, or the launcher of a single configuration)."""
+def tma_strides(tensor):
+    """The strides a TMA descriptor of `tensor` (B, heads, T, D) carries: its real ones, or None where
+    TMA cannot address it. TMA needs a 16-byte aligned base, a unit feature stride, and positive
+    strides of 16-byte multiples on every other dimension it steps; a dimension of size 1 is never
+    stepped, so its stride is free and the descriptor carries an aligned one. (gluon_attention.py
+    builds its descriptors from these too.)"""
     strides = tensor.stride()
     if tensor.data_ptr() % 16 or strides[-1] != 1:
         return None
-    shape = list(tensor.shape)
     itemsize = tensor.element_size()
     described = []
-    for size, stride in zip(shape[:-1], strides[:-1]):
+    for size, stride in zip(tensor.shape[:-1], strides[:-1]):
         if size == 1:
             described.append(16 // itemsize)
         elif stride > 0 and stride * itemsize % 16 == 0:
             described.append(stride)
         else:
             return None
-    return TensorDescriptor(tensor, shape, [*described, 1], [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
+    return [*described, 1]
+
+
+def _descriptor(tensor):
+    """A TensorDescriptor of `tensor` (B, heads, T, D) with its real strides (tma_strides), or None
+    where TMA cannot address it. The block is set per configuration (_set_descriptor_blocks, or the
+    launcher of a single configuration)."""
+    strides = tma_strides(tensor)
+    if strides is None:
+        return None
+    return TensorDescriptor(tensor, list(tensor.shape), strides, [1, 1, MIN_BLOCK_D, MIN_BLOCK_D])
 
 
 def _tma_operands(tensors):
@@ -1454,9 +1470,31 @@ def _forward_programs(tiles, device, tma):
     return tiles
 
 
+def section_heads(k, group, batch_heads):
+    """(batch, head) slices per section of the forward's tile order: those whose K and V (k is
+    (B, Hkv, Tk, D)) fit KV_SECTION_BYTES together, whole GQA groups of them, at most batch_heads."""
+    kv_len, head_dim = k.shape[2], k.shape[3]
+    slice_kv_bytes = 2 * kv_len * head_dim * k.element_size() // group
+    return min(max(1, KV_SECTION_BYTES // max(slice_kv_bytes, 1) // group) * group, batch_heads)
+
+
+def forward_kernel_choice():
+    """FASTGPT_TRITON_ATTENTION, read on every call: "tl" (the default) for this module's forward,
+    "gluon" for gluon_attention.py's where it applies (gluon_attention.supports)."""
+    choice = os.environ.get(FORWARD_SELECTOR, "tl")
+    if choice not in FORWARD_CHOICES:
+        raise ValueError(f"{FORWARD_SELECTOR} must be one of {FORWARD_CHOICES}, got {choice!r}")
+    return choice
+
+
 def attention_forward(q, k, v, softmax_scale):
     """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
     (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
+    if forward_kernel_choice() == "gluon" and q.is_cuda:
+        from fastgpt.ops import gluon_attention  # it imports this module: loaded on first use
+
+        if gluon_attention.supports(q, k, v):
+            return gluon_attention.attention_forward(q, k, v, softmax_scale)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = new_output((batch, heads, q_len, head_dim), q.dtype, q.device)  # (B, H, Tq, D)
@@ -1467,9 +1505,6 @@ def attention_forward(q, k, v, softmax_scale):
         check_head_span(name, tensor)
     group = heads // kv_heads
     tma, tensors = _tma_operands((q, k, v, out))
-    # The (batch, head) slices whose K and V fit KV_SECTION_BYTES together, whole GQA groups of them.
-    slice_kv_bytes = 2 * kv_len * head_dim * k.element_size() // group
-    section_heads = max(1, KV_SECTION_BYTES // max(slice_kv_bytes, 1) // group) * group
     _launch(
         "forward",
         q,
@@ -1484,7 +1519,7 @@ def attention_forward(q, k, v, softmax_scale):
         batch * heads,
         heads,
         group,
-        min(section_heads, batch * heads),
+        section_heads(k, group, batch * heads),
         q_len,
         kv_len,
         _tune_len(kv_len),

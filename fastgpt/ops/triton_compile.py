@@ -18,6 +18,10 @@ logits rows). Without those hints Triton cannot pipeline loads with cp.async, an
 reports would be that of an unpipelined kernel, not of the one a GPU runs; with a hint a real launch
 would not give, the record would describe a kernel that never runs.
 
+Gluon kernels (`@gluon.jit`, which report is_gluon()) are compiled from Gluon's own AST source, with
+the maxnreg their launch sets (CompileCase.max_registers). `python -m fastgpt.ops.triton_compile
+MODULE...` compiles only the named modules' cases.
+
 It must run in a process where TRITON_INTERPRET is unset: under the interpreter `@triton.jit` yields
 interpreted functions, which cannot be compiled. tests/test_triton_compile.py runs it that way.
 """
@@ -41,6 +45,7 @@ KERNEL_MODULES = (
     "fastgpt.ops.triton_ffn",
     "fastgpt.ops.triton_layernorm",
     "fastgpt.ops.triton_cross_entropy",
+    "fastgpt.ops.gluon_attention",  # sm_90 only: the opt-in Gluon forward
 )
 
 
@@ -55,12 +60,16 @@ class CompileCase:
     tensor_cores: bool  # True when the PTX must hold mma (sm_80) / mma or wgmma (sm_90)
     unaligned: frozenset = frozenset()  # integer arguments that are not multiples of 16 at this launch
     tma: bool = False  # True when the PTX must hold TMA loads (cp.async.bulk.tensor): a descriptor argument
+    max_registers: int | None = None  # the launch's maxnreg, where it sets one (warp-specialized kernels)
 
 
 def compile_case(case, capability):
     """Compile one case; returns a JSON-ready record."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
+
+    if getattr(case.kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
 
     record = {
         "name": case.name,
@@ -83,7 +92,11 @@ def compile_case(case, capability):
                     fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=aligned
                 ),
                 target=GPUTarget("cuda", capability, 32),
-                options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+                options={
+                    "num_warps": case.num_warps,
+                    "num_stages": case.num_stages,
+                    **({"maxnreg": case.max_registers} if case.max_registers else {}),
+                },
             )
     except Exception as error:  # noqa: BLE001 - report every failure instead of stopping at the first
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -95,6 +108,8 @@ def compile_case(case, capability):
         has_mma="mma.sync" in ptx,
         has_wgmma="wgmma" in ptx,
         has_cp_async="cp.async" in ptx,  # per-thread (cp.async.ca/cg) or bulk tensor (TMA) copies
+        has_setmaxnreg="setmaxnreg" in ptx,  # registers moved between warp-specialized partitions
+        has_mbarrier="mbarrier" in ptx,
         has_tma="cp.async.bulk.tensor" in ptx,
         has_thread_cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None,
         wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
@@ -112,8 +127,8 @@ def ptxas_usage(log):
     return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) + int(spills.group(2))}
 
 
-def all_cases():
-    for module_name in KERNEL_MODULES:
+def all_cases(module_names=KERNEL_MODULES):
+    for module_name in module_names:
         module = importlib.import_module(module_name)
         for capability in CAPABILITIES:
             for case in module.gpu_compile_cases(capability):
@@ -121,11 +136,13 @@ def all_cases():
 
 
 def main():
+    """Compiles the cases of the modules named on the command line, or of every module in
+    KERNEL_MODULES."""
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
-    for case, capability in all_cases():
+    for case, capability in all_cases(sys.argv[1:] or KERNEL_MODULES):
         print(json.dumps(compile_case(case, capability)), flush=True)
     return 0
 
