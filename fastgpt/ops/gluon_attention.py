@@ -12,9 +12,12 @@ j <= i + Tk - Tq). Every tensor is read and written through a host-side TMA desc
 
 Gluon programs the warps explicitly, so the kernel is split into three partitions:
 - a producer warp issues TMA copies: each tile's 128 queries once into one Q buffer, then the tile's
-  128-key blocks of K and V into a ring of STAGES buffers. Each ring slot has a "ready" mbarrier per
-  operand (the TMA transaction count completes it) and an "empty" one that both consumers arrive on
-  when they no longer read the slot; the producer waits on "empty" before reusing it.
+  128-key blocks of K and V into a ring of STAGES buffers. Each ring slot has a "ready" and an
+  "empty" mbarrier per operand: the TMA transaction count completes "ready", and both consumers
+  arrive on "empty" when they no longer read that operand; the producer waits on "empty" before
+  reusing it. K and V are released apart because a block's K is read by its QK^T and its V only by
+  the PV product one step later: a K block loads as soon as the QK^T that last read its slot is done,
+  not a step later when its V is.
 - two consumer warpgroups, each owning 64 of the tile's 128 query rows (the wgmma M of one
   warpgroup), multiply with asynchronous wgmma: S = Q K^T from shared memory, O += P V with P, the
   16-bit probabilities, in registers as the A operand (no round trip through shared memory).
@@ -148,7 +151,8 @@ def _producer_partition(
     q_empty,  # mbarriers of the Q buffer
     k_ready,
     v_ready,
-    kv_empty,  # (STAGES, 1) mbarriers of the ring
+    k_empty,
+    v_empty,  # (STAGES, 1) each: both consumers have read the slot's K block / its V block
     batch_heads,
     heads,
     group,
@@ -173,9 +177,11 @@ def _producer_partition(
         tma_load(Q, [batch, head, start_m, 0], q_ready, q_smem)
         for block in range(_key_blocks(start_m, q_len, kv_len, BLOCK_M, BLOCK_N)):
             slot = loaded % STAGES
-            mbarrier.wait(kv_empty.index(slot), ((loaded // STAGES) & 1) ^ 1)
+            released = ((loaded // STAGES) & 1) ^ 1  # the parity of the slot's previous use ending
+            mbarrier.wait(k_empty.index(slot), released)
             mbarrier.expect(k_ready.index(slot), K.block_type.nbytes)
             tma_load(K, [batch, kv_head, block * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), released)
             mbarrier.expect(v_ready.index(slot), V.block_type.nbytes)
             tma_load(V, [batch, kv_head, block * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
             loaded += 1
@@ -213,7 +219,8 @@ def _consumer_partition(
     q_empty,
     k_ready,
     v_ready,
-    kv_empty,
+    k_empty,
+    v_empty,
     my_turn,
     other_turn,  # ping-pong tokens: this consumer waits on my_turn and hands over on other_turn
     qk_scale,  # softmax_scale * log2(e)
@@ -274,6 +281,7 @@ def _consumer_partition(
         mbarrier.arrive(other_turn, count=1)
         turns += 1
         scores = warpgroup_mma_wait(0, deps=(s_token,))
+        mbarrier.arrive(k_empty.index(slot), count=1)
         row_max = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
         row_sum = gl.zeros([ROWS], gl.float32, row_layout)
         p, _, row_max, row_sum = _softmax_step(
@@ -299,11 +307,12 @@ def _consumer_partition(
             turns += 1
             # Products complete in issue order: one outstanding is the PV product, so S is ready.
             scores = warpgroup_mma_wait(1, deps=(s_token,))
+            mbarrier.arrive(k_empty.index(slot), count=1)  # K is free long before V: its own release
             p_next, rescale, row_max, row_sum = _softmax_step(
                 scores, row_max, row_sum, qk_scale, rows, block * BLOCK_N, diag_offset, block >= unmasked
             )
             acc, p = warpgroup_mma_wait(0, deps=(o_token, p))
-            mbarrier.arrive(kv_empty.index(previous), count=1)
+            mbarrier.arrive(v_empty.index(previous), count=1)
             acc = acc * gl.convert_layout(rescale, o_row_layout)[:, None]
             p = gl.convert_layout(p_next.to(dtype), p_layout)
             previous = slot
@@ -314,7 +323,7 @@ def _consumer_partition(
         v_block = v_smem.index(previous).reshape([BLOCK_N, HEAD_DIM])
         o_token = warpgroup_mma(p, v_block, acc, is_async=True)
         acc, p = warpgroup_mma_wait(0, deps=(o_token, p))
-        mbarrier.arrive(kv_empty.index(previous), count=1)
+        mbarrier.arrive(v_empty.index(previous), count=1)
         consumed += 1
 
         out = acc / gl.convert_layout(row_sum, o_row_layout)[:, None]
@@ -356,17 +365,19 @@ def _gluon_attention_forward_kernel(
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     # Arrivals that complete each phase: the TMA transaction count (one expect) for "ready", one
-    # per consumer for "empty", one hand-over for a turn.
+    # per consumer for "empty" (K and V each), one hand-over for a turn.
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     for slot in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(slot), count=1)
         mbarrier.init(v_ready.index(slot), count=1)
-        mbarrier.init(kv_empty.index(slot), count=2)
+        mbarrier.init(k_empty.index(slot), count=2)
+        mbarrier.init(v_empty.index(slot), count=2)
     mbarrier.init(turn0, count=1)
     mbarrier.init(turn1, count=1)
 
@@ -385,7 +396,8 @@ def _gluon_attention_forward_kernel(
                     q_empty,
                     k_ready,
                     v_ready,
-                    kv_empty,
+                    k_empty,
+                    v_empty,
                     turn0,
                     turn1,
                     qk_scale,
@@ -415,7 +427,8 @@ def _gluon_attention_forward_kernel(
                     q_empty,
                     k_ready,
                     v_ready,
-                    kv_empty,
+                    k_empty,
+                    v_empty,
                     turn1,
                     turn0,
                     qk_scale,
@@ -445,7 +458,8 @@ def _gluon_attention_forward_kernel(
                     q_empty,
                     k_ready,
                     v_ready,
-                    kv_empty,
+                    k_empty,
+                    v_empty,
                     batch_heads,
                     heads,
                     group,
