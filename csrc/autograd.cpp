@@ -32,10 +32,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "targets.h"
@@ -93,6 +95,20 @@ bool holds_host_data(const at::Tensor& t) {
   return t.is_cpu() && !t.key_set().has_any(kTracerKeys);
 }
 
+// How autograd holds its nodes, as the type of an edge's target: c10::intrusive_ptr in torch 2.13 (this
+// machine's), std::shared_ptr in torch 2.11 (the GPU machines').
+using NodePointer = decltype(torch::autograd::Edge::function);
+
+// A new backward node of type NodeType, held the way this torch holds nodes.
+template <typename NodeType>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>();
+  } else {
+    return c10::make_intrusive<NodeType>();
+  }
+}
+
 // The base of the ops' backward nodes: a fixed name (torch's default demangles the type's on every
 // call), and the release of the node's saved tensors once the backward no longer needs them.
 template <const char* kName>
@@ -139,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& 
   static const auto op = fastgpt_op<AttentionForward>("fastgpt::attention_forward");
   auto [out, lse] = call_below_autograd(op, q, k, v, softmax_scale);  // (B, H, Tq, D), (B, H, Tq) float32
   if (!records_grad(q, k, v)) return {out, lse};
-  auto node = c10::make_intrusive<AttentionBackwardNode>();
+  auto node = make_node<AttentionBackwardNode>();
   node->set_next_edges(collect_next_edges(q, k, v));
   set_history(out, node);
   node->q = SavedVariable(q, false), node->k = SavedVariable(k, false), node->v = SavedVariable(v, false);
@@ -189,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward_autograd(const at::Tensor& x, con
   static const auto op = fastgpt_op<FfnForward>("fastgpt::ffn_forward");
   auto [out, h] = call_below_autograd(op, x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual);
   if (!records_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)) return {out, h};
-  auto node = c10::make_intrusive<FfnBackwardNode>();
+  auto node = make_node<FfnBackwardNode>();
   node->set_next_edges(collect_next_edges(x, fc_weight, fc_bias, proj_weight, proj_bias, residual));
   set_history(out, node);
   node->x = SavedVariable(x, false), node->h = SavedVariable(h, false);
@@ -239,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_au
   static const auto op = fastgpt_op<LayerNormForward>("fastgpt::layer_norm_forward");
   auto [out, residual_out, mean, rstd] = call_below_autograd(op, x, weight, bias, residual, eps);
   if (!records_grad(x, weight, bias, residual)) return {out, residual_out, mean, rstd};
-  auto node = c10::make_intrusive<LayerNormBackwardNode>();
+  auto node = make_node<LayerNormBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias, residual));
   set_history(out, node);
   if (residual.has_value()) {
@@ -324,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   auto [loss, dx, dweight, dbias] =
       call_below_autograd(op, x, weight, targets, bias, ignore_index, reduction, grads_in_forward);
   if (!records) return {loss, dx, dweight, dbias};
-  auto node = c10::make_intrusive<CrossEntropyBackwardNode>();
+  auto node = make_node<CrossEntropyBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias));
   set_history(loss, node);
   if (grads_in_forward) {
@@ -374,7 +390,7 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const 
   static const auto op = fastgpt_op<LinearForward>("fastgpt::linear");
   at::Tensor out = call_below_autograd(op, x, weight, bias);
   if (!records_grad(x, weight, bias)) return out;
-  auto node = c10::make_intrusive<LinearBackwardNode>();
+  auto node = make_node<LinearBackwardNode>();
   node->set_next_edges(collect_next_edges(x, weight, bias));
   set_history(out, node);
   node->x = SavedVariable(x, false), node->weight = SavedVariable(weight, false);
