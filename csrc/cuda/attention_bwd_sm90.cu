@@ -1,14 +1,16 @@
 // Causal attention backward for Hopper (sm_90a) on CuTe: TMA tile copies into an mbarrier ring,
 // warpgroup MMAs (wgmma), a producer warp with register reallocation, dQ accumulated in float32 by
-// atomics. FlashAttention-3's scheme, written for fastgpt's AttentionParams. Three kernels:
+// TMA reduce-adds. FlashAttention-3's scheme, written for fastgpt's AttentionParams. Three kernels:
 //   1. prepare: per query row, delta = rowsum(dO * O), lse * log2(e), and the row of the float32 dQ
 //      accumulator zeroed, all in a workspace whose rows are padded to whole query blocks (so that
-//      every block's statistics are one aligned bulk copy and every dQ atomic lands in the buffer);
+//      every block's statistics are one aligned bulk copy and every dQ reduce-add box lies in the
+//      buffer);
 //   2. the main kernel, one CTA per block of 128 keys of a (batch, kv head): dK and dV accumulate in
 //      registers over every query block (and, for GQA, every query head of the group) that sees the
-//      keys; each step's dQ contribution dS K is added to the float32 accumulator with atomics;
+//      keys; each step's dQ contribution dS K is added to the float32 accumulator by TMA reduce-add
+//      (cp.reduce.async.bulk.tensor .add: each element added atomically);
 //   3. convert: dq = softmax_scale * dQ accumulator, in the input dtype.
-// The atomics make dQ's summation order, and so its last bits, vary from run to run: under
+// The reduce-adds' order across CTAs, and so dQ's last bits, vary from run to run: under
 // torch.use_deterministic_algorithms the host (api_cuda.inc) runs the sm_80 backward (attention_bwd.cu),
 // which has none.
 //
@@ -23,12 +25,15 @@
 //     that cross the diagonal, dS^T = P^T (dP^T - delta); P^T and dS^T, converted to 16 bits in
 //     registers, are the A operands of dV += P^T dO and dK += dS^T Q (RS wgmma); dS^T also goes to
 //     shared memory, and after a named barrier (both warpgroups' keys are there) dQ = dS K (SS wgmma,
-//     each warpgroup kHeadDim / 2 columns over all 128 keys) is added to the accumulator with atomics.
+//     each warpgroup kHeadDim / 2 columns over all 128 keys). Each warpgroup stores its dQ columns
+//     (float32) to its own swizzled shared-memory tile, and after a warpgroup barrier one of its
+//     threads adds the tile to the accumulator by one TMA reduce-add (no atomics from registers); that
+//     thread waits for the reduce-add to have read the tile before the next step's barrier, a whole
+//     step later, so the tile needs no second buffer.
 //   At the end, dK (times softmax_scale) and dV are stored from registers.
 // What it does not have (yet): the next step's S^T is not issued before this step's dK/dV/dQ GEMMs
-// have finished (no intra-warpgroup overlap), the two warpgroups do not ping-pong, dQ's atomics are
-// 8-byte red.global.add.v2.f32 from registers rather than a TMA reduce-add of a shared-memory tile, and
-// dK/dV are stored from registers as 32-bit pairs rather than staged for a TMA store.
+// have finished (no intra-warpgroup overlap), the two warpgroups do not ping-pong, and dK/dV are
+// stored from registers as 32-bit pairs rather than staged for a TMA store.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -138,6 +143,7 @@ struct BackwardStorage {
   alignas(1024) T q[cosize_v<typename Tiles::SmemQ>];
   alignas(1024) T dout[cosize_v<typename Tiles::SmemQ>];
   alignas(1024) T ds[cosize_v<typename Tiles::SmemDst>];
+  alignas(1024) float dq[cosize_v<typename Tiles::SmemDqAccum>];  // this step's dQ, for the TMA reduce-add
   alignas(16) float lse_log2[Tiles::kStages][Tiles::kBlockM];  // bulk copies need 16-byte alignment
   alignas(16) float delta[Tiles::kStages][Tiles::kBlockM];
   uint64_t kv_full;
@@ -154,6 +160,7 @@ struct BackwardParams {
   typename Tiles::TmaQ tma_dout;
   typename Tiles::TmaK tma_k;
   typename Tiles::TmaV tma_v;
+  typename Tiles::TmaDqAccum tma_dq;  // reduce-add into workspace.dq_accum
   int batch, heads, kv_heads, q_len, kv_len;
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;  // dK's factor (dQ's is applied by the convert kernel)
@@ -169,12 +176,21 @@ __device__ inline void store_shared(uint32_t address, uint32_t value) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
 }
 
+// Two float32 values as one 8-byte st.shared (the address 8-byte aligned).
+__device__ inline void store_shared(uint32_t address, float low, float high) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(low), "f"(high) : "memory");
+}
+
 constexpr int kProducerRegisters = 24;   // the producer only computes coordinates and issues copies
 constexpr int kConsumerRegisters = 240;  // 24 x 128 + 240 x 256 = 64512 <= 65536 registers per SM
 constexpr int kConsumerThreads = 256;
 constexpr int kConsumerWarps = kConsumerThreads / 32;
-// Named barrier (an id past the ones CUTLASS reserves): both consumer warpgroups' dS are in shared memory.
+// Named barriers (ids past the ones CUTLASS reserves): kDsBarrier: both consumer warpgroups' dS are in
+// shared memory (and each warpgroup's dQ staging tile is free again); kDqBarrier + w: consumer
+// warpgroup w's dQ is in its staging tile.
 constexpr uint32_t kDsBarrier = 0;
+constexpr uint32_t kDqBarrier = 1;
+constexpr int kWarpgroupThreads = 128;
 
 #endif  // FASTGPT_SM90A_DEVICE_CODE
 
@@ -274,6 +290,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---- Consumers ----
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
   const int consumer_thread = threadIdx.x - 128;  // 0..255: keys [64 * (warpgroup - 1), +64) of the block
+  const int consumer = warpgroup - 1;             // 0 or 1: also dQ's columns [consumer * kHeadDim / 2, +kHeadDim / 2)
+  const bool dq_issuer = consumer_thread % kWarpgroupThreads == 0;  // issues the warpgroup's dQ reduce-adds
 
   typename Tiles::MmaSdP mma_sdp;
   typename Tiles::MmaDkv mma_dkv;
@@ -313,6 +331,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first_key = get<0>(tScS(0));    // the thread's first element of S^T within the tile
   const int first_query = get<1>(tScS(0));
   const uint32_t ds_base = cast_smem_ptr_to_uint(shared.ds);
+  const uint32_t dq_base = cast_smem_ptr_to_uint(shared.dq);
+  // The warpgroup's dQ staging tile (queries, kHeadDim / 2) and the accumulator's boxes it is added to.
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq), typename Tiles::SmemDqAccum{})(_, _, consumer);
+  Tensor mdQ = p.tma_dq.get_tma_tensor(make_shape(w.padded_q_len, Int<kHeadDim>{}, p.heads, p.batch));
+  auto tma_dq = p.tma_dq.get_slice(0);
 
   clear(tdVrdV);
   clear(tdKrdK);
@@ -382,6 +405,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     issue_gemm<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, s), tdVrdV);
     issue_gemm<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, s), tdKrdK);
+    // The previous step's reduce-add has read this warpgroup's dQ staging tile (it was issued a whole
+    // S^T/dP^T step ago, so this rarely waits); the barrier below tells the warpgroup.
+    if (dq_issuer) tma_store_wait<0>();
     // Both warpgroups' dS are stored. With two dS buffers one barrier a step suffices: a warpgroup
     // writes buffer b again two steps later, after the other has passed the next step's barrier, which
     // it reaches only once its dQ GEMM of this step has finished.
@@ -398,19 +424,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(tdQrdQ);
     if (lane == 0) ClusterBarrier::arrive(&shared.empty[s]);
 
-    // Registers 2j and 2j + 1 are adjacent columns of one row: one 8-byte red.global.add.v2.f32 a pair,
-    // at a constant offset from the thread's first element (so no address register per atomic). Rows
-    // past q_len exist in the padded accumulator and receive zeros.
-    float* dq_thread = w.dq_accum +
-                       ((static_cast<int64_t>(batch) * p.heads + head) * w.padded_q_len + q0) * kHeadDim +
-                       get<0>(tdQcdQ(0)) * kHeadDim + get<1>(tdQcdQ(0));
+    // This step's dQ columns to the warpgroup's staging tile: registers 2j and 2j + 1 are adjacent
+    // columns of one row, one 8-byte st.shared a pair (the swizzle moves 16-byte chunks).
     CUTE_UNROLL
     for (int i = 0; i < size(tdQrdQ); i += 2) {
-      const int offset =
-          (get<0>(tdQcdQ(i)) - get<0>(tdQcdQ(0))) * kHeadDim + (get<1>(tdQcdQ(i)) - get<1>(tdQcdQ(0)));
-      atomicAdd(reinterpret_cast<float2*>(dq_thread + offset), make_float2(tdQrdQ(i), tdQrdQ(i + 1)));
+      const auto query_column = tdQcdQ(i);
+      const int column = get<1>(query_column) - consumer * (kHeadDim / 2);
+      store_shared(dq_base + sm90::swizzled_byte_offset<float>(typename Tiles::SmemDqAccum{},
+                                                               make_coord(get<0>(query_column), column, consumer)),
+                   tdQrdQ(i), tdQrdQ(i + 1));
+    }
+    tma_store_fence();  // the stores, visible to the TMA (async proxy)
+    cutlass::arch::NamedBarrier::sync(kWarpgroupThreads, kDqBarrier + consumer);
+    // One thread adds the tile to the float32 accumulator: a TMA reduce-add, each element added
+    // atomically (.add on global memory), so both warpgroups and every CTA of the (batch, head) may add
+    // to the same rows. Rows past q_len exist in the padded accumulator and receive zeros.
+    if (dq_issuer) {
+      Tensor gdQ = local_tile(mdQ(_, _, head, batch), Shape<Int<kBlockM>, typename Tiles::DqColumns>{},
+                              make_coord(q0 / kBlockM, consumer));  // (BlockM, D/2)
+      copy(p.tma_dq, tma_dq.partition_S(sdQ), tma_dq.partition_D(gdQ));
+      tma_store_arrive();
     }
   }
+  // The last reduce-add has read its tile before the CTA's shared memory goes away.
+  if (dq_issuer) tma_store_wait<0>();
 
   // dK = softmax_scale * sum dS^T Q and dV, stored for keys below kv_len.
   T* dk_rows = head_rows<T>(p.dk, batch, kv_head) + static_cast<int64_t>(k0) * p.dk.row_stride;
@@ -485,6 +522,12 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
   const T* k = static_cast<const T*>(a.k.data);
   const T* v = static_cast<const T*>(a.v.data);
   const T* dout = static_cast<const T*>(a.dout.data);
+  // The float32 dQ accumulator as (padded rows, head_dim, heads, batch), rows contiguous.
+  const int64_t accum_head_stride = static_cast<int64_t>(w.padded_q_len) * kHeadDim;
+  const auto dq_accum = make_tensor(
+      make_gmem_ptr(w.dq_accum),
+      make_layout(make_shape(w.padded_q_len, kHeadDim, a.heads, a.batch),
+                  make_stride(static_cast<int64_t>(kHeadDim), _1{}, accum_head_stride, accum_head_stride * a.heads)));
   BackwardParams<T, kHeadDim> p{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view(q, a.q, a.q_len, kHeadDim, a.heads, a.batch),
                     take<0, 2>(typename Tiles::SmemQ{}), Shape<BlockM, HeadDim>{}, _1{}),
@@ -494,6 +537,8 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
                     typename Tiles::SmemK{}, Shape<BlockN, HeadDim>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view(v, a.v, a.kv_len, kHeadDim, a.kv_heads, a.batch),
                     typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
+      make_tma_copy(SM90_TMA_REDUCE_ADD{}, dq_accum, take<0, 2>(typename Tiles::SmemDqAccum{}),
+                    Shape<BlockM, typename Tiles::DqColumns>{}, _1{}),
       a.batch,
       a.heads,
       a.kv_heads,

@@ -97,14 +97,15 @@ CUTE_HOST_DEVICE constexpr auto accumulator_as_operand_a(Layout layout) {
 //     Q and dO ring slots (MN-major: head_dim contiguous);
 //   dQ = dS K: SS, (queries, head_dim), A = dS from shared memory (both warpgroups' keys; MN-major,
 //     queries contiguous), B = K^T;
-//     the two warpgroups split head_dim, kHeadDim / 2 columns each.
+//     the two warpgroups split head_dim, kHeadDim / 2 columns each, and each adds its columns to the
+//     float32 dQ accumulator in global memory by one TMA reduce-add of a float32 shared-memory tile.
 template <typename T, int kHeadDim>
 struct Sm90BackwardTiles {
   static constexpr int kBlockM = 64;   // query rows a step: S^T's N and dQ's M (one wgmma M)
   static constexpr int kBlockN = 128;  // keys a CTA: 64 per consumer warpgroup (wgmma's M)
   // Q/dO ring depth. Shared memory at head_dim 128: K 32 KB + V 32 KB + 2 x (Q 16 KB + dO 16 KB) +
-  // dS 2 x 16 KB = 160 KB; registers, not shared memory, bound the tile: dK and dV are 2 x 64 float32
-  // registers a thread at head_dim 128.
+  // dS 2 x 16 KB + dQ float32 32 KB = 192 KB; registers, not shared memory, bound the tile: dK and dV
+  // are 2 x 64 float32 registers a thread at head_dim 128.
   static constexpr int kStages = 2;
 
   using BlockM = Int<kBlockM>;
@@ -130,6 +131,12 @@ struct Sm90BackwardTiles {
   using SmemDst = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockN, BlockM, _2>{}));
   using SmemDs = decltype(composition(SmemDst{}, make_layout(Shape<BlockM, BlockN, _2>{},
                                                              Stride<BlockN, _1, Int<kBlockM * kBlockN>>{})));
+  // dQ's float32 staging for the TMA reduce-add: (queries, kHeadDim / 2 columns, warpgroup), each
+  // warpgroup's columns one tile. Columns contiguous in 128-byte swizzle atoms (8 rows x 32 floats):
+  // a warp's 8-byte stores of accumulator pairs (8 rows x 4 lanes) then spread over all 32 banks, and
+  // TMA reads atoms of this swizzle. 16 KB at head_dim 128, 8 KB at 64.
+  using DqColumns = Int<kHeadDim / 2>;
+  using SmemDqAccum = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<BlockM, DqColumns, _2>{}));
 
   using MmaSdP = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<BlockN, BlockM, HeadDim>>(),
                                          Layout<Shape<_2, _1, _1>>{}));
@@ -145,6 +152,12 @@ struct Sm90BackwardTiles {
                                       _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemK{}, Shape<BlockN, HeadDim>{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemV{}, Shape<BlockN, HeadDim>{}, _1{}));
+  // The float32 dQ accumulator (padded rows, head_dim, heads, batch), added to a (queries, kHeadDim / 2)
+  // box at a time.
+  using GmemTensorAccum =
+      decltype(make_tensor(make_gmem_ptr(static_cast<float*>(nullptr)), typename Sm90Tiles<T, kHeadDim>::GmemLayout{}));
+  using TmaDqAccum = decltype(make_tma_copy(SM90_TMA_REDUCE_ADD{}, GmemTensorAccum{}, take<0, 2>(SmemDqAccum{}),
+                                            Shape<BlockM, DqColumns>{}, _1{}));
 };
 
 // A (rows, head_dim, heads, batch) view of a HeadTensor for TMA. A dimension of one element may carry
