@@ -634,8 +634,9 @@ def test_sm90_register_layouts_on_cpu(tmp_path):
     """csrc/dev/sm90_layout_checks.cu runs CuTe's layout functions on the host for every instantiation:
     the rows the softmax reduces over, the quads it shuffles across, and P read in place as the PV
     wgmma's A operand are where the forward assumes them; the backward's per-query columns of S^T, P^T
-    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores and adds as one word, and its
-    transposed shared-memory views likewise."""
+    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores as one word, its transposed
+    shared-memory views, and its dQ staging tile for the TMA reduce-add (addresses, bank spread)
+    likewise."""
     include = find_cutlass_include()
     if include is None:
         pytest.skip(NO_CUTLASS)

@@ -24,16 +24,20 @@
 //     is on the tensor cores), P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), causal mask on blocks
 //     that cross the diagonal, dS^T = P^T (dP^T - delta); P^T and dS^T, converted to 16 bits in
 //     registers, are the A operands of dV += P^T dO and dK += dS^T Q (RS wgmma); dS^T also goes to
-//     shared memory, and after a named barrier (both warpgroups' keys are there) dQ = dS K (SS wgmma,
-//     each warpgroup kHeadDim / 2 columns over all 128 keys). Each warpgroup stores its dQ columns
-//     (float32) to its own swizzled shared-memory tile, and after a warpgroup barrier one of its
-//     threads adds the tile to the accumulator by one TMA reduce-add (no atomics from registers); that
-//     thread waits for the reduce-add to have read the tile before the next step's barrier, a whole
-//     step later, so the tile needs no second buffer.
+//     shared memory for dQ = dS K (SS wgmma, each warpgroup kHeadDim / 2 columns over all 128 keys).
+//     The three GEMMs overlap the warpgroup's own waiting and storing (FlashAttention-3's order):
+//     dV is issued, then the named barrier (both warpgroups' dS are in shared memory) is waited on
+//     while dV runs; dQ is issued, and once dV is done (P^T's registers free) dK; once dQ is done,
+//     while dK runs, the warpgroup stores its dQ columns (float32) to its own swizzled shared-memory
+//     tile, and after a warpgroup barrier one of its threads adds the tile to the accumulator by one
+//     TMA reduce-add (no atomics from registers). That thread waits for the reduce-add to have read the
+//     tile before the next step's named barrier, a whole step later, so the tile needs no second
+//     buffer. The step ends when dK is done (the ring slot is then released).
 //   At the end, dK (times softmax_scale) and dV are stored from registers.
-// What it does not have (yet): the next step's S^T is not issued before this step's dK/dV/dQ GEMMs
-// have finished (no intra-warpgroup overlap), the two warpgroups do not ping-pong, and dK/dV are
-// stored from registers as 32-bit pairs rather than staged for a TMA store.
+// What it does not have (yet): the next step's S^T and dP^T are not issued before this step's dK/dQ
+// GEMMs have finished (no overlap across steps: at head_dim 128 their 64 accumulator registers do not
+// fit beside dK, dV, dQ and dS^T), the two warpgroups do not ping-pong, and dK/dV are stored from
+// registers as 32-bit pairs rather than staged for a TMA store.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -331,7 +335,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first_key = get<0>(tScS(0));    // the thread's first element of S^T within the tile
   const int first_query = get<1>(tScS(0));
   const uint32_t ds_base = cast_smem_ptr_to_uint(shared.ds);
-  const uint32_t dq_base = cast_smem_ptr_to_uint(shared.dq);
+  // The thread's dQ pairs in the staging tile: (first + offset) ^ mask, two registers across the loop
+  // (one address per pair would hold 16 at head_dim 128, which with the GEMMs' registers spills).
+  const auto dq_first = make_coord(get<0>(tdQcdQ(0)), get<1>(tdQcdQ(0)) - consumer * (kHeadDim / 2), consumer);
+  sm90::SwizzledRun<float, typename Tiles::SmemDqAccum> dq_run(typename Tiles::SmemDqAccum{},
+                                                               cast_smem_ptr_to_uint(shared.dq), dq_first);
   // The warpgroup's dQ staging tile (queries, kHeadDim / 2) and the accumulator's boxes it is added to.
   Tensor sdQ = make_tensor(make_smem_ptr(shared.dq), typename Tiles::SmemDqAccum{})(_, _, consumer);
   Tensor mdQ = p.tma_dq.get_tma_tensor(make_shape(w.padded_q_len, Int<kHeadDim>{}, p.heads, p.batch));
@@ -403,36 +411,36 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_registers(tdKrdS);
     cutlass::arch::fence_view_async_shared();  // the dS stores, visible to wgmma (the async proxy)
 
+    // Three GEMMs, each committed as its own group (groups complete in issue order), ordered so that
+    // the tensor cores always have one queued while the warpgroup waits or stores: dV runs during the
+    // barrier, dK during dQ's stores to shared memory. At most two of P^T, dS^T and the dQ accumulator
+    // hold registers at once (P^T is free once dV is done, before dK is issued).
     issue_gemm<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, s), tdVrdV);
-    issue_gemm<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, s), tdKrdK);
     // The previous step's reduce-add has read this warpgroup's dQ staging tile (it was issued a whole
     // S^T/dP^T step ago, so this rarely waits); the barrier below tells the warpgroup.
     if (dq_issuer) tma_store_wait<0>();
     // Both warpgroups' dS are stored. With two dS buffers one barrier a step suffices: a warpgroup
     // writes buffer b again two steps later, after the other has passed the next step's barrier, which
-    // it reaches only once its dQ GEMM of this step has finished.
+    // it reaches only once its dQ GEMM of this step has finished (the wait before its dQ stores).
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
-    // dK and dV are complete before dQ starts, so that P^T and dS^T (their A operands) no longer hold
-    // registers while the dQ accumulator does (at head_dim 128 the three together spill).
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tdVrdV);
-    warpgroup_fence_operand(tdKrdK);
-    fence_registers(tdVrP);
-    fence_registers(tdKrdS);
     issue_gemm<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrKt, tdQrdQ);
-    warpgroup_wait<0>();
+    warpgroup_wait<1>();  // dV is done: P^T's registers are free
+    warpgroup_fence_operand(tdVrdV);
+    fence_registers(tdVrP);
+    issue_gemm<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, s), tdKrdK);
+    warpgroup_wait<1>();  // dQ is done; dK may still run
     warpgroup_fence_operand(tdQrdQ);
-    if (lane == 0) ClusterBarrier::arrive(&shared.empty[s]);
 
     // This step's dQ columns to the warpgroup's staging tile: registers 2j and 2j + 1 are adjacent
-    // columns of one row, one 8-byte st.shared a pair (the swizzle moves 16-byte chunks).
+    // columns of one row, one 8-byte st.shared a pair (the swizzle moves 16-byte chunks). Coordinates
+    // relative to the thread's first element are compile-time constants.
+    // The two values made opaque to the compiler each step: otherwise it hoists the 16 loop-invariant
+    // addresses out of the loop into 16 registers (and spills); this costs no instruction.
+    asm volatile("" : "+r"(dq_run.first), "+r"(dq_run.mask));
     CUTE_UNROLL
     for (int i = 0; i < size(tdQrdQ); i += 2) {
-      const auto query_column = tdQcdQ(i);
-      const int column = get<1>(query_column) - consumer * (kHeadDim / 2);
-      store_shared(dq_base + sm90::swizzled_byte_offset<float>(typename Tiles::SmemDqAccum{},
-                                                               make_coord(get<0>(query_column), column, consumer)),
-                   tdQrdQ(i), tdQrdQ(i + 1));
+      const auto delta = make_coord(get<0>(tdQcdQ(i)) - get<0>(tdQcdQ(0)), get<1>(tdQcdQ(i)) - get<1>(tdQcdQ(0)), 0);
+      store_shared(dq_run.address(delta), tdQrdQ(i), tdQrdQ(i + 1));
     }
     tma_store_fence();  // the stores, visible to the TMA (async proxy)
     cutlass::arch::NamedBarrier::sync(kWarpgroupThreads, kDqBarrier + consumer);
@@ -445,6 +453,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy(p.tma_dq, tma_dq.partition_S(sdQ), tma_dq.partition_D(gdQ));
       tma_store_arrive();
     }
+    // dK is done: dS^T's registers may be written by the next step, and every GEMM of the step has
+    // read the slot's Q and dO.
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tdKrdK);
+    fence_registers(tdKrdS);
+    if (lane == 0) ClusterBarrier::arrive(&shared.empty[s]);
   }
   // The last reduce-add has read its tile before the CTA's shared memory goes away.
   if (dq_issuer) tma_store_wait<0>();

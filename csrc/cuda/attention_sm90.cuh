@@ -192,6 +192,33 @@ CUTE_HOST_DEVICE constexpr int swizzled_byte_offset(SwizzledLayout layout, const
                                      static_cast<int>(sizeof(T)));
 }
 
+// The shared-memory addresses of a thread's elements of a swizzled layout, from two values: the
+// unswizzled byte address of its first element and the swizzle's XOR mask there. A swizzle XORs low
+// byte-offset bits with higher ones (bits 4-6 with bits 7-9 at 128 bytes); when the thread's other
+// elements lie compile-time coordinate deltas away that move the unswizzled offset by amounts leaving
+// those higher bits alone (rows 8 apart, columns within one 128-byte row, whole atoms), each one's
+// address is (first + unswizzled(delta)) XOR mask: no register per element, and no arithmetic the
+// compiler cannot fold but one add and one XOR. The base must be a multiple of the swizzle's period
+// (1024 bytes at 128) so that adding it commutes with the XOR. csrc/dev/sm90_layout_checks.cu checks
+// every element's address against swizzled_byte_offset for the layouts the kernels use it on.
+template <typename T, typename SwizzledLayout>
+struct SwizzledRun {
+  uint32_t first;  // base + unswizzled byte offset of the first element
+  uint32_t mask;   // the swizzle's XOR at the first element
+
+  template <typename Coord>
+  CUTE_HOST_DEVICE SwizzledRun(SwizzledLayout layout, uint32_t base, const Coord& first_coord)
+      : first(base + static_cast<uint32_t>(get_nonswizzle_portion(layout)(first_coord)) * sizeof(T)),
+        mask(static_cast<uint32_t>(swizzled_byte_offset<T>(layout, first_coord)) ^
+             (static_cast<uint32_t>(get_nonswizzle_portion(layout)(first_coord)) * sizeof(T))) {}
+
+  // The address of the element `delta` (a coordinate difference, compile-time in the kernels) past the first.
+  template <typename Delta>
+  CUTE_HOST_DEVICE uint32_t address(const Delta& delta) const {
+    return (first + static_cast<uint32_t>(get_nonswizzle_portion(SwizzledLayout{})(delta)) * sizeof(T)) ^ mask;
+  }
+};
+
 #if defined(__CUDACC__)
 
 // Pins registers in place around wgmma: the compiler may not move reads or writes of them across

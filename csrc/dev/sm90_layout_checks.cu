@@ -19,8 +19,9 @@ And for the backward (csrc/cuda/attention_bwd_sm90.cu), whose S^T and dP^T tiles
     store), and the 256 threads hold each element of dQ (queries, head_dim) and of dK/dV (keys,
     head_dim) once;
   - each warpgroup's dQ columns are the kHeadDim / 2 of its staging tile (SmemDqAccum), each register
-    pair one 8-byte aligned word there, swizzled_byte_offset matches CuTe's addressing of the tile, and
-    a warp's 8-byte stores of one register pair hit each of the 32 banks exactly twice (two wavefronts,
+    pair one 8-byte aligned word there, the kernel's SwizzledRun addresses (first element + compile-time
+    delta, XOR one mask) are swizzled_byte_offset's, which matches CuTe's addressing of the tile, and a
+    warp's 8-byte stores of one register pair hit each of the 32 banks exactly twice (two wavefronts,
     the least 256 bytes take: no bank conflicts);
   - the transposed views Q^T, K^T and dS address the same elements as Q, K and dS^T.
 No GPU needed.
@@ -188,6 +189,11 @@ void check_backward_layouts(const char* name) {
     }
 
     const int warpgroup = t / 128;
+    // As the kernel builds it, at a base past 0 that is a multiple of the swizzle's 1024-byte period.
+    constexpr uint32_t kRunBase = 64 * 1024;
+    const fastgpt::cuda::sm90::SwizzledRun<float, typename Tiles::SmemDqAccum> dq_run(
+        typename Tiles::SmemDqAccum{}, kRunBase,
+        make_coord(get<0>(dq_coord(0)), get<1>(dq_coord(0)) - warpgroup * kDqColumns, warpgroup));
     for (int i = 0; i < size(dq_coord); i += 2) {
       const int row = get<0>(dq_coord(i)), column = get<1>(dq_coord(i));
       CHECK(get<0>(dq_coord(i + 1)) == row && get<1>(dq_coord(i + 1)) == column + 1 && column % 2 == 0,
@@ -200,6 +206,9 @@ void check_backward_layouts(const char* name) {
                                                                         make_coord(row, local + 1, warpgroup));
       CHECK(offset % 8 == 0 && next == offset + 4, "%s: dQ staging pair (%d, %d) not one 8-byte word", name, row,
             column);
+      const auto delta = make_coord(row - get<0>(dq_coord(0)), column - get<1>(dq_coord(0)), 0);
+      CHECK(int(dq_run.address(delta) - kRunBase) == offset, "%s: thread %d SwizzledRun puts dQ (%d, %d) at %d, not %d",
+            name, t, row, column, int(dq_run.address(delta) - kRunBase), offset);
       ++dq_bank_words[t / 32][i / 2][(offset / 4) % 32];
       ++dq_bank_words[t / 32][i / 2][(next / 4) % 32];
     }
