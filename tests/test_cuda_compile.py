@@ -435,8 +435,9 @@ SM90_EXPECTED_KERNELS = {
 }
 # What every instantiation's PTX must hold: warpgroup MMAs, TMA tile loads, register reallocation
 # between producer and consumers, and the mbarrier ring. The forward also stores O by TMA; the backward
-# also loads each block's lse and delta rows by bulk copy and adds each step's dQ to the float32
-# accumulator by TMA reduce-add from a shared-memory tile, with no global atomics from registers.
+# also loads each block's lse and delta rows by bulk copy, adds each step's dQ to the float32
+# accumulator by TMA reduce-add from a shared-memory tile, and stores dK and dV by TMA: no global
+# atomics and no global stores from registers.
 SM90_PTX_INSTRUCTIONS = (
     "wgmma.mma_async",
     "cp.async.bulk.tensor",
@@ -450,11 +451,12 @@ SM90_PTX_EXTRA = {
     "attention_bwd_sm90.cu": (
         "cp.async.bulk.shared::cluster.global",
         "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add",
+        "cp.async.bulk.tensor.4d.global.shared",
     ),
 }
 SM90_PTX_ABSENT = {
     "attention_fwd_sm90.cu": (),
-    "attention_bwd_sm90.cu": ("atom.global", "red.global"),
+    "attention_bwd_sm90.cu": ("atom.global", "red.global", "st.global"),
 }
 # wgmma shapes in the SASS: the forward's 128-wide S and O tiles; the backward's S^T, dP^T and dQ
 # (64 x 64 per warpgroup at head_dim 128, 64 x 32 at 64) and dK, dV (64 x head_dim).

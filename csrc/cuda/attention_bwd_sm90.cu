@@ -33,11 +33,12 @@
 //     TMA reduce-add (no atomics from registers). That thread waits for the reduce-add to have read the
 //     tile before the next step's named barrier, a whole step later, so the tile needs no second
 //     buffer. The step ends when dK is done (the ring slot is then released).
-//   At the end, dK (times softmax_scale) and dV are stored from registers.
+//   At the end, after a barrier of both warpgroups, dK (times softmax_scale) and dV are staged in 16
+//   bits in shared memory, over the Q and dO rings, and one thread stores both by TMA (which drops the
+//   rows of keys past kv_len).
 // What it does not have (yet): the next step's S^T and dP^T are not issued before this step's dK/dQ
 // GEMMs have finished (no overlap across steps: at head_dim 128 their 64 accumulator registers do not
-// fit beside dK, dV, dQ and dS^T), the two warpgroups do not ping-pong, and dK/dV are stored from
-// registers as 32-bit pairs rather than staged for a TMA store.
+// fit beside dK, dV, dQ and dS^T), and the two warpgroups do not ping-pong.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -169,7 +170,8 @@ struct BackwardParams {
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;  // dK's factor (dQ's is applied by the convert kernel)
   Workspace workspace;
-  HeadTensor dk, dv;
+  typename Tiles::TmaDkv tma_dk;
+  typename Tiles::TmaDkv tma_dv;
 };
 
 #if defined(FASTGPT_SM90A_DEVICE_CODE)
@@ -463,24 +465,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The last reduce-add has read its tile before the CTA's shared memory goes away.
   if (dq_issuer) tma_store_wait<0>();
 
-  // dK = softmax_scale * sum dS^T Q and dV, stored for keys below kv_len.
-  T* dk_rows = head_rows<T>(p.dk, batch, kv_head) + static_cast<int64_t>(k0) * p.dk.row_stride;
-  T* dv_rows = head_rows<T>(p.dv, batch, kv_head) + static_cast<int64_t>(k0) * p.dv.row_stride;
-  // Registers 2j and 2j + 1 are adjacent columns of one key (an even column; row strides are multiples
-  // of 8 elements): one 32-bit store a pair.
+  // dK = softmax_scale * sum dS^T Q and dV, staged in shared memory in V's layout and stored by TMA,
+  // which leaves out the rows of keys past kv_len. The staging tiles are the Q and dO rings, the same
+  // size: every TMA load into them has landed (each was waited for), and after this barrier both
+  // warpgroups' last GEMMs have read them.
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
+  Tensor sdK = make_tensor(make_smem_ptr(shared.q), typename Tiles::SmemV{});     // (BlockN, D)
+  Tensor sdV = make_tensor(make_smem_ptr(shared.dout), typename Tiles::SmemV{});  // (BlockN, D)
+  const auto dkv_first = make_coord(get<0>(tdKcdK(0)), get<1>(tdKcdK(0)));
+  const sm90::SwizzledRun<T, typename Tiles::SmemV> dk_run(typename Tiles::SmemV{}, cast_smem_ptr_to_uint(shared.q),
+                                                           dkv_first);
+  const sm90::SwizzledRun<T, typename Tiles::SmemV> dv_run(typename Tiles::SmemV{},
+                                                           cast_smem_ptr_to_uint(shared.dout), dkv_first);
+  // Registers 2j and 2j + 1 are adjacent columns of one key: one 32-bit st.shared a pair.
   auto pack = [](float low, float high) {
     T pair[2] = {static_cast<T>(low), static_cast<T>(high)};
     return *reinterpret_cast<const uint32_t*>(pair);
   };
   CUTE_UNROLL
   for (int i = 0; i < size(tdKrdK); i += 2) {
-    const int key = get<0>(tdKcdK(i));
-    const int column = get<1>(tdKcdK(i));
-    if (k0 + key < p.kv_len) {
-      *reinterpret_cast<uint32_t*>(dk_rows + key * p.dk.row_stride + column) =
-          pack(tdKrdK(i) * p.softmax_scale, tdKrdK(i + 1) * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(dv_rows + key * p.dv.row_stride + column) = pack(tdVrdV(i), tdVrdV(i + 1));
-    }
+    const auto delta = make_coord(get<0>(tdKcdK(i)) - get<0>(tdKcdK(0)), get<1>(tdKcdK(i)) - get<1>(tdKcdK(0)));
+    store_shared(dk_run.address(delta), pack(tdKrdK(i) * p.softmax_scale, tdKrdK(i + 1) * p.softmax_scale));
+    store_shared(dv_run.address(delta), pack(tdVrdV(i), tdVrdV(i + 1)));
+  }
+  tma_store_fence();  // the stores, visible to the TMA (async proxy)
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
+  if (consumer_thread == 0) {
+    Tensor mdK = p.tma_dk.get_tma_tensor(make_shape(p.kv_len, Int<kHeadDim>{}, p.kv_heads, p.batch));
+    Tensor mdV = p.tma_dv.get_tma_tensor(make_shape(p.kv_len, Int<kHeadDim>{}, p.kv_heads, p.batch));
+    const auto kv_tile = make_coord(kv_block, _0{});
+    Tensor gdK = local_tile(mdK(_, _, kv_head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{}, kv_tile);  // (BlockN, D)
+    Tensor gdV = local_tile(mdV(_, _, kv_head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{}, kv_tile);
+    auto tma_dk = p.tma_dk.get_slice(0);
+    auto tma_dv = p.tma_dv.get_slice(0);
+    copy(p.tma_dk, tma_dk.partition_S(sdK), tma_dk.partition_D(gdK));
+    copy(p.tma_dv, tma_dv.partition_S(sdV), tma_dv.partition_D(gdV));
+    tma_store_arrive();
+    tma_store_wait<0>();  // the stores have read shared memory before the CTA exits
   }
 #elif defined(__CUDA_ARCH__)
   // Only the sm_90a image has the kernel; were this stub ever run, it stops instead of leaving dk and
@@ -536,6 +557,8 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
   const T* k = static_cast<const T*>(a.k.data);
   const T* v = static_cast<const T*>(a.v.data);
   const T* dout = static_cast<const T*>(a.dout.data);
+  T* dk = static_cast<T*>(a.dk.data);
+  T* dv = static_cast<T*>(a.dv.data);
   // The float32 dQ accumulator as (padded rows, head_dim, heads, batch), rows contiguous.
   const int64_t accum_head_stride = static_cast<int64_t>(w.padded_q_len) * kHeadDim;
   const auto dq_accum = make_tensor(
@@ -561,8 +584,10 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
       a.softmax_scale * kLog2e,
       a.softmax_scale,
       w,
-      a.dk,
-      a.dv,
+      make_tma_copy(SM90_TMA_STORE{}, gmem_view(dk, a.dk, a.kv_len, kHeadDim, a.kv_heads, a.batch),
+                    typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
+      make_tma_copy(SM90_TMA_STORE{}, gmem_view(dv, a.dv, a.kv_len, kHeadDim, a.kv_heads, a.batch),
+                    typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
   };
   auto kernel = attention_backward_sm90_kernel<T, kHeadDim>;
   constexpr int kSharedBytes = sizeof(BackwardStorage<T, kHeadDim>);

@@ -152,6 +152,10 @@ struct Sm90BackwardTiles {
                                       _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemK{}, Shape<BlockN, HeadDim>{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemV{}, Shape<BlockN, HeadDim>{}, _1{}));
+  // dK and dV, staged in V's layout (over the Q and dO ring, the same size) and stored by TMA.
+  using TmaDkv = decltype(make_tma_copy(SM90_TMA_STORE{}, typename Sm90Tiles<T, kHeadDim>::GmemTensorOut{}, SmemV{},
+                                        Shape<BlockN, HeadDim>{}, _1{}));
+  static_assert(cosize_v<SmemV> == cosize_v<SmemQ>, "dK and dV are staged in the Q and dO rings");
   // The float32 dQ accumulator (padded rows, head_dim, heads, batch), added to a (queries, kHeadDim / 2)
   // box at a time.
   using GmemTensorAccum =
