@@ -37,8 +37,9 @@
 //   bits in shared memory, over the Q and dO rings, and one thread stores both by TMA (which drops the
 //   rows of keys past kv_len).
 // What it does not have (yet): the next step's S^T and dP^T are not issued before this step's dK/dQ
-// GEMMs have finished (no overlap across steps: at head_dim 128 their 64 accumulator registers do not
-// fit beside dK, dV, dQ and dS^T), and the two warpgroups do not ping-pong.
+// GEMMs have finished (no overlap across steps: at head_dim 128 their accumulators would hold 64
+// registers a thread beside dK and dV's 128, dQ's 32 and dS^T's 16, the whole 240), and the two
+// warpgroups do not ping-pong.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -435,9 +436,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // This step's dQ columns to the warpgroup's staging tile: registers 2j and 2j + 1 are adjacent
     // columns of one row, one 8-byte st.shared a pair (the swizzle moves 16-byte chunks). Coordinates
-    // relative to the thread's first element are compile-time constants.
-    // The two values made opaque to the compiler each step: otherwise it hoists the 16 loop-invariant
-    // addresses out of the loop into 16 registers (and spills); this costs no instruction.
+    // relative to the thread's first element are compile-time constants. dq_run's two values are made
+    // opaque to the compiler each step: otherwise it hoists the 16 loop-invariant addresses out of the
+    // loop into 16 registers (and spills at head_dim 128); the empty asm costs no instruction.
     asm volatile("" : "+r"(dq_run.first), "+r"(dq_run.mask));
     CUTE_UNROLL
     for (int i = 0; i < size(tdQrdQ); i += 2) {
