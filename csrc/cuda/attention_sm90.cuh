@@ -4,7 +4,9 @@
 // accumulator are rows of the tile, that the 4 threads of a quad together hold whole rows, and that the
 // accumulator registers of S, read as the A operand of the PV wgmma, hold P at the right (row, key).
 // The backward's tiles (Sm90BackwardTiles, attention_bwd_sm90.cu) follow, then what both kernels share:
-// the global views TMA is built on and the wgmma issue helpers.
+// the global views TMA is built on, swizzled shared-memory addressing (swizzled_byte_offset, and
+// SwizzledRun for a thread's register pairs, which the backward stores its dQ, dK and dV tiles with)
+// and the wgmma issue helpers.
 // Needs the CUTLASS/CuTe headers (fastgpt/_cutlass_paths.py).
 #pragma once
 
