@@ -435,7 +435,9 @@ SM90_EXPECTED_KERNELS = {
 }
 # What every instantiation's PTX must hold: warpgroup MMAs, TMA tile loads, register reallocation
 # between producer and consumers, and the mbarrier ring. The forward also stores O by TMA; the backward
-# also loads each block's lse and delta rows by bulk copy and adds dQ with float32 atomics.
+# also loads each block's lse and delta rows by bulk copy, adds each step's dQ to the float32
+# accumulator by TMA reduce-add from a shared-memory tile, and stores dK and dV by TMA: no global
+# atomics and no global stores from registers.
 SM90_PTX_INSTRUCTIONS = (
     "wgmma.mma_async",
     "cp.async.bulk.tensor",
@@ -446,7 +448,15 @@ SM90_PTX_INSTRUCTIONS = (
 )
 SM90_PTX_EXTRA = {
     "attention_fwd_sm90.cu": ("cp.async.bulk.tensor.4d.global.shared",),
-    "attention_bwd_sm90.cu": ("cp.async.bulk.shared::cluster.global", "atom.global.add.v2.f32"),
+    "attention_bwd_sm90.cu": (
+        "cp.async.bulk.shared::cluster.global",
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add",
+        "cp.async.bulk.tensor.4d.global.shared",
+    ),
+}
+SM90_PTX_ABSENT = {
+    "attention_fwd_sm90.cu": (),
+    "attention_bwd_sm90.cu": ("atom.global", "red.global", "st.global"),
 }
 # wgmma shapes in the SASS: the forward's 128-wide S and O tiles; the backward's S^T, dP^T and dQ
 # (64 x 64 per warpgroup at head_dim 128, 64 x 32 at 64) and dK, dV (64 x head_dim).
@@ -577,6 +587,8 @@ def test_sm90_ptx_has_wgmma_tma_setmaxnreg_and_mbarrier(sm90_builds, sm90_kernel
             expected = SM90_PTX_INSTRUCTIONS + SM90_PTX_EXTRA[source]
             missing = [instruction for instruction in expected if instruction not in body]
             assert not missing, f"{name} lacks {missing}"
+            present = [instruction for instruction in SM90_PTX_ABSENT[source] if instruction in body]
+            assert not present, f"{name} holds {present}"
 
 
 @pytest.mark.parametrize("source", SM90_SOURCES)
@@ -624,8 +636,9 @@ def test_sm90_register_layouts_on_cpu(tmp_path):
     """csrc/dev/sm90_layout_checks.cu runs CuTe's layout functions on the host for every instantiation:
     the rows the softmax reduces over, the quads it shuffles across, and P read in place as the PV
     wgmma's A operand are where the forward assumes them; the backward's per-query columns of S^T, P^T
-    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores and adds as one word, and its
-    transposed shared-memory views likewise."""
+    and dS^T as the dK/dV wgmma's A operand, the register pairs it stores as one word, its transposed
+    shared-memory views, and its dQ staging tile for the TMA reduce-add (addresses, bank spread)
+    likewise."""
     include = find_cutlass_include()
     if include is None:
         pytest.skip(NO_CUTLASS)

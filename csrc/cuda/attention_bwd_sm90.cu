@@ -1,14 +1,16 @@
 // Causal attention backward for Hopper (sm_90a) on CuTe: TMA tile copies into an mbarrier ring,
 // warpgroup MMAs (wgmma), a producer warp with register reallocation, dQ accumulated in float32 by
-// atomics. FlashAttention-3's scheme, written for fastgpt's AttentionParams. Three kernels:
+// TMA reduce-adds. FlashAttention-3's scheme, written for fastgpt's AttentionParams. Three kernels:
 //   1. prepare: per query row, delta = rowsum(dO * O), lse * log2(e), and the row of the float32 dQ
 //      accumulator zeroed, all in a workspace whose rows are padded to whole query blocks (so that
-//      every block's statistics are one aligned bulk copy and every dQ atomic lands in the buffer);
+//      every block's statistics are one aligned bulk copy and every dQ reduce-add box lies in the
+//      buffer);
 //   2. the main kernel, one CTA per block of 128 keys of a (batch, kv head): dK and dV accumulate in
 //      registers over every query block (and, for GQA, every query head of the group) that sees the
-//      keys; each step's dQ contribution dS K is added to the float32 accumulator with atomics;
+//      keys; each step's dQ contribution dS K is added to the float32 accumulator by TMA reduce-add
+//      (cp.reduce.async.bulk.tensor .add: each element added atomically);
 //   3. convert: dq = softmax_scale * dQ accumulator, in the input dtype.
-// The atomics make dQ's summation order, and so its last bits, vary from run to run: under
+// The reduce-adds' order across CTAs, and so dQ's last bits, vary from run to run: under
 // torch.use_deterministic_algorithms the host (api_cuda.inc) runs the sm_80 backward (attention_bwd.cu),
 // which has none.
 //
@@ -22,13 +24,22 @@
 //     is on the tensor cores), P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), causal mask on blocks
 //     that cross the diagonal, dS^T = P^T (dP^T - delta); P^T and dS^T, converted to 16 bits in
 //     registers, are the A operands of dV += P^T dO and dK += dS^T Q (RS wgmma); dS^T also goes to
-//     shared memory, and after a named barrier (both warpgroups' keys are there) dQ = dS K (SS wgmma,
-//     each warpgroup kHeadDim / 2 columns over all 128 keys) is added to the accumulator with atomics.
-//   At the end, dK (times softmax_scale) and dV are stored from registers.
-// What it does not have (yet): the next step's S^T is not issued before this step's dK/dV/dQ GEMMs
-// have finished (no intra-warpgroup overlap), the two warpgroups do not ping-pong, dQ's atomics are
-// 8-byte red.global.add.v2.f32 from registers rather than a TMA reduce-add of a shared-memory tile, and
-// dK/dV are stored from registers as 32-bit pairs rather than staged for a TMA store.
+//     shared memory for dQ = dS K (SS wgmma, each warpgroup kHeadDim / 2 columns over all 128 keys).
+//     The three GEMMs overlap the warpgroup's own waiting and storing (FlashAttention-3's order):
+//     dV is issued, then the named barrier (both warpgroups' dS are in shared memory) is waited on
+//     while dV runs; dQ is issued, and once dV is done (P^T's registers free) dK; once dQ is done,
+//     while dK runs, the warpgroup stores its dQ columns (float32) to its own swizzled shared-memory
+//     tile, and after a warpgroup barrier one of its threads adds the tile to the accumulator by one
+//     TMA reduce-add (no atomics from registers). That thread waits for the reduce-add to have read the
+//     tile before the next step's named barrier, a whole step later, so the tile needs no second
+//     buffer. The step ends when dK is done (the ring slot is then released).
+//   At the end, after a barrier of both warpgroups, dK (times softmax_scale) and dV are staged in 16
+//   bits in shared memory, over the Q and dO rings, and one thread stores both by TMA (which drops the
+//   rows of keys past kv_len).
+// What it does not have (yet): the next step's S^T and dP^T are not issued before this step's dK/dQ
+// GEMMs have finished (no overlap across steps: at head_dim 128 their accumulators would hold 64
+// registers a thread beside dK and dV's 128, dQ's 32 and dS^T's 16, the whole 240), and the two
+// warpgroups do not ping-pong.
 //
 // Causal: a CTA starts at the first query block that sees its first key (causal_first_q_block), blocks
 // above the diagonal are never loaded, and only blocks whose last key passes their first query's limit
@@ -138,6 +149,7 @@ struct BackwardStorage {
   alignas(1024) T q[cosize_v<typename Tiles::SmemQ>];
   alignas(1024) T dout[cosize_v<typename Tiles::SmemQ>];
   alignas(1024) T ds[cosize_v<typename Tiles::SmemDst>];
+  alignas(1024) float dq[cosize_v<typename Tiles::SmemDqAccum>];  // this step's dQ, for the TMA reduce-add
   alignas(16) float lse_log2[Tiles::kStages][Tiles::kBlockM];  // bulk copies need 16-byte alignment
   alignas(16) float delta[Tiles::kStages][Tiles::kBlockM];
   uint64_t kv_full;
@@ -154,11 +166,13 @@ struct BackwardParams {
   typename Tiles::TmaQ tma_dout;
   typename Tiles::TmaK tma_k;
   typename Tiles::TmaV tma_v;
+  typename Tiles::TmaDqAccum tma_dq;  // reduce-add into workspace.dq_accum
   int batch, heads, kv_heads, q_len, kv_len;
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;  // dK's factor (dQ's is applied by the convert kernel)
   Workspace workspace;
-  HeadTensor dk, dv;
+  typename Tiles::TmaDkv tma_dk;
+  typename Tiles::TmaDkv tma_dv;
 };
 
 #if defined(FASTGPT_SM90A_DEVICE_CODE)
@@ -169,12 +183,21 @@ __device__ inline void store_shared(uint32_t address, uint32_t value) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
 }
 
+// Two float32 values as one 8-byte st.shared (the address 8-byte aligned).
+__device__ inline void store_shared(uint32_t address, float low, float high) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(low), "f"(high) : "memory");
+}
+
 constexpr int kProducerRegisters = 24;   // the producer only computes coordinates and issues copies
 constexpr int kConsumerRegisters = 240;  // 24 x 128 + 240 x 256 = 64512 <= 65536 registers per SM
 constexpr int kConsumerThreads = 256;
 constexpr int kConsumerWarps = kConsumerThreads / 32;
-// Named barrier (an id past the ones CUTLASS reserves): both consumer warpgroups' dS are in shared memory.
+// Named barriers (ids past the ones CUTLASS reserves): kDsBarrier: both consumer warpgroups' dS are in
+// shared memory (and each warpgroup's dQ staging tile is free again); kDqBarrier + w: consumer
+// warpgroup w's dQ is in its staging tile.
 constexpr uint32_t kDsBarrier = 0;
+constexpr uint32_t kDqBarrier = 1;
+constexpr int kWarpgroupThreads = 128;
 
 #endif  // FASTGPT_SM90A_DEVICE_CODE
 
@@ -274,6 +297,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---- Consumers ----
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
   const int consumer_thread = threadIdx.x - 128;  // 0..255: keys [64 * (warpgroup - 1), +64) of the block
+  const int consumer = warpgroup - 1;             // 0 or 1: also dQ's columns [consumer * kHeadDim / 2, +kHeadDim / 2)
+  const bool dq_issuer = consumer_thread % kWarpgroupThreads == 0;  // issues the warpgroup's dQ reduce-adds
 
   typename Tiles::MmaSdP mma_sdp;
   typename Tiles::MmaDkv mma_dkv;
@@ -313,6 +338,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first_key = get<0>(tScS(0));    // the thread's first element of S^T within the tile
   const int first_query = get<1>(tScS(0));
   const uint32_t ds_base = cast_smem_ptr_to_uint(shared.ds);
+  // The thread's dQ pairs in the staging tile: (first + offset) ^ mask, two registers across the loop
+  // (one address per pair would hold 16 at head_dim 128, which with the GEMMs' registers spills).
+  const auto dq_first = make_coord(get<0>(tdQcdQ(0)), get<1>(tdQcdQ(0)) - consumer * (kHeadDim / 2), consumer);
+  sm90::SwizzledRun<float, typename Tiles::SmemDqAccum> dq_run(typename Tiles::SmemDqAccum{},
+                                                               cast_smem_ptr_to_uint(shared.dq), dq_first);
+  // The warpgroup's dQ staging tile (queries, kHeadDim / 2) and the accumulator's boxes it is added to.
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq), typename Tiles::SmemDqAccum{})(_, _, consumer);
+  Tensor mdQ = p.tma_dq.get_tma_tensor(make_shape(w.padded_q_len, Int<kHeadDim>{}, p.heads, p.batch));
+  auto tma_dq = p.tma_dq.get_slice(0);
 
   clear(tdVrdV);
   clear(tdKrdK);
@@ -380,56 +414,95 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_registers(tdKrdS);
     cutlass::arch::fence_view_async_shared();  // the dS stores, visible to wgmma (the async proxy)
 
+    // Three GEMMs, each committed as its own group (groups complete in issue order), ordered so that
+    // the tensor cores always have one queued while the warpgroup waits or stores: dV runs during the
+    // barrier, dK during dQ's stores to shared memory. At most two of P^T, dS^T and the dQ accumulator
+    // hold registers at once (P^T is free once dV is done, before dK is issued).
     issue_gemm<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, s), tdVrdV);
-    issue_gemm<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, s), tdKrdK);
+    // The previous step's reduce-add has read this warpgroup's dQ staging tile (it was issued a whole
+    // S^T/dP^T step ago, so this rarely waits); the barrier below tells the warpgroup.
+    if (dq_issuer) tma_store_wait<0>();
     // Both warpgroups' dS are stored. With two dS buffers one barrier a step suffices: a warpgroup
     // writes buffer b again two steps later, after the other has passed the next step's barrier, which
-    // it reaches only once its dQ GEMM of this step has finished.
+    // it reaches only once its dQ GEMM of this step has finished (the wait before its dQ stores).
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
-    // dK and dV are complete before dQ starts, so that P^T and dS^T (their A operands) no longer hold
-    // registers while the dQ accumulator does (at head_dim 128 the three together spill).
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tdVrdV);
-    warpgroup_fence_operand(tdKrdK);
-    fence_registers(tdVrP);
-    fence_registers(tdKrdS);
     issue_gemm<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrKt, tdQrdQ);
-    warpgroup_wait<0>();
+    warpgroup_wait<1>();  // dV is done: P^T's registers are free
+    warpgroup_fence_operand(tdVrdV);
+    fence_registers(tdVrP);
+    issue_gemm<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, s), tdKrdK);
+    warpgroup_wait<1>();  // dQ is done; dK may still run
     warpgroup_fence_operand(tdQrdQ);
-    if (lane == 0) ClusterBarrier::arrive(&shared.empty[s]);
 
-    // Registers 2j and 2j + 1 are adjacent columns of one row: one 8-byte red.global.add.v2.f32 a pair,
-    // at a constant offset from the thread's first element (so no address register per atomic). Rows
-    // past q_len exist in the padded accumulator and receive zeros.
-    float* dq_thread = w.dq_accum +
-                       ((static_cast<int64_t>(batch) * p.heads + head) * w.padded_q_len + q0) * kHeadDim +
-                       get<0>(tdQcdQ(0)) * kHeadDim + get<1>(tdQcdQ(0));
+    // This step's dQ columns to the warpgroup's staging tile: registers 2j and 2j + 1 are adjacent
+    // columns of one row, one 8-byte st.shared a pair (the swizzle moves 16-byte chunks). Coordinates
+    // relative to the thread's first element are compile-time constants. dq_run's two values are made
+    // opaque to the compiler each step: otherwise it hoists the 16 loop-invariant addresses out of the
+    // loop into 16 registers (and spills at head_dim 128); the empty asm costs no instruction.
+    asm volatile("" : "+r"(dq_run.first), "+r"(dq_run.mask));
     CUTE_UNROLL
     for (int i = 0; i < size(tdQrdQ); i += 2) {
-      const int offset =
-          (get<0>(tdQcdQ(i)) - get<0>(tdQcdQ(0))) * kHeadDim + (get<1>(tdQcdQ(i)) - get<1>(tdQcdQ(0)));
-      atomicAdd(reinterpret_cast<float2*>(dq_thread + offset), make_float2(tdQrdQ(i), tdQrdQ(i + 1)));
+      const auto delta = make_coord(get<0>(tdQcdQ(i)) - get<0>(tdQcdQ(0)), get<1>(tdQcdQ(i)) - get<1>(tdQcdQ(0)), 0);
+      store_shared(dq_run.address(delta), tdQrdQ(i), tdQrdQ(i + 1));
     }
+    tma_store_fence();  // the stores, visible to the TMA (async proxy)
+    cutlass::arch::NamedBarrier::sync(kWarpgroupThreads, kDqBarrier + consumer);
+    // One thread adds the tile to the float32 accumulator: a TMA reduce-add, each element added
+    // atomically (.add on global memory), so both warpgroups and every CTA of the (batch, head) may add
+    // to the same rows. Rows past q_len exist in the padded accumulator and receive zeros.
+    if (dq_issuer) {
+      Tensor gdQ = local_tile(mdQ(_, _, head, batch), Shape<Int<kBlockM>, typename Tiles::DqColumns>{},
+                              make_coord(q0 / kBlockM, consumer));  // (BlockM, D/2)
+      copy(p.tma_dq, tma_dq.partition_S(sdQ), tma_dq.partition_D(gdQ));
+      tma_store_arrive();
+    }
+    // dK is done: dS^T's registers may be written by the next step, and every GEMM of the step has
+    // read the slot's Q and dO.
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tdKrdK);
+    fence_registers(tdKrdS);
+    if (lane == 0) ClusterBarrier::arrive(&shared.empty[s]);
   }
+  // The last reduce-add has read its tile before the CTA's shared memory goes away.
+  if (dq_issuer) tma_store_wait<0>();
 
-  // dK = softmax_scale * sum dS^T Q and dV, stored for keys below kv_len.
-  T* dk_rows = head_rows<T>(p.dk, batch, kv_head) + static_cast<int64_t>(k0) * p.dk.row_stride;
-  T* dv_rows = head_rows<T>(p.dv, batch, kv_head) + static_cast<int64_t>(k0) * p.dv.row_stride;
-  // Registers 2j and 2j + 1 are adjacent columns of one key (an even column; row strides are multiples
-  // of 8 elements): one 32-bit store a pair.
+  // dK = softmax_scale * sum dS^T Q and dV, staged in shared memory in V's layout and stored by TMA,
+  // which leaves out the rows of keys past kv_len. The staging tiles are the Q and dO rings, the same
+  // size: every TMA load into them has landed (each was waited for), and after this barrier both
+  // warpgroups' last GEMMs have read them.
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
+  Tensor sdK = make_tensor(make_smem_ptr(shared.q), typename Tiles::SmemV{});     // (BlockN, D)
+  Tensor sdV = make_tensor(make_smem_ptr(shared.dout), typename Tiles::SmemV{});  // (BlockN, D)
+  const auto dkv_first = make_coord(get<0>(tdKcdK(0)), get<1>(tdKcdK(0)));
+  const sm90::SwizzledRun<T, typename Tiles::SmemV> dk_run(typename Tiles::SmemV{}, cast_smem_ptr_to_uint(shared.q),
+                                                           dkv_first);
+  const sm90::SwizzledRun<T, typename Tiles::SmemV> dv_run(typename Tiles::SmemV{},
+                                                           cast_smem_ptr_to_uint(shared.dout), dkv_first);
+  // Registers 2j and 2j + 1 are adjacent columns of one key: one 32-bit st.shared a pair.
   auto pack = [](float low, float high) {
     T pair[2] = {static_cast<T>(low), static_cast<T>(high)};
     return *reinterpret_cast<const uint32_t*>(pair);
   };
   CUTE_UNROLL
   for (int i = 0; i < size(tdKrdK); i += 2) {
-    const int key = get<0>(tdKcdK(i));
-    const int column = get<1>(tdKcdK(i));
-    if (k0 + key < p.kv_len) {
-      *reinterpret_cast<uint32_t*>(dk_rows + key * p.dk.row_stride + column) =
-          pack(tdKrdK(i) * p.softmax_scale, tdKrdK(i + 1) * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(dv_rows + key * p.dv.row_stride + column) = pack(tdVrdV(i), tdVrdV(i + 1));
-    }
+    const auto delta = make_coord(get<0>(tdKcdK(i)) - get<0>(tdKcdK(0)), get<1>(tdKcdK(i)) - get<1>(tdKcdK(0)));
+    store_shared(dk_run.address(delta), pack(tdKrdK(i) * p.softmax_scale, tdKrdK(i + 1) * p.softmax_scale));
+    store_shared(dv_run.address(delta), pack(tdVrdV(i), tdVrdV(i + 1)));
+  }
+  tma_store_fence();  // the stores, visible to the TMA (async proxy)
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kDsBarrier);
+  if (consumer_thread == 0) {
+    Tensor mdK = p.tma_dk.get_tma_tensor(make_shape(p.kv_len, Int<kHeadDim>{}, p.kv_heads, p.batch));
+    Tensor mdV = p.tma_dv.get_tma_tensor(make_shape(p.kv_len, Int<kHeadDim>{}, p.kv_heads, p.batch));
+    const auto kv_tile = make_coord(kv_block, _0{});
+    Tensor gdK = local_tile(mdK(_, _, kv_head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{}, kv_tile);  // (BlockN, D)
+    Tensor gdV = local_tile(mdV(_, _, kv_head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{}, kv_tile);
+    auto tma_dk = p.tma_dk.get_slice(0);
+    auto tma_dv = p.tma_dv.get_slice(0);
+    copy(p.tma_dk, tma_dk.partition_S(sdK), tma_dk.partition_D(gdK));
+    copy(p.tma_dv, tma_dv.partition_S(sdV), tma_dv.partition_D(gdV));
+    tma_store_arrive();
+    tma_store_wait<0>();  // the stores have read shared memory before the CTA exits
   }
 #elif defined(__CUDA_ARCH__)
   // Only the sm_90a image has the kernel; were this stub ever run, it stops instead of leaving dk and
@@ -485,6 +558,14 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
   const T* k = static_cast<const T*>(a.k.data);
   const T* v = static_cast<const T*>(a.v.data);
   const T* dout = static_cast<const T*>(a.dout.data);
+  T* dk = static_cast<T*>(a.dk.data);
+  T* dv = static_cast<T*>(a.dv.data);
+  // The float32 dQ accumulator as (padded rows, head_dim, heads, batch), rows contiguous.
+  const int64_t accum_head_stride = static_cast<int64_t>(w.padded_q_len) * kHeadDim;
+  const auto dq_accum = make_tensor(
+      make_gmem_ptr(w.dq_accum),
+      make_layout(make_shape(w.padded_q_len, kHeadDim, a.heads, a.batch),
+                  make_stride(static_cast<int64_t>(kHeadDim), _1{}, accum_head_stride, accum_head_stride * a.heads)));
   BackwardParams<T, kHeadDim> p{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view(q, a.q, a.q_len, kHeadDim, a.heads, a.batch),
                     take<0, 2>(typename Tiles::SmemQ{}), Shape<BlockM, HeadDim>{}, _1{}),
@@ -494,6 +575,8 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
                     typename Tiles::SmemK{}, Shape<BlockN, HeadDim>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view(v, a.v, a.kv_len, kHeadDim, a.kv_heads, a.batch),
                     typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
+      make_tma_copy(SM90_TMA_REDUCE_ADD{}, dq_accum, take<0, 2>(typename Tiles::SmemDqAccum{}),
+                    Shape<BlockM, typename Tiles::DqColumns>{}, _1{}),
       a.batch,
       a.heads,
       a.kv_heads,
@@ -502,8 +585,10 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
       a.softmax_scale * kLog2e,
       a.softmax_scale,
       w,
-      a.dk,
-      a.dv,
+      make_tma_copy(SM90_TMA_STORE{}, gmem_view(dk, a.dk, a.kv_len, kHeadDim, a.kv_heads, a.batch),
+                    typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
+      make_tma_copy(SM90_TMA_STORE{}, gmem_view(dv, a.dv, a.kv_len, kHeadDim, a.kv_heads, a.batch),
+                    typename Tiles::SmemV{}, Shape<BlockN, HeadDim>{}, _1{}),
   };
   auto kernel = attention_backward_sm90_kernel<T, kHeadDim>;
   constexpr int kSharedBytes = sizeof(BackwardStorage<T, kHeadDim>);

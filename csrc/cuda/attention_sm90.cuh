@@ -4,7 +4,9 @@
 // accumulator are rows of the tile, that the 4 threads of a quad together hold whole rows, and that the
 // accumulator registers of S, read as the A operand of the PV wgmma, hold P at the right (row, key).
 // The backward's tiles (Sm90BackwardTiles, attention_bwd_sm90.cu) follow, then what both kernels share:
-// the global views TMA is built on and the wgmma issue helpers.
+// the global views TMA is built on, swizzled shared-memory addressing (swizzled_byte_offset, and
+// SwizzledRun for a thread's register pairs, which the backward stores its dQ, dK and dV tiles with)
+// and the wgmma issue helpers.
 // Needs the CUTLASS/CuTe headers (fastgpt/_cutlass_paths.py).
 #pragma once
 
@@ -97,14 +99,15 @@ CUTE_HOST_DEVICE constexpr auto accumulator_as_operand_a(Layout layout) {
 //     Q and dO ring slots (MN-major: head_dim contiguous);
 //   dQ = dS K: SS, (queries, head_dim), A = dS from shared memory (both warpgroups' keys; MN-major,
 //     queries contiguous), B = K^T;
-//     the two warpgroups split head_dim, kHeadDim / 2 columns each.
+//     the two warpgroups split head_dim, kHeadDim / 2 columns each, and each adds its columns to the
+//     float32 dQ accumulator in global memory by one TMA reduce-add of a float32 shared-memory tile.
 template <typename T, int kHeadDim>
 struct Sm90BackwardTiles {
   static constexpr int kBlockM = 64;   // query rows a step: S^T's N and dQ's M (one wgmma M)
   static constexpr int kBlockN = 128;  // keys a CTA: 64 per consumer warpgroup (wgmma's M)
   // Q/dO ring depth. Shared memory at head_dim 128: K 32 KB + V 32 KB + 2 x (Q 16 KB + dO 16 KB) +
-  // dS 2 x 16 KB = 160 KB; registers, not shared memory, bound the tile: dK and dV are 2 x 64 float32
-  // registers a thread at head_dim 128.
+  // dS 2 x 16 KB + dQ float32 32 KB = 192 KB; registers, not shared memory, bound the tile: dK and dV
+  // are 2 x 64 float32 registers a thread at head_dim 128.
   static constexpr int kStages = 2;
 
   using BlockM = Int<kBlockM>;
@@ -130,6 +133,12 @@ struct Sm90BackwardTiles {
   using SmemDst = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<BlockN, BlockM, _2>{}));
   using SmemDs = decltype(composition(SmemDst{}, make_layout(Shape<BlockM, BlockN, _2>{},
                                                              Stride<BlockN, _1, Int<kBlockM * kBlockN>>{})));
+  // dQ's float32 staging for the TMA reduce-add: (queries, kHeadDim / 2 columns, warpgroup), each
+  // warpgroup's columns one tile. Columns contiguous in 128-byte swizzle atoms (8 rows x 32 floats):
+  // a warp's 8-byte stores of accumulator pairs (8 rows x 4 lanes) then spread over all 32 banks, and
+  // TMA reads atoms of this swizzle. 16 KB at head_dim 128, 8 KB at 64.
+  using DqColumns = Int<kHeadDim / 2>;
+  using SmemDqAccum = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<BlockM, DqColumns, _2>{}));
 
   using MmaSdP = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<BlockN, BlockM, HeadDim>>(),
                                          Layout<Shape<_2, _1, _1>>{}));
@@ -145,6 +154,16 @@ struct Sm90BackwardTiles {
                                       _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemK{}, Shape<BlockN, HeadDim>{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemV{}, Shape<BlockN, HeadDim>{}, _1{}));
+  // dK and dV, staged in V's layout (over the Q and dO ring, the same size) and stored by TMA.
+  using TmaDkv = decltype(make_tma_copy(SM90_TMA_STORE{}, typename Sm90Tiles<T, kHeadDim>::GmemTensorOut{}, SmemV{},
+                                        Shape<BlockN, HeadDim>{}, _1{}));
+  static_assert(cosize_v<SmemV> == cosize_v<SmemQ>, "dK and dV are staged in the Q and dO rings");
+  // The float32 dQ accumulator (padded rows, head_dim, heads, batch), added to a (queries, kHeadDim / 2)
+  // box at a time.
+  using GmemTensorAccum =
+      decltype(make_tensor(make_gmem_ptr(static_cast<float*>(nullptr)), typename Sm90Tiles<T, kHeadDim>::GmemLayout{}));
+  using TmaDqAccum = decltype(make_tma_copy(SM90_TMA_REDUCE_ADD{}, GmemTensorAccum{}, take<0, 2>(SmemDqAccum{}),
+                                            Shape<BlockM, DqColumns>{}, _1{}));
 };
 
 // A (rows, head_dim, heads, batch) view of a HeadTensor for TMA. A dimension of one element may carry
@@ -178,6 +197,33 @@ CUTE_HOST_DEVICE constexpr int swizzled_byte_offset(SwizzledLayout layout, const
   return get_swizzle_portion(layout)(static_cast<int>(get_nonswizzle_portion(layout)(coord)) *
                                      static_cast<int>(sizeof(T)));
 }
+
+// The shared-memory addresses of a thread's elements of a swizzled layout, from two values: the
+// unswizzled byte address of its first element and the swizzle's XOR mask there. A swizzle XORs low
+// byte-offset bits with higher ones (bits 4-6 with bits 7-9 at 128 bytes); when the thread's other
+// elements lie compile-time coordinate deltas away that move the unswizzled offset by amounts leaving
+// those higher bits alone (rows 8 apart, columns within one 128-byte row, whole atoms), each one's
+// address is (first + unswizzled(delta)) XOR mask: no register per element, and no arithmetic the
+// compiler cannot fold but one add and one XOR. The base must be a multiple of the swizzle's period
+// (1024 bytes at 128) so that adding it commutes with the XOR. csrc/dev/sm90_layout_checks.cu checks
+// every element's address against swizzled_byte_offset for the layouts the kernels use it on.
+template <typename T, typename SwizzledLayout>
+struct SwizzledRun {
+  uint32_t first;  // base + unswizzled byte offset of the first element
+  uint32_t mask;   // the swizzle's XOR at the first element
+
+  template <typename Coord>
+  CUTE_HOST_DEVICE SwizzledRun(SwizzledLayout layout, uint32_t base, const Coord& first_coord)
+      : first(base + static_cast<uint32_t>(get_nonswizzle_portion(layout)(first_coord)) * sizeof(T)),
+        mask(static_cast<uint32_t>(swizzled_byte_offset<T>(layout, first_coord)) ^
+             (static_cast<uint32_t>(get_nonswizzle_portion(layout)(first_coord)) * sizeof(T))) {}
+
+  // The address of the element `delta` (a coordinate difference, compile-time in the kernels) past the first.
+  template <typename Delta>
+  CUTE_HOST_DEVICE uint32_t address(const Delta& delta) const {
+    return (first + static_cast<uint32_t>(get_nonswizzle_portion(SwizzledLayout{})(delta)) * sizeof(T)) ^ mask;
+  }
+};
 
 #if defined(__CUDACC__)
 

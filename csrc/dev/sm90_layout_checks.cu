@@ -15,9 +15,17 @@ And for the backward (csrc/cuda/attention_bwd_sm90.cu), whose S^T and dP^T tiles
   - the S^T registers read as the A operand of the dK/dV wgmma hold P^T/dS^T at the right (key, query);
   - registers 2j and 2j + 1 of S^T are one key's adjacent queries, 4-byte aligned and adjacent in dS^T's
     shared-memory layout (one 32-bit store), and swizzled_byte_offset matches CuTe's tensor addressing;
-  - dQ's registers 2j and 2j + 1 are adjacent columns of one row, 8-byte aligned (one float2 atomic),
-    dK's and dV's likewise (one 32-bit store), and the 256 threads hold each element of dQ (queries,
-    head_dim) and of dK/dV (keys, head_dim) once;
+  - dQ's registers 2j and 2j + 1 are adjacent columns of one row, dK's and dV's likewise (one 32-bit
+    store), and the 256 threads hold each element of dQ (queries, head_dim) and of dK/dV (keys,
+    head_dim) once;
+  - each warpgroup's dQ columns are the kHeadDim / 2 of its staging tile (SmemDqAccum), each register
+    pair one 8-byte aligned word there, the kernel's SwizzledRun addresses (first element + compile-time
+    delta, XOR one mask) are swizzled_byte_offset's, which matches CuTe's addressing of the tile, and a
+    warp's 8-byte stores of one register pair hit each of the 32 banks exactly twice (two wavefronts,
+    the least 256 bytes take: no bank conflicts);
+  - dK's and dV's register pairs, staged for their TMA stores in V's layout (SmemV), are one 32-bit
+    word each at the kernel's SwizzledRun addresses, which are swizzled_byte_offset's and CuTe's, and a
+    warp's store of one pair hits each of the 32 banks once;
   - the transposed views Q^T, K^T and dS address the same elements as Q, K and dS^T.
 No GPU needed.
 
@@ -131,6 +139,13 @@ void check_backward_layouts(const char* name) {
   auto p_layout = fastgpt::cuda::sm90::accumulator_as_operand_a(s_layout);
 
   std::vector<int> dq_seen(kBlockM * kHeadDim, 0), dkv_seen(kBlockN * kHeadDim, 0);
+  constexpr int kDqColumns = kHeadDim / 2;
+  // dq_bank_words[warp][pair][bank]: 4-byte words the warp's store of register pair `pair` puts in `bank`.
+  const int dq_pairs = size(partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{})) / 2;
+  using BankWords = std::vector<std::vector<std::vector<int>>>;
+  BankWords dq_bank_words(8, std::vector<std::vector<int>>(dq_pairs, std::vector<int>(32, 0)));
+  const int dkv_pairs = size(partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{})) / 2;
+  BankWords dkv_bank_words(8, std::vector<std::vector<int>>(dkv_pairs, std::vector<int>(32, 0)));
   for (int t = 0; t < 256; ++t) {
     auto thread_sdp = mma_sdp.get_thread_slice(t);
     auto thread_dkv = mma_dkv.get_thread_slice(t);
@@ -179,21 +194,70 @@ void check_backward_layouts(const char* name) {
       }
     }
 
+    const int warpgroup = t / 128;
+    // As the kernel builds it, at a base past 0 that is a multiple of the swizzle's 1024-byte period.
+    constexpr uint32_t kRunBase = 64 * 1024;
+    const fastgpt::cuda::sm90::SwizzledRun<float, typename Tiles::SmemDqAccum> dq_run(
+        typename Tiles::SmemDqAccum{}, kRunBase,
+        make_coord(get<0>(dq_coord(0)), get<1>(dq_coord(0)) - warpgroup * kDqColumns, warpgroup));
     for (int i = 0; i < size(dq_coord); i += 2) {
       const int row = get<0>(dq_coord(i)), column = get<1>(dq_coord(i));
       CHECK(get<0>(dq_coord(i + 1)) == row && get<1>(dq_coord(i + 1)) == column + 1 && column % 2 == 0,
             "%s: thread %d dQ registers %d, %d are not a column pair", name, t, i, i + 1);
+      const int local = column - warpgroup * kDqColumns;
+      CHECK(local >= 0 && local < kDqColumns, "%s: thread %d dQ column %d outside its warpgroup's", name, t, column);
+      const int offset = fastgpt::cuda::sm90::swizzled_byte_offset<float>(typename Tiles::SmemDqAccum{},
+                                                                          make_coord(row, local, warpgroup));
+      const int next = fastgpt::cuda::sm90::swizzled_byte_offset<float>(typename Tiles::SmemDqAccum{},
+                                                                        make_coord(row, local + 1, warpgroup));
+      CHECK(offset % 8 == 0 && next == offset + 4, "%s: dQ staging pair (%d, %d) not one 8-byte word", name, row,
+            column);
+      const auto delta = make_coord(row - get<0>(dq_coord(0)), column - get<1>(dq_coord(0)), 0);
+      CHECK(int(dq_run.address(delta) - kRunBase) == offset, "%s: thread %d SwizzledRun puts dQ (%d, %d) at %d, not %d",
+            name, t, row, column, int(dq_run.address(delta) - kRunBase), offset);
+      ++dq_bank_words[t / 32][i / 2][(offset / 4) % 32];
+      ++dq_bank_words[t / 32][i / 2][(next / 4) % 32];
     }
+    constexpr uint32_t kStagingBase = 32 * 1024;  // a multiple of the swizzle's period, as the kernel's
+    const fastgpt::cuda::sm90::SwizzledRun<T, typename Tiles::SmemV> dkv_run(
+        typename Tiles::SmemV{}, kStagingBase, make_coord(get<0>(dkv_coord(0)), get<1>(dkv_coord(0))));
     for (int i = 0; i < size(dkv_coord); i += 2) {
       const int key = get<0>(dkv_coord(i)), column = get<1>(dkv_coord(i));
       CHECK(get<0>(dkv_coord(i + 1)) == key && get<1>(dkv_coord(i + 1)) == column + 1 && column % 2 == 0,
             "%s: thread %d dK/dV registers %d, %d are not a column pair", name, t, i, i + 1);
+      const int offset =
+          fastgpt::cuda::sm90::swizzled_byte_offset<T>(typename Tiles::SmemV{}, make_coord(key, column));
+      const int next =
+          fastgpt::cuda::sm90::swizzled_byte_offset<T>(typename Tiles::SmemV{}, make_coord(key, column + 1));
+      CHECK(offset % 4 == 0 && next == offset + int(sizeof(T)), "%s: dK/dV staging pair (%d, %d) not one 32-bit word",
+            name, key, column);
+      const auto delta = make_coord(key - get<0>(dkv_coord(0)), column - get<1>(dkv_coord(0)));
+      CHECK(int(dkv_run.address(delta) - kStagingBase) == offset,
+            "%s: thread %d SwizzledRun puts dK/dV (%d, %d) at %d, not %d", name, t, key, column,
+            int(dkv_run.address(delta) - kStagingBase), offset);
+      ++dkv_bank_words[t / 32][i / 2][(offset / 4) % 32];
     }
     for (int i = 0; i < size(dq_coord); ++i) ++dq_seen[get<0>(dq_coord(i)) * kHeadDim + get<1>(dq_coord(i))];
     for (int i = 0; i < size(dkv_coord); ++i) ++dkv_seen[get<0>(dkv_coord(i)) * kHeadDim + get<1>(dkv_coord(i))];
   }
   for (int seen : dq_seen) CHECK(seen == 1, "%s: a dQ element is held %d times", name, seen);
+  for (int warp = 0; warp < 8; ++warp) {
+    for (int pair = 0; pair < dq_pairs; ++pair) {
+      for (int bank = 0; bank < 32; ++bank) {
+        CHECK(dq_bank_words[warp][pair][bank] == 2, "%s: warp %d's dQ store %d puts %d words in bank %d", name, warp,
+              pair, dq_bank_words[warp][pair][bank], bank);
+      }
+    }
+  }
   for (int seen : dkv_seen) CHECK(seen == 1, "%s: a dK/dV element is held %d times", name, seen);
+  for (int warp = 0; warp < 8; ++warp) {
+    for (int pair = 0; pair < dkv_pairs; ++pair) {
+      for (int bank = 0; bank < 32; ++bank) {
+        CHECK(dkv_bank_words[warp][pair][bank] == 1, "%s: warp %d's dK/dV store %d puts %d words in bank %d", name,
+              warp, pair, dkv_bank_words[warp][pair][bank], bank);
+      }
+    }
+  }
 
   // Shared-memory views, compared by element address (host arrays stand in for shared memory; the
   // alignment is the kernel's).
@@ -221,6 +285,31 @@ void check_backward_layouts(const char* name) {
         CHECK(raw_pointer_cast(&sQ(row, d, stage)) == raw_pointer_cast(&sQt(d, row, stage)),
               "%s: Q and Q^T views differ", name);
       }
+    }
+  }
+  alignas(1024) static float dq[cosize_v<typename Tiles::SmemDqAccum>];
+  static_assert(cosize_v<typename Tiles::SmemDqAccum> == kBlockM * kHeadDim, "the dQ staging tiles have gaps");
+  Tensor sdQ = make_tensor(make_smem_ptr(dq), typename Tiles::SmemDqAccum{});
+  for (int warpgroup = 0; warpgroup < 2; ++warpgroup) {
+    for (int row = 0; row < kBlockM; ++row) {
+      for (int column = 0; column < kDqColumns; ++column) {
+        const int offset = int((raw_pointer_cast(&sdQ(row, column, warpgroup)) - dq) * sizeof(float));
+        CHECK(offset == fastgpt::cuda::sm90::swizzled_byte_offset<float>(typename Tiles::SmemDqAccum{},
+                                                                         make_coord(row, column, warpgroup)),
+              "%s: dQ swizzled_byte_offset differs from CuTe at (%d, %d, %d)", name, row, column, warpgroup);
+        const int tile_bytes = kBlockM * kDqColumns * int(sizeof(float));
+        CHECK(offset / tile_bytes == warpgroup, "%s: dQ staging (%d, %d) of warpgroup %d outside its tile", name, row,
+              column, warpgroup);
+      }
+    }
+  }
+  // dK and dV staged in V's layout over the Q ring's bytes.
+  Tensor sdK = make_tensor(make_smem_ptr(q), typename Tiles::SmemV{});
+  for (int key = 0; key < kBlockN; ++key) {
+    for (int d = 0; d < kHeadDim; ++d) {
+      CHECK(int((raw_pointer_cast(&sdK(key, d)) - q) * sizeof(T)) ==
+                fastgpt::cuda::sm90::swizzled_byte_offset<T>(typename Tiles::SmemV{}, make_coord(key, d)),
+            "%s: dK staging swizzled_byte_offset differs from CuTe at (%d, %d)", name, key, d);
     }
   }
   Tensor sK = make_tensor(make_smem_ptr(k), typename Tiles::SmemK{});
