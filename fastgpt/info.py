@@ -21,6 +21,9 @@ def package_versions():
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    # The running build's version with its local tag (PyPI's CUDA wheel says 2.11.0 in its metadata
+    # but 2.11.0+cu130 here; the CPU wheel +cpu in both).
+    versions["torch"] = torch.__version__
     versions["cuda (torch)"] = torch.version.cuda
     versions["cutlass"] = cutlass_header_version()
     return versions

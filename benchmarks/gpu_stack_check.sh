@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Before a GPU loan, on a machine without a GPU: build and test the committed HEAD against the GPU
+# machines' software, which is not this machine's. The GPU machines run torch 2.11 (CUDA 13.0) and
+# Triton 3.6; the CPU machines torch 2.13 and Triton 3.9. A build that only ever met 2.13's headers
+# can fail there before any kernel runs (csrc/autograd.cpp once did: 2.13 holds autograd nodes in
+# c10::intrusive_ptr, 2.11 in std::shared_ptr), and that costs a GPU session its first minutes.
+#
+#   bash benchmarks/gpu_stack_check.sh          # venv (~4.6 GB, reused), CUDA build, the CPU test suite
+#
+# 1. a virtual environment ($GPU_STACK_VENV, default .gpu-stack-venv) over this Python's packages with
+#    torch==2.11.0 from PyPI (its CUDA 13.0 build, which brings Triton 3.6) and numpy < 2.3 (Triton 3.6's
+#    interpreter reads a scalar with int() of a one-element array, which numpy 2.3 refuses);
+# 2. a copy of HEAD in a temporary directory, built with the CUDA extension for sm_90a
+#    (FASTGPT_CUDA=1, against the venv's torch headers and this machine's nvcc);
+# 3. the test suite from that copy (pytest -n 2): on this CPU machine the Triton kernels run in
+#    Triton 3.6's interpreter and the Triton compile checks compile with Triton 3.6's ptxas. The spill
+#    ledger of tests/test_triton_compile.py is Triton 3.9's: its sm_80 entries may fail under 3.6.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${GPU_STACK_VENV:-.gpu-stack-venv}
+TORCH_SPEC=${GPU_STACK_TORCH:-torch==2.11.0}
+NVCC=$(command -v nvcc) || { echo "gpu_stack_check: needs nvcc (the CUDA toolkit)" >&2; exit 1; }
+CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv --system-site-packages "$VENV"
+fi
+# --isolated: from PyPI, past this machine's pip constraints (which cap torch at its local wheels).
+"$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')" \
+  || PIP_CONSTRAINT="" "$VENV/bin/pip" install --isolated -q "$TORCH_SPEC" "numpy<2.3"
+
+COPY=$(mktemp -d)
+trap 'rm -rf "$COPY"' EXIT
+git archive HEAD | tar -x -C "$COPY"
+echo "gpu_stack_check: $("$VENV/bin/python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'), HEAD $(git rev-parse --short HEAD)"
+(cd "$COPY" && FASTGPT_CUDA=1 CUDA_HOME="$CUDA_ROOT" TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=2 \
+  "$VENV/bin/python" setup.py build_ext --inplace >build.log 2>&1) \
+  || { tail -n 60 "$COPY/build.log"; echo "gpu_stack_check: the build failed" >&2; exit 1; }
+echo "gpu_stack_check: the CUDA extension builds against $TORCH_SPEC"
+cd "$COPY" && PYTHONPATH="$COPY" "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests
