@@ -20,8 +20,13 @@ cd "$(dirname "$0")/.."
 
 VENV=${GPU_STACK_VENV:-.gpu-stack-venv}
 TORCH_SPEC=${GPU_STACK_TORCH:-torch==2.11.0}
-NVCC=$(command -v nvcc) || { echo "gpu_stack_check: needs nvcc (the CUDA toolkit)" >&2; exit 1; }
-CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+# The CUDA toolkit: $CUDA_HOME, else /usr/local/cuda, else the one around nvcc on PATH (which may be a
+# wrapper script elsewhere, as on the CPU machines).
+CUDA_ROOT=${CUDA_HOME:-}
+[ -n "$CUDA_ROOT" ] || { [ -x /usr/local/cuda/bin/nvcc ] && CUDA_ROOT=/usr/local/cuda; } || true
+[ -n "$CUDA_ROOT" ] || CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+[ -f "$CUDA_ROOT/include/crt/host_defines.h" ] \
+  || { echo "gpu_stack_check: no CUDA toolkit at '$CUDA_ROOT' (set CUDA_HOME)" >&2; exit 1; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv --system-site-packages "$VENV"
