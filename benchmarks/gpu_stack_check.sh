@@ -13,8 +13,12 @@
 # 2. a copy of HEAD in a temporary directory, built with the CUDA extension for sm_90a
 #    (FASTGPT_CUDA=1, against the venv's torch headers and this machine's nvcc);
 # 3. the test suite from that copy (pytest -n 2): on this CPU machine the Triton kernels run in
-#    Triton 3.6's interpreter and the Triton compile checks compile with Triton 3.6's ptxas. The spill
-#    ledger of tests/test_triton_compile.py is Triton 3.9's: its sm_80 entries may fail under 3.6.
+#    Triton 3.6's interpreter and the Triton compile checks compile with Triton 3.6. The spill ledger
+#    (test_register_spills_within_the_ledger) is left out: it records Triton 3.9's ptxas, and 3.6
+#    spills more on sm_80 (on 2026-12-07: up to 260 bytes; on sm_90 only the LayerNorm backward at
+#    N=16384, 2.5 KB against 3.9's 0.7 KB). So is test_console_entry_exits_non_zero_without_traceback,
+#    which wants nothing on stderr but the error: torch's CUDA build warns there that it finds no CUDA
+#    runtime (torch.utils.benchmark imports torch.utils.cpp_extension), which only a GPU-less machine sees.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +47,6 @@ echo "gpu_stack_check: $("$VENV/bin/python" -c 'import torch, triton; print("tor
   "$VENV/bin/python" setup.py build_ext --inplace >build.log 2>&1) \
   || { tail -n 60 "$COPY/build.log"; echo "gpu_stack_check: the build failed" >&2; exit 1; }
 echo "gpu_stack_check: the CUDA extension builds against $TORCH_SPEC"
-cd "$COPY" && PYTHONPATH="$COPY" "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests
+cd "$COPY" && PYTHONPATH="$COPY" "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q -p no:cacheprovider \
+  --deselect tests/test_triton_compile.py::test_register_spills_within_the_ledger \
+  --deselect tests/test_cli_train.py::test_console_entry_exits_non_zero_without_traceback tests
