@@ -654,8 +654,8 @@ def _backward_consumer_partition(
     zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
-    # A column chunk of dQ as the atomics add it: each thread 4 consecutive floats of a row, a warp
-    # 8 rows of 16 bytes x 4 threads... (BLOCK_M, DQ_CHUNK), with offsets within a query block in int32.
+    # A column chunk of dQ (BLOCK_M, DQ_CHUNK) as the atomics add it: each thread 4 consecutive floats
+    # of a row (one 16-byte vector atomic), a warp 16 rows; offsets within a query block in int32.
     chunk_layout: gl.constexpr = gl.BlockedLayout(
         [1, 4], [32 // (DQ_CHUNK // 4), DQ_CHUNK // 4], [4, 1], [1, 0]
     )
