@@ -558,3 +558,89 @@ def test_gpu_gluon_selector_keeps_the_tl_kernel_elsewhere(gluon_forward):
     )
     check_against_reference(q, k, v)
     assert not gluon_forward
+
+
+@pytest.fixture
+def gluon_backward(gluon_forward, monkeypatch):
+    """FASTGPT_TRITON_ATTENTION=gluon (through gluon_forward), and the list of the Gluon backward's
+    calls (so a test fails if its shapes silently took the Triton fused kernel instead)."""
+    from fastgpt.ops import gluon_attention
+
+    calls = []
+    original = gluon_attention.attention_backward
+
+    def recording_backward(dout, q, *args):
+        calls.append(q.shape)
+        return original(dout, q, *args)
+
+    monkeypatch.setattr(gluon_attention, "attention_backward", recording_backward)
+    return calls
+
+
+# (batch, heads, kv_heads, q_len, kv_len) at head_dim 64 (the backward's, gluon_attention
+# .BACKWARD_HEAD_DIMS): full 128-key blocks, GQA and MQA (the kernel loops over a group's query heads),
+# q_len < kv_len (the diagonal off the blocks' corners, blocks no query sees in part), and lengths that
+# are not multiples of the 64-query steps or 128-key blocks (zero-filled rows and keys, masked stores).
+GLUON_BACKWARD_SHAPES = [
+    (2, 8, 8, 1024, 1024),
+    (2, 8, 2, 1000, 1000),
+    (1, 4, 1, 300, 1337),
+    (1, 6, 3, 129, 130),
+    (3, 2, 1, 77, 77),
+    (1, 2, 2, 1, 257),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, heads, kv_heads, q_len, kv_len", GLUON_BACKWARD_SHAPES)
+def test_gpu_gluon_backward_matches_reference(
+    gluon_backward, gluon_forward, batch, heads, kv_heads, q_len, kv_len, dtype
+):
+    """Forward and backward both in Gluon: out, dq, dk and dv against the float64 reference."""
+    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, 64, dtype, device="cuda")
+    check_against_reference(q, k, v)
+    assert gluon_forward, "the Gluon forward was not taken"
+    assert gluon_backward, "the Gluon backward was not taken"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gluon_backward_reads_packed_qkv_views(gluon_backward, dtype):
+    """q, k, v as strided views of one fused (B, T, 3, H, D) projection, and a dout that is a strided
+    view too: the Gluon backward reads all four through descriptors of their own strides."""
+    batch, seq, heads, head_dim = 2, 777, 6, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)
+    q, k, v = (leaf(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
+    scale = 1.0 / math.sqrt(head_dim)
+    out = fastgpt.causal_attention(q, k, v, softmax_scale=scale, backend="triton")
+    dout = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype).permute(0, 2, 1, 3)
+    actual = torch.autograd.grad(out, (q, k, v), dout)
+    assert gluon_backward, "the Gluon backward was not taken"
+    upcast = [leaf(t.detach().double()) for t in (q, k, v)]
+    expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=scale)
+    eager = attention_and_grads(
+        reference.causal_attention, *(leaf(t.detach()) for t in (q, k, v)), dout, softmax_scale=scale
+    )
+    for name, got, want, same_dtype in zip(("dq", "dk", "dv"), actual, expected[1:], eager[1:]):
+        assert_close(name, got, want.detach(), same_dtype.detach())
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_backward_leaves_other_calls_to_triton(gluon_backward):
+    """Under FASTGPT_TRITON_ATTENTION=gluon the Triton kernels still take the backward where the
+    Gluon one does not apply: head_dim 128 (which it does not serve yet), and deterministic mode
+    (the order-fixed dK/dV and dQ kernels); the gradients stay right either way."""
+    check_against_reference(*random_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16, device="cuda"))
+    assert not gluon_backward
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    # warn_only: the eager reference's own ops only warn where they have no deterministic version.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        check_against_reference(*random_qkv(1, 4, 2, 300, 300, 64, torch.bfloat16, device="cuda"))
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert not gluon_backward

@@ -1,10 +1,14 @@
-"""Causal attention forward in Gluon for Hopper (sm_90a): warp-specialized, after FlashAttention-3.
+"""Causal attention forward and backward in Gluon for Hopper (sm_90a): warp-specialized, after
+FlashAttention-3.
 
-An opt-in alternative to the forward kernel of triton_attention.py, taken by the triton backend when
+Opt-in alternatives to kernels of triton_attention.py, taken by the triton backend when
 FASTGPT_TRITON_ATTENTION=gluon (read on every call) on a compute capability 9.0 GPU, for float16 or
-bfloat16 q, k, v at head_dim 64 or 128 that TMA can describe; every other call, and every backward,
-keeps triton_attention.py's kernels. Its outputs follow the same contract: out (B, H, Tq, D) in q's
-dtype and lse (B, H, Tq) float32 in natural log, so the Triton backward consumes them unchanged.
+bfloat16 q, k, v that TMA can describe: the forward at head_dim 64 or 128 (supports), and the fused
+backward's main kernel at head_dim 64 with a describable dout too (supports_backward; not when
+torch.are_deterministic_algorithms_enabled(), which keeps the order-fixed Triton kernels). Every other
+call keeps triton_attention.py's kernels. The forward's outputs follow the same contract: out
+(B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 in natural log, so either backward consumes
+them unchanged.
 Layouts as there: q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 and Tq <= Tk, query head h
 reading kv head h // (H // Hkv); the causal mask is aligned to the bottom right (query i sees keys
 j <= i + Tk - Tq). Every tensor is read and written through a host-side TMA descriptor of its own
@@ -38,12 +42,46 @@ past Tq or Tk, and clips the output store to Tq, so ragged lengths need nothing 
 The grid is persistent, one program per SM, and walks the tiles in triton_attention.py's order:
 longest first within sections of (batch, head) slices whose K and V fit half the L2.
 
+The backward takes the place of triton_attention.py's fused kernel between its preprocess (delta =
+rowsum(dO * O), and zeroing the float32 dQ accumulator) and its cast (dq = softmax_scale * accumulator
+in q's dtype), with the same results: dK (times softmax_scale) and dV stored in k's dtype, the unscaled
+dQ added into the accumulator. One program per block of BACKWARD_BLOCK_N = 128 keys of a (batch, kv
+head), key block major (the first key blocks, seen by the most queries, first); again three partitions:
+- the producer warp loads the program's K and V once by TMA, as two halves of 64 keys (one per
+  consumer; one "kv_ready" mbarrier whose transaction count covers all four copies), then streams, for
+  every query head of the kv head's GQA group in turn, the 64-query blocks that see any of the keys:
+  Q and dO of a block by TMA into a ring of STAGES slots, each with a "ready" mbarrier (its two
+  copies' bytes) and an "empty" one (both consumers arrive when their products no longer read it).
+- each consumer warpgroup owns 64 of the 128 keys and per query block computes, with wgmma from
+  shared memory, S = Q K^T and dP = dO V^T (64 queries x 64 keys, queries along rows, so a row's lse and
+  delta are two registers per thread); P = exp2(S * scale * log2(e) - lse * log2(e)) (the causal mask,
+  bottom-right aligned, as -inf scores only on blocks crossing the diagonal), dS = P * (dP - delta);
+  P and dS go to shared memory in 16-bit, where dV += P^T dO and dK += dS^T Q read them transposed as
+  the A operand, and dQ = dS K (this warpgroup's keys' share, 64 x D) reads dS as it is. The share is
+  staged in a float32 buffer and added to the accumulator with vectorised atomics, a column chunk of
+  DQ_CHUNK at a time; both warpgroups add their shares (a TMA reduce-add would spare the registers,
+  but 3.6's Gluon, the GPU machines', has none). After the last block, K's and V's halves, no longer
+  read, stage dK and dV for TMA stores, which clip keys past Tk.
+FlashAttention-3's backward keeps S^T (keys along rows) so that P^T is a register A operand; here that
+layout cost one register per query column for lse and delta (16 each) and spilled, so P and dS take
+the shared-memory route. The row statistics are read by the consumers themselves (gl.load, issued
+before waiting on the products), not by the producer into the ring: the producer has 24 registers,
+and a (B, H, Tq) float32 row is not generally TMA-describable (its stride Tq * 4 is a multiple of 16
+only when Tq is a multiple of 4). Rows past Tq read as zeros and zero-filled Q and dO make their
+contributions exactly 0; keys past Tk are masked on every block they take part in. At head_dim 128 the
+same kernel compiles but spills (BACKWARD_HEAD_DIMS), so that size keeps the Triton backward. The
+barrier protocol is a plain ring: the producer and both consumers walk the same sequence of
+group * cdiv(Tq - query_start, 64) blocks, the producer waits for a slot's previous use to end
+(parity of its use number, a fresh mbarrier passing parity 1), the consumers for its loads.
+
 Nothing here runs in the Triton interpreter: its correctness is checked by the GPU tests of
 tests/test_triton_attention.py, and its code by the sm_90 compile checks of
-tests/test_triton_compile.py, which compile it for sm_90a with Triton 3.9 here; it compiles with
-Triton 3.6, the GPU machines' version, as well. The Gluon API it uses is the same in both but for
-the names of the TMA copies (tma_load and tma_store below pick whichever this Triton has).
+tests/test_triton_compile.py, which compile both kernels for sm_90a with Triton 3.9 here; they
+compile with Triton 3.6, the GPU machines' version, as well. The Gluon API they use is the same in
+both but for the names of the TMA copies (tma_load and tma_store below pick whichever this Triton has).
 """
+
+import itertools
 
 import torch
 from triton.experimental import gluon
@@ -108,6 +146,28 @@ PRODUCER_WARPS = gl.constexpr(1)
 MAX_REGISTERS = 168
 PRODUCER_REGISTERS = gl.constexpr(24)
 CONSUMER_REGISTERS = gl.constexpr(240)
+
+# Backward (the same three partitions, registers and warps as the forward).
+# Head dims the backward serves. At D=128 the kernel compiles (shapes below) but ptxas spills (72 bytes
+# with Triton 3.9, 284 with 3.6: the dK and dV accumulators, 64 x 128 fp32 each, and S and dP, 64 x 64
+# each, take 192 of the consumers' 240 registers, and the addresses, masks and row statistics do not
+# fit in the rest), so D=128 keeps triton_attention.py's fused backward until it does not.
+BACKWARD_HEAD_DIMS = (64,)
+# Keys per program: two consumer warpgroups of BACKWARD_BLOCK_N // 2 = 64 keys each (the wgmma M of one
+# warpgroup), issue 20's 64 x 128 dK/dV tile.
+BACKWARD_BLOCK_N = 128
+# Queries per step: S and dP (64 x 64 fp32) are 32 registers each per consumer thread beside the dK
+# and dV accumulators (64 x D fp32: 32 registers each at D=64) and the step's dQ share (64 x D fp32);
+# the products are m64n64 (S, dP) and m64nD (dV, dK, dQ).
+BACKWARD_BLOCK_M = 64
+# Q/dO ring depth. Shared memory holds K and V (128 x D each), the ring of Q and dO blocks (64 x D
+# each), the consumers' P and dS tiles (64 x 64 each, 16-bit) and their float32 dQ staging buffers
+# (64 x D each): at D=64, 32 + STAGES * 16 + 32 + 32 KiB, so 3 stages (144 KiB) let the producer run
+# two query blocks ahead.
+BACKWARD_STAGES = {64: 3}
+# Columns of dQ per atomic chunk: a warpgroup adds 64 x 8 floats, one 16-byte vector per thread, so the
+# atomics need one address per thread (wider chunks cost registers the accumulators need).
+DQ_CHUNK = gl.constexpr(8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +537,336 @@ def _gluon_attention_forward_kernel(
     )
 
 
+@gluon.jit
+def _backward_coordinates(
+    batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
+):
+    """(batch, kv_head, start_n, query_start) of this program: its key block [start_n, start_n + BLOCK_N)
+    of one (batch, kv head), key block major as the Triton fused backward's grid (the first key blocks
+    of every slice are seen by the most queries and run first), and the first block of BLOCK_M queries
+    that sees any of its keys (there is one: start_n < Tk, so start_n - (Tk - Tq) < Tq)."""
+    batch_kv_head = gl.program_id(0) % batch_kv_heads
+    start_n = gl.program_id(0) // batch_kv_heads * BLOCK_N
+    kv_heads = heads // group
+    query_start = gl.maximum(start_n - (kv_len - q_len), 0) // BLOCK_M * BLOCK_M
+    return batch_kv_head // kv_heads, batch_kv_head % kv_heads, start_n, query_start
+
+
+@gluon.jit
+def _backward_producer_partition(
+    Q,
+    K,
+    V,
+    dOut,  # descriptors: blocks (1, 1, BLOCK_M, D), (1, 1, BLOCK_N // 2, D) x 2, (1, 1, BLOCK_M, D)
+    k_smem,
+    v_smem,  # (2, 1, 1, BLOCK_N // 2, D): the program's keys and values, one half per consumer
+    q_smem,
+    do_smem,  # (STAGES, 1, 1, BLOCK_M, D): the ring of query and output-gradient blocks
+    kv_ready,  # mbarrier: K and V have landed
+    slot_ready,
+    slot_empty,  # (STAGES, 1) each: a slot's Q and dO have landed / both consumers are done with them
+    batch_kv_heads,
+    heads,
+    group,
+    q_len,
+    kv_len,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    KEYS: gl.constexpr = BLOCK_N // 2
+    batch, kv_head, start_n, query_start = _backward_coordinates(
+        batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M, BLOCK_N
+    )
+    # Keys past Tk are zero-filled and still count their bytes, so the expected count is fixed.
+    mbarrier.expect(kv_ready, 2 * K.block_type.nbytes + 2 * V.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma_load(K, [batch, kv_head, start_n + half * KEYS, 0], kv_ready, k_smem.index(half))
+        tma_load(V, [batch, kv_head, start_n + half * KEYS, 0], kv_ready, v_smem.index(half))
+    step = 0  # query blocks loaded so far: slot step % STAGES, its use number step // STAGES
+    for member in range(group):
+        head = kv_head * group + member
+        for start_m in range(query_start, q_len, BLOCK_M):
+            slot = step % STAGES
+            # The parity of the slot's previous use ending (a fresh mbarrier passes parity 1).
+            mbarrier.wait(slot_empty.index(slot), ((step // STAGES) & 1) ^ 1)
+            mbarrier.expect(slot_ready.index(slot), Q.block_type.nbytes + dOut.block_type.nbytes)
+            tma_load(Q, [batch, head, start_m, 0], slot_ready.index(slot), q_smem.index(slot))
+            tma_load(dOut, [batch, head, start_m, 0], slot_ready.index(slot), do_smem.index(slot))
+            step += 1
+
+
+@gluon.jit
+def _backward_consumer_partition(
+    dK,
+    dV,  # descriptors of dk, dv (B, Hkv, Tk, D) in k's dtype, block (1, 1, BLOCK_N // 2, D)
+    dQacc,  # (B, H, Tq, D) float32, contiguous, zeroed: the unscaled dQ, summed by atomics
+    Lse,
+    Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
+    k_smem,
+    v_smem,
+    q_smem,
+    do_smem,
+    p_smem,
+    ds_smem,  # (BLOCK_M, BLOCK_N // 2) each: this consumer's P and dS (A operands of dV, dK, dQ)
+    dq_smem,  # (BLOCK_M, D) float32: this consumer's share of a step's dQ, on its way to the atomics
+    kv_ready,
+    slot_ready,
+    slot_empty,
+    softmax_scale,
+    qk_scale,  # softmax_scale * log2(e)
+    batch_kv_heads,
+    heads,
+    group,
+    q_len,
+    kv_len,
+    CONSUMER: gl.constexpr,  # 0 or 1: which 64 keys of the program's block this warpgroup owns
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    KEYS: gl.constexpr = BLOCK_N // 2
+    dtype: gl.constexpr = k_smem.dtype
+    # wgmma accumulators of one warpgroup (four warps of 16 rows): S and dP (queries x keys: a query's
+    # lse and delta are then two registers per thread, not one per column), dK, dV (keys x D) and dQ
+    # (queries x D).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N // 2, 16]
+    )
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    batch, kv_head, start_n, query_start = _backward_coordinates(
+        batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M, BLOCK_N
+    )
+    first_key = start_n + CONSUMER * KEYS
+    diag_offset = kv_len - q_len
+    # Query blocks from full_start on see all of this warpgroup's keys: only those before are masked.
+    full_start = gl.cdiv(gl.maximum(first_key + KEYS - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+    key_offset = diag_offset - first_key  # key first_key + j is visible to query i if j <= i + key_offset
+    k_rows = k_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
+    v_rows = v_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
+    zero_scores = gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout)
+    zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+    # A column chunk of dQ (BLOCK_M, DQ_CHUNK) as the atomics add it: each thread 4 consecutive floats
+    # of a row (one 16-byte vector atomic), a warp 16 rows; offsets within a query block in int32.
+    chunk_layout: gl.constexpr = gl.BlockedLayout(
+        [1, 4], [32 // (DQ_CHUNK // 4), DQ_CHUNK // 4], [4, 1], [1, 0]
+    )
+    chunk_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, chunk_layout))
+    chunk_cols = gl.arange(0, DQ_CHUNK, layout=gl.SliceLayout(0, chunk_layout))
+    chunk_offsets = chunk_rows[:, None] * HEAD_DIM + chunk_cols[None, :]  # (BLOCK_M, DQ_CHUNK)
+
+    first_head = batch * heads + kv_head * group  # of the GQA group, as a (batch, head) index
+    mbarrier.wait(kv_ready, 0)
+    blocks_per_head = gl.cdiv(q_len - query_start, BLOCK_M)
+    for step in range(group * blocks_per_head):
+        member = step // blocks_per_head
+        start_m = query_start + (step - member * blocks_per_head) * BLOCK_M
+        row_stats = (first_head + member).to(gl.int64) * q_len  # row 0 of its head in lse, delta, dQ
+        slot = step % STAGES
+        mbarrier.wait(slot_ready.index(slot), (step // STAGES) & 1)
+        dq_block = dQacc + (row_stats + start_m) * HEAD_DIM  # this block's row 0 of dQ
+        q_block = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do_block = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        s_token = warpgroup_mma(q_block, k_rows.permute((1, 0)), zero_scores, use_acc=False, is_async=True)
+        dp_token = warpgroup_mma(do_block, v_rows.permute((1, 0)), zero_scores, use_acc=False, is_async=True)
+        # The row statistics load while the products run. Rows past Tq read 0: their Q and dO are
+        # zero-filled, so they add exactly 0 to dK and dV, and their dQ is not stored.
+        queries = start_m + gl.arange(0, BLOCK_M, layout=query_layout)
+        query_ok = queries < q_len
+        lse = gl.load(Lse + row_stats + queries, mask=query_ok, other=0.0) * LOG2E
+        delta = gl.load(Delta + row_stats + queries, mask=query_ok, other=0.0)
+        scores = warpgroup_mma_wait(1, deps=(s_token,))  # (BLOCK_M, KEYS)
+        if start_m < full_start:  # the block crosses the diagonal
+            # Key first_key + j is visible to query i when j <= i + Tk - Tq - first_key.
+            key_index = gl.arange(0, KEYS, layout=key_layout)
+            visible = key_index[None, :] <= (queries + key_offset)[:, None]
+            scores = gl.where(visible, scores, float("-inf"))
+        p = gl.exp2(scores * qk_scale - lse[:, None])
+        dp = warpgroup_mma_wait(0, deps=(dp_token,))  # (BLOCK_M, KEYS)
+        ds = p * (dp - delta[:, None])
+        p_smem.store(p.to(dtype))
+        ds_smem.store(ds.to(dtype))
+        fence_async_shared()
+        dv_token = warpgroup_mma(p_smem.permute((1, 0)), do_block, dv, is_async=True)
+        dk_token = warpgroup_mma(ds_smem.permute((1, 0)), q_block, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_token, dk_token))
+        mbarrier.arrive(slot_empty.index(slot), count=1)  # Q and dO are read: the slot is free
+        # This warpgroup's keys' share of dQ, dS K.
+        dq_token = warpgroup_mma(ds_smem, k_rows, zero_dq, use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq_token,))  # (BLOCK_M, D), unscaled
+        # Added to the accumulator through shared memory, a column chunk at a time: atomics from
+        # the wgmma layout would hold an address per element beside dK and dV.
+        dq_smem.store(dq)
+        for chunk in gl.static_range(HEAD_DIM // DQ_CHUNK):
+            dq_part = dq_smem.slice(chunk * DQ_CHUNK, DQ_CHUNK, dim=1).load(chunk_layout)
+            gl.atomic_add(
+                dq_block + chunk * DQ_CHUNK + chunk_offsets,
+                dq_part,
+                mask=(start_m + chunk_rows < q_len)[:, None],
+                sem="relaxed",
+            )
+
+    # K and V of this warpgroup's keys are read for the last time: their buffers stage dK and dV for
+    # the TMA stores, which clip keys past Tk.
+    k_rows.store((dk * softmax_scale).to(dtype))  # d(scores)/dk = softmax_scale * q
+    v_rows.store(dv.to(dtype))
+    fence_async_shared()
+    tma_store(dK, [batch, kv_head, first_key, 0], k_smem.index(CONSUMER))
+    tma_store(dV, [batch, kv_head, first_key, 0], v_smem.index(CONSUMER))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _gluon_attention_backward_kernel(
+    Q,
+    K,
+    V,
+    dOut,  # descriptors of q (B, H, Tq, D), k, v (B, Hkv, Tk, D), dout (B, H, Tq, D): blocks
+    # (1, 1, BLOCK_M, D) for q and dout, (1, 1, BLOCK_N // 2, D) for k, v, dk and dv
+    dK,
+    dV,  # descriptors of the outputs dk, dv (B, Hkv, Tk, D) in k's dtype
+    dQacc,  # (B, H, Tq, D) float32, contiguous, zeroed: the unscaled dQ, summed over key blocks by atomics
+    Lse,
+    Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
+    softmax_scale,
+    qk_scale,  # softmax_scale * log2(e)
+    batch_kv_heads,  # B * Hkv
+    heads,  # H
+    group,  # H // Hkv
+    q_len,
+    kv_len,  # Tq <= Tk
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [2] + K.block_type.shape, K.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2] + V.block_type.shape, V.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + Q.block_type.shape, Q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + dOut.block_type.shape, dOut.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], dtype)
+    p_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
+    p_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
+    ds_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
+    ds_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
+    dq_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    dq_smem0 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
+    dq_smem1 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    slot_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    slot_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # Arrivals that complete each phase: the TMA transaction count (one expect) for "ready", one per
+    # consumer for "empty".
+    mbarrier.init(kv_ready, count=1)
+    for slot in gl.static_range(STAGES):
+        mbarrier.init(slot_ready.index(slot), count=1)
+        mbarrier.init(slot_empty.index(slot), count=2)
+
+    gl.warp_specialize(
+        [
+            (
+                _backward_consumer_partition,
+                (
+                    dK,
+                    dV,
+                    dQacc,
+                    Lse,
+                    Delta,
+                    k_smem,
+                    v_smem,
+                    q_smem,
+                    do_smem,
+                    p_smem0,
+                    ds_smem0,
+                    dq_smem0,
+                    kv_ready,
+                    slot_ready,
+                    slot_empty,
+                    softmax_scale,
+                    qk_scale,
+                    batch_kv_heads,
+                    heads,
+                    group,
+                    q_len,
+                    kv_len,
+                    0,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+            (
+                _backward_consumer_partition,
+                (
+                    dK,
+                    dV,
+                    dQacc,
+                    Lse,
+                    Delta,
+                    k_smem,
+                    v_smem,
+                    q_smem,
+                    do_smem,
+                    p_smem1,
+                    ds_smem1,
+                    dq_smem1,
+                    kv_ready,
+                    slot_ready,
+                    slot_empty,
+                    softmax_scale,
+                    qk_scale,
+                    batch_kv_heads,
+                    heads,
+                    group,
+                    q_len,
+                    kv_len,
+                    1,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+            (
+                _backward_producer_partition,
+                (
+                    Q,
+                    K,
+                    V,
+                    dOut,
+                    k_smem,
+                    v_smem,
+                    q_smem,
+                    do_smem,
+                    kv_ready,
+                    slot_ready,
+                    slot_empty,
+                    batch_kv_heads,
+                    heads,
+                    group,
+                    q_len,
+                    kv_len,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+        ],
+        [CONSUMER_WARPS, PRODUCER_WARPS],
+        [CONSUMER_REGISTERS, PRODUCER_REGISTERS],
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
@@ -542,49 +932,137 @@ def attention_forward(q, k, v, softmax_scale):
     return out, lse
 
 
+def supports_backward(q, k, v, dout):
+    """Whether the Gluon backward serves attention_backward(dout, q, k, v, ...): where the forward is
+    served (supports), at a head_dim in BACKWARD_HEAD_DIMS, with dout, too, describable by TMA."""
+    return q.shape[-1] in BACKWARD_HEAD_DIMS and supports(q, k, v) and tma_strides(dout) is not None
+
+
+def attention_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale):
+    """dk, dv (B, Hkv, Tk, D), contiguous in k's dtype, written; the unscaled dQ added into dq_acc
+    (B, H, Tq, D) float32, contiguous, zeroed (triton_attention.py's preprocess, which also forms
+    delta (B, H, Tq) = rowsum(dout * out), and its cast kernel, which scales dq_acc into dq, run before
+    and after). lse (B, H, Tq) float32 is attention_forward's. Arguments are assumed validated and
+    supported (supports_backward)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    keys = BACKWARD_BLOCK_N // 2  # per consumer: the blocks of K, V, dK and dV descriptors
+    grid = (_cdiv(kv_len, BACKWARD_BLOCK_N) * batch * kv_heads,)
+    _gluon_attention_backward_kernel[grid](
+        _descriptor(q, BACKWARD_BLOCK_M),
+        _descriptor(k, keys),
+        _descriptor(v, keys),
+        _descriptor(dout, BACKWARD_BLOCK_M),
+        _descriptor(dk, keys),
+        _descriptor(dv, keys),
+        dq_acc,
+        lse,
+        delta,
+        softmax_scale,
+        softmax_scale * LOG2E,
+        batch * kv_heads,
+        heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        HEAD_DIM=head_dim,
+        BLOCK_M=BACKWARD_BLOCK_M,
+        BLOCK_N=BACKWARD_BLOCK_N,
+        STAGES=BACKWARD_STAGES[head_dim],
+        num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU compile check (fastgpt.ops.triton_compile)
 
 
+def _compile_signature(kernel, dtype, head_dim, blocks, scalars):
+    """A launch's argument types of `kernel`: descriptors named in `blocks` (name -> rows) typed with
+    their block shapes and shared-memory layouts, the others from `scalars` (name -> type), "i32"
+    where not named."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in blocks:
+            block = [1, 1, blocks[name], head_dim]
+            layout = gl.NVMMASharedLayout.get_default_for(block, GLUON_DTYPES[dtype])
+            block_text = ",".join(str(size) for size in block)
+            signature[name] = f"tensordesc<{TRITON_TYPES[dtype]}[{block_text}],{layout!r}>"
+        else:
+            signature[name] = scalars.get(name, "i32")
+    return signature
+
+
+def _compile_case(name, kernel, signature, constexprs):
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    return CompileCase(
+        name=name,
+        kernel=kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=NUM_WARPS,
+        num_stages=constexprs["STAGES"],
+        tensor_cores=True,
+        unaligned=frozenset({"group"}),  # often 1 or a small power of two
+        tma=True,
+        max_registers=MAX_REGISTERS,
+    )
+
+
 def gpu_compile_cases(capability):
-    """The kernel as a launch on sm_90 compiles it, in bf16 and fp16 at head_dim 64 and 128 (nothing
-    on other capabilities: it is never launched there). Descriptor arguments are typed as a launch
-    types them, with their block shapes and shared-memory layouts."""
+    """The kernels as a launch on sm_90 compiles them, in bf16 and fp16: the forward at head_dim 64
+    and 128, the backward at BACKWARD_HEAD_DIMS (nothing on other capabilities: they are never
+    launched there). Descriptor arguments are typed as a launch types them, with their block shapes
+    and shared-memory layouts."""
     if capability != CAPABILITY:
         return []
     cases = []
     for dtype in SUPPORTED_DTYPES:
         for head_dim in HEAD_DIMS:
             blocks = {"Q": BLOCK_M, "K": BLOCK_N, "V": BLOCK_N, "Out": CONSUMER_ROWS}
-            signature = {}
-            for name in _gluon_attention_forward_kernel.arg_names:
-                if name in blocks:
-                    block = [1, 1, blocks[name], head_dim]
-                    layout = gl.NVMMASharedLayout.get_default_for(block, GLUON_DTYPES[dtype])
-                    block_text = ",".join(str(size) for size in block)
-                    signature[name] = f"tensordesc<{TRITON_TYPES[dtype]}[{block_text}],{layout!r}>"
-                else:
-                    signature[name] = {"Lse": "*fp32", "qk_scale": "fp32"}.get(name, "i32")
+            signature = _compile_signature(
+                _gluon_attention_forward_kernel, dtype, head_dim, blocks, {"Lse": "*fp32", "qk_scale": "fp32"}
+            )
             constexprs = {
                 "HEAD_DIM": head_dim,
                 "BLOCK_M": BLOCK_M,
                 "BLOCK_N": BLOCK_N,
                 "STAGES": STAGES[head_dim],
             }
-            signature.update(dict.fromkeys(constexprs, "constexpr"))
-            cases.append(
-                CompileCase(
-                    name=f"gluon_attention_forward {TRITON_TYPES[dtype]} D={head_dim} "
-                    f"{BLOCK_M}x{BLOCK_N} s{STAGES[head_dim]}",
-                    kernel=_gluon_attention_forward_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=NUM_WARPS,
-                    num_stages=STAGES[head_dim],
-                    tensor_cores=True,
-                    unaligned=frozenset({"group"}),  # often 1 or a small power of two
-                    tma=True,
-                    max_registers=MAX_REGISTERS,
-                )
+            name = (
+                f"gluon_attention_forward {TRITON_TYPES[dtype]} D={head_dim} "
+                f"{BLOCK_M}x{BLOCK_N} s{STAGES[head_dim]}"
             )
+            cases.append(_compile_case(name, _gluon_attention_forward_kernel, signature, constexprs))
+    keys = BACKWARD_BLOCK_N // 2
+    for dtype, head_dim in itertools.product(SUPPORTED_DTYPES, BACKWARD_HEAD_DIMS):
+        blocks = {
+            "Q": BACKWARD_BLOCK_M,
+            "dOut": BACKWARD_BLOCK_M,
+            "K": keys,
+            "V": keys,
+            "dK": keys,
+            "dV": keys,
+        }
+        scalars = {
+            "dQacc": "*fp32",
+            "Lse": "*fp32",
+            "Delta": "*fp32",
+            "softmax_scale": "fp32",
+            "qk_scale": "fp32",
+        }
+        signature = _compile_signature(_gluon_attention_backward_kernel, dtype, head_dim, blocks, scalars)
+        stages = BACKWARD_STAGES[head_dim]
+        constexprs = {
+            "HEAD_DIM": head_dim,
+            "BLOCK_M": BACKWARD_BLOCK_M,
+            "BLOCK_N": BACKWARD_BLOCK_N,
+            "STAGES": stages,
+        }
+        name = (
+            f"gluon_attention_backward {TRITON_TYPES[dtype]} D={head_dim} "
+            f"{BACKWARD_BLOCK_M}x{BACKWARD_BLOCK_N} s{stages}"
+        )
+        cases.append(_compile_case(name, _gluon_attention_backward_kernel, signature, constexprs))
     return cases

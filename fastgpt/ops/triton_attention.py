@@ -17,8 +17,9 @@ head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned,
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
 FASTGPT_TRITON_ATTENTION=gluon (read on every call) hands the forward of the calls it serves to
-gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so the backward below is
-the same either way); the default, "tl", is this module's.
+gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so either backward below
+consumes them), and the fused backward's main kernel likewise where gluon_attention.supports_backward
+allows (head_dim 64 for now); the default, "tl", is this module's kernels throughout.
 
 Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
 accumulator; then one fused kernel, one program per block of BLOCK_N keys of a kv head, loops over
@@ -95,8 +96,9 @@ INTERPRETER_CONFIGS = {
 # Programs of the forward's persistent grid under the interpreter: fewer than the tiles of most test
 # shapes, so each program runs several tiles, and odd, so they do not divide evenly.
 INTERPRETER_PROGRAMS = 3
-# The environment variable that picks the forward kernel on a GPU, and its values: "tl" is this
-# module's; "gluon" is gluon_attention.py's warp-specialized Hopper kernel where it applies.
+# The environment variable that picks the forward kernel and the fused backward's main kernel on a GPU,
+# and its values: "tl" is this module's; "gluon" is gluon_attention.py's warp-specialized Hopper
+# kernels where they apply.
 FORWARD_SELECTOR = "FASTGPT_TRITON_ATTENTION"
 FORWARD_CHOICES = ("tl", "gluon")
 # Compute capabilities whose forward reads through tensor descriptors (TMA) when the tensors allow.
@@ -1479,22 +1481,31 @@ def section_heads(k, group, batch_heads):
 
 
 def forward_kernel_choice():
-    """FASTGPT_TRITON_ATTENTION, read on every call: "tl" (the default) for this module's forward,
-    "gluon" for gluon_attention.py's where it applies (gluon_attention.supports)."""
+    """FASTGPT_TRITON_ATTENTION, read on every call: "tl" (the default) for this module's kernels,
+    "gluon" for gluon_attention.py's where they apply (gluon_attention.supports for the forward,
+    supports_backward for the fused backward)."""
     choice = os.environ.get(FORWARD_SELECTOR, "tl")
     if choice not in FORWARD_CHOICES:
         raise ValueError(f"{FORWARD_SELECTOR} must be one of {FORWARD_CHOICES}, got {choice!r}")
     return choice
 
 
-def attention_forward(q, k, v, softmax_scale):
-    """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
-    (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
+def _gluon_module(q):
+    """gluon_attention.py where FASTGPT_TRITON_ATTENTION selects it and q is on a GPU, else None (the
+    caller then asks its supports or supports_backward whether it serves the call)."""
     if forward_kernel_choice() == "gluon" and q.is_cuda:
         from fastgpt.ops import gluon_attention  # it imports this module: loaded on first use
 
-        if gluon_attention.supports(q, k, v):
-            return gluon_attention.attention_forward(q, k, v, softmax_scale)
+        return gluon_attention
+    return None
+
+
+def attention_forward(q, k, v, softmax_scale):
+    """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
+    (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
+    gluon_attention = _gluon_module(q)
+    if gluon_attention is not None and gluon_attention.supports(q, k, v):
+        return gluon_attention.attention_forward(q, k, v, softmax_scale)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = new_output((batch, heads, q_len, head_dim), q.dtype, q.device)  # (B, H, Tq, D)
@@ -1534,7 +1545,9 @@ def attention_forward(q, k, v, softmax_scale):
 def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     """Gradients of attention_forward: (dq (B, H, Tq, D), dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, D)), in the
     inputs' dtype. dout and out are (B, H, Tq, D) in any strides; lse is attention_forward's.
-    The fused kernel, whose dQ is summed with atomics (bitwise results may vary between calls), unless
+    The fused kernel, whose dQ is summed with atomics (bitwise results may vary between calls), or in
+    its place gluon_attention.py's fused backward where FASTGPT_TRITON_ATTENTION=gluon selects it and
+    gluon_attention.supports_backward holds (between the same preprocess and cast), unless
     torch.are_deterministic_algorithms_enabled() or head_dim > FUSED_MAX_BLOCK_D: then the separate dK/dV
     and dQ kernels, in a fixed order."""
     batch, heads, q_len = q.shape[:3]
@@ -1553,7 +1566,11 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     else:
         dq_acc = new_output(q.shape, torch.float32, q.device)  # (B, H, Tq, D), zeroed by the preprocess
         _preprocess(out, dout, delta, dq_acc)
-        _fused_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
+        gluon_attention = _gluon_module(q)
+        if gluon_attention is not None and gluon_attention.supports_backward(q, k, v, dout):
+            gluon_attention.attention_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
+        else:
+            _fused_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
         _launch(
             "cast",
             q,
