@@ -156,7 +156,7 @@ def test_gpu_launcher_runs_single_configurations_directly(monkeypatch):
     monkeypatch.setattr(triton_attention, "_capability", lambda device_index: 90)
     monkeypatch.setattr(triton.runtime.Autotuner, "run", None)  # no autotuner may run
     launched = record_launches(monkeypatch)
-    grads = triton_attention.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2)
+    grads = triton_attention.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2, "tl")
     assert launched == ["preprocess", "fused", "cast"]
     upcast = [leaf(t.double()) for t in (q, k, v)]
     expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=0.2)
@@ -440,6 +440,35 @@ def test_forward_selector_rejects_unknown_kernels(monkeypatch):
     monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "gluon")
     if DEVICE == "cpu":
         check_against_reference(q, k, v, names=("out",))
+
+
+def test_backward_follows_the_kernel_choice_of_its_forward(monkeypatch):
+    """The forward's FASTGPT_TRITON_ATTENTION travels with its autograd node: a forward made under
+    "gluon" gets the "gluon" backward choice after the variable is unset (as the bench's
+    fastgpt:triton[gluon] provider unsets it before torch.autograd.grad), and a "tl" forward keeps
+    "tl" when the variable is set later. The gradients are right either way (off sm_90, both run the
+    tl kernels)."""
+    choices = []
+    real_backward = triton_attention.attention_backward
+
+    def recording_backward(*args):
+        choices.append(args[-1])
+        return real_backward(*args)
+
+    monkeypatch.setattr(triton_attention, "attention_backward", recording_backward)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 20, 20, 32, torch.float32))
+    expected = torch.autograd.grad(reference.causal_attention(q, k, v).sum(), (q, k, v))
+    for forward_choice, backward_env in (("gluon", None), ("tl", "gluon")):
+        monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", forward_choice)
+        out = fastgpt.causal_attention(q, k, v, backend="triton")
+        if backward_env is None:
+            monkeypatch.delenv("FASTGPT_TRITON_ATTENTION")
+        else:
+            monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", backward_env)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        for actual, wanted in zip(grads, expected):
+            torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
+    assert choices == ["gluon", "tl"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 
 head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
-FASTGPT_TRITON_ATTENTION=gluon (read on every call) hands the forward of the calls it serves to
-gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so either backward below
+FASTGPT_TRITON_ATTENTION=gluon (read by every forward call) hands the forward of the calls it serves
+to gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so either backward below
 consumes them), and the fused backward's main kernel likewise where gluon_attention.supports_backward
-allows (head_dim 64 for now); the default, "tl", is this module's kernels throughout.
+allows (head_dim 64 for now): a backward follows the choice its forward was made under, whatever the
+variable says when it runs. The default, "tl", is this module's kernels throughout.
 
 Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
 accumulator; then one fused kernel, one program per block of BLOCK_N keys of a kv head, loops over
@@ -1490,10 +1491,10 @@ def forward_kernel_choice():
     return choice
 
 
-def _gluon_module(q):
-    """gluon_attention.py where FASTGPT_TRITON_ATTENTION selects it and q is on a GPU, else None (the
-    caller then asks its supports or supports_backward whether it serves the call)."""
-    if forward_kernel_choice() == "gluon" and q.is_cuda:
+def _gluon_module(q, choice):
+    """gluon_attention.py where `choice` (a forward_kernel_choice()) selects it and q is on a GPU, else
+    None (the caller then asks its supports or supports_backward whether it serves the call)."""
+    if choice == "gluon" and q.is_cuda:
         from fastgpt.ops import gluon_attention  # it imports this module: loaded on first use
 
         return gluon_attention
@@ -1503,7 +1504,7 @@ def _gluon_module(q):
 def attention_forward(q, k, v, softmax_scale):
     """q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32
     (natural log). Arguments are assumed validated (dispatch.validate_attention)."""
-    gluon_attention = _gluon_module(q)
+    gluon_attention = _gluon_module(q, forward_kernel_choice())
     if gluon_attention is not None and gluon_attention.supports(q, k, v):
         return gluon_attention.attention_forward(q, k, v, softmax_scale)
     batch, heads, q_len, head_dim = q.shape
@@ -1542,11 +1543,14 @@ def attention_forward(q, k, v, softmax_scale):
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, softmax_scale):
+def attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels):
     """Gradients of attention_forward: (dq (B, H, Tq, D), dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, D)), in the
     inputs' dtype. dout and out are (B, H, Tq, D) in any strides; lse is attention_forward's.
+    kernels: the forward_kernel_choice() its forward ran under (the autograd saves it), so that a
+    forward called with FASTGPT_TRITON_ATTENTION=gluon gets the Gluon backward even if the variable
+    has changed by the time the backward runs.
     The fused kernel, whose dQ is summed with atomics (bitwise results may vary between calls), or in
-    its place gluon_attention.py's fused backward where FASTGPT_TRITON_ATTENTION=gluon selects it and
+    its place gluon_attention.py's fused backward where kernels is "gluon" and
     gluon_attention.supports_backward holds (between the same preprocess and cast), unless
     torch.are_deterministic_algorithms_enabled() or head_dim > FUSED_MAX_BLOCK_D: then the separate dK/dV
     and dQ kernels, in a fixed order."""
@@ -1566,7 +1570,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale):
     else:
         dq_acc = new_output(q.shape, torch.float32, q.device)  # (B, H, Tq, D), zeroed by the preprocess
         _preprocess(out, dout, delta, dq_acc)
-        gluon_attention = _gluon_module(q)
+        gluon_attention = _gluon_module(q, kernels)
         if gluon_attention is not None and gluon_attention.supports_backward(q, k, v, dout):
             gluon_attention.attention_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
         else:
@@ -1721,13 +1725,14 @@ def attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     softmax_scale: float,
+    kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results."""
-    return attention_backward(dout, q, k, v, out, lse, softmax_scale)
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels)
 
 
 @attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale):
+def _(dout, q, k, v, out, lse, softmax_scale, kernels):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -1736,12 +1741,13 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.softmax_scale = softmax_scale
+    ctx.kernels = forward_kernel_choice()
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, ctx.softmax_scale)
+    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.kernels)
     return dq, dk, dv, None
 
 
