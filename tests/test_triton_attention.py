@@ -409,7 +409,7 @@ def test_opcheck():
     out, lse = torch.ops.fastgpt.triton_attention_forward(q, k, v, 0.3)
     dout = torch.randn_like(out)
     args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse)
-    torch.library.opcheck(torch.ops.fastgpt.triton_attention_backward.default, (*args, 0.3))
+    torch.library.opcheck(torch.ops.fastgpt.triton_attention_backward.default, (*args, 0.3, "tl"))
     _, expected_lse = reference.causal_attention(q.double(), k.double(), v.double(), 0.3, return_lse=True)
     assert lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
