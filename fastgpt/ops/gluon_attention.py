@@ -102,6 +102,7 @@ from fastgpt.ops.triton_attention import (
     _cdiv,
     _multiprocessors,
     section_heads,
+    tile_coordinates,
     tma_strides,
 )
 from fastgpt.ops.triton_compile import CompileCase
@@ -175,23 +176,6 @@ DQ_CHUNK = gl.constexpr(8)
 
 
 @gluon.jit
-def _tile_coordinates(tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M: gl.constexpr):
-    """(batch, head, kv_head, batch_head, start_m) of persistent tile number `tile`, in
-    triton_attention.py's forward order: sections of section_heads (batch, head) slices, and within
-    a section the last query block of every slice first (it sees the most keys)."""
-    section_tiles = num_m_blocks * section_heads
-    section = tile // section_tiles
-    first_slice = section * section_heads
-    slices = gl.minimum(section_heads, batch_heads - first_slice)  # the last section may be short
-    within = tile - section * section_tiles
-    start_m = (num_m_blocks - 1 - within // slices) * BLOCK_M
-    batch_head = first_slice + within % slices
-    batch = batch_head // heads
-    head = batch_head % heads
-    return batch, head, head // group, batch_head, start_m
-
-
-@gluon.jit
 def _key_blocks(start_m, q_len, kv_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Key blocks the tile of queries [start_m, start_m + BLOCK_M) sees: the last one holds the key
     its last query (or the last key) stops at; blocks above the diagonal are never visited."""
@@ -226,7 +210,7 @@ def _producer_partition(
     num_m_blocks = gl.cdiv(q_len, BLOCK_M)
     loaded = 0  # key blocks loaded so far: slot loaded % STAGES, its use number loaded // STAGES
     for tile in range(gl.program_id(0), num_m_blocks * batch_heads, gl.num_programs(0)):
-        batch, head, kv_head, _, start_m = _tile_coordinates(
+        batch, head, kv_head, _, start_m = tile_coordinates(
             tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M
         )
         tiles_done = (tile - gl.program_id(0)) // gl.num_programs(0)  # by this program
@@ -320,7 +304,7 @@ def _consumer_partition(
     consumed = 0  # key blocks consumed so far, in the producer's numbering
     turns = 0
     for tile in range(gl.program_id(0), num_m_blocks * batch_heads, gl.num_programs(0)):
-        batch, head, _, batch_head, start_m = _tile_coordinates(
+        batch, head, _, batch_head, start_m = tile_coordinates(
             tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M
         )
         tiles_done = (tile - gl.program_id(0)) // gl.num_programs(0)  # by this program

@@ -363,6 +363,23 @@ def _forward_inner(
 
 
 @triton.jit
+def tile_coordinates(tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M: tl.constexpr):
+    """(batch, head, kv_head, batch_head, start_m) of the forward's tile number `tile`: sections of
+    section_heads (batch, head) slices, and within a section the last query block of every slice
+    first (it sees the most keys). gluon_attention.py's forward walks its tiles by this too."""
+    section_tiles = num_m_blocks * section_heads
+    section = tile // section_tiles
+    first_slice = section * section_heads
+    slices = tl.minimum(section_heads, batch_heads - first_slice)  # the last section may be short
+    within = tile - section * section_tiles
+    start_m = (num_m_blocks - 1 - within // slices) * BLOCK_M
+    batch_head = first_slice + within % slices
+    batch = batch_head // heads
+    head = batch_head % heads
+    return batch, head, head // group, batch_head, start_m
+
+
+@triton.jit
 def _attention_forward_kernel(
     Q,
     K,
@@ -407,17 +424,10 @@ def _attention_forward_kernel(
     # every slice comes first (it sees the most keys), then the one before, and so on. The short
     # tiles taken last fill the tail evenly.
     num_m_blocks = tl.cdiv(q_len, BLOCK_M)
-    section_tiles = num_m_blocks * section_heads
     for tile in range(tl.program_id(0), num_m_blocks * batch_heads, tl.num_programs(0)):
-        section = tile // section_tiles
-        first_slice = section * section_heads
-        slices = tl.minimum(section_heads, batch_heads - first_slice)  # the last section may be short
-        within = tile - section * section_tiles
-        start_m = (num_m_blocks - 1 - within // slices) * BLOCK_M
-        batch_head = first_slice + within % slices
-        batch = batch_head // heads
-        head = batch_head % heads
-        kv_head = head // group
+        batch, head, kv_head, batch_head, start_m = tile_coordinates(
+            tile, num_m_blocks, batch_heads, heads, group, section_heads, BLOCK_M
+        )
 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < q_len
