@@ -101,6 +101,7 @@ from fastgpt.ops.triton_attention import (
     _capability,
     _cdiv,
     _multiprocessors,
+    key_block_coordinates,
     section_heads,
     tile_coordinates,
     tma_strides,
@@ -522,21 +523,6 @@ def _gluon_attention_forward_kernel(
 
 
 @gluon.jit
-def _backward_coordinates(
-    batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
-):
-    """(batch, kv_head, start_n, query_start) of this program: its key block [start_n, start_n + BLOCK_N)
-    of one (batch, kv head), key block major as the Triton fused backward's grid (the first key blocks
-    of every slice are seen by the most queries and run first), and the first block of BLOCK_M queries
-    that sees any of its keys (there is one: start_n < Tk, so start_n - (Tk - Tq) < Tq)."""
-    batch_kv_head = gl.program_id(0) % batch_kv_heads
-    start_n = gl.program_id(0) // batch_kv_heads * BLOCK_N
-    kv_heads = heads // group
-    query_start = gl.maximum(start_n - (kv_len - q_len), 0) // BLOCK_M * BLOCK_M
-    return batch_kv_head // kv_heads, batch_kv_head % kv_heads, start_n, query_start
-
-
-@gluon.jit
 def _backward_producer_partition(
     Q,
     K,
@@ -559,7 +545,7 @@ def _backward_producer_partition(
     STAGES: gl.constexpr,
 ):
     KEYS: gl.constexpr = BLOCK_N // 2
-    batch, kv_head, start_n, query_start = _backward_coordinates(
+    batch, kv_head, _, start_n, query_start = key_block_coordinates(
         batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M, BLOCK_N
     )
     # Keys past Tk are zero-filled and still count their bytes, so the expected count is fixed.
@@ -624,7 +610,7 @@ def _backward_consumer_partition(
     query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    batch, kv_head, start_n, query_start = _backward_coordinates(
+    batch, kv_head, _, start_n, query_start = key_block_coordinates(
         batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M, BLOCK_N
     )
     first_key = start_n + CONSUMER * KEYS

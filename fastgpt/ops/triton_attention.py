@@ -1061,6 +1061,23 @@ def _backward_fused_inner(
 
 
 @triton.jit
+def key_block_coordinates(
+    batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """(batch, kv_head, batch_kv_head, start_n, query_start) of a fused backward program: its keys
+    [start_n, start_n + BLOCK_N) of one (batch, kv head) on a 1-D grid key block major (the first key
+    blocks of every slice are seen by the most queries and run first, and programs running together
+    work on different slices, so their atomic additions to dQ seldom meet), and the first block of
+    BLOCK_M queries that sees any of those keys. gluon_attention.py's backward takes its keys by this
+    too."""
+    batch_kv_head = tl.program_id(0) % batch_kv_heads
+    start_n = tl.program_id(0) // batch_kv_heads * BLOCK_N
+    kv_heads = heads // group
+    query_start = tl.maximum(start_n - (kv_len - q_len), 0) // BLOCK_M * BLOCK_M
+    return batch_kv_head // kv_heads, batch_kv_head % kv_heads, batch_kv_head, start_n, query_start
+
+
+@triton.jit
 def _attention_backward_fused_kernel(
     Q,
     K,
@@ -1101,14 +1118,9 @@ def _attention_backward_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # Q, K, V, dOut are TensorDescriptors with blocks (1, 1, BLOCK_M or BLOCK_N, BLOCK_D)
 ):
-    # 1-D grid of (key block, batch * kv head), key block major: the first key blocks of every slice
-    # are seen by the most queries and run first, and programs running together work on different
-    # slices, so their atomic additions to dQ seldom meet.
-    batch_kv_head = tl.program_id(0) % batch_kv_heads
-    start_n = tl.program_id(0) // batch_kv_heads * BLOCK_N
-    kv_heads = heads // group
-    batch = batch_kv_head // kv_heads
-    kv_head = batch_kv_head % kv_heads
+    batch, kv_head, batch_kv_head, start_n, query_start = key_block_coordinates(
+        batch_kv_heads, heads, group, kv_len, q_len, BLOCK_M, BLOCK_N
+    )
 
     k = _load_block(
         K,
@@ -1150,7 +1162,6 @@ def _attention_backward_fused_kernel(
     diag_offset = kv_len - q_len
     # As in the dK/dV kernel: query blocks before query_start see none of these keys, those from
     # full_start on see all of them.
-    query_start = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
     full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
     full_start = tl.minimum(full_start, q_len)
     for member in range(group):
