@@ -334,15 +334,12 @@ class GPT(nn.Module):
         out[:, :prompt_len] = idx
         hidden = self.hidden_states(idx, caches, 0)[:, -1]  # (B, C): the prompt's last position
         next_token = sample_next_token_on_device(self.logits(hidden), temperature, top_k, top_p)  # (B,)
-        finished = torch.zeros_like(next_token, dtype=torch.bool)  # (B,)
-        if eos_token_id is not None:
-            finished = next_token == eos_token_id
         out[:, prompt_len] = next_token
+        step.start(prompt_len, next_token)
         if callback is not None:
             callback(next_token)
-        if max_new_tokens == 1 or (eos_token_id is not None and bool(finished.all())):
+        if max_new_tokens == 1 or (eos_token_id is not None and bool(step.finished.all())):
             return out[:, : prompt_len + 1].clone()
-        step.start(prompt_len, finished)
         return static_decode.decode(self, step, max_new_tokens - 1, callback, capture)
 
     def release_decode_graph(self):

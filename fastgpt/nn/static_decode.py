@@ -64,12 +64,16 @@ class StaticDecodeStep:
         self.eos_token_id = eos_token_id
         self.graph = None
 
-    def start(self, position, finished):
+    def start(self, position, first_token):
         """Readies the step for a call whose prefill filled the caches up to the int `position` and
-        chose the token in column `position` of out; finished (B,) bool: the sequences it ended."""
+        chose first_token (B,), the token in column `position` of out: the sequences it ends (eos)
+        start finished."""
         self.first_position = position
         self.position.fill_(position)
-        self.finished.copy_(finished)
+        if self.eos_token_id is None:
+            self.finished.zero_()
+        else:
+            torch.eq(first_token, self.eos_token_id, out=self.finished)
         self.end.copy_(self.total)
 
     def run(self, model):
