@@ -24,6 +24,12 @@
 #                                              # determinism) and the GPT-2 step and generation, with the
 #                                              # fastgpt.nn+torch.compile and fastgpt.nn+cuda-graph providers
 #
+# Several areas in one run build once and then take the areas in the order given, each with an equal
+# share of the time left (GPU_CHECK_BUDGET_S defaults to 175 s per area, at most 570 s, so the run fits
+# one 10-minute call of a lent machine, which starts bare and would rebuild for every call):
+#
+#   bash benchmarks/gpu_check.sh cross_entropy attention ffn gpt
+#
 # Stages, in this order, each under its own timeout and all under one time budget
 # (GPU_CHECK_BUDGET_S, default 470 s: the whole script stays under 8 minutes on an H200; 175 s for an
 # area); [all], [correctness], [bench], [sanitizer], [profile] and [area] say which runs include a stage:
@@ -71,19 +77,28 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 PART=all
-AREA=""
+AREAS=()
+FIRST_PART=""
 for argument in "$@"; do
   case "$argument" in
-    --dry-run) DRY_RUN=1 ;;
-    pack-cutlass) PART=pack-cutlass ;;
-    all | correctness | bench | sanitizer | profile) PART=$argument ;;
-    attention | ffn | layer_norm | cross_entropy | gpt) PART=$argument AREA=$argument ;;
+    --dry-run)
+      DRY_RUN=1
+      continue
+      ;;
+    attention | ffn | layer_norm | cross_entropy | gpt) GIVEN=areas AREAS+=("$argument") ;;
+    pack-cutlass | all | correctness | bench | sanitizer | profile) GIVEN=$argument ;;
     *)
       echo "gpu_check.sh: expected all, correctness, bench, sanitizer, profile, attention, ffn, layer_norm," \
         "cross_entropy, gpt or --dry-run, got '$argument'" >&2
       exit 2
       ;;
   esac
+  if [[ -n "$FIRST_PART" && ("$GIVEN" != areas || "$PART" != areas) ]]; then
+    echo "gpu_check.sh: only areas combine in one run, got '$FIRST_PART' and '$argument'" >&2
+    exit 2
+  fi
+  FIRST_PART=${FIRST_PART:-$argument}
+  PART=$GIVEN
 done
 # area_tests AREA: the pytest -k expression choosing the area's GPU tests (test and module names)
 area_tests() {
@@ -114,8 +129,9 @@ if [[ "$PART" == pack-cutlass ]]; then
   exit 0
 fi
 OUT=${OUT:-./gpu-results}
-if [[ -n "$AREA" ]]; then
-  BUDGET=${GPU_CHECK_BUDGET_S:-175}
+if ((${#AREAS[@]})); then
+  AREA_BUDGET=$((175 * ${#AREAS[@]}))
+  BUDGET=${GPU_CHECK_BUDGET_S:-$((AREA_BUDGET < 570 ? AREA_BUDGET : 570))}
 else
   BUDGET=${GPU_CHECK_BUDGET_S:-470}
 fi
@@ -165,11 +181,14 @@ stage_result() {
 }
 
 # run_stage NAME CAP_SECONDS COMMAND...: runs COMMAND under min(CAP, time left), logs its output,
-# and records its status in stages.tsv.
+# and records its status in stages.tsv. The time left ends at the budget's, or earlier at AREA_END
+# (in seconds of $SECONDS), where the area being run must end to leave the later areas their shares.
+AREA_END=$BUDGET
 run_stage() {
   local name=$1 cap=$2
   shift 2
-  local left=$((BUDGET - SUMMARY_RESERVE - SECONDS))
+  local end=$((BUDGET - SUMMARY_RESERVE < AREA_END ? BUDGET - SUMMARY_RESERVE : AREA_END))
+  local left=$((end - SECONDS))
   local limit=$((cap < left ? cap : left))
   if ((limit < 5)); then
     printf '%s\tskipped\t0\tout of time budget\n' "$name" >>"$STAGES"
@@ -280,26 +299,43 @@ if wants tests; then
   run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10 "${WORKERS[@]}"
 fi
 
-# ... or only the area's
-if [[ -n "$AREA" ]]; then
+# ... or the areas', each with its share of the time left: its GPU tests, then (for attention on Hopper)
+#     the sm_90a forward and backward (opt-in: FASTGPT_CUDA_ATTENTION=sm90) against the CPU reference
+#     and timed beside the sm_80 kernels by their harness (csrc/dev/attention_sm90.cu), then its
+#     benchmarks' quick set. The harness builds in the background from the start (its kernel objects
+#     and the CuTe ones, compiled on the CPU cores while the GPU tests of the areas before run); a
+#     binary left from an earlier build is removed first, so a failed build never runs a stale one.
+SM90_HARNESS_PID=""
+SM90_HARNESS_LOG=build/gpu-check-attention-sm90.log
+if [[ " ${AREAS[*]} " == *" attention "* && "$DRY_RUN" != 1 && "${ARCH:-}" == 9.0 && -n "$CUTLASS_FOUND" ]]; then
+  SM90_DEV_ARCH="-gencode arch=compute_90a,code=sm_90a"
+  rm -f csrc/dev/attention_sm90
+  mkdir -p build
+  SM90_HARNESS_START=$SECONDS
+  timeout -k 5 240 make -C csrc/dev -j "$(nproc)" ARCH="$SM90_DEV_ARCH" SM90_ARCH="$SM90_DEV_ARCH" \
+    CUTLASS_INCLUDE="$(echo "$CUTLASS_FOUND" | cut -d' ' -f1)" attention_sm90 >"$SM90_HARNESS_LOG" 2>&1 &
+  SM90_HARNESS_PID=$!
+fi
+for index in "${!AREAS[@]}"; do
+  AREA=${AREAS[$index]}
+  AREA_END=$((SECONDS + (BUDGET - SUMMARY_RESERVE - SECONDS) / (${#AREAS[@]} - index)))
   WORKERS=()
   "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
   STAGE_NOTE="-k '$(area_tests "$AREA")'"
   run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -q \
     -p no:cacheprovider --durations=5 "${WORKERS[@]}"
-fi
-
-# ... and for attention on Hopper, the sm_90a forward and backward (opt-in: FASTGPT_CUDA_ATTENTION=sm90)
-#     against the CPU reference and timed beside the sm_80 kernels by their harness
-#     (csrc/dev/attention_sm90.cu); a binary left from an earlier build is removed first, so a failed
-#     build never runs a stale one
-if [[ "$AREA" == attention && "$DRY_RUN" != 1 && "${ARCH:-}" == 9.0 && -n "$CUTLASS_FOUND" ]]; then
-  SM90_DEV_ARCH="-gencode arch=compute_90a,code=sm_90a"
-  rm -f csrc/dev/attention_sm90
-  run_stage "dev attention_sm90: build" 120 make -C csrc/dev -j "$(nproc)" ARCH="$SM90_DEV_ARCH" \
-    SM90_ARCH="$SM90_DEV_ARCH" CUTLASS_INCLUDE="$(echo "$CUTLASS_FOUND" | cut -d' ' -f1)" attention_sm90
-  [[ -x csrc/dev/attention_sm90 ]] && run_stage "dev attention_sm90 (validate, time)" 120 csrc/dev/attention_sm90
-fi
+  if [[ "$AREA" == attention && -n "$SM90_HARNESS_PID" ]]; then
+    wait "$SM90_HARNESS_PID"
+    BUILD_STATUS=$?
+    cat "$SM90_HARNESS_LOG" >>"$LOG"
+    BUILD_NAME="dev attention_sm90: build (background)"
+    printf '%s\t%s\t%s\t%s\n' "$BUILD_NAME" "$(stage_result "$BUILD_NAME" "$BUILD_STATUS")" \
+      "$((SECONDS - SM90_HARNESS_START))" "done by now; the time is since it started" >>"$STAGES"
+    [[ -x csrc/dev/attention_sm90 ]] && run_stage "dev attention_sm90 (validate, time)" 120 csrc/dev/attention_sm90
+  fi
+  run_stage "bench $AREA $BF16 (quick set)" 150 "${BENCH[@]}" --ops "$AREA" --dtype "$BF16" --quick
+done
+AREA_END=$BUDGET
 
 # ... and, when the benchmarks are not run, the benchmark code on this device at tiny sizes (seconds)
 if wants smoke; then
@@ -312,11 +348,6 @@ if wants bench; then
   run_stage "bench gpt $BF16" 120 "${BENCH[@]}" --ops gpt --dtype "$BF16" --skip-providers "fastgpt.nn+torch.compile"
   run_stage "bench ffn, layer_norm, cross_entropy $BF16" 110 "${BENCH[@]}" --ops ffn,layer_norm,cross_entropy --dtype "$BF16"
   run_stage "bench attention $FP16 (quick set)" 60 "${BENCH[@]}" --ops attention --dtype "$FP16" --quick
-fi
-
-# ... or the area's quick set, in the time left
-if [[ -n "$AREA" ]]; then
-  run_stage "bench $AREA $BF16 (quick set)" 150 "${BENCH[@]}" --ops "$AREA" --dtype "$BF16" --quick
 fi
 
 # ... or where the time of each op's call goes (host or kernels)

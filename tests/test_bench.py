@@ -540,20 +540,31 @@ def test_render_needs_the_markers(tiny_run, tmp_path):
 # benchmarks/gpu_check.sh: what can be checked without a GPU (its --dry-run takes minutes)
 
 
-def test_gpu_check_rejects_an_unknown_part(tmp_path):
+@pytest.mark.parametrize(
+    "arguments, error",
+    [
+        (
+            ["everything"],
+            (
+                "expected all, correctness, bench, sanitizer, profile, attention, ffn, layer_norm, "
+                "cross_entropy, gpt or --dry-run, got 'everything'"
+            ),
+        ),
+        (["attention", "bench"], "only areas combine in one run, got 'attention' and 'bench'"),
+        (["sanitizer", "ffn"], "only areas combine in one run, got 'sanitizer' and 'ffn'"),
+    ],
+)
+def test_gpu_check_rejects_what_it_cannot_run(tmp_path, arguments, error):
     script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(
-        ["bash", str(script), "everything"],
+        ["bash", str(script), *arguments],
         capture_output=True,
         text=True,
         env={**os.environ, "OUT": str(tmp_path / "out")},
         check=False,
     )
     assert result.returncode == 2
-    assert (
-        "expected all, correctness, bench, sanitizer, profile, attention, ffn, layer_norm, cross_entropy, "
-        "gpt or --dry-run, got 'everything'" in result.stderr
-    )
+    assert error in result.stderr
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
