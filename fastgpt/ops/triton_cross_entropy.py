@@ -2,8 +2,8 @@
 
 The tokens are processed in chunks. For each chunk:
 1. logits = x_chunk @ W^T + b, a GEMM into one reused (chunk, V) buffer in the input dtype;
-2. one program per row streams its logits twice: an online logsumexp (which also picks the target's
-   logit) gives lse and the loss; the second pass overwrites the logits in place with
+2. one program per row streams its logits twice: an online logsumexp gives lse and, with one load of
+   the target's logit, the loss; the second pass overwrites the logits in place with
    dloss/dlogits = (softmax - onehot(target)) * scale (0 on ignored rows);
 3. dx_chunk = dlogits @ W (split-K when the chunk has too few output tiles to fill the GPU), and
    dW^T += x_chunk^T @ dlogits, accumulated in fp32 across chunks in the GEMM's epilogue and cast to
@@ -127,24 +127,23 @@ def cross_entropy_rows_kernel(
     if LSE_GIVEN:
         lse = tl.load(lse_ptr + row)
     else:
-        # Online logsumexp: a running max and a sum of exp rescaled whenever the max grows. The
-        # target's logit is picked by comparison, so a target is never used as an address.
+        # Online logsumexp with one block-wide reduction per step, the maximum: each lane keeps its
+        # own sum of exp, rescaled whenever the maximum grows, and the lanes' sums are added once at
+        # the end. The target's logit is one load, masked to the row, so no target reads outside it.
         running_max = tl.zeros((), dtype=tl.float32) - float("inf")
-        running_sum = tl.zeros((), dtype=tl.float32)
-        target_logit = tl.zeros((), dtype=tl.float32)
+        lane_sums = tl.zeros((BLOCK_V,), dtype=tl.float32)  # (BLOCK_V,)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             z = tl.load(row_logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
             base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf while all is -inf
-            running_sum = running_sum * tl.exp2((running_max - base) * LOG2E) + tl.sum(
-                tl.exp2((z - base) * LOG2E), axis=0
-            )
-            target_logit += tl.sum(tl.where(offs == target, z, 0.0), axis=0)
+            lane_sums = lane_sums * tl.exp2((running_max - base) * LOG2E) + tl.exp2((z - base) * LOG2E)
             running_max = new_max
-        lse = running_max + tl.log2(running_sum) / LOG2E
+        lse = running_max + tl.log2(tl.sum(lane_sums, axis=0)) / LOG2E
         tl.store(lse_ptr + row, lse)
         if COMPUTE_LOSS:
+            in_row = kept & (target >= 0) & (target < V)
+            target_logit = tl.load(row_logits_ptr + target, mask=in_row, other=0.0).to(tl.float32)
             tl.store(loss_ptr + row, tl.where(kept, lse - target_logit, 0.0))
 
     if COMPUTE_GRAD:
