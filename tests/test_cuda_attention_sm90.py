@@ -110,6 +110,29 @@ def test_sm90_attention_backward_kernel_is_what_runs(sm90):
     assert any(BACKWARD_KERNEL_NAME in name for name in names), names
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sm90_attention_backward_takes_a_broadcast_dout(sm90, dtype):
+    """A dout whose batch dimension has stride 0 (as the backward of out.sum(0) hands it on; read in place,
+    16-byte aligned): TMA has no stride 0, so this backward must not describe dout to TMA with another
+    stride (it leaves such calls to the sm_80 kernels); dq, dk and dv match the reference's gradients."""
+    batch, heads, seq, head_dim = 2, 4, 300, 64
+    scale = head_dim**-0.5
+    q, k, v = (random_heads(batch, heads, seq, head_dim, dtype) for _ in range(3))
+    dout = random_heads(1, heads, seq, head_dim, dtype).expand(batch, heads, seq, head_dim)
+    assert dout.stride(0) == 0
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
+    actual = torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale)
+
+    def reference_gradients(precision):
+        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+        expected = reference.causal_attention(*leaves, softmax_scale=scale)
+        return torch.autograd.grad(expected, leaves, dout.to(precision))
+
+    exact, bar = reference_gradients(torch.float64), reference_gradients(dtype)
+    for name, got, want, eager in zip(("dq", "dk", "dv"), actual, exact, bar):
+        assert_close(f"sm90 attention broadcast dout {name}", got, want, eager)
+
+
 @pytest.fixture
 def deterministic():
     previous = (

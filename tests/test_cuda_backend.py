@@ -138,6 +138,17 @@ def test_attention_empty_batch():
     assert grad.shape == q.shape
 
 
+def test_attention_backward_op_checks_the_lse_shape():
+    """The kernels index lse by (batch, head, row): the CUDA op refuses one of another shape, as the CPU op
+    does, instead of reading past its end."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.bfloat16)
+    out, lse = torch.ops.fastgpt.attention_forward(q, q, q, 0.125)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        torch.ops.fastgpt.attention_backward(out, q, q, q, out, lse[:, :, :-1], 0.125)
+
+
 def test_attention_declines_what_it_has_no_kernel_for():
     q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim up to 128"):
