@@ -43,9 +43,10 @@
 #      loads (setuptools alone would miss a changed header). The CUDA dev harnesses of csrc/dev (CMake,
 #      for this GPU's architecture only) then build in the background while the GPU tests run
 #      [correctness, sanitizer];
-#   3. `pytest -m gpu tests`, on one xdist worker per CPU core when pytest-xdist is there (their Triton
-#      compilations run in parallel; this also fills Triton's compile cache for the benchmarks), with
-#      the ten slowest tests listed [all, correctness];
+#   3. `pytest -m gpu tests -v` (each test's result is logged as it ends, so a stage its timeout cuts
+#      still names what passed and failed), on one xdist worker per CPU core when pytest-xdist is there
+#      (their Triton compilations run in parallel; this also fills Triton's compile cache for the
+#      benchmarks), with the ten slowest tests listed [all, correctness];
 #      then `fastgpt bench` at tiny sizes, so the benchmark code itself runs on the GPU [correctness];
 #      or only the area's GPU tests [area];
 #   4. `fastgpt bench` [all, bench]: attention bf16 (head_dim 64 and 128, seq 512..16k), the GPT-2
@@ -296,7 +297,7 @@ fi
 if wants tests; then
   WORKERS=()
   "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
-  run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10 "${WORKERS[@]}"
+  run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -v -p no:cacheprovider --durations=10 "${WORKERS[@]}"
 fi
 
 # ... or the areas', each with its share of the time left: its GPU tests, then (for attention on Hopper)
@@ -322,7 +323,7 @@ for index in "${!AREAS[@]}"; do
   WORKERS=()
   "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
   STAGE_NOTE="-k '$(area_tests "$AREA")'"
-  run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -q \
+  run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -v \
     -p no:cacheprovider --durations=5 "${WORKERS[@]}"
   if [[ "$AREA" == attention && -n "$SM90_HARNESS_PID" ]]; then
     wait "$SM90_HARNESS_PID"
