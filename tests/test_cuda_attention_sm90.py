@@ -32,6 +32,7 @@ SHAPES = [
     (2, 6, 2, 300, 300, 64),  # GQA
     (1, 4, 1, 130, 130, 128),  # MQA
     (1, 4, 2, 17, 300, 64),  # q_len < kv_len: the bottom-right diagonal
+    (1, 2, 1, 300, 1100, 128),  # the same over 3 query tiles, diagonal 800: masked and whole blocks mix
     (2, 2, 2, 1, 257, 128),  # one query over a long cache
     (2, 16, 8, 1000, 1000, 128),  # 256 tiles: more than the SMs, so persistent CTAs take several
 ]
