@@ -32,6 +32,7 @@ SHAPES = [
     (2, 6, 2, 300, 300, 64),  # GQA
     (1, 4, 1, 130, 130, 128),  # MQA
     (1, 4, 2, 17, 300, 64),  # q_len < kv_len: the bottom-right diagonal
+    (1, 2, 1, 300, 1100, 128),  # the same over 3 query tiles, diagonal 800: masked and whole blocks mix
     (2, 2, 2, 1, 257, 128),  # one query over a long cache
     (2, 16, 8, 1000, 1000, 128),  # 256 tiles: more than the SMs, so persistent CTAs take several
 ]
@@ -174,8 +175,9 @@ def test_sm90_attention_backward_deterministic_mode(sm90, deterministic, dtype):
 
 
 def test_sm90_attention_leaves_other_calls_to_the_sm80_kernel(sm90):
-    """head_dim 96 (no sm_90a instantiation) and a q that starts 2 bytes off a 16-byte boundary (which
-    TMA cannot describe) run the sm_80 kernel, and match the reference there."""
+    """head_dim 96 (no sm_90a instantiation), a q that starts 2 bytes off a 16-byte boundary and k/v
+    broadcast over the batch by expand (stride 0; both of which TMA cannot describe) run the sm_80
+    kernel, and match the reference there."""
     q96 = random_heads(1, 2, 150, 96, torch.bfloat16)
     names = kernels_run(lambda: fastgpt.causal_attention(q96, q96, q96, backend="cuda"))
     assert not any(KERNEL_NAME in name for name in names), names
@@ -188,6 +190,16 @@ def test_sm90_attention_leaves_other_calls_to_the_sm80_kernel(sm90):
     out = fastgpt.causal_attention(misaligned, k, k, backend="cuda")
     exact = reference.causal_attention(misaligned.double(), k.double(), k.double())
     assert_close("sm90 attention misaligned q", out, exact, reference.causal_attention(misaligned, k, k))
+
+    q = random_heads(2, 2, 150, 64, torch.bfloat16)
+    shared_kv = random_heads(1, 2, 150, 64, torch.bfloat16).expand(2, -1, -1, -1)  # batch stride 0
+    names = kernels_run(lambda: fastgpt.causal_attention(q, shared_kv, shared_kv, backend="cuda"))
+    assert not any(KERNEL_NAME in name for name in names), names
+    out = fastgpt.causal_attention(q, shared_kv, shared_kv, backend="cuda")
+    exact = reference.causal_attention(q.double(), shared_kv.double(), shared_kv.double())
+    assert_close(
+        "sm90 attention broadcast kv", out, exact, reference.causal_attention(q, shared_kv, shared_kv)
+    )
 
 
 def test_sm90_attention_rejects_an_unknown_setting(monkeypatch):

@@ -53,6 +53,7 @@ using sm90::accumulator_as_operand_a;
 using sm90::accumulator_rows_cols;
 using sm90::fence_registers;
 using sm90::gmem_view;
+using sm90::gmem_view_exact;
 using sm90::gmem_view_transposed;
 using sm90::issue_gemm;
 using sm90::Sm90Tiles;
@@ -468,6 +469,10 @@ const char* attention_forward_sm90_unsupported_reason(const AttentionParams& p) 
   // TMA: 16-byte aligned base addresses and strides that are multiples of 16 bytes (8 elements).
   if (!heads_aligned(p.q) || !heads_aligned(p.k) || !heads_aligned(p.v) || !heads_aligned(p.out)) {
     return "TMA needs 16-byte aligned tensors with batch, head and row strides of whole 16-byte units";
+  }
+  if (!gmem_view_exact(p.q, p.q_len, p.heads, p.batch) || !gmem_view_exact(p.k, p.kv_len, p.kv_heads, p.batch) ||
+      !gmem_view_exact(p.v, p.kv_len, p.kv_heads, p.batch) || !gmem_view_exact(p.out, p.q_len, p.heads, p.batch)) {
+    return "TMA cannot read a broadcast dimension (more than one element at stride 0)";
   }
   return nullptr;
 }

@@ -39,9 +39,10 @@ cudaError_t attention_forward(const AttentionParams& params, cudaStream_t stream
 // FASTGPT_WITH_SM90_ATTENTION is then defined): TMA, wgmma and warp specialisation, compute capability
 // 9.x only. It writes out and lse exactly as attention_forward does (the backward reads that lse).
 // It takes bfloat16 and float16 at head_dim 64 and 128 with every HeadTensor TMA-describable (16-byte
-// aligned data, batch/head/row strides multiples of 8 elements, head_dim contiguous); nullptr when
-// it can take `params`, else why not. attention_forward_sm90 returns cudaErrorInvalidValue for params
-// it cannot take and cudaErrorNoKernelImageForDevice off compute capability 9.x.
+// aligned data, batch/head/row strides multiples of 8 elements, head_dim contiguous, no broadcast
+// dimension: more than one element at stride 0); nullptr when it can take `params`, else why not.
+// attention_forward_sm90 returns cudaErrorInvalidValue for params it cannot take and
+// cudaErrorNoKernelImageForDevice off compute capability 9.x.
 const char* attention_forward_sm90_unsupported_reason(const AttentionParams& params);
 
 cudaError_t attention_forward_sm90(const AttentionParams& params, cudaStream_t stream);
