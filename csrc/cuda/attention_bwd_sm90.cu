@@ -68,6 +68,7 @@ using sm90::accumulator_as_operand_a;
 using sm90::accumulator_rows_cols;
 using sm90::fence_registers;
 using sm90::gmem_view;
+using sm90::gmem_view_exact;
 using sm90::issue_gemm;
 using sm90::Sm90BackwardTiles;
 
@@ -606,14 +607,6 @@ cudaError_t launch_backward_sm90(const AttentionParams& a, const Workspace& w, c
   return cudaGetLastError();
 }
 
-// Whether TMA reads or writes `t` (rows, heads, batch) at its own strides. gmem_view gives TMA 8 elements
-// for a stride of 0, meant for dimensions of one element (whose stride torch leaves free and heads_of
-// sets to 0); a dimension of several elements with stride 0 (a torch broadcast, e.g. a dout expanded
-// over the batch by the backward of a sum) would be read at that made-up stride, from the wrong rows.
-bool no_broadcast_dimension(const HeadTensor& t, int rows, int heads, int batch) {
-  return (rows == 1 || t.row_stride != 0) && (heads == 1 || t.head_stride != 0) && (batch == 1 || t.batch_stride != 0);
-}
-
 }  // namespace
 
 const char* attention_backward_sm90_unsupported_reason(const AttentionParams& p) {
@@ -626,12 +619,12 @@ const char* attention_backward_sm90_unsupported_reason(const AttentionParams& p)
       !heads_aligned(p.dout) || !heads_aligned(p.dq) || !heads_aligned(p.dk) || !heads_aligned(p.dv)) {
     return "TMA needs 16-byte aligned tensors with batch, head and row strides of whole 16-byte units";
   }
-  if (!no_broadcast_dimension(p.q, p.q_len, p.heads, p.batch) ||
-      !no_broadcast_dimension(p.dout, p.q_len, p.heads, p.batch) ||
-      !no_broadcast_dimension(p.k, p.kv_len, p.kv_heads, p.batch) ||
-      !no_broadcast_dimension(p.v, p.kv_len, p.kv_heads, p.batch) ||
-      !no_broadcast_dimension(p.dk, p.kv_len, p.kv_heads, p.batch) ||
-      !no_broadcast_dimension(p.dv, p.kv_len, p.kv_heads, p.batch)) {
+  if (!gmem_view_exact(p.q, p.q_len, p.heads, p.batch) ||
+      !gmem_view_exact(p.dout, p.q_len, p.heads, p.batch) ||
+      !gmem_view_exact(p.k, p.kv_len, p.kv_heads, p.batch) ||
+      !gmem_view_exact(p.v, p.kv_len, p.kv_heads, p.batch) ||
+      !gmem_view_exact(p.dk, p.kv_len, p.kv_heads, p.batch) ||
+      !gmem_view_exact(p.dv, p.kv_len, p.kv_heads, p.batch)) {
     return "TMA cannot describe a broadcast (stride 0) dimension of q, k, v, dout, dk or dv";
   }
   return nullptr;

@@ -174,7 +174,7 @@ inline int64_t tma_stride(int extent, int64_t stride) { return extent == 1 || st
 // Whether gmem_view describes t as it is: tma_stride takes a zero stride for a dimension of one
 // element, so a broadcast dimension (more than one element at stride 0, as torch's expand gives, which
 // the 16-byte stride checks let through) would be read 8 elements apart instead of from the same rows.
-// A kernel's gate declines tensors for which this is false (attention_forward_sm90_unsupported_reason).
+// Each kernel's gate declines tensors for which this is false (attention_{forward,backward}_sm90_unsupported_reason).
 inline bool gmem_view_exact(const HeadTensor& t, int rows, int heads, int batch) {
   return (rows == 1 || t.row_stride != 0) && (heads == 1 || t.head_stride != 0) && (batch == 1 || t.batch_stride != 0);
 }
