@@ -576,6 +576,22 @@ def test_gpu_gluon_forward_reads_packed_qkv_views(gluon_forward, head_dim, dtype
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_forward_walks_several_tiles_per_program(gluon_forward, monkeypatch, head_dim):
+    """The persistent grid cut to 5 programs (the launcher's one per SM, patched) over 36 tiles of 2
+    sections (KV_SECTION_BYTES patched down to one GQA group of 3 heads): every program walks 7 or 8
+    tiles of 3 to 8 key blocks, so the Q buffer's and the K/V ring's mbarrier phases, the ping-pong
+    token and the output staging carry from one tile to the next. (On a 132-SM GPU the shapes above
+    give no program more than one tile.)"""
+    from fastgpt.ops import gluon_attention
+
+    monkeypatch.setattr(gluon_attention, "_multiprocessors", lambda device_index: 5)
+    monkeypatch.setattr(triton_attention, "KV_SECTION_BYTES", 100_000)
+    check_against_reference(*random_qkv(2, 3, 1, 700, 900, head_dim, torch.bfloat16, device="cuda"))
+    assert gluon_forward, "the Gluon forward was not taken"
+
+
+@pytest.mark.gpu
 def test_gpu_gluon_selector_keeps_the_tl_kernel_elsewhere(gluon_forward):
     """Under FASTGPT_TRITON_ATTENTION=gluon, what the Gluon kernel does not serve (float32, head_dim
     80, rows TMA cannot address) still runs, on the tl kernel."""

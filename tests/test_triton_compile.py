@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -221,3 +222,38 @@ def test_gluon_attention_backward_is_warp_specialized_tma_and_wgmma(gluon_record
             f"{r['name']}: {r['spill_bytes']} bytes spilled ({r['registers']} registers)"
         )
         assert r["shared_bytes"] <= 227 * 1024, f"{r['name']}: {r['shared_bytes']} bytes of shared memory"
+
+
+def test_gluon_launches_pass_the_scalars_the_compile_checks_type(monkeypatch):
+    """The Gluon launchers pass every argument that the compile cases type "fp32" as a Python float and
+    every "i32" one as an int, so that a launch compiles the kernel those cases check. A tl.constexpr
+    (softmax_scale * LOG2E is one) would be compiled into the kernel instead: another kernel than the
+    one checked above, compiled again for every softmax_scale. Records the launches on CPU tensors."""
+    from fastgpt.ops import gluon_attention
+
+    cases = gluon_attention.gpu_compile_cases(90)
+    launches = []  # (kernel, positional arguments); jit functions are not hashed under the interpreter
+
+    class RecordingKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args))
+
+    for name in ("_gluon_attention_forward_kernel", "_gluon_attention_backward_kernel"):
+        monkeypatch.setattr(gluon_attention, name, RecordingKernel(getattr(gluon_attention, name)))
+    monkeypatch.setattr(gluon_attention, "_multiprocessors", lambda device_index: 132)
+    q = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16)  # (B, H, Tq, D)
+    k, v = (torch.randn(2, 2, 150, 64, dtype=torch.bfloat16) for _ in range(2))  # (B, Hkv, Tk, D)
+    out, lse = gluon_attention.attention_forward(q, k, v, 0.125)
+    dq_acc, delta = torch.zeros(q.shape), torch.zeros(lse.shape)
+    gluon_attention.attention_backward(
+        torch.randn_like(out), q, k, v, lse, delta, dq_acc, torch.empty_like(k), torch.empty_like(v), 0.125
+    )
+    assert len(launches) == 2
+    for kernel, args in launches:
+        signature = next(case.signature for case in cases if case.kernel is kernel)
+        for name, value in zip(kernel.arg_names, args):
+            expected = {"fp32": float, "i32": int}.get(signature[name])
+            assert expected is None or type(value) is expected, f"{name}={value!r}, typed {signature[name]}"

@@ -858,6 +858,13 @@ def supports(q, k, v):
     )
 
 
+def _qk_scale(softmax_scale):
+    """The kernels' qk_scale, softmax_scale * log2(e), as a Python float. (LOG2E is a tl.constexpr, and
+    so is its product with a float: passed as it is, the launch would compile the value into the kernel,
+    one compilation per softmax_scale, instead of taking the fp32 argument the compile checks build.)"""
+    return softmax_scale * LOG2E.value
+
+
 def _descriptor(tensor, rows):
     """A TMA descriptor of `tensor` (B, heads, T, D) with its real strides, block (1, 1, rows, D), in
     the swizzled shared-memory layout wgmma reads."""
@@ -885,7 +892,7 @@ def attention_forward(q, k, v, softmax_scale):
         _descriptor(v, BLOCK_N),
         _descriptor(out, CONSUMER_ROWS),
         lse,
-        softmax_scale * LOG2E,
+        _qk_scale(softmax_scale),
         batch * heads,
         heads,
         group,
@@ -929,7 +936,7 @@ def attention_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
         lse,
         delta,
         softmax_scale,
-        softmax_scale * LOG2E,
+        _qk_scale(softmax_scale),
         batch * kv_heads,
         heads,
         heads // kv_heads,
