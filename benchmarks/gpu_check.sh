@@ -293,11 +293,15 @@ else
   DEV_BUILD_PID=$!
 fi
 
-# 3. the gpu tests
+# 3. the gpu tests. A test that hangs (a kernel waiting on a barrier that never completes) fails after
+#    TEST_TIMEOUT_S where pytest-timeout is installed (the GPU machines have it): its xdist worker is
+#    ended and replaced, and the other tests go on instead of the stage's timeout ending them all.
+TEST_TIMEOUT_S=45
+PYTEST_OPTIONS=()
+"$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_OPTIONS=(-n "$(nproc)" --dist load)
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTIONS+=(--timeout="$TEST_TIMEOUT_S" --timeout-method=thread)
 if wants tests; then
-  WORKERS=()
-  "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
-  run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -v -p no:cacheprovider --durations=10 "${WORKERS[@]}"
+  run_stage "pytest -m gpu tests" 110 "$PYTHON" -m pytest -m gpu tests -v -p no:cacheprovider --durations=10 "${PYTEST_OPTIONS[@]}"
 fi
 
 # ... or the areas', each with its share of the time left: its GPU tests, then (for attention on Hopper)
@@ -320,11 +324,9 @@ fi
 for index in "${!AREAS[@]}"; do
   AREA=${AREAS[$index]}
   AREA_END=$((SECONDS + (BUDGET - SUMMARY_RESERVE - SECONDS) / (${#AREAS[@]} - index)))
-  WORKERS=()
-  "$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(nproc)" --dist load)
   STAGE_NOTE="-k '$(area_tests "$AREA")'"
   run_stage "pytest -m gpu tests ($AREA)" 75 "$PYTHON" -m pytest -m gpu tests -k "$(area_tests "$AREA")" -v \
-    -p no:cacheprovider --durations=5 "${WORKERS[@]}"
+    -p no:cacheprovider --durations=5 "${PYTEST_OPTIONS[@]}"
   if [[ "$AREA" == attention && -n "$SM90_HARNESS_PID" ]]; then
     wait "$SM90_HARNESS_PID"
     BUILD_STATUS=$?
