@@ -16,6 +16,15 @@ tensors' own 4-D strides: loads cost no address or mask registers, and tiles of 
 head_dim 128. Tensors TMA cannot describe (a stride or base not 16-byte aligned, a feature stride
 other than 1) take the same kernel through pointers, as do float32 and other GPUs. The interpreter
 runs the descriptor path wherever the tensors allow, for every dtype, so the CPU tests check it.
+On sm_90 each step's PV product stays in flight (Triton leaves its wgmma unwaited) through the next
+step's K wait and QK^T, which waits for both; the softmax runs with the tensor cores idle. A loop
+that carries P from one step to the next, so that block j's PV is issued before block j + 1's
+softmax (FlashAttention-3's order), compiles to exactly that overlap, but does not fit: Triton keeps a
+loop-carried wgmma A operand in shared memory (which then cannot stay in flight), so P must be
+carried in float32, and Triton 3.9 spills 2.9 KB at head_dim 128 in 128x128 tiles, 180-196 bytes in
+128x64, 712 bytes at head_dim 64 in 128x128 (checked 2026-12-07; only head_dim 64 in 128x64 tiles
+compiled spill-free, at 206 registers). gluon_attention.py's forward, which moves registers from its
+producer warp to its two consumer warpgroups, does overlap the two.
 FASTGPT_TRITON_ATTENTION=gluon (read by every forward call) hands the forward of the calls it serves
 to gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so either backward below
 consumes them), and the fused backward's main kernel likewise where gluon_attention.supports_backward
