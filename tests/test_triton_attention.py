@@ -622,8 +622,9 @@ def gluon_backward(gluon_forward, monkeypatch):
     return calls
 
 
-# (batch, heads, kv_heads, q_len, kv_len) at head_dim 64 (the backward's, gluon_attention
-# .BACKWARD_HEAD_DIMS): full 128-key blocks, GQA and MQA (the kernel loops over a group's query heads),
+# (batch, heads, kv_heads, q_len, kv_len), run at both head_dims of gluon_attention.BACKWARD_HEAD_DIMS
+# (64: each consumer's dQ share over its own keys; 128: dQ split by columns across the consumers): full
+# 128-key blocks, GQA and MQA (the kernel loops over a group's query heads),
 # q_len < kv_len (the diagonal off the blocks' corners, blocks no query sees in part), and lengths that
 # are not multiples of the 64-query steps or 128-key blocks (zero-filled rows and keys, masked stores).
 GLUON_BACKWARD_SHAPES = [
@@ -637,24 +638,26 @@ GLUON_BACKWARD_SHAPES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch, heads, kv_heads, q_len, kv_len", GLUON_BACKWARD_SHAPES)
 def test_gpu_gluon_backward_matches_reference(
-    gluon_backward, gluon_forward, batch, heads, kv_heads, q_len, kv_len, dtype
+    gluon_backward, gluon_forward, batch, heads, kv_heads, q_len, kv_len, dtype, head_dim
 ):
     """Forward and backward both in Gluon: out, dq, dk and dv against the float64 reference."""
-    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, 64, dtype, device="cuda")
+    q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
     check_against_reference(q, k, v)
     assert gluon_forward, "the Gluon forward was not taken"
     assert gluon_backward, "the Gluon backward was not taken"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gluon_backward_reads_packed_qkv_views(gluon_backward, dtype):
+def test_gpu_gluon_backward_reads_packed_qkv_views(gluon_backward, dtype, head_dim):
     """q, k, v as strided views of one fused (B, T, 3, H, D) projection, and a dout that is a strided
     view too: the Gluon backward reads all four through descriptors of their own strides."""
-    batch, seq, heads, head_dim = 2, 777, 6, 64
+    batch, seq, heads = 2, 777, 6
     qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)
     q, k, v = (leaf(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
     scale = 1.0 / math.sqrt(head_dim)
@@ -672,12 +675,11 @@ def test_gpu_gluon_backward_reads_packed_qkv_views(gluon_backward, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_backward_leaves_other_calls_to_triton(gluon_backward):
-    """Under FASTGPT_TRITON_ATTENTION=gluon the Triton kernels still take the backward where the
-    Gluon one does not apply: head_dim 128 (which it does not serve yet), and deterministic mode
-    (the order-fixed dK/dV and dQ kernels); the gradients stay right either way."""
-    check_against_reference(*random_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16, device="cuda"))
-    assert not gluon_backward
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_backward_leaves_deterministic_mode_to_triton(gluon_backward, head_dim):
+    """Under FASTGPT_TRITON_ATTENTION=gluon the Triton kernels still take the backward in
+    deterministic mode (the order-fixed dK/dV and dQ kernels: the Gluon backward adds dQ by atomics)
+    at both head_dims the Gluon one serves otherwise; the gradients stay right."""
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -685,7 +687,7 @@ def test_gpu_gluon_backward_leaves_other_calls_to_triton(gluon_backward):
     # warn_only: the eager reference's own ops only warn where they have no deterministic version.
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        check_against_reference(*random_qkv(1, 4, 2, 300, 300, 64, torch.bfloat16, device="cuda"))
+        check_against_reference(*random_qkv(1, 4, 2, 300, 300, head_dim, torch.bfloat16, device="cuda"))
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     assert not gluon_backward

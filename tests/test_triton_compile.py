@@ -197,12 +197,14 @@ def test_gluon_attention_forward_is_warp_specialized_tma_and_wgmma(gluon_records
 
 def test_gluon_attention_backward_is_warp_specialized_tma_and_wgmma(gluon_records):
     """Issue 20: the Gluon fused backward compiles for sm_90a in bf16 and fp16 at the head_dims it
-    serves (gluon_attention.BACKWARD_HEAD_DIMS: 64; at 128 it still spills), with issue 20's tile of
-    64 queries x 128 keys: it loads through TMA (cp.async.bulk.tensor, no per-thread cp.async),
-    multiplies with wgmma of n >= 64 (m64n64 for S, dP and, at D=64, dV, dK and dQ), moves registers
-    between its partitions (setmaxnreg), synchronises them with mbarriers, spills nothing and fits
-    in 227 KiB of shared memory."""
+    serves (gluon_attention.BACKWARD_HEAD_DIMS: 64 and 128), with issue 20's tile of 64 queries x 128
+    keys: it loads through TMA (cp.async.bulk.tensor, no per-thread cp.async), multiplies with wgmma
+    of n >= 64 (m64n64 for S, dP and dQ; m64nD for dV and dK), moves registers between its
+    partitions (setmaxnreg), synchronises them with mbarriers, spills nothing and fits in 227 KiB of
+    shared memory."""
     from fastgpt.ops.gluon_attention import BACKWARD_HEAD_DIMS
+
+    assert BACKWARD_HEAD_DIMS == (64, 128)
 
     backward = [r for r in gluon_records if r["name"].startswith("gluon_attention_backward ")]
     names = sorted(r["name"].split(" 64x128")[0] for r in backward)
@@ -217,6 +219,8 @@ def test_gluon_attention_backward_is_warp_specialized_tma_and_wgmma(gluon_record
         assert r["has_tma"] and not r["has_thread_cp_async"], r["name"]
         widths = [int(shape.split("n")[1].split("k")[0]) for shape in r["wgmma_shapes"]]
         assert "m64n64k16" in r["wgmma_shapes"] and min(widths) >= 64, f"{r['name']}: {r['wgmma_shapes']}"
+        head_dim = int(r["name"].split(" D=")[1].split(" ")[0])
+        assert f"m64n{head_dim}k16" in r["wgmma_shapes"], f"{r['name']}: {r['wgmma_shapes']}"
         assert r["has_setmaxnreg"] and r["has_mbarrier"], r["name"]
         assert r["spill_bytes"] == 0, (
             f"{r['name']}: {r['spill_bytes']} bytes spilled ({r['registers']} registers)"

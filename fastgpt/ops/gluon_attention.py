@@ -4,7 +4,7 @@ FlashAttention-3.
 Opt-in alternatives to kernels of triton_attention.py, taken by the triton backend when
 FASTGPT_TRITON_ATTENTION=gluon (read on every call) on a compute capability 9.0 GPU, for float16 or
 bfloat16 q, k, v that TMA can describe: the forward at head_dim 64 or 128 (supports), and the fused
-backward's main kernel at head_dim 64 with a describable dout too (supports_backward; not when
+backward's main kernel at head_dim 64 or 128 with a describable dout too (supports_backward; not when
 torch.are_deterministic_algorithms_enabled(), which keeps the order-fixed Triton kernels). Every other
 call keeps triton_attention.py's kernels. The forward's outputs follow the same contract: out
 (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 in natural log, so either backward consumes
@@ -57,22 +57,31 @@ head), key block major (the first key blocks, seen by the most queries, first); 
   delta are two registers per thread); P = exp2(S * scale * log2(e) - lse * log2(e)) (the causal mask,
   bottom-right aligned, as -inf scores only on blocks crossing the diagonal), dS = P * (dP - delta);
   P and dS go to shared memory in 16-bit, where dV += P^T dO and dK += dS^T Q read them transposed as
-  the A operand, and dQ = dS K (this warpgroup's keys' share, 64 x D) reads dS as it is. The share is
-  staged in a float32 buffer and added to the accumulator with vectorised atomics, a column chunk of
-  DQ_CHUNK at a time; both warpgroups add their shares (a TMA reduce-add would spare the registers,
-  but 3.6's Gluon, the GPU machines', has none). After the last block, K's and V's halves, no longer
-  read, stage dK and dV for TMA stores, which clip keys past Tk.
+  the A operand, and dQ = dS K reads dS as it is. At head_dim 64 a warpgroup's share of dQ is its
+  own keys' (64 x 64, its dS times its K half); at 128 that share (64 x 128 fp32, 64 registers) does
+  not fit beside dK and dV, so each warpgroup takes half of dQ's columns over all 128 keys (both dS
+  tiles times both K halves, sliced to its 64 columns): two mbarriers pass the dS tiles between the
+  warpgroups, "ds_full" (both have stored this step's dS) and "ds_free" (both dQ products of the step
+  have read them, so the next dS may overwrite them). The share is staged in a float32 buffer and
+  added to the accumulator with vectorised atomics, a column chunk of DQ_CHUNK at a time; both
+  warpgroups add their shares (a TMA reduce-add would spare the registers, but 3.6's Gluon, the GPU
+  machines', has none). After the last block (and, at 128, the other warpgroup's last dQ product,
+  which reads this one's K half), K's and V's halves, no longer read, stage dK and dV; both
+  warpgroups arrive on "dkv_ready", and the producer, which holds the descriptors, stores them by TMA
+  (clipping keys past Tk).
 FlashAttention-3's backward keeps S^T (keys along rows) so that P^T is a register A operand; here that
 layout cost one register per query column for lse and delta (16 each) and spilled, so P and dS take
 the shared-memory route. The row statistics are read by the consumers themselves (gl.load, issued
 before waiting on the products), not by the producer into the ring: the producer has 24 registers,
 and a (B, H, Tq) float32 row is not generally TMA-describable (its stride Tq * 4 is a multiple of 16
 only when Tq is a multiple of 4). Rows past Tq read as zeros and zero-filled Q and dO make their
-contributions exactly 0; keys past Tk are masked on every block they take part in. At head_dim 128 the
-same kernel compiles but spills (BACKWARD_HEAD_DIMS), so that size keeps the Triton backward. The
-barrier protocol is a plain ring: the producer and both consumers walk the same sequence of
-group * cdiv(Tq - query_start, 64) blocks, the producer waits for a slot's previous use to end
-(parity of its use number, a fresh mbarrier passing parity 1), the consumers for its loads.
+contributions exactly 0; keys past Tk are masked on every block they take part in. The Q/dO ring is a
+plain ring: the producer and both consumers walk the same sequence of group * cdiv(Tq - query_start,
+64) blocks, the producer waits for a slot's previous use to end (parity of its use number, a fresh
+mbarrier passing parity 1), the consumers for its loads. At head_dim 128, "ds_full" and "ds_free"
+complete once per block: at block t a consumer waits on ds_free's phase t - 1 before storing dS and on
+ds_full's phase t before its dQ product; neither can run two phases ahead of a waiter, since each
+consumer's arrival on one follows its wait on the other.
 
 Nothing here runs in the Triton interpreter: its correctness is checked by the GPU tests of
 tests/test_triton_attention.py, and its code by the sm_90 compile checks of
@@ -150,23 +159,30 @@ PRODUCER_REGISTERS = gl.constexpr(24)
 CONSUMER_REGISTERS = gl.constexpr(240)
 
 # Backward (the same three partitions, registers and warps as the forward).
-# Head dims the backward serves. At D=128 the kernel compiles (shapes below) but ptxas spills (72 bytes
-# with Triton 3.9, 284 with 3.6: the dK and dV accumulators, 64 x 128 fp32 each, and S and dP, 64 x 64
-# each, take 192 of the consumers' 240 registers, and the addresses, masks and row statistics do not
-# fit in the rest), so D=128 keeps triton_attention.py's fused backward until it does not.
-BACKWARD_HEAD_DIMS = (64,)
+# Head dims the backward serves, both without spills under Triton 3.6 and 3.9. At D=128 the dK and dV
+# accumulators (64 x 128 fp32 each) and S and dP (64 x 64 each) take 192 of a consumer's 240 registers,
+# which is why dQ is split by columns there (BACKWARD_DQ_COLUMNS) and the dK/dV stores are the
+# producer's.
+BACKWARD_HEAD_DIMS = (64, 128)
 # Keys per program: two consumer warpgroups of BACKWARD_BLOCK_N // 2 = 64 keys each (the wgmma M of one
 # warpgroup), issue 20's 64 x 128 dK/dV tile.
 BACKWARD_BLOCK_N = 128
 # Queries per step: S and dP (64 x 64 fp32) are 32 registers each per consumer thread beside the dK
-# and dV accumulators (64 x D fp32: 32 registers each at D=64) and the step's dQ share (64 x D fp32);
-# the products are m64n64 (S, dP) and m64nD (dV, dK, dQ).
+# and dV accumulators (64 x D fp32: 32 registers each at D=64, 64 at D=128) and the step's dQ share
+# (64 x BACKWARD_DQ_COLUMNS fp32: 32 registers); the products are m64n64 (S, dP, and dQ at D=128) and
+# m64nD (dV, dK, and dQ at D=64).
 BACKWARD_BLOCK_M = 64
+# Columns of dQ each consumer computes per step. At D=64, all of them over its own 64 keys (dS K with
+# its own dS and K). At D=128 a 64 x 128 share would not fit beside dK and dV, so consumer c computes
+# columns [64c, 64c + 64) over all 128 keys, reading both consumers' dS tiles and K halves (mbarriers
+# ds_full and ds_free pass them between the two): 32 registers at either size.
+BACKWARD_DQ_COLUMNS = {64: 64, 128: 64}
 # Q/dO ring depth. Shared memory holds K and V (128 x D each), the ring of Q and dO blocks (64 x D
 # each), the consumers' P and dS tiles (64 x 64 each, 16-bit) and their float32 dQ staging buffers
-# (64 x D each): at D=64, 32 + STAGES * 16 + 32 + 32 KiB, so 3 stages (144 KiB) let the producer run
-# two query blocks ahead.
-BACKWARD_STAGES = {64: 3}
+# (64 x BACKWARD_DQ_COLUMNS each): at D=64, 32 + STAGES * 16 + 32 + 32 KiB, so 3 stages (144 KiB);
+# at D=128, 64 + STAGES * 32 + 32 + 32 KiB, so 3 stages (224 KiB, under the 227 KiB limit) as well:
+# the producer runs two query blocks ahead.
+BACKWARD_STAGES = {64: 3, 128: 3}
 # Columns of dQ per atomic chunk: a warpgroup adds 64 x 8 floats, one 16-byte vector per thread, so the
 # atomics need one address per thread (wider chunks cost registers the accumulators need).
 DQ_CHUNK = gl.constexpr(8)
@@ -523,11 +539,27 @@ def _gluon_attention_forward_kernel(
 
 
 @gluon.jit
+def _opaque_zero(step):
+    """0, as an int32 the compiler cannot see through: an and with 0 in inline PTX marked impure, so it
+    is neither folded nor hoisted out of the loop that computes it. Shared-memory buffers indexed with
+    it get their wgmma descriptors formed where the products use them: with constant indices, the
+    descriptors of the backward's loop-invariant operands (K, V, the P and dS tiles) are hoisted out of
+    the consumers' loop and held in registers across it: Triton 3.6 does so with dozens of 64-bit
+    values, and at D=128 spilled 808 bytes (3.9 forms them in the loop either way). Formed in the loop
+    they cost a few integer adds per product."""
+    return gl.inline_asm_elementwise(
+        "and.b32 $0, $1, 0;", "=r,r", [step], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
 def _backward_producer_partition(
     Q,
     K,
     V,
     dOut,  # descriptors: blocks (1, 1, BLOCK_M, D), (1, 1, BLOCK_N // 2, D) x 2, (1, 1, BLOCK_M, D)
+    dK,
+    dV,  # descriptors of dk, dv (B, Hkv, Tk, D) in k's dtype, block (1, 1, BLOCK_N // 2, D)
     k_smem,
     v_smem,  # (2, 1, 1, BLOCK_N // 2, D): the program's keys and values, one half per consumer
     q_smem,
@@ -535,6 +567,7 @@ def _backward_producer_partition(
     kv_ready,  # mbarrier: K and V have landed
     slot_ready,
     slot_empty,  # (STAGES, 1) each: a slot's Q and dO have landed / both consumers are done with them
+    dkv_ready,  # both consumers have staged dK and dV (in the K and V buffers)
     batch_kv_heads,
     heads,
     group,
@@ -564,12 +597,16 @@ def _backward_producer_partition(
             tma_load(Q, [batch, head, start_m, 0], slot_ready.index(slot), q_smem.index(slot))
             tma_load(dOut, [batch, head, start_m, 0], slot_ready.index(slot), do_smem.index(slot))
             step += 1
+    # Both consumers have staged dK and dV in the K and V buffers: store them (TMA clips keys past Tk).
+    mbarrier.wait(dkv_ready, 0)
+    for half in gl.static_range(2):
+        tma_store(dK, [batch, kv_head, start_n + half * KEYS, 0], k_smem.index(half))
+        tma_store(dV, [batch, kv_head, start_n + half * KEYS, 0], v_smem.index(half))
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _backward_consumer_partition(
-    dK,
-    dV,  # descriptors of dk, dv (B, Hkv, Tk, D) in k's dtype, block (1, 1, BLOCK_N // 2, D)
     dQacc,  # (B, H, Tq, D) float32, contiguous, zeroed: the unscaled dQ, summed by atomics
     Lse,
     Delta,  # (B, H, Tq) float32, contiguous: forward logsumexp (natural log), rowsum(dO * O)
@@ -578,11 +615,14 @@ def _backward_consumer_partition(
     q_smem,
     do_smem,
     p_smem,
-    ds_smem,  # (BLOCK_M, BLOCK_N // 2) each: this consumer's P and dS (A operands of dV, dK, dQ)
-    dq_smem,  # (BLOCK_M, D) float32: this consumer's share of a step's dQ, on its way to the atomics
+    ds_smem,  # (2, BLOCK_M, BLOCK_N // 2) each: both consumers' P and dS (A operands of dV, dK, dQ)
+    dq_smem,  # (BLOCK_M, DQ_COLUMNS) float32: this consumer's share of a step's dQ, on its way to the atomics
     kv_ready,
     slot_ready,
     slot_empty,
+    ds_full,  # both consumers have stored the step's dS (used where DQ_COLUMNS < HEAD_DIM)
+    ds_free,  # both consumers' dQ products have read the step's dS and K (likewise)
+    dkv_ready,  # both consumers have staged their dK and dV in their K and V buffers
     softmax_scale,
     qk_scale,  # softmax_scale * log2(e)
     batch_kv_heads,
@@ -595,8 +635,12 @@ def _backward_consumer_partition(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    DQ_COLUMNS: gl.constexpr,
 ):
     KEYS: gl.constexpr = BLOCK_N // 2
+    # DQ_COLUMNS == HEAD_DIM: this warpgroup's dQ share is dS K over its own keys. Less: over all
+    # BLOCK_N keys (both warpgroups' dS and K), for columns [CONSUMER * DQ_COLUMNS, +DQ_COLUMNS).
+    SPLIT_DQ: gl.constexpr = DQ_COLUMNS < HEAD_DIM
     dtype: gl.constexpr = k_smem.dtype
     # wgmma accumulators of one warpgroup (four warps of 16 rows): S and dP (queries x keys: a query's
     # lse and delta are then two registers per thread, not one per column), dK, dV (keys x D) and dQ
@@ -606,6 +650,9 @@ def _backward_consumer_partition(
     )
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    dq_acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLUMNS, 16]
     )
     query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -618,10 +665,8 @@ def _backward_consumer_partition(
     # Query blocks from full_start on see all of this warpgroup's keys: only those before are masked.
     full_start = gl.cdiv(gl.maximum(first_key + KEYS - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
     key_offset = diag_offset - first_key  # key first_key + j is visible to query i if j <= i + key_offset
-    k_rows = k_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
-    v_rows = v_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
     zero_scores = gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout)
-    zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    zero_dq = gl.zeros([BLOCK_M, DQ_COLUMNS], gl.float32, dq_acc_layout)
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     # A column chunk of dQ (BLOCK_M, DQ_CHUNK) as the atomics add it: each thread 4 consecutive floats
@@ -641,6 +686,11 @@ def _backward_consumer_partition(
         start_m = query_start + (step - member * blocks_per_head) * BLOCK_M
         row_stats = (first_head + member).to(gl.int64) * q_len  # row 0 of its head in lse, delta, dQ
         slot = step % STAGES
+        # Buffer indices the compiler cannot fold: this warpgroup's half (own) and the first (zero).
+        zero = _opaque_zero(step)
+        own = zero + CONSUMER
+        k_rows = k_smem.index(own).reshape([KEYS, HEAD_DIM])  # (KEYS, D): this warpgroup's keys
+        v_rows = v_smem.index(own).reshape([KEYS, HEAD_DIM])
         mbarrier.wait(slot_ready.index(slot), (step // STAGES) & 1)
         dq_block = dQacc + (row_stats + start_m) * HEAD_DIM  # this block's row 0 of dQ
         q_block = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
@@ -662,36 +712,70 @@ def _backward_consumer_partition(
         p = gl.exp2(scores * qk_scale - lse[:, None])
         dp = warpgroup_mma_wait(0, deps=(dp_token,))  # (BLOCK_M, KEYS)
         ds = p * (dp - delta[:, None])
-        p_smem.store(p.to(dtype))
-        ds_smem.store(ds.to(dtype))
+        p_tile = p_smem.index(own)
+        ds_tile = ds_smem.index(own)
+        p_tile.store(p.to(dtype))
+        if SPLIT_DQ:
+            # The other warpgroup's dQ product of the previous step reads this dS buffer: wait until
+            # it has (a fresh mbarrier passes parity 1).
+            mbarrier.wait(ds_free, (step & 1) ^ 1)
+        ds_tile.store(ds.to(dtype))
         fence_async_shared()
-        dv_token = warpgroup_mma(p_smem.permute((1, 0)), do_block, dv, is_async=True)
-        dk_token = warpgroup_mma(ds_smem.permute((1, 0)), q_block, dk, is_async=True)
+        if SPLIT_DQ:
+            mbarrier.arrive(ds_full, count=1)
+        dv_token = warpgroup_mma(p_tile.permute((1, 0)), do_block, dv, is_async=True)
+        dk_token = warpgroup_mma(ds_tile.permute((1, 0)), q_block, dk, is_async=True)
         dv, dk = warpgroup_mma_wait(0, deps=(dv_token, dk_token))
         mbarrier.arrive(slot_empty.index(slot), count=1)  # Q and dO are read: the slot is free
-        # This warpgroup's keys' share of dQ, dS K.
-        dq_token = warpgroup_mma(ds_smem, k_rows, zero_dq, use_acc=False, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq_token,))  # (BLOCK_M, D), unscaled
+        if SPLIT_DQ:
+            # Columns [CONSUMER * DQ_COLUMNS, +DQ_COLUMNS) of dS K over all BLOCK_N keys: both
+            # warpgroups' dS (64 keys each) times the matching rows of K, sliced to those columns.
+            first_half = k_smem.index(zero).reshape([KEYS, HEAD_DIM])
+            second_half = k_smem.index(zero + 1).reshape([KEYS, HEAD_DIM])
+            columns: gl.constexpr = CONSUMER * DQ_COLUMNS
+            mbarrier.wait(ds_full, step & 1)
+            dq_token = warpgroup_mma(
+                ds_smem.index(zero),
+                first_half.slice(columns, DQ_COLUMNS, dim=1),
+                zero_dq,
+                use_acc=False,
+                is_async=True,
+            )
+            dq_token = warpgroup_mma(
+                ds_smem.index(zero + 1),
+                second_half.slice(columns, DQ_COLUMNS, dim=1),
+                dq_token,
+                is_async=True,
+            )
+            dq = warpgroup_mma_wait(0, deps=(dq_token,))  # (BLOCK_M, DQ_COLUMNS), unscaled
+            mbarrier.arrive(ds_free, count=1)
+        else:
+            # This warpgroup's keys' share of dQ, dS K.
+            dq_token = warpgroup_mma(ds_tile, k_rows, zero_dq, use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq_token,))  # (BLOCK_M, D), unscaled
         # Added to the accumulator through shared memory, a column chunk at a time: atomics from
         # the wgmma layout would hold an address per element beside dK and dV.
         dq_smem.store(dq)
-        for chunk in gl.static_range(HEAD_DIM // DQ_CHUNK):
+        for chunk in gl.static_range(DQ_COLUMNS // DQ_CHUNK):
             dq_part = dq_smem.slice(chunk * DQ_CHUNK, DQ_CHUNK, dim=1).load(chunk_layout)
             gl.atomic_add(
-                dq_block + chunk * DQ_CHUNK + chunk_offsets,
+                dq_block + (CONSUMER * DQ_COLUMNS if SPLIT_DQ else 0) + chunk * DQ_CHUNK + chunk_offsets,
                 dq_part,
                 mask=(start_m + chunk_rows < q_len)[:, None],
                 sem="relaxed",
             )
 
+    if SPLIT_DQ:
+        # The other warpgroup's last dQ product reads this warpgroup's K too: wait for it to end.
+        mbarrier.wait(ds_free, (group * blocks_per_head - 1) & 1)
     # K and V of this warpgroup's keys are read for the last time: their buffers stage dK and dV for
-    # the TMA stores, which clip keys past Tk.
-    k_rows.store((dk * softmax_scale).to(dtype))  # d(scores)/dk = softmax_scale * q
-    v_rows.store(dv.to(dtype))
+    # the producer's TMA stores (which hold the descriptors, so these registers stay free in the loop).
+    own_keys = k_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
+    own_values = v_smem.index(CONSUMER).reshape([KEYS, HEAD_DIM])
+    own_keys.store((dk * softmax_scale).to(dtype))  # d(scores)/dk = softmax_scale * q
+    own_values.store(dv.to(dtype))
     fence_async_shared()
-    tma_store(dK, [batch, kv_head, first_key, 0], k_smem.index(CONSUMER))
-    tma_store(dV, [batch, kv_head, first_key, 0], v_smem.index(CONSUMER))
-    tma.store_wait(0)
+    mbarrier.arrive(dkv_ready, count=1)
 
 
 @gluon.jit
@@ -717,6 +801,7 @@ def _gluon_attention_backward_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    DQ_COLUMNS: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2] + K.block_type.shape, K.layout)
@@ -724,30 +809,32 @@ def _gluon_attention_backward_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + Q.block_type.shape, Q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + dOut.block_type.shape, dOut.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], dtype)
-    p_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
-    p_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
-    ds_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
-    ds_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N // 2], ds_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N // 2], ds_layout)  # one per consumer
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N // 2], ds_layout)
     dq_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    dq_smem0 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
-    dq_smem1 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
+    dq_smem0 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, DQ_COLUMNS], dq_layout)
+    dq_smem1 = gl.allocate_shared_memory(gl.float32, [BLOCK_M, DQ_COLUMNS], dq_layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     slot_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     slot_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dkv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     # Arrivals that complete each phase: the TMA transaction count (one expect) for "ready", one per
-    # consumer for "empty".
+    # consumer for "empty", "ds_full" and "ds_free".
     mbarrier.init(kv_ready, count=1)
     for slot in gl.static_range(STAGES):
         mbarrier.init(slot_ready.index(slot), count=1)
         mbarrier.init(slot_empty.index(slot), count=2)
+    mbarrier.init(ds_full, count=2)
+    mbarrier.init(ds_free, count=2)
+    mbarrier.init(dkv_ready, count=2)
 
     gl.warp_specialize(
         [
             (
                 _backward_consumer_partition,
                 (
-                    dK,
-                    dV,
                     dQacc,
                     Lse,
                     Delta,
@@ -755,12 +842,15 @@ def _gluon_attention_backward_kernel(
                     v_smem,
                     q_smem,
                     do_smem,
-                    p_smem0,
-                    ds_smem0,
+                    p_smem,
+                    ds_smem,
                     dq_smem0,
                     kv_ready,
                     slot_ready,
                     slot_empty,
+                    ds_full,
+                    ds_free,
+                    dkv_ready,
                     softmax_scale,
                     qk_scale,
                     batch_kv_heads,
@@ -773,13 +863,12 @@ def _gluon_attention_backward_kernel(
                     BLOCK_M,
                     BLOCK_N,
                     STAGES,
+                    DQ_COLUMNS,
                 ),
             ),
             (
                 _backward_consumer_partition,
                 (
-                    dK,
-                    dV,
                     dQacc,
                     Lse,
                     Delta,
@@ -787,12 +876,15 @@ def _gluon_attention_backward_kernel(
                     v_smem,
                     q_smem,
                     do_smem,
-                    p_smem1,
-                    ds_smem1,
+                    p_smem,
+                    ds_smem,
                     dq_smem1,
                     kv_ready,
                     slot_ready,
                     slot_empty,
+                    ds_full,
+                    ds_free,
+                    dkv_ready,
                     softmax_scale,
                     qk_scale,
                     batch_kv_heads,
@@ -805,6 +897,7 @@ def _gluon_attention_backward_kernel(
                     BLOCK_M,
                     BLOCK_N,
                     STAGES,
+                    DQ_COLUMNS,
                 ),
             ),
             (
@@ -814,6 +907,8 @@ def _gluon_attention_backward_kernel(
                     K,
                     V,
                     dOut,
+                    dK,
+                    dV,
                     k_smem,
                     v_smem,
                     q_smem,
@@ -821,6 +916,7 @@ def _gluon_attention_backward_kernel(
                     kv_ready,
                     slot_ready,
                     slot_empty,
+                    dkv_ready,
                     batch_kv_heads,
                     heads,
                     group,
@@ -946,6 +1042,7 @@ def attention_backward(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale)
         BLOCK_M=BACKWARD_BLOCK_M,
         BLOCK_N=BACKWARD_BLOCK_N,
         STAGES=BACKWARD_STAGES[head_dim],
+        DQ_COLUMNS=BACKWARD_DQ_COLUMNS[head_dim],
         num_warps=NUM_WARPS,
         maxnreg=MAX_REGISTERS,
     )
@@ -1036,6 +1133,7 @@ def gpu_compile_cases(capability):
             "BLOCK_M": BACKWARD_BLOCK_M,
             "BLOCK_N": BACKWARD_BLOCK_N,
             "STAGES": stages,
+            "DQ_COLUMNS": BACKWARD_DQ_COLUMNS[head_dim],
         }
         name = (
             f"gluon_attention_backward {TRITON_TYPES[dtype]} D={head_dim} "
