@@ -548,8 +548,8 @@ GLUON_SHAPES = [
 def test_gpu_gluon_forward_matches_reference(
     gluon_forward, batch, heads, kv_heads, q_len, kv_len, head_dim, dtype
 ):
-    """The Gluon forward's output and logsumexp against the float64 reference, then the Triton
-    backward through the lse it saved."""
+    """The Gluon forward's output and logsumexp against the float64 reference, then the backward
+    (the Gluon one, where it serves the call) through the lse it saved."""
     q, k, v = random_qkv(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device="cuda")
     scale = 1.0 / math.sqrt(head_dim)
     out, lse = triton_attention.attention_forward(q.detach(), k.detach(), v.detach(), scale)

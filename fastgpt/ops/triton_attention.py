@@ -28,7 +28,7 @@ producer warp to its two consumer warpgroups, does overlap the two.
 FASTGPT_TRITON_ATTENTION=gluon (read by every forward call) hands the forward of the calls it serves
 to gluon_attention.py's warp-specialized Hopper kernel instead (same outputs, so either backward below
 consumes them), and the fused backward's main kernel likewise where gluon_attention.supports_backward
-allows (head_dim 64 for now): a backward follows the choice its forward was made under, whatever the
+allows (head_dim 64 and 128): a backward follows the choice its forward was made under, whatever the
 variable says when it runs. The default, "tl", is this module's kernels throughout.
 
 Backward, by default: one preprocess computes delta = rowsum(dO * O) and zeroes a float32 dQ
