@@ -298,7 +298,9 @@ fi
 # 3. the gpu tests. A test that hangs (a kernel waiting on a barrier that never completes) fails after
 #    TEST_TIMEOUT_S where pytest-timeout is installed (the GPU machines have it): its xdist worker is
 #    ended and replaced, and the other tests go on instead of the stage's timeout ending them all.
-TEST_TIMEOUT_S=45
+#    60 s leaves a test's compilations (torch.compile of a GPT step, Triton autotuning) their tens of
+#    seconds, and still fires inside an area's 75 s test stage.
+TEST_TIMEOUT_S=60
 PYTEST_OPTIONS=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_OPTIONS=(-n "$(nproc)" --dist load)
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTIONS+=(--timeout="$TEST_TIMEOUT_S" --timeout-method=thread)
