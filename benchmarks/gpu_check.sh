@@ -299,7 +299,7 @@ fi
 #    TEST_TIMEOUT_S where pytest-timeout is installed (the GPU machines have it): its xdist worker is
 #    ended and replaced, and the other tests go on instead of the stage's timeout ending them all.
 #    60 s leaves a test's compilations (torch.compile of a GPT step, Triton autotuning) their tens of
-#    seconds, and still fires inside an area's 75 s test stage.
+#    seconds; a test that hangs from its start still fails inside an area's 75 s test stage.
 TEST_TIMEOUT_S=60
 PYTEST_OPTIONS=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_OPTIONS=(-n "$(nproc)" --dist load)
