@@ -1,13 +1,13 @@
-"""`fastgpt bench`: run the benchmark sweep, or render committed results into the README.
+"""`fastgpt bench`: run the benchmark sweep, or render committed results into docs/performance.md.
 
     fastgpt bench [--ops attention,ffn,layer_norm,cross_entropy,gpt] [--device auto|cpu|cuda]
                   [--dtype bf16,fp16] [--quick] [--out DIR] [--providers GLOBS] [--skip-providers GLOBS]
-    fastgpt bench --render benchmarks/results/FILE.json [...] [--readme README.md]
+    fastgpt bench --render benchmarks/results/FILE.json [...] [--readme docs/performance.md]
 
 A run writes DIR/results.json (after every case), DIR/report.md and DIR/*.png (the plots need
 matplotlib; without it the run says so at the start and skips them), and prints a table per op and a
 summary of fastgpt's speedups. --render writes, per device, a summary of the newest of the given
-results files into the README (fastgpt.bench.report.render_readme).
+results files into docs/performance.md, which the README links (fastgpt.bench.report.render_readme).
 """
 
 import argparse
@@ -72,10 +72,13 @@ def add_arguments(parser):
         type=Path,
         nargs="+",
         metavar="RESULTS.json",
-        help="regenerate the README's Performance section (and plots) from these results files",
+        help="regenerate the summary tables of docs/performance.md (and plots) from these results files",
     )
     parser.add_argument(
-        "--readme", type=Path, default=Path("README.md"), help="the README --render writes into"
+        "--readme",
+        type=Path,
+        default=Path("docs/performance.md"),
+        help="the markdown page --render writes into, between its perf markers",
     )
 
 

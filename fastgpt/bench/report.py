@@ -1,9 +1,9 @@
-"""Tables of results: rich tables for the terminal, markdown for report.md and the README.
+"""Tables of results: rich tables for the terminal, markdown for report.md and docs/performance.md.
 
-Every number comes from a results file (records.py); nothing here measures anything. The README's
-"Performance" section, between the markers below, is written by `fastgpt bench --render FILE...`:
-for each device, a summary of the newest of the given results files (fastgpt's speedups over the
-shapes), with links to that file and to its full per-shape report, `<name>.report.md` beside it
+Every number comes from a results file (records.py); nothing here measures anything. The summary in
+docs/performance.md (which the README links), between the markers below, is written by `fastgpt bench
+--render FILE...`: for each device, a summary of the newest of the given results files (fastgpt's
+speedups over the shapes), with links to that file and to its full per-shape report, `<name>.report.md` beside it
 (written from the results file when it is not there yet).
 
 `python -m fastgpt.bench.report RESULTS.json [--stages stages.tsv] [--markdown report.md]` prints the
@@ -347,7 +347,7 @@ def kernel_lines(op, records):
 
 
 # ----------------------------------------------------------------------------------------------
-# The README: a summary per device
+# The performance page (docs/performance.md, or the README given): a summary per device
 
 
 README_LEGEND = (
