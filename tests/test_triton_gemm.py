@@ -2,9 +2,12 @@
 TMA-descriptor and pointer loads of each operand layout, more tiles than programs, every epilogue
 (with whole and sliced epilogue tiles), the ones row, and split-K."""
 
+import functools
+
 import pytest
 import torch
 from tolerance import assert_close
+from triton.runtime.autotuner import Autotuner
 
 import fastgpt
 from fastgpt.activations import activation_forward
@@ -89,6 +92,48 @@ def test_autotune_hook_sets_descriptor_blocks():
     triton_gemm._set_descriptor_blocks(args)
     assert args["a"].block_shape == [128, 64]  # A (M, K) tiles
     assert args["b"].block_shape == [256, 64]  # tiles of B^T (N, K)
+
+
+@interpreter_only
+def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
+    """The GPU launcher, driven on the interpreter as if on sm_90 (tensor descriptors, the autotuner
+    with a stand-in benchmark under which the first candidate, the largest tile, wins): a split-K GEMM
+    whose fp32 partials and descriptor operands look the same to the autotuner's key in fp16 and fp32
+    must not reuse the fp16 choice for fp32 operands, whose pipeline would not fit shared memory."""
+    monkeypatch.setattr(triton_gemm, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fresh = functools.cache(triton_gemm._autotuned_matmul.__wrapped__)  # no tuner from other tests
+    monkeypatch.setattr(triton_gemm, "_autotuned_matmul", fresh)
+    benchmarked = []
+
+    def first_candidate_wins(kernel_call, quantiles):
+        kernel_call()  # one trial run, pre-hooks included
+        benchmarked.append(kernel_call)
+        return [float(len(benchmarked))] * len(quantiles)
+
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda tuner: first_candidate_wins))
+    chosen = []
+    run = Autotuner.run
+
+    def recording_run(tuner, *args, **kwargs):
+        result = run(tuner, *args, **kwargs)
+        chosen.append(tuner.best_config)
+        return result
+
+    monkeypatch.setattr(Autotuner, "run", recording_run)
+    split_k = 2
+    for dtype in (torch.float16, torch.float32):
+        a, b = matrix(M, K, "rows", dtype), matrix(K, N, "columns", dtype, scale=K**-0.5)
+        assert load_modes(a, b, torch.empty(M, N)) == (LOADS["descriptor"], LOADS["descriptor_t"])
+        partials = torch.full((split_k, M, N), float("nan"))
+        triton_gemm.matmul(a, b, partials, split_k=split_k)
+        assert_close(f"c {dtype}", partials.sum(0), a.double() @ b.double(), (a @ b).float())
+    fp16_config, fp32_config = (
+        tuple(config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (config.num_stages,)
+        for config in chosen
+    )
+    assert fp16_config == triton_gemm.gpu_configs(90)[0][:4]
+    assert triton_gemm.shared_memory_bytes(fp32_config, 4) <= triton_gemm.SHARED_MEMORY_BUDGET[90]
 
 
 def _grad(h, activation):
