@@ -94,12 +94,10 @@ def test_autotune_hook_sets_descriptor_blocks():
     assert args["b"].block_shape == [256, 64]  # tiles of B^T (N, K)
 
 
-@interpreter_only
-def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
-    """The GPU launcher, driven on the interpreter as if on sm_90 (tensor descriptors, the autotuner
-    with a stand-in benchmark under which the first candidate, the largest tile, wins): a split-K GEMM
-    whose fp32 partials and descriptor operands look the same to the autotuner's key in fp16 and fp32
-    must not reuse the fp16 choice for fp32 operands, whose pipeline would not fit shared memory."""
+def drive_gpu_launcher(monkeypatch, trials):
+    """Makes matmul take its sm_90 branch on the interpreter (tensor descriptors, a fresh autotuner)
+    with a stand-in benchmark that runs each candidate `trials` times, pre-hooks included, and prefers
+    the first (the largest tile). Returns the list the configuration each launch kept is appended to."""
     monkeypatch.setattr(triton_gemm, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fresh = functools.cache(triton_gemm._autotuned_matmul.__wrapped__)  # no tuner from other tests
@@ -107,7 +105,8 @@ def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
     benchmarked = []
 
     def first_candidate_wins(kernel_call, quantiles):
-        kernel_call()  # one trial run, pre-hooks included
+        for _ in range(trials):
+            kernel_call()
         benchmarked.append(kernel_call)
         return [float(len(benchmarked))] * len(quantiles)
 
@@ -121,6 +120,15 @@ def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
         return result
 
     monkeypatch.setattr(Autotuner, "run", recording_run)
+    return chosen
+
+
+@interpreter_only
+def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
+    """On the GPU branch a split-K GEMM whose fp32 partials and descriptor operands look the same to
+    the autotuner's key in fp16 and fp32 must not reuse the fp16 choice for fp32 operands, whose
+    pipeline would not fit shared memory."""
+    chosen = drive_gpu_launcher(monkeypatch, trials=1)
     split_k = 2
     for dtype in (torch.float16, torch.float32):
         a, b = matrix(M, K, "rows", dtype), matrix(K, N, "columns", dtype, scale=K**-0.5)
@@ -134,6 +142,18 @@ def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
     )
     assert fp16_config == triton_gemm.gpu_configs(90)[0][:4]
     assert triton_gemm.shared_memory_bytes(fp32_config, 4) <= triton_gemm.SHARED_MEMORY_BUDGET[90]
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["accumulate, ones_row", "grad_and_activate, column_sums"])
+def test_autotuner_trials_leave_no_trace(monkeypatch, name):
+    """On the GPU branch every candidate runs three times before the first is kept: the bias gradient
+    an ACCUMULATE launch reads and rewrites must be restored after each trial (restore_value), and the
+    column-sum rows a 64-row candidate wrote must not stay behind for the kept 128-row one
+    (reset_to_zero)."""
+    chosen = drive_gpu_launcher(monkeypatch, trials=3)
+    check_epilogue(EPILOGUES[name], torch.float16, "columns", "rows")
+    assert [config.kwargs["BLOCK_M"] for config in chosen] == [triton_gemm.gpu_configs(90)[0][0]]
 
 
 def _grad(h, activation):
