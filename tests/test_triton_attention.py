@@ -6,6 +6,7 @@ the FlashAttention tolerance rule against eager PyTorch in the same dtype.
 """
 
 import contextlib
+import functools
 import math
 
 import pytest
@@ -158,6 +159,39 @@ def test_gpu_launcher_runs_single_configurations_directly(monkeypatch):
     launched = record_launches(monkeypatch)
     grads = triton_attention.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2, "tl")
     assert launched == ["preprocess", "fused", "cast"]
+    upcast = [leaf(t.double()) for t in (q, k, v)]
+    expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=0.2)
+    eager = attention_and_grads(reference.causal_attention, q, k, v, dout, softmax_scale=0.2)
+    for name, actual, exact, same_dtype in zip(("dq", "dk", "dv"), grads, expected[1:], eager[1:]):
+        assert_close(name, actual, exact.detach(), same_dtype.detach())
+
+
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="stands in for a GPU on the interpreter")
+def test_gpu_autotuner_trials_leave_no_trace(monkeypatch):
+    """The GPU launcher's autotuner, driven on the interpreter as if on sm_90 with a stand-in benchmark
+    that runs each candidate three times and prefers the first: the fused backward at head_dim 128 (two
+    candidates, through descriptors) adds dQ into its accumulator with atomics, so the accumulator
+    must be zeroed before every trial and before the launch that keeps the result (reset_to_zero), and
+    the descriptors must get the kept candidate's blocks back after the other one's trials."""
+    q, k, v = random_qkv(1, 2, 1, 40, 50, 128, torch.float16)
+    out, lse = triton_attention.attention_forward(q.detach(), k.detach(), v.detach(), 0.2)
+    dout = torch.randn_like(out)
+    assert len(triton_attention.gpu_configs("fused", 90, 128, torch.float16, True)) == 2
+    monkeypatch.setattr(triton_attention, "INTERPRETER", False)
+    monkeypatch.setattr(triton_attention, "_capability", lambda device_index: 90)
+    fresh = functools.cache(triton_attention._launcher.__wrapped__)  # no tuner from other tests
+    monkeypatch.setattr(triton_attention, "_launcher", fresh)
+    benchmarked = []
+
+    def first_candidate_wins(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        benchmarked.append(kernel_call)
+        return [float(len(benchmarked))] * len(quantiles)
+
+    monkeypatch.setattr(triton.runtime.Autotuner, "do_bench", property(lambda tuner: first_candidate_wins))
+    grads = triton_attention.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2, "tl")
+    assert len(benchmarked) == 2
     upcast = [leaf(t.double()) for t in (q, k, v)]
     expected = attention_and_grads(reference.causal_attention, *upcast, dout.double(), softmax_scale=0.2)
     eager = attention_and_grads(reference.causal_attention, q, k, v, dout, softmax_scale=0.2)

@@ -2,9 +2,12 @@
 TMA-descriptor and pointer loads of each operand layout, more tiles than programs, every epilogue
 (with whole and sliced epilogue tiles), the ones row, and split-K."""
 
+import functools
+
 import pytest
 import torch
 from tolerance import assert_close
+from triton.runtime.autotuner import Autotuner
 
 import fastgpt
 from fastgpt.activations import activation_forward
@@ -89,6 +92,68 @@ def test_autotune_hook_sets_descriptor_blocks():
     triton_gemm._set_descriptor_blocks(args)
     assert args["a"].block_shape == [128, 64]  # A (M, K) tiles
     assert args["b"].block_shape == [256, 64]  # tiles of B^T (N, K)
+
+
+def drive_gpu_launcher(monkeypatch, trials):
+    """Makes matmul take its sm_90 branch on the interpreter (tensor descriptors, a fresh autotuner)
+    with a stand-in benchmark that runs each candidate `trials` times, pre-hooks included, and prefers
+    the first (the largest tile). Returns the list the configuration each launch kept is appended to."""
+    monkeypatch.setattr(triton_gemm, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fresh = functools.cache(triton_gemm._autotuned_matmul.__wrapped__)  # no tuner from other tests
+    monkeypatch.setattr(triton_gemm, "_autotuned_matmul", fresh)
+    benchmarked = []
+
+    def first_candidate_wins(kernel_call, quantiles):
+        for _ in range(trials):
+            kernel_call()
+        benchmarked.append(kernel_call)
+        return [float(len(benchmarked))] * len(quantiles)
+
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda tuner: first_candidate_wins))
+    chosen = []
+    run = Autotuner.run
+
+    def recording_run(tuner, *args, **kwargs):
+        result = run(tuner, *args, **kwargs)
+        chosen.append(tuner.best_config)
+        return result
+
+    monkeypatch.setattr(Autotuner, "run", recording_run)
+    return chosen
+
+
+@interpreter_only
+def test_autotuned_choice_is_kept_per_operand_dtype(monkeypatch):
+    """On the GPU branch a split-K GEMM whose fp32 partials and descriptor operands look the same to
+    the autotuner's key in fp16 and fp32 must not reuse the fp16 choice for fp32 operands, whose
+    pipeline would not fit shared memory."""
+    chosen = drive_gpu_launcher(monkeypatch, trials=1)
+    split_k = 2
+    for dtype in (torch.float16, torch.float32):
+        a, b = matrix(M, K, "rows", dtype), matrix(K, N, "columns", dtype, scale=K**-0.5)
+        assert load_modes(a, b, torch.empty(M, N)) == (LOADS["descriptor"], LOADS["descriptor_t"])
+        partials = torch.full((split_k, M, N), float("nan"))
+        triton_gemm.matmul(a, b, partials, split_k=split_k)
+        assert_close(f"c {dtype}", partials.sum(0), a.double() @ b.double(), (a @ b).float())
+    fp16_config, fp32_config = (
+        tuple(config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (config.num_stages,)
+        for config in chosen
+    )
+    assert fp16_config == triton_gemm.gpu_configs(90)[0][:4]
+    assert triton_gemm.shared_memory_bytes(fp32_config, 4) <= triton_gemm.SHARED_MEMORY_BUDGET[90]
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["accumulate, ones_row", "grad_and_activate, column_sums"])
+def test_autotuner_trials_leave_no_trace(monkeypatch, name):
+    """On the GPU branch every candidate runs three times before the first is kept: the bias gradient
+    an ACCUMULATE launch reads and rewrites must be restored after each trial (restore_value), and the
+    column-sum rows a 64-row candidate wrote must not stay behind for the kept 128-row one
+    (reset_to_zero)."""
+    chosen = drive_gpu_launcher(monkeypatch, trials=3)
+    check_epilogue(EPILOGUES[name], torch.float16, "columns", "rows")
+    assert [config.kwargs["BLOCK_M"] for config in chosen] == [triton_gemm.gpu_configs(90)[0][0]]
 
 
 def _grad(h, activation):

@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
 from fastgpt.ops.triton_decode import LOG2E, check_head_span, online_softmax_block
@@ -1737,7 +1738,8 @@ def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v."""
-    return attention_forward(q, k, v, softmax_scale)
+    with on_device_of(q):
+        return attention_forward(q, k, v, softmax_scale)
 
 
 @attention_forward_op.register_fake
@@ -1758,7 +1760,8 @@ def attention_backward_op(
     kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results."""
-    return attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels)
+    with on_device_of(q):
+        return attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels)
 
 
 @attention_backward_op.register_fake

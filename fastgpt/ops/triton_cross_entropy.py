@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastgpt.dispatch import triton_interpreter_enabled
+from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_gemm import (
     GEMM_DTYPES,
@@ -367,7 +368,8 @@ def _linear_cross_entropy_op(
     reduction: str,
     compute_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, compute_grads)
+    with on_device_of(x):
+        return cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, compute_grads)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -390,7 +392,8 @@ def _linear_cross_entropy_backward_op(
     lse: torch.Tensor,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore_index)
+    with on_device_of(x):
+        return cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore_index)
 
 
 @_linear_cross_entropy_backward_op.register_fake

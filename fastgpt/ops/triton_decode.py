@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastgpt import dispatch
+from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
 
@@ -386,7 +387,8 @@ def _decode(q, k, v, softmax_scale, device_kv_len):
 def decode_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
-    return decode_forward(q, k, v, softmax_scale)
+    with on_device_of(q):
+        return decode_forward(q, k, v, softmax_scale)
 
 
 @decode_attention_op.register_fake
@@ -415,7 +417,8 @@ def decode_attention(q, k, v, softmax_scale=None):
 def decode_attention_with_length_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
-    return decode_forward_with_length(q, k, v, kv_len, softmax_scale)
+    with on_device_of(q):
+        return decode_forward_with_length(q, k, v, kv_len, softmax_scale)
 
 
 @decode_attention_with_length_op.register_fake

@@ -29,6 +29,7 @@ between forward and backward.
 
 import torch
 
+from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_gemm import (
     GEMM_DTYPES,
@@ -136,9 +137,10 @@ def _fused_ffn_op(
     residual: torch.Tensor | None,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return ffn_forward(
-        x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation
-    )
+    with on_device_of(x):
+        return ffn_forward(
+            x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation
+        )
 
 
 @_fused_ffn_op.register_fake
@@ -159,7 +161,8 @@ def _fused_ffn_backward_op(
     fc_bias_grad: bool,
     proj_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, proj_bias_grad)
+    with on_device_of(x):
+        return ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, proj_bias_grad)
 
 
 @_fused_ffn_backward_op.register_fake

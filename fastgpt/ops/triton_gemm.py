@@ -574,11 +574,15 @@ def _prune_by_shared_memory(configs, named_args, **kwargs):
 
 
 @functools.cache
-def _autotuned_matmul(capability, accumulates, column_sums):
-    """matmul_kernel autotuned over this capability's configurations, built on first use. Trial runs
-    must not leave traces: kernels that read and rewrite their outputs (ACCUMULATE) get them restored
-    after each trial, and the COLUMN_SUMS buffer (whose rows in use depend on BLOCK_M) is zeroed
-    before each trial and before the chosen configuration runs."""
+def _autotuned_matmul(capability, operand_dtype, accumulates, column_sums):
+    """matmul_kernel autotuned over this capability's configurations, built on first use per operand
+    dtype: the autotuner's cache key holds the dtypes of tensor arguments only, and a TensorDescriptor
+    has none, so with both operands described and an fp32 C (split-K partials, the cross-entropy's dW
+    accumulator) a choice made for 16-bit operands would otherwise serve fp32 ones, whose pipeline
+    takes twice the shared memory (128 x 256 x 64 at 4 stages: 384 KiB, over every GPU's limit). Trial
+    runs must not leave traces: kernels that read and rewrite their outputs (ACCUMULATE) get them
+    restored after each trial, and the COLUMN_SUMS buffer (whose rows in use depend on BLOCK_M) is
+    zeroed before each trial and before the chosen configuration runs."""
     return triton.autotune(
         configs=[_gpu_config(config) for config in gpu_configs(capability)],
         key=_AUTOTUNE_KEY,
@@ -756,7 +760,7 @@ def matmul(a, b, c, *, split_k=1, **options):
     if capability >= TMA_MIN_CAPABILITY:
         # The block shapes are placeholders: each configuration's pre-hook sets its own.
         args = with_tensor_descriptors(args, *gpu_configs(capability)[0][:3])
-    kernel = _autotuned_matmul(capability, args["ACCUMULATE"], args["COLUMN_SUMS"])
+    kernel = _autotuned_matmul(capability, a.dtype, args["ACCUMULATE"], args["COLUMN_SUMS"])
 
     def grid(meta):
         tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * split_k

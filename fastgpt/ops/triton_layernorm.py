@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from fastgpt.dispatch import triton_interpreter_enabled
+from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_gemm import compile_case, multiprocessor_count, sum_rows
 
@@ -316,7 +317,8 @@ def _layer_norm_op(
     eps: float,
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, residual)
+    with on_device_of(x):
+        return layer_norm_forward(x, weight, bias, eps, residual)
 
 
 @_layer_norm_op.register_fake
@@ -338,7 +340,8 @@ def _layer_norm_backward_op(
     weight_grad: bool,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_grad, bias_grad)
+    with on_device_of(normed_input):
+        return layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_grad, bias_grad)
 
 
 @_layer_norm_backward_op.register_fake
