@@ -159,7 +159,9 @@ def test_cuda_graph_mode_trains_like_eager(token_split, dtype, grad_accum):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_mode_with_dropout_trains(token_split):
+def test_cuda_graph_mode_with_dropout_trains(token_split, monkeypatch):
+    # Debug mode too: GPT.forward's range checks of the tokens read CUDA values, except in the capture.
+    monkeypatch.setenv("FASTGPT_DEBUG", "1")
     trainer = make_trainer(token_split, "cuda-graph", CUDA, dropout=0.1)
     losses = [trainer.train_step() for _ in range(8)]
     assert trainer.run_step.captured
