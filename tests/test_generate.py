@@ -5,6 +5,7 @@ import mmap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt
 from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
@@ -400,6 +401,64 @@ def test_a_failed_capture_leaves_no_graph_to_replay(emulated_cuda_graphs):
     assert kept_decoder(model).graph is None
     assert torch.equal(generate_static(model, prompt, 9, capture=True), expected)
     assert len(kept_decoder(model).graph.recorded) == 1
+
+
+# aten ops that read device values on the host (a synchronisation, which a CUDA graph capture forbids):
+# .item()/bool()/int() of a tensor, and ops whose output shape depends on the values.
+HOST_READING_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::multinomial",
+    "aten::repeat_interleave.Tensor",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+}
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records the aten ops of HOST_READING_OPS called under it, and indexing by a boolean mask (a nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        masks = name == "aten::index.Tensor" and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        )
+        if name in HOST_READING_OPS or masks:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", STATIC_BACKENDS)
+@pytest.mark.parametrize(
+    "sampling", [(0, None, None, 5), (0.8, 7, 0.9, None)], ids=["greedy-eos", "top-k-top-p"]
+)
+def test_static_step_reads_nothing_on_the_host(backend, sampling):
+    """The step a CUDA graph captures (StaticDecodeStep.run: embeddings at the device position, every
+    block's decode_at, sampling on the device, the eos bookkeeping) calls no op that reads tensor values
+    on the host. The CPU sees the aten ops (not .tolist() or .cpu(), nor a Triton launcher's host code)."""
+    temperature, top_k, top_p, eos = sampling
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2, backend=backend)).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.inference_mode():
+        step = static_decode.decoder_for(model, 2, 12, (temperature, top_k, top_p), eos, prompt.device)
+        step.out[:, :5] = prompt
+        first_token = torch.tensor([3, eos or 4])  # (B,): sequence 1 starts finished when eos is given
+        step.out[:, 5] = first_token
+        model.hidden_states(prompt, step.caches, 0)
+        step.start(5, first_token)
+        with HostReadRecorder() as recorder:
+            for _ in range(3):
+                step.run(model)
+    assert recorder.reads == []
+    assert int(step.position) == 8
 
 
 def test_on_device_sampling_draws_what_multinomial_draws_on_cpu():
