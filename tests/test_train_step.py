@@ -223,6 +223,28 @@ def test_cuda_graph_mode_trains_like_eager(token_split, dtype, grad_accum):
 
 
 @pytest.mark.gpu
+def test_compile_mode_trains_like_eager_on_gpu(token_split):
+    """--step-mode auto's choice on a GPU: the bfloat16 model under torch.compile (the cuda backend's
+    C++ operators and Triton's cross-entropy opaque, Inductor's CUDA code around them) gives eager's
+    gradients on the same weights and batch (up to the rounding of fused glue), then eager's losses."""
+    eager = make_trainer(token_split, "eager", CUDA, torch.bfloat16, grad_accum=2)
+    compiled = make_trainer(token_split, "compile", CUDA, torch.bfloat16, grad_accum=2)
+    inputs, targets = (tensor[:2].to(CUDA) for tensor in eager.process_batch())  # a micro-batch's shape
+    compiled.process_batch()  # the two samplers stay in step
+    for trainer in (eager, compiled):
+        trainer.wrapped(inputs, targets).backward()
+    for (name, expected), actual in zip(
+        eager.compute_model.named_parameters(), compiled.compute_model.parameters()
+    ):
+        scale = float(expected.grad.abs().max())
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=0, atol=0.05 * scale, msg=name)
+        actual.grad = expected.grad = None
+    eager_losses = [eager.train_step() for _ in range(3)]
+    compiled_losses = [compiled.train_step() for _ in range(3)]
+    assert compiled_losses == pytest.approx(eager_losses, rel=2e-2)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_mode_with_dropout_trains(token_split, monkeypatch):
     # Debug mode too: GPT.forward's range checks of the tokens read CUDA values, except in the capture.
     monkeypatch.setenv("FASTGPT_DEBUG", "1")
