@@ -21,7 +21,8 @@
 #   bash benchmarks/gpu_check.sh layer_norm    # tests matching 'layer_norm or layernorm'; LayerNorm GB/s
 #   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy'; vocab 50257
 #   bash benchmarks/gpu_check.sh gpt           # the training step's tests (eager, compile, CUDA graph,
-#                                              # determinism) and the GPT-2 step and generation, with the
+#                                              # determinism), generate's (its CUDA-graph decode step), and
+#                                              # the GPT-2 step and generation, with the
 #                                              # fastgpt.nn+torch.compile and fastgpt.nn+cuda-graph providers
 #
 # Several areas in one run build once and then take the areas in the order given, each with an equal
@@ -109,7 +110,7 @@ area_tests() {
     attention) echo "attention or decode" ;;
     ffn) echo "ffn or gemm" ;;
     layer_norm) echo "layer_norm or layernorm" ;;
-    gpt) echo "train_step or training_step or torch_compile or gpt" ;;
+    gpt) echo "train_step or training_step or torch_compile or gpt or generate" ;;
     *) echo "$1" ;;
   esac
 }

@@ -603,13 +603,17 @@ def validate_targets(op, targets, shape, device, vocab, ignore_index, *, device_
 
 def check_index_range(op, name, indices, size, ignore_index=None):
     """Checks that every index is in [0, size) (or equals ignore_index). It reads tensor values: always
-    on CPU tensors; on CUDA only with FASTGPT_DEBUG=1, because reading them synchronises the host.
-    Never on meta tensors (no values) nor under torch.compile. fastgpt's kernels read a target's logit
-    only when the target lies in the row, so an unchecked out-of-range target gives a wrong loss, not an
-    out-of-bounds access."""
+    on CPU tensors; on CUDA only with FASTGPT_DEBUG=1, because reading them synchronises the host, and
+    not while a CUDA graph captures (the read, a device-to-host copy and a stream synchronisation, is
+    not permitted there: it would invalidate the capture). Never on meta tensors (no values) nor under
+    torch.compile. fastgpt's kernels read a target's logit only when the target lies in the row, so an
+    unchecked out-of-range target gives a wrong loss, not an out-of-bounds access."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
         return
-    if not (indices.is_cpu or (indices.is_cuda and debug_checks_enabled())):
+    if indices.is_cuda:
+        if not debug_checks_enabled() or torch.cuda.is_current_stream_capturing():
+            return
+    elif not indices.is_cpu:
         return
     extremes = torch.aminmax(indices)
     if extremes.min.item() >= 0 and extremes.max.item() < size:

@@ -75,7 +75,7 @@ def add_arguments(parser):
         choices=STEP_MODES,
         default="auto",
         help="how each step runs: eager, torch.compile (fullgraph), or the whole step replayed from a CUDA "
-        "graph (auto: cuda-graph on one GPU, compile under torchrun on GPUs, eager on CPU)",
+        "graph (auto: compile on GPUs, eager on CPU; cuda-graph is opt-in until verified on a GPU)",
     )
     runtime.add_arguments(run)
 

@@ -144,3 +144,24 @@ def test_auto_warns_once_when_the_extension_is_missing(monkeypatch, fresh_routes
 def test_validation_runs_when_not_compiling():
     assert not dispatch.skip_validation(torch.randn(2))
     assert not dispatch.skip_validation([1.0])
+
+
+class PretendCudaTensor(torch.Tensor):
+    """A CPU tensor that reports itself as a CUDA one, so a host-side check takes its CUDA branch here."""
+
+    is_cuda = True
+    is_cpu = False
+
+
+def test_debug_index_check_reads_no_cuda_values_while_a_graph_captures(monkeypatch):
+    """FASTGPT_DEBUG=1 range-checks CUDA indices by reading them, which a CUDA graph capture forbids (a
+    synchronising copy invalidates it): GPT.forward checks its tokens and targets on every call, so the
+    captured training step (--step-mode cuda-graph) would fail at its capture in debug mode."""
+    monkeypatch.setenv("FASTGPT_DEBUG", "1")
+    capturing = False
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    targets = torch.tensor([[0, 5], [99, 2]]).as_subclass(PretendCudaTensor)  # (2, 2), 99 out of range
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\), got 99"):
+        dispatch.check_index_range("op", "targets", targets, 10)
+    capturing = True
+    dispatch.check_index_range("op", "targets", targets, 10)  # not read: nothing raised

@@ -1,9 +1,11 @@
 """GPT.generate: the KV cache against full recomputation, transformers parity, sampling filters, eos, errors."""
 
+import contextlib
 import mmap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt
 from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
@@ -298,6 +300,165 @@ def test_static_decoder_is_kept_and_refilled_by_calls_that_fit():
     assert kept_decoder(model) is not with_eos and kept_decoder(model).caches[0].keys.dtype == torch.float64
     model.release_decode_graph()
     assert kept_decoder(model) is None
+
+
+class EmulatedStream:
+    def wait_stream(self, other):
+        pass
+
+
+class EmulatedGraph:
+    """torch.cuda.CUDAGraph's contract, emulated on the CPU for static_decode's bookkeeping: the decode
+    steps run inside a capture are recorded, not run; replay() runs what was recorded, and raises before
+    a successful capture, as torch's does. `fail` makes the next capture raise (an op that cannot be
+    captured)."""
+
+    capturing = None  # the graph whose capture is under way
+    fail = False
+
+    def __init__(self):
+        self.recorded = None  # [(step, model)] once captured
+        self.pending = []
+        self.replays = 0
+
+    def replay(self):
+        if self.recorded is None:
+            raise RuntimeError("Called CUDAGraph::replay without a preceding successful capture.")
+        for step, model in self.recorded:
+            RUN_STATIC_STEP(step, model)
+        self.replays += 1
+
+
+RUN_STATIC_STEP = static_decode.StaticDecodeStep.run
+
+
+class EmulatedCapture:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        EmulatedGraph.capturing = self.graph
+
+    def __exit__(self, *error):
+        EmulatedGraph.capturing = None
+        if error[0] is None:
+            self.graph.recorded = self.graph.pending
+
+
+def run_or_record(step, model):
+    graph = EmulatedGraph.capturing
+    if graph is None:
+        return RUN_STATIC_STEP(step, model)
+    if EmulatedGraph.fail:
+        EmulatedGraph.fail = False
+        raise RuntimeError("operation not permitted when stream is capturing (emulated)")
+    graph.pending.append((step, model))
+    return None
+
+
+@pytest.fixture
+def emulated_cuda_graphs(monkeypatch):
+    """static_decode's CUDA calls on the CPU: streams that order nothing (one CPU stream) and EmulatedGraph."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: EmulatedStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: EmulatedStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", EmulatedCapture)
+    monkeypatch.setattr(static_decode.StaticDecodeStep, "run", run_or_record)
+    monkeypatch.setattr(EmulatedGraph, "fail", False)
+
+
+def test_captured_decode_warms_up_captures_once_and_replays(emulated_cuda_graphs):
+    """decode(capture=True) with the graph emulated: WARMUP_STEPS eager steps, one capture, a replay per
+    later step, the tokens (streamed too) of the eager static step; the next call replays only."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    new_tokens = 9
+    expected = generate_static(model, prompt, new_tokens)
+    streamed = []
+    with torch.inference_mode():
+        captured = model._generate_static(prompt, new_tokens, 0, None, None, None, streamed.append, True)
+    assert torch.equal(captured, expected)
+    assert torch.equal(torch.stack(streamed, dim=1), expected[:, 7:])
+    graph = kept_decoder(model).graph
+    assert len(graph.recorded) == 1 and graph.replays == new_tokens - 1 - static_decode.WARMUP_STEPS
+    assert torch.equal(generate_static(model, prompt, new_tokens, capture=True), expected)
+    assert (
+        kept_decoder(model).graph is graph
+        and graph.replays == 2 * (new_tokens - 1) - static_decode.WARMUP_STEPS
+    )
+
+
+def test_a_failed_capture_leaves_no_graph_to_replay(emulated_cuda_graphs):
+    """A capture that raises keeps no graph: the next call warms up and captures again instead of
+    replaying a graph that recorded nothing."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    expected = generate_static(model, prompt, 9)
+    EmulatedGraph.fail = True
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        generate_static(model, prompt, 9, capture=True)
+    assert kept_decoder(model).graph is None
+    assert torch.equal(generate_static(model, prompt, 9, capture=True), expected)
+    assert len(kept_decoder(model).graph.recorded) == 1
+
+
+# aten ops that read device values on the host (a synchronisation, which a CUDA graph capture forbids):
+# .item()/bool()/int() of a tensor, and ops whose output shape depends on the values.
+HOST_READING_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::multinomial",
+    "aten::repeat_interleave.Tensor",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+}
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records the aten ops of HOST_READING_OPS called under it, and indexing by a boolean mask (a nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        masks = name == "aten::index.Tensor" and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        )
+        if name in HOST_READING_OPS or masks:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", STATIC_BACKENDS)
+@pytest.mark.parametrize(
+    "sampling", [(0, None, None, 5), (0.8, 7, 0.9, None)], ids=["greedy-eos", "top-k-top-p"]
+)
+def test_static_step_reads_nothing_on_the_host(backend, sampling):
+    """The step a CUDA graph captures (StaticDecodeStep.run: embeddings at the device position, every
+    block's decode_at, sampling on the device, the eos bookkeeping) calls no op that reads tensor values
+    on the host. The CPU sees the aten ops (not .tolist() or .cpu(), nor a Triton launcher's host code)."""
+    temperature, top_k, top_p, eos = sampling
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2, backend=backend)).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.inference_mode():
+        step = static_decode.decoder_for(model, 2, 12, (temperature, top_k, top_p), eos, prompt.device)
+        step.out[:, :5] = prompt
+        first_token = torch.tensor([3, eos or 4])  # (B,): sequence 1 starts finished when eos is given
+        step.out[:, 5] = first_token
+        model.hidden_states(prompt, step.caches, 0)
+        step.start(5, first_token)
+        with HostReadRecorder() as recorder:
+            for _ in range(3):
+                step.run(model)
+    assert recorder.reads == []
+    assert int(step.position) == 8
 
 
 def test_on_device_sampling_draws_what_multinomial_draws_on_cpu():

@@ -139,9 +139,10 @@ def decode(model, step, steps, callback=None, capture=True):
             torch.cuda.current_stream(step.out.device).wait_stream(side)
         elif capture:
             if step.graph is None:
-                step.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(step.graph):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     step.run(model)
+                step.graph = graph  # kept only once recorded: a failed capture leaves none to replay
             step.graph.replay()
         else:
             step.run(model)
