@@ -142,8 +142,9 @@ double op_element(const Layout& layout, const void* data, int32_t trans, uint64_
 // The documented shape rules; INVALID_VALUE where ffn_cublaslt.cpp would have broken one.
 cublasStatus_t check_problem(const Desc& d, const Layout& a, const Layout& b, const Layout& c, const Layout& dl) {
   const uint64_t m = dl.rows, n = dl.cols;
-  const uint64_t a_rows = d.trans_a == CUBLAS_OP_N ? a.rows : a.cols, a_cols = d.trans_a == CUBLAS_OP_N ? a.cols : a.rows;
-  const uint64_t b_rows = d.trans_b == CUBLAS_OP_N ? b.rows : b.cols, b_cols = d.trans_b == CUBLAS_OP_N ? b.cols : b.rows;
+  const bool a_n = d.trans_a == CUBLAS_OP_N, b_n = d.trans_b == CUBLAS_OP_N;
+  const uint64_t a_rows = a_n ? a.rows : a.cols, a_cols = a_n ? a.cols : a.rows;
+  const uint64_t b_rows = b_n ? b.rows : b.cols, b_cols = b_n ? b.cols : b.rows;
   if (d.compute != CUBLAS_COMPUTE_32F || d.scale != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
   if (a_rows != m || b_cols != n || a_cols != b_rows) return CUBLAS_STATUS_INVALID_VALUE;
   if (c.rows != m || c.cols != n || c.type != dl.type) return CUBLAS_STATUS_INVALID_VALUE;
@@ -426,7 +427,8 @@ struct View {
   lt::Operand operand() const { return lt::Operand{t->data, t->ld, transposed}; }
 };
 
-void check(const char* name, const Tensor& actual, const std::vector<double>& expected, int64_t cols, double tolerance) {
+void check(const char* name, const Tensor& actual, const std::vector<double>& expected, int64_t cols,
+           double tolerance) {
   double max_ref = 1.0, max_error = 0.0;
   for (double v : expected) max_ref = std::fmax(max_ref, std::fabs(v));
   bool finite = true;
