@@ -251,6 +251,26 @@ def test_fused_ffn_rejects_an_unknown_path(monkeypatch):
         fastgpt.fused_ffn(x, w1, None, w2, None, backend="cuda")
 
 
+def test_fused_ffn_backward_op_checks_shapes():
+    """The GEMMs read dy and h as x's rows and the weights at x's and h's widths: the CUDA op refuses
+    other shapes, as the CPU op does, instead of reading past their ends."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.bfloat16)
+    w1 = torch.randn(256, 64, device=DEVICE, dtype=torch.bfloat16)
+    w2 = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    y, h = torch.ops.fastgpt.ffn_forward(x, w1, None, w2, None, "gelu_tanh", None)
+    backward = torch.ops.fastgpt.ffn_backward
+    with pytest.raises(RuntimeError, match="dy must have shape"):
+        backward(y[:, :3], x, h, w1, w2, "gelu_tanh")
+    with pytest.raises(RuntimeError, match="h must have shape"):
+        backward(y, x, h[:, :3], w1, w2, "gelu_tanh")
+    with pytest.raises(RuntimeError, match="fc_weight must be"):
+        backward(y, x, h, w1[:, :32], w2, "gelu_tanh")
+    with pytest.raises(RuntimeError, match="proj_weight must be"):
+        backward(y, x, h[..., :128], w1[:128], w2, "gelu_tanh")
+
+
 @pytest.mark.usefixtures("ffn_path")
 def test_fused_ffn_no_tokens():
     x = torch.randn(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -304,6 +324,18 @@ def test_layer_norm_gradient_through_residual_sum_only():
     grad = torch.randn_like(summed)
     dx, dresidual = torch.autograd.grad(summed, (x, residual), grad)
     assert torch.equal(dx, grad) and torch.equal(dresidual, grad)
+
+
+def test_layer_norm_backward_op_checks_the_weight_length():
+    """The kernel reads one weight per column: the CUDA op refuses a shorter weight, as the CPU op does,
+    instead of reading past its end."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(64, device=DEVICE, dtype=torch.bfloat16)
+    out, _, mean, rstd = torch.ops.fastgpt.layer_norm_forward(x, weight, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must have 64 elements"):
+        torch.ops.fastgpt.layer_norm_backward(out, None, x, weight[:32], mean, rstd)
 
 
 def test_layer_norm_no_rows():

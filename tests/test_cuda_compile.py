@@ -2,7 +2,8 @@
 every shipped template instantiation is there, and the attention and GEMM kernels run on tensor cores
 (HMMA in the SASS). Also: the fragment layouts check out on the CPU, the csrc/dev harnesses compile and
 link against the kernel objects, the cuBLASLt host code of the FFN (csrc/cuda/ffn_cublaslt.cpp)
-compiles against cuBLASLt's header, and the kernels stay free of torch. The Hopper attention forward
+compiles against cuBLASLt's header and computes the right GEMMs on an emulated cuBLASLt
+(csrc/dev/cublaslt_emulator.cpp, on the CPU), and the kernels stay free of torch. The Hopper attention forward
 and backward (csrc/cuda/attention_fwd_sm90.cu, attention_bwd_sm90.cu, on CuTe) compile for sm_90a with
 every instantiation spill-free and their PTX holding wgmma, TMA (cp.async.bulk.tensor), setmaxnreg and
 mbarrier. Needs nvcc, not a GPU; the
@@ -290,6 +291,43 @@ def test_cublaslt_host_code_compiles(tmp_path):
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
+
+
+def test_cublaslt_mapping_on_an_emulated_cublaslt(tmp_path):
+    """ffn_cublaslt.cpp's GEMMs, run on the CPU against csrc/dev/cublaslt_emulator.cpp's cuBLASLt
+    (cublasLt.h's documented semantics on host memory): the FFN forward and backward and the float32
+    accumulation match a double reference, with every fused epilogue offered and with each one
+    declined (the fallback routes). No GPU, libcublasLt or CUDA runtime is involved."""
+    include = find_cublaslt_header()
+    if include is None:
+        pytest.skip(NO_CUBLASLT)
+    program = tmp_path / "cublaslt_emulator"
+    command = [
+        NVCC,
+        "-std=c++17",
+        "-O1",
+        "-x",
+        "c++",
+        f"-I{include}",
+        f"-I{CUDA_DIR.parent}",
+        "-Xcompiler",
+        "-Wall,-Wextra",
+        "--cudart",
+        "none",
+        str(DEV_DIR / "cublaslt_emulator.cpp"),
+        str(CUBLASLT_SOURCE),
+        "-o",
+        str(program),
+    ]
+    built = subprocess.run(command, check=False, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    assert "warning" not in built.stderr.lower(), built.stderr[-4000:]
+    for mode in ([], ["--decline-fused"]):
+        result = subprocess.run(
+            [str(program), *mode], check=False, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "all emulated cuBLASLt checks passed" in result.stdout
 
 
 def test_dev_harnesses_compile_and_link(builds, tmp_path):

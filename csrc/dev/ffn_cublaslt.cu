@@ -4,10 +4,11 @@ csrc/cuda/ffn_elementwise.cu and the column sums of csrc/cuda/column_sums.cu): c
 (y, h) and the backward (dx, dWfc, dbfc, dWproj, dbproj) against a double-precision CPU reference for
 every activation (gelu_tanh on cuBLASLt's GELU epilogues when hidden % 8 == 0, on the bias GEMM and
 elementwise passes otherwise; gelu, relu, silu always on the latter), with and without biases and a
-residual, at ragged sizes, in bfloat16 and float16. Then times the forward and the backward of a
-GPT-2 small and a GPT-2 XL FFN (8192 tokens, bfloat16, biases and residual) per activation, in TFLOP/s
-(forward 2 GEMMs = 4 * tokens * C * hidden FLOPs, backward 4 GEMMs = twice that). The mma.sync GEMMs
-of the same FFN are timed GEMM by GEMM by ./gemm.
+residual, at ragged sizes, in bfloat16 and float16, and says per case whether cuBLASLt offered the
+fused epilogues tried (GELU_AUX(_BIAS), DGELU_BGRAD, BGRADB) or the fallback routes ran. Then times the
+forward and the backward of a GPT-2 small and a GPT-2 XL FFN (8192 tokens, bfloat16, biases and
+residual) per activation, in TFLOP/s (forward 2 GEMMs = 4 * tokens * C * hidden FLOPs, backward 4 GEMMs =
+twice that). The mma.sync GEMMs of the same FFN are timed GEMM by GEMM by ./gemm.
 
 Compile and run (from csrc/dev; needs cuBLASLt: CUBLASLT_INCLUDE/CUBLASLT_LIB default to what
 fastgpt/_cublaslt_paths.py finds, e.g. the nvidia-cublas wheel):
@@ -136,6 +137,45 @@ static const Case kCases[] = {
     {33, 30, 50, 30, Activation::kGelu, true, true},             // nothing a multiple of 8: element-wise passes
 };
 
+// Whether cuBLASLt offers the fused epilogues ffn_cublaslt.cpp tries at this case's shapes: where one
+// says "no", ffn_cublaslt.cpp took its fallback route (silently) and the checks below cover that route.
+// Each probe runs its GEMM once more into scratch outputs.
+template <typename T>
+void report_fused_epilogues(const Context& context, const Ffn<T>& f, const Case& c) {
+  const int M = c.tokens, C = c.channels, H = c.hidden, O = c.out_features;
+  Buffer<T> out(size_t(M) * H), aux(size_t(M) * H), bias(H), weight_grad(size_t(O) * H), bias_grad(O);
+  auto offered = [&](const lt::Gemm& g) {
+    const lt::Resources& r = context.resources;
+    const cublasStatus_t s = lt::matmul(r.handle, g, r.workspace, r.workspace_bytes, r.stream);
+    if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) cublas_check(s);
+    return s == CUBLAS_STATUS_SUCCESS ? "yes" : "no";
+  };
+  auto gemm = [&](int64_t m, int64_t n, int64_t k, lt::Operand a, lt::Operand b, void* result, lt::Epilogue e,
+                  void* bias_ptr, void* aux_ptr) {
+    lt::Gemm g{};
+    g.dtype = dtype_of<T>();
+    g.M = m, g.N = n, g.K = k;
+    g.a = a, g.b = b;
+    g.out = result, g.ld_out = n;
+    g.epilogue = e, g.bias = bias_ptr;
+    g.aux = aux_ptr, g.ld_aux = aux_ptr != nullptr ? H : 0;
+    return g;
+  };
+  const lt::Gemm dproj = gemm(O, H, M, {f.dy.device, O, true}, {f.activated.device, H, false}, weight_grad.device,
+                              lt::Epilogue::kBGradA, bias_grad.device, nullptr);
+  if (c.activation != Activation::kGeluTanh || H % 8 != 0) {
+    printf("  cuBLASLt offers BGRADB (dWproj): %s\n", offered(dproj));
+    return;
+  }
+  const lt::Gemm fc = gemm(M, H, C, {f.x.device, C, false}, {f.fc_weight.device, C, true}, out.device,
+                           c.bias ? lt::Epilogue::kGeluAuxBias : lt::Epilogue::kGeluAux,
+                           c.bias ? f.fc_bias.device : nullptr, aux.device);
+  const lt::Gemm dh = gemm(M, H, O, {f.dy.device, O, false}, {f.proj_weight.device, H, false}, out.device,
+                           lt::Epilogue::kDGeluBGrad, bias.device, f.h.device);
+  printf("  cuBLASLt offers %s (fc): %s, DGELU_BGRAD (dH): %s, BGRADB (dWproj): %s\n",
+         c.bias ? "GELU_AUX_BIAS" : "GELU_AUX", offered(fc), offered(dh), offered(dproj));
+}
+
 template <typename T>
 void check_ffn(const Context& context, const Case& c, std::mt19937& rng) {
   printf("%s tokens %d C %d hidden %d C_out %d %s%s%s\n", dtype_name<T>(), c.tokens, c.channels, c.hidden,
@@ -208,6 +248,7 @@ void check_ffn(const Context& context, const Case& c, std::mt19937& rng) {
   check(f.dfc_bias, dfc_bias_ref, "dfc_bias");
   check(f.dproj_weight, dproj_weight_ref, "dproj_weight");
   check(f.dproj_bias, dproj_bias_ref, "dproj_bias");
+  report_fused_epilogues(context, f, c);
 }
 
 void benchmark(const Context& context, const char* model, int tokens, int channels, std::mt19937& rng) {
