@@ -715,6 +715,28 @@ def test_a_backend_without_a_kernel_for_the_op_is_skipped_with_the_reason(monkey
     assert by_name["fastgpt:cuda"].skip is None
 
 
+def test_every_provider_is_reached_by_its_own_name():
+    """benchmark_call (host_overhead.py, gpu_check.sh profile; the pytest-benchmark harness) selects one
+    provider by its name through the glob filter: names with brackets (`sdpa[cudnn]`,
+    `fastgpt:triton[gluon]`) must select themselves, not read as a character class and select nothing."""
+    from fastgpt.bench.providers import select
+
+    bench = OPS["attention"]
+    shape = bench.shapes("cpu", "tiny")[0]
+    names = bench.provider_names(shape, torch.float32, "cpu")
+    assert {"sdpa[cudnn]", "sdpa[flash]", "fastgpt:triton[gluon]"} <= set(names)
+    for name in names:
+        call, skip = bench.benchmark_call(shape, torch.float32, "cpu", name, "fwd")
+        assert (call is None) != (skip is None), name
+    assert [p.name for p in select(bench.providers(shape, torch.float32, "cpu"), include=["sdpa*"])] == [
+        "sdpa",
+        "sdpa[cudnn]",
+        "sdpa[flash]",
+    ]
+    kept = select(bench.providers(shape, torch.float32, "cpu"), exclude=["sdpa[cudnn]", "*gluon*"])
+    assert "sdpa[cudnn]" not in {p.name for p in kept} and "sdpa[flash]" in {p.name for p in kept}
+
+
 def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
     from fastgpt.bench import gpt
 
