@@ -665,13 +665,51 @@ def test_host_overhead_times_each_op_against_torch_at_tiny_shapes(tmp_path):
         assert row[9].endswith("x") and row[10].endswith("x") and row[12] in ("yes", "no")
 
 
-def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
+def load_host_overhead():
+    """benchmarks/host_overhead.py imported as a module."""
     import importlib.util
 
     path = REPO_ROOT / "benchmarks" / "host_overhead.py"
     spec = importlib.util.spec_from_file_location("host_overhead", path)
     host_overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_overhead)
+    return host_overhead
+
+
+def test_host_overhead_writes_each_record_as_it_is_measured(tmp_path, monkeypatch):
+    """gpu_check.sh profile runs host_overhead.py under a timeout that kills it where its GPU profile
+    runs long: the outputs are rewritten after every record, so what was measured before the kill is
+    in DIR/host_overhead.json and .md (the kill is a BaseException raised at the third record)."""
+    host_overhead = load_host_overhead()
+    measure = host_overhead.measure
+
+    class Killed(BaseException):
+        pass
+
+    def measure_until_killed(*args):
+        if (tmp_path / "host_overhead.json").exists() and len(
+            json.loads((tmp_path / "host_overhead.json").read_text())["records"]
+        ) == 2:
+            raise Killed
+        return measure(*args)
+
+    monkeypatch.setattr(host_overhead, "measure", measure_until_killed)
+    with pytest.raises(Killed):
+        host_overhead.main(["--device", "cpu", "--tiny", "--ops", "layer_norm", "--out", str(tmp_path)])
+    found = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert [(r["mode"], r["provider"]) for r in found["records"]] == [
+        ("fwd", "fastgpt:triton"),
+        ("fwd", "fastgpt:cpu"),
+    ]
+    assert found["records"][1]["wall_ms"] > 0 and found["metadata"]["dtype"] == "float32"
+    assert (
+        "| layer_norm | fwd | 64x32 +residual | fastgpt:cpu | " in (tmp_path / "host_overhead.md").read_text()
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["host_overhead.json", "host_overhead.md"]
+
+
+def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
+    host_overhead = load_host_overhead()
     calls = []
 
     def call():  # compiles fine, then fails: as a kernel that breaks on its second launch would
