@@ -796,6 +796,43 @@ def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
     assert by_name["nanogpt"].skip is None and by_name["nanogpt"].model is not None
 
 
+def test_a_training_step_whose_capture_fails_is_skipped_and_the_others_are_timed(monkeypatch):
+    """fastgpt.nn+cuda-graph's step runs eagerly at its first call and is captured in a CUDA graph at its
+    second: a capture that fails (a host synchronisation or an allocation the graph cannot record) skips
+    that provider with the error, as a failing first call does, instead of ending the case (and the
+    gpt stage) in the unguarded warm-up. The CPU stands in for the GPU: the captured step is
+    fastgpt.nn's eager step wrapped in a CapturedStep whose capture raises CUDA's error."""
+    pytest.importorskip("transformers")
+    from fastgpt.bench import gpt
+    from fastgpt.bench.runner import PLANS
+
+    class FailingCapture(gpt.CapturedStep):
+        def __init__(self, step):  # CapturedStep.__init__ wants a CUDA device
+            self.step_fn, self.warmup_steps, self.calls, self.graph = step, gpt.CAPTURE_WARMUP_STEPS, 0, None
+
+        def __call__(self):
+            self.calls += 1
+            if self.calls > self.warmup_steps:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return self.step_fn()
+
+    train_step = gpt._train_step
+
+    def captured_fastgpt_nn(provider, x, y, device):
+        step = train_step(provider, x, y, device)
+        return FailingCapture(step) if provider.name == "fastgpt.nn" else step
+
+    monkeypatch.setattr(gpt, "_train_step", captured_fastgpt_nn)
+    peaks = {"device": "cpu", "matmul_tflops": {"float32": 1.0}, "copy_gbps": 1.0}
+    records, skipped = gpt.GPTBench().run_case(
+        gpt.TINY[0], torch.float32, "cpu", PLANS["tiny"], peaks, include=["fastgpt.nn", "nanogpt"]
+    )
+    assert [r["provider"] for r in records] == ["nanogpt"] and records[0]["median_ms"] > 0
+    assert [(s["provider"], s["reason"]) for s in skipped] == [
+        ("fastgpt.nn", "error: RuntimeError: CUDA error: operation not permitted when stream is capturing")
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # The nanoGPT baseline
 
