@@ -20,7 +20,8 @@ transformers). For each:
 
 The H200's LayerNorm times raised the question (benchmarks/results/2026-11-30-h200.json): the Triton
 forward is flat at 0.11-0.145 ms and forward+backward at 1.0-1.14 ms from 768 to 4096 columns, so
-something other than memory traffic sets them. Writes DIR/host_overhead.json and DIR/host_overhead.md.
+something other than memory traffic sets them. Writes DIR/host_overhead.json and DIR/host_overhead.md,
+rewritten after every record (gpu_check.sh profile's timeout keeps what was measured before it).
 On CPU there is no device time; the host profile still runs (the tests run --tiny on CPU).
 
 --calls-at-tiny-shapes measures something else: the time of one call of each public op where its
