@@ -412,7 +412,7 @@ fi
 # 7. report: the stage table, every op's table, and the speedup summary printed last
 "$PYTHON" -m fastgpt.bench.report "$OUT/results.json" --stages "$STAGES" --markdown "$OUT/report.md" 2>&1 | tee -a "$LOG"
 if [[ "$DRY_RUN" != 1 ]]; then
-  GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())" 2>/dev/null)
+  GPU=$("$PYTHON" -c "import torch; from fastgpt.bench.records import gpu_model; print(gpu_model(torch.cuda.get_device_name()))" 2>/dev/null)
   echo "commit as: benchmarks/results/$(date +%F)-${GPU:-gpu}.json (and render: python -m fastgpt bench --render ...)"
 fi
 echo "gpu_check: ${SECONDS}s; wrote in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -730,6 +730,15 @@ def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
     assert "wall_ms" not in record
 
 
+def test_gpu_model_names_the_results_file():
+    """gpu_check.sh suggests benchmarks/results/<date>-<model>.json: the H100's CUDA name ends in its
+    memory type, which the last word (the earlier rule) gave instead of the model."""
+    assert records.gpu_model("NVIDIA H100 80GB HBM3") == "h100"
+    assert records.gpu_model("NVIDIA H200") == "h200"
+    assert records.gpu_model("NVIDIA A100-SXM4-80GB") == "a100"
+    assert records.gpu_model("NVIDIA GeForce RTX 4090") == "4090"
+
+
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
     monkeypatch.delenv("FASTGPT_GIT_SHA", raising=False)
     head = subprocess.run(
