@@ -399,8 +399,9 @@ elif ! command -v compute-sanitizer >/dev/null; then
 else
   for tool in memcheck racecheck; do
     for binary in "${HARNESSES[@]}"; do
-      # dev_index_checks runs on the CPU only: compute-sanitizer has no GPU call to instrument and fails
-      [[ "$(basename "$binary")" == dev_index_checks ]] && continue
+      # dev_index_checks and dev_sm90_layout_checks run on the CPU only: compute-sanitizer has no GPU
+      # call to instrument and exits 255 (dev_index_checks, 2026-11-30-h200-sanitizer.stages.tsv)
+      case "$(basename "$binary")" in dev_index_checks | dev_sm90_layout_checks) continue ;; esac
       run_stage "$(basename "$binary") $tool" 40 compute-sanitizer --tool "$tool" --error-exitcode 1 "$binary" --validate
     done
     STAGE_NOTE="$SANITIZER_TEST"
@@ -412,7 +413,7 @@ fi
 # 7. report: the stage table, every op's table, and the speedup summary printed last
 "$PYTHON" -m fastgpt.bench.report "$OUT/results.json" --stages "$STAGES" --markdown "$OUT/report.md" 2>&1 | tee -a "$LOG"
 if [[ "$DRY_RUN" != 1 ]]; then
-  GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())" 2>/dev/null)
+  GPU=$("$PYTHON" -c "import torch; from fastgpt.bench.records import gpu_model; print(gpu_model(torch.cuda.get_device_name()))" 2>/dev/null)
   echo "commit as: benchmarks/results/$(date +%F)-${GPU:-gpu}.json (and render: python -m fastgpt bench --render ...)"
 fi
 echo "gpu_check: ${SECONDS}s; wrote in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

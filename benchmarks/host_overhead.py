@@ -20,7 +20,8 @@ transformers). For each:
 
 The H200's LayerNorm times raised the question (benchmarks/results/2026-11-30-h200.json): the Triton
 forward is flat at 0.11-0.145 ms and forward+backward at 1.0-1.14 ms from 768 to 4096 columns, so
-something other than memory traffic sets them. Writes DIR/host_overhead.json and DIR/host_overhead.md.
+something other than memory traffic sets them. Writes DIR/host_overhead.json and DIR/host_overhead.md,
+rewritten after every record (gpu_check.sh profile's timeout keeps what was measured before it).
 On CPU there is no device time; the host profile still runs (the tests run --tiny on CPU).
 
 --calls-at-tiny-shapes measures something else: the time of one call of each public op where its
@@ -522,16 +523,26 @@ def calls_at_tiny_shapes(tiny):
     return records, metadata
 
 
-def write_outputs(out, metadata, records, markdown_text):
+def write_outputs(out, metadata, records, markdown_text, quiet=False):
+    """DIR/host_overhead.json and .md, each replaced whole (a run killed while writing leaves the last)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "host_overhead.json").write_text(json.dumps({"metadata": metadata, "records": records}, indent=1))
-    (out / "host_overhead.md").write_text(markdown_text)
-    print(f"wrote {out / 'host_overhead.json'} and {out / 'host_overhead.md'}")
+    contents = {
+        "host_overhead.json": json.dumps({"metadata": metadata, "records": records}, indent=1),
+        "host_overhead.md": markdown_text,
+    }
+    for name, text in contents.items():
+        partial = out / f"{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, out / name)
+    if not quiet:
+        print(f"wrote {out / 'host_overhead.json'} and {out / 'host_overhead.md'}")
 
 
-def profile_ops(parser, args):
-    """(records, metadata) of the default mode: every op's wall and device time and hotspots."""
+def profile_ops(parser, args, measured=None):
+    """(records, metadata) of the default mode: every op's wall and device time and hotspots.
+    measured(records, metadata), when given, is called after each record: main rewrites the outputs
+    there, so a run ended by its caller's timeout (gpu_check.sh profile) keeps what it measured."""
     device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device_type)
     ops = args.ops.split(",")
@@ -539,16 +550,6 @@ def profile_ops(parser, args):
     if unknown:
         parser.error(f"--ops: expected names from {', '.join(OP_ORDER)}, got {', '.join(unknown)}")
     dtype = DTYPES[args.dtype or DEFAULT_DTYPE[device_type]]
-    records = []
-    for op in ops:
-        for bench, shape, mode in cases(op, device_type, args.tiny):
-            for provider in providers(op, bench, shape, dtype, device):
-                records.append(measure(bench, shape, mode, provider, dtype, device))
-                r = records[-1]
-                print(
-                    f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}",
-                    flush=True,
-                )
     metadata = {
         "device": device_name(device),
         "dtype": dtype_name(dtype),
@@ -556,6 +557,18 @@ def profile_ops(parser, args):
         "torch": torch.__version__,
         "tiny": args.tiny,
     }
+    records = []
+    for op in ops:
+        for bench, shape, mode in cases(op, device_type, args.tiny):
+            for provider in providers(op, bench, shape, dtype, device):
+                records.append(measure(bench, shape, mode, provider, dtype, device))
+                r = records[-1]
+                if measured is not None:
+                    measured(records, metadata)
+                print(
+                    f"{op} {mode} {provider}: {json.dumps({k: r.get(k) for k in SUMMARY_KEYS if k in r})}",
+                    flush=True,
+                )
     return records, metadata
 
 
@@ -586,7 +599,13 @@ def main(argv=None):
         text = tiny_call_markdown(records, metadata)
         print(text)
     else:
-        records, metadata = profile_ops(parser, args)
+        records, metadata = profile_ops(
+            parser,
+            args,
+            lambda records, metadata: write_outputs(
+                args.out, metadata, records, markdown(records, metadata), quiet=True
+            ),
+        )
         text = markdown(records, metadata)
     write_outputs(args.out, metadata, records, text)
 

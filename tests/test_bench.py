@@ -665,13 +665,51 @@ def test_host_overhead_times_each_op_against_torch_at_tiny_shapes(tmp_path):
         assert row[9].endswith("x") and row[10].endswith("x") and row[12] in ("yes", "no")
 
 
-def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
+def load_host_overhead():
+    """benchmarks/host_overhead.py imported as a module."""
     import importlib.util
 
     path = REPO_ROOT / "benchmarks" / "host_overhead.py"
     spec = importlib.util.spec_from_file_location("host_overhead", path)
     host_overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_overhead)
+    return host_overhead
+
+
+def test_host_overhead_writes_each_record_as_it_is_measured(tmp_path, monkeypatch):
+    """gpu_check.sh profile runs host_overhead.py under a timeout that kills it where its GPU profile
+    runs long: the outputs are rewritten after every record, so what was measured before the kill is
+    in DIR/host_overhead.json and .md (the kill is a BaseException raised at the third record)."""
+    host_overhead = load_host_overhead()
+    measure = host_overhead.measure
+
+    class Killed(BaseException):
+        pass
+
+    def measure_until_killed(*args):
+        if (tmp_path / "host_overhead.json").exists() and len(
+            json.loads((tmp_path / "host_overhead.json").read_text())["records"]
+        ) == 2:
+            raise Killed
+        return measure(*args)
+
+    monkeypatch.setattr(host_overhead, "measure", measure_until_killed)
+    with pytest.raises(Killed):
+        host_overhead.main(["--device", "cpu", "--tiny", "--ops", "layer_norm", "--out", str(tmp_path)])
+    found = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert [(r["mode"], r["provider"]) for r in found["records"]] == [
+        ("fwd", "fastgpt:triton"),
+        ("fwd", "fastgpt:cpu"),
+    ]
+    assert found["records"][1]["wall_ms"] > 0 and found["metadata"]["dtype"] == "float32"
+    assert (
+        "| layer_norm | fwd | 64x32 +residual | fastgpt:cpu | " in (tmp_path / "host_overhead.md").read_text()
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["host_overhead.json", "host_overhead.md"]
+
+
+def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
+    host_overhead = load_host_overhead()
     calls = []
 
     def call():  # compiles fine, then fails: as a kernel that breaks on its second launch would
@@ -690,6 +728,15 @@ def test_host_overhead_keeps_what_was_measured_when_a_provider_fails():
     )
     assert record["first_call_s"] >= 0 and record["error"] == "RuntimeError: launch failed"
     assert "wall_ms" not in record
+
+
+def test_gpu_model_names_the_results_file():
+    """gpu_check.sh suggests benchmarks/results/<date>-<model>.json: the H100's CUDA name ends in its
+    memory type, which the last word (the earlier rule) gave instead of the model."""
+    assert records.gpu_model("NVIDIA H100 80GB HBM3") == "h100"
+    assert records.gpu_model("NVIDIA H200") == "h200"
+    assert records.gpu_model("NVIDIA A100-SXM4-80GB") == "a100"
+    assert records.gpu_model("NVIDIA GeForce RTX 4090") == "4090"
 
 
 def test_git_sha_is_the_checkouts_commit_unless_overridden(monkeypatch):
@@ -715,6 +762,28 @@ def test_a_backend_without_a_kernel_for_the_op_is_skipped_with_the_reason(monkey
     assert by_name["fastgpt:cuda"].skip is None
 
 
+def test_every_provider_is_reached_by_its_own_name():
+    """benchmark_call (host_overhead.py, gpu_check.sh profile; the pytest-benchmark harness) selects one
+    provider by its name through the glob filter: names with brackets (`sdpa[cudnn]`,
+    `fastgpt:triton[gluon]`) must select themselves, not read as a character class and select nothing."""
+    from fastgpt.bench.providers import select
+
+    bench = OPS["attention"]
+    shape = bench.shapes("cpu", "tiny")[0]
+    names = bench.provider_names(shape, torch.float32, "cpu")
+    assert {"sdpa[cudnn]", "sdpa[flash]", "fastgpt:triton[gluon]"} <= set(names)
+    for name in names:
+        call, skip = bench.benchmark_call(shape, torch.float32, "cpu", name, "fwd")
+        assert (call is None) != (skip is None), name
+    assert [p.name for p in select(bench.providers(shape, torch.float32, "cpu"), include=["sdpa*"])] == [
+        "sdpa",
+        "sdpa[cudnn]",
+        "sdpa[flash]",
+    ]
+    kept = select(bench.providers(shape, torch.float32, "cpu"), exclude=["sdpa[cudnn]", "*gluon*"])
+    assert "sdpa[cudnn]" not in {p.name for p in kept} and "sdpa[flash]" in {p.name for p in kept}
+
+
 def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
     from fastgpt.bench import gpt
 
@@ -734,6 +803,43 @@ def test_gpt_providers_named_in_skips_are_not_built_and_carry_the_reason():
         and by_name["nanogpt+torch.compile"].kind == records.BASELINE
     )
     assert by_name["nanogpt"].skip is None and by_name["nanogpt"].model is not None
+
+
+def test_a_training_step_whose_capture_fails_is_skipped_and_the_others_are_timed(monkeypatch):
+    """fastgpt.nn+cuda-graph's step runs eagerly at its first call and is captured in a CUDA graph at its
+    second: a capture that fails (a host synchronisation or an allocation the graph cannot record) skips
+    that provider with the error, as a failing first call does, instead of ending the case (and the
+    gpt stage) in the unguarded warm-up. The CPU stands in for the GPU: the captured step is
+    fastgpt.nn's eager step wrapped in a CapturedStep whose capture raises CUDA's error."""
+    pytest.importorskip("transformers")
+    from fastgpt.bench import gpt
+    from fastgpt.bench.runner import PLANS
+
+    class FailingCapture(gpt.CapturedStep):
+        def __init__(self, step):  # CapturedStep.__init__ wants a CUDA device
+            self.step_fn, self.warmup_steps, self.calls, self.graph = step, gpt.CAPTURE_WARMUP_STEPS, 0, None
+
+        def __call__(self):
+            self.calls += 1
+            if self.calls > self.warmup_steps:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return self.step_fn()
+
+    train_step = gpt._train_step
+
+    def captured_fastgpt_nn(provider, x, y, device):
+        step = train_step(provider, x, y, device)
+        return FailingCapture(step) if provider.name == "fastgpt.nn" else step
+
+    monkeypatch.setattr(gpt, "_train_step", captured_fastgpt_nn)
+    peaks = {"device": "cpu", "matmul_tflops": {"float32": 1.0}, "copy_gbps": 1.0}
+    records, skipped = gpt.GPTBench().run_case(
+        gpt.TINY[0], torch.float32, "cpu", PLANS["tiny"], peaks, include=["fastgpt.nn", "nanogpt"]
+    )
+    assert [r["provider"] for r in records] == ["nanogpt"] and records[0]["median_ms"] > 0
+    assert [(s["provider"], s["reason"]) for s in skipped] == [
+        ("fastgpt.nn", "error: RuntimeError: CUDA error: operation not permitted when stream is capturing")
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

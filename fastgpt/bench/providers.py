@@ -71,13 +71,20 @@ def reset_compiled():
     torch._dynamo.reset()
 
 
+def matches(name, pattern):
+    """Whether a provider name matches a glob, or is the pattern itself: names such as `sdpa[cudnn]` and
+    `fastgpt:triton[gluon]` hold brackets, which fnmatch reads as a character class (`[cudnn]` matches
+    one letter), so their own name would not select them."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
 def select(providers, include=None, exclude=None):
     """Keep providers whose name matches one of the `include` globs (all when None) and none of `exclude`."""
 
     def wanted(name):
-        if include and not any(fnmatch.fnmatch(name, pattern) for pattern in include):
+        if include and not any(matches(name, pattern) for pattern in include):
             return False
-        return not (exclude and any(fnmatch.fnmatch(name, pattern) for pattern in exclude))
+        return not (exclude and any(matches(name, pattern) for pattern in exclude))
 
     return [provider for provider in providers if wanted(provider.name)]
 

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -75,6 +76,16 @@ def device_name(device):
         pass
     threads = torch.get_num_threads()
     return f"{model} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def gpu_model(name):
+    """The GPU's model from its CUDA device name, lower-case, for results file names: "NVIDIA H100 80GB
+    HBM3" -> "h100", "NVIDIA H200" -> "h200", "NVIDIA A100-SXM4-80GB" -> "a100" (the first word of
+    letters then digits); the name's last word where none is."""
+    for word in re.split(r"[\s-]+", name):
+        if re.fullmatch(r"[A-Za-z]+\d+[A-Za-z]*", word):
+            return word.lower()
+    return name.split()[-1].lower() if name.split() else "gpu"
 
 
 def git_sha():
