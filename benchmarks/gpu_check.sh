@@ -107,7 +107,7 @@ done
 # area_tests AREA: the pytest -k expression choosing the area's GPU tests (test and module names)
 area_tests() {
   case "$1" in
-    attention) echo "attention or decode" ;;
+    attention) echo "attention or decode or sdpa" ;;
     ffn) echo "ffn or gemm" ;;
     layer_norm) echo "layer_norm or layernorm" ;;
     gpt) echo "train_step or training_step or torch_compile or gpt or generate" ;;
