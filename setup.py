@@ -11,7 +11,8 @@ CUDAExtension that also compiles csrc/cuda/*.cu (the `cuda` backend). Environmen
   FASTGPT_CUTLASS_INCLUDE where the CUTLASS/CuTe headers are, when the `nvidia-cutlass` wheel is not
                           installed (fastgpt/_cutlass_paths.py)
   TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0a" (9.0 is built as 9.0a when CUTLASS is
-                          found: the Hopper attention kernel needs the architecture-specific target)
+                          found: the Hopper attention kernel needs the architecture-specific target;
+                          a list without 9.0 builds no Hopper kernel)
 
 The CUDA extension's Hopper attention forward (csrc/cuda/attention_fwd_sm90.cu) is written on CuTe,
 whose headers come from the `nvidia-cutlass` wheel (`pip install nvidia-cutlass`, 6 MB, headers only
@@ -92,6 +93,13 @@ def hopper_arch_list(arch_list):
                     for arch in arch_list.replace(" ", ";").split(";") if arch)
 
 
+def builds_hopper(arch_list):
+    """Whether TORCH_CUDA_ARCH_LIST compiles a compute capability 9.0 image (9.0, 9.0a, 9.0+PTX). The
+    Hopper attention kernel exists only there: without one, a Hopper GPU would JIT the other
+    architectures' PTX, in which the kernel is a stub that traps."""
+    return any(arch.startswith("9.0") for arch in arch_list.replace(" ", ";").split(";"))
+
+
 def openmp_flags():
     """-fopenmp for GCC/clang on Linux; Apple's clang has no OpenMP, and the kernels then run serially."""
     return [] if sys.platform == "darwin" else ["-fopenmp"]
@@ -148,6 +156,14 @@ def torch_extension():
         )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        if cutlass_include is not None and not builds_hopper(os.environ["TORCH_CUDA_ARCH_LIST"]):
+            print(
+                "setup.py: building the cuda backend without its Hopper attention kernel: "
+                f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} has no 9.0 entry, and a "
+                "Hopper GPU would run the kernel's stub",
+                file=sys.stderr,
+            )
+            cutlass_include = None
         cublaslt_include, cublaslt_lib, cublaslt_name = cublaslt
         macros = [("FASTGPT_WITH_CUDA", None)]
         sources = CPU_SOURCES + CUDA_SOURCES
