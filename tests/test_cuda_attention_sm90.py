@@ -78,10 +78,47 @@ def test_sm90_attention_matches_reference(sm90, shape, dtype):
     )
 
 
+# The forward's own outputs through the op, for the statistics the backward reads: (batch, heads,
+# kv_heads, q_len, kv_len, head_dim) with padded query rows, ragged key blocks and GQA together.
+LSE_SHAPES = [
+    (2, 4, 2, 1, 300, 128),  # one query: 127 zero-filled rows in its tile, lse written for row 0 only
+    (1, 6, 2, 257, 385, 64),  # q_len < kv_len over 3 query tiles, kv_len 3 x 128 + 1, 3-stage ring
+    (1, 2, 1, 300, 1100, 128),  # diagonal 800: rows that see no key of the first block visited
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sm90_attention_packed_qkv_views(sm90, dtype):
-    """q, k, v as strided views of one fused projection output (TMA reads them in place)."""
-    batch, seq, heads, head_dim = 2, 300, 4, 128
+@pytest.mark.parametrize("shape", LSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sm90_attention_forward_saves_the_reference_lse(sm90, shape, dtype):
+    """out and the logsumexp (natural log, float32, (batch, heads, q_len)) the sm_90a forward saves,
+    against float64: the gradient tests see lse only through the backward, so a wrong lse would show as
+    wrong dq/dk/dv without saying which kernel is at fault."""
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    scale = 0.3
+    q = random_heads(batch, heads, q_len, head_dim, dtype)
+    k = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    v = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    names = kernels_run(lambda: torch.ops.fastgpt.attention_forward(q, k, v, scale))
+    assert any(KERNEL_NAME in name for name in names), names
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
+    exact_out, exact_lse = reference.causal_attention(
+        q.double(), k.double(), v.double(), scale, return_lse=True
+    )
+    # The bar is eager in the input dtype, as in the Gluon forward's lse test: the wgmma's float32
+    # accumulation of the scores is not IEEE summation, so float32 eager would be too tight a bar.
+    eager_out, eager_lse = reference.causal_attention(q, k, v, scale, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (batch, heads, q_len)
+    assert_close("sm90 forward out", out, exact_out, eager_out)
+    assert_close("sm90 forward lse", lse, exact_lse, eager_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_attention_packed_qkv_views(sm90, head_dim, dtype):
+    """q, k, v as strided views of one fused projection output (TMA reads them in place): head stride
+    head_dim, row stride 3 * heads * head_dim, at both head dims (their TMA boxes differ: V^T comes in
+    as one 64 x 128 box a block at 64, as 1 KB boxes at 128)."""
+    batch, seq, heads = 2, 300, 4
     qkv = torch.randn(batch, seq, 3, heads, head_dim, device=DEVICE, dtype=dtype)
     grad = random_heads(batch, heads, seq, head_dim, dtype)
 
