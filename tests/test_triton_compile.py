@@ -228,14 +228,11 @@ def test_gluon_attention_backward_is_warp_specialized_tma_and_wgmma(gluon_record
         assert r["shared_bytes"] <= 227 * 1024, f"{r['name']}: {r['shared_bytes']} bytes of shared memory"
 
 
-def test_gluon_launches_pass_the_scalars_the_compile_checks_type(monkeypatch):
-    """The Gluon launchers pass every argument that the compile cases type "fp32" as a Python float and
-    every "i32" one as an int, so that a launch compiles the kernel those cases check. A tl.constexpr
-    (softmax_scale * LOG2E is one) would be compiled into the kernel instead: another kernel than the
-    one checked above, compiled again for every softmax_scale. Records the launches on CPU tensors."""
+def _recorded_gluon_launches(monkeypatch, dtype, head_dim):
+    """(kernel, positional arguments) of the Gluon forward's and backward's launches on CPU tensors of
+    `dtype` and `head_dim` (q (2, 4, 100, D), k and v (2, 2, 150, D)), recorded instead of run."""
     from fastgpt.ops import gluon_attention
 
-    cases = gluon_attention.gpu_compile_cases(90)
     launches = []  # (kernel, positional arguments); jit functions are not hashed under the interpreter
 
     class RecordingKernel:
@@ -248,16 +245,55 @@ def test_gluon_launches_pass_the_scalars_the_compile_checks_type(monkeypatch):
     for name in ("_gluon_attention_forward_kernel", "_gluon_attention_backward_kernel"):
         monkeypatch.setattr(gluon_attention, name, RecordingKernel(getattr(gluon_attention, name)))
     monkeypatch.setattr(gluon_attention, "_multiprocessors", lambda device_index: 132)
-    q = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16)  # (B, H, Tq, D)
-    k, v = (torch.randn(2, 2, 150, 64, dtype=torch.bfloat16) for _ in range(2))  # (B, Hkv, Tk, D)
+    q = torch.randn(2, 4, 100, head_dim, dtype=dtype)  # (B, H, Tq, D)
+    k, v = (torch.randn(2, 2, 150, head_dim, dtype=dtype) for _ in range(2))  # (B, Hkv, Tk, D)
     out, lse = gluon_attention.attention_forward(q, k, v, 0.125)
     dq_acc, delta = torch.zeros(q.shape), torch.zeros(lse.shape)
     gluon_attention.attention_backward(
         torch.randn_like(out), q, k, v, lse, delta, dq_acc, torch.empty_like(k), torch.empty_like(v), 0.125
     )
     assert len(launches) == 2
-    for kernel, args in launches:
+    return launches
+
+
+def test_gluon_launches_pass_the_scalars_the_compile_checks_type(monkeypatch):
+    """The Gluon launchers pass every argument that the compile cases type "fp32" as a Python float and
+    every "i32" one as an int, so that a launch compiles the kernel those cases check. A tl.constexpr
+    (softmax_scale * LOG2E is one) would be compiled into the kernel instead: another kernel than the
+    one checked above, compiled again for every softmax_scale. Records the launches on CPU tensors."""
+    from fastgpt.ops import gluon_attention
+
+    cases = gluon_attention.gpu_compile_cases(90)
+    for kernel, args in _recorded_gluon_launches(monkeypatch, torch.bfloat16, 64):
         signature = next(case.signature for case in cases if case.kernel is kernel)
         for name, value in zip(kernel.arg_names, args):
             expected = {"fp32": float, "i32": int}.get(signature[name])
             assert expected is None or type(value) is expected, f"{name}={value!r}, typed {signature[name]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gluon_launches_pass_the_descriptors_the_compile_checks_type(monkeypatch, dtype, head_dim):
+    """Every TMA descriptor a Gluon launch passes is typed, as Triton's launcher types it (block shape
+    and shared-memory layout, which select the kernel that runs), exactly as one compile case of that
+    kernel types it: the compile checks above prove the kernel a launch runs, not one with other
+    blocks (a descriptor of BLOCK_M rows for the output, say, whose consumers store 64 each)."""
+    from triton.runtime.jit import mangle_type
+
+    from fastgpt.ops import gluon_attention
+
+    cases = gluon_attention.gpu_compile_cases(90)
+    for kernel, args in _recorded_gluon_launches(monkeypatch, dtype, head_dim):
+        launched = {
+            name: mangle_type(value).replace(" ", "")
+            for name, value in zip(kernel.arg_names, args)
+            if isinstance(value, gluon_attention.TensorDescriptor)
+        }
+        signatures = [case.signature for case in cases if case.kernel is kernel]
+        assert set(launched) == {
+            name for name, typed in signatures[0].items() if typed.startswith("tensordesc")
+        }
+        assert any(
+            all(signature[name].replace(" ", "") == typed for name, typed in launched.items())
+            for signature in signatures
+        ), f"{launched} is typed by no compile case of {kernel.fn.__name__}"
