@@ -441,6 +441,9 @@ def _gluon_attention_forward_kernel(
         mbarrier.init(v_empty.index(slot), count=2)
     mbarrier.init(turn0, count=1)
     mbarrier.init(turn1, count=1)
+    # The initialised barriers visible to the async proxy (TMA's completions) before any copy is issued,
+    # as the CUDA programming guide's TMA example does after mbarrier init.
+    fence_async_shared()
 
     gl.warp_specialize(
         [
@@ -829,6 +832,7 @@ def _gluon_attention_backward_kernel(
     mbarrier.init(ds_full, count=2)
     mbarrier.init(ds_free, count=2)
     mbarrier.init(dkv_ready, count=2)
+    fence_async_shared()  # the barriers visible to the async proxy first, as in the forward
 
     gl.warp_specialize(
         [
