@@ -171,6 +171,44 @@ def test_sm90_attention_backward_takes_a_broadcast_dout(sm90, dtype):
         assert_close(f"sm90 attention broadcast dout {name}", got, want, eager)
 
 
+# The backward's own edge cases, through the op with a scale other than the default: (batch, heads,
+# kv_heads, q_len, kv_len, head_dim). Each key block's CTA loops over (query head of the group, query
+# block) steps from the first query block that sees its first key, over a 2-slot Q/dO ring.
+BACKWARD_SHAPES = [
+    (2, 4, 2, 1, 257, 64),  # one query: 2 steps (one a head) in the ring's 2 slots; the last CTA one key
+    (1, 6, 2, 129, 385, 128),  # last CTA: one key, its first query block 2, 3 heads of 1 step each
+    (1, 4, 1, 200, 200, 64),  # MQA: 4 heads x 4 blocks = 16 steps (8 ring phases); last block 8 rows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sm90_attention_backward_edge_shapes(sm90, shape, dtype):
+    """dq, dk and dv of the sm_90a backward (checked to be the kernel that ran, so that a gate declining
+    these shapes cannot pass them on the sm_80 kernel) against float64, at softmax_scale 0.3: dK's
+    factor is applied in the kernel's epilogue and dQ's by the convert kernel."""
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    scale = 0.3
+    q = random_heads(batch, heads, q_len, head_dim, dtype)
+    k = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    v = random_heads(batch, kv_heads, kv_len, head_dim, dtype)
+    dout = random_heads(batch, heads, q_len, head_dim, dtype)
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
+    names = kernels_run(lambda: torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale))
+    assert any(BACKWARD_KERNEL_NAME in name for name in names), names
+    actual = torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale)
+
+    def reference_gradients(precision):
+        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+        expected = reference.causal_attention(*leaves, softmax_scale=scale)
+        return torch.autograd.grad(expected, leaves, dout.to(precision))
+
+    exact, bar = reference_gradients(torch.float64), reference_gradients(dtype)
+    for name, got, want, eager in zip(("dq", "dk", "dv"), actual, exact, bar):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close(f"sm90 attention backward {name}", got, want, eager)
+
+
 @pytest.fixture
 def deterministic():
     previous = (
