@@ -19,7 +19,8 @@
 #                                              # CUTLASS headers into build/cutlass-include.tar.gz to carry
 #   bash benchmarks/gpu_check.sh ffn           # tests matching 'ffn or gemm'; FFN at GPT-2 small and XL
 #   bash benchmarks/gpu_check.sh layer_norm    # tests matching 'layer_norm or layernorm'; LayerNorm GB/s
-#   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy'; vocab 50257
+#   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy' (and the cuda backend's
+#                                              # load, opcheck and float32 tests); vocab 50257
 #   bash benchmarks/gpu_check.sh gpt           # the training step's tests (eager, compile, CUDA graph,
 #                                              # determinism), generate's (its CUDA-graph decode step), and
 #                                              # the GPT-2 step and generation, with the
@@ -111,6 +112,9 @@ area_tests() {
     ffn) echo "ffn or gemm" ;;
     layer_norm) echo "layer_norm or layernorm" ;;
     gpt) echo "train_step or training_step or torch_compile or gpt or generate" ;;
+    # cross_entropy (the first area of a loan's run) also takes the cuda backend's tests of no one op:
+    # whether it loaded, its operators' opcheck, and its refusal of float32
+    cross_entropy) echo "cross_entropy or cuda_backend_is_available or opcheck or float32_is_declined" ;;
     *) echo "$1" ;;
   esac
 }

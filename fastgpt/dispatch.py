@@ -43,7 +43,10 @@ IMPLEMENTATIONS = {
         "linear_cross_entropy": "fastgpt.ops.triton_cross_entropy",
     },
     "cpu": {op: "fastgpt.ops.compiled" for op in OPS},
-    "cuda": {op: "fastgpt.ops.compiled" for op in ("causal_attention", "fused_ffn", "layer_norm")},
+    "cuda": {
+        op: "fastgpt.ops.compiled"
+        for op in ("causal_attention", "fused_ffn", "layer_norm", "linear_cross_entropy")
+    },
 }
 # Decode kernels: causal_attention with one query that needs no gradient, by backend (module, function).
 # The Triton one splits a long cache over the whole GPU instead of one program per head; the cpu and

@@ -172,8 +172,6 @@ def test_gpt_training_step_is_bitwise_repeatable(backend):
 def gpu_cases():
     for backend in GPU_BACKENDS:
         for case in CASES:
-            if backend == "cuda" and case.startswith("cross_entropy"):
-                continue  # the cuda backend has no linear_cross_entropy
             yield pytest.param(case, backend, id=f"{case}-{backend}")
 
 

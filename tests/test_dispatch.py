@@ -102,6 +102,19 @@ def test_cuda_auto_order_follows_the_h200_measurements():
         assert dispatch._auto_order(op, "cuda", {})[-1] == "reference"
 
 
+def test_every_backend_in_an_auto_order_implements_the_op():
+    """A backend `auto` may choose, or a caller may name, has a module for the op: the cuda backend's
+    linear_cross_entropy (csrc/cuda/cross_entropy.cu) was in CUDA_ORDER and tested with backend="cuda"
+    while IMPLEMENTATIONS left it out, so every such call raised "does not implement" on a GPU."""
+    for device_type, orders in dispatch.AUTO_ORDER.items():
+        for op in dispatch.OPS:
+            order = orders.get(op, ("reference",))
+            orders_by_size = (order.small, order.large) if isinstance(order, dispatch.SizeSplit) else (order,)
+            for candidates in orders_by_size:
+                for backend in candidates:
+                    assert op in dispatch.IMPLEMENTATIONS[backend], (device_type, op, backend)
+
+
 def test_kv_len_classes_are_two():
     """A decode loop's growing cache resolves twice, not once per length."""
     assert {dispatch.kv_len_class(n) for n in range(1, 2000)} == {
