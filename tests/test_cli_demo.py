@@ -83,6 +83,33 @@ def test_training_comparison_then_alone_plots_and_records(tmp_path):
     assert record["speedup"] == results["speedup"] and record["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_chosen_backends_asks_with_the_facts_of_the_models_own_calls(device_type, monkeypatch):
+    """What the demo prints and records as fastgpt's backends is dispatch's answer for the routing facts
+    of the calls the demo model makes in a training step. The CUDA model's shape (context 256) is
+    run on the CPU: the facts do not depend on the device, and on CUDA a fact left out flips
+    causal_attention to the other order (dispatch.CUDA_ORDER's kv_len split)."""
+    spec = {
+        k: v for k, v in demo.DEMO_MODEL[device_type].items() if k not in ("batch_size", "lr", "max_steps")
+    }
+    config = GPTConfig.preset("tiny", vocab_size=ByteTokenizer().vocab_size, **{**spec, "n_layer": 1})
+    asked = []
+    choose_backend = demo.dispatch.choose_backend
+
+    def recording_choose_backend(op, backend, device_type, dtype, facts):
+        asked.append((op, facts))
+        return choose_backend(op, backend, device_type, dtype, facts)
+
+    monkeypatch.setattr(demo.dispatch, "choose_backend", recording_choose_backend)
+    model = GPT(config)
+    tokens = torch.randint(0, config.vocab_size, (1, config.block_size + 1))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    model_calls = {(op, facts) for op, facts in asked if op != "linear"}
+    asked.clear()
+    demo.chosen_backends(config, torch.device("cpu"), torch.float32)
+    assert set(asked) == model_calls
+
+
 def test_steps_left_at_the_median_pace():
     # Slow first steps drop out of the latest PACE_STEPS, and the median leaves out one slow step.
     step_seconds = [50.0] * 5 + [2.0] * (demo.PACE_STEPS - 1) + [100.0]
