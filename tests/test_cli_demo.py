@@ -158,3 +158,33 @@ def test_demo_writes_only_under_out(tmp_path, monkeypatch):
     assert git_status(demo.REPO_ROOT) == before
     assert list(working_dir.iterdir()) == []
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "loss.png", "results.json"]
+
+
+@pytest.mark.gpu
+def test_demo_gpt_on_cuda_runs_and_records_the_backends_that_ran(tmp_path, monkeypatch):
+    """The demo's CUDA branches (bfloat16, the CUDA model, the backend table on every GPU backend, the
+    checkpoint of CUDA tensors and RNG state, the sample), a few steps, the timed tables left out: it
+    finishes, and results.json names for each op the backend its calls ran on."""
+    for table in ("attention_table", "speed_table"):
+        monkeypatch.setattr(demo, table, lambda device: "(table left out)")
+    ran = {}
+    choose_backend = demo.dispatch.choose_backend
+
+    def recording_choose_backend(op, backend, device_type, dtype, facts):
+        name = choose_backend(op, backend, device_type, dtype, facts)
+        if backend == "auto" and device_type == "cuda":
+            ran.setdefault(op, set()).add(name)
+        return name
+
+    monkeypatch.setattr(demo.dispatch, "choose_backend", recording_choose_backend)
+    monkeypatch.chdir(tmp_path)
+    args = demo_args(tmp_path / "out", steps=demo.CALIBRATION_STEPS + 2, continue_steps=2)
+    args.device = "cuda"
+    assert demo.run(args) == 0
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["device_type"] == "cuda" and record["dtype"] == "bfloat16"
+    assert record["continued"]["steps"] == 2 and record["steps"] == demo.CALIBRATION_STEPS + 2
+    assert {op: {name} for op, name in record["fastgpt_backends"].items()} == {
+        op: names for op, names in ran.items() if op in record["fastgpt_backends"]
+    }
+    assert (tmp_path / "out" / "checkpoint" / "training_state.safetensors").is_file()
