@@ -275,12 +275,18 @@ def speed_table(device):
 
 
 def chosen_backends(config, device, dtype):
-    """The backend `auto` runs each op of this model on."""
+    """The backend `auto` runs each op of this model's training step on: asked with the routing facts
+    that fastgpt.functional passes for the model's calls (the attention's kv_len over the whole
+    context window, the loss over the padded LM head), since the CUDA order of causal_attention
+    depends on kv_len (dispatch.CUDA_ORDER) and a fact left out picks the other order."""
     facts = {
-        "causal_attention": (("head_dim", config.head_dim),),
+        "causal_attention": (
+            ("head_dim", config.head_dim),
+            ("kv_len", dispatch.kv_len_class(config.block_size)),
+        ),
         "fused_ffn": (("hidden", config.n_inner),),
         "layer_norm": (("hidden", config.n_embd),),
-        "linear_cross_entropy": (("vocab", config.vocab_size),),
+        "linear_cross_entropy": (("vocab", config.padded_vocab_size),),
     }
     return {op: dispatch.choose_backend(op, "auto", device.type, dtype, fact) for op, fact in facts.items()}
 

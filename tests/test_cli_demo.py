@@ -83,6 +83,33 @@ def test_training_comparison_then_alone_plots_and_records(tmp_path):
     assert record["speedup"] == results["speedup"] and record["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_chosen_backends_asks_with_the_facts_of_the_models_own_calls(device_type, monkeypatch):
+    """What the demo prints and records as fastgpt's backends is dispatch's answer for the routing facts
+    of the calls the demo model makes in a training step. The CUDA model's shape (context 256) is
+    run on the CPU: the facts do not depend on the device, and on CUDA a fact left out flips
+    causal_attention to the other order (dispatch.CUDA_ORDER's kv_len split)."""
+    spec = {
+        k: v for k, v in demo.DEMO_MODEL[device_type].items() if k not in ("batch_size", "lr", "max_steps")
+    }
+    config = GPTConfig.preset("tiny", vocab_size=ByteTokenizer().vocab_size, **{**spec, "n_layer": 1})
+    asked = []
+    choose_backend = demo.dispatch.choose_backend
+
+    def recording_choose_backend(op, backend, device_type, dtype, facts):
+        asked.append((op, facts))
+        return choose_backend(op, backend, device_type, dtype, facts)
+
+    monkeypatch.setattr(demo.dispatch, "choose_backend", recording_choose_backend)
+    model = GPT(config)
+    tokens = torch.randint(0, config.vocab_size, (1, config.block_size + 1))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    model_calls = {(op, facts) for op, facts in asked if op != "linear"}
+    asked.clear()
+    demo.chosen_backends(config, torch.device("cpu"), torch.float32)
+    assert set(asked) == model_calls
+
+
 def test_steps_left_at_the_median_pace():
     # Slow first steps drop out of the latest PACE_STEPS, and the median leaves out one slow step.
     step_seconds = [50.0] * 5 + [2.0] * (demo.PACE_STEPS - 1) + [100.0]
@@ -131,3 +158,34 @@ def test_demo_writes_only_under_out(tmp_path, monkeypatch):
     assert git_status(demo.REPO_ROOT) == before
     assert list(working_dir.iterdir()) == []
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "loss.png", "results.json"]
+
+
+@pytest.mark.gpu
+def test_demo_gpt_on_cuda_runs_and_records_the_backends_that_ran(tmp_path, monkeypatch):
+    """The demo's CUDA training branches (bfloat16, the CUDA model and its Trainers, the checkpoint of
+    CUDA tensors and RNG state, the sample), a few steps, the tables left out (their Triton autotuning
+    at other shapes would not fit the GPU stage's per-test timeout; each op's GPU tests run the
+    kernels): it finishes, and results.json names for each op the backend its calls ran on."""
+    for table in ("backend_table", "attention_table", "speed_table"):
+        monkeypatch.setattr(demo, table, lambda device: "(table left out)")
+    ran = {}
+    choose_backend = demo.dispatch.choose_backend
+
+    def recording_choose_backend(op, backend, device_type, dtype, facts):
+        name = choose_backend(op, backend, device_type, dtype, facts)
+        if backend == "auto" and device_type == "cuda":
+            ran.setdefault(op, set()).add(name)
+        return name
+
+    monkeypatch.setattr(demo.dispatch, "choose_backend", recording_choose_backend)
+    monkeypatch.chdir(tmp_path)
+    args = demo_args(tmp_path / "out", steps=demo.CALIBRATION_STEPS + 2, continue_steps=2)
+    args.device = "cuda"
+    assert demo.run(args) == 0
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["device_type"] == "cuda" and record["dtype"] == "bfloat16"
+    assert record["continued"]["steps"] == 2 and record["steps"] == demo.CALIBRATION_STEPS + 2
+    assert {op: {name} for op, name in record["fastgpt_backends"].items()} == {
+        op: names for op, names in ran.items() if op in record["fastgpt_backends"]
+    }
+    assert (tmp_path / "out" / "checkpoint" / "training_state.safetensors").is_file()
