@@ -90,6 +90,35 @@ def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
         assert_close(f"grad {name}", patched_parameters[name].grad, parameter.grad, eager[name].grad)
 
 
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_matches_unpatched_in_bfloat16(attention_calls):
+    """fastgpt.patch as a user applies it on a GPU: a bfloat16 GPT-2 on CUDA (head_dim 64, which every
+    fastgpt GPU backend serves), logits, loss and every gradient against the float64 model, within twice
+    the bfloat16 transformers model's error."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256).cuda()
+    hf64 = copy.deepcopy(hf).double()
+    eager = copy.deepcopy(hf).bfloat16()
+    patched = fastgpt.patch(copy.deepcopy(hf).bfloat16())
+    idx = torch.randint(0, VOCAB, (4, 200), device="cuda")
+    outputs = {}
+    for name, model in (("patched", patched), ("eager", eager), ("reference", hf64)):
+        out = model(idx, labels=idx)
+        out.loss.backward()
+        outputs[name] = out
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
+    for field in ("logits", "loss"):
+        mine, reference, eager_value = (
+            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
+        )
+        assert_close(field, mine, reference, eager_value)
+    eager_parameters = dict(eager.named_parameters())
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in hf64.named_parameters():
+        assert_close(
+            f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
+        )
+
+
 def test_padding_mask_is_routed_to_sdpa(attention_calls):
     hf = random_gpt2()
     patched = fastgpt.patch(copy.deepcopy(hf))
