@@ -65,6 +65,13 @@ def random_heads(batch, heads, length, head_dim, dtype):
     return torch.randn(batch, heads, length, head_dim, device=DEVICE, dtype=dtype)
 
 
+def reference_gradients(q, k, v, dout, scale, precision):
+    """(dq, dk, dv) of the reference attention computed in `precision` on the same inputs."""
+    leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+    expected = reference.causal_attention(*leaves, softmax_scale=scale)
+    return torch.autograd.grad(expected, leaves, dout.to(precision))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sm90_attention_matches_reference(sm90, shape, dtype):
@@ -164,13 +171,8 @@ def test_sm90_attention_backward_takes_a_broadcast_dout(sm90, dtype):
     assert dout.stride(0) == 0
     out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale)
     actual = torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale)
-
-    def reference_gradients(precision):
-        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
-        expected = reference.causal_attention(*leaves, softmax_scale=scale)
-        return torch.autograd.grad(expected, leaves, dout.to(precision))
-
-    exact, bar = reference_gradients(torch.float64), reference_gradients(dtype)
+    exact = reference_gradients(q, k, v, dout, scale, torch.float64)
+    bar = reference_gradients(q, k, v, dout, scale, dtype)
     for name, got, want, eager in zip(("dq", "dk", "dv"), actual, exact, bar):
         assert_close(f"sm90 attention broadcast dout {name}", got, want, eager)
 
@@ -201,13 +203,8 @@ def test_sm90_attention_backward_edge_shapes(sm90, shape, dtype):
     names = kernels_run(lambda: torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale))
     assert any(BACKWARD_KERNEL_NAME in name for name in names), names
     actual = torch.ops.fastgpt.attention_backward(dout, q, k, v, out, lse, scale)
-
-    def reference_gradients(precision):
-        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
-        expected = reference.causal_attention(*leaves, softmax_scale=scale)
-        return torch.autograd.grad(expected, leaves, dout.to(precision))
-
-    exact, bar = reference_gradients(torch.float64), reference_gradients(dtype)
+    exact = reference_gradients(q, k, v, dout, scale, torch.float64)
+    bar = reference_gradients(q, k, v, dout, scale, dtype)
     for name, got, want, eager in zip(("dq", "dk", "dv"), actual, exact, bar):
         assert got.shape == want.shape and got.dtype == dtype
         assert_close(f"sm90 attention backward {name}", got, want, eager)
