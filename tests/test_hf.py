@@ -68,38 +68,13 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
-    hf = random_gpt2()
+def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
+    """fastgpt.patch of `hf` in `dtype` against the float64 model on the same tokens: logits, loss and
+    every gradient under the 2x rule, with the unpatched model in `dtype` as the error budget, and both
+    layers' attention run by fastgpt."""
     hf64 = copy.deepcopy(hf).double()
-    patched = fastgpt.patch(copy.deepcopy(hf))
-    idx = torch.randint(0, VOCAB, (3, 33))
-    outputs = {}
-    for name, model in (("patched", patched), ("eager", hf), ("reference", hf64)):
-        out = model(idx, labels=idx)
-        out.loss.backward()
-        outputs[name] = out
-    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
-    for field in ("logits", "loss"):
-        mine, reference, eager = (
-            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
-        )
-        assert_close(field, mine, reference, eager)
-    eager = dict(hf.named_parameters())
-    patched_parameters = dict(patched.named_parameters())
-    for name, parameter in hf64.named_parameters():
-        assert_close(f"grad {name}", patched_parameters[name].grad, parameter.grad, eager[name].grad)
-
-
-@pytest.mark.gpu
-def test_gpu_patched_gpt2_matches_unpatched_in_bfloat16(attention_calls):
-    """fastgpt.patch as a user applies it on a GPU: a bfloat16 GPT-2 on CUDA (head_dim 64, which every
-    fastgpt GPU backend serves), logits, loss and every gradient against the float64 model, within twice
-    the bfloat16 transformers model's error."""
-    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256).cuda()
-    hf64 = copy.deepcopy(hf).double()
-    eager = copy.deepcopy(hf).bfloat16()
-    patched = fastgpt.patch(copy.deepcopy(hf).bfloat16())
-    idx = torch.randint(0, VOCAB, (4, 200), device="cuda")
+    eager = copy.deepcopy(hf).to(dtype)
+    patched = fastgpt.patch(copy.deepcopy(hf).to(dtype))
     outputs = {}
     for name, model in (("patched", patched), ("eager", eager), ("reference", hf64)):
         out = model(idx, labels=idx)
@@ -117,6 +92,22 @@ def test_gpu_patched_gpt2_matches_unpatched_in_bfloat16(attention_calls):
         assert_close(
             f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
         )
+
+
+def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
+    hf = random_gpt2()
+    idx = torch.randint(0, VOCAB, (3, 33))
+    assert_patch_matches_unpatched(hf, torch.float32, idx, attention_calls)
+
+
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_matches_unpatched_in_bfloat16(attention_calls):
+    """fastgpt.patch as a user applies it on a GPU: a bfloat16 GPT-2 on CUDA (head_dim 64, which every
+    fastgpt GPU backend serves), logits, loss and every gradient against the float64 model, within twice
+    the bfloat16 transformers model's error."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256).cuda()
+    idx = torch.randint(0, VOCAB, (4, 200), device="cuda")
+    assert_patch_matches_unpatched(hf, torch.bfloat16, idx, attention_calls)
 
 
 def test_padding_mask_is_routed_to_sdpa(attention_calls):
