@@ -5,7 +5,7 @@ import mmap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostReadRecorder
 
 import fastgpt
 from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
@@ -401,39 +401,6 @@ def test_a_failed_capture_leaves_no_graph_to_replay(emulated_cuda_graphs):
     assert kept_decoder(model).graph is None
     assert torch.equal(generate_static(model, prompt, 9, capture=True), expected)
     assert len(kept_decoder(model).graph.recorded) == 1
-
-
-# aten ops that read device values on the host (a synchronisation, which a CUDA graph capture forbids):
-# .item()/bool()/int() of a tensor, and ops whose output shape depends on the values.
-HOST_READING_OPS = {
-    "aten::_local_scalar_dense",
-    "aten::is_nonzero",
-    "aten::equal",
-    "aten::nonzero",
-    "aten::masked_select",
-    "aten::multinomial",
-    "aten::repeat_interleave.Tensor",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::unique_consecutive",
-}
-
-
-class HostReadRecorder(TorchDispatchMode):
-    """Records the aten ops of HOST_READING_OPS called under it, and indexing by a boolean mask (a nonzero)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        masks = name == "aten::index.Tensor" and any(
-            index is not None and index.dtype == torch.bool for index in args[1]
-        )
-        if name in HOST_READING_OPS or masks:
-            self.reads.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend", STATIC_BACKENDS)
