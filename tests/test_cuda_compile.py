@@ -267,30 +267,32 @@ def test_index_checks_on_cpu(tmp_path):
     assert "all index checks passed" in result.stdout
 
 
-def test_cublaslt_host_code_compiles(tmp_path):
-    """ffn_cublaslt.cpp is host code (no kernels, so no architecture to target): the host compiler builds
-    it with every warning on against cuBLASLt's header, as setup.py's extension and the harness do."""
+def compile_against_cublaslt_header(*arguments):
+    """nvcc on host C++ (-x c++) against cuBLASLt's header and csrc/, with every warning on: it must
+    build without a warning. Skips where the header is not installed."""
     include = find_cublaslt_header()
     if include is None:
         pytest.skip(NO_CUBLASLT)
     command = [
         NVCC,
         "-std=c++17",
-        "-O3",
         "-x",
         "c++",
         f"-I{include}",
         f"-I{CUDA_DIR.parent}",
         "-Xcompiler",
         "-Wall,-Wextra",
-        "-c",
-        str(CUBLASLT_SOURCE),
-        "-o",
-        str(tmp_path / "ffn_cublaslt.o"),
+        *arguments,
     ]
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
+
+
+def test_cublaslt_host_code_compiles(tmp_path):
+    """ffn_cublaslt.cpp is host code (no kernels, so no architecture to target): the host compiler builds
+    it with every warning on against cuBLASLt's header, as setup.py's extension and the harness do."""
+    compile_against_cublaslt_header("-O3", "-c", str(CUBLASLT_SOURCE), "-o", str(tmp_path / "ffn_cublaslt.o"))
 
 
 def test_cublaslt_mapping_on_an_emulated_cublaslt(tmp_path):
@@ -298,30 +300,16 @@ def test_cublaslt_mapping_on_an_emulated_cublaslt(tmp_path):
     (cublasLt.h's documented semantics on host memory): the FFN forward and backward and the float32
     accumulation match a double reference, with every fused epilogue offered and with each one
     declined (the fallback routes). No GPU, libcublasLt or CUDA runtime is involved."""
-    include = find_cublaslt_header()
-    if include is None:
-        pytest.skip(NO_CUBLASLT)
     program = tmp_path / "cublaslt_emulator"
-    command = [
-        NVCC,
-        "-std=c++17",
+    compile_against_cublaslt_header(
         "-O1",
-        "-x",
-        "c++",
-        f"-I{include}",
-        f"-I{CUDA_DIR.parent}",
-        "-Xcompiler",
-        "-Wall,-Wextra",
         "--cudart",
         "none",
         str(DEV_DIR / "cublaslt_emulator.cpp"),
         str(CUBLASLT_SOURCE),
         "-o",
         str(program),
-    ]
-    built = subprocess.run(command, check=False, capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-4000:]
-    assert "warning" not in built.stderr.lower(), built.stderr[-4000:]
+    )
     for mode in ([], ["--decline-fused"]):
         result = subprocess.run(
             [str(program), *mode], check=False, capture_output=True, text=True, timeout=60
