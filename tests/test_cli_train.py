@@ -212,14 +212,17 @@ def deterministic_algorithms():
     "step_mode, dtype, dropout, steps, interrupt_at, tolerance",
     [
         # bfloat16: the float32 master weights, the bfloat16 compute copy rebuilt from them on resume,
-        # fused AdamW's moments and device step counts, and dropout's CUDA generator; deterministic
-        # kernels, so bitwise
+        # fused AdamW's moments and device step counts, and dropout's CUDA generator. Deterministic
+        # kernels, as test_determinism.py's GPU training step asserts, so bitwise (if that test fails
+        # too, the difference is the kernels', not the resume's)
         pytest.param("eager", "bfloat16", "0.1", 6, 3, None, id="eager-bfloat16-dropout"),
         # the uninterrupted run captures at step 4 (after 3 warm-up steps) and saves at 4 and 8; the
         # resumed one warms up on steps 5-7 from the loaded state and captures at 8, so capturable
         # AdamW's loaded state and the tensor learning rate are what its graph reads. Eager warm-up
-        # steps against replays: within test_train_step.py's float32 tolerance of the two. No dropout:
-        # a replay's masks are not an eager step's.
+        # steps against replays, which test_train_step.py holds to rel 1e-5 in loss; here losses and
+        # float tensors within rtol 1e-4, atol 1e-5 (a lost AdamW step count or moment moves weights
+        # by ~lr = 3e-3, a wrong batch or generator the loss by far more). No dropout: a replay's
+        # masks are not an eager step's.
         pytest.param("cuda-graph", "float32", "0", 8, 4, (1e-4, 1e-5), id="cuda-graph-float32"),
     ],
 )
