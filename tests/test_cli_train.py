@@ -2,6 +2,7 @@
 checkpoint or a local HF GPT-2 directory, eval matches training's evaluation, --resume continues a run,
 torchrun with 2 gloo processes matches one process, and every user error is one line, no traceback."""
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from fastgpt.cli import main
 from fastgpt.generate_cli import stream
 from fastgpt.nn import GPT
-from fastgpt.train import checkpoint
+from fastgpt.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4"]  # a new model's architecture
@@ -112,12 +113,129 @@ def test_greedy_generation_streams_what_generate_returns(trained):
     assert sum(1 for w in recorder.writes if w) > 1  # written as it went, not at the end
 
 
-def test_resume_continues_a_run(tmp_path):
-    first = train(tmp_path, "--steps", "3", "--eval-every", "100")
-    resumed = train(tmp_path, "--steps", "5", "--eval-every", "100", "--resume")
-    assert resumed["step"] == 5 and [h["step"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
-    assert resumed["history"][:3] == first["history"]
-    assert [e["step"] for e in resumed["evals"]] == [0, 3, 5]
+# A one-block GPT at test_train_step.py's shapes (its GPU tests have compiled these kernels already).
+RESUME_MODEL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2"]
+RESUME_BATCHES = ["--seq-len", "16", "--batch-size", "4", "--eval-windows", "4", "--lr", "3e-3"]
+
+
+def interrupt_after_checkpoint(monkeypatch, step):
+    """Makes Trainer.save raise KeyboardInterrupt (a Ctrl-C) once it has written the checkpoint of `step`."""
+    save = loop.Trainer.save
+
+    def save_then_interrupt(trainer, directory):
+        save(trainer, directory)
+        if trainer.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "save", save_then_interrupt)
+
+
+def read_run(out):
+    """(trainer_state.json, {name: tensor}) of a checkpoint: the weights (named model.*), and the AdamW
+    moments and step counts, the data sampler's and the torch generators' states."""
+    state = json.loads((out / checkpoint.TRAINER_FILE).read_text())
+    tensors = {f"model.{name}": t for name, t in load_file(str(out / "model.safetensors")).items()}
+    tensors.update(load_file(str(out / checkpoint.STATE_FILE)))
+    return state, tensors
+
+
+def assert_resume_matches_uninterrupted(tmp_path, run, new_model, steps, interrupt_at, tolerance=None):
+    """`fastgpt train` (the arguments `run`, plus `new_model` for a new model) interrupted by a Ctrl-C
+    right after its checkpoint of step interrupt_at, then continued with --resume to `steps`, ends
+    with the checkpoint the uninterrupted run ends with: the same losses, learning rates and
+    evaluations, weights, AdamW moments and step counts, data position and generator states.
+    tolerance None: all bitwise. (rtol, atol): floating-point tensors within it and losses within
+    rtol, while step counts, learning rates and generator states stay exact."""
+    data = tmp_path / "data.txt"
+    data.write_text(Path(loop.__file__).read_text() * 2)  # ~30k byte tokens: 10% held out is plenty
+    args = ["train", "--data", str(data), *run, "--steps", str(steps), "--eval-every", str(interrupt_at)]
+    whole, parts = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    assert main([*args, *new_model, "--out", str(whole)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after_checkpoint(patch, interrupt_at)
+        assert main([*args, *new_model, "--out", str(parts)]) == 130  # train's exit status after a Ctrl-C
+    assert read_run(parts)[0]["step"] == interrupt_at
+    assert (
+        main([*args, "--out", str(parts), "--resume"]) == 0
+    )  # the architecture and dropout: the checkpoint's
+
+    expected, expected_tensors = read_run(whole)
+    resumed, resumed_tensors = read_run(parts)
+    assert [h["step"] for h in resumed["history"]] == list(range(1, steps + 1))
+    assert [e["step"] for e in resumed["evals"]] == list(range(0, steps + 1, interrupt_at))
+    assert resumed_tensors.keys() == expected_tensors.keys()
+    if tolerance is None:
+        assert resumed == expected
+        for name, tensor in expected_tensors.items():
+            assert torch.equal(resumed_tensors[name], tensor), name
+        return
+    rtol, atol = tolerance
+    for key in ("history", "evals"):
+        for got, want in zip(resumed.pop(key), expected.pop(key), strict=True):
+            assert got.keys() == want.keys()
+            for field, value in want.items():
+                exact = field in ("step", "lr")
+                assert got[field] == (value if exact else pytest.approx(value, rel=rtol)), (key, field)
+    assert resumed == expected  # settings, tokens_seen, ...
+    for name, tensor in expected_tensors.items():
+        if tensor.is_floating_point() and not name.endswith(".step"):
+            torch.testing.assert_close(resumed_tensors[name], tensor, rtol=rtol, atol=atol, msg=name)
+        else:
+            assert torch.equal(resumed_tensors[name], tensor), name
+
+
+def test_resume_continues_a_run_exactly(tmp_path):
+    """Interrupted and resumed on CPU: bitwise the uninterrupted run, dropout masks included."""
+    run = ["--device", "cpu", "--dtype", "float32", "--step-mode", "eager", *RESUME_BATCHES]
+    assert_resume_matches_uninterrupted(
+        tmp_path, run, [*RESUME_MODEL, "--dropout", "0.1"], steps=6, interrupt_at=3
+    )
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True, warn_only=True) inside, as tests/test_determinism.py
+    runs: the attention backward takes its fixed-order kernels instead of adding dQ with atomics."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "step_mode, dtype, dropout, steps, interrupt_at, tolerance",
+    [
+        # bfloat16: the float32 master weights, the bfloat16 compute copy rebuilt from them on resume,
+        # fused AdamW's moments and device step counts, and dropout's CUDA generator. Deterministic
+        # kernels, as test_determinism.py's GPU training step asserts, so bitwise (if that test fails
+        # too, the difference is the kernels', not the resume's)
+        pytest.param("eager", "bfloat16", "0.1", 6, 3, None, id="eager-bfloat16-dropout"),
+        # the uninterrupted run captures at step 4 (after 3 warm-up steps) and saves at 4 and 8; the
+        # resumed one warms up on steps 5-7 from the loaded state and captures at 8, so capturable
+        # AdamW's loaded state and the tensor learning rate are what its graph reads. Eager warm-up
+        # steps against replays, which test_train_step.py holds to rel 1e-5 in loss; here losses and
+        # float tensors within rtol 1e-4, atol 1e-5 (a lost AdamW step count or moment moves weights
+        # by ~lr = 3e-3, a wrong batch or generator the loss by far more). No dropout: a replay's
+        # masks are not an eager step's.
+        pytest.param("cuda-graph", "float32", "0", 8, 4, (1e-4, 1e-5), id="cuda-graph-float32"),
+    ],
+)
+def test_resume_on_cuda_matches_the_uninterrupted_gpt_run(
+    tmp_path, step_mode, dtype, dropout, steps, interrupt_at, tolerance
+):
+    """`fastgpt train --resume` on a GPU. --step-mode compile (auto's choice there) is left out: resuming
+    touches nothing it compiles (the model is loaded before the Trainer compiles it), and its two
+    compilations would cost more than this test's budget; eager and cuda-graph cover the state."""
+    run = ["--device", "cuda", "--dtype", dtype, "--step-mode", step_mode, *RESUME_BATCHES]
+    new_model = [*RESUME_MODEL, "--dropout", dropout]
+    with deterministic_algorithms() if tolerance is None else contextlib.nullcontext():
+        assert_resume_matches_uninterrupted(tmp_path, run, new_model, steps, interrupt_at, tolerance)
 
 
 def test_bpe_tokenizer_trains_and_generates(tmp_path, capsys):

@@ -6,8 +6,11 @@ compile     the model under torch.compile(fullgraph=True, dynamic=False): fastgp
             scaling). AdamW stays eager: on CUDA the fused AdamW is already one multi-tensor kernel per
             parameter dtype, and compiling it (torch's `torch.compile(optimizer.step)` recipe) would
             recompile at every new learning rate unless the rate were a tensor. Under torchrun the
-            model is compiled inside DDP (Dynamo cannot trace DDP's own forward with fullgraph=True),
-            so gradients are all-reduced by DDP's hooks, without DDPOptimizer's per-bucket graphs.
+            model is compiled inside DDP (Dynamo cannot trace DDP's own forward with fullgraph=True)
+            and its gradients are all-reduced by DDP's hooks. Dynamo sees that it runs inside DDP's
+            forward and, with torch._dynamo.config.optimize_ddp at its default, hands the graph to
+            DDPOptimizer, which splits it at DDP's bucket boundaries (one compiled graph per bucket), so
+            that each bucket's all-reduce can start while the backward of the graphs before it runs.
 cuda-graph  the whole step captured once in a CUDA graph and replayed, with each batch copied into static
             buffers: forward and backward of every micro-batch, the bf16 gradients cast into the float32
             master weights, clipping, AdamW(fused=True, capturable=True) with the learning rate in a
