@@ -155,9 +155,8 @@ def assert_resume_matches_uninterrupted(tmp_path, run, new_model, steps, interru
         interrupt_after_checkpoint(patch, interrupt_at)
         assert main([*args, *new_model, "--out", str(parts)]) == 130  # train's exit status after a Ctrl-C
     assert read_run(parts)[0]["step"] == interrupt_at
-    assert (
-        main([*args, "--out", str(parts), "--resume"]) == 0
-    )  # the architecture and dropout: the checkpoint's
+    # resumed without new_model: the architecture and dropout come from the checkpoint
+    assert main([*args, "--out", str(parts), "--resume"]) == 0
 
     expected, expected_tensors = read_run(whole)
     resumed, resumed_tensors = read_run(parts)
