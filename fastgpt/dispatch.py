@@ -124,9 +124,29 @@ def triton_interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _switch(name):
+    """An on/off environment variable: True for "1", False for "0", empty or unset. Any other value
+    raises ValueError naming the variable, rather than leaving the switch silently off ("true", "on")."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"the environment variable {name} must be '1' (on) or '0' (off), got {value!r}")
+    return value == "1"
+
+
 def debug_checks_enabled():
     """FASTGPT_DEBUG=1 turns on value checks that synchronise the host on CUDA tensors."""
-    return os.environ.get("FASTGPT_DEBUG", "0") == "1"
+    return _switch("FASTGPT_DEBUG")
+
+
+def backend_override():
+    """FASTGPT_BACKEND: the backend that `auto` stands for, "auto" where it is unset or empty. A value
+    that names no backend raises ValueError naming the variable (the caller passed backend="auto")."""
+    value = os.environ.get("FASTGPT_BACKEND") or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(
+            f"the environment variable FASTGPT_BACKEND must be one of {('auto',) + BACKENDS}, got {value!r}"
+        )
+    return value
 
 
 def _import_error(module_name):
@@ -160,7 +180,7 @@ def backend_status():
     elif not torch.cuda.is_available():
         status["cuda"] = "no CUDA GPU is visible to torch"
     else:
-        status["cuda"] = None
+        status["cuda"] = importlib.import_module("fastgpt.ops.compiled").cuda_capability_reason()
     return status
 
 
@@ -302,7 +322,7 @@ def _choose_backend(op, backend, device_type, dtype, facts):
             f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}"
         )
     if backend == "auto":
-        backend = os.environ.get("FASTGPT_BACKEND", "auto")
+        backend = backend_override()
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -357,7 +377,7 @@ def device_length_decode(backend, device_type, dtype, head_dim):
     if function is None:
         facts = (("head_dim", head_dim), ("kv_len", SHORT_SEQUENCE))
         name = choose_backend("causal_attention", backend, device_type, dtype, facts)
-        auto = backend == "auto" and os.environ.get("FASTGPT_BACKEND", "auto") == "auto"
+        auto = backend == "auto" and backend_override() == "auto"
         if (
             name != "triton"
             and auto

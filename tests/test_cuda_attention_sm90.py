@@ -14,7 +14,6 @@ from tolerance import assert_close
 
 import fastgpt
 from fastgpt import reference
-from fastgpt._cutlass_paths import find_cutlass_include
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +47,12 @@ def sm90(monkeypatch):
         pytest.skip("the sm_90a attention kernel runs on compute capability 9.x only")
     if "cuda" not in fastgpt.available_backends():
         pytest.skip("fastgpt._C is not built with CUDA")
-    if find_cutlass_include() is None:
-        pytest.skip("no CUTLASS headers here, so fastgpt._C was built without the sm_90a attention kernel")
+    from fastgpt.ops import compiled
+
+    if not compiled.HAS_SM90_ATTENTION_KERNELS:
+        pytest.skip(
+            "fastgpt._C was built without the sm_90a attention kernels (no CUTLASS headers or no 9.0 arch)"
+        )
     monkeypatch.setenv("FASTGPT_CUDA_ATTENTION", "sm90")
 
 
