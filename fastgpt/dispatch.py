@@ -180,13 +180,24 @@ def backend_status():
     elif not torch.cuda.is_available():
         status["cuda"] = "no CUDA GPU is visible to torch"
     else:
+        status["cuda"] = None
+    return status
+
+
+def backend_report():
+    """backend_status(), and for a cuda backend it calls usable, whether this GPU's compute capability
+    runs its kernels (before sm_80 they decline every call). Reading the capability initialises CUDA,
+    which the routing of a call on CPU tensors must not do (a later fork could no longer use CUDA), so
+    only what reports to the user asks this: available_backends() and `fastgpt info`."""
+    status = dict(backend_status())
+    if status["cuda"] is None:
         status["cuda"] = importlib.import_module("fastgpt.ops.compiled").cuda_capability_reason()
     return status
 
 
 def available_backends():
     """The backend names usable on this machine, in the order of BACKENDS."""
-    status = backend_status()
+    status = backend_report()
     return [name for name in BACKENDS if status[name] is None]
 
 

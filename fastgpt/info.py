@@ -86,7 +86,7 @@ def run(args):
     backends.add_column("backend")
     backends.add_column("available")
     backends.add_column("why not")
-    for name, reason in dispatch.backend_status().items():
+    for name, reason in dispatch.backend_report().items():
         backends.add_row(name, "[green]yes[/green]" if reason is None else "[red]no[/red]", reason or "")
     console.print(backends)
     return 0

@@ -321,16 +321,24 @@ def test_auto_without_triton_or_before_sm80(simulated_gpu):
 
 
 def test_the_cuda_backend_is_reported_missing_on_a_gpu_before_sm80(monkeypatch):
-    """`fastgpt info` said the cuda backend was available on an sm_75 GPU, where it declines every call."""
-    compiled = pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
-    monkeypatch.setattr(compiled, "HAS_CUDA_KERNELS", True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    """`fastgpt info` and available_backends() said the cuda backend was usable on an sm_75 GPU, where it
+    declines every call. The routing's own status does not read the capability (that initialises CUDA)."""
+    pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+
+    def no_cuda_initialisation(device=None):
+        raise AssertionError("backend_status read the compute capability")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda_initialisation)
+    dispatch.backend_status.__wrapped__()  # uncached, so it runs here
     capability = (7, 5)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    status = dispatch.backend_status.__wrapped__()  # uncached: this process's real status stays
-    assert "compute capability 8.0 or newer, this GPU has 7.5" in status["cuda"]
+    status = dict(dispatch.backend_status(), cuda=None)  # as on a GPU with the CUDA extension
+    monkeypatch.setattr(dispatch, "backend_status", lambda: status)
+    assert "compute capability 8.0 or newer, this GPU has 7.5" in dispatch.backend_report()["cuda"]
+    assert "cuda" not in fastgpt.available_backends()
     capability = (8, 9)
-    assert dispatch.backend_status.__wrapped__()["cuda"] is None
+    assert dispatch.backend_report()["cuda"] is None
+    assert "cuda" in fastgpt.available_backends()
 
 
 def test_info_reports_the_hopper_kernels_the_extension_holds(monkeypatch):
