@@ -332,8 +332,11 @@ def _choose_backend(op, backend, device_type, dtype, facts):
         raise TypeError(
             f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}"
         )
+    # The backend named by FASTGPT_BACKEND, when the call left it to `auto`: its errors name the variable.
+    source = ""
     if backend == "auto":
         backend = backend_override()
+        source = "" if backend == "auto" else " (named by the environment variable FASTGPT_BACKEND)"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -349,10 +352,10 @@ def _choose_backend(op, backend, device_type, dtype, facts):
     if op == "linear":
         return "reference"  # a projection the chosen backend has no kernel for runs as F.linear
     if "dtypes" in reason:
-        raise TypeError(f"{op}: {reason}")
+        raise TypeError(f"{op}: {reason}{source}")
     if not _runs_on(backend, device_type) or backend_status()[backend] is None:
-        raise ValueError(f"{op}: {reason}")
-    raise RuntimeError(f"{op}: backend {backend!r} is not available here: {reason}")
+        raise ValueError(f"{op}: {reason}{source}")
+    raise RuntimeError(f"{op}: backend {backend!r}{source} is not available here: {reason}")
 
 
 def fused_decode_step(backend, device_type, dtype, head_dim, rows):

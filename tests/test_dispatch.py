@@ -205,6 +205,9 @@ def test_backend_override_is_validated_and_named(monkeypatch, fresh_routes):
         ValueError, match=r"environment variable FASTGPT_BACKEND must be one of .*got 'Triton'"
     ):
         fastgpt.causal_attention(q, q, q)
+    monkeypatch.setenv("FASTGPT_BACKEND", "cuda")  # a backend, but none for CPU tensors
+    with pytest.raises(ValueError, match=r"does not run on cpu tensors \(named by .*FASTGPT_BACKEND\)"):
+        fastgpt.causal_attention(q, q, q)
     dispatch.forget_choices()
     monkeypatch.setenv("FASTGPT_BACKEND", "")
     facts = (("head_dim", 8), ("kv_len", dispatch.kv_len_class(5)))
