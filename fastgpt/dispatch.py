@@ -124,7 +124,7 @@ def triton_interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _switch(name):
+def env_switch(name):
     """An on/off environment variable: True for "1", False for "0", empty or unset. Any other value
     raises ValueError naming the variable, rather than leaving the switch silently off ("true", "on")."""
     value = os.environ.get(name, "")
@@ -135,7 +135,7 @@ def _switch(name):
 
 def debug_checks_enabled():
     """FASTGPT_DEBUG=1 turns on value checks that synchronise the host on CUDA tensors."""
-    return _switch("FASTGPT_DEBUG")
+    return env_switch("FASTGPT_DEBUG")
 
 
 def backend_override():

@@ -194,6 +194,11 @@ def test_a_mistyped_debug_switch_raises_instead_of_leaving_the_checks_off(monkey
     for off in ("0", ""):
         monkeypatch.setenv("FASTGPT_DEBUG", off)
         dispatch.check_index_range("op", "targets", targets, 10)  # not read: nothing raised
+    from fastgpt.ops.memory import new_output
+
+    monkeypatch.setenv("FASTGPT_POISON_OUTPUTS", "yes")  # the Triton launchers' NaN-filled outputs
+    with pytest.raises(ValueError, match=r"FASTGPT_POISON_OUTPUTS must be '1' .*got 'yes'"):
+        new_output((2,), torch.float32, "cpu")
 
 
 def test_backend_override_is_validated_and_named(monkeypatch, fresh_routes):
