@@ -891,11 +891,22 @@ PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C", "fastgpt's compile
 
 }  // namespace
 
+// Whether this build holds the Hopper attention kernels (csrc/cuda/*_sm90.cu): setup.py compiles them,
+// and defines FASTGPT_WITH_SM90_ATTENTION, only for a CUDA build with the CUTLASS headers and a compute
+// capability 9.0 entry in TORCH_CUDA_ARCH_LIST.
+#ifdef FASTGPT_WITH_SM90_ATTENTION
+constexpr long kSm90AttentionKernels = 1;
+#else
+constexpr long kSm90AttentionKernels = 0;
+#endif
+
 extern "C" PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&module_definition);
+  if (module == nullptr) return nullptr;
   // The most rows fastgpt::linear runs on the skinny kernel: callers route few-row calls by it.
-  if (module != nullptr &&
-      PyModule_AddIntConstant(module, "LINEAR_KERNEL_MAX_ROWS", fastgpt::cpu::kSkinnyGemmMaxRows) < 0) {
+  // SM90_ATTENTION_KERNELS: what `fastgpt info` reports as the Hopper kernels built in.
+  if (PyModule_AddIntConstant(module, "LINEAR_KERNEL_MAX_ROWS", fastgpt::cpu::kSkinnyGemmMaxRows) < 0 ||
+      PyModule_AddIntConstant(module, "SM90_ATTENTION_KERNELS", kSm90AttentionKernels) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -124,9 +124,29 @@ def triton_interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def env_switch(name):
+    """An on/off environment variable: True for "1", False for "0", empty or unset. Any other value
+    raises ValueError naming the variable, rather than leaving the switch silently off ("true", "on")."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"the environment variable {name} must be '1' (on) or '0' (off), got {value!r}")
+    return value == "1"
+
+
 def debug_checks_enabled():
     """FASTGPT_DEBUG=1 turns on value checks that synchronise the host on CUDA tensors."""
-    return os.environ.get("FASTGPT_DEBUG", "0") == "1"
+    return env_switch("FASTGPT_DEBUG")
+
+
+def backend_override():
+    """FASTGPT_BACKEND: the backend that `auto` stands for, "auto" where it is unset or empty. A value
+    that names no backend raises ValueError naming the variable (the caller passed backend="auto")."""
+    value = os.environ.get("FASTGPT_BACKEND") or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(
+            f"the environment variable FASTGPT_BACKEND must be one of {('auto',) + BACKENDS}, got {value!r}"
+        )
+    return value
 
 
 def _import_error(module_name):
@@ -164,9 +184,20 @@ def backend_status():
     return status
 
 
+def backend_report():
+    """backend_status(), and for a cuda backend it calls usable, whether this GPU's compute capability
+    runs its kernels (before sm_80 they decline every call). Reading the capability initialises CUDA,
+    which the routing of a call on CPU tensors must not do (a later fork could no longer use CUDA), so
+    only what reports to the user asks this: available_backends() and `fastgpt info`."""
+    status = dict(backend_status())
+    if status["cuda"] is None:
+        status["cuda"] = importlib.import_module("fastgpt.ops.compiled").cuda_capability_reason()
+    return status
+
+
 def available_backends():
     """The backend names usable on this machine, in the order of BACKENDS."""
-    status = backend_status()
+    status = backend_report()
     return [name for name in BACKENDS if status[name] is None]
 
 
@@ -301,8 +332,11 @@ def _choose_backend(op, backend, device_type, dtype, facts):
         raise TypeError(
             f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, got {type(backend).__name__}"
         )
+    # The backend named by FASTGPT_BACKEND, when the call left it to `auto`: its errors name the variable.
+    source = ""
     if backend == "auto":
-        backend = os.environ.get("FASTGPT_BACKEND", "auto")
+        backend = backend_override()
+        source = "" if backend == "auto" else " (named by the environment variable FASTGPT_BACKEND)"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -318,10 +352,10 @@ def _choose_backend(op, backend, device_type, dtype, facts):
     if op == "linear":
         return "reference"  # a projection the chosen backend has no kernel for runs as F.linear
     if "dtypes" in reason:
-        raise TypeError(f"{op}: {reason}")
+        raise TypeError(f"{op}: {reason}{source}")
     if not _runs_on(backend, device_type) or backend_status()[backend] is None:
-        raise ValueError(f"{op}: {reason}")
-    raise RuntimeError(f"{op}: backend {backend!r} is not available here: {reason}")
+        raise ValueError(f"{op}: {reason}{source}")
+    raise RuntimeError(f"{op}: backend {backend!r}{source} is not available here: {reason}")
 
 
 def fused_decode_step(backend, device_type, dtype, head_dim, rows):
@@ -357,7 +391,7 @@ def device_length_decode(backend, device_type, dtype, head_dim):
     if function is None:
         facts = (("head_dim", head_dim), ("kv_len", SHORT_SEQUENCE))
         name = choose_backend("causal_attention", backend, device_type, dtype, facts)
-        auto = backend == "auto" and os.environ.get("FASTGPT_BACKEND", "auto") == "auto"
+        auto = backend == "auto" and backend_override() == "auto"
         if (
             name != "triton"
             and auto

@@ -1,5 +1,6 @@
 """`fastgpt info`: versions, the device, and the status of every backend."""
 
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -9,9 +10,19 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgpt import dispatch
-from fastgpt._cutlass_paths import cutlass_version, find_cutlass_include
 
 PACKAGES = ("fastgpt", "torch", "triton", "transformers", "flash-attn", "liger-kernel")
+# The environment variables that change what runs: the backend `auto` stands for (dispatch.py), the
+# kernels inside the cuda backend (csrc/cuda/api_cuda.inc) and the triton backend's attention
+# (fastgpt/ops/triton_attention.py), and the host-synchronising value checks (dispatch.py).
+ROUTING_VARIABLES = (
+    "FASTGPT_BACKEND",
+    "FASTGPT_CUDA_ATTENTION",
+    "FASTGPT_CUDA_FFN",
+    "FASTGPT_TRITON_ATTENTION",
+    "FASTGPT_DEBUG",
+    "TRITON_INTERPRET",
+)
 
 
 def package_versions():
@@ -25,15 +36,28 @@ def package_versions():
     # but 2.11.0+cu130 here; the CPU wheel +cpu in both).
     versions["torch"] = torch.__version__
     versions["cuda (torch)"] = torch.version.cuda
-    versions["cutlass"] = cutlass_header_version()
+    versions["sm_90a attention (_C)"] = sm90_attention_kernels()
     return versions
 
 
-def cutlass_header_version():
-    """The version of the CUTLASS/CuTe headers that the CUDA extension's Hopper attention kernel is built
-    with (from the nvidia-cutlass wheel or $FASTGPT_CUTLASS_INCLUDE), or None where there are none."""
-    include = find_cutlass_include()
-    return None if include is None else cutlass_version(include)
+def sm90_attention_kernels():
+    """Whether the CUDA extension holds its Hopper attention kernels (csrc/cuda/*_sm90.cu), as fastgpt._C
+    itself reports it: setup.py builds them only with the CUTLASS headers and a 9.0 entry in
+    TORCH_CUDA_ARCH_LIST, so headers found now say nothing of the build. None without a CUDA _C."""
+    if dispatch.backend_status()["cpu"] is not None:
+        return None  # no fastgpt._C at all
+    compiled = importlib.import_module("fastgpt.ops.compiled")
+    if not compiled.HAS_CUDA_KERNELS:
+        return None
+    if compiled.HAS_SM90_ATTENTION_KERNELS is None:
+        return "unknown (fastgpt._C predates this report: rebuild it)"
+    return "built" if compiled.HAS_SM90_ATTENTION_KERNELS else "not built"
+
+
+def routing_overrides():
+    """{variable: value} of the environment variables that change which backend or kernel runs, for
+    those that are set."""
+    return {name: os.environ[name] for name in ROUTING_VARIABLES if name in os.environ}
 
 
 def device_description():
@@ -55,11 +79,14 @@ def run(args):
         versions.add_row(name, version or "[dim]not installed[/dim]")
     console.print(versions)
     console.print(f"device: {device_description()}")
+    overrides = routing_overrides()
+    if overrides:
+        console.print("set: " + ", ".join(f"{name}={value}" for name, value in overrides.items()))
     backends = Table(title="backends")
     backends.add_column("backend")
     backends.add_column("available")
     backends.add_column("why not")
-    for name, reason in dispatch.backend_status().items():
+    for name, reason in dispatch.backend_report().items():
         backends.add_row(name, "[green]yes[/green]" if reason is None else "[red]no[/red]", reason or "")
     console.print(backends)
     return 0

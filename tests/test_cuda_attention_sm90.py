@@ -14,7 +14,6 @@ from tolerance import assert_close
 
 import fastgpt
 from fastgpt import reference
-from fastgpt._cutlass_paths import find_cutlass_include
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +47,12 @@ def sm90(monkeypatch):
         pytest.skip("the sm_90a attention kernel runs on compute capability 9.x only")
     if "cuda" not in fastgpt.available_backends():
         pytest.skip("fastgpt._C is not built with CUDA")
-    if find_cutlass_include() is None:
-        pytest.skip("no CUTLASS headers here, so fastgpt._C was built without the sm_90a attention kernel")
+    from fastgpt.ops import compiled
+
+    if not compiled.HAS_SM90_ATTENTION_KERNELS:
+        pytest.skip(
+            "fastgpt._C was built without the sm_90a attention kernels (no CUTLASS headers or no 9.0 arch)"
+        )
     monkeypatch.setenv("FASTGPT_CUDA_ATTENTION", "sm90")
 
 
@@ -281,6 +284,23 @@ def test_sm90_attention_leaves_other_calls_to_the_sm80_kernel(sm90):
     assert_close(
         "sm90 attention broadcast kv", out, exact, reference.causal_attention(q, shared_kv, shared_kv)
     )
+
+
+def test_the_extensions_sm90_flag_says_whether_its_kernels_run(monkeypatch):
+    """fastgpt._C's SM90_ATTENTION_KERNELS, the `sm_90a attention (_C)` line of `fastgpt info`, against
+    what FASTGPT_CUDA_ATTENTION=sm90 runs on Hopper: the sm_90a kernel where it says they were built,
+    the sm_80 kernel where not (the line used to show the CUTLASS headers found at run time)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the sm_90a attention kernel runs on compute capability 9.x only")
+    if "cuda" not in fastgpt.available_backends():
+        pytest.skip("fastgpt._C is not built with CUDA")
+    from fastgpt.ops import compiled
+
+    monkeypatch.setenv("FASTGPT_CUDA_ATTENTION", "sm90")
+    q = random_heads(1, 4, 300, 64, torch.bfloat16)
+    names = kernels_run(lambda: fastgpt.causal_attention(q, q, q, backend="cuda"))
+    expected = KERNEL_NAME if compiled.HAS_SM90_ATTENTION_KERNELS else SM80_KERNEL_NAME
+    assert any(expected in name for name in names), (compiled.HAS_SM90_ATTENTION_KERNELS, names)
 
 
 def test_sm90_attention_rejects_an_unknown_setting(monkeypatch):

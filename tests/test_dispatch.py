@@ -178,3 +178,189 @@ def test_debug_index_check_reads_no_cuda_values_while_a_graph_captures(monkeypat
         dispatch.check_index_range("op", "targets", targets, 10)
     capturing = True
     dispatch.check_index_range("op", "targets", targets, 10)  # not read: nothing raised
+
+
+# ----------------------------------------------------------------------------------------------
+# The environment variables that change what runs
+
+
+def test_a_mistyped_debug_switch_raises_instead_of_leaving_the_checks_off(monkeypatch):
+    """FASTGPT_DEBUG was on only for "1": "true" or "on" left the CUDA target checks silently off."""
+    targets = torch.tensor([[0, 5], [99, 2]]).as_subclass(PretendCudaTensor)  # (2, 2), 99 out of range
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("FASTGPT_DEBUG", "true")
+    with pytest.raises(ValueError, match=r"environment variable FASTGPT_DEBUG must be '1' .*got 'true'"):
+        dispatch.check_index_range("op", "targets", targets, 10)
+    for off in ("0", ""):
+        monkeypatch.setenv("FASTGPT_DEBUG", off)
+        dispatch.check_index_range("op", "targets", targets, 10)  # not read: nothing raised
+    from fastgpt.ops.memory import new_output
+
+    monkeypatch.setenv("FASTGPT_POISON_OUTPUTS", "yes")  # the Triton launchers' NaN-filled outputs
+    with pytest.raises(ValueError, match=r"FASTGPT_POISON_OUTPUTS must be '1' .*got 'yes'"):
+        new_output((2,), torch.float32, "cpu")
+
+
+def test_backend_override_is_validated_and_named(monkeypatch, fresh_routes):
+    """A FASTGPT_BACKEND that names no backend is reported as the variable's fault (the call passed
+    backend="auto"), and an empty one means auto, as for the other variables."""
+    q = torch.randn(1, 2, 5, 8)
+    monkeypatch.setenv("FASTGPT_BACKEND", "Triton")
+    with pytest.raises(
+        ValueError, match=r"environment variable FASTGPT_BACKEND must be one of .*got 'Triton'"
+    ):
+        fastgpt.causal_attention(q, q, q)
+    monkeypatch.setenv("FASTGPT_BACKEND", "cuda")  # a backend, but none for CPU tensors
+    with pytest.raises(ValueError, match=r"does not run on cpu tensors \(named by .*FASTGPT_BACKEND\)"):
+        fastgpt.causal_attention(q, q, q)
+    dispatch.forget_choices()
+    monkeypatch.setenv("FASTGPT_BACKEND", "")
+    facts = (("head_dim", 8), ("kv_len", dispatch.kv_len_class(5)))
+    assert dispatch.choose_backend("causal_attention", "auto", "cpu", torch.float64, facts) == "reference"
+    torch.testing.assert_close(
+        fastgpt.causal_attention(q, q, q), fastgpt.causal_attention(q, q, q, backend="reference")
+    )
+
+
+def test_an_empty_triton_attention_selector_means_the_default(monkeypatch):
+    from fastgpt.ops import triton_attention
+
+    monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "")
+    assert triton_attention.forward_kernel_choice() == "tl"
+    monkeypatch.setenv("FASTGPT_TRITON_ATTENTION", "Gluon")
+    with pytest.raises(ValueError, match=r"FASTGPT_TRITON_ATTENTION must be one of .*got 'Gluon'"):
+        triton_attention.forward_kernel_choice()
+
+
+# ----------------------------------------------------------------------------------------------
+# The routing table on a simulated GPU
+
+
+def emulated_cuda_gates(op, size, dtype):
+    """fastgpt::cuda_unsupported_reason's answers, as csrc/cuda's *_unsupported_reason gate the kernels
+    (attention_fwd.cu, layernorm.cu, cross_entropy.cu; gemm.cu takes any size): the query this CPU-only
+    build does not register."""
+    if op == "causal_attention" and (size % 8 or size > 128):
+        return "head_dim: a multiple of 8 up to 128"
+    if op == "layer_norm" and (size > 16384 or (size > 4096 and size % 8)):
+        return "at most 16384 columns, a multiple of 8 above 4096"
+    if op == "linear_cross_entropy" and size > 2**31 - 1 - 8:
+        return "a vocabulary below 2^31 - 8"
+    return ""
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch, fresh_routes):
+    """A GPU of a chosen compute capability with the cuda and triton backends available, as dispatch
+    sees it; returns a function that sets the capability and the backends' status."""
+    compiled = pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+    from fastgpt.ops import triton_attention, triton_cross_entropy, triton_ffn, triton_layernorm
+
+    gpu_dtypes = (torch.float16, torch.bfloat16, torch.float32)  # the Triton modules' off the interpreter
+    for module in (triton_attention, triton_ffn, triton_layernorm, triton_cross_entropy):
+        monkeypatch.setattr(module, "SUPPORTED_DTYPES", gpu_dtypes)
+    monkeypatch.setattr(compiled, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(torch.ops.fastgpt, "cuda_unsupported_reason", emulated_cuda_gates, raising=False)
+
+    def simulate(capability, **status):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        statuses = {name: None for name in dispatch.BACKENDS} | status
+        monkeypatch.setattr(dispatch, "backend_status", lambda: statuses)
+        dispatch.forget_choices()
+
+    return simulate
+
+
+def auto_choice(op, dtype, **facts):
+    return dispatch.choose_backend(op, "auto", "cuda", dtype, tuple(facts.items()))
+
+
+def test_auto_on_hopper_takes_the_first_backend_whose_kernels_take_the_call(simulated_gpu):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    short, long = dispatch.kv_len_class(512), dispatch.kv_len_class(513)
+    simulated_gpu((9, 0))
+    attention = {
+        (bf16, 64, short): "cuda",
+        (bf16, 64, long): "triton",
+        (torch.float16, 80, short): "cuda",  # padded to 96 by the CUDA kernels
+        (fp32, 64, short): "triton",  # the CUDA kernels take 16-bit inputs only
+        (bf16, 256, short): "triton",  # beyond the CUDA kernels' 128
+        (bf16, 100, short): "triton",  # not a multiple of 8
+        (bf16, 320, short): "reference",  # beyond Triton's 256
+        (torch.float64, 64, short): "reference",
+    }
+    for (dtype, head_dim, kv_len), expected in attention.items():
+        got = auto_choice("causal_attention", dtype, head_dim=head_dim, kv_len=kv_len)
+        assert got == expected, (dtype, head_dim, kv_len)
+    assert auto_choice("fused_ffn", bf16, hidden=3072) == "cuda"
+    assert auto_choice("fused_ffn", bf16, hidden=6400) == "triton"
+    assert auto_choice("fused_ffn", fp32, hidden=3072) == "triton"
+    assert auto_choice("layer_norm", bf16, hidden=768) == "cuda"
+    assert auto_choice("layer_norm", bf16, hidden=4100) == "triton"  # odd width past the scalar path
+    assert auto_choice("layer_norm", bf16, hidden=20000) == "reference"  # past both kernels' rows
+    assert auto_choice("layer_norm", fp32, hidden=768) == "triton"
+    assert auto_choice("linear_cross_entropy", bf16, vocab=50257) == "triton"
+    assert auto_choice("linear_cross_entropy", torch.float64, vocab=50257) == "reference"
+    assert auto_choice("linear", bf16, few_rows=True) == "reference"
+
+
+def test_decode_runs_the_chosen_backends_decode_kernel(simulated_gpu):
+    """One query without gradient: Triton's split-KV kernel where Triton serves the call, the cuda
+    backend's attention (which handles q_len 1 itself) where it does."""
+    from fastgpt.ops import compiled, triton_decode
+
+    simulated_gpu((9, 0))
+    for kv_len, expected in ((513, triton_decode.decode_attention_op), (512, compiled.causal_attention)):
+        facts = (("head_dim", 64), ("kv_len", dispatch.kv_len_class(kv_len)))
+        got = dispatch.resolve("causal_attention", "auto", "cuda", torch.bfloat16, facts, "decode")
+        assert got is expected, kv_len
+
+
+def test_auto_without_triton_or_before_sm80(simulated_gpu):
+    bf16, short, long = torch.bfloat16, dispatch.kv_len_class(512), dispatch.kv_len_class(513)
+    simulated_gpu((8, 6), triton="Triton is not importable (test)")
+    assert auto_choice("causal_attention", bf16, head_dim=64, kv_len=long) == "cuda"
+    assert auto_choice("causal_attention", bf16, head_dim=256, kv_len=short) == "reference"
+    assert auto_choice("causal_attention", torch.float32, head_dim=64, kv_len=short) == "reference"
+    assert auto_choice("linear_cross_entropy", bf16, vocab=50257) == "cuda"
+    simulated_gpu((7, 5))  # mma.sync and bfloat16 need sm_80: the cuda backend declines every call
+    assert auto_choice("causal_attention", bf16, head_dim=64, kv_len=short) == "triton"
+    assert auto_choice("layer_norm", bf16, hidden=768) == "triton"
+
+
+def test_the_cuda_backend_is_reported_missing_on_a_gpu_before_sm80(monkeypatch):
+    """`fastgpt info` and available_backends() said the cuda backend was usable on an sm_75 GPU, where it
+    declines every call. The routing's own status does not read the capability (that initialises CUDA)."""
+    pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+
+    def no_cuda_initialisation(device=None):
+        raise AssertionError("backend_status read the compute capability")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda_initialisation)
+    dispatch.backend_status.__wrapped__()  # uncached, so it runs here
+    capability = (7, 5)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    status = dict(dispatch.backend_status(), cuda=None)  # as on a GPU with the CUDA extension
+    monkeypatch.setattr(dispatch, "backend_status", lambda: status)
+    assert "compute capability 8.0 or newer, this GPU has 7.5" in dispatch.backend_report()["cuda"]
+    assert "cuda" not in fastgpt.available_backends()
+    capability = (8, 9)
+    assert dispatch.backend_report()["cuda"] is None
+    assert "cuda" in fastgpt.available_backends()
+
+
+def test_info_reports_the_hopper_kernels_the_extension_holds(monkeypatch):
+    """The `fastgpt info` line came from the CUTLASS headers found when it ran, not from the build:
+    headers installed after the build (or a TORCH_CUDA_ARCH_LIST without 9.0) made it claim kernels the
+    extension lacks. fastgpt._C now says itself."""
+    compiled = pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+    from fastgpt import _C, info
+
+    key = "sm_90a attention (_C)"
+    if not compiled.HAS_CUDA_KERNELS:  # this machine's CPU-only build
+        assert _C.SM90_ATTENTION_KERNELS == 0
+        assert info.package_versions()[key] is None
+    monkeypatch.setattr(compiled, "HAS_CUDA_KERNELS", True)
+    for built, line in ((True, "built"), (False, "not built")):
+        monkeypatch.setattr(compiled, "HAS_SM90_ATTENTION_KERNELS", built)
+        assert info.package_versions()[key] == line

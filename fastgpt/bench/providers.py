@@ -44,7 +44,7 @@ def fastgpt_providers(public_op, device):
         if backend == "triton" and device.type == "cpu":
             providers.append(Provider(name, FASTGPT, skip=INTERPRETER_NOT_TIMED))
         elif backend not in available:
-            providers.append(Provider(name, FASTGPT, skip=dispatch.backend_status()[backend]))
+            providers.append(Provider(name, FASTGPT, skip=dispatch.backend_report()[backend]))
         elif op not in dispatch.IMPLEMENTATIONS[backend]:
             providers.append(Provider(name, FASTGPT, skip=f"backend {backend!r} has no kernel for {op}"))
         else:

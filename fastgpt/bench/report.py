@@ -36,6 +36,7 @@ VERSION_KEYS = (
     "flash-attn",
     "liger-kernel",
     "cuda (torch)",
+    "sm_90a attention (_C)",
 )
 LEGEND = (
     "Columns: median time per call ± its interquartile range; throughput and % of the measured peak; "

@@ -48,6 +48,11 @@ CUDA_MIN_CAPABILITY = (8, 0)
 # projections, no faster beyond (benchmarks/cpu_linear.py; csrc/cpu/kernels.h).
 LINEAR_KERNEL_MAX_ROWS = _C.LINEAR_KERNEL_MAX_ROWS
 HAS_CUDA_KERNELS = hasattr(torch.ops.fastgpt, "cuda_unsupported_reason")
+# Whether the build holds the Hopper attention kernels (csrc/cuda/*_sm90.cu, opt-in through
+# FASTGPT_CUDA_ATTENTION=sm90): True or False as fastgpt._C reports it, None for a _C built before it
+# reported this.
+_SM90_FLAG = getattr(_C, "SM90_ATTENTION_KERNELS", None)
+HAS_SM90_ATTENTION_KERNELS = None if _SM90_FLAG is None else bool(_SM90_FLAG)
 
 # The overloads, bound once: calling an OpOverload skips the packet's overload resolution.
 _attention_forward = torch.ops.fastgpt.attention_forward.default
@@ -111,6 +116,16 @@ def cpu_unsupported_reason(op, **facts):
     return None
 
 
+def cuda_capability_reason():
+    """Why the current GPU cannot run the CUDA kernels (mma.sync, cp.async and bfloat16 need compute
+    capability 8.0), or None."""
+    capability = torch.cuda.get_device_capability()
+    if capability < CUDA_MIN_CAPABILITY:
+        major, minor = capability
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    return None
+
+
 def cuda_unsupported_reason(op, **facts):
     """Why the CUDA kernels decline a call, or None. facts: head_dim= (causal_attention), hidden=
     (fused_ffn, layer_norm) or vocab= (linear_cross_entropy). The C++ answers are the same for float16
@@ -120,10 +135,9 @@ def cuda_unsupported_reason(op, **facts):
             "fastgpt._C was built without CUDA kernels; rebuild it with FASTGPT_CUDA=1 on a machine with nvcc "
             "and a CUDA-enabled torch"
         )
-    capability = torch.cuda.get_device_capability()
-    if capability < CUDA_MIN_CAPABILITY:
-        major, minor = capability
-        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    reason = cuda_capability_reason()
+    if reason:
+        return reason
     size_fact = {"causal_attention": "head_dim", "linear_cross_entropy": "vocab"}.get(op, "hidden")
     size = facts.get(size_fact, 0)
     return torch.ops.fastgpt.cuda_unsupported_reason(op, int(size), torch.bfloat16) or None

@@ -5,13 +5,13 @@ so an element a kernel forgets to write shows up as NaN instead of as stale memo
 look right.
 """
 
-import os
-
 import torch
+
+from fastgpt.dispatch import env_switch
 
 
 def poison_enabled():
-    return os.environ.get("FASTGPT_POISON_OUTPUTS", "0") == "1"
+    return env_switch("FASTGPT_POISON_OUTPUTS")
 
 
 def new_output(shape, dtype, device):

@@ -1513,10 +1513,10 @@ def section_heads(k, group, batch_heads):
 
 
 def forward_kernel_choice():
-    """FASTGPT_TRITON_ATTENTION, read on every call: "tl" (the default) for this module's kernels,
-    "gluon" for gluon_attention.py's where they apply (gluon_attention.supports for the forward,
-    supports_backward for the fused backward)."""
-    choice = os.environ.get(FORWARD_SELECTOR, "tl")
+    """FASTGPT_TRITON_ATTENTION, read on every call: "tl" (the default, also where it is empty) for this
+    module's kernels, "gluon" for gluon_attention.py's where they apply (gluon_attention.supports for
+    the forward, supports_backward for the fused backward)."""
+    choice = os.environ.get(FORWARD_SELECTOR) or "tl"
     if choice not in FORWARD_CHOICES:
         raise ValueError(f"{FORWARD_SELECTOR} must be one of {FORWARD_CHOICES}, got {choice!r}")
     return choice
