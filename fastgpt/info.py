@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgpt import dispatch
+from fastgpt._cutlass_paths import cutlass_version, find_cutlass_include
 
 PACKAGES = ("fastgpt", "torch", "triton", "transformers", "flash-attn", "liger-kernel")
 # The environment variables that change what runs: the backend `auto` stands for (dispatch.py), the
@@ -36,19 +37,28 @@ def package_versions():
     # but 2.11.0+cu130 here; the CPU wheel +cpu in both).
     versions["torch"] = torch.__version__
     versions["cuda (torch)"] = torch.version.cuda
+    versions["cutlass headers"] = cutlass_header_version()
     versions["sm_90a attention (_C)"] = sm90_attention_kernels()
     return versions
+
+
+def cutlass_header_version():
+    """The version of the CUTLASS/CuTe headers a build here would use (the nvidia-cutlass wheel or
+    $FASTGPT_CUTLASS_INCLUDE), or None where there are none. Whether the running _C was built with them
+    is the next line's question."""
+    include = find_cutlass_include()
+    return None if include is None else cutlass_version(include)
 
 
 def sm90_attention_kernels():
     """Whether the CUDA extension holds its Hopper attention kernels (csrc/cuda/*_sm90.cu), as fastgpt._C
     itself reports it: setup.py builds them only with the CUTLASS headers and a 9.0 entry in
-    TORCH_CUDA_ARCH_LIST, so headers found now say nothing of the build. None without a CUDA _C."""
+    TORCH_CUDA_ARCH_LIST, so headers found now say nothing of the build. None without a _C."""
     if dispatch.backend_status()["cpu"] is not None:
         return None  # no fastgpt._C at all
     compiled = importlib.import_module("fastgpt.ops.compiled")
     if not compiled.HAS_CUDA_KERNELS:
-        return None
+        return "not built (a CPU-only _C)"
     if compiled.HAS_SM90_ATTENTION_KERNELS is None:
         return "unknown (fastgpt._C predates this report: rebuild it)"
     return "built" if compiled.HAS_SM90_ATTENTION_KERNELS else "not built"

@@ -359,7 +359,7 @@ def test_info_reports_the_hopper_kernels_the_extension_holds(monkeypatch):
     key = "sm_90a attention (_C)"
     if not compiled.HAS_CUDA_KERNELS:  # this machine's CPU-only build
         assert _C.SM90_ATTENTION_KERNELS == 0
-        assert info.package_versions()[key] is None
+        assert info.package_versions()[key] == "not built (a CPU-only _C)"
     monkeypatch.setattr(compiled, "HAS_CUDA_KERNELS", True)
     for built, line in ((True, "built"), (False, "not built")):
         monkeypatch.setattr(compiled, "HAS_SM90_ATTENTION_KERNELS", built)
