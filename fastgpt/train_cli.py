@@ -4,7 +4,7 @@ fastgpt train                                    # a tiny GPT on the standard li
 fastgpt train --data notes/ --steps 2000 --out runs/notes
 fastgpt train --init ./gpt2 --data book.txt --lr 3e-5 --steps 200   # fine-tune a local HF GPT-2
 fastgpt train --out runs/notes --steps 4000 --resume
-torchrun --nproc_per_node 2 -m fastgpt train ...  # DDP: gloo on CPU, nccl on GPUs
+torchrun --nproc_per_node 2 -m fastgpt train ...  # DDP: gloo on CPU; nccl on GPUs, not yet run
 fastgpt train --step-mode compile                # eager | compile | cuda-graph; auto says which it picks
 """
 
