@@ -61,7 +61,9 @@ def add_arguments(parser):
     optim.add_argument(
         "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default: 1.0)"
     )
-    optim.add_argument("--seed", type=int, default=1337)
+    optim.add_argument(
+        "--seed", type=int, default=1337, help="seed of the weights, batches and dropout (default: 1337)"
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/train", help="checkpoint directory (default: ./runs/train)")
     run.add_argument(
