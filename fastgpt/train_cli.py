@@ -77,7 +77,8 @@ def add_arguments(parser):
         choices=STEP_MODES,
         default="auto",
         help="how each step runs: eager, torch.compile (fullgraph), or the whole step replayed from a CUDA "
-        "graph (auto: compile on GPUs, eager on CPU; cuda-graph is opt-in until verified on a GPU)",
+        "graph (auto: compile on GPUs, eager on CPU; compile and cuda-graph have not yet run on a GPU, and "
+        "cuda-graph is opt-in until it has)",
     )
     runtime.add_arguments(run)
 
