@@ -15,7 +15,7 @@ COMMANDS = {
     ),
     "demo": (
         "fastgpt.demo",
-        "the showcase: kernels on every backend, with time and error against the reference",
+        "the showcase: every op on every backend against the reference, then a tiny GPT trained and sampled",
     ),
     "train": ("fastgpt.train_cli", "train a GPT on text, fine-tune one from a checkpoint, or resume a run"),
     "generate": ("fastgpt.generate_cli", "sample text from a checkpoint, streamed as it is generated"),

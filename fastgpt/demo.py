@@ -64,7 +64,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
+    parser.add_argument(
+        "--device", choices=runtime.DEVICES, default="auto", help="auto: cuda when a GPU is visible"
+    )
     parser.add_argument(
         "--out",
         default="demo-out",

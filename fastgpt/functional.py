@@ -1,6 +1,6 @@
 """The public ops. Each validates its arguments once, asks dispatch for the function that serves the
 call, and calls it with the arguments in the op's order. Nothing else runs per call: this is the host
-time a call adds to its kernel's (benchmarks/host_overhead.py --tiny-calls measures it)."""
+time a call adds to its kernel's (benchmarks/host_overhead.py --calls-at-tiny-shapes measures it)."""
 
 import torch
 

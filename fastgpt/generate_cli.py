@@ -26,7 +26,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--top-p", type=float, help="sample within the smallest set of tokens of this probability"
     )
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="torch seed of the sampling (default: 1337)")
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
 

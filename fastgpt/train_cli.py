@@ -4,7 +4,7 @@ fastgpt train                                    # a tiny GPT on the standard li
 fastgpt train --data notes/ --steps 2000 --out runs/notes
 fastgpt train --init ./gpt2 --data book.txt --lr 3e-5 --steps 200   # fine-tune a local HF GPT-2
 fastgpt train --out runs/notes --steps 4000 --resume
-torchrun --nproc_per_node 2 -m fastgpt train ...  # DDP: gloo on CPU, nccl on GPUs
+torchrun --nproc_per_node 2 -m fastgpt train ...  # DDP: gloo on CPU; nccl on GPUs, not yet run
 fastgpt train --step-mode compile                # eager | compile | cuda-graph; auto says which it picks
 """
 
@@ -61,7 +61,9 @@ def add_arguments(parser):
     optim.add_argument(
         "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default: 1.0)"
     )
-    optim.add_argument("--seed", type=int, default=1337)
+    optim.add_argument(
+        "--seed", type=int, default=1337, help="seed of the weights, batches and dropout (default: 1337)"
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/train", help="checkpoint directory (default: ./runs/train)")
     run.add_argument(
@@ -75,7 +77,8 @@ def add_arguments(parser):
         choices=STEP_MODES,
         default="auto",
         help="how each step runs: eager, torch.compile (fullgraph), or the whole step replayed from a CUDA "
-        "graph (auto: compile on GPUs, eager on CPU; cuda-graph is opt-in until verified on a GPU)",
+        "graph (auto: compile on GPUs, eager on CPU; compile and cuda-graph have not yet run on a GPU, and "
+        "cuda-graph is opt-in until it has)",
     )
     runtime.add_arguments(run)
 

@@ -38,7 +38,9 @@ def add_arguments(parser):
         default=list(OP_NAMES),
         help=f"comma-separated ops to run (default: all of {','.join(OP_NAMES)})",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when a GPU is visible"
+    )
     parser.add_argument(
         "--dtype",
         type=_comma_list,

@@ -63,8 +63,8 @@ def choose_step_mode(requested, device, world_size=1):
                 "CUDA graph, so the glue is fused by torch.compile instead"
             )
         return "compile", (
-            "auto on CUDA: the glue between fastgpt's ops fused by torch.compile (--step-mode "
-            "cuda-graph replays the whole step from a CUDA graph; not yet verified on a GPU)"
+            "auto on CUDA: the glue between fastgpt's ops fused by torch.compile (not yet verified on a GPU, "
+            "nor is --step-mode cuda-graph, which replays the whole step from a CUDA graph)"
         )
     if requested == "cuda-graph":
         if not on_cuda:
