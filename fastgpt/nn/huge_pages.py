@@ -2,13 +2,14 @@
 
 A batch-1 decode step reads every weight once (495 MB for GPT-2 small), so its speed is the rate at
 which the weights stream from DRAM. On 4 KiB pages that stream needs a new TLB entry every 4 KiB; on
-Linux's 2 MiB transparent huge pages, 512x fewer. Reading GPT-2 small's weights through fastgpt's cpu linear kernel on the 2-core
-development machine: 31.3 GB/s on huge pages against 29.2 GB/s on 4 KiB pages in the committed run
-(benchmarks/results/2026-11-29-gpt-targets-cpu.json); unrecorded runs saw 45-50 against 33 GB/s when
-the memory bus was quiet (benchmarks/gpt_targets.py --only bandwidth reports both page sizes). torch's allocator leaves
-parameters on 4 KiB pages unless the process sets THP_MEM_ALLOC_ENABLE=1 before its first allocation.
-The move costs one copy of the weights, once: 0.77 s for GPT-2 small's 495 MB on that machine (the
-kernel zeroes, and may first compact, the huge pages), paid by the first GPT.generate call.
+Linux's 2 MiB transparent huge pages, 512x fewer. Reading GPT-2 small's weights through fastgpt's cpu
+linear kernel on the 2-core development machine: 31.3 GB/s on huge pages against 29.2 GB/s on 4 KiB
+pages in the committed run (benchmarks/results/2026-11-29-gpt-targets-cpu.json); unrecorded runs saw
+45-50 against 33 GB/s when the memory bus was quiet (benchmarks/gpt_targets.py --only bandwidth reports
+both page sizes). torch's allocator leaves parameters on 4 KiB pages unless the process sets
+THP_MEM_ALLOC_ENABLE=1 before its first allocation. The move costs one copy of the weights, once: 0.77 s
+for GPT-2 small's 495 MB on that machine (the kernel zeroes, and may first compact, the huge pages),
+paid by the first GPT.generate call.
 """
 
 import mmap
