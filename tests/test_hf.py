@@ -430,6 +430,35 @@ def test_attention_interface_llama_gqa_rope(attention_calls):
     assert torch.equal(mine.generate(prompt, **kwargs), sdpa.generate(prompt, **kwargs))
 
 
+def musicgen_decoder(attn_implementation):
+    config = transformers.MusicgenDecoderConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, num_codebooks=2,
+        max_position_embeddings=64, pad_token_id=VOCAB - 1, bos_token_id=None, eos_token_id=None,
+        decoder_start_token_id=None, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    return transformers.MusicgenForCausalLM(config).eval()
+
+
+def test_attention_weights_take_the_eager_route_with_its_mask(attention_calls):
+    """A model that passes output_attentions to its attention function (MusicGen's decoder does; GPT-2
+    and Llama drop it before attention) gets its eager function's output and weights from the "fastgpt"
+    implementation, equal to the eager model's: the SDPA-style mask (None for plain causal, boolean
+    with padding) is turned into the additive mask eager attention adds to its scores."""
+    eager = musicgen_decoder("eager")
+    mine = musicgen_decoder("fastgpt")
+    mine.load_state_dict(eager.state_dict())
+    idx = torch.randint(0, VOCAB - 1, (2 * 2, 12))  # (batch * codebooks, T)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[0, :4] = 0
+    for mask in (None, padding):
+        expected = eager(idx, attention_mask=mask, output_attentions=True)
+        got = mine(idx, attention_mask=mask, output_attentions=True)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-6)
+        for layer, (weights, expected_weights) in enumerate(zip(got.attentions, expected.attentions)):
+            torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6, msg=f"layer {layer}")
+    assert attention_calls == {"fastgpt": 0, "sdpa": 0}
+
+
 def test_import_fastgpt_does_not_import_transformers():
     code = "import sys, fastgpt; assert 'transformers' not in sys.modules; assert callable(fastgpt.patch)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[1])

@@ -12,7 +12,9 @@ causal_attention only when it receives no mask, for a causal module, without att
 and reads None exactly as SDPA does: one query sees every key, and T queries against T keys, or
 against a longer not-yet-filled static cache, are causal from the top left. Anything else (a
 padding mask, dropout in training, cross-attention, position biases) goes to transformers' SDPA
-function with its mask, so a mask is never dropped.
+function with its mask, so a mask is never dropped. A call that asks for the attention weights
+(output_attentions, head_mask) goes to the eager function of the module's modeling file, with the
+mask turned into the additive float mask eager attention adds to its scores.
 
 `patch(model)` works in place on a GPT-2 model (GPT2Model, GPT2LMHeadModel and the other heads):
 - attention: switches an "sdpa" model to "fastgpt". An "eager" model is left on eager, with a
@@ -69,16 +71,34 @@ def _eager_attention(module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+def _eager_mask(attention_mask, query, key, causal):
+    """The "fastgpt" mask (SDPA's) as eager attention reads it: eager adds its mask to the scores, so a
+    boolean mask (True: attend) becomes 0 / the dtype's minimum, and None on a causal module becomes
+    SDPA's reading of None (top-left causal; one query sees every key). A float mask is already additive.
+    query (B, H, Tq, D), key (B, Hkv, Tk, D). Returns None or a mask that broadcasts to (B, H, Tq, Tk)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        if not causal or q_len == 1:
+            return None
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()  # (Tq, Tk)
+    if attention_mask.dtype != torch.bool:
+        return attention_mask
+    additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    return additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+
+
 def fastgpt_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
     """transformers' attention-function signature: query (B, H, Tq, D), key and value
-    (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None)."""
+    (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None), or the eager
+    function's (output, weights) when the call asks for the weights."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     wants_weights = kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
     eager = _eager_attention(module) if wants_weights else None
     if eager is not None:
-        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask = _eager_mask(attention_mask, query, key, causal)
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     fast = (
         attention_mask is None
         and causal
