@@ -229,6 +229,51 @@ def test_fused_loss_matches_transformers_loss_and_gradients(labels_form):
     assert_fused_loss_matches(hf, torch.float32, idx, labels, kwargs)
 
 
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_fused_loss_in_bfloat16():
+    """The fused loss as a user trains with it on a GPU: a bfloat16 GPT-2 on CUDA in training mode, so
+    linear_cross_entropy runs a CUDA backend on a strided view of the hidden states and the tied LM
+    head (a vocabulary that is no multiple of 64), with ignored labels and the Trainer's
+    num_items_in_batch as a one-element CPU tensor (transformers' loss moves it to the loss's device)."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    hf = hf.cuda().train()
+    idx = torch.randint(0, VOCAB, (4, 200), device="cuda")
+    labels = idx.clone()
+    labels[0, :50] = -100
+    labels[2, 99] = -100
+    kwargs = {"num_items_in_batch": labels[:, 1:].ne(-100).sum().cpu().reshape(1)}
+    assert_fused_loss_matches(hf, torch.bfloat16, idx, labels, kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_under_autocast_with_cpu_labels_keeps_transformers_loss(attention_calls):
+    """Under CUDA autocast the patched model's loss is transformers' (logits formed, the patched MLP
+    and LayerNorm on their original forwards), also when the labels are on the CPU: whether autocast
+    is on is read for the model's device, not the labels'. Logits and loss against the float64 model,
+    with the unpatched model under the same autocast as the error budget."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    hf = hf.cuda().train()
+    hf64 = copy.deepcopy(hf).double()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    labels = idx.cpu()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = patched(idx, labels=labels)
+        eager = hf(idx, labels=labels)
+    reference = hf64(idx, labels=labels)
+    assert got.logits is not None
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # attention still runs on fastgpt, in bfloat16
+    assert_close("logits", got.logits.detach(), reference.logits.detach(), eager.logits.detach())
+    assert_loss_close(
+        got.loss.detach(),
+        reference.loss.detach(),
+        eager.logits.detach(),
+        reference.logits.detach(),
+        labels,
+        {},
+    )
+
+
 def test_fused_loss_leaves_other_calls_to_transformers():
     hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     patched = fastgpt.patch(copy.deepcopy(hf))

@@ -192,13 +192,15 @@ IGNORE_INDEX = -100
 
 
 def _fused_loss_applies(model, args, labels, kwargs):
+    """Whether the fused loss serves this call. Autocast is read for the device the model computes on
+    (its LM head's), not the labels': CPU labels for a CUDA model would read the CPU's autocast state."""
     return (
         model.training
         and labels is not None
         and len(args) <= 1
         and not kwargs.get("logits_to_keep")
         and kwargs.get("return_dict") is not False
-        and not torch.is_autocast_enabled(labels.device.type)
+        and not torch.is_autocast_enabled(model.lm_head.weight.device.type)
     )
 
 
@@ -226,7 +228,9 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
         reduction=reduction,
         backend=self.fastgpt_backend,
     )
-    if num_items_in_batch is not None:
+    if num_items_in_batch is not None:  # a tensor moves to the loss's device, as transformers' loss does
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     fields = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
     return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **fields)
