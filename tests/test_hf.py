@@ -356,6 +356,26 @@ def test_patch_other_heads_and_activations():
         torch.testing.assert_close(getattr(patched(idx), field), getattr(hf(idx), field), rtol=0, atol=1e-5)
 
 
+def test_double_heads_model_keeps_its_forward_and_multiple_choice_loss():
+    """GPT2DoubleHeadsModel has an LM head too, but its forward adds a multiple-choice head: the fused
+    loss, which stands in for GPT2LMHeadModel.forward, leaves it alone, so in training mode with labels
+    and mc_labels the patched model still returns mc_loss and mc_logits, equal to the unpatched model's."""
+    hf = random_gpt2(
+        transformers.GPT2DoubleHeadsModel,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        summary_first_dropout=0.0,
+    ).train()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    assert "forward" not in vars(patched) and "forward" in vars(patched.lm_head)  # the projection is patched
+    idx = torch.randint(0, VOCAB, (2, 3, 10))  # (batch, choices, T)
+    kwargs = {"mc_token_ids": torch.full((2, 3), 9), "labels": idx, "mc_labels": torch.tensor([0, 2])}
+    got, expected = patched(idx, **kwargs), hf(idx, **kwargs)
+    for field in ("loss", "mc_loss", "logits", "mc_logits"):
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=1e-5)
+
+
 def test_patch_rejects_and_warns():
     with pytest.raises(TypeError, match="model must be a transformers GPT-2 model .*got Linear"):
         fastgpt.patch(torch.nn.Linear(2, 2))

@@ -29,7 +29,8 @@ mask turned into the additive float mask eager attention adds to its scores.
   fastgpt.linear, which routes the few rows of a decode step (<= 16) to the cpu backend's kernel that
   streams each weight once (Conv1D's (in, out) weight read in place through its transposed view) and
   every other call to F.linear.
-- loss: a GPT2LMHeadModel in training mode called with `labels` takes its loss from
+- loss: a GPT2LMHeadModel (not GPT2DoubleHeadsModel, whose forward adds a multiple-choice head, nor
+  a subclass with a forward of its own) in training mode called with `labels` takes its loss from
   fastgpt.linear_cross_entropy on the last hidden states and the LM head's weight, so the (batch, seq,
   vocab) logits and their float32 upcast are never formed, and `logits` in the output is None (as
   Liger-Kernel's fused loss does). The loss is transformers' own: labels shifted inside the model (or
@@ -239,7 +240,12 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
 def _gpt2_classes():
     from transformers.models.gpt2 import modeling_gpt2
 
-    return modeling_gpt2.GPT2PreTrainedModel, modeling_gpt2.GPT2Attention, modeling_gpt2.GPT2MLP
+    return (
+        modeling_gpt2.GPT2PreTrainedModel,
+        modeling_gpt2.GPT2Attention,
+        modeling_gpt2.GPT2MLP,
+        modeling_gpt2.GPT2LMHeadModel,
+    )
 
 
 def _conv1d_class():
@@ -306,8 +312,11 @@ def _patch_projections(model, attention_class, backend):
         projection.forward = types.MethodType(_projection_forward, projection)
 
 
-def _patch_loss(model, backend):
-    if isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "transformer"):
+def _patch_loss(model, lm_class, backend):
+    """Only a model whose forward is GPT2LMHeadModel.forward, which _causal_lm_forward stands in for: the
+    other heads with an LM head (GPT2DoubleHeadsModel's multiple-choice loss and logits) or a subclass
+    with a forward of its own would lose what their forward adds."""
+    if isinstance(model, lm_class) and type(model).forward is lm_class.forward:
         model.fastgpt_backend = backend
         model.forward = types.MethodType(_causal_lm_forward, model)
 
@@ -323,11 +332,11 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True,
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place, and returns it.
 
     model: GPT2Model, GPT2LMHeadModel or another GPT-2 head (any GPT2PreTrainedModel).
-    attention / mlp / layer_norm / projections / loss: which parts to patch (loss: a model with an LM
-    head). backend: the fastgpt backend for all of them.
+    attention / mlp / layer_norm / projections / loss: which parts to patch (loss: a GPT2LMHeadModel).
+    backend: the fastgpt backend for all of them.
     Calling patch again changes the backend. See the module docstring for what each part does.
     """
-    pretrained_class, attention_class, mlp_class = _gpt2_classes()
+    pretrained_class, attention_class, mlp_class, lm_class = _gpt2_classes()
     if not isinstance(model, pretrained_class):
         raise TypeError(
             f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}"
@@ -353,5 +362,5 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True,
     if projections:
         _patch_projections(model, attention_class, backend)
     if loss:
-        _patch_loss(model, backend)
+        _patch_loss(model, lm_class, backend)
     return model
