@@ -390,7 +390,13 @@ def test_patch_rejects_and_warns():
         fastgpt.patch(random_gpt2(activation_function="quick_gelu"))
 
 
-def test_patched_generate_matches_unpatched(attention_calls):
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_patched_generate_matches_unpatched(cache_implementation, attention_calls):
+    """Greedy generation (tokens and every step's logits) equals the unpatched model's. With the default DynamicCache fastgpt runs the
+    prefill and every decode step (no mask: one query sees every cached key). A StaticCache hands the
+    prefill keys as long as the whole cache with no mask, which SDPA reads as causal from the top left
+    (the unfilled tail unseen), so fastgpt attends to the first q_len keys only; its decode steps come
+    with a mask, which goes to SDPA."""
     hf = random_gpt2()
     patched = fastgpt.patch(copy.deepcopy(hf))
     prompt = torch.randint(0, VOCAB, (2, 6))
@@ -399,9 +405,17 @@ def test_patched_generate_matches_unpatched(attention_calls):
         "max_new_tokens": 12,
         "do_sample": False,
         "pad_token_id": 0,
+        "cache_implementation": cache_implementation,
+        "output_scores": True,
+        "return_dict_in_generate": True,
     }
-    assert torch.equal(patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs))
-    assert attention_calls["fastgpt"] == 2 * 12 and attention_calls["sdpa"] == 0  # prefill and decode, cached
+    got, expected = patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
+    if cache_implementation == "dynamic":
+        assert attention_calls == {"fastgpt": 2 * 12, "sdpa": 0}  # prefill and decode, cached
+    else:
+        assert attention_calls == {"fastgpt": 2, "sdpa": 2 * 11}  # the prefill; the decode steps
 
 
 def test_patched_gpt2_compiles_fullgraph():
