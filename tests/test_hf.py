@@ -274,6 +274,27 @@ def test_gpu_patched_gpt2_under_autocast_with_cpu_labels_keeps_transformers_loss
     )
 
 
+def test_gradient_checkpointing_matches_plain_training(attention_calls):
+    """transformers' gradient checkpointing recomputes each GPT2Block in the backward through the
+    patched forwards: the same fused loss and gradients as without it, attention on fastgpt both times."""
+    hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).train()
+    plain = fastgpt.patch(copy.deepcopy(hf))
+    checkpointed = fastgpt.patch(copy.deepcopy(hf))
+    # transformers 5.25 renamed gradient_checkpointing_enable (now a deprecated alias); 5.17 has only it
+    enable = getattr(
+        checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable
+    )
+    enable({"use_reentrant": False})
+    idx = torch.randint(0, VOCAB, (2, 16))
+    losses = [model(idx, labels=idx).loss for model in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert attention_calls == {"fastgpt": 2 + 2 * 2, "sdpa": 0}  # plain; checkpointed: forward and recompute
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for (name, parameter), checkpointed_parameter in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(checkpointed_parameter.grad, parameter.grad, rtol=0, atol=1e-6, msg=name)
+
+
 def test_fused_loss_leaves_other_calls_to_transformers():
     hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     patched = fastgpt.patch(copy.deepcopy(hf))
