@@ -324,6 +324,12 @@ def test_patch_keeps_parameters_and_checkpoints(tmp_path):
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert reloaded.config._attn_implementation == "sdpa"  # nothing of the patch is saved
     torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
+    # The whole model pickled (torch.save(model)) loads back patched, each forward bound to its own module.
+    torch.save(model, tmp_path / "model.pt")
+    unpickled = torch.load(tmp_path / "model.pt", weights_only=False)
+    mlp = unpickled.transformer.h[0].mlp
+    assert "forward" in vars(mlp) and mlp.forward.args[0] is mlp and unpickled.forward.args[0] is unpickled
+    torch.testing.assert_close(unpickled(idx).logits, model(idx).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm", "projections", "loss"])

@@ -43,8 +43,8 @@ optimizers, state dicts and save_pretrained keep working. Under torch.autocast t
 LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
 """
 
+import functools
 import sys
-import types
 import warnings
 
 import torch
@@ -254,6 +254,14 @@ def _conv1d_class():
     return Conv1D
 
 
+def _bind_forward(module, function):
+    """Makes `function` (a module-level function taking the module first) the module's forward, as a
+    functools.partial rather than a bound method: pickle saves a bound method as getattr(module,
+    function.__name__), a name the loaded module lacks, so torch.save(model) wrote a file that
+    torch.load could not read; a partial pickles the function by reference and the module with it."""
+    module.forward = functools.partial(function, module)
+
+
 def _set_attention_implementation(model, name):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -290,7 +298,7 @@ def _patch_mlp(model, mlp_class, backend):
         if isinstance(module, mlp_class):
             module.fastgpt_activation = activation
             module.fastgpt_backend = backend
-            module.forward = types.MethodType(_mlp_forward, module)
+            _bind_forward(module, _mlp_forward)
 
 
 def _patch_projections(model, attention_class, backend):
@@ -309,7 +317,7 @@ def _patch_projections(model, attention_class, backend):
     for projection in projections:
         projection.fastgpt_backend = backend
         projection.fastgpt_weight_is_in_out = isinstance(projection, conv1d)
-        projection.forward = types.MethodType(_projection_forward, projection)
+        _bind_forward(projection, _projection_forward)
 
 
 def _patch_loss(model, lm_class, backend):
@@ -318,14 +326,14 @@ def _patch_loss(model, lm_class, backend):
     with a forward of its own would lose what their forward adds."""
     if isinstance(model, lm_class) and type(model).forward is lm_class.forward:
         model.fastgpt_backend = backend
-        model.forward = types.MethodType(_causal_lm_forward, model)
+        _bind_forward(model, _causal_lm_forward)
 
 
 def _patch_layer_norms(model, backend):
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
             module.fastgpt_backend = backend
-            module.forward = types.MethodType(_layer_norm_forward, module)
+            _bind_forward(module, _layer_norm_forward)
 
 
 def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, loss=True, backend="auto"):
