@@ -305,6 +305,9 @@ def test_fused_loss_leaves_other_calls_to_transformers():
     assert patched(idx).logits is not None  # no labels: no loss to fuse
     as_tuple = patched(idx, labels=idx, return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[1].shape == (2, 12, VOCAB)
+    # logits_to_keep as the positions to keep (a tensor; here all of them, so the labels line up)
+    kept = patched(idx, labels=idx, logits_to_keep=torch.arange(12))
+    torch.testing.assert_close(kept.logits, hf.train()(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_patch_keeps_parameters_and_checkpoints(tmp_path):

@@ -192,6 +192,12 @@ LOSS_ARGUMENTS = ("num_items_in_batch", "shift_labels", "ignore_index")
 IGNORE_INDEX = -100
 
 
+def _keeps_all_logits(logits_to_keep):
+    """logits_to_keep asks for every position: absent, None or 0 (transformers also takes an int count
+    of last positions, or a tensor of positions, whose truth value is not defined)."""
+    return logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+
+
 def _fused_loss_applies(model, args, labels, kwargs):
     """Whether the fused loss serves this call. Autocast is read for the device the model computes on
     (its LM head's), not the labels': CPU labels for a CUDA model would read the CPU's autocast state."""
@@ -199,7 +205,7 @@ def _fused_loss_applies(model, args, labels, kwargs):
         model.training
         and labels is not None
         and len(args) <= 1
-        and not kwargs.get("logits_to_keep")
+        and _keeps_all_logits(kwargs.get("logits_to_keep"))
         and kwargs.get("return_dict") is not False
         and not torch.is_autocast_enabled(model.lm_head.weight.device.type)
     )
