@@ -38,9 +38,11 @@ mask turned into the additive float mask eager attention adds to its scores.
   `num_items_in_batch` when the Trainer passes it. In eval mode, without labels, under autocast, with
   `logits_to_keep`, `return_dict=False` or more than one positional argument, transformers' forward
   runs unchanged.
-Only `forward` attributes of the module instances change; parameters stay the same objects, so
-optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
-LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
+Only `forward` attributes of the module instances change (each a functools.partial of a function
+here, so torch.save of the whole model loads back patched); parameters stay the same objects, so
+optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP,
+LayerNorm and projections call their original forward (the fused ops take one dtype; autocast mixes
+them), and so does the fused loss's model.
 """
 
 import functools
