@@ -622,6 +622,18 @@ def test_attention_weights_take_the_eager_route_with_its_mask(attention_calls):
     assert attention_calls == {"fastgpt": 0, "sdpa": 0}
 
 
+def test_head_mask_takes_the_eager_route_and_stays_causal(attention_calls):
+    """transformers 5 no longer applies head_mask, but a GPT-2 call still carries it through its
+    **kwargs to the attention function, which sends it to GPT-2's eager function: with the mask that
+    function expects (causal), the patched model's logits are the unpatched model's."""
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 12))
+    head_mask = torch.ones(2, 4)  # (layers, heads)
+    torch.testing.assert_close(patched(idx, head_mask=head_mask).logits, hf(idx).logits, rtol=0, atol=1e-5)
+    assert attention_calls == {"fastgpt": 0, "sdpa": 0}
+
+
 def test_import_fastgpt_does_not_import_transformers():
     code = "import sys, fastgpt; assert 'transformers' not in sys.modules; assert callable(fastgpt.patch)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[1])
