@@ -36,8 +36,8 @@ mask turned into the additive float mask eager attention adds to its scores.
   Liger-Kernel's fused loss does). The loss is transformers' own: labels shifted inside the model (or
   `shift_labels` used as given), ignore_index -100, the mean over kept tokens or the sum divided by
   `num_items_in_batch` when the Trainer passes it. In eval mode, without labels, under autocast, with
-  `logits_to_keep`, `return_dict=False` or more than one positional argument, transformers' forward
-  runs unchanged.
+  a `logits_to_keep` that drops positions, `return_dict=False` or more than one positional argument,
+  transformers' forward runs unchanged.
 Only `forward` attributes of the module instances change (each a functools.partial of a function
 here, so torch.save of the whole model loads back patched); parameters stay the same objects, so
 optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP,
@@ -189,8 +189,6 @@ def _layer_norm_forward(self, x):
     return layer_norm(x, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
 
 
-# transformers' causal-LM loss arguments, which GPT2LMHeadModel.forward passes on to its loss function.
-LOSS_ARGUMENTS = ("num_items_in_batch", "shift_labels", "ignore_index")
 IGNORE_INDEX = -100
 
 
