@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerance import assert_close
+import torch.nn.functional as F
+from tolerance import ABSOLUTE_SLACK, assert_close, max_error, rounding_floor
 
 import fastgpt
 from fastgpt.nn import GPT
@@ -68,10 +69,43 @@ def attention_calls(monkeypatch):
     return calls
 
 
+def token_losses(logits, labels, shift_labels=None):
+    """transformers' causal-LM loss per predicted token, in at least float32 (0 where the label is -100):
+    logits (B, T, V), labels (B, T) shifted by one unless shift_labels (B, T) is given. Returns (B, T')."""
+    if shift_labels is None:
+        logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), shift_labels.to(logits.device), reduction="none")
+
+
+def assert_loss_close(loss, reference, eager_logits, reference_logits, labels, kwargs):
+    """A causal-LM loss (the sum of per-token losses over a divisor: the kept tokens, or
+    num_items_in_batch) against the float64 model's, under the 2x rule applied per token: its error is
+    at most kept / divisor times the largest per-token error, which the rule bounds by twice the
+    unpatched model's (its logits through transformers' loss) plus the float32 floor. The rule on the
+    one scalar would compare two rounding noises: in bfloat16 a correct loss failed it for 1 of 8 seeds."""
+    shift_labels = kwargs.get("shift_labels")
+    eager_tokens = token_losses(eager_logits, labels, shift_labels)
+    reference_tokens = token_losses(reference_logits, labels, shift_labels)
+    targets = labels[:, 1:] if shift_labels is None else shift_labels
+    kept = int(targets.ne(-100).sum())
+    divisor = float(kwargs.get("num_items_in_batch", kept))
+    per_token = (
+        2.0 * max_error(eager_tokens, reference_tokens)
+        + rounding_floor(reference_tokens, torch.float32)
+        + ABSOLUTE_SLACK[torch.float32]
+    )
+    error = max_error(loss, reference)
+    assert error <= kept / divisor * per_token, (
+        f"loss: error {error:.3e} exceeds {kept} / {divisor:g} of twice the unpatched model's largest "
+        f"per-token error + floor ({per_token:.3e})"
+    )
+
+
 def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
-    """fastgpt.patch of `hf` in `dtype` against the float64 model on the same tokens: logits, loss and
-    every gradient under the 2x rule, with the unpatched model in `dtype` as the error budget, and both
-    layers' attention run by fastgpt."""
+    """fastgpt.patch of `hf` in `dtype` against the float64 model on the same tokens: logits and every
+    gradient under the 2x rule, the loss under it per token (assert_loss_close), with the unpatched
+    model in `dtype` as the error budget, and both layers' attention run by fastgpt."""
     hf64 = copy.deepcopy(hf).double()
     eager = copy.deepcopy(hf).to(dtype)
     patched = fastgpt.patch(copy.deepcopy(hf).to(dtype))
@@ -81,11 +115,16 @@ def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
         out.loss.backward()
         outputs[name] = out
     assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
-    for field in ("logits", "loss"):
-        mine, reference, eager_value = (
-            getattr(outputs[name], field).detach() for name in ("patched", "reference", "eager")
-        )
-        assert_close(field, mine, reference, eager_value)
+    mine, reference, eager_out = (outputs[name] for name in ("patched", "reference", "eager"))
+    assert_close("logits", mine.logits.detach(), reference.logits.detach(), eager_out.logits.detach())
+    assert_loss_close(
+        mine.loss.detach(),
+        reference.loss.detach(),
+        eager_out.logits.detach(),
+        reference.logits.detach(),
+        idx,
+        {},
+    )
     eager_parameters = dict(eager.named_parameters())
     patched_parameters = dict(patched.named_parameters())
     for name, parameter in hf64.named_parameters():
@@ -140,14 +179,43 @@ def test_training_mode_dropout_matches_unpatched(attention_calls):
     assert (got.logits - hf.eval()(idx).logits).abs().max() > 1e-2  # dropout was active
 
 
+def assert_fused_loss_matches(hf, dtype, idx, labels, kwargs):
+    """fastgpt.patch's fused loss (`hf` in training mode) in `dtype` against the float64 model: the loss
+    (assert_loss_close) and every parameter's gradient under the 2x rule, with the unpatched model in
+    `dtype` as the error budget, and no logits formed."""
+    hf64 = copy.deepcopy(hf).double()
+    eager = copy.deepcopy(hf).to(dtype)
+    patched = fastgpt.patch(copy.deepcopy(hf).to(dtype))
+    outputs = {}
+    for name, model in (("patched", patched), ("eager", eager), ("reference", hf64)):
+        out = model(idx, labels=labels, **kwargs)
+        out.loss.backward()
+        outputs[name] = out
+    assert outputs["patched"].logits is None and outputs["eager"].logits is not None
+    assert outputs["patched"].loss.dtype == torch.float32
+    mine, reference, eager_out = (outputs[name] for name in ("patched", "reference", "eager"))
+    assert_loss_close(
+        mine.loss.detach(),
+        reference.loss.detach(),
+        eager_out.logits.detach(),
+        reference.logits.detach(),
+        labels,
+        kwargs,
+    )
+    eager_parameters = dict(eager.named_parameters())
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in hf64.named_parameters():
+        assert_close(
+            f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
+        )
+
+
 @pytest.mark.parametrize("labels_form", ["labels", "ignored labels", "num_items_in_batch", "shift_labels"])
 def test_fused_loss_matches_transformers_loss_and_gradients(labels_form):
     """In training mode the patched loss is linear_cross_entropy on the hidden states: transformers'
     loss (its label shift, ignore_index, num_items_in_batch and shift_labels) and every parameter's
     gradient, with no logits formed."""
     hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).train()
-    hf64 = copy.deepcopy(hf).double()
-    patched = fastgpt.patch(copy.deepcopy(hf))
     idx = torch.randint(0, VOCAB, (3, 20))
     labels = idx.clone()
     kwargs = {}
@@ -158,21 +226,73 @@ def test_fused_loss_matches_transformers_loss_and_gradients(labels_form):
         kwargs["num_items_in_batch"] = torch.tensor(40)
     elif labels_form == "shift_labels":
         kwargs["shift_labels"] = torch.randint(0, VOCAB, (3, 20))
-    outputs = {}
-    for name, model in (("patched", patched), ("eager", hf), ("reference", hf64)):
-        out = model(idx, labels=labels, **kwargs)
-        out.loss.backward()
-        outputs[name] = out
-    assert outputs["patched"].logits is None and outputs["eager"].logits is not None
-    assert outputs["patched"].loss.dtype == torch.float32
-    mine, reference, eager = (outputs[name].loss.detach() for name in ("patched", "reference", "eager"))
-    assert_close("loss", mine, reference, eager)
-    eager_parameters = dict(hf.named_parameters())
-    patched_parameters = dict(patched.named_parameters())
-    for name, parameter in hf64.named_parameters():
-        assert_close(
-            f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
-        )
+    assert_fused_loss_matches(hf, torch.float32, idx, labels, kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_fused_loss_in_bfloat16():
+    """The fused loss as a user trains with it on a GPU: a bfloat16 GPT-2 on CUDA in training mode, so
+    linear_cross_entropy runs a CUDA backend on a strided view of the hidden states and the tied LM
+    head (a vocabulary that is no multiple of 64), with ignored labels and the Trainer's
+    num_items_in_batch as a one-element CPU tensor (transformers' loss moves it to the loss's device)."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    hf = hf.cuda().train()
+    idx = torch.randint(0, VOCAB, (4, 200), device="cuda")
+    labels = idx.clone()
+    labels[0, :50] = -100
+    labels[2, 99] = -100
+    kwargs = {"num_items_in_batch": labels[:, 1:].ne(-100).sum().cpu().reshape(1)}
+    assert_fused_loss_matches(hf, torch.bfloat16, idx, labels, kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_patched_gpt2_under_autocast_with_cpu_labels_keeps_transformers_loss(attention_calls):
+    """Under CUDA autocast the patched model's loss is transformers' (logits formed, the patched MLP
+    and LayerNorm on their original forwards), also when the labels are on the CPU: whether autocast
+    is on is read for the model's device, not the labels'. Logits and loss against the float64 model,
+    with the unpatched model under the same autocast as the error budget."""
+    hf = random_gpt2(n_embd=128, n_head=2, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    hf = hf.cuda().train()
+    hf64 = copy.deepcopy(hf).double()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    labels = idx.cpu()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = patched(idx, labels=labels)
+        eager = hf(idx, labels=labels)
+    reference = hf64(idx, labels=labels)
+    assert got.logits is not None
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # attention still runs on fastgpt, in bfloat16
+    assert_close("logits", got.logits.detach(), reference.logits.detach(), eager.logits.detach())
+    assert_loss_close(
+        got.loss.detach(),
+        reference.loss.detach(),
+        eager.logits.detach(),
+        reference.logits.detach(),
+        labels,
+        {},
+    )
+
+
+def test_gradient_checkpointing_matches_plain_training(attention_calls):
+    """transformers' gradient checkpointing recomputes each GPT2Block in the backward through the
+    patched forwards: the same fused loss and gradients as without it, attention on fastgpt both times."""
+    hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).train()
+    plain = fastgpt.patch(copy.deepcopy(hf))
+    checkpointed = fastgpt.patch(copy.deepcopy(hf))
+    # transformers 5.25 renamed gradient_checkpointing_enable (now a deprecated alias); 5.17 has only it
+    enable = getattr(
+        checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable
+    )
+    enable({"use_reentrant": False})
+    idx = torch.randint(0, VOCAB, (2, 16))
+    losses = [model(idx, labels=idx).loss for model in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert attention_calls == {"fastgpt": 2 + 2 * 2, "sdpa": 0}  # plain; checkpointed: forward and recompute
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for (name, parameter), checkpointed_parameter in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(checkpointed_parameter.grad, parameter.grad, rtol=0, atol=1e-6, msg=name)
 
 
 def test_fused_loss_leaves_other_calls_to_transformers():
@@ -185,6 +305,9 @@ def test_fused_loss_leaves_other_calls_to_transformers():
     assert patched(idx).logits is not None  # no labels: no loss to fuse
     as_tuple = patched(idx, labels=idx, return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[1].shape == (2, 12, VOCAB)
+    # logits_to_keep as the positions to keep (a tensor; here all of them, so the labels line up)
+    kept = patched(idx, labels=idx, logits_to_keep=torch.arange(12))
+    torch.testing.assert_close(kept.logits, hf.train()(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_patch_keeps_parameters_and_checkpoints(tmp_path):
@@ -204,6 +327,12 @@ def test_patch_keeps_parameters_and_checkpoints(tmp_path):
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert reloaded.config._attn_implementation == "sdpa"  # nothing of the patch is saved
     torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
+    # The whole model pickled (torch.save(model)) loads back patched, each forward bound to its own module.
+    torch.save(model, tmp_path / "model.pt")
+    unpickled = torch.load(tmp_path / "model.pt", weights_only=False)
+    mlp = unpickled.transformer.h[0].mlp
+    assert "forward" in vars(mlp) and mlp.forward.args[0] is mlp and unpickled.forward.args[0] is unpickled
+    torch.testing.assert_close(unpickled(idx).logits, model(idx).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("part", ["attention", "mlp", "layer_norm", "projections", "loss"])
@@ -257,6 +386,26 @@ def test_patch_other_heads_and_activations():
         torch.testing.assert_close(getattr(patched(idx), field), getattr(hf(idx), field), rtol=0, atol=1e-5)
 
 
+def test_double_heads_model_keeps_its_forward_and_multiple_choice_loss():
+    """GPT2DoubleHeadsModel has an LM head too, but its forward adds a multiple-choice head: the fused
+    loss, which stands in for GPT2LMHeadModel.forward, leaves it alone, so in training mode with labels
+    and mc_labels the patched model still returns mc_loss and mc_logits, equal to the unpatched model's."""
+    hf = random_gpt2(
+        transformers.GPT2DoubleHeadsModel,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        summary_first_dropout=0.0,
+    ).train()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    assert "forward" not in vars(patched) and "forward" in vars(patched.lm_head)  # the projection is patched
+    idx = torch.randint(0, VOCAB, (2, 3, 10))  # (batch, choices, T)
+    kwargs = {"mc_token_ids": torch.full((2, 3), 9), "labels": idx, "mc_labels": torch.tensor([0, 2])}
+    got, expected = patched(idx, **kwargs), hf(idx, **kwargs)
+    for field in ("loss", "mc_loss", "logits", "mc_logits"):
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=1e-5)
+
+
 def test_patch_rejects_and_warns():
     with pytest.raises(TypeError, match="model must be a transformers GPT-2 model .*got Linear"):
         fastgpt.patch(torch.nn.Linear(2, 2))
@@ -271,7 +420,13 @@ def test_patch_rejects_and_warns():
         fastgpt.patch(random_gpt2(activation_function="quick_gelu"))
 
 
-def test_patched_generate_matches_unpatched(attention_calls):
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_patched_generate_matches_unpatched(cache_implementation, attention_calls):
+    """Greedy generation (tokens and every step's logits) equals the unpatched model's. With the default DynamicCache fastgpt runs the
+    prefill and every decode step (no mask: one query sees every cached key). A StaticCache hands the
+    prefill keys as long as the whole cache with no mask, which SDPA reads as causal from the top left
+    (the unfilled tail unseen), so fastgpt attends to the first q_len keys only; its decode steps come
+    with a mask, which goes to SDPA."""
     hf = random_gpt2()
     patched = fastgpt.patch(copy.deepcopy(hf))
     prompt = torch.randint(0, VOCAB, (2, 6))
@@ -280,9 +435,17 @@ def test_patched_generate_matches_unpatched(attention_calls):
         "max_new_tokens": 12,
         "do_sample": False,
         "pad_token_id": 0,
+        "cache_implementation": cache_implementation,
+        "output_scores": True,
+        "return_dict_in_generate": True,
     }
-    assert torch.equal(patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs))
-    assert attention_calls["fastgpt"] == 2 * 12 and attention_calls["sdpa"] == 0  # prefill and decode, cached
+    got, expected = patched.generate(prompt, **kwargs), hf.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
+    if cache_implementation == "dynamic":
+        assert attention_calls == {"fastgpt": 2 * 12, "sdpa": 0}  # prefill and decode, cached
+    else:
+        assert attention_calls == {"fastgpt": 2, "sdpa": 2 * 11}  # the prefill; the decode steps
 
 
 def test_patched_gpt2_compiles_fullgraph():
@@ -428,6 +591,47 @@ def test_attention_interface_llama_gqa_rope(attention_calls):
         "pad_token_id": 0,
     }
     assert torch.equal(mine.generate(prompt, **kwargs), sdpa.generate(prompt, **kwargs))
+
+
+def musicgen_decoder(attn_implementation):
+    config = transformers.MusicgenDecoderConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, num_codebooks=2,
+        max_position_embeddings=64, pad_token_id=VOCAB - 1, bos_token_id=None, eos_token_id=None,
+        decoder_start_token_id=None, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    return transformers.MusicgenForCausalLM(config).eval()
+
+
+def test_attention_weights_take_the_eager_route_with_its_mask(attention_calls):
+    """A model that passes output_attentions to its attention function (MusicGen's decoder does; GPT-2
+    and Llama drop it before attention) gets its eager function's output and weights from the "fastgpt"
+    implementation, equal to the eager model's: the SDPA-style mask (None for plain causal, boolean
+    with padding) is turned into the additive mask eager attention adds to its scores."""
+    eager = musicgen_decoder("eager")
+    mine = musicgen_decoder("fastgpt")
+    mine.load_state_dict(eager.state_dict())
+    idx = torch.randint(0, VOCAB - 1, (2 * 2, 12))  # (batch * codebooks, T)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[0, :4] = 0
+    for mask in (None, padding):
+        expected = eager(idx, attention_mask=mask, output_attentions=True)
+        got = mine(idx, attention_mask=mask, output_attentions=True)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-6)
+        for layer, (weights, expected_weights) in enumerate(zip(got.attentions, expected.attentions)):
+            torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6, msg=f"layer {layer}")
+    assert attention_calls == {"fastgpt": 0, "sdpa": 0}
+
+
+def test_head_mask_takes_the_eager_route_and_stays_causal(attention_calls):
+    """transformers 5 no longer applies head_mask, but a GPT-2 call still carries it through its
+    **kwargs to the attention function, which sends it to GPT-2's eager function: with the mask that
+    function expects (causal), the patched model's logits are the unpatched model's."""
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    idx = torch.randint(0, VOCAB, (2, 12))
+    head_mask = torch.ones(2, 4)  # (layers, heads)
+    torch.testing.assert_close(patched(idx, head_mask=head_mask).logits, hf(idx).logits, rtol=0, atol=1e-5)
+    assert attention_calls == {"fastgpt": 0, "sdpa": 0}
 
 
 def test_import_fastgpt_does_not_import_transformers():

@@ -12,7 +12,9 @@ causal_attention only when it receives no mask, for a causal module, without att
 and reads None exactly as SDPA does: one query sees every key, and T queries against T keys, or
 against a longer not-yet-filled static cache, are causal from the top left. Anything else (a
 padding mask, dropout in training, cross-attention, position biases) goes to transformers' SDPA
-function with its mask, so a mask is never dropped.
+function with its mask, so a mask is never dropped. A call that asks for the attention weights
+(output_attentions, head_mask) goes to the eager function of the module's modeling file, with the
+mask turned into the additive float mask eager attention adds to its scores.
 
 `patch(model)` works in place on a GPT-2 model (GPT2Model, GPT2LMHeadModel and the other heads):
 - attention: switches an "sdpa" model to "fastgpt". An "eager" model is left on eager, with a
@@ -27,21 +29,24 @@ function with its mask, so a mask is never dropped.
   fastgpt.linear, which routes the few rows of a decode step (<= 16) to the cpu backend's kernel that
   streams each weight once (Conv1D's (in, out) weight read in place through its transposed view) and
   every other call to F.linear.
-- loss: a GPT2LMHeadModel in training mode called with `labels` takes its loss from
+- loss: a GPT2LMHeadModel (not GPT2DoubleHeadsModel, whose forward adds a multiple-choice head, nor
+  a subclass with a forward of its own) in training mode called with `labels` takes its loss from
   fastgpt.linear_cross_entropy on the last hidden states and the LM head's weight, so the (batch, seq,
   vocab) logits and their float32 upcast are never formed, and `logits` in the output is None (as
   Liger-Kernel's fused loss does). The loss is transformers' own: labels shifted inside the model (or
   `shift_labels` used as given), ignore_index -100, the mean over kept tokens or the sum divided by
   `num_items_in_batch` when the Trainer passes it. In eval mode, without labels, under autocast, with
-  `logits_to_keep`, `return_dict=False` or more than one positional argument, transformers' forward
-  runs unchanged.
-Only `forward` attributes of the module instances change; parameters stay the same objects, so
-optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP and
-LayerNorm call their original forward (the fused ops take one dtype; autocast mixes them).
+  a `logits_to_keep` that drops positions, `return_dict=False` or more than one positional argument,
+  transformers' forward runs unchanged.
+Only `forward` attributes of the module instances change (each a functools.partial of a function
+here, so torch.save of the whole model loads back patched); parameters stay the same objects, so
+optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP,
+LayerNorm and projections call their original forward (the fused ops take one dtype; autocast mixes
+them), and so does the fused loss's model.
 """
 
+import functools
 import sys
-import types
 import warnings
 
 import torch
@@ -69,16 +74,34 @@ def _eager_attention(module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+def _eager_mask(attention_mask, query, key, causal):
+    """The "fastgpt" mask (SDPA's) as eager attention reads it: eager adds its mask to the scores, so a
+    boolean mask (True: attend) becomes 0 / the dtype's minimum, and None on a causal module becomes
+    SDPA's reading of None (top-left causal; one query sees every key). A float mask is already additive.
+    query (B, H, Tq, D), key (B, Hkv, Tk, D). Returns None or a mask that broadcasts to (B, H, Tq, Tk)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        if not causal or q_len == 1:
+            return None
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()  # (Tq, Tk)
+    if attention_mask.dtype != torch.bool:
+        return attention_mask
+    additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    return additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+
+
 def fastgpt_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
     """transformers' attention-function signature: query (B, H, Tq, D), key and value
-    (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None)."""
+    (B, Hkv, Tk, D), attention_mask None or 4D. Returns ((B, Tq, H, D), None), or the eager
+    function's (output, weights) when the call asks for the weights."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     wants_weights = kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
     eager = _eager_attention(module) if wants_weights else None
     if eager is not None:
-        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask = _eager_mask(attention_mask, query, key, causal)
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     fast = (
         attention_mask is None
         and causal
@@ -166,19 +189,25 @@ def _layer_norm_forward(self, x):
     return layer_norm(x, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
 
 
-# transformers' causal-LM loss arguments, which GPT2LMHeadModel.forward passes on to its loss function.
-LOSS_ARGUMENTS = ("num_items_in_batch", "shift_labels", "ignore_index")
 IGNORE_INDEX = -100
 
 
+def _keeps_all_logits(logits_to_keep):
+    """logits_to_keep asks for every position: absent, None or 0 (transformers also takes an int count
+    of last positions, or a tensor of positions, whose truth value is not defined)."""
+    return logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+
+
 def _fused_loss_applies(model, args, labels, kwargs):
+    """Whether the fused loss serves this call. Autocast is read for the device the model computes on
+    (its LM head's), not the labels': CPU labels for a CUDA model would read the CPU's autocast state."""
     return (
         model.training
         and labels is not None
         and len(args) <= 1
-        and not kwargs.get("logits_to_keep")
+        and _keeps_all_logits(kwargs.get("logits_to_keep"))
         and kwargs.get("return_dict") is not False
-        and not torch.is_autocast_enabled(labels.device.type)
+        and not torch.is_autocast_enabled(model.lm_head.weight.device.type)
     )
 
 
@@ -206,7 +235,9 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
         reduction=reduction,
         backend=self.fastgpt_backend,
     )
-    if num_items_in_batch is not None:
+    if num_items_in_batch is not None:  # a tensor moves to the loss's device, as transformers' loss does
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     fields = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
     return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **fields)
@@ -215,13 +246,26 @@ def _causal_lm_forward(self, *args, labels=None, **kwargs):
 def _gpt2_classes():
     from transformers.models.gpt2 import modeling_gpt2
 
-    return modeling_gpt2.GPT2PreTrainedModel, modeling_gpt2.GPT2Attention, modeling_gpt2.GPT2MLP
+    return (
+        modeling_gpt2.GPT2PreTrainedModel,
+        modeling_gpt2.GPT2Attention,
+        modeling_gpt2.GPT2MLP,
+        modeling_gpt2.GPT2LMHeadModel,
+    )
 
 
 def _conv1d_class():
     from transformers.pytorch_utils import Conv1D
 
     return Conv1D
+
+
+def _bind_forward(module, function):
+    """Makes `function` (a module-level function taking the module first) the module's forward, as a
+    functools.partial rather than a bound method: pickle saves a bound method as getattr(module,
+    function.__name__), a name the loaded module lacks, so torch.save(model) wrote a file that
+    torch.load could not read; a partial pickles the function by reference and the module with it."""
+    module.forward = functools.partial(function, module)
 
 
 def _set_attention_implementation(model, name):
@@ -260,7 +304,7 @@ def _patch_mlp(model, mlp_class, backend):
         if isinstance(module, mlp_class):
             module.fastgpt_activation = activation
             module.fastgpt_backend = backend
-            module.forward = types.MethodType(_mlp_forward, module)
+            _bind_forward(module, _mlp_forward)
 
 
 def _patch_projections(model, attention_class, backend):
@@ -279,31 +323,34 @@ def _patch_projections(model, attention_class, backend):
     for projection in projections:
         projection.fastgpt_backend = backend
         projection.fastgpt_weight_is_in_out = isinstance(projection, conv1d)
-        projection.forward = types.MethodType(_projection_forward, projection)
+        _bind_forward(projection, _projection_forward)
 
 
-def _patch_loss(model, backend):
-    if isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "transformer"):
+def _patch_loss(model, lm_class, backend):
+    """Only a model whose forward is GPT2LMHeadModel.forward, which _causal_lm_forward stands in for: the
+    other heads with an LM head (GPT2DoubleHeadsModel's multiple-choice loss and logits) or a subclass
+    with a forward of its own would lose what their forward adds."""
+    if isinstance(model, lm_class) and type(model).forward is lm_class.forward:
         model.fastgpt_backend = backend
-        model.forward = types.MethodType(_causal_lm_forward, model)
+        _bind_forward(model, _causal_lm_forward)
 
 
 def _patch_layer_norms(model, backend):
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
             module.fastgpt_backend = backend
-            module.forward = types.MethodType(_layer_norm_forward, module)
+            _bind_forward(module, _layer_norm_forward)
 
 
 def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True, loss=True, backend="auto"):
     """Runs a transformers GPT-2 model on fastgpt's fused ops, in place, and returns it.
 
     model: GPT2Model, GPT2LMHeadModel or another GPT-2 head (any GPT2PreTrainedModel).
-    attention / mlp / layer_norm / projections / loss: which parts to patch (loss: a model with an LM
-    head). backend: the fastgpt backend for all of them.
+    attention / mlp / layer_norm / projections / loss: which parts to patch (loss: a GPT2LMHeadModel).
+    backend: the fastgpt backend for all of them.
     Calling patch again changes the backend. See the module docstring for what each part does.
     """
-    pretrained_class, attention_class, mlp_class = _gpt2_classes()
+    pretrained_class, attention_class, mlp_class, lm_class = _gpt2_classes()
     if not isinstance(model, pretrained_class):
         raise TypeError(
             f"fastgpt.patch: model must be a transformers GPT-2 model (GPT2PreTrainedModel), got {type(model).__name__}"
@@ -329,5 +376,5 @@ def patch(model, *, attention=True, mlp=True, layer_norm=True, projections=True,
     if projections:
         _patch_projections(model, attention_class, backend)
     if loss:
-        _patch_loss(model, backend)
+        _patch_loss(model, lm_class, backend)
     return model
