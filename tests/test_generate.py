@@ -269,12 +269,13 @@ GPU_CONFIG = {"n_layer": 2, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "block_s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gpu_generate_cached_steps_match_the_float64_model(dtype):
     """generate's per-op loop on CUDA (cuda_graph=False, the default): a 500-token prefill into the
-    preallocated caches, then one-token steps whose cache grows past 512 keys, where auto's attention
-    switches from the cuda backend's kernel (when built) to Triton's split-KV decode kernel; two
-    different prompts (GQA). Every step's logits over the padded LM head against the float64 model."""
+    preallocated caches, then one-token steps whose cache grows past 512 keys, where auto's 16-bit
+    attention switches from the cuda backend's kernel (when built) to Triton's split-KV decode kernel
+    (float32 runs every op on Triton); two different prompts (GQA). Every step's logits over the
+    padded LM head against the float64 model."""
     model = GPT(GPTConfig(**GPU_CONFIG)).to("cuda", dtype).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 530), device="cuda")
     for kv_len in (500, 530):  # the steps run kernels, not the reference (the test's bar)
