@@ -22,7 +22,8 @@
 #   bash benchmarks/gpu_check.sh cross_entropy # tests matching 'cross_entropy' (and the cuda backend's
 #                                              # load, opcheck and float32 tests); vocab 50257
 #   bash benchmarks/gpu_check.sh gpt           # the training step's tests (eager, compile, CUDA graph,
-#                                              # determinism), generate's (its CUDA-graph decode step), and
+#                                              # determinism), generate's (the per-op loop, the CLI and the
+#                                              # CUDA-graph decode step), and
 #                                              # the GPT-2 step and generation, with the
 #                                              # fastgpt.nn+torch.compile and fastgpt.nn+cuda-graph providers
 #

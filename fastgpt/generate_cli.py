@@ -31,13 +31,24 @@ def add_arguments(parser):
     runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
 
 
-def encode_prompt(tokenizer, prompt, block_size):
-    """The prompt's token ids; an empty prompt is the end-of-text token, which starts a document."""
+def encode_prompt(tokenizer, prompt, block_size, vocab_size):
+    """The prompt's token ids; an empty prompt is the end-of-text token, which starts a document.
+
+    The ids, and the end-of-text id that generation stops at, must have rows in the model's vocabulary
+    (a tokenizer other than the model's may give larger ones). Checked here, on the host, because the
+    model does not read the ids of a CUDA tensor (dispatch.check_index_range: only with FASTGPT_DEBUG=1),
+    and its embedding would stop the process with a device-side assert."""
     ids = tokenizer.encode(prompt)
     if not ids:
         if tokenizer.eot_id is None:
             raise UserError("the prompt is empty and this tokenizer has no end-of-text token to start from")
         ids = [tokenizer.eot_id]
+    largest = max(ids if tokenizer.eot_id is None else [*ids, tokenizer.eot_id])
+    if largest >= vocab_size:
+        raise UserError(
+            f"the tokenizer produces ids up to {largest}, beyond the model's vocab_size {vocab_size}: "
+            "pass the tokenizer the model was trained with"
+        )
     if len(ids) >= block_size:
         raise UserError(
             f"the prompt is {len(ids)} tokens, too long for the model's context window of {block_size} tokens "
@@ -73,7 +84,7 @@ def run(args):
         args.checkpoint, args.tokenizer, device=device, dtype=dtype, backend=args.backend
     )
     block_size = model.config.block_size
-    ids = encode_prompt(tokenizer, args.prompt, block_size)
+    ids = encode_prompt(tokenizer, args.prompt, block_size, model.config.vocab_size)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(DEFAULT_NEW_TOKENS, block_size - len(ids))
     if len(ids) + args.max_new_tokens > block_size:

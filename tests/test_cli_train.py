@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from fastgpt.cli import main
 from fastgpt.generate_cli import stream
-from fastgpt.nn import GPT
+from fastgpt.nn import GPT, GPTConfig
 from fastgpt.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,6 +429,19 @@ def broken_checkpoints(trained, tmp_path):
 def test_user_errors_are_one_line(broken_checkpoints, trained, capsys, argv, expected):
     argv = [a.format(tmp=broken_checkpoints, run=trained[0]) for a in argv]
     assert_one_line_error(capsys, argv, expected)
+
+
+def test_generate_refuses_token_ids_beyond_the_model_vocabulary(tmp_path, capsys):
+    """A tokenizer with ids the model has no rows for (here bytes, no end-of-text, against 100 ids) is
+    refused before generating: on CUDA the prompt's ids are not read, and the embedding would trip a
+    device-side assert."""
+    GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=100, block_size=32)).save(tmp_path)
+    (tmp_path / "tokenizer_info.json").write_text(json.dumps({"type": "byte", "eot": False}))
+    argv = ["generate", "x", "--checkpoint", str(tmp_path), "--max-new-tokens", "2"]
+    assert_one_line_error(
+        capsys, argv, r"the tokenizer produces ids up to 120, beyond the model's vocab_size 100"
+    )
+    assert main([*argv[:1], "a", *argv[2:]]) == 0  # byte 97 has a row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

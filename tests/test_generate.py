@@ -1,13 +1,16 @@
 """GPT.generate: the KV cache against full recomputation, transformers parity, sampling filters, eos, errors."""
 
 import contextlib
+import copy
 import mmap
 
 import pytest
 import torch
 from host_reads import HostReadRecorder
+from tolerance import assert_close
 
 import fastgpt
+from fastgpt import dispatch
 from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
 from fastgpt.nn.generation import filter_logits, sample_next_token, sample_next_token_on_device
 
@@ -197,6 +200,138 @@ def test_without_huge_pages_the_parameters_stay_where_they_are(monkeypatch):
     assert huge_pages.move_to_huge_pages(model) is False
     model.generate(torch.randint(0, 97, (1, 3)), 2, temperature=0)
     assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+EAGER_KERNEL_BACKENDS = (["cpu"] if "cpu" in fastgpt.available_backends() else []) + (
+    ["triton"] if "triton" in fastgpt.available_backends() and not torch.cuda.is_available() else []
+)
+
+
+@pytest.mark.parametrize("backend", EAGER_KERNEL_BACKENDS)
+def test_generate_tokens_equal_across_backends(backend):
+    """generate's per-op loop on a kernel backend in float32 (cpu: its fused decode step; Triton under
+    the interpreter: its attention for the prefill, the split-KV decode kernel for the steps, its
+    LayerNorm and FFN) chooses the tokens the reference backend chooses: greedy ones equal to the
+    float64 model's, with one row stopping at eos while the other goes on, and seeded draws through
+    top-k and top-p equal to the float32 reference's. One block keeps the interpreter's time low."""
+    model = GPT(GPTConfig(**{**SMALL, "n_layer": 1}, n_kv_head=2)).eval()
+    prompt = torch.randint(0, 97, (2, 11))
+    float64 = copy.deepcopy(model).double().set_backend("reference")
+    eos = int(float64.generate(prompt, 3, temperature=0)[0, 12])  # row 0's second new token
+    expected = float64.generate(prompt, 3, temperature=0, eos_token_id=eos)
+    kernels = copy.deepcopy(model).set_backend(backend)
+    assert torch.equal(kernels.generate(prompt, 3, temperature=0, eos_token_id=eos), expected)
+    sampling = {"temperature": 1.0, "top_k": 30, "top_p": 0.9}
+    torch.manual_seed(5)
+    drawn = model.set_backend("reference").generate(prompt, 3, **sampling)
+    torch.manual_seed(5)
+    assert torch.equal(kernels.generate(prompt, 3, **sampling), drawn)
+
+
+def cached_step_logits(model, idx, prompt_len):
+    """The logits generate's per-op loop samples from, computed as _generate computes them: idx[:, :prompt_len]
+    prefilled into its preallocated KV caches, then the rest one token per step -> (B, T - prompt_len + 1,
+    vocab_size), the predictions at positions prompt_len - 1 .. T - 1."""
+    batch, total = idx.shape
+    with torch.inference_mode():
+        _, caches = model._generation_buffers(batch, total, idx.device)
+        block_params = model.decode_block_parameters()
+        hidden = [model.hidden_states(idx[:, :prompt_len], caches, 0, block_params)[:, -1]]  # (B, C)
+        for position in range(prompt_len, total):
+            tokens = idx[:, position : position + 1]  # (B, 1)
+            hidden.append(model.hidden_states(tokens, caches, position, block_params)[:, -1])
+        return model.logits(torch.stack(hidden, dim=1))  # (B, T - prompt_len + 1, vocab_size)
+
+
+def check_cached_steps_against_float64(model, idx, prompt_len):
+    """cached_step_logits of model against the float64 model's uncached forward under the 2x rule, the
+    model in its own dtype on the reference backend (uncached) setting the error budget."""
+    exact = copy.deepcopy(model).double().set_backend("reference")
+    eager = copy.deepcopy(model).set_backend("reference")
+    with torch.inference_mode():
+        expected = exact.logits(exact.hidden_states(idx)[:, prompt_len - 1 :])
+        bar = eager.logits(eager.hidden_states(idx)[:, prompt_len - 1 :])
+    actual = cached_step_logits(model, idx, prompt_len)
+    assert actual.dtype == bar.dtype and actual.shape == expected.shape
+    assert_close("logits", actual, expected, bar)
+
+
+@pytest.mark.skipif("cpu" not in fastgpt.available_backends(), reason="needs fastgpt._C")
+def test_cached_bfloat16_steps_match_the_float64_model():
+    """The prefill and the one-token steps on the cpu backend in bfloat16 (the fused decode step, a
+    cache longer than the prompt read through views), against the float64 model."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).to(torch.bfloat16).eval()
+    check_cached_steps_against_float64(model, torch.randint(0, 97, (2, 30)), prompt_len=21)
+
+
+# GPT-2's vocabulary (50257, padded to 50304) and head size 64, which every GPU backend serves.
+GPU_CONFIG = {"n_layer": 2, "n_embd": 256, "n_head": 4, "n_kv_head": 2, "block_size": 1024}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_generate_cached_steps_match_the_float64_model(dtype):
+    """generate's per-op loop on CUDA (cuda_graph=False, the default): a 500-token prefill into the
+    preallocated caches, then one-token steps whose cache grows past 512 keys, where auto's 16-bit
+    attention switches from the cuda backend's kernel (when built) to Triton's split-KV decode kernel
+    (float32 runs every op on Triton); two different prompts (GQA). Every step's logits over the
+    padded LM head against the float64 model."""
+    model = GPT(GPTConfig(**GPU_CONFIG)).to("cuda", dtype).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 530), device="cuda")
+    for kv_len in (500, 530):  # the steps run kernels, not the reference (the test's bar)
+        facts = (("head_dim", 64), ("kv_len", dispatch.kv_len_class(kv_len)))
+        assert dispatch.choose_backend("causal_attention", "auto", "cuda", dtype, facts) != "reference"
+    check_cached_steps_against_float64(model, idx, prompt_len=500)
+
+
+def first_eos_end(row, prompt_len, eos):
+    """The length of `row` up to and including its first eos after the prompt, or its whole length."""
+    hits = (row[prompt_len:] == eos).nonzero()
+    return prompt_len + int(hits[0]) + 1 if len(hits) else row.shape[0]
+
+
+@pytest.mark.gpu
+def test_gpu_generate_samples_real_ids_reproducibly_and_stops_rows_at_eos():
+    """generate's per-op loop on CUDA in bfloat16, with padded LM-head rows that would win every draw
+    were they read: greedy and top-k/top-p draws stay among the real ids, draws repeat under the same
+    seed (torch.multinomial on the CUDA generator), and each row stops at eos on its own."""
+    model = GPT(GPTConfig(**GPU_CONFIG)).to("cuda", torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[vocab:].normal_(0.0, 30.0)  # (padded - vocab, C): never a token id
+    prompt = torch.randint(0, vocab, (3, 500), device="cuda")
+    free = model.generate(prompt, 24, temperature=0)
+    assert free.shape == (3, 524) and torch.equal(free[:, :500], prompt)
+    assert int(free.max()) < vocab
+    sampling = {"temperature": 1.0, "top_k": 50, "top_p": 0.9}
+    torch.manual_seed(7)
+    drawn = model.generate(prompt, 24, **sampling)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(prompt, 24, **sampling), drawn)
+    assert int(drawn.max()) < vocab
+    eos = int(free[0, 502])  # row 0's third new token
+    stopped = model.generate(prompt, 24, temperature=0, eos_token_id=eos)
+    ends = [first_eos_end(row, 500, eos) for row in free]
+    assert ends[0] <= 503 and stopped.shape[1] == max(ends)
+    for row, end in enumerate(ends):
+        assert torch.equal(stopped[row, :end], free[row, :end])
+        assert (stopped[row, end:] == eos).all()
+
+
+@pytest.mark.gpu
+def test_gpu_generate_cli_streams_a_reproducible_continuation(tmp_path, capsys):
+    """`fastgpt generate --device cuda` (bfloat16 by default there): a saved byte-vocabulary model
+    (257 ids padded to 320) loaded onto the GPU, its continuation streamed token by token."""
+    from fastgpt.cli import main
+
+    GPT(GPTConfig(n_layer=2, n_embd=128, n_head=2, vocab_size=257, block_size=256)).save(tmp_path)
+    args = ["generate", "hello", "--checkpoint", str(tmp_path), "--tokenizer", "byte", "--device", "cuda"]
+    args += ["--max-new-tokens", "40", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("hello") and first.endswith("\n")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
 
 
 # ----------------------------------------------------------------------------------------------

@@ -245,6 +245,44 @@ def test_from_hf_pads_and_round_trips(tmp_path, tie_weights):
         assert torch.equal(GPT.load(tmp_path / "fastgpt")(idx), gpt(idx))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tie_weights", [True, False], ids=["tied", "untied"])
+def test_gpu_gpt_weights_keep_the_padding_invisible_on_cuda_in_bfloat16(tmp_path, tie_weights):
+    """save from, load onto and from_hf of CUDA bfloat16 models: the loaded model's padded rows are zeros
+    on the GPU in bfloat16, and it generates (greedy and top-k, seeded) what the saved model, whose
+    padded rows would win every draw, generated; from_hf keeps the source's device and dtype."""
+    transformers = pytest.importorskip("transformers")
+    model = generation_model(tie_weights).to("cuda", torch.bfloat16)
+    model.save(tmp_path)
+    loaded = GPT.load(tmp_path, device="cuda")
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_weights
+    for name in VOCAB_TENSORS:
+        weight = loaded.get_parameter(name)  # (PADDED_VOCAB, 64)
+        assert weight.is_cuda and weight.dtype == torch.bfloat16 and weight.shape == (PADDED_VOCAB, 64)
+        assert torch.equal(weight[:VOCAB], model.get_parameter(name)[:VOCAB]) and not weight[VOCAB:].any()
+    idx = torch.randint(0, VOCAB, (2, 10), device="cuda")
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "top_k": 5}):
+        torch.manual_seed(3)
+        expected = model.generate(idx, 20, **sampling)
+        assert int(expected.max()) < VOCAB
+        torch.manual_seed(3)
+        assert torch.equal(loaded.generate(idx, 20, **sampling), expected)
+
+    hf_config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, tie_word_embeddings=tie_weights,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(hf_config).to("cuda", torch.bfloat16).eval()
+    gpt = GPT.from_hf(hf)
+    assert (gpt.lm_head.weight is gpt.transformer.wte.weight) == tie_weights
+    for name in VOCAB_TENSORS:
+        weight = gpt.get_parameter(name)  # (PADDED_VOCAB, 64)
+        assert weight.is_cuda and weight.dtype == torch.bfloat16 and not weight[VOCAB:].any()
+    assert torch.equal(gpt.transformer.wte.weight[:VOCAB], hf.transformer.wte.weight)
+    assert torch.equal(gpt.transformer.h[1].attn.c_attn.weight, hf.transformer.h[1].attn.c_attn.weight.t())
+    assert int(gpt.generate(idx, 8, temperature=0).max()) < VOCAB
+
+
 def byte_trainer(model, tokens):
     """A float32 CPU Trainer over byte tokens (train on the first 3000, evaluate on the rest)."""
     settings = Settings(steps=4, batch_size=4, seq_len=16, lr=3e-3, eval_windows=2)
