@@ -149,6 +149,41 @@ def test_attention_backward_op_checks_the_lse_shape():
         torch.ops.fastgpt.attention_backward(out, q, q, q, out, lse[:, :, :-1], 0.125)
 
 
+def test_attention_ops_check_the_softmax_scale_and_head_dim():
+    """The CUDA operators, called directly, take the softmax scales every entry point takes,
+    [dispatch.SOFTMAX_SCALE_MIN, dispatch.SOFTMAX_SCALE_MAX] (both bounds give finite results), and
+    refuse the next float beyond each bound, 0 (which float32 kernels turn into NaN) and NaN with a
+    ValueError, as the CPU operators do (tests/test_bad_input.py); and head_dim 0."""
+    import math
+
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.bfloat16)
+    for scale in (dispatch.SOFTMAX_SCALE_MIN, dispatch.SOFTMAX_SCALE_MAX):
+        out, lse = torch.ops.fastgpt.attention_forward(q, q, q, scale)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"softmax_scale={scale}"
+        grads = torch.ops.fastgpt.attention_backward(out, q, q, q, out, lse, scale)
+        assert all(torch.isfinite(g).all() for g in grads), f"softmax_scale={scale}"
+    outside = (
+        math.nextafter(dispatch.SOFTMAX_SCALE_MIN, 0.0),
+        math.nextafter(dispatch.SOFTMAX_SCALE_MAX, math.inf),
+        0.0,
+        float("nan"),
+    )
+    for scale in outside:
+        with pytest.raises(
+            ValueError, match=r"attention_forward \(CUDA\): softmax_scale must be a finite positive"
+        ):
+            torch.ops.fastgpt.attention_forward(q, q, q, scale)
+        with pytest.raises(
+            ValueError, match=r"attention_backward \(CUDA\): softmax_scale must be a finite positive"
+        ):
+            torch.ops.fastgpt.attention_backward(q, q, q, q, q, lse, scale)
+    empty = q[..., :0]
+    with pytest.raises(ValueError, match=r"head_dim \(q.shape\[3\]\) must be at least 1, got 0"):
+        torch.ops.fastgpt.attention_forward(empty, empty, empty, 1.0)
+
+
 def test_attention_declines_what_it_has_no_kernel_for():
     q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim up to 128"):
@@ -338,6 +373,29 @@ def test_layer_norm_backward_op_checks_the_weight_length():
         torch.ops.fastgpt.layer_norm_backward(out, None, x, weight[:32], mean, rstd)
 
 
+def test_layer_norm_backward_op_checks_where_mean_and_rstd_are():
+    """The kernel reads mean and rstd through raw pointers on the input's device: the CUDA operator
+    refuses CPU ones (which it would read at a host address) instead of launching."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    out, _, mean, rstd = torch.ops.fastgpt.layer_norm_forward(x, None, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"mean and rstd must be on the input's device \(cuda:\d\), got cpu"):
+        torch.ops.fastgpt.layer_norm_backward(out, None, x, None, mean.cpu(), rstd)
+    with pytest.raises(ValueError, match=r"mean and rstd must be on the input's device"):
+        torch.ops.fastgpt.layer_norm_backward(out, None, x, None, mean, rstd.cpu())
+
+
+def test_layer_norm_forward_op_checks_eps():
+    """A negative or non-finite eps makes every rstd NaN: the CUDA operator refuses it, as the CPU one does."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"layer_norm_forward \(CUDA\): eps must be a finite float >= 0"):
+            torch.ops.fastgpt.layer_norm_forward(x, None, None, None, eps)
+
+
 def test_layer_norm_no_rows():
     x = torch.randn(0, 768, device=DEVICE, dtype=torch.float16, requires_grad=True)
     w = torch.randn(768, device=DEVICE, dtype=torch.float16, requires_grad=True)
@@ -428,6 +486,24 @@ def test_linear_cross_entropy_no_tokens():
     loss = fastgpt.linear_cross_entropy(x, weight, targets, reduction="sum", backend="cuda")
     dx, dweight = torch.autograd.grad(loss, (x, weight))
     assert loss.item() == 0.0 and dx.shape == x.shape and not dweight.any()
+
+
+def test_linear_cross_entropy_vocabulary_above_2_30():
+    """cross_entropy.cu sized a row's shared-memory copy (16 bytes per 8 logits) in int: from V = 2^30 on
+    that is 2^31 bytes or more, which wrapped negative, so the launch asked for a wrong amount of shared
+    memory. Computed in 64 bits, such a row streams from global memory. One token of one channel keeps
+    the weight at 2 GiB and the float64 reference under 30 GiB."""
+    vocab = 2**30 + 8
+    x = torch.ones(1, 1, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(vocab, 1, device=DEVICE, dtype=torch.bfloat16)
+    targets = torch.tensor([vocab - 3], device=DEVICE)
+    with torch.no_grad():
+        loss = fastgpt.linear_cross_entropy(
+            x, weight, targets, ignore_index=CE_IGNORE, reduction="none", backend="cuda"
+        )
+        exact = reference.linear_cross_entropy(x.double(), weight.double(), targets, None, CE_IGNORE, "none")
+        eager = reference.linear_cross_entropy(x, weight, targets, None, CE_IGNORE, "none")
+    assert_close("loss at V = 2^30 + 8", loss, exact, eager)
 
 
 def test_linear_cross_entropy_is_deterministic():
