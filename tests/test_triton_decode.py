@@ -192,7 +192,7 @@ def test_head_span_beyond_32_bits_is_rejected():
 # The device-length variant (the captured decode step's): capacity 97 is cut into splits of 40 keys
 # under the interpreter ([0, 40), [40, 80), [80, 97)), so lengths 1, 17 and 40 leave whole splits
 # empty, 41 and 97 fill a split's first key and the whole cache, and 200 is clamped to the capacity.
-DEVICE_LENGTHS = [1, 17, 40, 41, 97, 200]
+DEVICE_LENGTHS = [1, 17, 40, 41, 97, 200, 2**32 + 17]  # the last: an int64 length past int32, clamped too
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -147,8 +147,9 @@ def _decode_partial_kernel(
     q = tl.load(q_ptrs, mask=heads_ok[:, None] & dims_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
 
     if KV_LEN_ON_DEVICE:
-        # Clamped to the capacity, so a length past the cache never reads outside it.
-        kv_len = tl.minimum(tl.load(KvLen).to(tl.int32), kv_len)
+        # Clamped to the capacity, so a length past the cache never reads outside it; in 64 bits, so an
+        # int64 length of 2**32 or more is clamped rather than wrapped to a small one.
+        kv_len = tl.minimum(tl.load(KvLen).to(tl.int64), kv_len).to(tl.int32)
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, kv_len)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + (key_start + offs_n)[:, None] * stride_kt
