@@ -517,6 +517,8 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   TORCH_CHECK(targets_in.scalar_type() == at::kLong && targets_in.device().is_cpu(), op,
               ": targets must be a CPU int64 tensor, got ", targets_in.scalar_type(), " on ", targets_in.device());
   const int64_t tokens = x_in.size(0), channels = x_in.size(1), vocab = weight.size(0);
+  // No class, no loss (and cross_entropy_chunk_rows would double its row count forever).
+  TORCH_CHECK_VALUE(vocab > 0, op, ": weight must have at least one row (vocab >= 1), got shape ", weight.sizes());
   check_sizes(op, "targets", targets_in, {tokens});
   check_vector(op, "bias", bias_in, vocab, x_in);
   const at::Tensor x = unit_inner_stride(x_in), targets = targets_in.contiguous();

@@ -487,12 +487,16 @@ def raw_cpu_cases():
     q = torch.randn(1, 2, 3, 8)
     out, lse = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3)
     x = torch.randn(2, 8)
+    targets, no_classes = torch.tensor([0, 1]), torch.randn(0, 8)
     ops = torch.ops.fastgpt
     return [
         ("attention-backward-scale-zero", lambda: ops.attention_backward(out, q, q, q, out, lse, 0.0), r"^fastgpt::attention_backward: softmax_scale must be a finite positive float in \[2\*\*-64, 2\*\*64\], got 0"),
         ("attention-head-dim-0", lambda: ops.attention_forward(q[..., :0], q[..., :0], q[..., :0], 1.0), r"^fastgpt::attention_forward: head_dim \(q.shape\[3\]\) must be at least 1, got 0"),
         ("layer-norm-eps-negative", lambda: ops.layer_norm_forward(x, None, None, None, -1e-5), r"^fastgpt::layer_norm_forward: eps must be a finite float >= 0, got -1e-05"),
         ("layer-norm-eps-nan", lambda: ops.layer_norm_forward(x, None, None, None, NAN), r"^fastgpt::layer_norm_forward: eps must be a finite float >= 0, got nan"),
+        # No class at all: the chunking loop doubled its row count forever (a hang) before this check.
+        ("cross-entropy-vocab-0", lambda: ops.linear_cross_entropy_forward(x, no_classes, targets, None, -100, "sum", True), r"^fastgpt::linear_cross_entropy_forward: weight must have at least one row \(vocab >= 1\), got shape \[0, 8\]"),
+        ("cross-entropy-backward-vocab-0", lambda: ops.linear_cross_entropy_backward(x, no_classes, targets, None, torch.ones(2), -100), r"^fastgpt::linear_cross_entropy_backward: weight must have at least one row"),
     ]  # fmt: skip
 
 
