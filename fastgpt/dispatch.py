@@ -445,6 +445,13 @@ def check_shape(op, name, tensor, expected, why=""):
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}{why}")
 
 
+def check_kernel_dtype(op, name, tensor, dtypes):
+    """A Triton operator's input in one of the dtypes its kernels take (the module's SUPPORTED_DTYPES)."""
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have one of the dtypes ({names}), got {tensor.dtype}")
+
+
 def check_saved(op, name, tensor, shape, reference_name, reference, dtype=None):
     """A backward operator's saved or incoming tensor: dense, of `shape`, on reference's device, in
     `dtype` (reference's when None), or TypeError/ValueError naming it."""

@@ -565,6 +565,8 @@ def raw_triton_cases(device):
         ("attention-backward-dout-shape", lambda: attention_backward(out[:, :2], t.q, t.k, t.v, out, lse, 0.3, "tl"), ValueError, r"^fastgpt::triton_attention_backward: dout must have shape \(2, 4, 5, 8\), got \(2, 2, 5, 8\)"),
         ("attention-backward-scale", lambda: attention_backward(out, t.q, t.k, t.v, out, lse, 1e-46, "tl"), ValueError, r"^fastgpt::triton_attention_backward: softmax_scale must be a finite positive float"),
         ("attention-backward-kernels", lambda: attention_backward(out, t.q, t.k, t.v, out, lse, 0.3, "cuda"), ValueError, r"^fastgpt::triton_attention_backward: kernels must be one of \('tl', 'gluon'\), got 'cuda'"),
+        ("attention-float64", lambda: triton_attention.attention_forward_op(t.q.double(), t.k.double(), t.v.double(), 0.3), TypeError, r"^fastgpt::triton_attention_forward: q must have one of the dtypes \(float16, .*float32\), got torch.float64"),
+        ("layer-norm-float64", lambda: norm_forward(t.x.double(), None, None, 1e-5, None), TypeError, r"^fastgpt::triton_layer_norm: x must have one of the dtypes \(.*\), got torch.float64"),
         ("decode-two-queries", lambda: decode(t.q[:, :, :2], t.k, t.v, 0.3), ValueError, r"^fastgpt::triton_decode_attention: q must have shape \(batch, heads, 1, head_dim\), got \(2, 4, 2, 8\)"),
         ("decode-with-length-kv-len-float", lambda: triton_decode.decode_attention_with_length_op(t.q[:, :, :1], t.k, t.v, kv_len.float(), 0.3), TypeError, r"^fastgpt::triton_decode_attention_with_length: kv_len must be a tensor of one int32/int64 element"),
         ("decode-with-length-scale", lambda: triton_decode.decode_attention_with_length_op(t.q[:, :, :1], t.k, t.v, kv_len, 0.0), ValueError, r"^fastgpt::triton_decode_attention_with_length: softmax_scale must be a finite positive float"),
@@ -584,6 +586,7 @@ def raw_triton_cases(device):
 RAW_TRITON_CASE_NAMES = [
     "attention-k-head-dim", "attention-backward-lse-shape", "attention-backward-lse-dtype",
     "attention-backward-dout-shape", "attention-backward-scale", "attention-backward-kernels",
+    "attention-float64", "layer-norm-float64",
     "decode-two-queries", "decode-with-length-kv-len-float", "decode-with-length-scale",
     "ffn-fc-weight-shape", "ffn-backward-h-shape", "ffn-backward-dy-dtype", "layer-norm-eps-negative",
     "layer-norm-backward-mean-shape", "layer-norm-backward-rstd-dtype", "layer-norm-backward-dsum-shape",

@@ -1740,7 +1740,9 @@ def attention_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v. Checks
     its arguments as causal_attention does: a user may call torch.ops.fastgpt.triton_attention_forward."""
-    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, "fastgpt::triton_attention_forward")
+    op = "fastgpt::triton_attention_forward"
+    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     with on_device_of(q):
         return attention_forward(q, k, v, softmax_scale)
 
@@ -1766,6 +1768,7 @@ def attention_backward_op(
     the kernels index dout and out as q, and lse by (batch, head, row))."""
     op = "fastgpt::triton_attention_backward"
     softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     dispatch.check_saved(op, "dout", dout, q.shape, "q", q)
     dispatch.check_saved(op, "out", out, q.shape, "q", q)
     dispatch.check_saved(op, "lse", lse, q.shape[:3], "q", q, torch.float32)

@@ -412,8 +412,7 @@ def _validate_decode(q, k, v, softmax_scale, op):
     softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
     if q.shape[2] != 1:
         raise ValueError(f"{op}: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: q must have a dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
     return softmax_scale
@@ -424,9 +423,9 @@ def decode_attention_with_length_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
     """Checks its arguments as decode_attention_with_length does (a user may call the operator)."""
-    softmax_scale = dispatch.validate_decode_with_length(
-        q, k, v, kv_len, softmax_scale, "fastgpt::triton_decode_attention_with_length"
-    )
+    op = "fastgpt::triton_decode_attention_with_length"
+    softmax_scale = dispatch.validate_decode_with_length(q, k, v, kv_len, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     with on_device_of(q):
         return decode_forward_with_length(q, k, v, kv_len, softmax_scale)
 

@@ -139,9 +139,9 @@ def _fused_ffn_op(
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks its arguments as fused_ffn does (a user may call torch.ops.fastgpt.triton_fused_ffn)."""
-    dispatch.validate_ffn(
-        x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, "fastgpt::triton_fused_ffn"
-    )
+    op = "fastgpt::triton_fused_ffn"
+    dispatch.validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return ffn_forward(
             x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation
@@ -170,6 +170,7 @@ def _fused_ffn_backward_op(
     read them as x's rows at proj_weight's and fc_weight's widths)."""
     op = "fastgpt::triton_fused_ffn_backward"
     dispatch.validate_ffn(x, fc_weight, None, proj_weight, None, activation, None, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     lead = x.shape[:-1]
     dispatch.check_saved(op, "dy", dy, (*lead, proj_weight.shape[0]), "x", x)
     dispatch.check_saved(op, "h", h, (*lead, fc_weight.shape[0]), "x", x)

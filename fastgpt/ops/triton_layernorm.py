@@ -319,7 +319,9 @@ def _layer_norm_op(
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks its arguments as layer_norm does (a user may call torch.ops.fastgpt.triton_layer_norm)."""
-    dispatch.validate_layer_norm(x, weight, bias, eps, residual, "fastgpt::triton_layer_norm")
+    op = "fastgpt::triton_layer_norm"
+    dispatch.validate_layer_norm(x, weight, bias, eps, residual, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return layer_norm_forward(x, weight, bias, eps, residual)
 
@@ -347,6 +349,7 @@ def _layer_norm_backward_op(
     against them (the kernel reads them by row)."""
     op = "fastgpt::triton_layer_norm_backward"
     dispatch.validate_layer_norm(normed_input, weight, None, 0.0, None, op)
+    dispatch.check_kernel_dtype(op, "normed_input", normed_input, SUPPORTED_DTYPES)
     dispatch.check_saved(op, "dout", dout, normed_input.shape, "normed_input", normed_input)
     if dsum is not None:
         dispatch.check_saved(op, "dsum", dsum, normed_input.shape, "normed_input", normed_input)
