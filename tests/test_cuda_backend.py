@@ -594,6 +594,23 @@ def test_cuda_operator_refuses_a_cpu_tensor(op, argument):
     torch.cuda.synchronize()  # nothing was launched that could fail later
 
 
+@pytest.mark.parametrize("op", list(dict.fromkeys(op for op, _ in CPU_ARGUMENT_CASES)))
+def test_cuda_operator_names_a_dtype_it_does_not_take(op):
+    """float32 (or any dtype but bfloat16 and float16) handed to a CUDA operator directly: a TypeError
+    that names the dtype given, not only the float32 the capability query describes."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    operator, arguments = cuda_operator_calls()[op]
+    as_float32 = {
+        name: value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+        for name, value in arguments.items()
+    }
+    with pytest.raises(
+        TypeError, match=r"must be bfloat16 or float16 \(float32 runs on the Triton backend\), got Float"
+    ):
+        operator(*as_float32.values())
+
+
 def test_opcheck():
     """The CUDA kernels under the ops' one schema each (the same operators as the cpu backend's), with
     the C++ Meta kernels and the C++ autograd shared by both devices."""
