@@ -198,6 +198,20 @@ def test_attention_ops_check_the_softmax_scale_and_head_dim():
         ops.attention_forward(empty, empty, empty, 1.0)
 
 
+def test_attention_ops_refuse_a_grid_they_cannot_launch():
+    """The kernels' grids run heads along y and the batch along z, at most 65535 each: a larger batch is
+    refused by name before any launch (it failed at the launch, the backward's after its first kernel)."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    q = torch.randn(65536, 1, 1, 8, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"batch and heads up to 65535, got batch 65536 and heads 1"):
+        torch.ops.fastgpt.attention_forward(q, q, q, 0.5)
+    lse = torch.zeros(65536, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch and heads up to 65535, got batch 65536"):
+        torch.ops.fastgpt.attention_backward(q, q, q, q, q, lse, 0.5)
+    torch.ops.fastgpt.attention_forward(q[:65535], q[:65535], q[:65535], 0.5)  # the limit itself runs
+
+
 def test_attention_declines_what_it_has_no_kernel_for():
     q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim up to 128"):
