@@ -456,22 +456,69 @@ def softmax_scale_entry_points():
 @pytest.mark.parametrize("name, attend", softmax_scale_entry_points())
 def test_every_entry_point_takes_the_same_softmax_scales(name, attend):
     """dispatch.SOFTMAX_SCALE_MIN and _MAX, the bounds csrc/api.cpp repeats, agree: each entry point takes
-    both bounds (with a finite result: float32 holds the kernels' intermediates there) and refuses the
-    next float beyond each, zero, negatives, inf and NaN with a ValueError naming softmax_scale."""
+    both bounds and refuses the next float beyond each, zero, negatives, inf and NaN with a ValueError
+    naming softmax_scale. At each bound, q and k scaled by 2**+-32 (exact) make the scores those of
+    softmax_scale 1: the same output shows float32 holds the kernels' constants there."""
     device = (
         "cpu"
         if name.startswith("fastgpt::attention")
         else DEVICE["triton" if "triton" in name else "reference"]
     )
-    q = torch.randn(1, 2, 3, 8, device=device)
-    for scale in (dispatch.SOFTMAX_SCALE_MIN, dispatch.SOFTMAX_SCALE_MAX):
-        assert torch.isfinite(attend(q, q, q, scale)).all(), f"{name} at softmax_scale={scale}"
+    q, k, v = (torch.randn(1, 2, 3, 8, device=device) for _ in range(3))
+    expected = attend(q, k, v, 1.0)
+    for scale, factor in ((dispatch.SOFTMAX_SCALE_MIN, 2.0**32), (dispatch.SOFTMAX_SCALE_MAX, 2.0**-32)):
+        actual = attend(q * factor, k * factor, v, scale)
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-5, atol=1e-6, msg=f"{name} at softmax_scale={scale}"
+        )
     for scale in SCALES_OUTSIDE:
         with pytest.raises(
             ValueError,
             match=rf"^{name}: softmax_scale must be a finite positive float in \[2\*\*-64, 2\*\*64\], got",
         ):
             attend(q, q, q, scale)
+
+
+def softmax_scale_backward_entry_points():
+    """(name, f(dout, q, k, v, softmax_scale) -> (dq, dk, dv)) for the backward operators here."""
+    entries = []
+    if "cpu" in BACKENDS:
+        ops = torch.ops.fastgpt
+
+        def cpu_backward(dout, q, k, v, scale):
+            out, lse = ops.attention_forward(q, k, v, scale)
+            return ops.attention_backward(dout, q, k, v, out, lse, scale)
+
+        entries.append(("fastgpt::attention_backward", cpu_backward))
+    if "triton" in BACKENDS:
+        from fastgpt.ops import triton_attention
+
+        def triton_backward(dout, q, k, v, scale):
+            out, lse = triton_attention.attention_forward_op(q, k, v, scale)
+            return triton_attention.attention_backward_op(dout, q, k, v, out, lse, scale, "tl")
+
+        entries.append(("fastgpt::triton_attention_backward", triton_backward))
+    return [pytest.param(name, backward, id=name) for name, backward in entries]
+
+
+@pytest.mark.parametrize("name, backward", softmax_scale_backward_entry_points())
+def test_the_backward_operators_hold_at_the_softmax_scale_bounds(name, backward):
+    """The gradients at each bound, with q and k scaled by 2**+-32 so that the scores are softmax_scale
+    1's, are softmax_scale 1's rescaled (dq and dk by 2**-+32, dv unchanged): the float32 backward
+    (lse / softmax_scale among its terms) stays finite and exact there."""
+    device = "cpu" if name == "fastgpt::attention_backward" else DEVICE["triton"]
+    dout, q, k, v = (torch.randn(1, 2, 3, 8, device=device) for _ in range(4))
+    dq, dk, dv = backward(dout, q, k, v, 1.0)
+    for scale, factor in ((dispatch.SOFTMAX_SCALE_MIN, 2.0**32), (dispatch.SOFTMAX_SCALE_MAX, 2.0**-32)):
+        dq_at, dk_at, dv_at = backward(dout, q * factor, k * factor, v, scale)
+        for grad, actual, expected in (
+            ("dq", dq_at * factor, dq),
+            ("dk", dk_at * factor, dk),
+            ("dv", dv_at, dv),
+        ):
+            torch.testing.assert_close(
+                actual, expected, rtol=1e-5, atol=1e-6, msg=f"{name} {grad} at {scale}"
+            )
 
 
 def decode_blocks_arguments():
