@@ -2,9 +2,11 @@
 
 Every public op (fastgpt/functional.py) makes two calls here before any kernel runs:
 1. `validate_*` checks types, ranks, shapes, dtypes and devices, and raises TypeError/ValueError whose
-   message names the argument, what was expected and what was given. It runs once per call, and not
-   at all while torch.compile traces or a CUDA graph captures (`skip_validation`): the C++ operators
-   repeat the shape checks, so even then a bad call fails before a kernel reads memory;
+   message names the argument, what was expected and what was given. It runs once per public call,
+   and not at all while torch.compile traces or a CUDA graph captures (`skip_validation`). The C++
+   operators repeat the shape checks, and the Triton operators (torch.ops.fastgpt.triton_*) run these
+   validators again in their bodies (their fast paths: a few attribute reads), so a bad call fails
+   before a kernel reads memory even then, and when an operator is called directly;
 2. `resolve` returns the function that serves the call: the op of the chosen backend, or a variant of
    it (the split-KV decode kernel for one query that needs no gradient; the weight-streaming linear for
    at most 16 rows). The choice depends on the op, the `backend` argument (`auto`, or a name), the
