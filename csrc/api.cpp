@@ -80,8 +80,25 @@ Matrix matrix(const at::Tensor& t) { return Matrix{t.data_ptr(), t.stride(0), 1}
 const void* optional_data(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
 int32_t checked_int32(const char* op, const char* what, int64_t value) {
-  TORCH_CHECK(value <= std::numeric_limits<int32_t>::max(), op, ": ", what, " must fit in int32, got ", value);
+  TORCH_CHECK_VALUE(value <= std::numeric_limits<int32_t>::max(), op, ": ", what, " must fit in int32, got ", value);
   return static_cast<int32_t>(value);
+}
+
+// The softmax scales every operator takes, on every device: fastgpt.dispatch.SOFTMAX_SCALE_MIN and
+// SOFTMAX_SCALE_MAX (which say why this range; tests/test_bad_input.py checks the bounds agree). The
+// kernels compute in float32, and a scale outside it underflows or overflows there (one that rounds to 0
+// gave NaN), so the operators refuse it, as the public API does, rather than return NaN.
+constexpr double kMinSoftmaxScale = 0x1p-64;
+constexpr double kMaxSoftmaxScale = 0x1p64;
+
+void check_softmax_scale(const char* op, double softmax_scale) {
+  TORCH_CHECK_VALUE(softmax_scale >= kMinSoftmaxScale && softmax_scale <= kMaxSoftmaxScale, op,
+                    ": softmax_scale must be a finite positive float in [2**-64, 2**64], got ", softmax_scale);
+}
+
+// LayerNorm's eps, as fastgpt.dispatch.check_eps takes it: a negative or non-finite eps makes every rstd NaN.
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite float >= 0, got ", eps);
 }
 
 void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
@@ -194,6 +211,7 @@ void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, c
               ") must be a multiple of k's kv_heads (", k.size(1), ")");
   TORCH_CHECK(q.size(2) <= k.size(2), op, ": q_len (", q.size(2), ") must be <= kv_len (", k.size(2),
               ") for the bottom-right causal mask");
+  TORCH_CHECK_VALUE(q.size(3) > 0, op, ": head_dim (q.shape[3]) must be at least 1, got 0");
 }
 
 AttentionParams attention_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -217,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
                                                          const at::Tensor& v_in, double softmax_scale) {
   const char* op = "fastgpt::attention_forward";
   check_attention(op, q_in, k_in, v_in);
+  check_softmax_scale(op, softmax_scale);
   const at::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in), v = unit_inner_stride(v_in);
   at::Tensor out = new_output(q.sizes(), q.options());                                      // (B, H, Tq, D)
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // (B, H, Tq)
@@ -233,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::
                                                                       double softmax_scale) {
   const char* op = "fastgpt::attention_backward";
   check_attention(op, q_in, k_in, v_in);
+  check_softmax_scale(op, softmax_scale);
   check_like(op, "dout", dout_in, "q", q_in);
   check_like(op, "out", out_in, "q", q_in);
   check_sizes(op, "dout", dout_in, q_in.sizes());
@@ -382,6 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cp
   const char* op = "fastgpt::layer_norm_forward";
   check_cpu_float(op, "x", x_in);
   TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  check_eps(op, eps);
   const at::Tensor x = unit_inner_stride(as_rows(x_in));  // (R, C)
   const int64_t rows = x.size(0), cols = x.size(1);
   check_vector(op, "weight", weight_in, cols, x_in);
@@ -496,6 +517,8 @@ CrossEntropyResult cross_entropy_pass(const char* op, const at::Tensor& x_in, co
   TORCH_CHECK(targets_in.scalar_type() == at::kLong && targets_in.device().is_cpu(), op,
               ": targets must be a CPU int64 tensor, got ", targets_in.scalar_type(), " on ", targets_in.device());
   const int64_t tokens = x_in.size(0), channels = x_in.size(1), vocab = weight.size(0);
+  // No class, no loss (and cross_entropy_chunk_rows would double its row count forever).
+  TORCH_CHECK_VALUE(vocab > 0, op, ": weight must have at least one row (vocab >= 1), got shape ", weight.sizes());
   check_sizes(op, "targets", targets_in, {tokens});
   check_vector(op, "bias", bias_in, vocab, x_in);
   const at::Tensor x = unit_inner_stride(x_in), targets = targets_in.contiguous();
@@ -642,6 +665,10 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
               params.size(), " parameters");
   const int64_t batch = x.size(0), seq = x.size(1), channels = x.size(2);
   TORCH_CHECK(heads > 0 && channels % heads == 0, op, ": heads must divide n_embd (", channels, "), got ", heads);
+  // The scalars too, before any cache is written (the ops below would refuse them only after layer 0's).
+  check_eps(op, eps);
+  check_softmax_scale(op, softmax_scale);
+  parse_activation(op, activation);
   const int64_t head_dim = channels / heads;
   auto param = [&](size_t layer, size_t index) { return params.get(kBlockParams * layer + index); };
   auto weight = [&](size_t layer, size_t index) { return *param(layer, index); };

@@ -2,9 +2,11 @@
 
 Every public op (fastgpt/functional.py) makes two calls here before any kernel runs:
 1. `validate_*` checks types, ranks, shapes, dtypes and devices, and raises TypeError/ValueError whose
-   message names the argument, what was expected and what was given. It runs once per call, and not
-   at all while torch.compile traces or a CUDA graph captures (`skip_validation`): the C++ operators
-   repeat the shape checks, so even then a bad call fails before a kernel reads memory;
+   message names the argument, what was expected and what was given. It runs once per public call,
+   and not at all while torch.compile traces or a CUDA graph captures (`skip_validation`). The C++
+   operators repeat the shape checks, and the Triton operators (torch.ops.fastgpt.triton_*) run these
+   validators again in their bodies (their fast paths: a few attribute reads), so a bad call fails
+   before a kernel reads memory even then, and when an operator is called directly;
 2. `resolve` returns the function that serves the call: the op of the chosen backend, or a variant of
    it (the split-KV decode kernel for one query that needs no gradient; the weight-streaming linear for
    at most 16 rows). The choice depends on the op, the `backend` argument (`auto`, or a name), the
@@ -479,6 +481,27 @@ def check_shape(op, name, tensor, expected, why=""):
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}{why}")
 
 
+def check_kernel_dtype(op, name, tensor, dtypes):
+    """A Triton operator's input in one of the dtypes its kernels take (the module's SUPPORTED_DTYPES)."""
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have one of the dtypes ({names}), got {tensor.dtype}")
+
+
+def check_saved(op, name, tensor, shape, reference_name, reference, dtype=None):
+    """A backward operator's saved or incoming tensor: dense, of `shape`, on reference's device, in
+    `dtype` (reference's when None), or TypeError/ValueError naming it."""
+    check_tensor(op, name, tensor, floating=False)
+    expected = reference.dtype if dtype is None else dtype
+    if tensor.dtype != expected:
+        raise TypeError(f"{op}: {name} must have dtype {expected}, got {tensor.dtype}")
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"{op}: {name} must be on the device of {reference_name} ({reference.device}), got {tensor.device}"
+        )
+    check_shape(op, name, tensor, shape)
+
+
 def check_channels(op, name, tensor):
     """The last dimension (the features a row is reduced over) must not be empty."""
     if tensor.shape[-1] == 0:
@@ -491,8 +514,30 @@ def default_softmax_scale(head_dim):
     return 1.0 / math.sqrt(head_dim)
 
 
-def _diagnose_attention(q, k, v, softmax_scale):
-    op = "causal_attention"
+# The softmax scales every backend takes, in every entry point (the public op, the Triton operators,
+# and the C++ operators' check_softmax_scale in csrc/api.cpp, which holds the same bounds). The kernels
+# compute in float32: softmax_scale * log2(e) (every forward), lse / softmax_scale (the Triton float32
+# backward: up to log(kv_len) / softmax_scale) and softmax_scale * dS must stay finite, non-zero
+# float32 numbers. A scale that rounds to 0 in float32 (below about 7e-46) made the Gluon kernels return
+# NaN, and near float32's limits lse / softmax_scale overflows. [2**-64, 2**64] keeps all of them clear
+# of both ends for any kv_len below 2**31, and holds 1/sqrt(head_dim) of every head_dim.
+SOFTMAX_SCALE_MIN = 2.0**-64
+SOFTMAX_SCALE_MAX = 2.0**64
+
+
+def check_softmax_scale(op, softmax_scale):
+    """softmax_scale as a float, or TypeError/ValueError naming it (not a number, or outside
+    [SOFTMAX_SCALE_MIN, SOFTMAX_SCALE_MAX], which also leaves out 0, negatives, inf and NaN)."""
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{op}: softmax_scale must be a float or None, got {describe(softmax_scale)}")
+    if not SOFTMAX_SCALE_MIN <= softmax_scale <= SOFTMAX_SCALE_MAX:
+        raise ValueError(
+            f"{op}: softmax_scale must be a finite positive float in [2**-64, 2**64], got {softmax_scale!r}"
+        )
+    return float(softmax_scale)
+
+
+def _diagnose_attention(q, k, v, softmax_scale, op):
     check_tensor(op, "q", q, ndim=4)
     check_tensor(op, "k", k, ndim=4)
     check_tensor(op, "v", v, ndim=4)
@@ -517,11 +562,7 @@ def _diagnose_attention(q, k, v, softmax_scale):
         )
     if softmax_scale is None:
         return default_softmax_scale(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{op}: softmax_scale must be a float or None, got {describe(softmax_scale)}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"{op}: softmax_scale must be a finite positive float, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return check_softmax_scale(op, softmax_scale)
 
 
 def check_optional_vector(op, name, tensor, size, reference_name, reference, why):
@@ -532,8 +573,7 @@ def check_optional_vector(op, name, tensor, size, reference_name, reference, why
     check_shape(op, name, tensor, (size,), f" (it must match {why})")
 
 
-def _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
-    op = "fused_ffn"
+def _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, op):
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "fc_weight", fc_weight, ndim=2)
     check_tensor(op, "proj_weight", proj_weight, ndim=2)
@@ -575,8 +615,7 @@ def _diagnose_linear(x, weight, bias):
     check_optional_vector(op, "bias", bias, weight.shape[0], "x", x, f"weight's {weight.shape[0]} outputs")
 
 
-def _diagnose_layer_norm(x, weight, bias, eps, residual):
-    op = "layer_norm"
+def _diagnose_layer_norm(x, weight, bias, eps, residual, op):
     check_tensor(op, "x", x, min_ndim=1)
     check_channels(op, "x", x)
     channels = x.shape[-1]
@@ -596,8 +635,7 @@ def check_eps(op, eps):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
 
 
-def _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
-    op = "linear_cross_entropy"
+def _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction, op):
     check_tensor(op, "x", x, min_ndim=1)
     check_tensor(op, "weight", weight, ndim=2)
     check_same_dtype_and_device(op, "x", x, weight=weight)
@@ -695,12 +733,13 @@ def _is_vector_or_none(t, size, x):
     return t is None or (_is_companion(t, x) and t.shape == (size,))
 
 
-def _is_positive_float(value, *, allow_zero):
-    return type(value) is float and math.isfinite(value) and (value > 0 or (allow_zero and value == 0))
+def _is_finite_nonnegative_float(value):
+    return type(value) is float and math.isfinite(value) and value >= 0
 
 
-def validate_attention(q, k, v, softmax_scale):
-    """Checks causal_attention's arguments; returns the softmax scale as a float."""
+def validate_attention(q, k, v, softmax_scale, op="causal_attention"):
+    """Checks causal_attention's arguments; returns the softmax scale as a float. op: the entry point
+    the error messages name (the Triton operators, torch.ops.fastgpt.triton_*, check with these too)."""
     if (
         _is_float_tensor(q)
         and _is_companion(k, q)
@@ -716,16 +755,15 @@ def validate_attention(q, k, v, softmax_scale):
     ):
         if softmax_scale is None:
             return default_softmax_scale(q.shape[3])
-        if _is_positive_float(softmax_scale, allow_zero=False):
+        if type(softmax_scale) is float and SOFTMAX_SCALE_MIN <= softmax_scale <= SOFTMAX_SCALE_MAX:
             return softmax_scale
-    return _diagnose_attention(q, k, v, softmax_scale)
+    return _diagnose_attention(q, k, v, softmax_scale, op)
 
 
-def validate_decode_with_length(q, k, v, kv_len, softmax_scale):
+def validate_decode_with_length(q, k, v, kv_len, softmax_scale, op="decode_attention_with_length"):
     """Checks decode_attention_with_length's arguments (causal_attention's, one query, and an integer
     kv_len tensor of one element on q's device, whose value is never read); returns the softmax scale."""
-    op = "decode_attention_with_length"
-    scale = validate_attention(q, k, v, softmax_scale)
+    scale = validate_attention(q, k, v, softmax_scale, op)
     if q.shape[2] != 1:
         raise ValueError(f"{op}: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
     if not isinstance(kv_len, torch.Tensor):
@@ -739,7 +777,7 @@ def validate_decode_with_length(q, k, v, kv_len, softmax_scale):
     return scale
 
 
-def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
+def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, op="fused_ffn"):
     if not (
         _is_float_tensor(x)
         and _is_companion(fc_weight, x)
@@ -757,7 +795,7 @@ def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resi
             or (_is_companion(residual, x) and residual.shape == (*x.shape[:-1], proj_weight.shape[0]))
         )
     ):
-        _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+        _diagnose_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, op)
 
 
 def validate_linear(x, weight, bias):
@@ -772,7 +810,7 @@ def validate_linear(x, weight, bias):
         _diagnose_linear(x, weight, bias)
 
 
-def validate_layer_norm(x, weight, bias, eps, residual):
+def validate_layer_norm(x, weight, bias, eps, residual, op="layer_norm"):
     if not (
         _is_float_tensor(x)
         and x.dim() >= 1
@@ -780,12 +818,16 @@ def validate_layer_norm(x, weight, bias, eps, residual):
         and _is_vector_or_none(weight, x.shape[-1], x)
         and _is_vector_or_none(bias, x.shape[-1], x)
         and (residual is None or (_is_companion(residual, x) and residual.shape == x.shape))
-        and _is_positive_float(eps, allow_zero=True)
+        and _is_finite_nonnegative_float(eps)
     ):
-        _diagnose_layer_norm(x, weight, bias, eps, residual)
+        _diagnose_layer_norm(x, weight, bias, eps, residual, op)
 
 
-def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
+def validate_cross_entropy(
+    x, weight, targets, bias, ignore_index, reduction, op="linear_cross_entropy", check_values=True
+):
+    """check_values=False leaves out the range check of the targets (check_index_range), for the
+    Triton operators: their kernels read a target's logit only when it lies in the row."""
     if not (
         _is_float_tensor(x)
         and _is_companion(weight, x)
@@ -803,5 +845,6 @@ def validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
         and type(ignore_index) is int
         and INT64_MIN <= ignore_index <= INT64_MAX
     ):
-        _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
-    check_index_range("linear_cross_entropy", "targets", targets, weight.shape[0], ignore_index)
+        _diagnose_cross_entropy(x, weight, targets, bias, ignore_index, reduction, op)
+    if check_values:
+        check_index_range(op, "targets", targets, weight.shape[0], ignore_index)

@@ -12,7 +12,8 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
 
     q: (batch, heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim), in SDPA's layout.
     heads % kv_heads == 0 and q_len <= kv_len: query i sees keys j <= i + kv_len - q_len.
-    Returns (batch, heads, q_len, head_dim) in q's dtype. Differentiable in q, k and v.
+    softmax_scale: 1/sqrt(head_dim) by default; any float in [2**-64, 2**64] (dispatch.SOFTMAX_SCALE_MIN
+    and _MAX). Returns (batch, heads, q_len, head_dim) in q's dtype. Differentiable in q, k and v.
     """
     if dispatch.skip_validation(q):
         scale = dispatch.default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale

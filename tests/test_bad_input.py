@@ -20,6 +20,7 @@ Test ids are numbered: `c07-attention-mixed-dtype-cpu` is case 7 of CASES on the
 """
 
 import importlib
+import math
 import re
 import types
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ class Case:
 
 FLOAT_DTYPES = r"floating-point tensor \(float16, bfloat16, float32 or float64\)"
 BACKEND_NAMES = r"one of \('auto', 'reference', 'triton', 'cpu', 'cuda'\)"
+SCALE_RANGE = r"finite positive float in \[2\*\*-64, 2\*\*64\]"
 CASES = [
     # causal_attention
     Case("causal_attention", "q-rank-3", lambda t: attention(t, q=t.q[0]), ValueError, r": q must", r"4 dimensions", r"got 3"),
@@ -198,6 +200,10 @@ CASES = [
     Case("causal_attention", "softmax-scale-tensor", lambda t: attention(t, softmax_scale=torch.tensor(0.5)), TypeError, r"softmax_scale", r"float or None", r"got a torch.float32 tensor"),
     Case("causal_attention", "softmax-scale-negative", lambda t: attention(t, softmax_scale=-0.5), ValueError, r"softmax_scale", r"finite positive", r"got -0.5"),
     Case("causal_attention", "softmax-scale-nan", lambda t: attention(t, softmax_scale=float("nan")), ValueError, r"softmax_scale", r"finite positive", r"got nan"),
+    Case("causal_attention", "softmax-scale-zero", lambda t: attention(t, softmax_scale=0.0), ValueError, r"softmax_scale", SCALE_RANGE, r"got 0.0"),
+    Case("causal_attention", "softmax-scale-float32-zero", lambda t: attention(t, softmax_scale=1e-46), ValueError, r"softmax_scale", SCALE_RANGE, r"got 1e-46"),
+    Case("causal_attention", "softmax-scale-huge", lambda t: attention(t, softmax_scale=1e30), ValueError, r"softmax_scale", SCALE_RANGE, r"got 1e\+30"),
+    Case("causal_attention", "softmax-scale-int-huge", lambda t: attention(t, softmax_scale=10**400), ValueError, r"softmax_scale", SCALE_RANGE, r"got 1000"),
     # fused_ffn
     Case("fused_ffn", "activation-unknown", lambda t: ffn(t, activation="tanh"), ValueError, r"activation", r"one of \('gelu_tanh', 'gelu', 'relu', 'silu'\)", r"got 'tanh'"),
     Case("fused_ffn", "activation-none", lambda t: ffn(t, activation=None), ValueError, r"activation", r"one of \('gelu_tanh'", r"got None"),
@@ -400,6 +406,258 @@ def test_patch_rejects_bad_arguments_and_changes_nothing(case, backend, hf_model
     assert hf_model.config._attn_implementation != "fastgpt"
     for module in hf_model.modules():
         assert "forward" not in vars(module) and not hasattr(module, "fastgpt_backend"), type(module).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# The raw operators: torch.ops.fastgpt.* can be called directly, past fastgpt.functional's checks, so
+# each checks its own arguments before any kernel. The C++ ones (csrc/api.cpp, on every device) raise
+# ValueError for the checks below; the Triton ones (torch.ops.fastgpt.triton_*) run dispatch's validators.
+
+INF, NAN = float("inf"), float("nan")
+SCALES_OUTSIDE = (
+    math.nextafter(dispatch.SOFTMAX_SCALE_MIN, 0.0),
+    math.nextafter(dispatch.SOFTMAX_SCALE_MAX, INF),
+    1e-46,  # rounds to 0 in float32: the Gluon kernels returned NaN for it
+    0.0,
+    -0.125,
+    INF,
+    NAN,
+)
+
+
+def softmax_scale_entry_points():
+    """(name, f(q, k, v, softmax_scale) -> out) for every entry point that takes a softmax scale here."""
+    entries = [("causal_attention", lambda q, k, v, s: fastgpt.causal_attention(q, k, v, softmax_scale=s))]
+    if "cpu" in BACKENDS:
+        entries.append(
+            (
+                "fastgpt::attention_forward",
+                lambda q, k, v, s: torch.ops.fastgpt.attention_forward(q, k, v, s)[0],
+            )
+        )
+    if "triton" in BACKENDS:
+        from fastgpt.ops import triton_attention, triton_decode
+
+        entries.append(
+            (
+                "fastgpt::triton_attention_forward",
+                lambda q, k, v, s: triton_attention.attention_forward_op(q, k, v, s)[0],
+            )
+        )
+        entries.append(
+            (
+                "fastgpt::triton_decode_attention",
+                lambda q, k, v, s: triton_decode.decode_attention_op(q[:, :, -1:], k, v, s),
+            )
+        )
+    return [pytest.param(name, attend, id=name) for name, attend in entries]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, attend", softmax_scale_entry_points())
+def test_every_entry_point_takes_the_same_softmax_scales(name, attend):
+    """dispatch.SOFTMAX_SCALE_MIN and _MAX, the bounds csrc/api.cpp repeats, agree: each entry point takes
+    both bounds and refuses the next float beyond each, zero, negatives, inf and NaN with a ValueError
+    naming softmax_scale. At each bound, q and k scaled by 2**+-32 (exact) make the scores those of
+    softmax_scale 1: the same output shows float32 holds the kernels' constants there."""
+    device = (
+        "cpu"
+        if name.startswith("fastgpt::attention")
+        else DEVICE["triton" if "triton" in name else "reference"]
+    )
+    q, k, v = (torch.randn(1, 2, 3, 8, device=device) for _ in range(3))
+    expected = attend(q, k, v, 1.0)
+    for scale, factor in ((dispatch.SOFTMAX_SCALE_MIN, 2.0**32), (dispatch.SOFTMAX_SCALE_MAX, 2.0**-32)):
+        actual = attend(q * factor, k * factor, v, scale)
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-5, atol=1e-6, msg=f"{name} at softmax_scale={scale}"
+        )
+    for scale in SCALES_OUTSIDE:
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name}: softmax_scale must be a finite positive float in \[2\*\*-64, 2\*\*64\], got",
+        ):
+            attend(q, q, q, scale)
+
+
+def softmax_scale_backward_entry_points():
+    """(name, f(dout, q, k, v, softmax_scale) -> (dq, dk, dv)) for the backward operators here."""
+    entries = []
+    if "cpu" in BACKENDS:
+        ops = torch.ops.fastgpt
+
+        def cpu_backward(dout, q, k, v, scale):
+            out, lse = ops.attention_forward(q, k, v, scale)
+            return ops.attention_backward(dout, q, k, v, out, lse, scale)
+
+        entries.append(("fastgpt::attention_backward", cpu_backward))
+    if "triton" in BACKENDS:
+        from fastgpt.ops import triton_attention
+
+        def triton_backward(dout, q, k, v, scale):
+            out, lse = triton_attention.attention_forward_op(q, k, v, scale)
+            return triton_attention.attention_backward_op(dout, q, k, v, out, lse, scale, "tl")
+
+        entries.append(("fastgpt::triton_attention_backward", triton_backward))
+    return [pytest.param(name, backward, id=name) for name, backward in entries]
+
+
+@pytest.mark.parametrize("name, backward", softmax_scale_backward_entry_points())
+def test_the_backward_operators_hold_at_the_softmax_scale_bounds(name, backward):
+    """The gradients at each bound, with q and k scaled by 2**+-32 so that the scores are softmax_scale
+    1's, are softmax_scale 1's rescaled (dq and dk by 2**-+32, dv unchanged): the float32 backward
+    (lse / softmax_scale among its terms) stays finite and exact there."""
+    device = "cpu" if name == "fastgpt::attention_backward" else DEVICE["triton"]
+    dout, q, k, v = (torch.randn(1, 2, 3, 8, device=device) for _ in range(4))
+    dq, dk, dv = backward(dout, q, k, v, 1.0)
+    for scale, factor in ((dispatch.SOFTMAX_SCALE_MIN, 2.0**32), (dispatch.SOFTMAX_SCALE_MAX, 2.0**-32)):
+        dq_at, dk_at, dv_at = backward(dout, q * factor, k * factor, v, scale)
+        for grad, actual, expected in (
+            ("dq", dq_at * factor, dq),
+            ("dk", dk_at * factor, dk),
+            ("dv", dv_at, dv),
+        ):
+            torch.testing.assert_close(
+                actual, expected, rtol=1e-5, atol=1e-6, msg=f"{name} {grad} at {scale}"
+            )
+
+
+def decode_blocks_arguments():
+    """Valid arguments of torch.ops.fastgpt.decode_blocks: one block, n_embd 8, 2 heads, a 4-slot cache."""
+    x = torch.randn(1, 1, 8)
+    shapes = [(8,), (8,), (24, 8), (24,), (8, 8), (8,), (8,), (8,), (16, 8), (16,), (8, 16), (8,)]
+    params = [torch.randn(shape) for shape in shapes]
+    keys, values = [torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 2, 4, 4)]
+    return x, params, keys, values
+
+
+def raw_cpu_cases():
+    q = torch.randn(1, 2, 3, 8)
+    out, lse = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3)
+    x = torch.randn(2, 8)
+    targets, no_classes = torch.tensor([0, 1]), torch.randn(0, 8)
+    ops = torch.ops.fastgpt
+    return [
+        ("attention-backward-scale-zero", lambda: ops.attention_backward(out, q, q, q, out, lse, 0.0), r"^fastgpt::attention_backward: softmax_scale must be a finite positive float in \[2\*\*-64, 2\*\*64\], got 0"),
+        ("attention-head-dim-0", lambda: ops.attention_forward(q[..., :0], q[..., :0], q[..., :0], 1.0), r"^fastgpt::attention_forward: head_dim \(q.shape\[3\]\) must be at least 1, got 0"),
+        ("layer-norm-eps-negative", lambda: ops.layer_norm_forward(x, None, None, None, -1e-5), r"^fastgpt::layer_norm_forward: eps must be a finite float >= 0, got -1e-05"),
+        ("layer-norm-eps-nan", lambda: ops.layer_norm_forward(x, None, None, None, NAN), r"^fastgpt::layer_norm_forward: eps must be a finite float >= 0, got nan"),
+        # No class at all: the chunking loop doubled its row count forever (a hang) before this check.
+        ("cross-entropy-vocab-0", lambda: ops.linear_cross_entropy_forward(x, no_classes, targets, None, -100, "sum", True), r"^fastgpt::linear_cross_entropy_forward: weight must have at least one row \(vocab >= 1\), got shape \[0, 8\]"),
+        ("cross-entropy-backward-vocab-0", lambda: ops.linear_cross_entropy_backward(x, no_classes, targets, None, torch.ones(2), -100), r"^fastgpt::linear_cross_entropy_backward: weight must have at least one row"),
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension fastgpt._C is missing")
+@pytest.mark.parametrize("name, call, message", [pytest.param(*case, id=case[0]) for case in raw_cpu_cases()])
+def test_cpu_operator_rejects_bad_scalars(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension fastgpt._C is missing")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"softmax_scale": 0.0},
+            r"softmax_scale must be a finite positive float in \[2\*\*-64, 2\*\*64\], got 0",
+        ),
+        ({"eps": -1.0}, r"eps must be a finite float >= 0, got -1"),
+        ({"activation": "tanh"}, r"activation must be one of gelu_tanh, gelu, relu, silu, got 'tanh'"),
+    ],
+    ids=["softmax-scale", "eps", "activation"],
+)
+def test_decode_blocks_checks_its_scalars_before_writing_a_cache(override, message):
+    """decode_blocks writes layer 0's cache before its attention runs: a bad scalar must be refused
+    before that, not by the op that would read it afterwards."""
+    x, params, keys, values = decode_blocks_arguments()
+    arguments = {
+        "start": 0,
+        "heads": 2,
+        "eps": 1e-5,
+        "softmax_scale": 0.5,
+        "activation": "gelu_tanh",
+    } | override
+    with pytest.raises((ValueError, RuntimeError), match=f"^fastgpt::decode_blocks: {message}"):
+        torch.ops.fastgpt.decode_blocks(x, params, keys, values, *arguments.values())
+    assert not keys[0].any() and not values[0].any(), "a cache was written before the error"
+
+
+def raw_triton_cases(device):
+    """(name, call, error, message) for the Triton operators, each breaking one argument."""
+    from fastgpt.ops import (
+        triton_attention,
+        triton_cross_entropy,
+        triton_decode,
+        triton_ffn,
+        triton_layernorm,
+    )
+
+    t = standard_tensors(device)
+    out, lse = torch.randn_like(t.q), torch.randn(2, 4, 5, device=device)
+    h = torch.randn(3, 5, 16, device=device)
+    mean, rstd = torch.zeros(15, device=device), torch.ones(15, device=device)
+    kv_len = torch.tensor([3], device=device)
+    attention_backward, decode = triton_attention.attention_backward_op, triton_decode.decode_attention_op
+    ffn_forward, ffn_backward = triton_ffn._fused_ffn_op, triton_ffn._fused_ffn_backward_op
+    norm_forward, norm_backward = triton_layernorm._layer_norm_op, triton_layernorm._layer_norm_backward_op
+    ce_forward, ce_backward = (
+        triton_cross_entropy._linear_cross_entropy_op,
+        triton_cross_entropy._linear_cross_entropy_backward_op,
+    )
+    return [
+        ("attention-k-head-dim", lambda: triton_attention.attention_forward_op(t.q, t.k[..., :6], t.v[..., :6], 0.3), ValueError, r"^fastgpt::triton_attention_forward: k must have shape \(batch=2, kv_heads, kv_len, head_dim=8\)"),
+        ("attention-backward-lse-shape", lambda: attention_backward(out, t.q, t.k, t.v, out, lse[:, :, :4], 0.3, "tl"), ValueError, r"^fastgpt::triton_attention_backward: lse must have shape \(2, 4, 5\), got \(2, 4, 4\)"),
+        ("attention-backward-lse-dtype", lambda: attention_backward(out, t.q, t.k, t.v, out, lse.half(), 0.3, "tl"), TypeError, r"^fastgpt::triton_attention_backward: lse must have dtype torch.float32, got torch.float16"),
+        ("attention-backward-dout-shape", lambda: attention_backward(out[:, :2], t.q, t.k, t.v, out, lse, 0.3, "tl"), ValueError, r"^fastgpt::triton_attention_backward: dout must have shape \(2, 4, 5, 8\), got \(2, 2, 5, 8\)"),
+        ("attention-backward-scale", lambda: attention_backward(out, t.q, t.k, t.v, out, lse, 1e-46, "tl"), ValueError, r"^fastgpt::triton_attention_backward: softmax_scale must be a finite positive float"),
+        ("attention-backward-kernels", lambda: attention_backward(out, t.q, t.k, t.v, out, lse, 0.3, "cuda"), ValueError, r"^fastgpt::triton_attention_backward: kernels must be one of \('tl', 'gluon'\), got 'cuda'"),
+        ("attention-float64", lambda: triton_attention.attention_forward_op(t.q.double(), t.k.double(), t.v.double(), 0.3), TypeError, r"^fastgpt::triton_attention_forward: q must have one of the dtypes \(float16, .*float32\), got torch.float64"),
+        ("layer-norm-float64", lambda: norm_forward(t.x.double(), None, None, 1e-5, None), TypeError, r"^fastgpt::triton_layer_norm: x must have one of the dtypes \(.*\), got torch.float64"),
+        ("decode-two-queries", lambda: decode(t.q[:, :, :2], t.k, t.v, 0.3), ValueError, r"^fastgpt::triton_decode_attention: q must have shape \(batch, heads, 1, head_dim\), got \(2, 4, 2, 8\)"),
+        ("decode-with-length-kv-len-float", lambda: triton_decode.decode_attention_with_length_op(t.q[:, :, :1], t.k, t.v, kv_len.float(), 0.3), TypeError, r"^fastgpt::triton_decode_attention_with_length: kv_len must be a tensor of one int32/int64 element"),
+        ("decode-with-length-scale", lambda: triton_decode.decode_attention_with_length_op(t.q[:, :, :1], t.k, t.v, kv_len, 0.0), ValueError, r"^fastgpt::triton_decode_attention_with_length: softmax_scale must be a finite positive float"),
+        ("ffn-fc-weight-shape", lambda: ffn_forward(t.x, t.fc_weight[:, :7], None, t.proj_weight, None, "relu", None, False), ValueError, r"^fastgpt::triton_fused_ffn: fc_weight must have shape \(hidden, 8\)"),
+        ("ffn-backward-h-shape", lambda: ffn_backward(t.x, t.x, h[..., :15], t.fc_weight, t.proj_weight, "relu", True, True), ValueError, r"^fastgpt::triton_fused_ffn_backward: h must have shape \(3, 5, 16\), got \(3, 5, 15\)"),
+        ("ffn-backward-dy-dtype", lambda: ffn_backward(t.x.half(), t.x, h, t.fc_weight, t.proj_weight, "relu", True, True), TypeError, r"^fastgpt::triton_fused_ffn_backward: dy must have dtype torch.float32, got torch.float16"),
+        ("layer-norm-eps-negative", lambda: norm_forward(t.x, t.weight, t.bias, -1e-5, None), ValueError, r"^fastgpt::triton_layer_norm: eps must be a finite float >= 0, got -1e-05"),
+        ("layer-norm-backward-mean-shape", lambda: norm_backward(t.x, t.x, t.weight, mean[:14], rstd, None, True, True), ValueError, r"^fastgpt::triton_layer_norm_backward: mean must have shape \(15,\), got \(14,\)"),
+        ("layer-norm-backward-rstd-dtype", lambda: norm_backward(t.x, t.x, t.weight, mean, rstd.half(), None, True, True), TypeError, r"^fastgpt::triton_layer_norm_backward: rstd must have dtype torch.float32"),
+        ("layer-norm-backward-dsum-shape", lambda: norm_backward(t.x, t.x, t.weight, mean, rstd, t.x[:1], True, True), ValueError, r"^fastgpt::triton_layer_norm_backward: dsum must have shape \(3, 5, 8\), got \(1, 5, 8\)"),
+        ("cross-entropy-targets-shape", lambda: ce_forward(t.x, t.vocab_weight, t.targets[:, :4], None, -100, "mean", False), ValueError, r"^fastgpt::triton_linear_cross_entropy: targets must have shape \(3, 5\), got \(3, 4\)"),
+        ("cross-entropy-backward-grad-loss-shape", lambda: ce_backward(lse[0, 0], t.x, t.vocab_weight, t.targets, None, lse.reshape(-1)[:14], -100), ValueError, r"^fastgpt::triton_linear_cross_entropy_backward: grad_loss must have shape \(3, 5\)"),
+        ("cross-entropy-backward-lse", lambda: ce_backward(torch.ones(3, 5, device=device), t.x, t.vocab_weight, t.targets, None, lse.reshape(-1)[:14], -100), ValueError, r"^fastgpt::triton_linear_cross_entropy_backward: lse must have shape \(15,\), got \(14,\)"),
+    ]  # fmt: skip
+
+
+RAW_TRITON_CASE_NAMES = [
+    "attention-k-head-dim", "attention-backward-lse-shape", "attention-backward-lse-dtype",
+    "attention-backward-dout-shape", "attention-backward-scale", "attention-backward-kernels",
+    "attention-float64", "layer-norm-float64",
+    "decode-two-queries", "decode-with-length-kv-len-float", "decode-with-length-scale",
+    "ffn-fc-weight-shape", "ffn-backward-h-shape", "ffn-backward-dy-dtype", "layer-norm-eps-negative",
+    "layer-norm-backward-mean-shape", "layer-norm-backward-rstd-dtype", "layer-norm-backward-dsum-shape",
+    "cross-entropy-targets-shape", "cross-entropy-backward-grad-loss-shape", "cross-entropy-backward-lse",
+]  # fmt: skip
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run here")
+@pytest.mark.parametrize("name", RAW_TRITON_CASE_NAMES)
+def test_triton_operator_rejects_bad_input(name, monkeypatch):
+    """torch.ops.fastgpt.triton_* called directly: the error names the operator and the argument,
+    and comes before any Triton launch (a tripwire)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    cases = {case[0]: case[1:] for case in raw_triton_cases(DEVICE["triton"])}
+    assert list(cases) == RAW_TRITON_CASE_NAMES
+    call, error, message = cases[name]
+    monkeypatch.setattr(InterpretedFunction, "run", _tripwire("a Triton kernel (interpreter)"))
+    monkeypatch.setattr(JITFunction, "run", _tripwire("a Triton kernel"))
+    with pytest.raises((TypeError, ValueError)) as caught:
+        call()
+    assert caught.type is error, f"{caught.type.__name__} instead of {error.__name__}: {caught.value}"
+    assert re.search(message, str(caught.value)), str(caught.value)
 
 
 def test_case_count():

@@ -149,6 +149,69 @@ def test_attention_backward_op_checks_the_lse_shape():
         torch.ops.fastgpt.attention_backward(out, q, q, q, out, lse[:, :, :-1], 0.125)
 
 
+def test_attention_ops_check_the_softmax_scale_and_head_dim():
+    """The CUDA operators, called directly, take the softmax scales every entry point takes,
+    [dispatch.SOFTMAX_SCALE_MIN, dispatch.SOFTMAX_SCALE_MAX] = [2**-64, 2**64], and refuse the next
+    float beyond each bound, 0 (which float32 kernels turn into NaN) and NaN with a ValueError, as the
+    CPU operators do (tests/test_bad_input.py); and head_dim 0. At each bound, q and k scaled by
+    2**-+32 make the scores those of softmax_scale 1 (powers of two, exact in bfloat16): the same
+    output, and gradients scaled by 2**+-32, show the kernels' float32 constants hold there."""
+    import math
+
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    ops = torch.ops.fastgpt
+    q, k, v, dout = (torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
+    out, lse = ops.attention_forward(q, k, v, 1.0)
+    dq, dk, dv = ops.attention_backward(dout, q, k, v, out, lse, 1.0)
+    for scale, factor in ((dispatch.SOFTMAX_SCALE_MIN, 2.0**32), (dispatch.SOFTMAX_SCALE_MAX, 2.0**-32)):
+        q_at, k_at = q * factor, k * factor  # (q_at . k_at) * scale == q . k
+        out_at, lse_at = ops.attention_forward(q_at, k_at, v, scale)
+        torch.testing.assert_close(out_at, out, rtol=2**-7, atol=1e-3, msg=f"out at softmax_scale={scale}")
+        torch.testing.assert_close(lse_at, lse, rtol=1e-5, atol=1e-5, msg=f"lse at softmax_scale={scale}")
+        dq_at, dk_at, dv_at = ops.attention_backward(dout, q_at, k_at, v, out_at, lse_at, scale)
+        for name, actual, expected in (
+            ("dq", dq_at * factor, dq),
+            ("dk", dk_at * factor, dk),
+            ("dv", dv_at, dv),
+        ):
+            torch.testing.assert_close(
+                actual, expected, rtol=2**-7, atol=1e-3, msg=f"{name} at softmax_scale={scale}"
+            )
+    outside = (
+        math.nextafter(dispatch.SOFTMAX_SCALE_MIN, 0.0),
+        math.nextafter(dispatch.SOFTMAX_SCALE_MAX, math.inf),
+        0.0,
+        float("nan"),
+    )
+    for scale in outside:
+        with pytest.raises(
+            ValueError, match=r"attention_forward \(CUDA\): softmax_scale must be a finite positive"
+        ):
+            ops.attention_forward(q, k, v, scale)
+        with pytest.raises(
+            ValueError, match=r"attention_backward \(CUDA\): softmax_scale must be a finite positive"
+        ):
+            ops.attention_backward(dout, q, k, v, out, lse, scale)
+    empty = q[..., :0]
+    with pytest.raises(ValueError, match=r"head_dim \(q.shape\[3\]\) must be at least 1, got 0"):
+        ops.attention_forward(empty, empty, empty, 1.0)
+
+
+def test_attention_ops_refuse_a_grid_they_cannot_launch():
+    """The kernels' grids run heads along y and the batch along z, at most 65535 each: a larger batch is
+    refused by name before any launch (it failed at the launch, the backward's after its first kernel)."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    q = torch.randn(65536, 1, 1, 8, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"batch and heads up to 65535, got batch 65536 and heads 1"):
+        torch.ops.fastgpt.attention_forward(q, q, q, 0.5)
+    lse = torch.zeros(65536, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch and heads up to 65535, got batch 65536"):
+        torch.ops.fastgpt.attention_backward(q, q, q, q, q, lse, 0.5)
+    torch.ops.fastgpt.attention_forward(q[:65535], q[:65535], q[:65535], 0.5)  # the limit itself runs
+
+
 def test_attention_declines_what_it_has_no_kernel_for():
     q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim up to 128"):
@@ -261,7 +324,7 @@ def test_fused_ffn_backward_op_checks_shapes():
     w2 = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
     y, h = torch.ops.fastgpt.ffn_forward(x, w1, None, w2, None, "gelu_tanh", None)
     backward = torch.ops.fastgpt.ffn_backward
-    with pytest.raises(RuntimeError, match="dy must have shape"):
+    with pytest.raises(RuntimeError, match="dout must have shape"):  # the schema's name for dy
         backward(y[:, :3], x, h, w1, w2, "gelu_tanh")
     with pytest.raises(RuntimeError, match="h must have shape"):
         backward(y, x, h[:, :3], w1, w2, "gelu_tanh")
@@ -336,6 +399,29 @@ def test_layer_norm_backward_op_checks_the_weight_length():
     out, _, mean, rstd = torch.ops.fastgpt.layer_norm_forward(x, weight, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="weight must have 64 elements"):
         torch.ops.fastgpt.layer_norm_backward(out, None, x, weight[:32], mean, rstd)
+
+
+def test_layer_norm_backward_op_checks_where_mean_and_rstd_are():
+    """The kernel reads mean and rstd through raw pointers on the input's device: the CUDA operator
+    refuses CPU ones (which it would read at a host address) instead of launching."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    out, _, mean, rstd = torch.ops.fastgpt.layer_norm_forward(x, None, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"mean and rstd must be on the input's device \(cuda:\d\), got cpu"):
+        torch.ops.fastgpt.layer_norm_backward(out, None, x, None, mean.cpu(), rstd)
+    with pytest.raises(ValueError, match=r"mean and rstd must be on the input's device"):
+        torch.ops.fastgpt.layer_norm_backward(out, None, x, None, mean, rstd.cpu())
+
+
+def test_layer_norm_forward_op_checks_eps():
+    """A negative or non-finite eps makes every rstd NaN: the CUDA operator refuses it, as the CPU one does."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"layer_norm_forward \(CUDA\): eps must be a finite float >= 0"):
+            torch.ops.fastgpt.layer_norm_forward(x, None, None, None, eps)
 
 
 def test_layer_norm_no_rows():
@@ -430,6 +516,24 @@ def test_linear_cross_entropy_no_tokens():
     assert loss.item() == 0.0 and dx.shape == x.shape and not dweight.any()
 
 
+def test_linear_cross_entropy_vocabulary_above_2_30():
+    """cross_entropy.cu sized a row's shared-memory copy (16 bytes per 8 logits) in int: from V = 2^30 on
+    that is 2^31 bytes or more, which wrapped negative, so the launch asked for a wrong amount of shared
+    memory. Computed in 64 bits, such a row streams from global memory. One token of one channel keeps
+    the weight at 2 GiB and the float64 reference under 30 GiB."""
+    vocab = 2**30 + 8
+    x = torch.ones(1, 1, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(vocab, 1, device=DEVICE, dtype=torch.bfloat16)
+    targets = torch.tensor([vocab - 3], device=DEVICE)
+    with torch.no_grad():
+        loss = fastgpt.linear_cross_entropy(
+            x, weight, targets, ignore_index=CE_IGNORE, reduction="none", backend="cuda"
+        )
+        exact = reference.linear_cross_entropy(x.double(), weight.double(), targets, None, CE_IGNORE, "none")
+        eager = reference.linear_cross_entropy(x, weight, targets, None, CE_IGNORE, "none")
+    assert_close("loss at V = 2^30 + 8", loss, exact, eager)
+
+
 def test_linear_cross_entropy_is_deterministic():
     tensors, targets = cross_entropy_inputs(20000, 64, 1000, torch.bfloat16, bias=True)
     runs = [
@@ -443,6 +547,82 @@ def test_linear_cross_entropy_is_deterministic():
 
 # ----------------------------------------------------------------------------------------------
 # Custom-op plumbing
+
+
+def cuda_operator_calls():
+    """{name: (operator, arguments)}: a valid call of each CUDA operator, bf16 on the GPU."""
+    dtype, ops = torch.bfloat16, torch.ops.fastgpt
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=dtype)  # (B, H, T, D), also k, v, out, dout
+    lse = torch.zeros(1, 2, 16, device=DEVICE)  # (B, H, T)
+    x = torch.randn(2, 5, 64, device=DEVICE, dtype=dtype)  # (..., C)
+    fc_weight, proj_weight = (
+        torch.randn(shape, device=DEVICE, dtype=dtype) for shape in ((128, 64), (64, 128))
+    )
+    h = torch.randn(2, 5, 128, device=DEVICE, dtype=dtype)  # (..., hidden)
+    vector = torch.randn(64, device=DEVICE, dtype=dtype)
+    stats = torch.ones(10, device=DEVICE)  # a mean or rstd per row
+    weight, targets = (
+        torch.randn(100, 64, device=DEVICE, dtype=dtype),
+        torch.randint(0, 100, (2, 5), device=DEVICE),
+    )
+    row_grad = torch.ones(2, 5, device=DEVICE)
+    return {
+        "attention_forward": (ops.attention_forward, {"q": q, "k": q, "v": q, "softmax_scale": 0.125}),
+        "attention_backward": (ops.attention_backward, {"dout": q, "q": q, "k": q, "v": q, "out": q, "lse": lse, "softmax_scale": 0.125}),
+        "ffn_forward": (ops.ffn_forward, {"x": x, "fc_weight": fc_weight, "fc_bias": None, "proj_weight": proj_weight, "proj_bias": vector, "activation": "relu", "residual": x}),
+        "ffn_backward": (ops.ffn_backward, {"dout": x, "x": x, "h": h, "fc_weight": fc_weight, "proj_weight": proj_weight, "activation": "relu"}),
+        "layer_norm_forward": (ops.layer_norm_forward, {"x": x, "weight": vector, "bias": vector, "residual": x, "eps": 1e-5}),
+        "layer_norm_backward": (ops.layer_norm_backward, {"dout": x, "dresidual_out": x, "input": x, "weight": vector, "mean": stats, "rstd": stats}),
+        "linear_cross_entropy_forward": (ops.linear_cross_entropy_forward, {"x": x, "weight": weight, "targets": targets, "bias": weight[:, 0], "ignore_index": -100, "reduction": "sum", "compute_grad": True}),
+        "linear_cross_entropy_backward": (ops.linear_cross_entropy_backward, {"x": x, "weight": weight, "targets": targets, "bias": None, "row_grad": row_grad, "ignore_index": -100}),
+    }  # fmt: skip
+
+
+# Every tensor argument of each CUDA operator (ids carry the op's name, so each gpu_check.sh area's -k
+# expression picks its own).
+CPU_ARGUMENT_CASES = [
+    ("attention_forward", "q"), ("attention_forward", "k"), ("attention_forward", "v"),
+    ("attention_backward", "dout"), ("attention_backward", "out"), ("attention_backward", "lse"),
+    ("ffn_forward", "fc_weight"), ("ffn_forward", "proj_bias"), ("ffn_forward", "residual"),
+    ("ffn_backward", "dout"), ("ffn_backward", "h"), ("ffn_backward", "proj_weight"),
+    ("layer_norm_forward", "weight"), ("layer_norm_forward", "bias"), ("layer_norm_forward", "residual"),
+    ("layer_norm_backward", "dout"), ("layer_norm_backward", "dresidual_out"), ("layer_norm_backward", "weight"),
+    ("layer_norm_backward", "mean"), ("layer_norm_backward", "rstd"),
+    ("linear_cross_entropy_forward", "weight"), ("linear_cross_entropy_forward", "targets"),
+    ("linear_cross_entropy_forward", "bias"), ("linear_cross_entropy_backward", "row_grad"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("op, argument", CPU_ARGUMENT_CASES, ids=lambda value: value)
+def test_cuda_operator_refuses_a_cpu_tensor(op, argument):
+    """A CPU tensor among CUDA ones dispatches to the CUDA operator (CUDA outranks CPU), whose kernels
+    would read it at a host address: each operator refuses it, naming it, before any launch. The valid
+    call itself runs."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    operator, arguments = cuda_operator_calls()[op]
+    operator(*arguments.values())
+    arguments[argument] = arguments[argument].cpu()
+    with pytest.raises((RuntimeError, ValueError), match=rf"{argument}\b.*(CUDA tensor|on cuda|device)"):
+        operator(*arguments.values())
+    torch.cuda.synchronize()  # nothing was launched that could fail later
+
+
+@pytest.mark.parametrize("op", list(dict.fromkeys(op for op, _ in CPU_ARGUMENT_CASES)))
+def test_cuda_operator_names_a_dtype_it_does_not_take(op):
+    """float32 (or any dtype but bfloat16 and float16) handed to a CUDA operator directly: a TypeError
+    that names the dtype given, not only the float32 the capability query describes."""
+    import fastgpt.ops.compiled  # noqa: F401  (loads fastgpt._C: torch.ops.fastgpt.*)
+
+    operator, arguments = cuda_operator_calls()[op]
+    as_float32 = {
+        name: value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+        for name, value in arguments.items()
+    }
+    with pytest.raises(
+        TypeError, match=r"must be bfloat16 or float16 \(float32 runs on the Triton backend\), got Float"
+    ):
+        operator(*as_float32.values())
 
 
 def test_opcheck():

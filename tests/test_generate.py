@@ -12,7 +12,12 @@ from tolerance import assert_close
 import fastgpt
 from fastgpt import dispatch
 from fastgpt.nn import GPT, GPTConfig, KVCache, huge_pages, static_decode
-from fastgpt.nn.generation import filter_logits, sample_next_token, sample_next_token_on_device
+from fastgpt.nn.generation import (
+    MIN_TEMPERATURE,
+    filter_logits,
+    sample_next_token,
+    sample_next_token_on_device,
+)
 
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 64}
 
@@ -149,6 +154,7 @@ def test_generate_modes_and_edge_cases():
         ),
         ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
         ({"temperature": -0.5}, ValueError, "temperature must be a float >= 0 .*got -0.5"),
+        ({"temperature": 1e-40}, ValueError, r"temperature must be .* at least 2\*\*-100\), got 1e-40"),
         ({"top_k": 0}, ValueError, "top_k must be None or an int >= 1, got 0"),
         ({"top_p": 1.5}, ValueError, r"top_p must be None or a float in \(0, 1\], got 1.5"),
         ({"eos_token_id": 97}, ValueError, r"eos_token_id must be None or an int in \[0, 97\), got 97"),
@@ -572,6 +578,21 @@ def test_on_device_sampling_draws_what_multinomial_draws_on_cpu():
         expected = sample_next_token(logits, **kwargs)
         torch.manual_seed(7)
         assert torch.equal(sample_next_token_on_device(logits, **kwargs), expected)
+
+
+@pytest.mark.parametrize(
+    "sample", [sample_next_token, sample_next_token_on_device], ids=["host", "on_device"]
+)
+def test_the_smallest_temperature_samples_the_largest_logit(sample):
+    """MIN_TEMPERATURE, the smallest positive temperature check_generate_arguments takes, still samples
+    (1e-40, refused, made the largest logit 0 * inf = NaN: torch.multinomial raised and the on-device
+    draw returned an arbitrary token), and is greedy decoding."""
+    logits = torch.randn(8, 97) * 30
+    for kwargs in (
+        {"temperature": MIN_TEMPERATURE},
+        {"temperature": MIN_TEMPERATURE, "top_k": 5, "top_p": 0.9},
+    ):
+        assert torch.equal(sample(logits, **kwargs), logits.argmax(dim=-1)), kwargs
 
 
 def test_cuda_graph_must_be_a_bool():

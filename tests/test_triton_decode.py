@@ -217,6 +217,19 @@ def test_device_length_matches_reference(heads, kv_heads, dtype):
         torch.testing.assert_close(reference_out, expected, rtol=0, atol=1e-12)
 
 
+def test_device_length_past_int32_is_clamped_to_the_capacity():
+    """An int64 length of 2**32 + 17 is clamped to the capacity like 200 is above (the kernel cast it to
+    int32 first, which made it 17): the same output as the capacity itself."""
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k, v = cache_views(1, 2, 97, 16, torch.float32, capacity=97)
+    with torch.no_grad():
+        huge = decode_attention_with_length(
+            q, k, v, torch.tensor([2**32 + 17], device=DEVICE), backend="triton"
+        )
+        full = decode_attention_with_length(q, k, v, torch.tensor([97], device=DEVICE), backend="triton")
+    assert torch.equal(huge, full)
+
+
 def test_device_length_with_every_split_empty_is_zero_and_nan_stays_in_its_row():
     q = torch.randn(1, 4, 1, 16, device=DEVICE)
     k, v = cache_views(1, 2, 97, 16, torch.float32, capacity=97)

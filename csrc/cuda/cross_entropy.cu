@@ -142,21 +142,24 @@ __global__ void __launch_bounds__(kThreads, 2) cross_entropy_rows_kernel(const C
 template <typename T>
 cudaError_t launch_rows(const CrossEntropyRowsParams& p, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>(p.rows);
-  const int staged_bytes = ceil_div(p.vocab, kVectorWidth) * 16;
+  // In 64 bits: a vocabulary above 2^30 (up to 2^31 - 8 is taken) needs 2^31 bytes or more, past int.
+  const int64_t staged_bytes = int64_t{ceil_div(p.vocab, kVectorWidth)} * 16;
   int device = 0, max_shared = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) {
     error = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
   if (error != cudaSuccess) return error;
-  if (staged_bytes + static_cast<int>(sizeof(MaxSum)) * (kThreads / 32) > max_shared) {
+  if (staged_bytes + static_cast<int64_t>(sizeof(MaxSum)) * (kThreads / 32) > max_shared) {
     cross_entropy_rows_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p);
     return cudaSuccess;
   }
+  // Here staged_bytes fits the device's shared memory, so in int.
+  const int shared_bytes = static_cast<int>(staged_bytes);
   const auto kernel = cross_entropy_rows_kernel<T, true>;
-  error = allow_shared_memory(kernel, staged_bytes);
+  error = allow_shared_memory(kernel, shared_bytes);
   if (error != cudaSuccess) return error;
-  kernel<<<blocks, kThreads, staged_bytes, stream>>>(p);
+  kernel<<<blocks, kThreads, shared_bytes, stream>>>(p);
   return cudaSuccess;
 }
 

@@ -3,6 +3,13 @@ and the argument checks of GPT.generate."""
 
 import torch
 
+# The smallest positive temperature. The logits are divided by it in float32, which torch does through
+# its reciprocal: below 1 / 3.4e38 (float32's largest) that is inf (below 1.4e-45 the temperature is 0
+# itself), the logits become +-inf and their softmax NaN, so torch.multinomial raised and the on-device
+# draw (argmax of NaN) returned an arbitrary token. At 2**-100 logits up to 2.7e8 stay finite, and any
+# two logits further apart than about 1e-28 already sample as greedy decoding would.
+MIN_TEMPERATURE = 2.0**-100
+
 
 def check_generate_arguments(
     idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None
@@ -29,10 +36,11 @@ def check_generate_arguments(
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
-        or not 0 <= temperature < float("inf")
+        or not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"))
     ):
         raise ValueError(
-            f"{op}: temperature must be a float >= 0 and finite (0 is greedy), got {temperature!r}"
+            f"{op}: temperature must be a float >= 0 and finite (0 is greedy, a positive one at least "
+            f"2**-100), got {temperature!r}"
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be None or an int >= 1, got {top_k!r}")

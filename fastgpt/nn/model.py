@@ -231,11 +231,12 @@ class GPT(nn.Module):
     ):
         """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
 
-        Prompts in a batch have equal length. temperature=0 is greedy; otherwise tokens are drawn
-        with torch's global generator after top-k and top-p filtering, so torch.manual_seed makes it
-        reproducible. The prompt is prefilled into a preallocated KV cache per layer (B, n_kv_head,
-        T + max_new_tokens, D), then each step runs causal_attention with one query against cache
-        views. With eos_token_id, a sequence that produced it keeps emitting eos_token_id, and
+        Prompts in a batch have equal length. temperature=0 is greedy (a positive temperature is at
+        least generation.MIN_TEMPERATURE, 2**-100); otherwise tokens are drawn with torch's global
+        generator after top-k and top-p filtering, so torch.manual_seed makes it reproducible. The
+        prompt is prefilled into a preallocated KV cache per layer (B, n_kv_head, T + max_new_tokens,
+        D), then each step runs causal_attention with one query against cache views. With
+        eos_token_id, a sequence that produced it keeps emitting eos_token_id, and
         generation stops early once all have, so the result may be shorter than T + max_new_tokens.
         The model runs in eval mode during the call (no dropout) and its mode is restored after.
         callback, if given, is called with each step's new tokens (B,) as soon as they are chosen

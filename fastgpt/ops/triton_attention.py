@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastgpt import dispatch
 from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_compile import CompileCase
@@ -1737,7 +1738,11 @@ def _deterministic_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale
 def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v."""
+    """(out (B, H, Tq, D), lse (B, H, Tq) float32, natural log); differentiable in q, k and v. Checks
+    its arguments as causal_attention does: a user may call torch.ops.fastgpt.triton_attention_forward."""
+    op = "fastgpt::triton_attention_forward"
+    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     with on_device_of(q):
         return attention_forward(q, k, v, softmax_scale)
 
@@ -1759,7 +1764,16 @@ def attention_backward_op(
     softmax_scale: float,
     kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results."""
+    """(dq, dk, dv) of attention_forward_op, given the output gradient and its saved results (checked:
+    the kernels index dout and out as q, and lse by (batch, head, row))."""
+    op = "fastgpt::triton_attention_backward"
+    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
+    dispatch.check_saved(op, "dout", dout, q.shape, "q", q)
+    dispatch.check_saved(op, "out", out, q.shape, "q", q)
+    dispatch.check_saved(op, "lse", lse, q.shape[:3], "q", q, torch.float32)
+    if kernels not in FORWARD_CHOICES:
+        raise ValueError(f"{op}: kernels must be one of {FORWARD_CHOICES}, got {kernels!r}")
     with on_device_of(q):
         return attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels)
 

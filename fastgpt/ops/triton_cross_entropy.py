@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt import dispatch
 from fastgpt.dispatch import triton_interpreter_enabled
 from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
@@ -368,6 +369,11 @@ def _linear_cross_entropy_op(
     reduction: str,
     compute_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks its arguments as linear_cross_entropy does, but for the targets' values (the kernels read
+    a target's logit only when it lies in the row): a user may call the operator directly."""
+    op = "fastgpt::triton_linear_cross_entropy"
+    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction, op, False)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, compute_grads)
 
@@ -392,6 +398,13 @@ def _linear_cross_entropy_backward_op(
     lse: torch.Tensor,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks x, weight, targets and bias as the forward operator does, and grad_loss and lse (one
+    float32 value per row) against them."""
+    op = "fastgpt::triton_linear_cross_entropy_backward"
+    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, "none", op, False)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
+    dispatch.check_saved(op, "grad_loss", grad_loss, targets.shape, "x", x, torch.float32)
+    dispatch.check_saved(op, "lse", lse, (targets.numel(),), "x", x, torch.float32)
     with on_device_of(x):
         return cross_entropy_backward_none(grad_loss, x, weight, targets, bias, lse, ignore_index)
 

@@ -147,8 +147,9 @@ def _decode_partial_kernel(
     q = tl.load(q_ptrs, mask=heads_ok[:, None] & dims_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
 
     if KV_LEN_ON_DEVICE:
-        # Clamped to the capacity, so a length past the cache never reads outside it.
-        kv_len = tl.minimum(tl.load(KvLen).to(tl.int32), kv_len)
+        # Clamped to the capacity, so a length past the cache never reads outside it; in 64 bits, so an
+        # int64 length of 2**32 or more is clamped rather than wrapped to a small one.
+        kv_len = tl.minimum(tl.load(KvLen).to(tl.int64), kv_len).to(tl.int32)
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, kv_len)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + (key_start + offs_n)[:, None] * stride_kt
@@ -387,6 +388,8 @@ def _decode(q, k, v, softmax_scale, device_kv_len):
 def decode_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
+    """Checks its arguments as decode_attention does (a user may call the operator directly)."""
+    softmax_scale = _validate_decode(q, k, v, softmax_scale, "fastgpt::triton_decode_attention")
     with on_device_of(q):
         return decode_forward(q, k, v, softmax_scale)
 
@@ -401,22 +404,28 @@ def decode_attention(q, k, v, softmax_scale=None):
     strides (a view cache[:, :, :L] is read in place). Equals fastgpt.causal_attention for q_len == 1
     (which routes such calls here when no gradient is needed); inference only. Validates its
     arguments like causal_attention, plus q_len == 1."""
-    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale)
+    return decode_attention_op(q, k, v, _validate_decode(q, k, v, softmax_scale, "decode_attention"))
+
+
+def _validate_decode(q, k, v, softmax_scale, op):
+    """causal_attention's checks, plus q_len == 1 and what the kernel takes; returns the softmax scale."""
+    softmax_scale = dispatch.validate_attention(q, k, v, softmax_scale, op)
     if q.shape[2] != 1:
-        raise ValueError(
-            f"decode_attention: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}"
-        )
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"decode_attention: q must have a dtype in {SUPPORTED_DTYPES}, got {q.dtype}")
+        raise ValueError(f"{op}: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"decode_attention: head_dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
-    return decode_attention_op(q, k, v, softmax_scale)
+        raise ValueError(f"{op}: head_dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
+    return softmax_scale
 
 
 @torch.library.custom_op("fastgpt::triton_decode_attention_with_length", mutates_args=())
 def decode_attention_with_length_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
+    """Checks its arguments as decode_attention_with_length does (a user may call the operator)."""
+    op = "fastgpt::triton_decode_attention_with_length"
+    softmax_scale = dispatch.validate_decode_with_length(q, k, v, kv_len, softmax_scale, op)
+    dispatch.check_kernel_dtype(op, "q", q, SUPPORTED_DTYPES)
     with on_device_of(q):
         return decode_forward_with_length(q, k, v, kv_len, softmax_scale)
 

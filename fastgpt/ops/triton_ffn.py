@@ -29,6 +29,7 @@ between forward and backward.
 
 import torch
 
+from fastgpt import dispatch
 from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
 from fastgpt.ops.triton_gemm import (
@@ -137,6 +138,10 @@ def _fused_ffn_op(
     residual: torch.Tensor | None,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks its arguments as fused_ffn does (a user may call torch.ops.fastgpt.triton_fused_ffn)."""
+    op = "fastgpt::triton_fused_ffn"
+    dispatch.validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return ffn_forward(
             x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, keep_preactivation
@@ -161,6 +166,14 @@ def _fused_ffn_backward_op(
     fc_bias_grad: bool,
     proj_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks x, the weights and the activation as fused_ffn does, and dy and h against them (the GEMMs
+    read them as x's rows at proj_weight's and fc_weight's widths)."""
+    op = "fastgpt::triton_fused_ffn_backward"
+    dispatch.validate_ffn(x, fc_weight, None, proj_weight, None, activation, None, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
+    lead = x.shape[:-1]
+    dispatch.check_saved(op, "dy", dy, (*lead, proj_weight.shape[0]), "x", x)
+    dispatch.check_saved(op, "h", h, (*lead, fc_weight.shape[0]), "x", x)
     with on_device_of(x):
         return ffn_backward(dy, x, h, fc_weight, proj_weight, activation, fc_bias_grad, proj_bias_grad)
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt import dispatch
 from fastgpt.dispatch import triton_interpreter_enabled
 from fastgpt.ops.device import on_device_of
 from fastgpt.ops.memory import new_output
@@ -317,6 +318,10 @@ def _layer_norm_op(
     eps: float,
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks its arguments as layer_norm does (a user may call torch.ops.fastgpt.triton_layer_norm)."""
+    op = "fastgpt::triton_layer_norm"
+    dispatch.validate_layer_norm(x, weight, bias, eps, residual, op)
+    dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return layer_norm_forward(x, weight, bias, eps, residual)
 
@@ -340,6 +345,17 @@ def _layer_norm_backward_op(
     weight_grad: bool,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks normed_input and weight as layer_norm checks x and weight, and dout, dsum, mean and rstd
+    against them (the kernel reads them by row)."""
+    op = "fastgpt::triton_layer_norm_backward"
+    dispatch.validate_layer_norm(normed_input, weight, None, 0.0, None, op)
+    dispatch.check_kernel_dtype(op, "normed_input", normed_input, SUPPORTED_DTYPES)
+    dispatch.check_saved(op, "dout", dout, normed_input.shape, "normed_input", normed_input)
+    if dsum is not None:
+        dispatch.check_saved(op, "dsum", dsum, normed_input.shape, "normed_input", normed_input)
+    rows = normed_input.shape[:-1].numel()
+    dispatch.check_saved(op, "mean", mean, (rows,), "normed_input", normed_input, torch.float32)
+    dispatch.check_saved(op, "rstd", rstd, (rows,), "normed_input", normed_input, torch.float32)
     with on_device_of(normed_input):
         return layer_norm_backward(dout, normed_input, weight, mean, rstd, dsum, weight_grad, bias_grad)
 
