@@ -213,6 +213,24 @@ def test_layer_norm_matches_reference(case, dtype):
     assert checked == 1 + with_weight + with_bias + with_residual
 
 
+@pytest.mark.parametrize("width", [16, 768])
+def test_layer_norm_rows_far_from_zero(width):
+    """Rows near 1e4 with unit spread (a large common offset, as late-training activations can have):
+    the row mean must be as accurate as eager's, whose error (float32's resolution at 1e4) the rule
+    allows twice. A mean summed lane by lane in float32 is off by several times that in about a
+    third of random draws; the corrected two-pass mean never is. Twelve independent draws."""
+
+    def cpu_layer_norm(x, weight, bias):
+        return functional.layer_norm(x, weight, bias, backend="cpu")
+
+    def reference_layer_norm(x, weight, bias):
+        return reference.layer_norm(x, weight, bias)
+
+    for _ in range(12):
+        inputs = [randn(4, width) + 1e4, randn(width), randn(width)]
+        check_against_reference(cpu_layer_norm, reference_layer_norm, inputs, torch.float32, [randn(4, width)])
+
+
 def test_layer_norm_nan_stays_in_its_row_and_empty_rows_work():
     x = torch.randn(6, 40)
     x[3, 7] = float("nan")

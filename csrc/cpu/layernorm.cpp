@@ -1,7 +1,8 @@
 // LayerNorm over the last dimension with a fused residual add, forward and backward, on the CPU.
 //
 // Forward, per row: v = x + residual (stored as residual_out, rounded to the tensor's dtype, and
-// normalised as stored), mean and rstd in float32 from two passes over the cache-resident row, then
+// normalised as stored), mean and rstd in float32 from two passes over the cache-resident row (the
+// second also corrects the first's mean by the mean deviation from it), then
 // out = (v - mean) * rstd * weight + bias.
 // Backward, per row: with xhat = (v - mean) * rstd and g = dout * weight,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out),
@@ -9,6 +10,7 @@
 // sum_partials reduces in order: deterministic for any thread count.
 #ifndef FASTGPT_ISA_PASS
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -81,13 +83,21 @@ void forward(const LayerNormParams& p) {
       }
       Vec total = splat(0.0f);
       for (int64_t c = 0; c < cols; c += kWidth) total += load_columns(input, c, cols);
-      const float mean = reduce_sum(total) / static_cast<float>(cols);
-      Vec squares = splat(0.0f);
+      const float rough_mean = reduce_sum(total) / static_cast<float>(cols);
+      // Corrected two-pass: the first pass's sum of values far from 0 (a row near 1e4 with unit
+      // spread) is rounded at their magnitude, which each lane's serial sum compounds; the deviations
+      // from that rough mean are exact and small, so their mean corrects it to float32's resolution.
+      Vec deviations = splat(0.0f), squares = splat(0.0f);
       for (int64_t c = 0; c < cols; c += kWidth) {
-        Vec centered = valid_lanes(load_columns(input, c, cols) - mean, c, cols);
+        Vec centered = valid_lanes(load_columns(input, c, cols) - rough_mean, c, cols);
+        deviations += centered;
         squares += centered * centered;
       }
-      const float rstd = 1.0f / std::sqrt(reduce_sum(squares) / static_cast<float>(cols) + p.eps);
+      const float shift = reduce_sum(deviations) / static_cast<float>(cols);
+      const float mean = rough_mean + shift;
+      // Var = E[(x - rough_mean)^2] - shift^2 >= 0; the clamp absorbs rounding (NaN stays NaN).
+      const float variance = std::max(reduce_sum(squares) / static_cast<float>(cols) - shift * shift, 0.0f);
+      const float rstd = 1.0f / std::sqrt(variance + p.eps);
       T* out = row_of<T>(p.out, r);
       for (int64_t c = 0; c < cols; c += kWidth) {
         Vec y = (load_columns(input, c, cols) - mean) * rstd;
