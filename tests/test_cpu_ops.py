@@ -228,7 +228,9 @@ def test_layer_norm_rows_far_from_zero(width):
 
     for _ in range(12):
         inputs = [randn(4, width) + 1e4, randn(width), randn(width)]
-        check_against_reference(cpu_layer_norm, reference_layer_norm, inputs, torch.float32, [randn(4, width)])
+        check_against_reference(
+            cpu_layer_norm, reference_layer_norm, inputs, torch.float32, [randn(4, width)]
+        )
 
 
 def test_layer_norm_nan_stays_in_its_row_and_empty_rows_work():
