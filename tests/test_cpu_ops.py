@@ -218,7 +218,8 @@ def test_layer_norm_rows_far_from_zero(width):
     """Rows near 1e4 with unit spread (a large common offset, as late-training activations can have):
     the row mean must be as accurate as eager's, whose error (float32's resolution at 1e4) the rule
     allows twice. A mean summed lane by lane in float32 is off by several times that in about a
-    third of random draws; the corrected two-pass mean never is. Twelve independent draws."""
+    third of random draws, and dx computed from a saved mean with even eager's error is shifted by it
+    (eager's dx is not: its mean subtraction cancels the shift). Twelve independent draws."""
 
     def cpu_layer_norm(x, weight, bias):
         return functional.layer_norm(x, weight, bias, backend="cpu")
