@@ -213,6 +213,28 @@ def test_layer_norm_matches_reference(case, dtype):
     assert checked == 1 + with_weight + with_bias + with_residual
 
 
+@pytest.mark.parametrize("width", [16, 768])
+def test_layer_norm_rows_far_from_zero(width):
+    """Rows near 1e4 with unit spread (a large common offset, as late-training activations can have):
+    the row mean must be as accurate as eager's, whose error (up to half an ulp of 1e4, 5e-4) the rule
+    allows twice; a mean summed lane by lane in float32 is off by several times that in about a third
+    of random draws. The upstream gradient pulls out toward its current value (as a squared-error
+    loss on it would), so that dx is small and a dx formed from xhat shifted by the saved mean's error
+    (eager's dx cancels the shift) is many times eager's error. Eight independent draws."""
+
+    def cpu_layer_norm(x, weight, bias):
+        return functional.layer_norm(x, weight, bias, backend="cpu")
+
+    def reference_layer_norm(x, weight, bias):
+        return reference.layer_norm(x, weight, bias)
+
+    for _ in range(8):
+        x = (randn(4, width) + 1e4).float().double()  # the float32 rows the kernel gets, exactly
+        upstream = reference.layer_norm(x, None, None) + randn(4, width, scale=0.1)
+        inputs = [x, randn(width, scale=0.1) + 1, randn(width)]
+        check_against_reference(cpu_layer_norm, reference_layer_norm, inputs, torch.float32, [upstream])
+
+
 def test_layer_norm_nan_stays_in_its_row_and_empty_rows_work():
     x = torch.randn(6, 40)
     x[3, 7] = float("nan")

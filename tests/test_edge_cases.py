@@ -304,6 +304,15 @@ def supported(edge, backend, dtype):
     return reason is None
 
 
+def on_gpu_at_extremes(edge, backend):
+    """The huge-value cases that are also GPU tests, so that benchmarks/gpu_check.sh's areas (`-m gpu
+    -k <op>`) run them, not only a full `pytest`: every one on the cuda backend, and on the triton
+    backend those of layer_norm, whose kernels compile in seconds (the other ops' would take most of
+    an area's test time) and whose float32 rows take a path of their own (the re-centred backward)."""
+    extreme = edge.dtypes == WIDE_RANGE or edge.name == "large-mean-small-variance"
+    return extreme and (backend == "cuda" or (backend == "triton" and HAS_CUDA and edge.op == "layer_norm"))
+
+
 def params():
     for edge in EDGES:
         for backend in BACKENDS:
@@ -311,7 +320,10 @@ def params():
                 if not supported(edge, backend, dtype):
                     continue
                 dtype_id = "" if len(edge.dtypes) == 1 else f"-{str(dtype).removeprefix('torch.')}"
-                yield pytest.param(edge, backend, dtype, id=f"{edge.op}-{edge.name}{dtype_id}-{backend}")
+                marks = (pytest.mark.gpu,) if on_gpu_at_extremes(edge, backend) else ()
+                yield pytest.param(
+                    edge, backend, dtype, id=f"{edge.op}-{edge.name}{dtype_id}-{backend}", marks=marks
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +385,22 @@ def test_edge_case_matches_reference(edge, backend, dtype):
         name = f"{edge.name} d{leaf}"
         assert_close(name, grad.cpu(), expected_grads[leaf], eager_grads[leaf], factor=edge.grad_factor)
         assert torch.isfinite(grad.cpu()[torch.isfinite(expected_grads[leaf])]).all(), f"{name}: overflow"
+
+
+HUGE_FFN = [edge for edge in FFN if edge.name.startswith("huge-preactivations")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="the cuda backend is not available here")
+@pytest.mark.parametrize("ffn_path", ["cublaslt", "mma"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("edge", HUGE_FFN, ids=lambda edge: edge.name)
+def test_cuda_ffn_paths_at_huge_preactivations(edge, dtype, ffn_path, monkeypatch):
+    """Both CUDA FFN implementations (FASTGPT_CUDA_FFN, read per call) at |h| in the thousands: the
+    cuBLASLt path's forward takes gelu_tanh from cuBLASLt's own GELU epilogue, whose behaviour at such
+    inputs only a GPU shows; the table above runs the default path only."""
+    monkeypatch.setenv("FASTGPT_CUDA_FFN", ffn_path)
+    test_edge_case_matches_reference(edge, "cuda", dtype)
 
 
 def eager_baseline(edge, base, dtype, upstream, expected, expected_grads):

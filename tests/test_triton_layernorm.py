@@ -49,8 +49,8 @@ def outputs_and_grads(inputs, backend, grad_outs=None, dtype=None):
     return [o.detach() for o in outputs], named, grad_outs
 
 
-def check_against_reference(inputs):
-    outputs, grads, grad_outs = outputs_and_grads(inputs, "triton")
+def check_against_reference(inputs, grad_outs=None):
+    outputs, grads, grad_outs = outputs_and_grads(inputs, "triton", grad_outs)
     outputs64, grads64, _ = outputs_and_grads(inputs, "reference", grad_outs, dtype=torch.float64)
     outputs_eager, grads_eager, _ = outputs_and_grads(inputs, "reference", grad_outs)
     for name, actual, expected, eager in zip(("out", "x+residual"), outputs, outputs64, outputs_eager):
@@ -79,6 +79,22 @@ def test_matches_reference(dtype, lead, hidden, weight, bias, residual):
 
 def test_one_row():
     check_against_reference(make_inputs((1,), 33, torch.float32))
+
+
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_rows_far_from_zero(hidden):
+    """Rows near 1e4 with unit spread (a large common offset, as late-training activations can have).
+    The float32 mean is then off by up to half an ulp of 1e4 (5e-4) at best, which the tolerance rule
+    allows eager twice over; a plain tree sum of the row is off by more. The upstream gradient pulls
+    out toward its current value (as a squared-error loss on it would), so that dx is small and a dx
+    formed from xhat shifted by the saved mean's error (eager's dx cancels the shift) is many times
+    eager's error. Six independent draws."""
+    for _ in range(6):
+        x = torch.randn(4, hidden, dtype=torch.float64) + 1e4
+        grad_out = reference.layer_norm(x, None, None) + 0.1 * torch.randn(4, hidden, dtype=torch.float64)
+        check_against_reference(
+            [x.float(), 1 + 0.1 * torch.randn(hidden), torch.randn(hidden), None], [grad_out]
+        )
 
 
 def test_strided_inputs_are_read_in_place():

@@ -1,14 +1,17 @@
 // LayerNorm over the last dimension with a fused residual add, forward and backward, on the CPU.
 //
 // Forward, per row: v = x + residual (stored as residual_out, rounded to the tensor's dtype, and
-// normalised as stored), mean and rstd in float32 from two passes over the cache-resident row, then
+// normalised as stored), mean and rstd in float32 from two passes over the cache-resident row (the
+// second also corrects the first's mean by the mean deviation from it), then
 // out = (v - mean) * rstd * weight + bias.
-// Backward, per row: with xhat = (v - mean) * rstd and g = dout * weight,
+// Backward, per row: with xhat = (v - mean) * rstd (re-centred to mean 0, which the float32 mean's
+// rounding shifts it from) and g = dout * weight,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out),
 // and per fixed block of rows the partial sums of dout * xhat (dweight) and dout (dbias), which
 // sum_partials reduces in order: deterministic for any thread count.
 #ifndef FASTGPT_ISA_PASS
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -81,13 +84,21 @@ void forward(const LayerNormParams& p) {
       }
       Vec total = splat(0.0f);
       for (int64_t c = 0; c < cols; c += kWidth) total += load_columns(input, c, cols);
-      const float mean = reduce_sum(total) / static_cast<float>(cols);
-      Vec squares = splat(0.0f);
+      const float rough_mean = reduce_sum(total) / static_cast<float>(cols);
+      // Corrected two-pass: the first pass's sum of values far from 0 (a row near 1e4 with unit
+      // spread) is rounded at their magnitude, which each lane's serial sum compounds; the deviations
+      // from that rough mean are exact and small, so their mean corrects it to float32's resolution.
+      Vec deviations = splat(0.0f), squares = splat(0.0f);
       for (int64_t c = 0; c < cols; c += kWidth) {
-        Vec centered = valid_lanes(load_columns(input, c, cols) - mean, c, cols);
+        Vec centered = valid_lanes(load_columns(input, c, cols) - rough_mean, c, cols);
+        deviations += centered;
         squares += centered * centered;
       }
-      const float rstd = 1.0f / std::sqrt(reduce_sum(squares) / static_cast<float>(cols) + p.eps);
+      const float shift = reduce_sum(deviations) / static_cast<float>(cols);
+      const float mean = rough_mean + shift;
+      // Var = E[(x - rough_mean)^2] - shift^2 >= 0; the clamp absorbs rounding (NaN stays NaN).
+      const float variance = std::max(reduce_sum(squares) / static_cast<float>(cols) - shift * shift, 0.0f);
+      const float rstd = 1.0f / std::sqrt(variance + p.eps);
       T* out = row_of<T>(p.out, r);
       for (int64_t c = 0; c < cols; c += kWidth) {
         Vec y = (load_columns(input, c, cols) - mean) * rstd;
@@ -119,27 +130,32 @@ void backward(const LayerNormParams& p) {
       const T* dout = row_of<T>(p.dout, r);
       const float mean = p.mean[r];
       const float rstd = p.rstd[r];
-      Vec sum_g = splat(0.0f), sum_g_xhat = splat(0.0f);
+      Vec sum_g = splat(0.0f), sum_g_xhat = splat(0.0f), sum_xhat = splat(0.0f);
       for (int64_t c = 0; c < cols; c += kWidth) {
-        Vec xhat = (load_columns(input, c, cols) - mean) * rstd;
+        Vec xhat = valid_lanes((load_columns(input, c, cols) - mean) * rstd, c, cols);
         Vec dy = load_columns(dout, c, cols);
         Vec g = weight ? dy * load_columns(weight, c, cols) : dy;
         sum_g += g;
-        sum_g_xhat += valid_lanes(g * xhat, c, cols);
-        store_columns(dweight, c, cols, load_columns(dweight, c, cols) + dy * xhat);
-        store_columns(dbias, c, cols, load_columns(dbias, c, cols) + dy);
+        sum_g_xhat += g * xhat;
+        sum_xhat += xhat;
       }
+      // The saved mean is float32, off by up to half an ulp of the row's level (5e-4 at 1e4): a common
+      // shift of xhat, which the formula's mean(xhat) = 0 would carry into dx and dweight. xhat is
+      // re-centred, and mean(g * xhat) with it.
       const float mean_g = reduce_sum(sum_g) * inv_cols;
-      const float mean_g_xhat = reduce_sum(sum_g_xhat) * inv_cols;
+      const float mean_xhat = reduce_sum(sum_xhat) * inv_cols;
+      const float mean_g_xhat = reduce_sum(sum_g_xhat) * inv_cols - mean_xhat * mean_g;
       T* dx = row_of<T>(p.dx, r);
       const T* dresidual = has_dresidual ? row_of<T>(p.dresidual_out, r) : nullptr;
       for (int64_t c = 0; c < cols; c += kWidth) {
-        Vec xhat = (load_columns(input, c, cols) - mean) * rstd;
+        Vec xhat = (load_columns(input, c, cols) - mean) * rstd - mean_xhat;
         Vec dy = load_columns(dout, c, cols);
         Vec g = weight ? dy * load_columns(weight, c, cols) : dy;
         Vec grad = rstd * (g - mean_g - xhat * mean_g_xhat);
         if (dresidual) grad += load_columns(dresidual, c, cols);
         store_columns(dx, c, cols, grad);
+        store_columns(dweight, c, cols, load_columns(dweight, c, cols) + dy * xhat);
+        store_columns(dbias, c, cols, load_columns(dbias, c, cols) + dy);
       }
     }
   });

@@ -1,9 +1,11 @@
 """LayerNorm with a fused residual add in Triton, forward and backward.
 
 forward   s = x + residual (stored: the block's next residual stream), then per row, in fp32,
-          mean, rstd = 1 / sqrt(var + eps) and out = (s - mean) * rstd * weight + bias. mean and rstd
-          (fp32, one per row) are kept for the backward with s (or x without a residual).
-backward  one pass over the rows: with xhat = (s - mean) * rstd and g = dout * weight,
+          mean (corrected two-pass), rstd = 1 / sqrt(var + eps) and out = (s - mean) * rstd * weight
+          + bias. mean and rstd (fp32, one per row) are kept for the backward with s (or x without a
+          residual).
+backward  one pass over the rows: with xhat = (s - mean) * rstd (for fp32 rows re-centred to mean 0,
+          which the float32 mean's rounding shifts it from) and g = dout * weight,
           ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ the gradient arriving at the s output);
           x and residual both receive ds. dweight = sum_rows dout * xhat and dbias = sum_rows dout are
           accumulated by each program over its own contiguous group of rows into one fp32 partial
@@ -89,7 +91,11 @@ def layer_norm_forward_kernel(
         s = x.to(sum_ptr.dtype.element_ty)  # the statistics are those of the stored (rounded) sum
         tl.store(sum_ptr + rows64[:, None] * N + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
+    # Corrected two-pass mean: the sum of values far from 0 (rows near 1e4 with unit spread) is rounded
+    # at their magnitude; the deviations from that rough mean are exact and small, and their mean
+    # corrects it to float32's resolution.
+    rough_mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
+    mean = rough_mean + tl.sum(tl.where(mask, x - rough_mean[:, None], 0.0), axis=1) / N
     centered = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centered * centered, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)  # (BLOCK_M,)
@@ -157,6 +163,12 @@ def layer_norm_backward_kernel(
             g = dout * weight[None, :]
         else:
             g = dout
+        if x_ptr.dtype.element_ty == tl.float32:
+            # The saved mean is float32, off by up to half an ulp of the row's level (5e-4 at 1e4): a
+            # common shift of xhat, which the formula's mean(xhat) = 0 would carry into dx and dweight.
+            # Re-centred (past the row's end too, where g and dout are 0). 16-bit gradients round far
+            # more coarsely than the shift, and their kernels keep their registers for the row.
+            xhat -= (tl.sum(xhat, axis=1) / N)[:, None]
         mean_g_xhat = tl.sum(g * xhat, axis=1) / N  # (BLOCK_M,)
         mean_g = tl.sum(g, axis=1) / N
         dx = (g - xhat * mean_g_xhat[:, None] - mean_g[:, None]) * rstd[:, None]
