@@ -14,13 +14,15 @@ from fastgpt._cutlass_paths import cutlass_version, find_cutlass_include
 
 PACKAGES = ("fastgpt", "torch", "triton", "transformers", "flash-attn", "liger-kernel")
 # The environment variables that change what runs: the backend `auto` stands for (dispatch.py), the
-# kernels inside the cuda backend (csrc/cuda/api_cuda.inc) and the triton backend's attention
-# (fastgpt/ops/triton_attention.py), and the host-synchronising value checks (dispatch.py).
+# kernels inside the cuda backend (csrc/cuda/api_cuda.inc), the triton backend's attention
+# (fastgpt/ops/triton_attention.py) and the cpu backend's instruction set (csrc/cpu/isa.h), and the
+# host-synchronising value checks (dispatch.py).
 ROUTING_VARIABLES = (
     "FASTGPT_BACKEND",
     "FASTGPT_CUDA_ATTENTION",
     "FASTGPT_CUDA_FFN",
     "FASTGPT_TRITON_ATTENTION",
+    "FASTGPT_CPU_ISA",
     "FASTGPT_DEBUG",
     "TRITON_INTERPRET",
 )

@@ -1,5 +1,6 @@
 """Backend choice and argument validation through the public API."""
 
+import re
 import warnings
 
 import pytest
@@ -364,3 +365,17 @@ def test_info_reports_the_hopper_kernels_the_extension_holds(monkeypatch):
     for built, line in ((True, "built"), (False, "not built")):
         monkeypatch.setattr(compiled, "HAS_SM90_ATTENTION_KERNELS", built)
         assert info.package_versions()[key] == line
+
+
+def test_info_names_the_variables_set_that_change_what_runs(monkeypatch, capsys):
+    """`fastgpt info` prints a `set:` line with each routing variable that is set (the cpu backend's
+    FASTGPT_CPU_ISA among them), and leaves out those that are not."""
+    from fastgpt.cli import main
+
+    monkeypatch.setenv("FASTGPT_BACKEND", "reference")
+    monkeypatch.setenv("FASTGPT_CPU_ISA", "baseline")
+    monkeypatch.delenv("FASTGPT_CUDA_FFN", raising=False)
+    assert main(["info"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps a long line at the terminal's width
+    assert re.search(r"set: FASTGPT_BACKEND=reference, (\S+, )*FASTGPT_CPU_ISA=baseline\b", text), text
+    assert "FASTGPT_CUDA_FFN" not in text

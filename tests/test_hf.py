@@ -102,28 +102,35 @@ def assert_loss_close(loss, reference, eager_logits, reference_logits, labels, k
     )
 
 
-def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
-    """fastgpt.patch of `hf` in `dtype` against the float64 model on the same tokens: logits and every
-    gradient under the 2x rule, the loss under it per token (assert_loss_close), with the unpatched
-    model in `dtype` as the error budget, and both layers' attention run by fastgpt."""
-    hf64 = copy.deepcopy(hf).double()
-    eager = copy.deepcopy(hf).to(dtype)
-    patched = fastgpt.patch(copy.deepcopy(hf).to(dtype))
-    outputs = {}
-    for name, model in (("patched", patched), ("eager", eager), ("reference", hf64)):
-        out = model(idx, labels=idx)
+def run_patched_eager_reference(hf, dtype, idx, labels, kwargs):
+    """fastgpt.patch of `hf` in `dtype`, the unpatched model in `dtype` (the error budget) and the float64
+    model, each called on idx with labels and kwargs, its loss backpropagated: {name: (model, output)}."""
+    models = {
+        "patched": fastgpt.patch(copy.deepcopy(hf).to(dtype)),
+        "eager": copy.deepcopy(hf).to(dtype),
+        "reference": copy.deepcopy(hf).double(),
+    }
+    runs = {}
+    for name, model in models.items():
+        out = model(idx, labels=labels, **kwargs)
         out.loss.backward()
-        outputs[name] = out
-    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
-    mine, reference, eager_out = (outputs[name] for name in ("patched", "reference", "eager"))
-    assert_close("logits", mine.logits.detach(), reference.logits.detach(), eager_out.logits.detach())
+        runs[name] = (model, out)
+    return runs
+
+
+def assert_loss_and_gradients_close(runs, labels, kwargs):
+    """The patched run's loss (assert_loss_close) and every parameter's gradient (the 2x rule) against the
+    float64 run's, with the unpatched run's errors as the budget."""
+    (patched, mine), (eager, eager_out), (hf64, reference) = (
+        runs[name] for name in ("patched", "eager", "reference")
+    )
     assert_loss_close(
         mine.loss.detach(),
         reference.loss.detach(),
         eager_out.logits.detach(),
         reference.logits.detach(),
-        idx,
-        {},
+        labels,
+        kwargs,
     )
     eager_parameters = dict(eager.named_parameters())
     patched_parameters = dict(patched.named_parameters())
@@ -131,6 +138,17 @@ def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
         assert_close(
             f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
         )
+
+
+def assert_patch_matches_unpatched(hf, dtype, idx, attention_calls):
+    """fastgpt.patch of `hf` in `dtype` against the float64 model on the same tokens: logits and every
+    gradient under the 2x rule, the loss under it per token (assert_loss_close), with the unpatched
+    model in `dtype` as the error budget, and both layers' attention run by fastgpt."""
+    runs = run_patched_eager_reference(hf, dtype, idx, idx, {})
+    assert attention_calls == {"fastgpt": 2, "sdpa": 0}  # both layers ran on fastgpt
+    mine, eager, reference = (runs[name][1].logits.detach() for name in ("patched", "eager", "reference"))
+    assert_close("logits", mine, reference, eager)
+    assert_loss_and_gradients_close(runs, idx, {})
 
 
 def test_patch_matches_unpatched_logits_loss_and_gradients(attention_calls):
@@ -183,31 +201,11 @@ def assert_fused_loss_matches(hf, dtype, idx, labels, kwargs):
     """fastgpt.patch's fused loss (`hf` in training mode) in `dtype` against the float64 model: the loss
     (assert_loss_close) and every parameter's gradient under the 2x rule, with the unpatched model in
     `dtype` as the error budget, and no logits formed."""
-    hf64 = copy.deepcopy(hf).double()
-    eager = copy.deepcopy(hf).to(dtype)
-    patched = fastgpt.patch(copy.deepcopy(hf).to(dtype))
-    outputs = {}
-    for name, model in (("patched", patched), ("eager", eager), ("reference", hf64)):
-        out = model(idx, labels=labels, **kwargs)
-        out.loss.backward()
-        outputs[name] = out
-    assert outputs["patched"].logits is None and outputs["eager"].logits is not None
-    assert outputs["patched"].loss.dtype == torch.float32
-    mine, reference, eager_out = (outputs[name] for name in ("patched", "reference", "eager"))
-    assert_loss_close(
-        mine.loss.detach(),
-        reference.loss.detach(),
-        eager_out.logits.detach(),
-        reference.logits.detach(),
-        labels,
-        kwargs,
-    )
-    eager_parameters = dict(eager.named_parameters())
-    patched_parameters = dict(patched.named_parameters())
-    for name, parameter in hf64.named_parameters():
-        assert_close(
-            f"grad {name}", patched_parameters[name].grad, parameter.grad, eager_parameters[name].grad
-        )
+    runs = run_patched_eager_reference(hf, dtype, idx, labels, kwargs)
+    mine, eager = runs["patched"][1], runs["eager"][1]
+    assert mine.logits is None and eager.logits is not None
+    assert mine.loss.dtype == torch.float32
+    assert_loss_and_gradients_close(runs, labels, kwargs)
 
 
 @pytest.mark.parametrize("labels_form", ["labels", "ignored labels", "num_items_in_batch", "shift_labels"])

@@ -372,7 +372,7 @@ def _linear_cross_entropy_op(
     """Checks its arguments as linear_cross_entropy does, but for the targets' values (the kernels read
     a target's logit only when it lies in the row): a user may call the operator directly."""
     op = "fastgpt::triton_linear_cross_entropy"
-    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction, op, False)
+    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, reduction, op, check_values=False)
     dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     with on_device_of(x):
         return cross_entropy_forward(x, weight, targets, bias, ignore_index, reduction, compute_grads)
@@ -401,7 +401,7 @@ def _linear_cross_entropy_backward_op(
     """Checks x, weight, targets and bias as the forward operator does, and grad_loss and lse (one
     float32 value per row) against them."""
     op = "fastgpt::triton_linear_cross_entropy_backward"
-    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, "none", op, False)
+    dispatch.validate_cross_entropy(x, weight, targets, bias, ignore_index, "none", op, check_values=False)
     dispatch.check_kernel_dtype(op, "x", x, SUPPORTED_DTYPES)
     dispatch.check_saved(op, "grad_loss", grad_loss, targets.shape, "x", x, torch.float32)
     dispatch.check_saved(op, "lse", lse, (targets.numel(),), "x", x, torch.float32)
