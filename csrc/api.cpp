@@ -22,7 +22,6 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -41,12 +40,20 @@ namespace {
 
 // FASTGPT_POISON_OUTPUTS=1 (the test suite sets it): outputs start as NaN, so an element a kernel
 // forgets to write shows up (the same switch as fastgpt/ops/memory.py).
-// The switch is read once, at the first output: it is set before fastgpt is imported.
+// The switch is read once, at the first output: it is set before fastgpt is imported. As in
+// dispatch.env_switch, "1" is on, "0", empty or unset off, and any other value a ValueError naming it
+// (raised by every output allocation until the variable is fixed).
+bool poison_outputs_enabled() {
+  const char* value = std::getenv("FASTGPT_POISON_OUTPUTS");
+  const std::string setting = value == nullptr ? "" : value;
+  TORCH_CHECK_VALUE(setting.empty() || setting == "0" || setting == "1",
+                    "the environment variable FASTGPT_POISON_OUTPUTS must be '1' (on) or '0' (off), got '", setting,
+                    "'");
+  return setting == "1";
+}
+
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static const bool poison = [] {
-    const char* value = std::getenv("FASTGPT_POISON_OUTPUTS");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
+  static const bool poison = poison_outputs_enabled();
   return poison ? at::full(sizes, NAN, options) : at::empty(sizes, options);
 }
 

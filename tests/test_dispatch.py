@@ -1,6 +1,9 @@
 """Backend choice and argument validation through the public API."""
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -200,6 +203,39 @@ def test_a_mistyped_debug_switch_raises_instead_of_leaving_the_checks_off(monkey
     monkeypatch.setenv("FASTGPT_POISON_OUTPUTS", "yes")  # the Triton launchers' NaN-filled outputs
     with pytest.raises(ValueError, match=r"FASTGPT_POISON_OUTPUTS must be '1' .*got 'yes'"):
         new_output((2,), torch.float32, "cpu")
+
+
+def test_the_cpu_operators_read_the_poison_switch_as_python_does():
+    """fastgpt._C reads FASTGPT_POISON_OUTPUTS once per process, at its first output, so a fresh process:
+    a mistyped value raises the ValueError dispatch.env_switch gives, where it used to leave the
+    poisoning silently off; "0" computes normally."""
+    pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+    call = (
+        "import torch\nimport fastgpt.ops.compiled\n"
+        "x = torch.randn(3, 8)\n"
+        "try:\n"
+        "    print(torch.ops.fastgpt.layer_norm_forward(x, None, None, None, 1e-5)[0].isfinite().all().item())\n"
+        "except ValueError as error:\n"
+        "    print('ValueError', error)\n"
+    )
+    for value, expected in (
+        (
+            "yes",
+            "ValueError the environment variable FASTGPT_POISON_OUTPUTS must be '1' (on) or '0' (off), got 'yes'",
+        ),
+        ("0", "True"),
+    ):
+        environment = {**os.environ, "FASTGPT_POISON_OUTPUTS": value, "FASTGPT_BACKEND": ""}
+        result = subprocess.run(
+            [sys.executable, "-c", call],
+            check=False,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == expected
 
 
 def test_backend_override_is_validated_and_named(monkeypatch, fresh_routes):
