@@ -422,6 +422,27 @@ def test_empty_inputs(shape_q, shape_kv):
     assert not dk.any() and not dv.any()  # no query sees any key
 
 
+@pytest.mark.parametrize("kernels", triton_attention.FORWARD_CHOICES)
+def test_backward_op_reads_a_strided_lse(kernels):
+    """torch.ops.fastgpt.triton_attention_backward checks lse's shape, dtype and device but not its
+    strides: a (B, H, Tq) view of a (B, Tq, H) buffer gives the gradients of the contiguous lse (every
+    backward kernel indexes lse as contiguous rows). On an sm_90 GPU "gluon" takes the Gluon backward
+    (float16, head_dim 64); elsewhere both take the Triton kernels."""
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 16, 16, 64, dtype))
+    out, lse = torch.ops.fastgpt.triton_attention_forward(q, k, v, 0.125)
+    dout = torch.randn_like(out)
+    strided_lse = torch.empty(1, 16, 2, device=DEVICE).transpose(1, 2).copy_(lse)  # (B, H, Tq)
+    assert not strided_lse.is_contiguous()
+    args = (dout, q, k, v, out)
+    expected = torch.ops.fastgpt.triton_attention_backward(*args, lse, 0.125, kernels)
+    actual = torch.ops.fastgpt.triton_attention_backward(*args, strided_lse, 0.125, kernels)
+    for name, got, want in zip(("dq", "dk", "dv"), actual, expected):  # equal but for the dQ atomics' order
+        torch.testing.assert_close(
+            got, want, rtol=1e-2, atol=1e-2, msg=lambda text, name=name: f"{name}: {text}"
+        )
+
+
 @pytest.mark.skipif(not triton_attention.INTERPRETER, reason="a limit of the CPU interpreter only")
 def test_bfloat16_is_declined_under_the_interpreter():
     """The interpreter would compute bfloat16 on its raw bits; dispatch refuses it instead."""

@@ -1595,6 +1595,10 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale, kernels):
     if dq.numel() == 0:  # no query sees any key (q_len == 0): the gradients are zero
         return dq, dk.zero_(), dv.zero_()
     check_head_span("the output gradient", dout)
+    # (B, H, Tq): every backward kernel (the Gluon one too) indexes lse as contiguous rows, and
+    # torch.ops.fastgpt.triton_attention_backward may be handed a strided view (a no-op for the
+    # forward's own lse).
+    lse = lse.contiguous()
     delta = new_output((batch, heads, q_len), torch.float32, q.device)  # (B, H, Tq)
     if torch.are_deterministic_algorithms_enabled() or _block_d(q.shape[-1]) > FUSED_MAX_BLOCK_D:
         _preprocess(out, dout, delta, None)
