@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deterministic import deterministic_algorithms
 from safetensors.torch import load_file, save_file
 
 from fastgpt.cli import main
@@ -189,21 +190,6 @@ def test_resume_continues_a_run_exactly(tmp_path):
     assert_resume_matches_uninterrupted(
         tmp_path, run, [*RESUME_MODEL, "--dropout", "0.1"], steps=6, interrupt_at=3
     )
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True, warn_only=True) inside, as tests/test_determinism.py
-    runs: the attention backward takes its fixed-order kernels instead of adding dQ with atomics."""
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ fastgpt._C built with CUDA and the CUTLASS headers; marked `gpu`."""
 
 import pytest
 import torch
+from deterministic import deterministic_algorithms
 from test_cuda_backend import check_against_reference
 from tolerance import assert_close
 
@@ -215,14 +216,8 @@ def test_sm90_attention_backward_edge_shapes(sm90, shape, dtype):
 
 @pytest.fixture
 def deterministic():
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    # warn_only: the eager reference's own ops only warn where they have no deterministic version.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    with deterministic_algorithms():
+        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

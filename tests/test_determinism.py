@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from deterministic import deterministic_algorithms
 
 import fastgpt
 from fastgpt.nn import GPT, GPTConfig
@@ -28,14 +29,9 @@ REPEATS = 2
 
 
 @pytest.fixture(autouse=True)
-def deterministic_algorithms():
-    previous, previous_warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+def deterministic():
+    with deterministic_algorithms():
+        yield
 
 
 def attention_case(device, dtype):

@@ -5,7 +5,6 @@ float16; bfloat16 and larger shapes run in the `gpu` tests. Every output and gra
 the FlashAttention tolerance rule against eager PyTorch in the same dtype.
 """
 
-import contextlib
 import functools
 import math
 
@@ -15,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 import triton
+from deterministic import deterministic_algorithms
 from tolerance import assert_close
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -199,20 +199,6 @@ def test_gpu_autotuner_trials_leave_no_trace(monkeypatch):
         assert_close(name, actual, exact.detach(), same_dtype.detach())
 
 
-@contextlib.contextmanager
-def torch_deterministic():
-    """torch.use_deterministic_algorithms(True) for the duration."""
-    previous, previous_warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-
-
 def record_launches(monkeypatch):
     """Patches the launcher to record the name of every kernel launched."""
     names = []
@@ -245,7 +231,7 @@ def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     launched = record_launches(monkeypatch)
     q, k, v = random_qkv(1, 4, 1, 45, 70, 24, torch.float32)
     dout = torch.randn(1, 4, 45, 24, device=DEVICE)
-    with torch_deterministic():
+    with deterministic_algorithms(warn_only=False):
         check_against_reference(q, k, v)
         assert launched == ["forward", "preprocess", "dkdv", "dq"]
         first = attention_and_grads(fastgpt.causal_attention, q, k, v, dout, backend="triton")
@@ -264,7 +250,7 @@ def test_other_block_geometries(monkeypatch):
     monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "fused", {"BLOCK_M": 32, "BLOCK_N": 16})
     check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
     check_against_reference(*random_qkv(1, 2, 2, 70, 70, 16, torch.float32))
-    with torch_deterministic():  # the dK/dV and dQ kernels of the deterministic path
+    with deterministic_algorithms(warn_only=False):  # the dK/dV and dQ kernels of the deterministic path
         check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
 
 
@@ -735,14 +721,6 @@ def test_gpu_gluon_backward_leaves_deterministic_mode_to_triton(gluon_backward, 
     """Under FASTGPT_TRITON_ATTENTION=gluon the Triton kernels still take the backward in
     deterministic mode (the order-fixed dK/dV and dQ kernels: the Gluon backward adds dQ by atomics)
     at both head_dims the Gluon one serves otherwise; the gradients stay right."""
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    # warn_only: the eager reference's own ops only warn where they have no deterministic version.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         check_against_reference(*random_qkv(1, 4, 2, 300, 300, head_dim, torch.bfloat16, device="cuda"))
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     assert not gluon_backward
