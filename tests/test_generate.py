@@ -544,6 +544,36 @@ def test_a_failed_capture_leaves_no_graph_to_replay(emulated_cuda_graphs):
     assert len(kept_decoder(model).graph.recorded) == 1
 
 
+@pytest.mark.parametrize("path", ["per-op", "static", "captured"])
+def test_streamed_tokens_are_the_returned_tokens_when_eos_ends_early(path, emulated_cuda_graphs):
+    """The callback gets each step's new tokens in order, exactly the columns generate returns: with
+    eos ending the generation a few steps in, the static step (eager, or replayed from the emulated
+    graph) runs on to its next end check but streams nothing past the end, as the per-op loop does.
+    Sampled tokens (a seed per run) vary, unlike a small random model's greedy ones, and a run with eos
+    draws those of the run without it up to the end."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 97, (1, 7))
+    new_tokens = 3 * static_decode.EOS_CHECK_INTERVAL
+
+    def run(eos, callback):
+        torch.manual_seed(2024)
+        with torch.inference_mode():
+            if path == "per-op":
+                return model._generate(prompt, new_tokens, 1.0, None, None, eos, callback)
+            capture = path == "captured"
+            return model._generate_static(prompt, new_tokens, 1.0, None, None, eos, callback, capture)
+
+    unstopped = []
+    full = run(None, unstopped.append)
+    assert torch.equal(torch.stack(unstopped, dim=1), full[:, 7:])
+    eos = int(full[0, 9])
+    end = 7 + int((full[0, 7:] == eos).nonzero()[0]) + 1  # the column after the first eos
+    streamed = []
+    stopped = run(eos, streamed.append)
+    assert end <= 10 and torch.equal(stopped, full[:, :end])
+    assert torch.equal(torch.stack(streamed, dim=1), stopped[:, 7:])
+
+
 @pytest.mark.parametrize("backend", STATIC_BACKENDS)
 @pytest.mark.parametrize(
     "sampling", [(0, None, None, 5), (0.8, 7, 0.9, None)], ids=["greedy-eos", "top-k-top-p"]

@@ -254,7 +254,8 @@ class GPT(nn.Module):
         to the attention's rounding (its splits are sized for the whole cache, not the current
         length), so a near-tie may break differently; sampling draws from the same distribution.
         With eos_token_id the host checks for the end every static_decode.EOS_CHECK_INTERVAL tokens
-        instead of every token. cuda_graph=False, the default, keeps the per-op loop (as on CPU):
+        instead of every token, and the callback gets the tokens at those checks (the same tokens as
+        without the graph: none after the end). cuda_graph=False, the default, keeps the per-op loop (as on CPU):
         the captured path was written without a GPU, and becomes the default once its GPU tests
         (tests/test_generate.py -m gpu) pass and `fastgpt bench --ops gpt` shows it faster.
         """

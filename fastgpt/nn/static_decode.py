@@ -10,7 +10,8 @@ instead of ~15 ops per block.
 
 eos: the finished flags and the output length are updated inside the step; the host reads them every
 EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps may run
-after every sequence finished; their tokens are cut off.
+after every sequence finished; their tokens are cut off, and a streaming callback gets each step's
+tokens at the check after it, only if they come before the end.
 
 The step's buffers (the output, the KV caches, the position and flags) and its captured graph stay
 with the model after the call (`decoder_for`), so the next call with the same batch, total length,
@@ -97,6 +98,34 @@ class StaticDecodeStep:
         position.add_(1)
 
 
+class StreamedTokens:
+    """Hands decode's new tokens to the callback. Without eos each step's tokens (B,) go out as soon as
+    they are queued. With eos, the host learns where the generation ended only at its checks, so a
+    step's tokens wait for the next check and go out only if they come before the end: the callback
+    gets exactly the columns decode returns, as the per-op loop's does, never the steps run after
+    every sequence had finished."""
+
+    def __init__(self, step, callback):
+        self.step, self.callback = step, callback
+        self.pending = []  # (column, tokens (B,)) not yet handed over, with eos
+
+    def add(self, column):
+        if self.callback is None:
+            return
+        tokens = self.step.out[:, column].clone()  # (B,): out is refilled by the next call
+        if self.step.eos_token_id is None:
+            self.callback(tokens)
+        else:
+            self.pending.append((column, tokens))
+
+    def flush(self, end):
+        """Hands over the waiting tokens of the columns before `end` (the host's copy of step.end)."""
+        for column, tokens in self.pending:
+            if column < end:
+                self.callback(tokens)
+        self.pending.clear()
+
+
 def decoder_for(model, batch, total, sampling, eos_token_id, device):
     """The StaticDecodeStep kept for `model` if it fits this call (same batch, total length, sampling,
     eos_token_id, device, dtype, backend and parameter storage: a graph reads the weights where they
@@ -126,9 +155,11 @@ def decode(model, step, steps, callback=None, capture=True):
 
     capture: replay the step's CUDA graph, recording it first after WARMUP_STEPS eager steps if no
     earlier call did (CUDA tensors only); False runs every step eagerly (any device). callback gets
-    each step's new tokens (B,), a copy, as soon as they are queued (no synchronisation).
+    each step's new tokens (B,), a copy: as soon as they are queued (no synchronisation), or with
+    eos_token_id at the next end check (StreamedTokens), so that it never sees a step after the end.
     """
     eager_steps = min(steps, WARMUP_STEPS) if capture and step.graph is None else 0
+    streamed = StreamedTokens(step, callback)
     done = 0
     while done < steps:
         if done < eager_steps:
@@ -146,11 +177,15 @@ def decode(model, step, steps, callback=None, capture=True):
             step.graph.replay()
         else:
             step.run(model)
-        if callback is not None:
-            callback(step.out[:, step.first_position + 1 + done].clone())
+        streamed.add(step.first_position + 1 + done)
         done += 1
-        if step.eos_token_id is not None and done % EOS_CHECK_INTERVAL == 0 and bool(step.finished.all()):
-            break
+        if step.eos_token_id is not None and done % EOS_CHECK_INTERVAL == 0:
+            end = int(step.end)
+            streamed.flush(end)
+            if end < step.out.shape[1]:
+                break
     if step.eos_token_id is None:
         return step.out.clone()
-    return step.out[:, : int(step.end)].clone()
+    end = int(step.end)
+    streamed.flush(end)
+    return step.out[:, :end].clone()
