@@ -935,6 +935,13 @@ constexpr long kSm90AttentionKernels = 0;
 #endif
 
 extern "C" PyMODINIT_FUNC PyInit__C() {
+  if (const char* setting = fastgpt::cpu::unknown_isa_setting()) {
+    PyErr_Format(PyExc_ValueError,
+                 "the environment variable FASTGPT_CPU_ISA must be 'baseline', 'avx2' or 'avx512' (or unset), "
+                 "got '%s'",
+                 setting);
+    return nullptr;
+  }
   PyObject* module = PyModule_Create(&module_definition);
   if (module == nullptr) return nullptr;
   // The most rows fastgpt::linear runs on the skinny kernel: callers route few-row calls by it.

@@ -152,8 +152,13 @@ def backend_override():
 
 
 def _import_error(module_name):
+    """Why module_name cannot be imported, or None. A ValueError is raised, not reported: it is a
+    setting the user got wrong (fastgpt._C refuses a FASTGPT_CPU_ISA that names no instruction set),
+    not a backend missing here."""
     try:
         importlib.import_module(module_name)
+    except ValueError:
+        raise
     except Exception as error:  # noqa: BLE001 - a broken install can raise more than ImportError
         return f"{type(error).__name__}: {error}"
     return None

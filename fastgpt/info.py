@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fastgpt import dispatch
 from fastgpt._cutlass_paths import cutlass_version, find_cutlass_include
+from fastgpt.train.errors import UserError
 
 PACKAGES = ("fastgpt", "torch", "triton", "transformers", "flash-attn", "liger-kernel")
 # The environment variables that change what runs: the backend `auto` stands for (dispatch.py), the
@@ -85,6 +86,10 @@ def add_arguments(parser):
 
 def run(args):
     del args
+    try:
+        dispatch.backend_status()
+    except ValueError as error:  # a variable set to a value that names nothing (FASTGPT_CPU_ISA)
+        raise UserError(str(error)) from error
     console = Console()
     versions = Table(title="versions", show_header=False)
     for name, version in package_versions().items():

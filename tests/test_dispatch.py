@@ -205,6 +205,45 @@ def test_a_mistyped_debug_switch_raises_instead_of_leaving_the_checks_off(monkey
         new_output((2,), torch.float32, "cpu")
 
 
+def test_a_cpu_isa_that_names_no_set_is_refused_before_any_kernel():
+    """fastgpt._C reads FASTGPT_CPU_ISA once per process, so fresh processes: a mistyped set ('avx-512')
+    makes every op raise a ValueError naming the variable (the extension refuses it at import, rather
+    than a kernel inside an OpenMP region) and `fastgpt info` says so in one line, where the kernels
+    used to run on the best set silently; a set that exists is taken."""
+    pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C is not built")
+    call = (
+        "import torch\nimport fastgpt\n"
+        "try:\n"
+        "    fastgpt.layer_norm(torch.randn(3, 8), None, None)\n"
+        "    from fastgpt import _C\n"
+        "    print(_C.cpu_isa())\n"
+        "except ValueError as error:\n"
+        "    print('ValueError', error)\n"
+    )
+    refusal = (
+        "the environment variable FASTGPT_CPU_ISA must be 'baseline', 'avx2' or 'avx512' (or unset), got"
+    )
+
+    def run(value, *command):
+        environment = {**os.environ, "FASTGPT_CPU_ISA": value, "FASTGPT_BACKEND": ""}
+        return subprocess.run(
+            [sys.executable, *command],
+            check=False,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    mistyped = run("avx-512", "-c", call)
+    assert mistyped.returncode == 0, mistyped.stderr
+    assert mistyped.stdout.strip().splitlines()[-1] == f"ValueError {refusal} 'avx-512'"
+    baseline = run("baseline", "-c", call)
+    assert baseline.stdout.strip().splitlines()[-1] == "baseline", baseline.stderr
+    info = run("avx-512", "-m", "fastgpt", "info")
+    assert info.returncode == 1 and info.stderr.strip() == f"fastgpt info: error: {refusal} 'avx-512'"
+
+
 def test_the_cpu_operators_read_the_poison_switch_as_python_does():
     """fastgpt._C reads FASTGPT_POISON_OUTPUTS once per process, at its first output, so a fresh process:
     a mistyped value raises the ValueError dispatch.env_switch gives, where it used to leave the

@@ -14,7 +14,7 @@ the validated arguments straight through.
 Also here: `linear`, the kernel that streams the weight once for the few rows of a decode step
 (benchmarks/cpu_linear.py), and `decode_blocks`, GPT.generate's whole decode step over every block in
 one C++ call (CPU only). Importing this module raises ImportError, with the reason, when fastgpt._C
-was not built.
+was not built, and ValueError when FASTGPT_CPU_ISA names no instruction set.
 """
 
 import os
