@@ -66,6 +66,10 @@ DEVICE_LENGTH_DECODE_KERNELS = {
 # Causal attention over at most this many keys is "short" in the routing facts: the order of the CUDA
 # backends flips there on the H200 (AUTO_ORDER).
 SHORT_SEQUENCE = 512
+# CUDA's limit on a grid's y and z dimensions, where the cuda backend's attention kernels run heads and
+# the batch (csrc/cuda/api_cuda.inc's kMaxGridYZ): a call with more is a "wide_grid" in the routing
+# facts, which those kernels decline and Triton's one-dimensional grids take.
+MAX_GRID_YZ = 65535
 # The most rows `linear` sends to the cpu backend's weight-streaming kernel (csrc/cpu/kernels.h's
 # kSkinnyGemmMaxRows, which fastgpt._C exports as LINEAR_KERNEL_MAX_ROWS; a test checks they agree):
 # 1.25-3.9x BLAS at 1-16 rows of GPT-2 projections, no faster beyond (benchmarks/cpu_linear.py).
@@ -285,7 +289,7 @@ _CHOICES = {}
 
 def resolve(op, backend, device_type, dtype, facts, variant=None):
     """The function serving this call. facts: a tuple of (name, value) pairs of the call's shapes that
-    a backend's choice depends on (head_dim, kv_len, hidden, vocab, few_rows); variant: "decode" for
+    a backend's choice depends on (head_dim, kv_len, wide_grid, hidden, vocab, few_rows); variant: "decode" for
     causal_attention with one query and no gradient. Cheap after the first call with the same key."""
     name = choose_backend(op, backend, device_type, dtype, facts)
     if variant is not None and name in DECODE_KERNELS:

@@ -27,7 +27,11 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
         backend,
         dispatch.device_type(q),
         q.dtype,
-        (("head_dim", q.shape[3]), ("kv_len", dispatch.kv_len_class(k.shape[2]))),
+        (
+            ("head_dim", q.shape[3]),
+            ("kv_len", dispatch.kv_len_class(k.shape[2])),
+            ("wide_grid", max(q.shape[0], q.shape[1]) > dispatch.MAX_GRID_YZ),
+        ),
         "decode" if decode else None,
     )
     return impl(q, k, v, scale)

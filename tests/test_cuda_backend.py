@@ -212,6 +212,20 @@ def test_attention_ops_refuse_a_grid_they_cannot_launch():
     torch.ops.fastgpt.attention_forward(q[:65535], q[:65535], q[:65535], 0.5)  # the limit itself runs
 
 
+def test_auto_attention_serves_a_batch_beyond_the_cuda_grid():
+    """At most 512 keys `auto` prefers the cuda backend, but a batch above its grid's 65535 goes to
+    Triton (dispatch's wide_grid fact): output and gradients against the float64 reference."""
+    batch = dispatch.MAX_GRID_YZ + 1
+    q, k, v = (torch.randn(batch, 1, 16, 32, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    check_against_reference(
+        "attention batch 65536",
+        lambda q, k, v: fastgpt.causal_attention(q, k, v),
+        lambda q, k, v: reference.causal_attention(q, k, v),
+        [q, k, v],
+        [torch.randn_like(q)],
+    )
+
+
 def test_attention_declines_what_it_has_no_kernel_for():
     q = torch.randn(1, 2, 8, 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim up to 128"):

@@ -380,6 +380,33 @@ def test_auto_on_hopper_takes_the_first_backend_whose_kernels_take_the_call(simu
     assert auto_choice("linear", bf16, few_rows=True) == "reference"
 
 
+def test_auto_sends_a_batch_beyond_the_cuda_grid_to_triton(simulated_gpu, monkeypatch):
+    """A batch (or head count) above CUDA's 65535-block grid y/z limit at most 512 keys: `auto` took the
+    cuda backend, whose operator then refused the call, for an input Triton's one-dimensional grids take.
+    causal_attention's routing facts carry it, and the cuda backend declines it."""
+    bf16, short = torch.bfloat16, dispatch.kv_len_class(512)
+    simulated_gpu((9, 0))
+    facts = {"head_dim": 64, "kv_len": short}
+    assert auto_choice("causal_attention", bf16, **facts, wide_grid=False) == "cuda"
+    assert auto_choice("causal_attention", bf16, **facts, wide_grid=True) == "triton"
+    with pytest.raises(ValueError, match=r"batch and heads up to 65535"):
+        dispatch.choose_backend(
+            "causal_attention", "cuda", "cuda", bf16, (*facts.items(), ("wide_grid", True))
+        )
+    routed = []
+    monkeypatch.setattr(dispatch, "resolve", lambda *args: routed.append(dict(args[4])) or (lambda *_: None))
+    limit = dispatch.MAX_GRID_YZ
+    for batch, heads, kv_heads, wide in (
+        (limit, 1, 1, False),
+        (limit + 1, 1, 1, True),
+        (1, limit + 1, 1, True),
+    ):
+        q = torch.randn(batch, heads, 2, 8)
+        kv = torch.randn(batch, kv_heads, 2, 8)
+        fastgpt.causal_attention(q, kv, kv)
+        assert routed[-1]["wide_grid"] is wide, (batch, heads)
+
+
 def test_decode_runs_the_chosen_backends_decode_kernel(simulated_gpu):
     """One query without gradient: Triton's split-KV kernel where Triton serves the call, the cuda
     backend's attention (which handles q_len 1 itself) where it does."""

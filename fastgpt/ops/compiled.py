@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from fastgpt import dispatch
+
 _BUILD_ERROR_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build_error.txt")
 
 
@@ -127,9 +129,9 @@ def cuda_capability_reason():
 
 
 def cuda_unsupported_reason(op, **facts):
-    """Why the CUDA kernels decline a call, or None. facts: head_dim= (causal_attention), hidden=
-    (fused_ffn, layer_norm) or vocab= (linear_cross_entropy). The C++ answers are the same for float16
-    and bfloat16."""
+    """Why the CUDA kernels decline a call, or None. facts: head_dim= and wide_grid= (causal_attention),
+    hidden= (fused_ffn, layer_norm) or vocab= (linear_cross_entropy). The C++ answers are the same for
+    float16 and bfloat16."""
     if not HAS_CUDA_KERNELS:
         return (
             "fastgpt._C was built without CUDA kernels; rebuild it with FASTGPT_CUDA=1 on a machine with nvcc "
@@ -138,6 +140,11 @@ def cuda_unsupported_reason(op, **facts):
     reason = cuda_capability_reason()
     if reason:
         return reason
+    if facts.get("wide_grid"):
+        return (
+            f"the CUDA attention kernels take batch and heads up to {dispatch.MAX_GRID_YZ} (CUDA's grid "
+            "y and z limit)"
+        )
     size_fact = {"causal_attention": "head_dim", "linear_cross_entropy": "vocab"}.get(op, "hidden")
     size = facts.get(size_fact, 0)
     return torch.ops.fastgpt.cuda_unsupported_reason(op, int(size), torch.bfloat16) or None
