@@ -5,6 +5,7 @@ float16; bfloat16 and larger shapes run in the `gpu` tests. Every output and gra
 the FlashAttention tolerance rule against eager PyTorch in the same dtype.
 """
 
+import contextlib
 import functools
 import math
 
@@ -252,6 +253,76 @@ def test_other_block_geometries(monkeypatch):
     check_against_reference(*random_qkv(1, 2, 2, 70, 70, 16, torch.float32))
     with deterministic_algorithms(warn_only=False):  # the dK/dV and dQ kernels of the deterministic path
         check_against_reference(*random_qkv(1, 2, 1, 45, 70, 16, torch.float32))
+
+
+# GPU autotune geometries that INTERPRETER_CONFIGS never runs: (head_dim, through descriptors (TMA),
+# the deterministic backward, {kernel: (BLOCK_M, BLOCK_N)}). The sm_90 TMA forward's 128x128 box with
+# the fused backward's 64x128 box; the 128x128 pointer forward with the fused 32x128 pointer tile;
+# the deterministic dK/dV block of 128 keys stepping 16 queries and dQ block of 128 queries stepping
+# 32 keys (BLOCK_M > BLOCK_N, the reverse of the interpreter's dK/dV); head_dim 200's 128x32 TMA
+# forward with its 16x32 dK/dV and 64x16 dQ.
+# (heads, length) of q, k and v: GQA, q_len < kv_len.
+SHAPES_Q_KV = ((2, 150), (1, 270), (1, 270))
+GPU_GEOMETRIES = {
+    "tma-d96-forward-128x128-fused-64x128": (96, True, False, {"forward": (128, 128), "fused": (64, 128)}),
+    "pointer-d48-forward-128x128-fused-32x128": (
+        48,
+        False,
+        False,
+        {"forward": (128, 128), "fused": (32, 128)},
+    ),
+    "pointer-d96-forward-128x32-dkdv-16x128-dq-128x32": (
+        96,
+        False,
+        True,
+        {"forward": (128, 32), "dkdv": (16, 128), "dq": (128, 32)},
+    ),
+    "tma-d200-forward-128x32-dkdv-16x32-dq-64x16": (
+        200,
+        True,
+        True,
+        {"forward": (128, 32), "dkdv": (16, 32), "dq": (64, 16)},
+    ),
+}
+
+
+@pytest.mark.skipif(not triton_attention.INTERPRETER, reason="changes the interpreter's fixed block sizes")
+@pytest.mark.parametrize("name", list(GPU_GEOMETRIES))
+def test_gpu_block_geometries(monkeypatch, name):
+    """The largest GPU tiles, float16, against the reference: 150 queries and 270 keys span two and
+    three ragged 128-blocks, with GQA and q_len < kv_len. TMA cases run contiguous tensors through
+    descriptors with fewer persistent programs than tiles; pointer cases run views with a row stride
+    of head_dim + 1 elements (TMA cannot describe them), one program per tile as on the GPU."""
+    head_dim, tma, deterministic, geometry = GPU_GEOMETRIES[name]
+    block_d = triton_attention._block_d(head_dim)
+    for kernel, blocks in geometry.items():  # each is one of the GPU's candidates at this head_dim
+        candidates = {
+            (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+            for capability in (80, 90)
+            for config in triton_attention.gpu_configs(
+                kernel, capability, block_d, torch.float16, tma and kernel in ("forward", "fused")
+            )
+        }
+        assert blocks in candidates, (kernel, blocks)
+        monkeypatch.setitem(
+            triton_attention.INTERPRETER_CONFIGS, kernel, {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}
+        )
+    (preprocess,) = triton_attention.gpu_configs("preprocess", 90, block_d, torch.float16)
+    monkeypatch.setitem(triton_attention.INTERPRETER_CONFIGS, "preprocess", preprocess.kwargs)
+    monkeypatch.setattr(triton_attention, "INTERPRETER_PROGRAMS", 3 if tma else 2**31)
+    if tma:
+        q, k, v = random_qkv(1, 2, 1, SHAPES_Q_KV[0][1], SHAPES_Q_KV[1][1], head_dim, torch.float16)
+    else:  # (B, T, H, D + 1) buffers viewed as (B, H, T, D)
+        buffers = (
+            torch.randn(1, length, heads, head_dim + 1, dtype=torch.float16) for heads, length in SHAPES_Q_KV
+        )
+        q, k, v = (leaf(buffer[..., :head_dim].transpose(1, 2)) for buffer in buffers)
+    paths = record_forward_paths(monkeypatch)
+    launched = record_launches(monkeypatch)
+    with deterministic_algorithms(warn_only=False) if deterministic else contextlib.nullcontext():
+        check_against_reference(q, k, v)
+    assert launched == ["forward", "preprocess", *(("dkdv", "dq") if deterministic else ("fused", "cast"))]
+    assert [path for path, _ in paths] == [tma]
 
 
 def record_forward_paths(monkeypatch):

@@ -92,6 +92,17 @@ def test_matches_reference(dtype, reduction, lead, channels, vocab, bias):
     check_against_reference(make_inputs(lead, channels, vocab, dtype, bias=bias), reduction)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_vocabulary_block(monkeypatch, reduction):
+    """The row kernel at the GPU's BLOCK_V (4096), which the interpreter's half-vocabulary blocks never
+    run: 4099 entries make one full block and a ragged 3-wide one, so the online logsumexp rescales
+    across a full block; fp32, 12 tokens with ignored rows, the loss pass and the gradient pass ("none"
+    gives the lse back to a second pass with per-row scales)."""
+    monkeypatch.setattr(triton_cross_entropy, "triton_interpreter_enabled", lambda: False)
+    assert triton_cross_entropy._block_v(4099) == triton_cross_entropy.BLOCK_V
+    check_against_reference(make_inputs((12,), 8, 4099, torch.float32), reduction)
+
+
 def test_strided_inputs_are_read_in_place():
     x = torch.randn(33, 40).t()  # (40, 33), column-major
     weight = torch.randn(70, 50)[:, :33] / 2  # (70, 33), row stride 50

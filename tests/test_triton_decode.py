@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
 from tolerance import assert_close
 
 import fastgpt
@@ -215,6 +216,31 @@ def test_device_length_matches_reference(heads, kv_heads, dtype):
             q.double(), k_cache.double(), v_cache.double(), length
         )
         torch.testing.assert_close(reference_out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not triton_decode.INTERPRETER, reason="sets the interpreter's block and split sizes")
+@pytest.mark.parametrize("block_n", [128, 64, 32])
+def test_gpu_split_geometry(monkeypatch, block_n):
+    """The GPU's split sizing (splits of at least 256 keys aligned to 128, as many as two waves of 132
+    SMs want) with its key blocks, which the interpreter's 24-key splits of 16-key blocks never run: 700
+    keys make splits of 256, 256 and 188 (not a multiple of any BLOCK_N), and a device length of 450
+    leaves the second split part-valid and the third empty."""
+    monkeypatch.setattr(triton_decode, "INTERPRETER_CONFIG", {"BLOCK_N": block_n})
+    monkeypatch.setattr(
+        triton_decode, "INTERPRETER_SPLITS", triton.cdiv(triton_decode.WAVES_PER_SM * 132, 2 * 2)
+    )
+    monkeypatch.setattr(triton_decode, "INTERPRETER_MIN_SPLIT_KEYS", triton_decode.MIN_SPLIT_KEYS)
+    monkeypatch.setattr(triton_decode, "INTERPRETER_SPLIT_ALIGN", triton_decode.SPLIT_ALIGN)
+    assert triton_decode._split_len(2 * 2, 700, None) == 256
+    q = torch.randn(2, 8, 1, 72, dtype=torch.float16, device=DEVICE)
+    k, v = cache_views(2, 2, 700, 72, torch.float16, capacity=700)
+    check_decode(q, k, v)
+    length = torch.tensor([450], device=DEVICE)
+    with torch.no_grad():
+        out = decode_attention_with_length(q, k, v, length, backend="triton")
+        expected = reference.decode_attention_with_length(q.double(), k.double(), v.double(), length)
+        eager = reference.decode_attention_with_length(q, k, v, length)
+    assert_close("out at kv_len=450", out, expected, eager)
 
 
 def test_device_length_past_int32_is_clamped_to_the_capacity():

@@ -285,6 +285,42 @@ def test_epilogue_slices(monkeypatch, subtiles, name):
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    "config",
+    [
+        (128, 256, 64, 4),  # the sm_90 workhorse: its epilogue on column quarters
+        (256, 128, 64, 2),  # tall tiles, halves
+        # whole-tile epilogue; 584 rows make 10 tile rows: a full GROUP_M group and a short one
+        (64, 128, 64, 1),
+    ],
+    ids=lambda config: "x".join(map(str, config[:3])) + f"-subtiles{config[3]}",
+)
+@pytest.mark.parametrize(
+    "name, dtype, a_layout, b_layout",
+    [
+        pytest.param(  # the FFN's dH = dY @ Wproj
+            "grad_and_activate, column_sums", torch.float16, "rows", "rows", id="fp16-grad_and_activate"
+        ),
+        pytest.param(  # cross-entropy's dW^T += x^T @ dlogits, B through pointers
+            "accumulate, ones_row", torch.float32, "columns", "odd", id="fp32-accumulate-ones_row"
+        ),
+    ],
+)
+def test_gpu_tile_geometries(monkeypatch, config, name, dtype, a_layout, b_layout):
+    """GPU configurations (BLOCK_M, BLOCK_N, BLOCK_K, EPILOGUE_SUBTILES) with the GPU's GROUP_M, which
+    the interpreter's 32 x 32 x 32 tiles never run, on the epilogues with the most per-tile state, at
+    sizes leaving partial tiles in every dimension (584 x 392 outputs, K = 136: two full K steps and
+    a partial one)."""
+    gpu_config = next(
+        c for c in triton_gemm.GPU_CONFIGS[90] + triton_gemm.GPU_CONFIGS[80] if c[:3] == config[:3]
+    )
+    assert gpu_config[5] == config[3]
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", gpu_config)
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_GROUP_M", triton_gemm.GROUP_M)
+    check_epilogue(EPILOGUES[name], dtype, a_layout, b_layout, shape=(584, 136, 392))
+
+
+@interpreter_only
 def test_ones_row_without_rows():
     """M = 0 with the ones row: the only output is the bias gradient, sum_k B[k, :]."""
     check_epilogue(EPILOGUES["ones_row"], torch.float32, shape=(0, K, N))

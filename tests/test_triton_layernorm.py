@@ -5,11 +5,12 @@ torch.compile(fullgraph=True)."""
 
 import pytest
 import torch
+import triton
 from tolerance import assert_close
 
 import fastgpt
 from fastgpt import reference
-from fastgpt.ops import triton_layernorm  # noqa: F401  (registers the fastgpt::triton_layer_norm ops)
+from fastgpt.ops import triton_layernorm  # also registers the fastgpt::triton_layer_norm ops
 
 pytestmark = pytest.mark.skipif(
     "triton" not in fastgpt.available_backends(), reason="Triton backend unavailable"
@@ -75,6 +76,21 @@ def check_against_reference(inputs, grad_outs=None):
 )
 def test_matches_reference(dtype, lead, hidden, weight, bias, residual):
     check_against_reference(make_inputs(lead, hidden, dtype, weight=weight, bias=bias, residual=residual))
+
+
+@pytest.mark.parametrize("hidden, lead", [(1025, (2, 13)), (4097, (9,))])
+def test_gpu_tiles(monkeypatch, hidden, lead):
+    """The GPU's tiles (whole rows, 8192 elements a forward program and 4096 a backward step), which the
+    interpreter's 256-element tiles never run, at widths just above a power of two: 1025 is a 2048-wide
+    block, 4 rows forward and 2 per backward step, and 4097 one 8192-wide row in both; with a residual."""
+    monkeypatch.setattr(triton_layernorm, "triton_interpreter_enabled", lambda: False)
+    block_n = triton.next_power_of_2(hidden)
+    assert triton_layernorm._tile(hidden, triton_layernorm.FORWARD_TILE)[:2] == (
+        max(1, 8192 // block_n),
+        block_n,
+    )
+    check_against_reference(make_inputs(lead, hidden, torch.float32))
+    check_against_reference(make_inputs(lead, hidden, torch.float16))
 
 
 def test_one_row():
