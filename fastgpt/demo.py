@@ -285,6 +285,7 @@ def chosen_backends(config, device, dtype):
         "causal_attention": (
             ("head_dim", config.head_dim),
             ("kv_len", dispatch.kv_len_class(config.block_size)),
+            ("wide_grid", False),  # the demo's batches (DEMO_MODEL) are far below the grid limit
         ),
         "fused_ffn": (("hidden", config.n_inner),),
         "layer_norm": (("hidden", config.n_embd),),

@@ -84,6 +84,13 @@ def kv_len_class(kv_len):
     return SHORT_SEQUENCE if kv_len <= SHORT_SEQUENCE else SHORT_SEQUENCE + 1
 
 
+def wide_grid(batch, heads):
+    """Whether an attention call's batch or head count exceeds MAX_GRID_YZ, as the routing facts see
+    it: a plain bool (under torch.compile with dynamic shapes, bool() makes the comparison a guard,
+    so the facts stay constants)."""
+    return bool(batch > MAX_GRID_YZ or heads > MAX_GRID_YZ)
+
+
 class SizeSplit:
     """An auto order that depends on one fact of the call: `small` where facts[fact] <= limit (or is
     True, for a boolean fact), `large` otherwise, and where the fact is unknown."""

@@ -30,7 +30,7 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
         (
             ("head_dim", q.shape[3]),
             ("kv_len", dispatch.kv_len_class(k.shape[2])),
-            ("wide_grid", max(q.shape[0], q.shape[1]) > dispatch.MAX_GRID_YZ),
+            ("wide_grid", dispatch.wide_grid(q.shape[0], q.shape[1])),
         ),
         "decode" if decode else None,
     )

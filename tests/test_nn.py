@@ -255,6 +255,17 @@ def test_torch_compile_fullgraph(tie_weights, backend):
         torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph():
+    """With dynamic shapes (dynamic=True, or torch.compile's automatic dynamic after a recompile for a
+    new batch size) the routing facts stay constants: a fact computed as a symbolic comparison of the
+    batch broke the graph at dispatch.choose_backend. Two batch sizes and two lengths, each matching eager."""
+    model = random_model(n_layer=1)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    for batch, length in ((2, 16), (3, 11)):
+        idx = torch.randint(0, 97, (batch, length))
+        torch.testing.assert_close(compiled(idx, idx), model(idx, idx), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_before_any_eager_call(monkeypatch):
     """torch.compile as the very first use of the ops in a process (dispatch caches empty)."""
     for slot in dispatch.IMPLEMENTATION_SLOTS.values():
