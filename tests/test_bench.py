@@ -612,7 +612,11 @@ def test_host_overhead_profiles_each_provider_on_cpu(tmp_path):
     assert fused["wall_ms"] > 0 and fused["device_ms"] is None and fused["calls"] >= 3
     own = [h["own_us_per_call"] for h in fused["python_hotspots"]]
     assert own == sorted(own, reverse=True) and own[0] > 0
-    assert any(h["function"].startswith("fastgpt/") for h in fused["python_hotspots"])
+    # fastgpt's operator call (torch._ops.fastgpt.*, ~12 us of own time) ranks near the top; its Python
+    # functions (2-3 us each) compete for the last of the TOP rows with torch's, which a loaded machine
+    # reorders, so they are not required. Paths are shortened to the library or checkout root.
+    assert any("torch._ops.fastgpt" in h["function"] for h in fused["python_hotspots"])
+    assert not any(h["function"].startswith(os.sep) for h in fused["python_hotspots"])
     assert "python_hotspots" not in by_key[("layer_norm", "fwd+bwd", "F.layer_norm")]  # baselines: times only
     assert (
         "| layer_norm | fwd+bwd | 64x32 +residual | fastgpt:cpu | "
