@@ -234,8 +234,18 @@ if "triton" in fastgpt.available_backends() and not torch.cuda.is_available():
     COMPILE_CASES.append(pytest.param(True, "triton", id="tied-triton"))
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """An empty dynamo cache before and after the test: the compile tests here compile the same code
+    objects (GPT.forward, the blocks, the ops) for new models, and their cache entries would otherwise
+    add up to dynamo's recompile limit (8) across tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("tie_weights, backend", COMPILE_CASES)
-def test_torch_compile_fullgraph(tie_weights, backend):
+def test_torch_compile_fullgraph(tie_weights, backend, fresh_dynamo):
     """Inductor compiles the GPT in one graph each for logits and for the loss, and matches eager."""
     model = random_model(n_layer=1, tie_weights=tie_weights, backend=backend)  # one block: every op
     idx = torch.randint(0, 97, (2, 16))
@@ -255,7 +265,7 @@ def test_torch_compile_fullgraph(tie_weights, backend):
         torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_torch_compile_with_dynamic_shapes_keeps_one_graph():
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph(fresh_dynamo):
     """With dynamic shapes (dynamic=True, or torch.compile's automatic dynamic after a recompile for a
     new batch size) the routing facts stay constants: a fact computed as a symbolic comparison of the
     batch broke the graph at dispatch.choose_backend. Two batch sizes and two lengths, each matching eager."""
@@ -266,7 +276,7 @@ def test_torch_compile_with_dynamic_shapes_keeps_one_graph():
         torch.testing.assert_close(compiled(idx, idx), model(idx, idx), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_before_any_eager_call(monkeypatch):
+def test_torch_compile_before_any_eager_call(monkeypatch, fresh_dynamo):
     """torch.compile as the very first use of the ops in a process (dispatch caches empty)."""
     for slot in dispatch.IMPLEMENTATION_SLOTS.values():
         monkeypatch.setattr(slot, "function", None)
@@ -277,5 +287,4 @@ def test_torch_compile_before_any_eager_call(monkeypatch):
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         assert compiled(idx, idx).dim() == 0
     finally:
-        torch._dynamo.reset()
         dispatch.forget_choices()
