@@ -276,16 +276,14 @@ def speed_table(device):
 # 3. Training: fastgpt against eager PyTorch, interleaved; 4. fastgpt on alone
 
 
-def chosen_backends(config, device, dtype):
+def chosen_backends(config, batch_size, device, dtype):
     """The backend `auto` runs each op of this model's training step on: asked with the routing facts
-    that fastgpt.functional passes for the model's calls (the attention's kv_len over the whole
-    context window, the loss over the padded LM head), since the CUDA order of causal_attention
-    depends on kv_len (dispatch.CUDA_ORDER) and a fact left out picks the other order."""
+    that fastgpt.functional passes for the model's calls (the attention's over batches of batch_size
+    and the whole context window, the loss over the padded LM head), since the CUDA order of
+    causal_attention depends on kv_len (dispatch.CUDA_ORDER) and a fact left out picks the other order."""
     facts = {
-        "causal_attention": (
-            ("head_dim", config.head_dim),
-            ("kv_len", dispatch.kv_len_class(config.block_size)),
-            ("wide_grid", False),  # the demo's batches (DEMO_MODEL) are far below the grid limit
+        "causal_attention": dispatch.attention_facts(
+            batch_size, config.n_head, config.head_dim, config.block_size
         ),
         "fused_ffn": (("hidden", config.n_inner),),
         "layer_norm": (("hidden", config.n_embd),),
@@ -375,7 +373,7 @@ def train_comparison(device, args, console):
     check_step_counts(args)
     fused, eager, corpus = demo_trainers(device)
     max_steps = fused.settings.steps
-    backends = chosen_backends(fused.model.config, device, fused.runtime.dtype)
+    backends = chosen_backends(fused.model.config, fused.settings.batch_size, device, fused.runtime.dtype)
     describe_training(fused, corpus, backends, console)
     fused.evaluate()
     comparison_steps = args.steps or max_steps  # until the calibration steps have measured the pace

@@ -84,11 +84,13 @@ def kv_len_class(kv_len):
     return SHORT_SEQUENCE if kv_len <= SHORT_SEQUENCE else SHORT_SEQUENCE + 1
 
 
-def wide_grid(batch, heads):
-    """Whether an attention call's batch or head count exceeds MAX_GRID_YZ, as the routing facts see
-    it: a plain bool (under torch.compile with dynamic shapes, bool() makes the comparison a guard,
-    so the facts stay constants)."""
-    return bool(batch > MAX_GRID_YZ or heads > MAX_GRID_YZ)
+def attention_facts(batch, heads, head_dim, kv_len):
+    """The routing facts of a causal_attention call: head_dim, kv_len_class(kv_len) and wide_grid,
+    whether the batch or head count exceeds MAX_GRID_YZ. wide_grid is a plain bool: under
+    torch.compile with dynamic shapes, bool() makes the comparison a guard, so the facts stay
+    constants."""
+    wide_grid = bool(batch > MAX_GRID_YZ or heads > MAX_GRID_YZ)
+    return (("head_dim", head_dim), ("kv_len", kv_len_class(kv_len)), ("wide_grid", wide_grid))
 
 
 class SizeSplit:

@@ -27,11 +27,7 @@ def causal_attention(q, k, v, *, softmax_scale=None, backend="auto"):
         backend,
         dispatch.device_type(q),
         q.dtype,
-        (
-            ("head_dim", q.shape[3]),
-            ("kv_len", dispatch.kv_len_class(k.shape[2])),
-            ("wide_grid", dispatch.wide_grid(q.shape[0], q.shape[1])),
-        ),
+        dispatch.attention_facts(q.shape[0], q.shape[1], q.shape[3], k.shape[2]),
         "decode" if decode else None,
     )
     return impl(q, k, v, scale)

@@ -106,7 +106,7 @@ def test_chosen_backends_asks_with_the_facts_of_the_models_own_calls(device_type
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     model_calls = {(op, facts) for op, facts in asked if op != "linear"}
     asked.clear()
-    demo.chosen_backends(config, torch.device("cpu"), torch.float32)
+    demo.chosen_backends(config, tokens.shape[0], torch.device("cpu"), torch.float32)
     assert set(asked) == model_calls
 
 
