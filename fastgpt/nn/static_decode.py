@@ -160,6 +160,7 @@ def decode(model, step, steps, callback=None, capture=True):
     """
     eager_steps = min(steps, WARMUP_STEPS) if capture and step.graph is None else 0
     streamed = StreamedTokens(step, callback)
+    end = step.out.shape[1]  # the result's length: all of out unless eos ends it
     done = 0
     while done < steps:
         if done < eager_steps:
@@ -184,8 +185,8 @@ def decode(model, step, steps, callback=None, capture=True):
             streamed.flush(end)
             if end < step.out.shape[1]:
                 break
-    if step.eos_token_id is None:
-        return step.out.clone()
-    end = int(step.end)
-    streamed.flush(end)
+    else:  # every step ran: with eos, read the end once more for the steps since the last check
+        if step.eos_token_id is not None:
+            end = int(step.end)
+            streamed.flush(end)
     return step.out[:, :end].clone()
