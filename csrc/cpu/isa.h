@@ -38,27 +38,29 @@ inline Isa supported_isa() {
 
 constexpr Isa kAllIsas[] = {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512};
 
+// The set FASTGPT_CPU_ISA names, or nullptr when it is unset or names none.
+inline const Isa* isa_in_environment() {
+  const char* requested = std::getenv("FASTGPT_CPU_ISA");
+  if (requested == nullptr) return nullptr;
+  for (const Isa& named : kAllIsas) {
+    if (std::strcmp(requested, isa_name(named)) == 0) return &named;
+  }
+  return nullptr;
+}
+
 // FASTGPT_CPU_ISA's value when it names no instruction set (a typo), else nullptr. The kernels never
 // throw on it (they may first ask for the set inside an OpenMP region): the extension's import
 // refuses such a value instead, before any kernel runs (api.cpp's PyInit__C).
 inline const char* unknown_isa_setting() {
   const char* requested = std::getenv("FASTGPT_CPU_ISA");
-  if (requested == nullptr) return nullptr;
-  for (Isa named : kAllIsas) {
-    if (std::strcmp(requested, isa_name(named)) == 0) return nullptr;
-  }
-  return requested;
+  return requested != nullptr && isa_in_environment() == nullptr ? requested : nullptr;
 }
 
 // The set FASTGPT_CPU_ISA names if this CPU supports it, else the best supported one.
 inline Isa isa_from_environment() {
-  Isa isa = supported_isa();
-  const char* requested = std::getenv("FASTGPT_CPU_ISA");
-  if (requested == nullptr) return isa;
-  for (Isa lower : kAllIsas) {
-    if (std::strcmp(requested, isa_name(lower)) == 0 && static_cast<int>(lower) <= static_cast<int>(isa)) return lower;
-  }
-  return isa;
+  const Isa isa = supported_isa();
+  const Isa* requested = isa_in_environment();
+  return requested != nullptr && static_cast<int>(*requested) <= static_cast<int>(isa) ? *requested : isa;
 }
 
 inline Isa& active_isa_storage() {
