@@ -205,6 +205,20 @@ def test_a_mistyped_debug_switch_raises_instead_of_leaving_the_checks_off(monkey
         new_output((2,), torch.float32, "cpu")
 
 
+def in_fresh_process(variable, value, *arguments):
+    """python *arguments in a new process with the environment variable set to value (fastgpt._C reads
+    its variables once per process) and FASTGPT_BACKEND emptied."""
+    environment = {**os.environ, variable: value, "FASTGPT_BACKEND": ""}
+    return subprocess.run(
+        [sys.executable, *arguments],
+        check=False,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_a_cpu_isa_that_names_no_set_is_refused_before_any_kernel():
     """fastgpt._C reads FASTGPT_CPU_ISA once per process, so fresh processes: a mistyped set ('avx-512')
     makes every op raise a ValueError naming the variable (the extension refuses it at import, rather
@@ -223,24 +237,12 @@ def test_a_cpu_isa_that_names_no_set_is_refused_before_any_kernel():
     refusal = (
         "the environment variable FASTGPT_CPU_ISA must be 'baseline', 'avx2' or 'avx512' (or unset), got"
     )
-
-    def run(value, *command):
-        environment = {**os.environ, "FASTGPT_CPU_ISA": value, "FASTGPT_BACKEND": ""}
-        return subprocess.run(
-            [sys.executable, *command],
-            check=False,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    mistyped = run("avx-512", "-c", call)
+    mistyped = in_fresh_process("FASTGPT_CPU_ISA", "avx-512", "-c", call)
     assert mistyped.returncode == 0, mistyped.stderr
     assert mistyped.stdout.strip().splitlines()[-1] == f"ValueError {refusal} 'avx-512'"
-    baseline = run("baseline", "-c", call)
+    baseline = in_fresh_process("FASTGPT_CPU_ISA", "baseline", "-c", call)
     assert baseline.stdout.strip().splitlines()[-1] == "baseline", baseline.stderr
-    info = run("avx-512", "-m", "fastgpt", "info")
+    info = in_fresh_process("FASTGPT_CPU_ISA", "avx-512", "-m", "fastgpt", "info")
     # its one line closes stderr (torch may warn before it, e.g. a CUDA build on a machine without CUDA)
     assert (
         info.returncode == 1
@@ -269,15 +271,7 @@ def test_the_cpu_operators_read_the_poison_switch_as_python_does():
         ),
         ("0", "True"),
     ):
-        environment = {**os.environ, "FASTGPT_POISON_OUTPUTS": value, "FASTGPT_BACKEND": ""}
-        result = subprocess.run(
-            [sys.executable, "-c", call],
-            check=False,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = in_fresh_process("FASTGPT_POISON_OUTPUTS", value, "-c", call)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().splitlines()[-1] == expected
 
