@@ -43,8 +43,9 @@ void gemm_epilogue(const GemmParams& p);
 // b with unit column stride ((N, K) rows) or unit row stride (a transposed (K, N) weight): one pass over
 // b, split over threads by rows or by column blocks of b. Reads a, b, bias; writes out. Up to 16
 // rows it beats BLAS on every GPT-2 projection (benchmarks/cpu_linear.py); at 32 the two are even.
-// With b stored (K, N) each further group of rows re-reads the weight's column tiles from L2: 1.6-2.5x
-// BLAS at 1-4 rows, even at 8, 0.7-0.8x at 16 (measured), so that layout takes the kernel up to 4 rows.
+// With b stored (K, N) each further group of 4 rows re-reads the weight: streaming GPT-2 small's Conv1D
+// weights from DRAM on the 2-core Xeon, 0.95x BLAS at 1 row, 1.5-1.6x at 2-4, even at 8, 0.75x at 16
+// (2 threads; 1.0-1.6x, 1.1x and 0.9x on one), so that layout takes the kernel up to 4 rows.
 constexpr int64_t kSkinnyGemmMaxRows = 16;
 constexpr int64_t kSkinnyGemmMaxRowsTransposed = 4;
 void skinny_gemm(const GemmParams& p);

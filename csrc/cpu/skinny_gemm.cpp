@@ -6,9 +6,12 @@
 // kStreamMaxRows rows of a, each weight row is read front to back as one sequential stream (its dot
 // product with every row of a, one row of a at a time, the weight row re-read from L1); with more rows,
 // kWeightRows weight rows are multiplied together so each weight vector loaded serves a register block of
-// rows of a. Measured on 2 cores, one row through all GPT-2 small weights (495 MB, from DRAM): the
-// sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages, against 27
-// and 30 GB/s for four interleaved weight rows and 14 GB/s for BLAS (torch's F.linear).
+// rows of a. Measured on 2 cores of an AMD EPYC, one row through all GPT-2 small weights (495 MB, from
+// DRAM): the sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages,
+// against 27 and 30 GB/s for four interleaved weight rows and 14 GB/s for BLAS (torch's F.linear); on
+// the 2-core Xeon, where BLAS reads 26 GB/s, the three are even.
+// With the weight stored (K, N) (transformers' Conv1D), each thread takes a range of output columns
+// and streams that range of every weight row, four rows at a time, into accumulators in L1/L2.
 // Each output is one thread's dot product in a fixed order, so the result does not depend on the
 // thread count.
 #ifndef FASTGPT_ISA_PASS
@@ -61,11 +64,16 @@ constexpr int kRowsPerPass = FASTGPT_SIMD_REGISTERS >= 32 ? 4 : 2;
 // scheduling, and a 768 x 768 projection still splits into 12 tasks for the threads.
 constexpr int64_t kWeightRowsPerTask = 64;
 
-// With the weight stored (K, N): vectors of output columns per register tile (kRowsPerPass x 4
-// accumulators, as for kWeightRows), and columns per task: 128 (512 B of each weight row in float32)
-// splits a 768-wide output into 6 tasks for the threads.
-constexpr int kColumnVecs = 4;
-constexpr int64_t kColumnsPerTask = 128;
+// With the weight stored (K, N), each task streams a range of every weight row front to back, adding
+// kStreamedWeightRows rows at a time into accumulators for its columns held in L1/L2: four sequential
+// streams, and a quarter of the accumulator loads and stores of one row at a time. The range is the
+// columns split evenly over the threads, so each row is read in as few and as long pieces as the
+// threads allow, at most kMaxColumnsPerTask (16 KiB of float32 accumulators per row of a).
+constexpr int kStreamedWeightRows = 4;
+constexpr int64_t kMaxColumnsPerTask = 4096;
+// Rows of a per pass over the weight: their 4 x kMaxColumnsPerTask float32 accumulators (64 KiB) stay
+// in L2, and kSkinnyGemmMaxRowsTransposed rows (the most the router sends this layout) read it once.
+constexpr int64_t kColumnPassRows = 4;
 
 template <typename T>
 const T* row_of(const Matrix& m, int64_t row) {
@@ -162,69 +170,91 @@ void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
 }
 
 // Weights stored (K, N), b[n, k] at k * col_stride + n (the transposed view of an (in, out) weight such
-// as transformers' Conv1D): out[m, c .. c + columns) for m in [m_begin, m_begin + kRows), with
-// columns <= kColumnVecs * kWidth, streams that column segment of every weight row and adds a[m, k] x
-// segment into accumulators held in registers.
-template <typename T, int kRows>
-void column_tile(const GemmParams& p, int64_t m_begin, int64_t c, int64_t columns) {
-  Vec acc[kRows][kColumnVecs];
-  for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < kColumnVecs; ++v) acc[i][v] = splat(0.0f);
+// as transformers' Conv1D): out[m, n_begin .. n_end) for rows m_begin .. m_begin + rows of a (rows <=
+// kColumnPassRows), with n_end - n_begin <= kMaxColumnsPerTask. Weight rows k .. k + kStreamedWeightRows
+// are read over the task's columns, and each vector of them is multiplied by a[m, k ..] and added to row
+// m's accumulators, so every weight element is loaded once per pass and each output is summed over k
+// in order.
+template <typename T>
+void column_pass(const GemmParams& p, int64_t m_begin, int64_t rows, int64_t n_begin, int64_t n_end) {
+  alignas(64) float acc[kColumnPassRows][kMaxColumnsPerTask];  // (rows, columns), float32
+  const int64_t columns = n_end - n_begin;
+  const int64_t vectors_end = columns - columns % kWidth;  // full vectors of weight columns
+  const int64_t padded = vectors_end < columns ? vectors_end + kWidth : vectors_end;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t c = 0; c < padded; c += kWidth) store(acc[m] + c, splat(0.0f));
   }
-  const T* a[kRows];
-  for (int i = 0; i < kRows; ++i) a[i] = row_of<T>(p.a, m_begin + i);
-  const T* weight = static_cast<const T*>(p.b.data) + c;
-  const bool full = columns == kColumnVecs * kWidth;
-  for (int64_t k = 0; k < p.K; ++k) {
-    const T* segment = weight + k * p.b.col_stride;
-    const int64_t ahead = k + kPrefetchRows < p.K ? k + kPrefetchRows : k;
-    for (int64_t offset = 0; offset < columns; offset += 64 / static_cast<int64_t>(sizeof(T))) {
-      __builtin_prefetch(weight + ahead * p.b.col_stride + offset);
+  const T* weight = static_cast<const T*>(p.b.data) + n_begin;
+  const auto load_weight = [&](const T* row, int64_t c) {
+    return c < vectors_end ? load(row + c) : load_partial(row + c, columns - c);
+  };
+  int64_t k = 0;
+  for (; k + kStreamedWeightRows <= p.K; k += kStreamedWeightRows) {
+    const T* streams[kStreamedWeightRows];  // weight rows k .. k + kStreamedWeightRows
+    for (int j = 0; j < kStreamedWeightRows; ++j) streams[j] = weight + (k + j) * p.b.col_stride;
+    const int64_t ahead = k + 2 * kStreamedWeightRows <= p.K ? kStreamedWeightRows * p.b.col_stride : 0;
+    Vec x[kColumnPassRows][kStreamedWeightRows];
+    for (int64_t m = 0; m < rows; ++m) {
+      const T* a = row_of<T>(p.a, m_begin + m) + k;
+      for (int j = 0; j < kStreamedWeightRows; ++j) x[m][j] = splat(to_float(a[j]));
     }
-    Vec w[kColumnVecs];
-    for (int v = 0; v < kColumnVecs; ++v) {
-      const int64_t left = columns - v * kWidth;
-      w[v] = full || left >= kWidth ? load(segment + v * kWidth)
-                                    : (left > 0 ? load_partial(segment + v * kWidth, left) : splat(0.0f));
+    for (int64_t c = 0; c < padded; c += kWidth) {
+      Vec w[kStreamedWeightRows];
+      for (int j = 0; j < kStreamedWeightRows; ++j) {
+        __builtin_prefetch(streams[j] + ahead + c);
+        w[j] = load_weight(streams[j], c);
+      }
+      for (int64_t m = 0; m < rows; ++m) {
+        Vec sum = load(acc[m] + c);
+        for (int j = 0; j < kStreamedWeightRows; ++j) sum += x[m][j] * w[j];
+        store(acc[m] + c, sum);
+      }
     }
-    for (int i = 0; i < kRows; ++i) {
-      const Vec x = splat(to_float(a[i][k]));
-      for (int v = 0; v < kColumnVecs; ++v) acc[i][v] += x * w[v];
+  }
+  for (; k < p.K; ++k) {
+    const T* row = weight + k * p.b.col_stride;
+    for (int64_t c = 0; c < padded; c += kWidth) {
+      const Vec w = load_weight(row, c);
+      for (int64_t m = 0; m < rows; ++m) {
+        store(acc[m] + c, load(acc[m] + c) + to_float(row_of<T>(p.a, m_begin + m)[k]) * w);
+      }
     }
   }
   const T* bias = static_cast<const T*>(p.bias);
-  for (int i = 0; i < kRows; ++i) {
-    T* out = static_cast<T*>(p.out.data) + (m_begin + i) * p.out.row_stride + c;
-    for (int v = 0; v < kColumnVecs; ++v) {
-      const int64_t left = columns - v * kWidth;
-      if (left <= 0) break;
-      Vec value = acc[i][v];
-      if (bias) value += left >= kWidth ? load(bias + c + v * kWidth) : load_partial(bias + c + v * kWidth, left);
-      if (left >= kWidth) {
-        store(out + v * kWidth, value);
+  for (int64_t m = 0; m < rows; ++m) {
+    T* out = static_cast<T*>(p.out.data) + (m_begin + m) * p.out.row_stride + n_begin;
+    for (int64_t c = 0; c < padded; c += kWidth) {
+      Vec value = load(acc[m] + c);
+      if (c < vectors_end) {
+        if (bias) value += load(bias + n_begin + c);
+        store(out + c, value);
       } else {
-        store_partial(out + v * kWidth, value, left);
+        if (bias) value += load_partial(bias + n_begin + c, columns - c);
+        store_partial(out + c, value, columns - c);
       }
     }
   }
 }
 
+// out[:, n_begin .. n_end) with the weight stored (K, N): one column_pass per kColumnPassRows rows of a,
+// each reading the task's columns of the weight again (from L2 when they fit).
 template <typename T>
 void columns_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
-  for (int64_t c = n_begin; c < n_end; c += kColumnVecs * kWidth) {
-    const int64_t columns = n_end - c < kColumnVecs * kWidth ? n_end - c : kColumnVecs * kWidth;
-    int64_t m = 0;
-    for (; m + kRowsPerPass <= p.M; m += kRowsPerPass) column_tile<T, kRowsPerPass>(p, m, c, columns);
-    for (; m < p.M; ++m) column_tile<T, 1>(p, m, c, columns);
+  for (int64_t m = 0; m < p.M; m += kColumnPassRows) {
+    column_pass<T>(p, m, p.M - m < kColumnPassRows ? p.M - m : kColumnPassRows, n_begin, n_end);
   }
 }
 
 template <typename T>
 void skinny_gemm_typed(const GemmParams& p) {
   const bool rows_contiguous = p.b.col_stride == 1;
-  const int64_t per_task = rows_contiguous ? kWeightRowsPerTask : kColumnsPerTask;
+  const int threads = threads_for(static_cast<int64_t>(p.N) * p.K);
+  const int64_t columns_per_thread = ceil_div(ceil_div(p.N, threads), kWidth) * kWidth;
+  const int64_t per_task =
+      rows_contiguous ? kWeightRowsPerTask
+                      : (columns_per_thread < kMaxColumnsPerTask ? columns_per_thread : kMaxColumnsPerTask);
   const int64_t tasks = ceil_div(p.N, per_task);
-  parallel_for(tasks, threads_for(static_cast<int64_t>(p.N) * p.K), [&](int64_t task) {
+  parallel_for(tasks, threads, [&](int64_t task) {
     const int64_t begin = task * per_task;
     const int64_t end = begin + per_task < p.N ? begin + per_task : p.N;
     if (rows_contiguous) {

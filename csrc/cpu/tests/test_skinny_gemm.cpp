@@ -64,6 +64,9 @@ int main() {
         }
         run_case(1, 1, 1, dtype, true, transposed, isa, rng);
         run_case(4, 300, 768, dtype, true, transposed, isa, rng);  // several tasks
+        // With b stored (K, N): more columns than one task holds (kMaxColumnsPerTask = 4096), a last
+        // task of 37, and K not a multiple of the 4 weight rows streamed together.
+        run_case(5, 4133, 23, dtype, true, transposed, isa, rng);
       }
     }
   });
