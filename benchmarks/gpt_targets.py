@@ -19,7 +19,8 @@ processes hits them alike, and the median of each is reported with the ratio of 
   model's weight GEMVs reach alone (F.linear over every Linear weight and the lm_head, batch 1, in the
   model's order, so they stream from DRAM; the same products with each weight stored transposed, (in,
   out), the layout of transformers' GPT-2 Conv1D, for which BLAS runs a different GEMV; and through
-  fastgpt's cpu kernel, which fastgpt.nn.Linear and the decode step use for up to 16 rows), and the
+  fastgpt's cpu kernel, which fastgpt.nn.Linear and the decode step use for up to 16 rows, on both
+  layouts: the (in, out) one is what fastgpt.patch-ed transformers models pass it), and the
   weight bandwidth each provider reaches end to end at batch 1 (weight bytes per token x tokens per
   second). A GEMV is a read stream, so the read rate over the weight bytes bounds batch-1 tokens per
   second for any fp32 implementation on the same threads.
@@ -187,6 +188,9 @@ def bench_bandwidth(gpt, generation, rounds):
 
         providers["fastgpt"] = weight_gemvs(small_pages, linear=compiled.linear)[0]
         providers["fastgpt_huge"] = weight_gemvs(in_huge_pages, linear=compiled.linear)[0]
+        providers["fastgpt_transposed"], _ = weight_gemvs(
+            small_pages, transposed=True, linear=compiled.linear
+        )
     with torch.inference_mode():
         times = interleaved(providers, rounds)
 
@@ -206,6 +210,7 @@ def bench_bandwidth(gpt, generation, rounds):
         "gemv_in_out_layout_GBps": gigabytes_per_s("transposed", gemv_bytes),
         "fastgpt_kernel_GBps": gigabytes_per_s("fastgpt", gemv_bytes),
         "fastgpt_kernel_huge_pages_GBps": gigabytes_per_s("fastgpt_huge", gemv_bytes),
+        "fastgpt_kernel_in_out_layout_GBps": gigabytes_per_s("fastgpt_transposed", gemv_bytes),
         "weight_bytes_per_token": per_token,
         "batch1_tokens_per_s_ceiling": read_rate * 1e9 / per_token,
     }
@@ -215,7 +220,8 @@ def bench_bandwidth(gpt, generation, rounds):
         f"{result['read_huge_pages_GBps']:.1f}; weight GEMVs alone {result['gemv_GBps']:.1f}, "
         f"{result['gemv_huge_pages_GBps']:.1f} ((in, out) layout: {result['gemv_in_out_layout_GBps']:.1f}); "
         f"fastgpt's cpu kernel {result['fastgpt_kernel_GBps'] or float('nan'):.1f}, "
-        f"{result['fastgpt_kernel_huge_pages_GBps'] or float('nan'):.1f}; {per_token / 1e6:.0f} MB of weights "
+        f"{result['fastgpt_kernel_huge_pages_GBps'] or float('nan'):.1f} ((in, out) layout: "
+        f"{result['fastgpt_kernel_in_out_layout_GBps'] or float('nan'):.1f}); {per_token / 1e6:.0f} MB of weights "
         f"per token -> at most {result['batch1_tokens_per_s_ceiling']:.1f} tok/s at batch 1 at the 4 KiB read rate"
     )
     batch1 = next((r for r in generation if r["case"]["batch"] == 1), None)
