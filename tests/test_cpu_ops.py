@@ -157,6 +157,24 @@ def test_linear_matches_reference(case, dtype):
     assert checked == 2 + with_bias
 
 
+@pytest.mark.parametrize("in_out_weight", [False, True], ids=["out_in", "in_out"])
+def test_linear_is_deterministic_across_thread_counts(in_out_weight):
+    # 4 rows of a (the most either layout's kernel takes) and a weight large enough to split over
+    # threads: 12 chunks of 64 weight rows when stored (in, out), 8 tasks of 64 rows when (out, in).
+    x, bias = torch.randn(4, 768), torch.randn(512)
+    weight = torch.randn(768, 512).t() if in_out_weight else torch.randn(512, 768)
+    outputs = []
+    threads = torch.get_num_threads()
+    for count in (2, 1):
+        torch.set_num_threads(count)
+        try:
+            outputs.append(compiled.linear(x, weight, bias))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+
+
 def test_linear_module_takes_the_kernel_for_few_rows_only(monkeypatch, fresh_routes):
     layer = Linear(32, 24, backend="cpu")
     calls = []

@@ -10,10 +10,10 @@
 // DRAM): the sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages,
 // against 27 and 30 GB/s for four interleaved weight rows and 14 GB/s for BLAS (torch's F.linear); on
 // the 2-core Xeon, where BLAS reads 26 GB/s, the three are even.
-// With the weight stored (K, N) (transformers' Conv1D), each thread takes a range of output columns
-// and streams that range of every weight row, four rows at a time, into accumulators in L1/L2.
-// Each output is one thread's dot product in a fixed order, so the result does not depend on the
-// thread count.
+// With the weight stored (K, N) (transformers' Conv1D), each task streams one contiguous block of
+// the weight, kChunkWeightRows rows by a range of columns, into float32 partial sums, and the chunks'
+// partial sums are added in chunk order. Each output is summed in an order fixed by the shape, so the
+// result does not depend on the thread count.
 #ifndef FASTGPT_ISA_PASS
 
 #include <cstdint>
@@ -64,16 +64,25 @@ constexpr int kRowsPerPass = FASTGPT_SIMD_REGISTERS >= 32 ? 4 : 2;
 // scheduling, and a 768 x 768 projection still splits into 12 tasks for the threads.
 constexpr int64_t kWeightRowsPerTask = 64;
 
-// With the weight stored (K, N), each task streams a range of every weight row front to back, adding
-// kStreamedWeightRows rows at a time into accumulators for its columns held in L1/L2: four sequential
-// streams, and a quarter of the accumulator loads and stores of one row at a time. The range is the
-// columns split evenly over the threads, so each row is read in as few and as long pieces as the
-// threads allow, at most kMaxColumnsPerTask (16 KiB of float32 accumulators per row of a).
+// With the weight stored (K, N), a task streams kChunkWeightRows weight rows over a range of columns,
+// kStreamedWeightRows rows at a time, into accumulators for its columns held in L1/L2: four sequential
+// streams, and a quarter of the accumulator loads and stores of one row at a time. The chunk is fixed,
+// not derived from the thread count, because it sets the order of each output's sum. 64 rows: GPT-2's
+// K = 768 splits into 12 chunks, an even share for 2, 3, 4 or 6 threads. Measured on the 2-core Xeon
+// (one row of a through the 48 Conv1D weights of GPT-2 small from DRAM, against BLAS): chunks of 64
+// and 128 rows read 27-29 GB/s (1.00-1.04x), 32 rows 25.5 (more partial sums to add), 256 rows 24.9
+// (3 chunks of K = 768 on 2 threads); splitting the columns alone over the threads, each thread reading
+// half of every weight row, read 25-26 GB/s (0.94x).
 constexpr int kStreamedWeightRows = 4;
+constexpr int64_t kChunkWeightRows = 64;
+// Columns per task at most: 16 KiB of float32 accumulators per row of a. Fewer when the chunks alone
+// would leave threads idle.
 constexpr int64_t kMaxColumnsPerTask = 4096;
-// Rows of a per pass over the weight: their 4 x kMaxColumnsPerTask float32 accumulators (64 KiB) stay
+// Rows of a per pass over a task's block: their 4 x kMaxColumnsPerTask float32 accumulators (64 KiB) stay
 // in L2, and kSkinnyGemmMaxRowsTransposed rows (the most the router sends this layout) read it once.
 constexpr int64_t kColumnPassRows = 4;
+// Columns per task of the pass that adds the chunks' partial sums (2 KiB of each partial row).
+constexpr int64_t kSumColumnsPerTask = 512;
 
 // The sum of a vector's lanes by halving: log2(kLanes) adds of its upper half onto its lower half.
 // Every output of row_stream and dot_block ends with one; dot_block's kRows x kWeightRows lane-by-lane
@@ -191,26 +200,26 @@ void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
 }
 
 // Weights stored (K, N), b[n, k] at k * col_stride + n (the transposed view of an (in, out) weight such
-// as transformers' Conv1D): out[m, n_begin .. n_end) for rows m_begin .. m_begin + rows of a (rows <=
-// kColumnPassRows), with n_end - n_begin <= kMaxColumnsPerTask. Weight rows k .. k + kStreamedWeightRows
-// are read over the task's columns, and each vector of them is multiplied by a[m, k ..] and added to row
-// m's accumulators, so every weight element is loaded once per pass and each output is summed over k
-// in order.
+// as transformers' Conv1D): the partial sums over weight rows k_begin .. k_end of out[m, n_begin ..
+// n_end) for rows m_begin .. m_begin + rows of a (rows <= kColumnPassRows), written to acc (row m at
+// acc + m * acc_stride, column n at n - n_begin). Weight rows k .. k + kStreamedWeightRows are read over
+// the columns, and each vector of them is multiplied by a[m, k ..] and added to row m's accumulators,
+// so every weight element is loaded once and each partial sum runs over k in order.
 template <typename T>
-void column_pass(const GemmParams& p, int64_t m_begin, int64_t rows, int64_t n_begin, int64_t n_end) {
-  alignas(64) float acc[kColumnPassRows][kMaxColumnsPerTask];  // (rows, columns), float32
+void column_pass(const GemmParams& p, int64_t m_begin, int64_t rows, int64_t n_begin, int64_t n_end,
+                 int64_t k_begin, int64_t k_end, float* acc, int64_t acc_stride) {
   const int64_t columns = n_end - n_begin;
   const int64_t vectors_end = columns - columns % kWidth;  // full vectors of weight columns
   const int64_t padded = vectors_end < columns ? vectors_end + kWidth : vectors_end;
   for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t c = 0; c < padded; c += kWidth) store(acc[m] + c, splat(0.0f));
+    for (int64_t c = 0; c < padded; c += kWidth) store(acc + m * acc_stride + c, splat(0.0f));
   }
   const T* weight = static_cast<const T*>(p.b.data) + n_begin;
   const auto load_weight = [&](const T* row, int64_t c) {
     return c < vectors_end ? load(row + c) : load_partial(row + c, columns - c);
   };
-  int64_t k = 0;
-  for (; k + kStreamedWeightRows <= p.K; k += kStreamedWeightRows) {
+  int64_t k = k_begin;
+  for (; k + kStreamedWeightRows <= k_end; k += kStreamedWeightRows) {
     const T* streams[kStreamedWeightRows];  // weight rows k .. k + kStreamedWeightRows
     for (int j = 0; j < kStreamedWeightRows; ++j) streams[j] = weight + (k + j) * p.b.col_stride;
     const int64_t ahead = k + 2 * kStreamedWeightRows <= p.K ? kStreamedWeightRows * p.b.col_stride : 0;
@@ -226,63 +235,90 @@ void column_pass(const GemmParams& p, int64_t m_begin, int64_t rows, int64_t n_b
         w[j] = load_weight(streams[j], c);
       }
       for (int64_t m = 0; m < rows; ++m) {
-        Vec sum = load(acc[m] + c);
+        Vec sum = load(acc + m * acc_stride + c);
         for (int j = 0; j < kStreamedWeightRows; ++j) sum += x[m][j] * w[j];
-        store(acc[m] + c, sum);
+        store(acc + m * acc_stride + c, sum);
       }
     }
   }
-  for (; k < p.K; ++k) {
+  for (; k < k_end; ++k) {
     const T* row = weight + k * p.b.col_stride;
     for (int64_t c = 0; c < padded; c += kWidth) {
       const Vec w = load_weight(row, c);
       for (int64_t m = 0; m < rows; ++m) {
-        store(acc[m] + c, load(acc[m] + c) + to_float(row_of<T>(p.a, m_begin + m)[k]) * w);
-      }
-    }
-  }
-  const T* bias = static_cast<const T*>(p.bias);
-  for (int64_t m = 0; m < rows; ++m) {
-    T* out = static_cast<T*>(p.out.data) + (m_begin + m) * p.out.row_stride + n_begin;
-    for (int64_t c = 0; c < padded; c += kWidth) {
-      Vec value = load(acc[m] + c);
-      if (c < vectors_end) {
-        if (bias) value += load(bias + n_begin + c);
-        store(out + c, value);
-      } else {
-        if (bias) value += load_partial(bias + n_begin + c, columns - c);
-        store_partial(out + c, value, columns - c);
+        float* sums = acc + m * acc_stride + c;
+        store(sums, load(sums) + to_float(row_of<T>(p.a, m_begin + m)[k]) * w);
       }
     }
   }
 }
 
-// out[:, n_begin .. n_end) with the weight stored (K, N): one column_pass per kColumnPassRows rows of a,
-// each reading the task's columns of the weight again (from L2 when they fit).
+// out[m, n_begin .. n_end) = bias + the chunks' partial sums added in chunk order, where chunk c's sum
+// for row m is at partial + (c * M + m) * stride.
 template <typename T>
-void columns_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
-  for (int64_t m = 0; m < p.M; m += kColumnPassRows) {
-    column_pass<T>(p, m, p.M - m < kColumnPassRows ? p.M - m : kColumnPassRows, n_begin, n_end);
+void sum_chunks(const GemmParams& p, const float* partial, int64_t stride, int64_t chunks, int64_t n_begin,
+                int64_t n_end) {
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int64_t m = 0; m < p.M; ++m) {
+    T* out = static_cast<T*>(p.out.data) + m * p.out.row_stride;
+    for (int64_t n = n_begin; n < n_end; n += kWidth) {
+      const int64_t count = n_end - n < kWidth ? n_end - n : kWidth;
+      Vec value = load(partial + m * stride + n);
+      for (int64_t c = 1; c < chunks; ++c) value += load(partial + (c * p.M + m) * stride + n);
+      if (count == kWidth) {
+        if (bias) value += load(bias + n);
+        store(out + n, value);
+      } else {
+        if (bias) value += load_partial(bias + n, count);
+        store_partial(out + n, value, count);
+      }
+    }
   }
+}
+
+// With the weight stored (K, N): tasks of kChunkWeightRows weight rows by a range of columns, each one
+// block of the weight, write their partial sums; sum_chunks adds them.
+template <typename T>
+void skinny_gemm_transposed(const GemmParams& p) {
+  const int threads = threads_for(static_cast<int64_t>(p.N) * p.K);
+  const int64_t chunks = ceil_div(p.K, kChunkWeightRows);
+  const int64_t wanted_ranges = ceil_div(threads, chunks);  // > 1 only when K has fewer chunks than threads
+  const int64_t min_ranges = ceil_div(p.N, kMaxColumnsPerTask);
+  const int64_t range_columns =
+      round_up(ceil_div(p.N, wanted_ranges > min_ranges ? wanted_ranges : min_ranges), kWidth);
+  const int64_t ranges = ceil_div(p.N, range_columns);
+  const int64_t stride = round_up(p.N, kWidth);
+  ThreadScratch<float> partial(1, chunks * p.M * stride);  // (chunks, M, N rounded up to kWidth)
+  float* sums = partial.for_thread(0);
+  parallel_for(chunks * ranges, threads, [&](int64_t task) {
+    const int64_t chunk = task / ranges;
+    const int64_t n_begin = task % ranges * range_columns;
+    const int64_t n_end = n_begin + range_columns < p.N ? n_begin + range_columns : p.N;
+    const int64_t k_begin = chunk * kChunkWeightRows;
+    const int64_t k_end = k_begin + kChunkWeightRows < p.K ? k_begin + kChunkWeightRows : p.K;
+    for (int64_t m = 0; m < p.M; m += kColumnPassRows) {
+      const int64_t rows = p.M - m < kColumnPassRows ? p.M - m : kColumnPassRows;
+      column_pass<T>(p, m, rows, n_begin, n_end, k_begin, k_end, sums + (chunk * p.M + m) * stride + n_begin,
+                     stride);
+    }
+  });
+  parallel_for(ceil_div(p.N, kSumColumnsPerTask), threads_for(chunks * p.M * p.N), [&](int64_t task) {
+    const int64_t n_begin = task * kSumColumnsPerTask;
+    sum_chunks<T>(p, sums, stride, chunks, n_begin,
+                  n_begin + kSumColumnsPerTask < p.N ? n_begin + kSumColumnsPerTask : p.N);
+  });
 }
 
 template <typename T>
 void skinny_gemm_typed(const GemmParams& p) {
-  const bool rows_contiguous = p.b.col_stride == 1;
+  if (p.b.col_stride != 1) {
+    skinny_gemm_transposed<T>(p);
+    return;
+  }
   const int threads = threads_for(static_cast<int64_t>(p.N) * p.K);
-  const int64_t columns_per_thread = ceil_div(ceil_div(p.N, threads), kWidth) * kWidth;
-  const int64_t per_task =
-      rows_contiguous ? kWeightRowsPerTask
-                      : (columns_per_thread < kMaxColumnsPerTask ? columns_per_thread : kMaxColumnsPerTask);
-  const int64_t tasks = ceil_div(p.N, per_task);
-  parallel_for(tasks, threads, [&](int64_t task) {
-    const int64_t begin = task * per_task;
-    const int64_t end = begin + per_task < p.N ? begin + per_task : p.N;
-    if (rows_contiguous) {
-      rows_block<T>(p, begin, end);
-    } else {
-      columns_block<T>(p, begin, end);
-    }
+  parallel_for(ceil_div(p.N, kWeightRowsPerTask), threads, [&](int64_t task) {
+    const int64_t begin = task * kWeightRowsPerTask;
+    rows_block<T>(p, begin, begin + kWeightRowsPerTask < p.N ? begin + kWeightRowsPerTask : p.N);
   });
 }
 
