@@ -42,8 +42,9 @@ void gemm_epilogue(const GemmParams& p);
 // out = a @ b^T (+ p.bias) for few rows of a (p.M <= kSkinnyGemmMaxRows), a with unit column stride,
 // b with unit column stride ((N, K) rows) or unit row stride (a transposed (K, N) weight): one pass over
 // b, split over threads by rows of b, or, stored (K, N), by fixed chunks of K (and column blocks), whose
-// partial sums are added in chunk order. Reads a, b, bias; writes out. Up to 16 rows it beats BLAS on
-// every GPT-2 projection (benchmarks/cpu_linear.py); at 32 the two are even.
+// partial sums are added in chunk order. Reads a, b, bias; writes out. Up to 16 rows it beat BLAS on
+// every GPT-2 projection on the 2-core EPYC (benchmarks/cpu_linear.py), and at 32 the two were even; on
+// the 2-core Xeon it trails at 768 x 768 with 2-4 rows (0.8-0.9x, calls of 20-40 us).
 // With b stored (K, N) each further group of 4 rows re-reads the weight: streaming GPT-2 small's Conv1D
 // weights from DRAM on the 2-core Xeon, 1.0x BLAS at 1 row, 1.5-1.7x at 2-4, even at 8, 0.75x at 16
 // (2 threads; 1.0-1.6x, 1.1x and 0.9x on one), so that layout takes the kernel up to 4 rows.

@@ -3,8 +3,8 @@
 // the weights.
 //
 // Each thread streams a contiguous range of weight rows and the rows of a stay in L1. Up to
-// kStreamMaxRows rows of a, each weight row is read front to back as one sequential stream (its dot
-// product with every row of a, one row of a at a time, the weight row re-read from L1); with more rows,
+// kStreamMaxRows rows of a, each weight row is read front to back as one sequential stream (each vector
+// of it multiplied by every row of a, the next rows prefetched); with more rows,
 // kWeightRows weight rows are multiplied together so each weight vector loaded serves a register block of
 // rows of a. Measured on 2 cores of an AMD EPYC, one row through all GPT-2 small weights (495 MB, from
 // DRAM): the sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages,
@@ -54,6 +54,12 @@ constexpr int kWeightRows = 4;
 // How far ahead (in weight rows) dot_block prefetches: the next block's rows (8 and 16 measured no
 // better).
 constexpr int64_t kPrefetchRows = kWeightRows;
+
+// How far ahead (in weight rows) row_stream prefetches. Without it one core kept too few reads in
+// flight once a step did more than one row's multiplies: GPT-2's LM head (50257 x 768) from DRAM on
+// the 2-core Xeon read 26 / 21 / 21 GB/s at 1 / 2 / 4 rows of a, 29 / 31-34 / 30-31 with it (BLAS 30,
+// 30, 15). One row ahead and two measured the same within the noise.
+constexpr int64_t kStreamPrefetchRows = 2;
 
 // Rows of a per pass over a weight row block: kRowsPerPass x kWeightRows accumulators, plus the 4
 // weight vectors and one a vector, fit the register file (4 x 4 + 5 = 21 of AVX-512's 32; 2 x 4 + 5 =
@@ -110,30 +116,50 @@ const T* row_of(const Matrix& m, int64_t row) {
   return static_cast<const T*>(m.data) + row * m.row_stride;
 }
 
-// out[m, n] for every row m of a: weight row n read front to back once (for the first row of a; the
-// others re-read it from L1), kStreamVecs vectors per step into independent accumulators.
-template <typename T>
+// out[m, n] for the kRows rows of a: weight row n read front to back once, each vector of it multiplied
+// by all kRows rows of a before the next is loaded, kStreamVecs vectors per step into independent
+// accumulators. One pass over the weight row for all rows of a: with a pass per row of a, re-reading
+// the weight row from L1, 4 rows ran 1.3-1.45x BLAS on GPT-2's 2304 x 768 and 3072 x 768 (in cache,
+// benchmarks/cpu_linear.py), 1.85-1.9x with one pass.
+template <typename T, int kRows>
 void row_stream(const GemmParams& p, int64_t n) {
   const T* weight = row_of<T>(p.b, n);
-  const T* bias = static_cast<const T*>(p.bias);
+  const T* next_weight = row_of<T>(p.b, n + kStreamPrefetchRows < p.N ? n + kStreamPrefetchRows : n);
+  const T* a[kRows];
+  for (int i = 0; i < kRows; ++i) a[i] = row_of<T>(p.a, i);
   const int64_t step = kStreamVecs * kWidth;
   const int64_t steps_end = p.K - p.K % step;
   const int64_t vecs_end = p.K - p.K % kWidth;
-  for (int64_t m = 0; m < p.M; ++m) {
-    const T* a = row_of<T>(p.a, m);
-    Vec acc[kStreamVecs];
-    for (int v = 0; v < kStreamVecs; ++v) acc[v] = splat(0.0f);
-    for (int64_t k = 0; k < steps_end; k += step) {
-      for (int v = 0; v < kStreamVecs; ++v) acc[v] += load(weight + k + v * kWidth) * load(a + k + v * kWidth);
-    }
-    for (int64_t k = steps_end; k < vecs_end; k += kWidth) acc[0] += load(weight + k) * load(a + k);
-    if (vecs_end < p.K) {
-      acc[0] += load_partial(weight + vecs_end, p.K - vecs_end) * load_partial(a + vecs_end, p.K - vecs_end);
-    }
-    for (int v = 1; v < kStreamVecs; ++v) acc[0] += acc[v];
-    T* out = static_cast<T*>(p.out.data) + m * p.out.row_stride;
-    out[n] = from_float<T>(halving_sum<kWidth>(acc[0]) + (bias ? to_float(bias[n]) : 0.0f));
+  Vec acc[kRows][kStreamVecs];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kStreamVecs; ++v) acc[i][v] = splat(0.0f);
   }
+  for (int64_t k = 0; k < steps_end; k += step) {
+    for (int v = 0; v < kStreamVecs; ++v) {
+      __builtin_prefetch(next_weight + k + v * kWidth);
+      const Vec w = load(weight + k + v * kWidth);
+      for (int i = 0; i < kRows; ++i) acc[i][v] += w * load(a[i] + k + v * kWidth);
+    }
+  }
+  for (int64_t k = steps_end; k < vecs_end; k += kWidth) {
+    const Vec w = load(weight + k);
+    for (int i = 0; i < kRows; ++i) acc[i][0] += w * load(a[i] + k);
+  }
+  if (vecs_end < p.K) {
+    const Vec w = load_partial(weight + vecs_end, p.K - vecs_end);
+    for (int i = 0; i < kRows; ++i) acc[i][0] += w * load_partial(a[i] + vecs_end, p.K - vecs_end);
+  }
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 1; v < kStreamVecs; ++v) acc[i][0] += acc[i][v];
+    T* out = static_cast<T*>(p.out.data) + i * p.out.row_stride;
+    out[n] = from_float<T>(halving_sum<kWidth>(acc[i][0]) + (bias ? to_float(bias[n]) : 0.0f));
+  }
+}
+
+template <typename T, int kRows>
+void stream_rows(const GemmParams& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) row_stream<T, kRows>(p, n);
 }
 
 // out[m, n .. n + weight_rows) for m in [m_begin, m_begin + kRows): dot products over K of rows of a
@@ -187,9 +213,12 @@ void dot_block(const GemmParams& p, int64_t m_begin, int64_t n, int weight_rows)
 
 template <typename T>
 void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
-  if (p.M <= kStreamMaxRows) {
-    for (int64_t n = n_begin; n < n_end; ++n) row_stream<T>(p, n);
-    return;
+  static_assert(kStreamMaxRows == 4, "one stream_rows instance per row count up to kStreamMaxRows");
+  switch (p.M) {
+    case 1: return stream_rows<T, 1>(p, n_begin, n_end);
+    case 2: return stream_rows<T, 2>(p, n_begin, n_end);
+    case 3: return stream_rows<T, 3>(p, n_begin, n_end);
+    case 4: return stream_rows<T, 4>(p, n_begin, n_end);
   }
   for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
     const int weight_rows = static_cast<int>(n_end - n < kWeightRows ? n_end - n : kWeightRows);
