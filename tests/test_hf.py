@@ -6,6 +6,7 @@ float32 transformers model sets the error budget.
 """
 
 import copy
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -444,6 +445,36 @@ def test_patched_generate_matches_unpatched(cache_implementation, attention_call
         assert attention_calls == {"fastgpt": 2 * 12, "sdpa": 0}  # prefill and decode, cached
     else:
         assert attention_calls == {"fastgpt": 2, "sdpa": 2 * 11}  # the prefill; the decode steps
+
+
+def lm_head_input_shapes_in_generate(model, prompt, new_tokens):
+    """The shape of every input the model's LM head receives during a greedy generate()."""
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape))
+    try:
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    finally:
+        hook.remove()
+    return shapes
+
+
+def test_patched_generate_forms_the_logits_of_the_last_position_only():
+    """generate() passes logits_to_keep to a forward whose signature names it. The patched forward
+    reports GPT2LMHeadModel.forward's signature, so the prefill runs the LM head on one position per
+    sequence, as unpatched, instead of on the whole prompt."""
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    assert inspect.signature(patched.forward) == inspect.signature(hf.forward)
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    one_position = torch.Size([2, 1, hf.config.n_embd])
+    assert lm_head_input_shapes_in_generate(hf, prompt, 3) == [one_position] * 3
+    assert lm_head_input_shapes_in_generate(patched, prompt, 3) == [one_position] * 3
 
 
 def test_patched_gpt2_compiles_fullgraph():

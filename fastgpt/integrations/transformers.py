@@ -46,6 +46,7 @@ them), and so does the fused loss's model.
 """
 
 import functools
+import inspect
 import sys
 import warnings
 
@@ -260,12 +261,25 @@ def _conv1d_class():
     return Conv1D
 
 
-def _bind_forward(module, function):
+class _ForwardWithClassSignature(functools.partial):
+    """A patched forward taking (*args, **kwargs) that reports the signature of its module's class
+    forward, the one it stands in for: transformers reads forward's signature, and generate() passes
+    logits_to_keep only to a forward that names it. Without it a patched GPT2LMHeadModel formed the
+    prompt's logits at every position in prefill (B x prompt x vocab, where one row per sequence is
+    read)."""
+
+    @property
+    def __signature__(self):
+        module = self.args[0]
+        return inspect.signature(functools.partial(type(module).forward, module))
+
+
+def _bind_forward(module, function, partial=functools.partial):
     """Makes `function` (a module-level function taking the module first) the module's forward, as a
     functools.partial rather than a bound method: pickle saves a bound method as getattr(module,
     function.__name__), a name the loaded module lacks, so torch.save(model) wrote a file that
     torch.load could not read; a partial pickles the function by reference and the module with it."""
-    module.forward = functools.partial(function, module)
+    module.forward = partial(function, module)
 
 
 def _set_attention_implementation(model, name):
@@ -332,7 +346,7 @@ def _patch_loss(model, lm_class, backend):
     with a forward of its own would lose what their forward adds."""
     if isinstance(model, lm_class) and type(model).forward is lm_class.forward:
         model.fastgpt_backend = backend
-        _bind_forward(model, _causal_lm_forward)
+        _bind_forward(model, _causal_lm_forward, _ForwardWithClassSignature)
 
 
 def _patch_layer_norms(model, backend):
