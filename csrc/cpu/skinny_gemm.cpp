@@ -43,6 +43,13 @@ namespace fastgpt::cpu::FASTGPT_ISA {
 // a weight row is streamed alone, bound the time, and the register blocks of dot_block win.
 constexpr int64_t kStreamMaxRows = 4;
 
+// Weight row length (K x element size) up to which those rows of a are streamed; longer rows go to
+// dot_block whatever the row count. Measured on the 2-core Xeon, GPT-2's 768 x 3072 MLP projection (rows
+// of 12 KiB) from DRAM against BLAS, streamed vs dot_block: 1 row 0.84-0.87x vs 0.96-0.97x, 2 rows 0.74x
+// vs 0.97-0.99x, 3 rows 0.54-0.59x vs 0.84-0.98x, 4 rows 0.96x vs 1.65x (4 rows of a of 12 KiB no longer
+// stay in L1 next to the weight stream). The 3 KiB rows of K = 768 stream at 0.98-1.03x.
+constexpr int64_t kStreamMaxRowBytes = 8192;
+
 // Vectors of one weight row in flight per step of row_stream: 4 independent accumulator chains cover
 // the multiply-add latency (2 measured the same, 8 no better).
 constexpr int kStreamVecs = 4;
@@ -211,17 +218,39 @@ void dot_block(const GemmParams& p, int64_t m_begin, int64_t n, int weight_rows)
   }
 }
 
+// out[:, n .. n + weight_rows) for fewer rows of a than one pass takes (p.M < kRowsPerPass), in one
+// pass over the weight block.
+template <typename T>
+void dot_block_few_rows(const GemmParams& p, int64_t n, int weight_rows) {
+  if constexpr (kRowsPerPass > 3) {
+    if (p.M == 3) return dot_block<T, 3>(p, 0, n, weight_rows);
+  }
+  if constexpr (kRowsPerPass > 2) {
+    if (p.M == 2) return dot_block<T, 2>(p, 0, n, weight_rows);
+  }
+  dot_block<T, 1>(p, 0, n, weight_rows);
+}
+
+// Up to kStreamMaxRows rows of a and rows of at most kStreamMaxRowBytes, row_stream; otherwise
+// dot_block, in passes of kRowsPerPass rows of a, each row left after them in a pass of its own. One
+// pass for the 2-3 rows left measured slower at K = 3072 (7 rows: 1.22-1.24x BLAS, against 1.44-1.46x).
 template <typename T>
 void rows_block(const GemmParams& p, int64_t n_begin, int64_t n_end) {
   static_assert(kStreamMaxRows == 4, "one stream_rows instance per row count up to kStreamMaxRows");
-  switch (p.M) {
-    case 1: return stream_rows<T, 1>(p, n_begin, n_end);
-    case 2: return stream_rows<T, 2>(p, n_begin, n_end);
-    case 3: return stream_rows<T, 3>(p, n_begin, n_end);
-    case 4: return stream_rows<T, 4>(p, n_begin, n_end);
+  if (p.K * static_cast<int64_t>(sizeof(T)) <= kStreamMaxRowBytes) {
+    switch (p.M) {
+      case 1: return stream_rows<T, 1>(p, n_begin, n_end);
+      case 2: return stream_rows<T, 2>(p, n_begin, n_end);
+      case 3: return stream_rows<T, 3>(p, n_begin, n_end);
+      case 4: return stream_rows<T, 4>(p, n_begin, n_end);
+    }
   }
   for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
     const int weight_rows = static_cast<int>(n_end - n < kWeightRows ? n_end - n : kWeightRows);
+    if (p.M < kRowsPerPass) {
+      dot_block_few_rows<T>(p, n, weight_rows);
+      continue;
+    }
     int64_t m = 0;
     for (; m + kRowsPerPass <= p.M; m += kRowsPerPass) dot_block<T, kRowsPerPass>(p, m, n, weight_rows);
     for (; m < p.M; ++m) dot_block<T, 1>(p, m, n, weight_rows);

@@ -1,7 +1,7 @@
 // skinny_gemm (out = a @ b^T + bias for up to kSkinnyGemmMaxRows rows of a) against float64, for every
 // instruction set and dtype, with b stored (N, K) and transposed (K, N): row counts that fill and miss
-// the register blocking, ragged N and K (the vector tails), padded row strides, several tasks, and with
-// and without bias.
+// the register blocking (every remainder of it), ragged N and K (the vector tails), rows long enough to
+// leave the streamed path, padded row strides, several tasks, and with and without bias.
 #include "test_util.h"
 
 namespace fastgpt::test {
@@ -58,12 +58,14 @@ int main() {
   for_each_isa([&](cpu::Isa isa) {
     for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
       for (bool transposed : {false, true}) {
-        for (int64_t M : {1, 2, 3, 5, 8, 16}) {
+        for (int64_t M : {1, 2, 3, 5, 6, 7, 8, 16}) {
           run_case(M, 70, 131, dtype, true, transposed, isa, rng);
           run_case(M, 3, 16, dtype, false, transposed, isa, rng);
         }
         run_case(1, 1, 1, dtype, true, transposed, isa, rng);
         run_case(4, 300, 768, dtype, true, transposed, isa, rng);  // several tasks
+        // Rows longer than kStreamMaxRowBytes (8 KiB in either dtype): up to 4 rows of a take dot_block.
+        for (int64_t M : {1, 2, 3}) run_case(M, 37, 4099, dtype, true, transposed, isa, rng);
         // With b stored (K, N): more columns than one task holds (kMaxColumnsPerTask = 4096), a last
         // task of 37, and K not a multiple of the 4 weight rows streamed together.
         run_case(5, 4133, 23, dtype, true, transposed, isa, rng);
