@@ -3,8 +3,9 @@
 // the weights.
 //
 // Each thread streams a contiguous range of weight rows and the rows of a stay in L1. Up to
-// kStreamMaxRows rows of a, each weight row is read front to back as one sequential stream (each vector
-// of it multiplied by every row of a, the next rows prefetched); with more rows,
+// kStreamMaxRows rows of a and weight rows of up to kStreamMaxRowBytes, each weight row is read front to
+// back as one sequential stream (each vector of it multiplied by every row of a, the next rows
+// prefetched); with more rows, or longer ones,
 // kWeightRows weight rows are multiplied together so each weight vector loaded serves a register block of
 // rows of a. Measured on 2 cores of an AMD EPYC, one row through all GPT-2 small weights (495 MB, from
 // DRAM): the sequential stream reads 33 GB/s on 4 KiB pages and 45-50 GB/s on transparent huge pages,
