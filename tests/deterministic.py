@@ -1,4 +1,5 @@
-"""torch.use_deterministic_algorithms(True) for a block of a test, with the previous setting restored."""
+"""Settings that determinism tests change for a block of a test, each restored after it:
+torch.use_deterministic_algorithms(True), and the number of intra-op threads."""
 
 import contextlib
 
@@ -19,3 +20,15 @@ def deterministic_algorithms(warn_only=True):
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@contextlib.contextmanager
+def intra_op_threads(count):
+    """torch.set_num_threads(count) inside (the cpu kernels' OpenMP thread count too), the previous count
+    restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

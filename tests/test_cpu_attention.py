@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
+from deterministic import intra_op_threads
 from tolerance import assert_close
 
 from fastgpt import functional, reference
@@ -176,14 +177,10 @@ def test_attention_backward_is_deterministic_across_thread_counts():
     k, v = k[:, :1], v[:, :1]
     upstream = torch.randn(1, 3, 150, 64)
     grads = []
-    threads = torch.get_num_threads()
     for count in (2, 1, 2):
-        torch.set_num_threads(count)
-        try:
+        with intra_op_threads(count):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             (cpu_attention(*leaves) * upstream).sum().backward()
-        finally:
-            torch.set_num_threads(threads)
         grads.append([leaf.grad for leaf in leaves])
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
@@ -259,13 +256,9 @@ def test_decode_attention_is_deterministic_across_thread_counts():
     # on the shape only, so one thread and two give the same bits.
     q, k, v = decode_inputs(1, 4, 1, 1, 1000, 64, torch.float32)
     results = []
-    threads = torch.get_num_threads()
     for count in (2, 1):
-        torch.set_num_threads(count)
-        try:
+        with intra_op_threads(count):
             results.append(torch.ops.fastgpt.attention_forward(q, k, v, 0.125))
-        finally:
-            torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("fastgpt.ops.compiled", reason="fastgpt._C (the cpu backend) is not built")
 
+from deterministic import intra_op_threads
 from tolerance import assert_close
 
 from fastgpt import functional, reference
@@ -164,13 +165,9 @@ def test_linear_is_deterministic_across_thread_counts(in_out_weight):
     x, bias = torch.randn(4, 768), torch.randn(512)
     weight = torch.randn(768, 512).t() if in_out_weight else torch.randn(512, 768)
     outputs = []
-    threads = torch.get_num_threads()
     for count in (2, 1):
-        torch.set_num_threads(count)
-        try:
+        with intra_op_threads(count):
             outputs.append(compiled.linear(x, weight, bias))
-        finally:
-            torch.set_num_threads(threads)
     assert torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
 
@@ -277,14 +274,10 @@ def test_layer_norm_gradient_through_the_residual_sum_only():
 def test_layer_norm_weight_grad_is_deterministic_across_thread_counts():
     x, dout = torch.randn(3000, 96), torch.randn(3000, 96)
     grads = []
-    threads = torch.get_num_threads()
     for count in (2, 1):
-        torch.set_num_threads(count)
-        try:
+        with intra_op_threads(count):
             weight = torch.randn(96, generator=torch.Generator().manual_seed(1)).requires_grad_()
             (functional.layer_norm(x, weight, None, backend="cpu") * dout).sum().backward()
-        finally:
-            torch.set_num_threads(threads)
         grads.append(weight.grad)
     assert torch.equal(grads[0], grads[1])
 
