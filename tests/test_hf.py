@@ -477,6 +477,29 @@ def test_patched_generate_forms_the_logits_of_the_last_position_only():
     assert lm_head_input_shapes_in_generate(patched, prompt, 3) == [one_position] * 3
 
 
+def test_patched_forwards_take_their_class_forwards_arguments_by_name():
+    """Every patched forward reports its class forward's signature and takes its input by the name that
+    signature gives (nn.LayerNorm's and nn.Linear's `input`, Conv1D's `x`, GPT2MLP's `hidden_states`),
+    with the patched result."""
+    hf = random_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf), backend="reference")
+    block, hf_block = patched.transformer.h[0], hf.transformer.h[0]
+    x = torch.randn(2, 5, hf.config.n_embd)
+    pairs = [
+        (block.ln_1, hf_block.ln_1, x),
+        (block.attn.c_attn, hf_block.attn.c_attn, x),
+        (block.mlp, hf_block.mlp, x),
+        (patched.lm_head, hf.lm_head, x),
+    ]
+    for module, original, value in pairs:
+        signature = inspect.signature(module.forward)
+        assert signature == inspect.signature(original.forward), type(module).__name__
+        (name,) = signature.parameters
+        by_name = module(**{name: value})
+        assert torch.equal(by_name, module(value)), type(module).__name__
+        torch.testing.assert_close(by_name, original(value), rtol=0, atol=1e-5)
+
+
 def test_patched_gpt2_compiles_fullgraph():
     """Dynamo captures the patched model in one graph and AOTAutograd traces it (aot_eager: inductor's
     code generation for transformers' own ops is not what this checks)."""

@@ -39,7 +39,8 @@ mask turned into the additive float mask eager attention adds to its scores.
   a `logits_to_keep` that drops positions, `return_dict=False` or more than one positional argument,
   transformers' forward runs unchanged.
 Only `forward` attributes of the module instances change (each a functools.partial of a function
-here, so torch.save of the whole model loads back patched); parameters stay the same objects, so
+here, so torch.save of the whole model loads back patched; each reports its class forward's signature
+and takes the same arguments by the same names); parameters stay the same objects, so
 optimizers, state dicts and save_pretrained keep working. Under torch.autocast the patched MLP,
 LayerNorm and projections call their original forward (the fused ops take one dtype; autocast mixes
 them), and so does the fused loss's model.
@@ -183,11 +184,18 @@ def _projection_forward(self, x):
     return linear(x, weight, self.bias, backend=self.fastgpt_backend)
 
 
-def _layer_norm_forward(self, x):
-    """nn.LayerNorm.forward over the last dimension on fastgpt.layer_norm."""
-    if torch.is_autocast_enabled(x.device.type):
-        return type(self).forward(self, x)
-    return layer_norm(x, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
+def _lm_head_forward(self, input):
+    """nn.Linear.forward of the LM head, as _projection_forward (`input`: nn.Linear's name, for keyword
+    calls)."""
+    return _projection_forward(self, input)
+
+
+def _layer_norm_forward(self, input):
+    """nn.LayerNorm.forward over the last dimension on fastgpt.layer_norm (`input`: nn.LayerNorm's name,
+    for keyword calls)."""
+    if torch.is_autocast_enabled(input.device.type):
+        return type(self).forward(self, input)
+    return layer_norm(input, self.weight, self.bias, self.eps, backend=self.fastgpt_backend)
 
 
 IGNORE_INDEX = -100
@@ -262,11 +270,11 @@ def _conv1d_class():
 
 
 class _ForwardWithClassSignature(functools.partial):
-    """A patched forward taking (*args, **kwargs) that reports the signature of its module's class
-    forward, the one it stands in for: transformers reads forward's signature, and generate() passes
-    logits_to_keep only to a forward that names it. Without it a patched GPT2LMHeadModel formed the
-    prompt's logits at every position in prefill (B x prompt x vocab, where one row per sequence is
-    read)."""
+    """A patched forward that reports the signature of its module's class forward, the one it stands in
+    for, and takes the same arguments by the same names: transformers reads forward's signature, and
+    generate() passes logits_to_keep only to a forward that names it. Without it a patched
+    GPT2LMHeadModel, whose function takes (*args, **kwargs), formed the prompt's logits at every
+    position in prefill (B x prompt x vocab, where one row per sequence is read)."""
 
     @property
     def __signature__(self):
@@ -274,12 +282,13 @@ class _ForwardWithClassSignature(functools.partial):
         return inspect.signature(functools.partial(type(module).forward, module))
 
 
-def _bind_forward(module, function, partial=functools.partial):
-    """Makes `function` (a module-level function taking the module first) the module's forward, as a
-    functools.partial rather than a bound method: pickle saves a bound method as getattr(module,
-    function.__name__), a name the loaded module lacks, so torch.save(model) wrote a file that
-    torch.load could not read; a partial pickles the function by reference and the module with it."""
-    module.forward = partial(function, module)
+def _bind_forward(module, function):
+    """Makes `function` (a module-level function taking the module first, then the class forward's
+    arguments by the same names) the module's forward, as a functools.partial rather than a bound
+    method: pickle saves a bound method as getattr(module, function.__name__), a name the loaded module
+    lacks, so torch.save(model) wrote a file that torch.load could not read; a partial pickles the
+    function by reference and the module with it."""
+    module.forward = _ForwardWithClassSignature(function, module)
 
 
 def _set_attention_implementation(model, name):
@@ -337,7 +346,7 @@ def _patch_projections(model, attention_class, backend):
     for projection in projections:
         projection.fastgpt_backend = backend
         projection.fastgpt_weight_is_in_out = isinstance(projection, conv1d)
-        _bind_forward(projection, _projection_forward)
+        _bind_forward(projection, _projection_forward if isinstance(projection, conv1d) else _lm_head_forward)
 
 
 def _patch_loss(model, lm_class, backend):
@@ -346,7 +355,7 @@ def _patch_loss(model, lm_class, backend):
     with a forward of its own would lose what their forward adds."""
     if isinstance(model, lm_class) and type(model).forward is lm_class.forward:
         model.fastgpt_backend = backend
-        _bind_forward(model, _causal_lm_forward, _ForwardWithClassSignature)
+        _bind_forward(model, _causal_lm_forward)
 
 
 def _patch_layer_norms(model, backend):
