@@ -40,9 +40,8 @@ constexpr int64_t kColumnsPerTask = 1024;
 
 template <typename T>
 inline Vec load_logits(const T* row, const T* bias, int64_t c, int64_t vocab) {
-  const bool full = c + kWidth <= vocab;
-  Vec v = full ? load(row + c) : load_partial(row + c, vocab - c);
-  if (bias) v += full ? load(bias + c) : load_partial(bias + c, vocab - c);
+  Vec v = load_columns(row, c, vocab);
+  if (bias) v += load_columns(bias, c, vocab);
   return v;
 }
 
@@ -84,12 +83,7 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
     if (!with_grad) return;
     const float scale = p.row_grad ? p.row_grad[n] : 1.0f;
     for (int64_t c = 0; c < vocab; c += kWidth) {
-      Vec grad = exp(load_logits(row, bias, c, vocab) - lse) * scale;
-      if (c + kWidth <= vocab) {
-        store(row + c, grad);
-      } else {
-        store_partial(row + c, grad, vocab - c);
-      }
+      store_columns(row, c, vocab, exp(load_logits(row, bias, c, vocab) - lse) * scale);
     }
     if (in_range) row[target] = from_float<T>((std::exp(target_logit - lse) - 1.0f) * scale);
   });
@@ -100,18 +94,11 @@ void chunk(const CrossEntropyParams& p, int64_t row_begin, int64_t rows, T* logi
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < vocab ? begin + kColumnsPerTask : vocab;
     for (int64_t c = begin; c < end; c += kWidth) {
-      const int64_t count = end - c < kWidth ? end - c : kWidth;
-      VecDouble sum = __builtin_convertvector(count == kWidth ? load(p.dbias + c) : load_partial(p.dbias + c, count),
-                                              VecDouble);
+      VecDouble sum = __builtin_convertvector(load_columns(p.dbias, c, end), VecDouble);
       for (int64_t r = 0; r < rows; ++r) {
-        const T* row = logits + r * stride + c;
-        sum += __builtin_convertvector(count == kWidth ? load(row) : load_partial(row, count), VecDouble);
+        sum += __builtin_convertvector(load_columns(logits + r * stride, c, end), VecDouble);
       }
-      if (count == kWidth) {
-        store(p.dbias + c, __builtin_convertvector(sum, Vec));
-      } else {
-        store_partial(p.dbias + c, __builtin_convertvector(sum, Vec), count);
-      }
+      store_columns(p.dbias, c, end, __builtin_convertvector(sum, Vec));
     }
   });
 }

@@ -114,28 +114,17 @@ void forward_rows(const GemmParams& p, int64_t row_begin, int64_t row_end) {
     T* act = has_activation ? element<T>(p.activation_out, m) : nullptr;
     const T* residual = has_residual ? element<T>(p.residual, m) : nullptr;
     for (int64_t n = 0; n < p.N; n += kWidth) {
-      const int64_t count = p.N - n < kWidth ? p.N - n : kWidth;
-      const bool full = count == kWidth;
-      Vec value = full ? load(out + n) : load_partial(out + n, count);
-      if (bias) value += full ? load(bias + n) : load_partial(bias + n, count);
+      Vec value = load_columns(out, n, p.N);
+      if (bias) value += load_columns(bias, n, p.N);
       if (has_activation) {
         // Round h to T first: the backward recomputes act from the stored h.
         T stored[kWidth];
         store(stored, value);
-        if (full) {
-          store(out + n, value);
-        } else {
-          store_partial(out + n, value, count);
-        }
+        store_columns(out, n, p.N, value);
         value = activation<kActivation>(load(stored), nullptr);
       }
-      if (has_residual) value += full ? load(residual + n) : load_partial(residual + n, count);
-      T* target = has_activation ? act : out;
-      if (full) {
-        store(target + n, value);
-      } else {
-        store_partial(target + n, value, count);
-      }
+      if (has_residual) value += load_columns(residual, n, p.N);
+      store_columns(has_activation ? act : out, n, p.N, value);
     }
   }
 }
@@ -152,29 +141,14 @@ void backward_rows(const GemmParams& p, int64_t row_begin, int64_t row_end, floa
     const T* h_row = element<T>(p.activation_grad_input, m);
     T* act = recompute ? element<T>(p.activation_out, m) : nullptr;
     for (int64_t n = 0; n < p.N; n += kWidth) {
-      const int64_t count = p.N - n < kWidth ? p.N - n : kWidth;
-      const bool full = count == kWidth;
-      Vec h = full ? load(h_row + n) : load_partial(h_row + n, count);
       Vec derivative;
-      Vec value = activation<kActivation>(h, &derivative);
-      Vec grad = (full ? load(out + n) : load_partial(out + n, count)) * derivative;
+      Vec value = activation<kActivation>(load_columns(h_row, n, p.N), &derivative);
+      Vec grad = load_columns(out, n, p.N) * derivative;
       T stored[kWidth];
       store(stored, grad);
-      if (full) {
-        store(out + n, grad);
-        if (recompute) store(act + n, value);
-      } else {
-        store_partial(out + n, grad, count);
-        if (recompute) store_partial(act + n, value, count);
-      }
-      if (partial) {
-        Vec sum = (full ? load(partial + n) : load_partial(partial + n, count)) + load(stored);
-        if (full) {
-          store(partial + n, sum);
-        } else {
-          store_partial(partial + n, sum, count);
-        }
-      }
+      store_columns(out, n, p.N, grad);
+      if (recompute) store_columns(act, n, p.N, value);
+      if (partial) store_columns(partial, n, p.N, load_columns(partial, n, p.N) + load(stored));
     }
   }
 }
@@ -219,17 +193,11 @@ void sum_partials(const float* partials, int64_t rows, int64_t cols, float* out)
     const int64_t begin = task * kColumnsPerTask;
     const int64_t end = begin + kColumnsPerTask < cols ? begin + kColumnsPerTask : cols;
     for (int64_t c = begin; c < end; c += kWidth) {
-      const int64_t count = end - c < kWidth ? end - c : kWidth;
       VecDouble sum = {};
       for (int64_t r = 0; r < rows; ++r) {
-        const float* row = partials + r * cols + c;
-        sum += __builtin_convertvector(count == kWidth ? load(row) : load_partial(row, count), VecDouble);
+        sum += __builtin_convertvector(load_columns(partials + r * cols, c, end), VecDouble);
       }
-      if (count == kWidth) {
-        store(out + c, __builtin_convertvector(sum, Vec));
-      } else {
-        store_partial(out + c, __builtin_convertvector(sum, Vec), count);
-      }
+      store_columns(out, c, end, __builtin_convertvector(sum, Vec));
     }
   });
 }

@@ -39,20 +39,6 @@ namespace fastgpt::cpu::FASTGPT_ISA {
 // Rows per forward task: a few KiB of work per task at GPT-2 widths.
 constexpr int64_t kRowsPerTask = 8;
 
-template <typename T>
-inline Vec load_columns(const T* row, int64_t c, int64_t cols) {
-  return c + kWidth <= cols ? load(row + c) : load_partial(row + c, cols - c);
-}
-
-template <typename T>
-inline void store_columns(T* row, int64_t c, int64_t cols, Vec v) {
-  if (c + kWidth <= cols) {
-    store(row + c, v);
-  } else {
-    store_partial(row + c, v, cols - c);
-  }
-}
-
 // Lanes beyond `cols` of a tail vector are 0, so they add nothing to sums.
 inline Vec valid_lanes(Vec v, int64_t c, int64_t cols) {
   return c + kWidth <= cols ? v : vselect(iota(static_cast<int32_t>(c)) < static_cast<int32_t>(cols), v, splat(0.0f));

@@ -92,6 +92,21 @@ inline void store_partial(T* p, Vec v, int64_t n) {
   __builtin_memcpy(p, buffer, n * sizeof(T));
 }
 
+// Columns [c, c + kWidth) of a row of `cols` elements: the last vector of a row whose length is not a
+// multiple of kWidth holds only its remaining columns (the other lanes load as 0, and are not stored).
+template <typename T>
+inline Vec load_columns(const T* row, int64_t c, int64_t cols) {
+  return c + kWidth <= cols ? load(row + c) : load_partial(row + c, cols - c);
+}
+template <typename T>
+inline void store_columns(T* row, int64_t c, int64_t cols, Vec v) {
+  if (c + kWidth <= cols) {
+    store(row + c, v);
+  } else {
+    store_partial(row + c, v, cols - c);
+  }
+}
+
 // Lanes summed in index order, so every instruction set adds a row the same way.
 inline float reduce_sum(Vec v) {
   float sum = 0.0f;

@@ -321,16 +321,10 @@ void sum_chunks(const GemmParams& p, const float* partial, int64_t stride, int64
   for (int64_t m = 0; m < p.M; ++m) {
     T* out = static_cast<T*>(p.out.data) + m * p.out.row_stride;
     for (int64_t n = n_begin; n < n_end; n += kWidth) {
-      const int64_t count = n_end - n < kWidth ? n_end - n : kWidth;
       Vec value = load(partial + m * stride + n);
       for (int64_t c = 1; c < chunks; ++c) value += load(partial + (c * p.M + m) * stride + n);
-      if (count == kWidth) {
-        if (bias) value += load(bias + n);
-        store(out + n, value);
-      } else {
-        if (bias) value += load_partial(bias + n, count);
-        store_partial(out + n, value, count);
-      }
+      if (bias) value += load_columns(bias, n, n_end);
+      store_columns(out, n, n_end, value);
     }
   }
 }
