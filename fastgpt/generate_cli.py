@@ -1,5 +1,6 @@
 """`fastgpt generate PROMPT --checkpoint DIR`: sample a continuation with the KV-cache generate and print
-it as it is produced. DIR is a `fastgpt train` checkpoint or a local transformers GPT-2 directory."""
+it as it is produced; with --num-samples N, N continuations generated as one batch, printed when done.
+DIR is a `fastgpt train` checkpoint or a local transformers GPT-2 directory."""
 
 import sys
 
@@ -11,6 +12,7 @@ from fastgpt.train.errors import UserError
 from fastgpt.train.tokenizer import StreamDecoder
 
 DEFAULT_NEW_TOKENS = 256  # at most; fewer when the context window has less room after the prompt
+SAMPLE_SEPARATOR = "-" * 15  # the line after each of several samples, as nanoGPT's sample.py prints
 
 
 def add_arguments(parser):
@@ -27,6 +29,12 @@ def add_arguments(parser):
         "--top-p", type=float, help="sample within the smallest set of tokens of this probability"
     )
     parser.add_argument("--seed", type=int, default=1337, help="torch seed of the sampling (default: 1337)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="continuations of the prompt, generated as one batch (default: 1, streamed as it is produced)",
+    )
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
 
@@ -77,7 +85,27 @@ def stream(model, tokenizer, ids, *, max_new_tokens, temperature=0.8, top_k=None
     return result[0].tolist()
 
 
+def sample_batch(
+    model, tokenizer, ids, num_samples, *, max_new_tokens, temperature=0.8, top_k=None, top_p=None
+):
+    """num_samples continuations of ids, generated as one batch. Returns each one's new token ids, up to
+    and including its first end-of-text token (generate repeats that token after it)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], device=device).repeat(num_samples, 1)  # (N, T)
+    result = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id
+    )  # (N, T + new)
+    samples = []
+    for row in result[:, len(ids) :].tolist():
+        if tokenizer.eot_id in row:
+            row = row[: row.index(tokenizer.eot_id) + 1]
+        samples.append(row)
+    return samples
+
+
 def run(args):
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = runtime.resolve_device(args.device)
     dtype = runtime.resolve_dtype(args.dtype, device, choices=("auto", "float32", "bfloat16", "float16"))
     model, tokenizer = checkpoint.load_model_and_tokenizer(
@@ -100,9 +128,14 @@ def run(args):
     except ValueError as error:  # bad --temperature, --top-k, --top-p or --max-new-tokens
         raise UserError(str(error).replace("GPT.generate: ", "")) from None
     torch.manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
-    stream(
-        model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p,
-    )  # fmt: skip
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.num_samples == 1:
+        sys.stdout.write(args.prompt)
+        stream(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, **sampling)
+        return 0
+    for sample in sample_batch(
+        model, tokenizer, ids, args.num_samples, max_new_tokens=args.max_new_tokens, **sampling
+    ):
+        sys.stdout.write(f"{args.prompt}{tokenizer.decode(sample)}\n{SAMPLE_SEPARATOR}\n")
+    sys.stdout.flush()
     return 0

@@ -16,9 +16,10 @@ from deterministic import deterministic_algorithms
 from safetensors.torch import load_file, save_file
 
 from fastgpt.cli import main
-from fastgpt.generate_cli import stream
+from fastgpt.generate_cli import SAMPLE_SEPARATOR, sample_batch, stream
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.train import checkpoint, loop
+from fastgpt.train.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4"]  # a new model's architecture
@@ -112,6 +113,59 @@ def test_greedy_generation_streams_what_generate_returns(trained):
     assert ids == expected
     assert "".join(recorder.writes) == tokenizer.decode(expected[len(prompt) :]) + "\n"
     assert sum(1 for w in recorder.writes if w) > 1  # written as it went, not at the end
+
+
+def test_generate_num_samples_prints_each_sample_of_one_batch(trained, capsys):
+    """--num-samples N prints N continuations of the prompt, each followed by the separator line: the
+    samples of one batched GPT.generate under the seed, each cut after its first end-of-text token."""
+    out, _ = trained
+    prompt = "def "
+    args = [
+        "generate",
+        prompt,
+        "--checkpoint",
+        str(out),
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "5",
+        "--num-samples",
+        "3",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = checkpoint.load_model(str(out), device="cpu", dtype=torch.float32)
+    ids = tokenizer.encode(prompt)
+    torch.manual_seed(5)
+    batch = model.generate(
+        torch.tensor([ids] * 3), 12, temperature=0.8, eos_token_id=tokenizer.eot_id
+    )  # (3, T)
+    expected = ""
+    for row in batch[:, len(ids) :].tolist():
+        new = row[: row.index(tokenizer.eot_id) + 1] if tokenizer.eot_id in row else row
+        expected += f"{prompt}{tokenizer.decode(new)}\n{SAMPLE_SEPARATOR}\n"
+    assert printed == expected
+    assert len(set(printed.split(SAMPLE_SEPARATOR))) > 2  # the samples differ (and there are three)
+
+
+def test_sample_batch_cuts_each_sample_after_its_first_end_of_text():
+    """generate repeats end-of-text after a sequence ends; each sample keeps its first one and nothing after."""
+    tokenizer = load_tokenizer("byte")
+    eot = tokenizer.eot_id
+
+    class FixedModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, idx, max_new_tokens, **sampling):
+            assert idx.tolist() == [[65, 66]] * 3 and max_new_tokens == 4
+            return torch.tensor(
+                [[65, 66, 67, eot, eot, eot], [65, 66, 67, 68, 69, 70], [65, 66, eot, eot, eot, eot]]
+            )
+
+    samples = sample_batch(FixedModel(), tokenizer, [65, 66], 3, max_new_tokens=4)
+    assert samples == [[67, eot], [67, 68, 69, 70], [eot]]
 
 
 # A one-block GPT at test_train_step.py's shapes (its GPU tests have compiled these kernels already).
@@ -401,6 +455,11 @@ def broken_checkpoints(trained, tmp_path):
             ["generate", "x", "--checkpoint", "{run}", "--temperature", "-1"],
             r"temperature must be",
             id="temperature",
+        ),
+        pytest.param(
+            ["generate", "x", "--checkpoint", "{run}", "--num-samples", "0"],
+            r"--num-samples must be at least 1, got 0",
+            id="num-samples",
         ),
         pytest.param(
             ["train", "--out", "{run}", "--resume", "--n-layer", "3"],
