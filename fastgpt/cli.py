@@ -20,6 +20,10 @@ COMMANDS = {
     "train": ("fastgpt.train_cli", "train a GPT on text, fine-tune one from a checkpoint, or resume a run"),
     "generate": ("fastgpt.generate_cli", "sample text from a checkpoint, streamed as it is generated"),
     "eval": ("fastgpt.eval_cli", "held-out loss and perplexity of a checkpoint"),
+    "export": (
+        "fastgpt.export_cli",
+        "write a checkpoint as a transformers GPT-2 directory, with its tokenizer",
+    ),
     "bench": (
         "fastgpt.bench.command",
         "benchmark every backend against the baselines; tables, plots, results.json",

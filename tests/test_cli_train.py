@@ -299,6 +299,80 @@ def test_bpe_tokenizer_trains_and_generates(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def test")
 
 
+def greedy_text(checkpoint_dir, capsys, prompt="def test"):
+    capsys.readouterr()
+    args = [
+        "generate",
+        prompt,
+        "--checkpoint",
+        str(checkpoint_dir),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]
+    assert main(args) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["byte", "bpe"])
+def test_export_writes_a_transformers_gpt2_with_its_tokenizer(tokenizer_kind, trained, tmp_path, capsys):
+    """fastgpt export: transformers loads the directory into a GPT2LMHeadModel with the checkpoint's logits,
+    and a BPE run's tokenizer with AutoTokenizer, encoding as fastgpt's does; fastgpt generate reads the
+    export to the same greedy text as the checkpoint; --out may not be the checkpoint itself."""
+    transformers = pytest.importorskip("transformers")
+    if tokenizer_kind == "byte":
+        run = trained[0]
+    else:
+        run = tmp_path / "run"
+        text = (Path(__file__).read_text() + "\n") * 2
+        (tmp_path / "data.txt").write_text(text)
+        train(
+            run,
+            "--steps",
+            "2",
+            "--data",
+            str(tmp_path / "data.txt"),
+            "--tokenizer",
+            str(bpe_files(tmp_path, text)),
+        )
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert f"wrote {out}: a transformers GPT-2" in capsys.readouterr().out
+    model, tokenizer = checkpoint.load_model(str(run), device="cpu", dtype=torch.float32)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert tokenizer.eot_id is not None and hf.config.eos_token_id == tokenizer.eot_id
+    ids = tokenizer.encode("def test(x):\n    return x")
+    idx = torch.tensor([ids])
+    torch.testing.assert_close(hf(idx).logits, model.eval()(idx).detach(), rtol=0, atol=1e-5)
+    if tokenizer_kind == "bpe":
+        assert (
+            transformers.AutoTokenizer.from_pretrained(out)("def test(x):\n    return x")["input_ids"] == ids
+        )
+    assert greedy_text(out, capsys) == greedy_text(run, capsys)
+    assert_one_line_error(
+        capsys, ["export", "--checkpoint", str(run), "--out", str(run)], r"--out must be another directory"
+    )
+
+
+def bpe_files(tmp_path, text):
+    """vocab.json + merges.txt of a 300-token byte-level BPE trained on text, with GPT-2's end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([text], trainer)
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    backend.model.save(str(directory))
+    return directory
+
+
 def write_hf_gpt2_directory(directory, model):
     """What transformers' GPT2LMHeadModel.save_pretrained writes: GPT-2's config.json names and its
     Conv1D (in, out) weight layout."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tolerance import ABSOLUTE_SLACK, assert_close, max_error, rounding_floor
 
 import fastgpt
-from fastgpt.nn import GPT
+from fastgpt.nn import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
@@ -569,6 +569,41 @@ def test_from_hf_untied_and_body_only():
     gpt = GPT.from_hf(body)
     idx = torch.randint(0, VOCAB, (2, 9))
     torch.testing.assert_close(gpt(idx), body(idx).last_hidden_state @ body.wte.weight.t(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"n_kv_head": 2, "activation": "gelu"},
+        {"bias": False, "tie_weights": False, "activation": "relu", "n_inner": 48},
+        {"activation": "silu", "dropout": 0.1, "vocab_size": 130},
+    ],
+    ids=["gpt2", "gqa", "no-bias-untied", "silu-dropout"],
+)
+def test_save_hf_loads_in_transformers_with_the_same_logits(fields, tmp_path):
+    """GPT.save_hf writes a directory that GPT2LMHeadModel.from_pretrained loads, with every tensor it
+    expects and nothing else, into a model whose logits equal the GPT's: grouped-query attention as
+    repeated key/value heads, absent biases as zero biases, untied heads, every activation, a padded
+    vocabulary cut to its real rows. GPT.from_hf reads it back to the same logits."""
+    config = GPTConfig(
+        n_layer=2, n_embd=32, n_head=4, block_size=16, backend="reference", **{"vocab_size": VOCAB, **fields}
+    )
+    gpt = GPT(config).eval()
+    with torch.no_grad():  # move every weight off its initial value (biases start at 0, LayerNorm at 1)
+        for parameter in gpt.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    gpt.save_hf(tmp_path)
+    hf, loading = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not names for names in loading.values()), (
+        loading
+    )  # no missing, unexpected or mismatched tensor
+    assert hf.config.attn_pdrop == 0.0 and hf.config.resid_pdrop == config.dropout
+    assert hf.config.tie_word_embeddings == config.tie_weights
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    expected = gpt(idx).detach()  # (2, 12, vocab_size)
+    torch.testing.assert_close(hf.eval()(idx).logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(GPT.from_hf(tmp_path, backend="reference")(idx), expected, rtol=0, atol=1e-6)
 
 
 def test_from_hf_errors(tmp_path):

@@ -413,6 +413,16 @@ class GPT(nn.Module):
         vocab_size rows (the padding is not saved), a tied LM head stored once."""
         weights.save(self, directory)
 
+    def save_hf(self, directory, eos_token_id=None):
+        """Writes the model as a transformers GPT-2 directory (config.json and model.safetensors), which
+        `GPT2LMHeadModel.from_pretrained(directory)` loads into a model computing the same logits, and
+        from_hf reads back. transformers need not be installed. Grouped-query attention is written as
+        multi-head attention with each key/value head repeated, a model without biases gets zero biases,
+        and dropout becomes resid_pdrop and embd_pdrop (attn_pdrop 0): see weights.hf_config.
+        eos_token_id: the tokenizer's end-of-text id for the config (None: GPT-2's 50256 when vocab_size
+        is GPT-2's 50257, else none). Tokenizer files are not written (`fastgpt export` writes them)."""
+        weights.save_hf(self, directory, eos_token_id)
+
     @classmethod
     def load(cls, directory, *, device="cpu", **overrides):
         """The GPT saved by `save` in directory, on device; `overrides` set GPTConfig fields. A

@@ -1,5 +1,6 @@
 """Reading weights into a GPT: transformers GPT-2 checkpoints (a model object or a local directory)
-and fastgpt's own safetensors + JSON format. Nothing here downloads.
+and fastgpt's own safetensors + JSON format; and writing a GPT as a transformers GPT-2 directory
+(save_hf). Nothing here downloads, and nothing here imports transformers.
 
 Loading is all or nothing: files are read and every tensor's name, shape and dtype is checked
 against the configuration before any parameter is made or changed, and a problem raises
@@ -18,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from fastgpt.nn.config import GPTConfig
+from fastgpt.nn.config import GPT2_VOCAB_SIZE, GPTConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,6 +34,10 @@ HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
 }
+
+# fastgpt's activations -> the transformers GPT-2 names save_hf writes (the inverse of HF_ACTIVATIONS).
+ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+GPT2_EOS_TOKEN_ID = 50256  # <|endoftext|>, the last of GPT-2's 50257 tokens
 
 # HF GPT-2 stores these projections as Conv1D, whose weight is (in_features, out_features).
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -289,6 +294,92 @@ def save(model, directory):
         {
             WEIGHTS_FILE: lambda path: save_file(state, path, metadata={"format": "pt"}),
             CONFIG_FILE: json.dumps(model.config.to_dict(), indent=2).encode(),
+        },
+    )
+
+
+def hf_config(config, dtype, eos_token_id=None):
+    """The transformers GPT2Config, as its config.json holds it, of a GPT2LMHeadModel computing what a GPT
+    of `config` computes: grouped-query attention becomes multi-head attention (hf_state_dict repeats the
+    key/value heads), dropout is resid_pdrop and embd_pdrop with attn_pdrop 0 (fastgpt drops no attention
+    probabilities). eos_token_id, also written as bos_token_id as GPT-2's config does: None means GPT-2's
+    50256 for its 50257-token vocabulary, and none for any other vocabulary."""
+    if eos_token_id is None and config.vocab_size == GPT2_VOCAB_SIZE:
+        eos_token_id = GPT2_EOS_TOKEN_ID
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": ACTIVATIONS_TO_HF[config.activation],
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": config.tie_weights,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def repeat_kv_heads(qkv, config):
+    """c_attn's weight ((H + 2 Hkv) D, C) or bias ((H + 2 Hkv) D,) with each key and value head repeated for
+    the H / Hkv query heads that read it (query head h reads key/value head h // (H / Hkv)): (3 H D, ...)."""
+    group = config.n_head // config.n_kv_head
+    if group == 1:
+        return qkv
+    width = config.n_head * config.head_dim
+    kv_width = config.n_kv_head * config.head_dim
+    q, k, v = qkv.split((width, kv_width, kv_width))  # (H D, ...), (Hkv D, ...), (Hkv D, ...)
+    k, v = (
+        t.unflatten(0, (config.n_kv_head, config.head_dim)).repeat_interleave(group, 0).flatten(0, 1)
+        for t in (k, v)
+    )
+    return torch.cat((q, k, v))  # (3 H D, ...)
+
+
+def hf_state_dict(model):
+    """The tensors of a GPT2LMHeadModel (save_pretrained's names and layouts) holding model's weights:
+    Conv1D's (in, out) layout, vocab_size rows, a tied LM head left out (transformers ties it on load),
+    the key/value heads repeated (repeat_kv_heads), and zero biases where the model has none (GPT-2's
+    layers always have them; a zero bias adds nothing)."""
+    config = model.config
+    state = dict(checkpoint_tensors(model))
+    for name, module in model.named_modules():
+        if name != "lm_head" and getattr(module, "bias", False) is None:
+            state[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0]).detach()
+    result = {}
+    for name, tensor in state.items():
+        if name.endswith((".attn.c_attn.weight", ".attn.c_attn.bias")):
+            tensor = repeat_kv_heads(tensor, config)
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()  # nn.Linear's (out, in) -> Conv1D's (in, out)
+        result[name] = tensor.contiguous()
+    return result
+
+
+def save_hf(model, directory, eos_token_id=None):
+    """config.json (hf_config) and model.safetensors (hf_state_dict) of a transformers GPT2LMHeadModel,
+    written atomically (write_files), weights first."""
+    from safetensors.torch import save_file
+
+    state = hf_state_dict(model)
+    fields = hf_config(model.config, model.transformer.wte.weight.dtype, eos_token_id)
+    write_files(
+        directory,
+        {
+            WEIGHTS_FILE: lambda path: save_file(state, path, metadata={"format": "pt"}),
+            CONFIG_FILE: json.dumps(fields, indent=2).encode(),
         },
     )
 
