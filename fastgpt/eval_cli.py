@@ -6,7 +6,7 @@ import math
 from rich.console import Console
 
 from fastgpt.train import checkpoint, runtime
-from fastgpt.train.data import eval_starts, read_corpus, split_tokens
+from fastgpt.train.data import eval_starts, read_corpus, read_token_data, split_tokens, token_splits
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import evaluate
 
@@ -16,7 +16,9 @@ def add_arguments(parser):
         "--checkpoint", required=True, metavar="DIR", help="fastgpt checkpoint or local HF GPT-2 dir"
     )
     parser.add_argument(
-        "--data", help="a text file or a directory of text files (default: the standard library's .py files)"
+        "--data",
+        help="a text file or a directory of text files (default: the standard library's .py files), or token "
+        "ids: a directory with nanoGPT's train.bin and val.bin (val.bin is scored), or one .bin file",
     )
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context window)")
@@ -45,18 +47,24 @@ def run(args):
         raise UserError(
             f"--batch-size and --max-windows must be at least 1, got {args.batch_size}, {args.max_windows}"
         )
-    corpus = read_corpus(args.data)
-    _, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
-    if int(val_tokens.max()) >= model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer produces ids up to {int(val_tokens.max())}, beyond the model's vocab_size "
-            f"{model.config.vocab_size}: pass the tokenizer the model was trained with"
-        )
+    token_data = read_token_data(args.data)
+    if token_data is None:
+        corpus = read_corpus(args.data)
+        _, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
+        data_name = corpus.name
+        if int(val_tokens.max()) >= model.config.vocab_size:
+            raise UserError(
+                f"the tokenizer produces ids up to {int(val_tokens.max())}, beyond the model's vocab_size "
+                f"{model.config.vocab_size}: pass the tokenizer the model was trained with"
+            )
+    else:  # the ids are checked window by window (data.windows)
+        _, val_tokens = token_splits(token_data, seq_len)
+        data_name = token_data.name
     starts = eval_starts(val_tokens, seq_len, args.max_windows)
     loss = evaluate(model, val_tokens, starts, seq_len, args.batch_size, runtime.Runtime(device, dtype))
     Console(soft_wrap=True).print(
         f"held-out loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.3f} "
         f"({len(starts) * seq_len:,} of {len(val_tokens):,} held-out tokens, {len(starts)} windows of {seq_len}; "
-        f"{corpus.name}; {tokenizer.kind} tokenizer)"
+        f"{data_name}; {tokenizer.kind} tokenizer)"
     )
     return 0

@@ -14,7 +14,7 @@ from rich.console import Console
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.nn.config import PRESETS
 from fastgpt.train import checkpoint, runtime
-from fastgpt.train.data import read_corpus, split_tokens
+from fastgpt.train.data import read_corpus, read_token_data, split_tokens, token_splits
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, fit
 from fastgpt.train.step import STEP_MODES, choose_step_mode
@@ -27,7 +27,9 @@ ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "n_kv_head")
 def add_arguments(parser):
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", help="a text file or a directory of text files (default: the standard library's .py files)"
+        "--data",
+        help="a text file or a directory of text files (default: the standard library's .py files), or token "
+        "ids: a directory with nanoGPT's train.bin and val.bin, or one .bin file (with --tokenizer)",
     )
     data.add_argument(
         "--tokenizer", help="'byte' (default for new models) or a tokenizer.json / vocab.json+merges.txt path"
@@ -83,8 +85,9 @@ def add_arguments(parser):
     runtime.add_arguments(run)
 
 
-def build_model(args, device):
-    """(float32 GPT on device, tokenizer) for a new, an initialised or a resumed run."""
+def build_model(args, device, token_data):
+    """(float32 GPT on device, tokenizer) for a new, an initialised or a resumed run. Token data comes
+    with the tokenizer that made it: a new model needs --tokenizer (its vocabulary sizes the model)."""
     if args.resume and (args.init or args.config):
         raise UserError("--resume continues the checkpoint in --out; drop --init and --config")
     if args.init and args.config:
@@ -111,6 +114,11 @@ def build_model(args, device):
                 f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {model.config.vocab_size}"
             )
         return model, tokenizer
+    if token_data is not None and not args.tokenizer:
+        raise UserError(
+            f"--data {args.data} holds token ids: pass --tokenizer, the tokenizer that made them (GPT-2's: a "
+            "directory with its vocab.json and merges.txt), or --init a model directory that holds it"
+        )
     tokenizer = load_tokenizer(args.tokenizer or "byte")
     fields = {
         field: getattr(args, field) for field in ARCHITECTURE_FIELDS if getattr(args, field) is not None
@@ -141,18 +149,24 @@ def run(args):
 def train(args, env):
     console = Console(quiet=not env.is_main, soft_wrap=True)
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model, tokenizer = build_model(args, env.device)
+    token_data = read_token_data(args.data)
+    model, tokenizer = build_model(args, env.device, token_data)
     seq_len = args.seq_len or model.config.block_size
     settings = Settings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=seq_len, lr=args.lr,
         min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_windows=args.eval_windows, seed=args.seed,
     )  # fmt: skip
-    corpus = read_corpus(args.data)
-    train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
+    if token_data is None:
+        corpus = read_corpus(args.data)
+        train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
+        data_name = corpus.name
+    else:
+        train_tokens, val_tokens = token_splits(token_data, seq_len)
+        data_name = token_data.name
     step_mode, step_reason = choose_step_mode(args.step_mode, env.device, env.world_size)
     trainer = Trainer(
-        model, tokenizer, train_tokens, val_tokens, settings, env, data_name=corpus.name, step_mode=step_mode
+        model, tokenizer, train_tokens, val_tokens, settings, env, data_name=data_name, step_mode=step_mode
     )
     if args.resume:
         trainer.resume(args.out)
@@ -166,7 +180,7 @@ def train(args, env):
         f"({config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}) "
         f"on {env.device} in {str(env.dtype).replace('torch.', '')}, backend {config.backend}, "
         f"{env.world_size} process(es)\n"
-        f"data: {corpus.name}: {len(train_tokens):,} training and {len(val_tokens):,} held-out tokens "
+        f"data: {data_name}: {len(train_tokens):,} training and {len(val_tokens):,} held-out tokens "
         f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)\n"
         f"{settings.steps} steps of {settings.batch_size} x {seq_len} tokens"
         + (f", resuming at step {trainer.step}" if args.resume else "")

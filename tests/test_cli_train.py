@@ -373,6 +373,43 @@ def bpe_files(tmp_path, text):
     return directory
 
 
+def test_train_and_eval_on_token_files(tmp_path, capsys):
+    """--data with nanoGPT's train.bin and val.bin (the ids a BPE tokenizer made) trains a model sized by
+    --tokenizer, whose checkpoint keeps the tokenizer; eval scores val.bin to the training's last loss.
+    Token files need their tokenizer, and ids beyond the model's vocabulary are a one-line error."""
+    text = (Path(__file__).read_text() + "\n") * 2
+    tokenizer_dir = bpe_files(tmp_path, text)
+    ids = load_tokenizer(str(tokenizer_dir)).encode(text)
+    data = tmp_path / "tokens"
+    data.mkdir()
+    cut = len(ids) * 9 // 10
+    for name, part in (("train.bin", ids[:cut]), ("val.bin", ids[cut:])):
+        (data / name).write_bytes(torch.tensor(part, dtype=torch.int32).to(torch.uint16).numpy().tobytes())
+    out = tmp_path / "run"
+    state = train(out, "--steps", "3", "--data", str(data), "--tokenizer", str(tokenizer_dir))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
+    assert state["data"] == str(data) and (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert (
+        main(
+            ["eval", "--checkpoint", str(out), "--data", str(data), "--seq-len", "32", "--max-windows", "16"]
+        )
+        == 0
+    )
+    loss = float(re.search(r"held-out loss ([\d.]+)", capsys.readouterr().out).group(1))
+    assert loss == pytest.approx(state["evals"][-1]["loss"], abs=1e-4)
+    assert_one_line_error(
+        capsys,
+        ["train", "--out", str(tmp_path / "x"), "--data", str(data)],
+        r"holds token ids: pass --tokenizer",
+    )
+    assert_one_line_error(
+        capsys,
+        ["train", "--out", str(tmp_path / "y"), *TINY, *BATCHES, "--data", str(data), "--tokenizer", "byte"],
+        r"the data holds token id \d+, beyond the model's vocab_size 257",
+    )
+
+
 def write_hf_gpt2_directory(directory, model):
     """What transformers' GPT2LMHeadModel.save_pretrained writes: GPT-2's config.json names and its
     Conv1D (in, out) weight layout."""

@@ -13,7 +13,18 @@ import torch
 
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.train import checkpoint, loop
-from fastgpt.train.data import BatchSampler, eval_starts, read_corpus, split_tokens, stdlib_corpus, windows
+from fastgpt.train.data import (
+    LLMC_MAGIC,
+    BatchSampler,
+    eval_starts,
+    read_corpus,
+    read_token_data,
+    read_token_file,
+    split_tokens,
+    stdlib_corpus,
+    token_splits,
+    windows,
+)
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, learning_rate, parameter_groups
 from fastgpt.train.runtime import Runtime
@@ -165,9 +176,11 @@ def test_split_windows_and_eval_starts():
     tokens = torch.arange(1000, dtype=torch.int32)
     train, val = split_tokens(tokens, 16)
     assert len(val) == 100 and torch.equal(torch.cat([train, val]), tokens)
-    inputs, targets = windows(train, torch.tensor([0, 500]), 16)
+    inputs, targets = windows(train, torch.tensor([0, 500]), 16, vocab_size=1000)
     assert inputs.dtype == torch.int64 and inputs.shape == (2, 16)
     assert torch.equal(targets, inputs + 1) and inputs[1, 0] == 500
+    with pytest.raises(UserError, match="token id 516, beyond the model's vocab_size 516"):
+        windows(train, torch.tensor([0, 500]), 16, vocab_size=516)
     starts = eval_starts(val, 16, max_windows=100)
     assert len(starts) == 6 and bool((starts.diff() >= 16).all()) and starts[-1] + 16 < len(val)
     assert len(eval_starts(val, 16, max_windows=2)) == 2
@@ -175,8 +188,60 @@ def test_split_windows_and_eval_starts():
         split_tokens(tokens[:100], 16)
 
 
+def write_token_file(path, ids, llmc_header=False):
+    """ids as nanoGPT's prepare.py writes them (uint16, back to back), or llm.c's (a 256 x int32 header:
+    magic, version, count)."""
+    with open(path, "wb") as f:
+        if llmc_header:
+            header = torch.zeros(256, dtype=torch.int32)
+            header[:3] = torch.tensor([LLMC_MAGIC, 1, len(ids)])
+            f.write(header.numpy().tobytes())
+        f.write(torch.tensor(ids, dtype=torch.int32).to(torch.uint16).numpy().tobytes())
+
+
+@pytest.mark.parametrize("llmc_header", [False, True], ids=["nanogpt", "llmc"])
+def test_token_files_are_read_as_the_ids_they_hold(tmp_path, llmc_header):
+    """A directory with train.bin and val.bin gives those two splits; one .bin file is split as text
+    is; an llm.c header is skipped; windows of uint16 tokens come out int64."""
+    ids = list(range(50000, 50257)) * 4  # the top of GPT-2's vocabulary: past int16's range
+    (tmp_path / "split").mkdir()
+    write_token_file(tmp_path / "split" / "train.bin", ids, llmc_header)
+    write_token_file(tmp_path / "split" / "val.bin", ids[:300], llmc_header)
+    data = read_token_data(str(tmp_path / "split"))
+    assert data.train.dtype == torch.uint16 and data.train.long().tolist() == ids
+    train, val = token_splits(data, 16)
+    assert val.long().tolist() == ids[:300]
+    inputs, targets = windows(train, torch.tensor([3]), 16, vocab_size=50257)
+    assert (
+        inputs.dtype == torch.int64 and inputs[0].tolist() == ids[3:19] and targets[0].tolist() == ids[4:20]
+    )
+    write_token_file(tmp_path / "one.bin", ids, llmc_header)
+    train, val = token_splits(read_token_data(str(tmp_path / "one.bin")), 16)
+    assert len(val) == len(ids) // 10 and torch.cat([train, val]).long().tolist() == ids
+    assert read_token_data(str(tmp_path / "one.txt")) is None and read_token_data(None) is None
+
+
+def test_bad_token_files_are_one_line_errors(tmp_path):
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(UserError, match="not a whole number of uint16 token ids"):
+        read_token_file(str(tmp_path / "odd.bin"))
+    write_token_file(tmp_path / "cut.bin", [1, 2, 3], llmc_header=True)
+    with open(tmp_path / "cut.bin", "r+b") as f:
+        f.truncate(256 * 4 + 2)
+    with pytest.raises(UserError, match="header counts 3 tokens, but the file holds 1"):
+        read_token_file(str(tmp_path / "cut.bin"))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="holds no tokens"):
+        read_token_file(str(tmp_path / "empty.bin"))
+    (tmp_path / "short").mkdir()
+    write_token_file(tmp_path / "short" / "train.bin", list(range(100)))
+    write_token_file(tmp_path / "short" / "val.bin", list(range(10)))
+    with pytest.raises(UserError, match=r"val\.bin holds 10 tokens, but --seq-len 16 needs more"):
+        token_splits(read_token_data(str(tmp_path / "short")), 16)
+
+
 def test_batch_sampler_is_reproducible_from_its_state():
-    sampler = BatchSampler(torch.arange(5000, dtype=torch.int32), 8, seed=3)
+    sampler = BatchSampler(torch.arange(5000, dtype=torch.int32), 8, seed=3, vocab_size=5000)
     sampler.global_batch(4)
     state = sampler.state()
     expected = sampler.global_batch(4)

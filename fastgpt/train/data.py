@@ -1,6 +1,8 @@
-"""Training text: a file, a directory of text files, or, by default, the Python standard library's own
-sources, which every Python installation has. Tokens are split once into a training part and a
-held-out part, then served as (inputs, next-token targets) windows.
+"""Training data: text (a file, a directory of text files, or, by default, the Python standard library's
+own sources, which every Python installation has), or token ids already made by a tokenizer (nanoGPT's
+train.bin and val.bin, or one such .bin file; llm.c's files too), which are memory-mapped rather than
+read. Tokens are split into a training part and a held-out part, then served as (inputs, next-token
+targets) windows.
 """
 
 import os
@@ -27,6 +29,23 @@ STDLIB_SKIPPED_DIRS = {
     "encodings",
     "__pycache__",
 }
+
+
+# Token files: the ids as little-endian uint16, back to back, as nanoGPT's prepare.py scripts write them
+# (data/openwebtext: train.bin and val.bin). llm.c's files put a header of 256 int32 before the ids: this
+# magic number, a version and the token count. As uint16 the magic reads 54600, beyond GPT-2's 50257
+# ids, so a nanoGPT file of GPT-2 tokens never starts like one.
+TOKEN_FILE_SUFFIX = ".bin"
+SPLIT_TOKEN_FILES = ("train.bin", "val.bin")
+LLMC_MAGIC = 20240520
+LLMC_HEADER_BYTES = 256 * 4
+
+
+@dataclass
+class TokenData:
+    name: str  # the path, for messages and checkpoints
+    train: torch.Tensor  # (N,) uint16, memory-mapped
+    val: torch.Tensor | None  # (M,) uint16, memory-mapped; None for one file, split as text is
 
 
 @dataclass
@@ -77,6 +96,42 @@ def read_corpus(path):
     return Corpus(os.path.abspath(path), documents)
 
 
+def read_token_file(path):
+    """(N,) uint16 tensor of the token ids in a nanoGPT or llm.c .bin file, memory-mapped: pages are read
+    as windows touch them, so a file larger than memory trains as well."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(12)
+    first = torch.frombuffer(bytearray(header), dtype=torch.int32) if len(header) == 12 else None
+    if first is not None and int(first[0]) == LLMC_MAGIC:
+        offset, count = LLMC_HEADER_BYTES, int(first[2])
+        if count < 0 or offset + 2 * count > size:
+            raise UserError(
+                f"{path}: its llm.c header counts {count} tokens, but the file holds {max(size - offset, 0) // 2}"
+            )
+    elif size % 2:
+        raise UserError(f"{path} is not a token file: {size} bytes is not a whole number of uint16 token ids")
+    else:
+        offset, count = 0, size // 2
+    if count == 0:
+        raise UserError(f"{path} holds no tokens")
+    tokens = torch.from_file(path, shared=False, size=offset // 2 + count, dtype=torch.uint16)
+    return tokens[offset // 2 :]
+
+
+def read_token_data(path):
+    """`--data` as token ids: a directory holding train.bin and val.bin, or one .bin file (whose last 10%
+    is held out, as text's is). None when path is text data (or None, the standard library)."""
+    if path is None:
+        return None
+    if os.path.isdir(path) and all(os.path.isfile(os.path.join(path, name)) for name in SPLIT_TOKEN_FILES):
+        train, val = (read_token_file(os.path.join(path, name)) for name in SPLIT_TOKEN_FILES)
+        return TokenData(os.path.abspath(path), train, val)
+    if os.path.isfile(path) and path.endswith(TOKEN_FILE_SUFFIX):
+        return TokenData(os.path.abspath(path), read_token_file(path), None)
+    return None
+
+
 def _sorted_files(root, skip_dirs=()):
     """Every file under root that is not hidden, sorted by path."""
     paths = []
@@ -111,10 +166,30 @@ def split_tokens(tokens, seq_len, val_fraction=VAL_FRACTION):
     return train, val
 
 
-def windows(tokens, starts, seq_len):
-    """(inputs, targets), each (N, seq_len) int64: tokens[s : s+seq_len] and the next token of each."""
+def token_splits(data, seq_len):
+    """(train, held-out) token tensors of TokenData: its two files, or its one file split as text is."""
+    if data.val is None:
+        return split_tokens(data.train, seq_len)
+    for name, tokens in zip(SPLIT_TOKEN_FILES, (data.train, data.val)):
+        if len(tokens) <= seq_len:
+            raise UserError(
+                f"{os.path.join(data.name, name)} holds {len(tokens)} tokens, but --seq-len {seq_len} needs more"
+            )
+    return data.train, data.val
+
+
+def windows(tokens, starts, seq_len, vocab_size):
+    """(inputs, targets), each (N, seq_len) int64: tokens[s : s+seq_len] and the next token of each.
+    An id of vocab_size or more (token files made by another tokenizer than the model's) is refused
+    here, on the host: on a GPU the embedding would stop the process with a device-side assert."""
     index = starts[:, None] + torch.arange(seq_len + 1)  # (N, seq_len + 1)
     chunk = tokens[index].long()
+    largest = int(chunk.max())
+    if largest >= vocab_size:
+        raise UserError(
+            f"the data holds token id {largest}, beyond the model's vocab_size {vocab_size}: token files must "
+            "come from the model's tokenizer"
+        )
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -122,14 +197,14 @@ class BatchSampler:
     """Random training windows. Every process draws the same global batch (one generator, one seed)
     and keeps its own slice, so a run's batches do not depend on how many processes share it."""
 
-    def __init__(self, tokens, seq_len, seed):
-        self.tokens, self.seq_len = tokens, seq_len
+    def __init__(self, tokens, seq_len, seed, vocab_size):
+        self.tokens, self.seq_len, self.vocab_size = tokens, seq_len, vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def global_batch(self, batch_size):
         """(inputs, targets), each (batch_size, seq_len), for one optimizer step of the whole run."""
         starts = torch.randint(len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
-        return windows(self.tokens, starts, self.seq_len)
+        return windows(self.tokens, starts, self.seq_len, self.vocab_size)
 
     def state(self):
         return self.generator.get_state()

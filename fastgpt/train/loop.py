@@ -95,7 +95,7 @@ def evaluate(model, tokens, starts, seq_len, batch_size, runtime):
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # (loss sum, token count)
     for chunk in starts[runtime.rank :: runtime.world_size].split(batch_size):
-        inputs, targets = windows(tokens, chunk, seq_len)
+        inputs, targets = windows(tokens, chunk, seq_len, model.config.vocab_size)
         loss = model(inputs.to(runtime.device), targets.to(runtime.device))
         totals[0] += loss.double() * targets.numel()
         totals[1] += targets.numel()
@@ -166,7 +166,7 @@ class Trainer:
             capturable=graphed,
         )
         self.run_step = self._step_runner(step_mode)
-        self.sampler = BatchSampler(train_tokens, settings.seq_len, settings.seed)
+        self.sampler = BatchSampler(train_tokens, settings.seq_len, settings.seed, model.config.vocab_size)
         self.val_tokens = val_tokens
         self.eval_starts = eval_starts(val_tokens, settings.seq_len, settings.eval_windows)
         self.step = 0
