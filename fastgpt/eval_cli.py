@@ -18,7 +18,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--data",
         help="a text file or a directory of text files (default: the standard library's .py files), or token "
-        "ids: a directory with nanoGPT's train.bin and val.bin (val.bin is scored), or one .bin file",
+        "ids: a directory with nanoGPT's train.bin and val.bin or llm.c's shards (the val files are scored), or "
+        "one .bin file",
     )
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context window)")

@@ -29,7 +29,8 @@ def add_arguments(parser):
     data.add_argument(
         "--data",
         help="a text file or a directory of text files (default: the standard library's .py files), or token "
-        "ids: a directory with nanoGPT's train.bin and val.bin, or one .bin file (with --tokenizer)",
+        "ids: a directory with nanoGPT's train.bin and val.bin or llm.c's *train*.bin and *val*.bin shards, or "
+        "one .bin file (with --tokenizer)",
     )
     data.add_argument(
         "--tokenizer", help="'byte' (default for new models) or a tokenizer.json / vocab.json+merges.txt path"

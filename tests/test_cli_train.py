@@ -373,18 +373,33 @@ def bpe_files(tmp_path, text):
     return directory
 
 
-def test_train_and_eval_on_token_files(tmp_path, capsys):
-    """--data with nanoGPT's train.bin and val.bin (the ids a BPE tokenizer made) trains a model sized by
-    --tokenizer, whose checkpoint keeps the tokenizer; eval scores val.bin to the training's last loss.
-    Token files need their tokenizer, and ids beyond the model's vocabulary are a one-line error."""
+# The file names and the ends (fractions of the ids) of each file, per layout of token files.
+TOKEN_FILE_LAYOUTS = {
+    "nanogpt": {"train.bin": (0.0, 0.9), "val.bin": (0.9, 1.0)},
+    "llmc-shards": {
+        "fineweb_train_000001.bin": (0.0, 0.4),
+        "fineweb_train_000002.bin": (0.4, 0.9),
+        "fineweb_val_000000.bin": (0.9, 1.0),
+    },
+}
+
+
+@pytest.mark.parametrize("layout", TOKEN_FILE_LAYOUTS)
+def test_train_and_eval_on_token_files(layout, tmp_path, capsys):
+    """--data with token files (nanoGPT's train.bin and val.bin, or llm.c's header-prefixed shards) of the
+    ids a BPE tokenizer made trains a model sized by --tokenizer, whose checkpoint keeps the tokenizer;
+    eval scores the held-out files to the training's last loss. Token files need their tokenizer, and ids
+    beyond the model's vocabulary are a one-line error."""
     text = (Path(__file__).read_text() + "\n") * 2
     tokenizer_dir = bpe_files(tmp_path, text)
     ids = load_tokenizer(str(tokenizer_dir)).encode(text)
     data = tmp_path / "tokens"
     data.mkdir()
-    cut = len(ids) * 9 // 10
-    for name, part in (("train.bin", ids[:cut]), ("val.bin", ids[cut:])):
-        (data / name).write_bytes(torch.tensor(part, dtype=torch.int32).to(torch.uint16).numpy().tobytes())
+    for name, (begin, end) in TOKEN_FILE_LAYOUTS[layout].items():
+        part = torch.tensor(ids[int(begin * len(ids)) : int(end * len(ids))], dtype=torch.int32)
+        header = torch.tensor([20240520, 1, len(part)] + [0] * 253, dtype=torch.int32)  # llm.c's 256 int32
+        body = part.to(torch.uint16).numpy().tobytes()
+        (data / name).write_bytes(header.numpy().tobytes() + body if layout == "llmc-shards" else body)
     out = tmp_path / "run"
     state = train(out, "--steps", "3", "--data", str(data), "--tokenizer", str(tokenizer_dir))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 300

@@ -16,6 +16,7 @@ from fastgpt.train import checkpoint, loop
 from fastgpt.train.data import (
     LLMC_MAGIC,
     BatchSampler,
+    ShardedTokens,
     eval_starts,
     read_corpus,
     read_token_data,
@@ -208,7 +209,7 @@ def test_token_files_are_read_as_the_ids_they_hold(tmp_path, llmc_header):
     write_token_file(tmp_path / "split" / "train.bin", ids, llmc_header)
     write_token_file(tmp_path / "split" / "val.bin", ids[:300], llmc_header)
     data = read_token_data(str(tmp_path / "split"))
-    assert data.train.dtype == torch.uint16 and data.train.long().tolist() == ids
+    assert data.train[0].dtype == torch.uint16 and data.train[0].long().tolist() == ids
     train, val = token_splits(data, 16)
     assert val.long().tolist() == ids[:300]
     inputs, targets = windows(train, torch.tensor([3]), 16, vocab_size=50257)
@@ -236,8 +237,50 @@ def test_bad_token_files_are_one_line_errors(tmp_path):
     (tmp_path / "short").mkdir()
     write_token_file(tmp_path / "short" / "train.bin", list(range(100)))
     write_token_file(tmp_path / "short" / "val.bin", list(range(10)))
-    with pytest.raises(UserError, match=r"val\.bin holds 10 tokens, but --seq-len 16 needs more"):
+    with pytest.raises(
+        UserError, match=r"held-out files in .*short hold no window of --seq-len 16 \+ 1 tokens"
+    ):
         token_splits(read_token_data(str(tmp_path / "short")), 16)
+
+
+def test_shards_are_one_sequence_whose_windows_stay_inside_a_shard(tmp_path):
+    """A directory of llm.c-style shards (and a shard too short for a window): every training window the
+    sampler draws is a contiguous run of one shard, every shard long enough is drawn from, the held-out
+    windows do not overlap and stay inside a shard, and a one-shard sequence draws what a plain tensor
+    does (so runs on one file, text or token, keep their batches)."""
+    lengths = {
+        "fineweb_train_000001.bin": 300,
+        "fineweb_train_000002.bin": 10,
+        "fineweb_train_000003.bin": 120,
+    }
+    shards = {}
+    for index, (name, length) in enumerate(lengths.items()):
+        shards[name] = [1000 * (index + 1) + i for i in range(length)]  # each id names its shard and position
+        write_token_file(tmp_path / name, shards[name], llmc_header=True)
+    for name in ("fineweb_val_000000.bin", "fineweb_val_000001.bin"):
+        write_token_file(tmp_path / name, list(range(5000, 5040)), llmc_header=True)
+    train, val = token_splits(read_token_data(str(tmp_path)), 16)
+    assert len(train) == 430 and train.window_count(16) == (300 - 16) + (120 - 16)
+    sampler = BatchSampler(train, 16, seed=0, vocab_size=2**16)
+    inputs, targets = sampler.global_batch(4000)
+    rows = torch.cat([inputs, targets[:, -1:]], dim=1)  # (4000, 17): each window's ids
+    assert bool((rows.diff(dim=1) == 1).all())  # contiguous, so inside one shard (ids jump between shards)
+    assert set((rows[:, 0] // 1000).tolist()) == {1, 3}  # the 10-token shard holds no window
+    starts = eval_starts(val, 16, max_windows=100)
+    ends = starts + 16
+    assert len(starts) == 3 and bool((starts[1:] >= ends[:-1]).all())  # (2 x 24 - 1) // 16 + 1 windows
+    assert all(int(s) // 40 == int(e) // 40 for s, e in zip(starts, ends))  # inside one 40-token shard
+    plain = torch.arange(5000, dtype=torch.int32)
+    one_shard = ShardedTokens([plain])
+    a, b = (
+        BatchSampler(plain, 8, seed=3, vocab_size=5000),
+        BatchSampler(one_shard, 8, seed=3, vocab_size=5000),
+    )
+    assert torch.equal(a.global_batch(64)[0], b.global_batch(64)[0])
+    assert torch.equal(eval_starts(plain, 8, 50), eval_starts(one_shard, 8, 50))
+    assert torch.equal(
+        eval_starts(plain, 8, 50), torch.arange(50) * ((5000 - 1 - 8) // 49)
+    )  # the one-file formula
 
 
 def test_batch_sampler_is_reproducible_from_its_state():

@@ -1,10 +1,12 @@
 """Training data: text (a file, a directory of text files, or, by default, the Python standard library's
 own sources, which every Python installation has), or token ids already made by a tokenizer (nanoGPT's
-train.bin and val.bin, or one such .bin file; llm.c's files too), which are memory-mapped rather than
-read. Tokens are split into a training part and a held-out part, then served as (inputs, next-token
-targets) windows.
+train.bin and val.bin, llm.c's and modded-nanogpt's FineWeb shards, or one such .bin file), which are
+memory-mapped rather than read. Tokens are split into a training part and a held-out part, then served
+as (inputs, next-token targets) windows; a window never crosses from one shard into the next.
 """
 
+import glob
+import itertools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -36,7 +38,9 @@ STDLIB_SKIPPED_DIRS = {
 # magic number, a version and the token count. As uint16 the magic reads 54600, beyond GPT-2's 50257
 # ids, so a nanoGPT file of GPT-2 tokens never starts like one.
 TOKEN_FILE_SUFFIX = ".bin"
-SPLIT_TOKEN_FILES = ("train.bin", "val.bin")
+# A directory's training and held-out files, each split's read in name order as one sequence: nanoGPT's
+# train.bin and val.bin, llm.c's fineweb_train_000001.bin ... and fineweb_val_000000.bin.
+SPLIT_PATTERNS = ("*train*.bin", "*val*.bin")
 LLMC_MAGIC = 20240520
 LLMC_HEADER_BYTES = 256 * 4
 
@@ -44,8 +48,48 @@ LLMC_HEADER_BYTES = 256 * 4
 @dataclass
 class TokenData:
     name: str  # the path, for messages and checkpoints
-    train: torch.Tensor  # (N,) uint16, memory-mapped
-    val: torch.Tensor | None  # (M,) uint16, memory-mapped; None for one file, split as text is
+    train: list  # of (N_i,) uint16 tensors, memory-mapped: the training files in order
+    val: list | None  # of (M_i,) uint16 tensors; None for one file, split as text is
+
+
+class ShardedTokens:
+    """Token files read as one sequence, in order, whose windows stay inside one file: the ids at the end
+    of one shard and the start of the next come from unrelated documents. shards: (N_i,) tensors."""
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+        self.lengths = torch.tensor([len(shard) for shard in self.shards])  # (S,)
+        self.offsets = torch.tensor([0, *itertools.accumulate(self.lengths.tolist())])  # (S + 1,)
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def window_count(self, seq_len):
+        """The windows of seq_len + 1 tokens (inputs and their next-token targets) that fit in one shard."""
+        return int((self.lengths - seq_len).clamp(min=0).sum())
+
+    def window_starts(self, numbers, seq_len):
+        """The start, in the whole sequence, of each window numbered in [0, window_count) in order."""
+        fits = (self.lengths - seq_len).clamp(min=0)  # (S,)
+        ends = fits.cumsum(0)  # (S,): windows numbered below ends[i] lie in shards 0..i
+        shard = torch.searchsorted(ends, numbers, right=True)
+        return self.offsets[shard] + numbers - (ends[shard] - fits[shard])
+
+    def __getitem__(self, index):
+        """The int64 ids at index (N, L): whole-sequence positions, each row inside one shard."""
+        if len(self.shards) == 1:
+            return self.shards[0][index].long()
+        shard = torch.searchsorted(self.offsets[1:], index[:, 0].contiguous(), right=True)  # (N,)
+        rows = torch.empty(index.shape, dtype=torch.int64)
+        for s in shard.unique().tolist():
+            mine = shard == s
+            rows[mine] = self.shards[s][index[mine] - self.offsets[s]].long()
+        return rows
+
+
+def as_shards(tokens):
+    """tokens as ShardedTokens: a plain (N,) tensor is one shard."""
+    return tokens if isinstance(tokens, ShardedTokens) else ShardedTokens([tokens])
 
 
 @dataclass
@@ -120,15 +164,22 @@ def read_token_file(path):
 
 
 def read_token_data(path):
-    """`--data` as token ids: a directory holding train.bin and val.bin, or one .bin file (whose last 10%
-    is held out, as text's is). None when path is text data (or None, the standard library)."""
+    """`--data` as token ids: a directory holding training and held-out .bin files (SPLIT_PATTERNS), or one
+    .bin file (whose last 10% is held out, as text's is). None when path is text data (or None, the
+    standard library)."""
     if path is None:
         return None
-    if os.path.isdir(path) and all(os.path.isfile(os.path.join(path, name)) for name in SPLIT_TOKEN_FILES):
-        train, val = (read_token_file(os.path.join(path, name)) for name in SPLIT_TOKEN_FILES)
-        return TokenData(os.path.abspath(path), train, val)
+    if os.path.isdir(path):
+        train, val = (
+            sorted(glob.glob(os.path.join(glob.escape(path), pattern))) for pattern in SPLIT_PATTERNS
+        )
+        if not (train and val):
+            return None
+        return TokenData(
+            os.path.abspath(path), list(map(read_token_file, train)), list(map(read_token_file, val))
+        )
     if os.path.isfile(path) and path.endswith(TOKEN_FILE_SUFFIX):
-        return TokenData(os.path.abspath(path), read_token_file(path), None)
+        return TokenData(os.path.abspath(path), [read_token_file(path)], None)
     return None
 
 
@@ -167,15 +218,19 @@ def split_tokens(tokens, seq_len, val_fraction=VAL_FRACTION):
 
 
 def token_splits(data, seq_len):
-    """(train, held-out) token tensors of TokenData: its two files, or its one file split as text is."""
+    """(train, held-out) tokens of TokenData: its training and held-out files (ShardedTokens where there
+    are several), or its one file split as text is."""
     if data.val is None:
-        return split_tokens(data.train, seq_len)
-    for name, tokens in zip(SPLIT_TOKEN_FILES, (data.train, data.val)):
-        if len(tokens) <= seq_len:
+        return split_tokens(data.train[0], seq_len)
+    splits = []
+    for split, shards in (("training", data.train), ("held-out", data.val)):
+        tokens = shards[0] if len(shards) == 1 else ShardedTokens(shards)
+        if as_shards(tokens).window_count(seq_len) == 0:
             raise UserError(
-                f"{os.path.join(data.name, name)} holds {len(tokens)} tokens, but --seq-len {seq_len} needs more"
+                f"the {split} files in {data.name} hold no window of --seq-len {seq_len} + 1 tokens inside one file"
             )
-    return data.train, data.val
+        splits.append(tokens)
+    return tuple(splits)
 
 
 def windows(tokens, starts, seq_len, vocab_size):
@@ -198,12 +253,14 @@ class BatchSampler:
     and keeps its own slice, so a run's batches do not depend on how many processes share it."""
 
     def __init__(self, tokens, seq_len, seed, vocab_size):
-        self.tokens, self.seq_len, self.vocab_size = tokens, seq_len, vocab_size
+        self.tokens, self.seq_len, self.vocab_size = as_shards(tokens), seq_len, vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def global_batch(self, batch_size):
         """(inputs, targets), each (batch_size, seq_len), for one optimizer step of the whole run."""
-        starts = torch.randint(len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
+        count = self.tokens.window_count(self.seq_len)
+        numbers = torch.randint(count, (batch_size,), generator=self.generator)
+        starts = self.tokens.window_starts(numbers, self.seq_len)
         return windows(self.tokens, starts, self.seq_len, self.vocab_size)
 
     def state(self):
@@ -217,6 +274,8 @@ def eval_starts(tokens, seq_len, max_windows):
     """Start positions of up to max_windows non-overlapping held-out windows, spread evenly over the
     held-out tokens (back to back when max_windows covers them all). They are fixed, so every
     evaluation of a run scores the same tokens."""
-    count = min(max_windows, (len(tokens) - 1) // seq_len)
-    stride = (len(tokens) - 1 - seq_len) // max(count - 1, 1)  # >= seq_len, since count * seq_len <= len - 1
-    return torch.arange(count) * stride
+    tokens = as_shards(tokens)
+    fitting = tokens.window_count(seq_len)
+    count = min(max_windows, (fitting - 1) // seq_len + 1)
+    stride = (fitting - 1) // max(count - 1, 1)  # >= seq_len, since (count - 1) * seq_len <= fitting - 1
+    return tokens.window_starts(torch.arange(count) * stride, seq_len)
