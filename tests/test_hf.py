@@ -294,6 +294,62 @@ def test_gradient_checkpointing_matches_plain_training(attention_calls):
         torch.testing.assert_close(checkpointed_parameter.grad, parameter.grad, rtol=0, atol=1e-6, msg=name)
 
 
+class RightPaddingTokenizer:
+    """What DataCollatorForLanguageModeling asks of a tokenizer: right padding with id 0."""
+
+    pad_token_id = 0
+    padding_side = "right"
+
+    def pad(self, features, return_tensors="pt", **kwargs):
+        length = max(len(f["input_ids"]) for f in features)
+        ids = torch.zeros(len(features), length, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        for row, feature in enumerate(features):
+            ids[row, : len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
+            mask[row, : len(feature["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def trainer_losses(model, dataset, output_dir):
+    """The loss logged at each of 6 steps of transformers' Trainer on dataset, right-padded batches of 8."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    losses = []
+
+    class LossLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    arguments = TrainingArguments(
+        output_dir=output_dir, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
+        report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    collator = DataCollatorForLanguageModeling(RightPaddingTokenizer(), mlm=False)
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=[LossLog()]
+    )
+    trainer.train()
+    return losses
+
+
+def test_patched_gpt2_trains_in_transformers_trainer_as_unpatched(tmp_path, attention_calls):
+    """transformers' Trainer fine-tunes a patched model step for step as the unpatched one: dataset columns
+    chosen by forward's signature, labels from the language-modelling collator (-100 on the padding),
+    num_items_in_batch, the fused loss. The right-padded batches' masks keep the attention on SDPA."""
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    hf = random_gpt2().train()
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(8, 40, (48,), generator=generator).tolist()
+    dataset = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=generator).tolist()} for n in lengths]
+    expected = trainer_losses(copy.deepcopy(hf), dataset, tmp_path / "unpatched")
+    sdpa_calls = attention_calls["sdpa"]
+    got = trainer_losses(fastgpt.patch(copy.deepcopy(hf)), dataset, tmp_path / "patched")
+    assert len(got) == len(expected) == 6
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert attention_calls["sdpa"] > sdpa_calls  # the padded batches' attention
+
+
 def test_fused_loss_leaves_other_calls_to_transformers():
     hf = random_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     patched = fastgpt.patch(copy.deepcopy(hf))
