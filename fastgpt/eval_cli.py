@@ -13,7 +13,10 @@ from fastgpt.train.loop import evaluate
 
 def add_arguments(parser):
     parser.add_argument(
-        "--checkpoint", required=True, metavar="DIR", help="fastgpt checkpoint or local HF GPT-2 dir"
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="fastgpt checkpoint, local HF GPT-2 dir or nanoGPT out_dir (ckpt.pt)",
     )
     parser.add_argument(
         "--data",

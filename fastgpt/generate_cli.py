@@ -18,7 +18,10 @@ SAMPLE_SEPARATOR = "-" * 15  # the line after each of several samples, as nanoGP
 def add_arguments(parser):
     parser.add_argument("prompt", help="the text to continue ('' starts a new document)")
     parser.add_argument(
-        "--checkpoint", required=True, metavar="DIR", help="fastgpt checkpoint or local HF GPT-2 dir"
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="fastgpt checkpoint, local HF GPT-2 dir or nanoGPT out_dir (ckpt.pt)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, within the context"

@@ -41,7 +41,9 @@ def add_arguments(parser):
         model.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the preset's {field}")
     model.add_argument("--dropout", type=float, help="dropout of a new or initialised model (default: 0)")
     model.add_argument(
-        "--init", metavar="DIR", help="start from this fastgpt checkpoint or local HF GPT-2 directory"
+        "--init",
+        metavar="DIR",
+        help="start from this fastgpt checkpoint, local HF GPT-2 directory or nanoGPT out_dir (ckpt.pt)",
     )
     model.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     optim = parser.add_argument_group("optimisation")

@@ -1,5 +1,5 @@
 """Checkpoints: damaged or mismatched files give a clear error and no half-loaded model; saving is
-atomic.
+atomic; nanoGPT's ckpt.pt loads to the logits of nanoGPT's forward.
 
 - GPT.load (and GPT.from_hf on a directory) raise weights.CheckpointError, a ValueError, naming the
   file and the tensor, for a truncated, corrupt or empty model.safetensors, a missing or unreadable
@@ -276,3 +276,126 @@ def test_save_replaces_a_previous_checkpoint(saved):
     assert loaded.config == newer.config
     for name, tensor in newer.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------------
+# nanoGPT's ckpt.pt
+
+
+def nanogpt_state(model_args, compiled, generator):
+    """A state dict as nanoGPT's model.py holds one, random (std 0.1), built here from its layer shapes:
+    tied wte / lm_head, biases only with bias=True, torch.compile's prefix when compiled, and the causal
+    mask buffer its attention registers under torch < 2."""
+    C, V, L = model_args["n_embd"], model_args["vocab_size"], model_args["block_size"]
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (L, C)}
+    for i in range(model_args["n_layer"]):
+        block = f"transformer.h.{i}"
+        for name, rows, cols in (
+            ("attn.c_attn", 3 * C, C),
+            ("attn.c_proj", C, C),
+            ("mlp.c_fc", 4 * C, C),
+            ("mlp.c_proj", C, 4 * C),
+        ):
+            shapes[f"{block}.{name}.weight"] = (rows, cols)
+            if model_args["bias"]:
+                shapes[f"{block}.{name}.bias"] = (rows,)
+        for name in ("ln_1", "ln_2"):
+            shapes[f"{block}.{name}.weight"] = (C,)
+            if model_args["bias"]:
+                shapes[f"{block}.{name}.bias"] = (C,)
+    shapes["transformer.ln_f.weight"] = (C,)
+    if model_args["bias"]:
+        shapes["transformer.ln_f.bias"] = (C,)
+    state = {name: 0.1 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    for name in shapes:
+        if ".ln_" in name and name.endswith(".weight"):
+            state[name] += 1.0
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # one tensor, as nanoGPT ties them
+    state["transformer.h.0.attn.bias"] = torch.ones(L, L).tril().view(1, 1, L, L)
+    prefix = "_orig_mod." if compiled else ""
+    return {prefix + name: tensor for name, tensor in state.items()}
+
+
+def nanogpt_logits(state, model_args, idx):
+    """nanoGPT's GPT.forward written out on its state dict: pre-LN blocks, causal attention, exact GELU
+    (its nn.GELU()), LayerNorm eps 1e-5, the tied head, logits at every position."""
+    C, heads = model_args["n_embd"], model_args["n_head"]
+    state = {name.removeprefix("_orig_mod."): tensor for name, tensor in state.items()}
+
+    def layer_norm(x, name):
+        return torch.nn.functional.layer_norm(
+            x, (C,), state[f"{name}.weight"], state.get(f"{name}.bias"), 1e-5
+        )
+
+    def linear(x, name):
+        return torch.nn.functional.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
+
+    batch, seq = idx.shape
+    x = state["transformer.wte.weight"][idx] + state["transformer.wpe.weight"][:seq]  # (B, T, C)
+    for i in range(model_args["n_layer"]):
+        block = f"transformer.h.{i}"
+        q, k, v = linear(layer_norm(x, f"{block}.ln_1"), f"{block}.attn.c_attn").split(C, dim=2)
+        q, k, v = (t.view(batch, seq, heads, C // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + linear(y.transpose(1, 2).reshape(batch, seq, C), f"{block}.attn.c_proj")
+        hidden = torch.nn.functional.gelu(linear(layer_norm(x, f"{block}.ln_2"), f"{block}.mlp.c_fc"))
+        x = x + linear(hidden, f"{block}.mlp.c_proj")
+    return torch.nn.functional.linear(layer_norm(x, "transformer.ln_f"), state["lm_head.weight"])
+
+
+def save_nanogpt_checkpoint(directory, *, bias=True, compiled=False, vocab_size=65):
+    """nanoGPT's train.py checkpoint in directory/ckpt.pt; returns (state, model_args)."""
+    model_args = dict(
+        n_layer=2, n_head=4, n_embd=32, block_size=32, bias=bias, vocab_size=vocab_size, dropout=0.2
+    )
+    state = nanogpt_state(model_args, compiled, torch.Generator().manual_seed(0))
+    checkpoint = {
+        "model": state,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 6e-4, "params": [0, 1]}]},
+        "model_args": model_args,
+        "iter_num": 250,
+        "best_val_loss": torch.tensor(1.4697),
+        "config": {"batch_size": 64, "compile": compiled, "dataset": "shakespeare_char"},
+    }
+    directory.mkdir(exist_ok=True)
+    torch.save(checkpoint, directory / "ckpt.pt")
+    return state, model_args
+
+
+@pytest.mark.parametrize("bias, compiled", [(True, False), (False, True)], ids=["bias", "no-bias-compiled"])
+def test_from_nanogpt_computes_nanogpts_logits(tmp_path, bias, compiled):
+    """GPT.from_nanogpt reads train.py's ckpt.pt (with or without biases, from a compiled model or not,
+    with the old mask buffer) into a GPT whose logits are nanoGPT's forward's on the same tensors."""
+    state, model_args = save_nanogpt_checkpoint(tmp_path, bias=bias, compiled=compiled)
+    gpt = GPT.from_nanogpt(tmp_path / "ckpt.pt", backend="reference")
+    assert gpt.config.activation == "gelu" and gpt.config.bias == bias and gpt.config.dropout == 0.0
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    idx = torch.randint(0, 65, (2, 20))
+    torch.testing.assert_close(gpt(idx), nanogpt_logits(state, model_args, idx), rtol=0, atol=1e-5)
+
+
+def test_nanogpt_out_dir_serves_the_cli(tmp_path, capsys):
+    """fastgpt generate and export take nanoGPT's out_dir (the export then loads to the same logits); a
+    ckpt.pt that is not nanoGPT's, or not a checkpoint at all, is a one-line error."""
+    out = tmp_path / "out-nano"
+    save_nanogpt_checkpoint(out, vocab_size=257)
+    assert (
+        cli.main(["generate", "ab", "--checkpoint", str(out), "--tokenizer", "byte", "--max-new-tokens", "4"])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("ab")
+    assert (
+        cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--tokenizer", "byte"])
+        == 0
+    )
+    idx = torch.randint(0, 257, (1, 9))
+    expected = GPT.from_nanogpt(out / "ckpt.pt")(idx)
+    torch.testing.assert_close(GPT.from_hf(tmp_path / "hf")(idx), expected, rtol=0, atol=1e-6)
+    torch.save({"model": {}}, out / "ckpt.pt")
+    capsys.readouterr()
+    assert cli.main(["generate", "ab", "--checkpoint", str(out), "--tokenizer", "byte"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(r"ckpt\.pt: its 'model_args' lack n_layer", error), error
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert cli.main(["generate", "ab", "--checkpoint", str(out), "--tokenizer", "byte"]) == 1
+    assert "is not a readable torch checkpoint" in capsys.readouterr().err

@@ -408,6 +408,16 @@ class GPT(nn.Module):
             )
         return cls._from_state_dict(config, state, f"GPT.from_hf: {source}", configuration)
 
+    @classmethod
+    def from_nanogpt(cls, path, **overrides):
+        """A GPT with the weights of nanoGPT's checkpoint file (train.py's ckpt.pt, from a compiled model or
+        not): the same state-dict names, its model_args as the config (the exact GELU of nanoGPT's MLP).
+        `overrides` set GPTConfig fields (backend, dropout, ...); dropout defaults to 0. Read with
+        torch.load(weights_only=True); a checkpoint that does not fit raises weights.CheckpointError."""
+        model_args, state = weights.read_nanogpt_checkpoint(path)
+        config = weights.config_from_nanogpt(model_args, **{"dropout": 0.0, **overrides})
+        return cls._from_state_dict(config, state, f"GPT.from_nanogpt: {path}", f"{path}'s model_args")
+
     def save(self, directory):
         """Writes config.json and model.safetensors into directory: the vocabulary tensors with
         vocab_size rows (the padding is not saved), a tied LM head stored once."""

@@ -1,6 +1,6 @@
-"""Reading weights into a GPT: transformers GPT-2 checkpoints (a model object or a local directory)
-and fastgpt's own safetensors + JSON format; and writing a GPT as a transformers GPT-2 directory
-(save_hf). Nothing here downloads, and nothing here imports transformers.
+"""Reading weights into a GPT: transformers GPT-2 checkpoints (a model object or a local directory),
+nanoGPT's ckpt.pt, and fastgpt's own safetensors + JSON format; and writing a GPT as a transformers
+GPT-2 directory (save_hf). Nothing here downloads, and nothing here imports transformers.
 
 Loading is all or nothing: files are read and every tensor's name, shape and dtype is checked
 against the configuration before any parameter is made or changed, and a problem raises
@@ -15,6 +15,7 @@ GPT-2's shapes and those written before padding existed still load.
 
 import json
 import os
+import pickle
 from collections import OrderedDict
 
 import torch
@@ -41,7 +42,13 @@ GPT2_EOS_TOKEN_ID = 50256  # <|endoftext|>, the last of GPT-2's 50257 tokens
 
 # HF GPT-2 stores these projections as Conv1D, whose weight is (in_features, out_features).
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-# Causal-mask buffers that old GPT-2 checkpoints carry; they hold no learned values.
+# nanoGPT's train.py saves {"model": state dict, "model_args": {...}, "optimizer": ..., ...} as ckpt.pt in
+# its out_dir; the model's names are fastgpt's, behind torch.compile's wrapper prefix when it compiled.
+NANOGPT_CHECKPOINT_FILE = "ckpt.pt"
+NANOGPT_ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+COMPILED_PREFIX = "_orig_mod."
+# Causal-mask buffers that old GPT-2 checkpoints (and nanoGPT's under torch < 2) carry; they hold no
+# learned values.
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 BODY_PREFIXES = ("h.", "wte.", "wpe.", "ln_f.")
 # The tensors with one row per token id: padded_vocab_size rows in a GPT, vocab_size in a checkpoint.
@@ -234,6 +241,44 @@ def state_dict_from_hf(hf_state, *, tie_weights, copy):
     elif "lm_head.weight" not in state:
         raise ValueError("GPT.from_hf: the checkpoint has no lm_head.weight and tie_word_embeddings is False")
     return state
+
+
+def read_nanogpt_checkpoint(path):
+    """(model_args, state dict) of nanoGPT's ckpt.pt, read with torch.load(weights_only=True): tensors and
+    plain values only, so a checkpoint cannot run code. torch.compile's prefix and causal-mask buffers
+    are dropped from the names."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({error})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        raise CheckpointError(
+            f"{path} is not a nanoGPT checkpoint: it must be a dict with the state dict under 'model'"
+        )
+    model_args = checkpoint.get("model_args")
+    missing = [
+        name for name in NANOGPT_ARCHITECTURE if not isinstance(model_args, dict) or name not in model_args
+    ]
+    if missing:
+        raise CheckpointError(f"{path}: its 'model_args' lack {', '.join(missing)}")
+    state = {
+        name.removeprefix(COMPILED_PREFIX): tensor
+        for name, tensor in checkpoint["model"].items()
+        if not name.endswith(MASK_BUFFERS)
+    }
+    return model_args, state
+
+
+def config_from_nanogpt(model_args, **overrides):
+    """A GPTConfig from nanoGPT's model_args. Its MLP's nn.GELU() is the exact gelu, its LayerNorm eps
+    1e-5, its LM head tied, its vocab_size what it trained with (50304 when it padded GPT-2's)."""
+    fields = {name: model_args[name] for name in NANOGPT_ARCHITECTURE}
+    try:
+        return GPTConfig(**{**fields, "activation": "gelu", **overrides})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"nanoGPT's model_args {fields} are not a valid GPTConfig ({error})") from None
 
 
 def read_hf_directory(directory):

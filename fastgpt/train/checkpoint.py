@@ -1,4 +1,5 @@
-"""Checkpoint directories: reading models (fastgpt's own or a local transformers GPT-2) and writing
+"""Checkpoint directories: reading models (fastgpt's own, a local transformers GPT-2, or nanoGPT's out_dir
+with its ckpt.pt) and writing
 training checkpoints that an interruption cannot leave half-written.
 
 A training checkpoint is `fastgpt.nn.GPT.save`'s format plus the tokenizer and the training state:
@@ -29,6 +30,7 @@ from fastgpt.nn import GPT
 from fastgpt.nn.weights import (
     CONFIG_FILE,
     HF_PICKLE_WEIGHTS_FILE,
+    NANOGPT_CHECKPOINT_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_tensors,
@@ -91,18 +93,27 @@ def _require_directory(directory):
         raise UserError(f"checkpoint directory {directory} does not exist")
 
 
+def is_nanogpt_directory(directory):
+    """nanoGPT's out_dir: its ckpt.pt, and no config.json (which fastgpt's and transformers' have)."""
+    return os.path.isfile(os.path.join(directory, NANOGPT_CHECKPOINT_FILE)) and not os.path.isfile(
+        os.path.join(directory, CONFIG_FILE)
+    )
+
+
 def is_transformers_directory(directory):
     """A transformers checkpoint's config.json names its model_type; fastgpt's GPTConfig has none."""
     return "model_type" in _read_json(_require_file(directory, CONFIG_FILE, "the model's configuration"))
 
 
 def load_model(directory, *, device, dtype, backend="auto", **overrides):
-    """(GPT, tokenizer or None) from a fastgpt checkpoint or a local transformers GPT-2 directory,
-    on device in dtype; overrides set GPTConfig fields (dropout). Missing, corrupt or mismatched
-    files raise UserError."""
+    """(GPT, tokenizer or None) from a fastgpt checkpoint, a local transformers GPT-2 directory or
+    nanoGPT's out_dir, on device in dtype; overrides set GPTConfig fields (dropout). Missing, corrupt or
+    mismatched files raise UserError."""
     _require_directory(directory)
     overrides["backend"] = backend
-    if is_transformers_directory(directory):
+    if is_nanogpt_directory(directory):
+        model = _load_nanogpt(directory, overrides)
+    elif is_transformers_directory(directory):
         model = _load_transformers(directory, overrides)
     else:
         model = _load_fastgpt(directory, overrides)
@@ -126,6 +137,13 @@ def _load_fastgpt(directory, overrides):
     try:
         return GPT.load(directory, **overrides)
     except CheckpointError as error:  # corrupt files, an invalid config.json, tensors that do not fit it
+        raise UserError(str(error)) from None
+
+
+def _load_nanogpt(directory, overrides):
+    try:
+        return GPT.from_nanogpt(os.path.join(directory, NANOGPT_CHECKPOINT_FILE), **overrides)
+    except CheckpointError as error:  # unreadable, not nanoGPT's layout, or tensors that do not fit
         raise UserError(str(error)) from None
 
 
