@@ -12,19 +12,13 @@ from fastgpt.train.loop import evaluate
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="fastgpt checkpoint, local HF GPT-2 dir or nanoGPT out_dir (ckpt.pt)",
-    )
+    checkpoint.add_source_arguments(parser)
     parser.add_argument(
         "--data",
         help="a text file or a directory of text files (default: the standard library's .py files), or token "
         "ids: a directory with nanoGPT's train.bin and val.bin or llm.c's shards (the val files are scored), or "
         "one .bin file",
     )
-    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context window)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     parser.add_argument(

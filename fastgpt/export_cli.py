@@ -16,16 +16,10 @@ from fastgpt.train.tokenizer import load_tokenizer
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="fastgpt checkpoint, local HF GPT-2 dir or nanoGPT out_dir (ckpt.pt)",
-    )
+    checkpoint.add_source_arguments(parser)
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="the transformers GPT-2 directory to write"
     )
-    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
 
 
 def run(args):

@@ -17,12 +17,7 @@ SAMPLE_SEPARATOR = "-" * 15  # the line after each of several samples, as nanoGP
 
 def add_arguments(parser):
     parser.add_argument("prompt", help="the text to continue ('' starts a new document)")
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="fastgpt checkpoint, local HF GPT-2 dir or nanoGPT out_dir (ckpt.pt)",
-    )
+    checkpoint.add_source_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, within the context"
     )
@@ -38,7 +33,6 @@ def add_arguments(parser):
         default=1,
         help="continuations of the prompt, generated as one batch (default: 1, streamed as it is produced)",
     )
-    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
     runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
 
 

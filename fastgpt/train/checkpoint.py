@@ -93,6 +93,17 @@ def _require_directory(directory):
         raise UserError(f"checkpoint directory {directory} does not exist")
 
 
+def add_source_arguments(parser):
+    """--checkpoint and --tokenizer, shared by generate, eval and export (load_model_and_tokenizer's)."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a fastgpt checkpoint, a local HF GPT-2 directory or nanoGPT's out_dir (ckpt.pt)",
+    )
+    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte' or a tokenizer path")
+
+
 def is_nanogpt_directory(directory):
     """nanoGPT's out_dir: its ckpt.pt, and no config.json (which fastgpt's and transformers' have)."""
     return os.path.isfile(os.path.join(directory, NANOGPT_CHECKPOINT_FILE)) and not os.path.isfile(
