@@ -7,6 +7,7 @@ float32 transformers model sets the error budget.
 
 import copy
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, Ll
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from fastgpt.integrations import transformers as integration
+from fastgpt.nn.weights import CheckpointError
 
 VOCAB = 97
 
@@ -599,6 +601,19 @@ def test_from_hf_directories(tmp_path):
     idx = torch.randint(0, VOCAB, (2, 25))
     hf.save_pretrained(tmp_path / "safetensors")
     check_from_hf(GPT.from_hf(tmp_path / "safetensors"), hf, idx)
+    # Sharded, as save_pretrained writes a model above max_shard_size (GPT-2 XL in float32 before
+    # transformers 5): model.safetensors.index.json and its shard files.
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    check_from_hf(GPT.from_hf(tmp_path / "sharded"), hf, idx)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    weight_map["weight_map"]["transformer.h.9.mlp.c_fc.weight"] = next(
+        iter(weight_map["weight_map"].values())
+    )
+    index.write_text(json.dumps(weight_map))
+    with pytest.raises(CheckpointError, match=r"maps tensors its shards lack: transformer\.h\.9"):
+        GPT.from_hf(tmp_path / "sharded")
     # An old-style checkpoint: pytorch_model.bin with GPT2Model's names and the causal-mask buffers.
     legacy = tmp_path / "legacy"
     hf.config.save_pretrained(legacy)

@@ -24,6 +24,9 @@ from fastgpt.nn.config import GPT2_VOCAB_SIZE, GPTConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# transformers' sharded save (save_pretrained above max_shard_size, 5 GB before transformers 5: GPT-2 XL
+# in float32): {"weight_map": {tensor name: shard file}} beside the shard files.
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 HF_PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 
 # transformers' GPT-2 activation names -> fastgpt's fused activations (gelu_new is the tanh approximation).
@@ -288,16 +291,35 @@ def read_hf_directory(directory):
         raise ValueError(f"GPT.from_hf: {directory!r} must hold {CONFIG_FILE}, but it was not found")
     hf_config = read_json(config_path)
     safetensors_path = os.path.join(directory, WEIGHTS_FILE)
+    index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
     pickle_path = os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)
     if os.path.isfile(safetensors_path):
         state = read_safetensors(safetensors_path)
+    elif os.path.isfile(index_path):
+        state = read_sharded_safetensors(directory, index_path)
     elif os.path.isfile(pickle_path):
         state = torch.load(pickle_path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(
-            f"GPT.from_hf: {directory!r} must hold {WEIGHTS_FILE} or {HF_PICKLE_WEIGHTS_FILE}, but neither was found"
+            f"GPT.from_hf: {directory!r} must hold {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or {HF_PICKLE_WEIGHTS_FILE}, "
+            "but none was found"
         )
     return hf_config, state
+
+
+def read_sharded_safetensors(directory, index_path):
+    """The tensors of a sharded safetensors checkpoint: each shard its index names, read once; a tensor
+    the index maps to a shard that lacks it raises CheckpointError."""
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} has no weight_map of tensor names to shard files")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(read_safetensors(os.path.join(directory, shard)))
+    missing = [name for name in weight_map if name not in state]
+    if missing:
+        raise CheckpointError(f"{index_path} maps tensors its shards lack: {_names(missing)}")
+    return state
 
 
 def write_files(directory, files):

@@ -32,6 +32,7 @@ from fastgpt.nn.weights import (
     HF_PICKLE_WEIGHTS_FILE,
     NANOGPT_CHECKPOINT_FILE,
     WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
     CheckpointError,
     checkpoint_tensors,
     write_files,
@@ -160,11 +161,13 @@ def _load_nanogpt(directory, overrides):
 
 def _load_transformers(directory, overrides):
     has_weights = any(
-        os.path.isfile(os.path.join(directory, n)) for n in (WEIGHTS_FILE, HF_PICKLE_WEIGHTS_FILE)
+        os.path.isfile(os.path.join(directory, n))
+        for n in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HF_PICKLE_WEIGHTS_FILE)
     )
     if not has_weights:
         raise UserError(
-            f"checkpoint {directory} lacks {WEIGHTS_FILE} (or {HF_PICKLE_WEIGHTS_FILE}), the model's weights"
+            f"checkpoint {directory} lacks {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, or "
+            f"{HF_PICKLE_WEIGHTS_FILE}), the model's weights"
         )
     try:
         return GPT.from_hf(directory, **overrides)
