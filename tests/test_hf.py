@@ -614,6 +614,19 @@ def test_from_hf_directories(tmp_path):
     index.write_text(json.dumps(weight_map))
     with pytest.raises(CheckpointError, match=r"maps tensors its shards lack: transformer\.h\.9"):
         GPT.from_hf(tmp_path / "sharded")
+    # The same shards as pickles (transformers' format before safetensors): pytorch_model.bin.index.json.
+    pickled = tmp_path / "pickled"
+    hf.config.save_pretrained(pickled)
+    names = list(hf.state_dict())
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
+    for shard, shard_names in halves.items():
+        torch.save({name: hf.state_dict()[name] for name in shard_names}, pickled / shard)
+    weight_map = {name: shard for shard, shard_names in halves.items() for name in shard_names}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    check_from_hf(GPT.from_hf(pickled), hf, idx)
     # An old-style checkpoint: pytorch_model.bin with GPT2Model's names and the causal-mask buffers.
     legacy = tmp_path / "legacy"
     hf.config.save_pretrained(legacy)

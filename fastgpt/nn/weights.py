@@ -25,8 +25,9 @@ from fastgpt.nn.config import GPT2_VOCAB_SIZE, GPTConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # transformers' sharded save (save_pretrained above max_shard_size, 5 GB before transformers 5: GPT-2 XL
-# in float32): {"weight_map": {tensor name: shard file}} beside the shard files.
+# in float32): {"weight_map": {tensor name: shard file}} beside the shard files, safetensors or pickles.
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+HF_PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 HF_PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 
 # transformers' GPT-2 activation names -> fastgpt's fused activations (gelu_new is the tanh approximation).
@@ -290,32 +291,33 @@ def read_hf_directory(directory):
     if not os.path.isfile(config_path):
         raise ValueError(f"GPT.from_hf: {directory!r} must hold {CONFIG_FILE}, but it was not found")
     hf_config = read_json(config_path)
-    safetensors_path = os.path.join(directory, WEIGHTS_FILE)
-    index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
-    pickle_path = os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)
-    if os.path.isfile(safetensors_path):
-        state = read_safetensors(safetensors_path)
-    elif os.path.isfile(index_path):
-        state = read_sharded_safetensors(directory, index_path)
-    elif os.path.isfile(pickle_path):
-        state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(
-            f"GPT.from_hf: {directory!r} must hold {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or {HF_PICKLE_WEIGHTS_FILE}, "
-            "but none was found"
-        )
-    return hf_config, state
+    readers = {  # the first file found, in transformers' order of preference
+        WEIGHTS_FILE: read_safetensors,
+        WEIGHTS_INDEX_FILE: lambda path: read_shards(path, read_safetensors),
+        HF_PICKLE_WEIGHTS_FILE: read_pickled_tensors,
+        HF_PICKLE_INDEX_FILE: lambda path: read_shards(path, read_pickled_tensors),
+    }
+    for name, read in readers.items():
+        if os.path.isfile(os.path.join(directory, name)):
+            return hf_config, read(os.path.join(directory, name))
+    raise ValueError(f"GPT.from_hf: {directory!r} must hold one of {', '.join(readers)}, but none was found")
 
 
-def read_sharded_safetensors(directory, index_path):
-    """The tensors of a sharded safetensors checkpoint: each shard its index names, read once; a tensor
-    the index maps to a shard that lacks it raises CheckpointError."""
+def read_pickled_tensors(path):
+    """A pytorch_model.bin's state dict, read with torch.load(weights_only=True): tensors only, no code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_shards(index_path, read):
+    """The tensors of a sharded checkpoint: each shard file its index names, read once with `read`; a
+    tensor the index maps to a shard that lacks it raises CheckpointError."""
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} has no weight_map of tensor names to shard files")
+    directory = os.path.dirname(index_path)
     state = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(read_safetensors(os.path.join(directory, shard)))
+        state.update(read(os.path.join(directory, shard)))
     missing = [name for name in weight_map if name not in state]
     if missing:
         raise CheckpointError(f"{index_path} maps tensors its shards lack: {_names(missing)}")

@@ -29,6 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from fastgpt.nn import GPT
 from fastgpt.nn.weights import (
     CONFIG_FILE,
+    HF_PICKLE_INDEX_FILE,
     HF_PICKLE_WEIGHTS_FILE,
     NANOGPT_CHECKPOINT_FILE,
     WEIGHTS_FILE,
@@ -162,12 +163,12 @@ def _load_nanogpt(directory, overrides):
 def _load_transformers(directory, overrides):
     has_weights = any(
         os.path.isfile(os.path.join(directory, n))
-        for n in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HF_PICKLE_WEIGHTS_FILE)
+        for n in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HF_PICKLE_WEIGHTS_FILE, HF_PICKLE_INDEX_FILE)
     )
     if not has_weights:
         raise UserError(
-            f"checkpoint {directory} lacks {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, or "
-            f"{HF_PICKLE_WEIGHTS_FILE}), the model's weights"
+            f"checkpoint {directory} lacks {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, "
+            f"{HF_PICKLE_WEIGHTS_FILE} or {HF_PICKLE_INDEX_FILE}), the model's weights"
         )
     try:
         return GPT.from_hf(directory, **overrides)
