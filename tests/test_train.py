@@ -241,6 +241,9 @@ def test_bad_token_files_are_one_line_errors(tmp_path):
         UserError, match=r"held-out files in .*short hold no window of --seq-len 16 \+ 1 tokens"
     ):
         token_splits(read_token_data(str(tmp_path / "short")), 16)
+    write_token_file(tmp_path / "short" / "train_interval.bin", list(range(100)))
+    with pytest.raises(UserError, match=r"train_interval\.bin matches both \*train\*\.bin and \*val\*\.bin"):
+        read_token_data(str(tmp_path / "short"))
 
 
 def test_shards_are_one_sequence_whose_windows_stay_inside_a_shard(tmp_path):

@@ -175,6 +175,11 @@ def read_token_data(path):
         )
         if not (train and val):
             return None
+        both = sorted(set(train) & set(val))
+        if both:  # e.g. train_interval.bin: which split it belongs to is a guess
+            raise UserError(
+                f"--data {path}: {os.path.basename(both[0])} matches both {' and '.join(SPLIT_PATTERNS)}"
+            )
         return TokenData(
             os.path.abspath(path), list(map(read_token_file, train)), list(map(read_token_file, val))
         )
