@@ -1,9 +1,9 @@
 """`fastgpt export --checkpoint DIR --out HF_DIR`: a checkpoint as a transformers GPT-2 directory, which
 `GPT2LMHeadModel.from_pretrained(HF_DIR)` loads into a model computing the same logits (see
 fastgpt.nn.GPT.save_hf), with the checkpoint's tokenizer files beside it: a BPE tokenizer's
-tokenizer.json loads with `AutoTokenizer.from_pretrained(HF_DIR)`; the byte tokenizer, which transformers
-has no class for, keeps fastgpt's tokenizer_info.json, so fastgpt's own commands still read the
-directory whole."""
+tokenizer.json loads with `AutoTokenizer.from_pretrained(HF_DIR)`; the byte and character tokenizers,
+which transformers has no class for, keep fastgpt's tokenizer_info.json, so fastgpt's own commands still
+read the directory whole."""
 
 import os
 
@@ -40,7 +40,8 @@ def run(args):
         tokenizer_note = "the BPE tokenizer (tokenizer.json, for AutoTokenizer)"
     else:
         tokenizer_note = (
-            "the byte tokenizer (tokenizer_info.json: fastgpt's; transformers has no byte tokenizer)"
+            f"the {tokenizer.kind} tokenizer (tokenizer_info.json: fastgpt's; transformers has no {tokenizer.kind} "
+            "tokenizer)"
         )
     print(
         f"wrote {args.out}: a transformers GPT-2 ({model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "

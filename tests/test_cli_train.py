@@ -5,6 +5,7 @@ torchrun with 2 gloo processes matches one process, and every user error is one 
 import contextlib
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -423,6 +424,37 @@ def test_train_and_eval_on_token_files(layout, tmp_path, capsys):
         ["train", "--out", str(tmp_path / "y"), *TINY, *BATCHES, "--data", str(data), "--tokenizer", "byte"],
         r"the data holds token id \d+, beyond the model's vocab_size 257",
     )
+
+
+def test_nanogpt_shakespeare_char_workflow(tmp_path, capsys):
+    """nanoGPT's character-level data directory, as data/shakespeare_char/prepare.py leaves it (meta.pkl
+    and the ids in train.bin and val.bin), trains with --data DIR --tokenizer DIR; the checkpoint keeps
+    the character vocabulary, so generate continues a prompt in it with no --tokenizer."""
+    text = Path(__file__).read_text() * 2
+    chars = sorted(set(text))
+    data = tmp_path / "shakespeare_char"
+    data.mkdir()
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump(
+            {
+                "vocab_size": len(chars),
+                "itos": dict(enumerate(chars)),
+                "stoi": {c: i for i, c in enumerate(chars)},
+            },
+            f,
+        )
+    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.int32).to(torch.uint16)
+    cut = len(ids) * 9 // 10
+    (data / "train.bin").write_bytes(ids[:cut].numpy().tobytes())
+    (data / "val.bin").write_bytes(ids[cut:].numpy().tobytes())
+    out = tmp_path / "out-shakespeare-char"
+    train(out, "--steps", "3", "--data", str(data), "--tokenizer", str(data))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(chars)
+    assert json.loads((out / "tokenizer_info.json").read_text()) == {"type": "char", "chars": chars}
+    capsys.readouterr()
+    assert main(["generate", "def ", "--checkpoint", str(out), "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("def ") and set(printed) <= set(chars) | {"\n"} and len(printed) == 4 + 12 + 1
 
 
 def write_hf_gpt2_directory(directory, model):

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import types
 
 import pytest
@@ -29,7 +30,7 @@ from fastgpt.train.data import (
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, learning_rate, parameter_groups
 from fastgpt.train.runtime import Runtime
-from fastgpt.train.tokenizer import BPETokenizer, ByteTokenizer, StreamDecoder, load_tokenizer
+from fastgpt.train.tokenizer import BPETokenizer, ByteTokenizer, StreamDecoder, from_directory, load_tokenizer
 
 SEQ_LEN = 32
 MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=SEQ_LEN, vocab_size=257)
@@ -284,6 +285,53 @@ def test_shards_are_one_sequence_whose_windows_stay_inside_a_shard(tmp_path):
     assert torch.equal(
         eval_starts(plain, 8, 50), torch.arange(50) * ((5000 - 1 - 8) // 49)
     )  # the one-file formula
+
+
+def write_nanogpt_meta(path, text):
+    """meta.pkl as nanoGPT's data/shakespeare_char/prepare.py writes it."""
+    chars = sorted(set(text))
+    meta = {
+        "vocab_size": len(chars),
+        "itos": dict(enumerate(chars)),
+        "stoi": {c: i for i, c in enumerate(chars)},
+    }
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
+    return chars
+
+
+class RunsACommand:
+    """A pickle that would call os.system when unpickled by a plain pickle.load."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_nanogpt_character_vocabulary(tmp_path):
+    """meta.pkl reads into the character tokenizer (ids are sorted characters, as prepare.py numbers them),
+    which encodes, decodes and records itself in a checkpoint directory; a character outside it, a pickle
+    that names a callable (never called) and a pickle of the wrong shape are one-line errors."""
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    chars = write_nanogpt_meta(tmp_path / "meta.pkl", text)
+    tokenizer = load_tokenizer(str(tmp_path / "meta.pkl"))
+    assert tokenizer.kind == "char" and tokenizer.vocab_size == len(chars) and tokenizer.eot_id is None
+    ids = tokenizer.encode(text)
+    assert ids == [chars.index(c) for c in text] and tokenizer.decode(ids) == text
+    assert tokenizer.encode_documents([text, text]).tolist() == ids + ids
+    assert load_tokenizer(str(tmp_path)).chars == chars  # nanoGPT's data directory, meta.pkl inside
+    (tmp_path / "checkpoint").mkdir()
+    for name, contents in tokenizer.files().items():
+        (tmp_path / "checkpoint" / name).write_bytes(contents)
+    assert from_directory(str(tmp_path / "checkpoint")).chars == chars
+    with pytest.raises(UserError, match="the text holds 'Z', which this 27-character vocabulary lacks"):
+        tokenizer.encode("Zounds")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(RunsACommand()))
+    with pytest.raises(UserError, match=r"names posix\.system, and only plain data is read"):
+        load_tokenizer(str(tmp_path / "evil.pkl"))
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+    (tmp_path / "list.pkl").write_bytes(pickle.dumps({"itos": ["a", "b"]}))
+    with pytest.raises(UserError, match="not nanoGPT's meta.pkl"):
+        load_tokenizer(str(tmp_path / "list.pkl"))
 
 
 def test_batch_sampler_is_reproducible_from_its_state():

@@ -1,5 +1,6 @@
-"""Tokenizers: a built-in byte-level one that needs no files, and GPT-2-style BPE read from local files
-with the `tokenizers` package. Nothing is downloaded.
+"""Tokenizers: a built-in byte-level one that needs no files, GPT-2-style BPE read from local files
+with the `tokenizers` package, and nanoGPT's character-level vocabulary (its meta.pkl). Nothing is
+downloaded.
 
 A checkpoint directory records its tokenizer in tokenizer_info.json (plus tokenizer.json for BPE), so
 `fastgpt generate` and `fastgpt eval` decode with exactly what training encoded with.
@@ -7,6 +8,7 @@ A checkpoint directory records its tokenizer in tokenizer_info.json (plus tokeni
 
 import json
 import os
+import pickle
 
 import torch
 
@@ -16,6 +18,9 @@ INFO_FILE = "tokenizer_info.json"
 BPE_FILE = "tokenizer.json"  # the tokenizers package's single-file format, as in HF model directories
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's original BPE files
 EOT_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token, which separates documents
+# nanoGPT's character-level vocabulary, beside the train.bin and val.bin its data/shakespeare_char/prepare.py
+# writes: a pickled {"vocab_size": n, "itos": {id: character}, "stoi": {character: id}}.
+NANOGPT_META_FILE = "meta.pkl"
 
 
 class ByteTokenizer:
@@ -51,6 +56,67 @@ class ByteTokenizer:
     def files(self):
         """{file name: contents} that record this tokenizer in a checkpoint directory."""
         return {INFO_FILE: json.dumps(self.info(), indent=2).encode()}
+
+
+class CharTokenizer:
+    """nanoGPT's character-level vocabulary: token i is the character chars[i] (65 of them for
+    shakespeare_char). It has no end-of-text token, and a character outside it cannot be encoded."""
+
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.ids = {char: i for i, char in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.eot_id = None
+
+    @classmethod
+    def from_meta(cls, path):
+        """The vocabulary of nanoGPT's meta.pkl, unpickled as plain data only (PlainDataUnpickler)."""
+        try:
+            with open(path, "rb") as f:
+                meta = PlainDataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            raise UserError(f"cannot read nanoGPT's vocabulary {path} ({error})") from None
+        itos = meta.get("itos") if isinstance(meta, dict) else None
+        if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))) or not itos:
+            raise UserError(
+                f"{path} is not nanoGPT's meta.pkl: it needs 'itos', a dict of ids 0..n-1 to characters"
+            )
+        chars = [itos[i] for i in range(len(itos))]
+        if not all(isinstance(char, str) and len(char) == 1 for char in chars):
+            raise UserError(f"{path}: its 'itos' must map every id to one character")
+        return cls(chars)
+
+    def encode(self, text):
+        try:
+            return [self.ids[char] for char in text]
+        except KeyError as error:
+            raise UserError(
+                f"the text holds {error.args[0]!r}, which this {self.vocab_size}-character vocabulary lacks"
+            ) from None
+
+    def encode_documents(self, documents):
+        """One flat int32 tensor of every document's characters' ids (no separator: there is no eot)."""
+        return torch.tensor([i for document in documents for i in self.encode(document)], dtype=torch.int32)
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids if i < self.vocab_size)
+
+    def info(self):
+        return {"type": self.kind, "chars": self.chars}
+
+    def files(self):
+        """{file name: contents} that record this tokenizer in a checkpoint directory."""
+        return {INFO_FILE: json.dumps(self.info(), indent=2).encode()}
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dicts, lists, strings, numbers), which is all nanoGPT's meta.pkl holds:
+    a file that names any class or function is refused instead of having it called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
 
 
 class BPETokenizer:
@@ -142,9 +208,11 @@ def from_directory(directory):
             raise UserError(f"{info_path} is not valid JSON ({error})") from None
         if info.get("type") == "byte":
             return ByteTokenizer(eot=bool(info.get("eot", True)))
+        if info.get("type") == "char" and isinstance(info.get("chars"), list):
+            return CharTokenizer(info["chars"])
         if info.get("type") != "bpe":
             raise UserError(
-                f"{info_path}: unknown tokenizer type {info.get('type')!r} (expected 'byte' or 'bpe')"
+                f"{info_path}: unknown tokenizer type {info.get('type')!r} (expected 'byte', 'bpe' or 'char')"
             )
         return _read_bpe_file(os.path.join(directory, BPE_FILE))
     if os.path.isfile(os.path.join(directory, BPE_FILE)):
@@ -155,6 +223,9 @@ def from_directory(directory):
             return BPETokenizer.from_files(vocab, merges)
         except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
             raise UserError(f"cannot read BPE files {vocab} and {merges} ({error})") from None
+    meta = os.path.join(directory, NANOGPT_META_FILE)
+    if os.path.isfile(meta):
+        return CharTokenizer.from_meta(meta)
     return None
 
 
@@ -168,17 +239,19 @@ def _read_bpe_file(path):
 
 
 def load_tokenizer(spec):
-    """`--tokenizer`: 'byte', a tokenizer.json file, or a directory holding tokenizer.json or
-    vocab.json + merges.txt (for example a local HF GPT-2 directory)."""
+    """`--tokenizer`: 'byte', a tokenizer.json file, nanoGPT's meta.pkl, or a directory holding
+    tokenizer.json, vocab.json + merges.txt (for example a local HF GPT-2 directory) or meta.pkl (nanoGPT's
+    data/shakespeare_char)."""
     if spec == "byte":
         return ByteTokenizer()
     if os.path.isfile(spec):
-        return _read_bpe_file(spec)
+        return CharTokenizer.from_meta(spec) if spec.endswith(".pkl") else _read_bpe_file(spec)
     if not os.path.isdir(spec):
         raise UserError(f"--tokenizer {spec!r} is neither 'byte' nor an existing file or directory")
     tokenizer = from_directory(spec)
     if tokenizer is None:
         raise UserError(
-            f"--tokenizer directory {spec} holds no {BPE_FILE}, {INFO_FILE}, or {VOCAB_FILE} + {MERGES_FILE}"
+            f"--tokenizer directory {spec} holds no {BPE_FILE}, {INFO_FILE}, {VOCAB_FILE} + {MERGES_FILE}, or "
+            f"{NANOGPT_META_FILE}"
         )
     return tokenizer
