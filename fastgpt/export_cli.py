@@ -14,11 +14,19 @@ from fastgpt.train import checkpoint
 from fastgpt.train.errors import UserError
 from fastgpt.train.tokenizer import load_tokenizer
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def add_arguments(parser):
     checkpoint.add_source_arguments(parser)
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="the transformers GPT-2 directory to write"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(EXPORT_DTYPES),
+        default="float32",
+        help="the weights' dtype in the export (default: float32; bfloat16 or float16 halve the file)",
     )
 
 
@@ -28,7 +36,7 @@ def run(args):
             f"--out must be another directory than --checkpoint: the export's config.json would replace the "
             f"checkpoint's, got {args.out} for both"
         )
-    model, tokenizer = checkpoint.load_model(args.checkpoint, device="cpu", dtype=torch.float32)
+    model, tokenizer = checkpoint.load_model(args.checkpoint, device="cpu", dtype=EXPORT_DTYPES[args.dtype])
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     model.save_hf(args.out, eos_token_id=tokenizer.eot_id if tokenizer is not None else None)
@@ -45,6 +53,6 @@ def run(args):
         )
     print(
         f"wrote {args.out}: a transformers GPT-2 ({model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-        f"float32) and {tokenizer_note}"
+        f"{args.dtype}) and {tokenizer_note}"
     )
     return 0

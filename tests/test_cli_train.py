@@ -355,6 +355,14 @@ def test_export_writes_a_transformers_gpt2_with_its_tokenizer(tokenizer_kind, tr
     assert_one_line_error(
         capsys, ["export", "--checkpoint", str(run), "--out", str(run)], r"--out must be another directory"
     )
+    if tokenizer_kind == "byte":  # --dtype bfloat16: the weights rounded once, the logits close
+        half = tmp_path / "hf-bf16"
+        assert main(["export", "--checkpoint", str(run), "--out", str(half), "--dtype", "bfloat16"]) == 0
+        assert "bfloat16) and the byte tokenizer" in capsys.readouterr().out
+        assert {t.dtype for t in load_file(str(half / "model.safetensors")).values()} == {torch.bfloat16}
+        rounded = transformers.GPT2LMHeadModel.from_pretrained(half).float().eval()
+        expected = model.eval()(idx).detach()
+        assert 0 < (rounded(idx).logits - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 def bpe_files(tmp_path, text):
