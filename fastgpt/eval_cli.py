@@ -6,7 +6,7 @@ import math
 from rich.console import Console
 
 from fastgpt.train import checkpoint, runtime
-from fastgpt.train.data import eval_starts, read_corpus, read_token_data, split_tokens, token_splits
+from fastgpt.train.data import data_splits, eval_starts, read_data
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import evaluate
 
@@ -45,19 +45,7 @@ def run(args):
         raise UserError(
             f"--batch-size and --max-windows must be at least 1, got {args.batch_size}, {args.max_windows}"
         )
-    token_data = read_token_data(args.data)
-    if token_data is None:
-        corpus = read_corpus(args.data)
-        _, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
-        data_name = corpus.name
-        if int(val_tokens.max()) >= model.config.vocab_size:
-            raise UserError(
-                f"the tokenizer produces ids up to {int(val_tokens.max())}, beyond the model's vocab_size "
-                f"{model.config.vocab_size}: pass the tokenizer the model was trained with"
-            )
-    else:  # the ids are checked window by window (data.windows)
-        _, val_tokens = token_splits(token_data, seq_len)
-        data_name = token_data.name
+    _, val_tokens, data_name = data_splits(read_data(args.data), tokenizer, seq_len)  # ids checked per window
     starts = eval_starts(val_tokens, seq_len, args.max_windows)
     loss = evaluate(model, val_tokens, starts, seq_len, args.batch_size, runtime.Runtime(device, dtype))
     Console(soft_wrap=True).print(

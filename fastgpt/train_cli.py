@@ -14,7 +14,7 @@ from rich.console import Console
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.nn.config import PRESETS
 from fastgpt.train import checkpoint, runtime
-from fastgpt.train.data import read_corpus, read_token_data, split_tokens, token_splits
+from fastgpt.train.data import TokenData, data_splits, read_data
 from fastgpt.train.errors import UserError
 from fastgpt.train.loop import Settings, Trainer, fit
 from fastgpt.train.step import STEP_MODES, choose_step_mode
@@ -88,9 +88,10 @@ def add_arguments(parser):
     runtime.add_arguments(run)
 
 
-def build_model(args, device, token_data):
-    """(float32 GPT on device, tokenizer) for a new, an initialised or a resumed run. Token data comes
-    with the tokenizer that made it: a new model needs --tokenizer (its vocabulary sizes the model)."""
+def build_model(args, device, token_ids):
+    """(float32 GPT on device, tokenizer) for a new, an initialised or a resumed run. token_ids: --data holds
+    token ids, which come with the tokenizer that made them: a new model needs --tokenizer (its
+    vocabulary sizes the model)."""
     if args.resume and (args.init or args.config):
         raise UserError("--resume continues the checkpoint in --out; drop --init and --config")
     if args.init and args.config:
@@ -117,7 +118,7 @@ def build_model(args, device, token_data):
                 f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {model.config.vocab_size}"
             )
         return model, tokenizer
-    if token_data is not None and not args.tokenizer:
+    if token_ids and not args.tokenizer:
         raise UserError(
             f"--data {args.data} holds token ids: pass --tokenizer, the tokenizer that made them (GPT-2's: a "
             "directory with its vocab.json and merges.txt), or --init a model directory that holds it"
@@ -152,21 +153,15 @@ def run(args):
 def train(args, env):
     console = Console(quiet=not env.is_main, soft_wrap=True)
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    token_data = read_token_data(args.data)
-    model, tokenizer = build_model(args, env.device, token_data)
+    data = read_data(args.data)
+    model, tokenizer = build_model(args, env.device, token_ids=isinstance(data, TokenData))
     seq_len = args.seq_len or model.config.block_size
     settings = Settings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=seq_len, lr=args.lr,
         min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_windows=args.eval_windows, seed=args.seed,
     )  # fmt: skip
-    if token_data is None:
-        corpus = read_corpus(args.data)
-        train_tokens, val_tokens = split_tokens(tokenizer.encode_documents(corpus.documents), seq_len)
-        data_name = corpus.name
-    else:
-        train_tokens, val_tokens = token_splits(token_data, seq_len)
-        data_name = token_data.name
+    train_tokens, val_tokens, data_name = data_splits(data, tokenizer, seq_len)
     step_mode, step_reason = choose_step_mode(args.step_mode, env.device, env.world_size)
     trainer = Trainer(
         model, tokenizer, train_tokens, val_tokens, settings, env, data_name=data_name, step_mode=step_mode

@@ -346,7 +346,9 @@ def _patch_projections(model, attention_class, backend):
     for projection in projections:
         projection.fastgpt_backend = backend
         projection.fastgpt_weight_is_in_out = isinstance(projection, conv1d)
-        _bind_forward(projection, _projection_forward if isinstance(projection, conv1d) else _lm_head_forward)
+        _bind_forward(
+            projection, _projection_forward if projection.fastgpt_weight_is_in_out else _lm_head_forward
+        )
 
 
 def _patch_loss(model, lm_class, backend):

@@ -383,7 +383,8 @@ class GPT(nn.Module):
     def from_hf(cls, model_or_dir, **overrides):
         """A GPT with the weights of a transformers GPT-2 (GPT2LMHeadModel or GPT2Model), given as a
         model object or as a local directory holding config.json and model.safetensors or
-        pytorch_model.bin, or either's index (model.safetensors.index.json) and shards. HF's Conv1D weights, (in, out), are transposed into nn.Linear's layout.
+        pytorch_model.bin, or either's index (model.safetensors.index.json) and shards. HF's Conv1D
+        weights, (in, out), are transposed into nn.Linear's layout.
         The result has the dtype and device of the source weights and does not share storage with
         a source model. `overrides` set GPTConfig fields (dropout, backend, ...); dropout defaults to 0."""
         if isinstance(model_or_dir, (str, os.PathLike)):

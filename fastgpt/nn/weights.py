@@ -251,12 +251,7 @@ def read_nanogpt_checkpoint(path):
     """(model_args, state dict) of nanoGPT's ckpt.pt, read with torch.load(weights_only=True): tensors and
     plain values only, so a checkpoint cannot run code. torch.compile's prefix and causal-mask buffers
     are dropped from the names."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({error})") from None
+    checkpoint = read_pickled_tensors(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         raise CheckpointError(
             f"{path} is not a nanoGPT checkpoint: it must be a dict with the state dict under 'model'"
@@ -304,8 +299,14 @@ def read_hf_directory(directory):
 
 
 def read_pickled_tensors(path):
-    """A pytorch_model.bin's state dict, read with torch.load(weights_only=True): tensors only, no code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load(path, weights_only=True) (tensors and plain values, no code: a pytorch_model.bin or
+    nanoGPT's ckpt.pt), with a missing or damaged file raised as CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({error})") from None
 
 
 def read_shards(index_path, read):

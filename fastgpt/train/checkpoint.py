@@ -19,7 +19,6 @@ files disagree.
 
 import json
 import os
-import pickle
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -172,10 +171,8 @@ def _load_transformers(directory, overrides):
         )
     try:
         return GPT.from_hf(directory, **overrides)
-    except CheckpointError as error:  # a corrupt model.safetensors, tensors that do not fit config.json
+    except CheckpointError as error:  # a corrupt weights file, tensors that do not fit config.json
         raise UserError(str(error)) from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # torch.load of a damaged archive
-        raise UserError(f"{os.path.join(directory, HF_PICKLE_WEIGHTS_FILE)} is corrupt ({error})") from None
     except ValueError as error:  # a GPT-2 variant this model does not implement
         raise UserError(str(error)) from None
 

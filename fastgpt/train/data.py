@@ -238,17 +238,30 @@ def token_splits(data, seq_len):
     return tuple(splits)
 
 
+def read_data(path):
+    """`--data`: TokenData for token files (read_token_data), else the text's Corpus (read_corpus)."""
+    return read_token_data(path) or read_corpus(path)
+
+
+def data_splits(data, tokenizer, seq_len):
+    """(train, held-out, name) of read_data's result: token files as they are split (token_splits), or
+    the text encoded by tokenizer and split (split_tokens)."""
+    if isinstance(data, TokenData):
+        return (*token_splits(data, seq_len), data.name)
+    return (*split_tokens(tokenizer.encode_documents(data.documents), seq_len), data.name)
+
+
 def windows(tokens, starts, seq_len, vocab_size):
     """(inputs, targets), each (N, seq_len) int64: tokens[s : s+seq_len] and the next token of each.
-    An id of vocab_size or more (token files made by another tokenizer than the model's) is refused
-    here, on the host: on a GPU the embedding would stop the process with a device-side assert."""
+    An id of vocab_size or more (data made by another tokenizer than the model's) is refused here, on
+    the host: on a GPU the embedding would stop the process with a device-side assert."""
     index = starts[:, None] + torch.arange(seq_len + 1)  # (N, seq_len + 1)
     chunk = tokens[index].long()
     largest = int(chunk.max())
     if largest >= vocab_size:
         raise UserError(
-            f"the data holds token id {largest}, beyond the model's vocab_size {vocab_size}: token files must "
-            "come from the model's tokenizer"
+            f"the data holds token id {largest}, beyond the model's vocab_size {vocab_size}: it must come from "
+            "the model's tokenizer"
         )
     return chunk[:, :-1], chunk[:, 1:]
 

@@ -23,7 +23,15 @@ EOT_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token, which separates documen
 NANOGPT_META_FILE = "meta.pkl"
 
 
-class ByteTokenizer:
+class InfoFileTokenizer:
+    """A tokenizer recorded by its info() alone, in tokenizer_info.json."""
+
+    def files(self):
+        """{file name: contents} that record this tokenizer in a checkpoint directory."""
+        return {INFO_FILE: json.dumps(self.info(), indent=2).encode()}
+
+
+class ByteTokenizer(InfoFileTokenizer):
     """Token i < 256 is the byte i of the UTF-8 text; token 256 (with eot=True) ends a document."""
 
     kind = "byte"
@@ -53,12 +61,8 @@ class ByteTokenizer:
     def info(self):
         return {"type": self.kind, "eot": self.eot_id is not None}
 
-    def files(self):
-        """{file name: contents} that record this tokenizer in a checkpoint directory."""
-        return {INFO_FILE: json.dumps(self.info(), indent=2).encode()}
 
-
-class CharTokenizer:
+class CharTokenizer(InfoFileTokenizer):
     """nanoGPT's character-level vocabulary: token i is the character chars[i] (65 of them for
     shakespeare_char). It has no end-of-text token, and a character outside it cannot be encoded."""
 
@@ -106,10 +110,6 @@ class CharTokenizer:
     def info(self):
         return {"type": self.kind, "chars": self.chars}
 
-    def files(self):
-        """{file name: contents} that record this tokenizer in a checkpoint directory."""
-        return {INFO_FILE: json.dumps(self.info(), indent=2).encode()}
-
 
 class PlainDataUnpickler(pickle.Unpickler):
     """Unpickles plain data only (dicts, lists, strings, numbers), which is all nanoGPT's meta.pkl holds:
@@ -119,7 +119,7 @@ class PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read")
 
 
-class BPETokenizer:
+class BPETokenizer(InfoFileTokenizer):
     """Byte-level BPE through the `tokenizers` package (GPT-2's tokenizer when given its files)."""
 
     kind = "bpe"
@@ -166,11 +166,8 @@ class BPETokenizer:
         return {"type": self.kind}
 
     def files(self):
-        """{file name: contents} that record this tokenizer in a checkpoint directory."""
-        return {
-            BPE_FILE: self.backend.to_str().encode(),
-            INFO_FILE: json.dumps(self.info(), indent=2).encode(),
-        }
+        """tokenizer.json beside the info file."""
+        return {BPE_FILE: self.backend.to_str().encode(), **super().files()}
 
 
 class StreamDecoder:
