@@ -5,7 +5,6 @@ torchrun with 2 gloo processes matches one process, and every user error is one 
 import contextlib
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_files import byte_level_bpe, write_nanogpt_meta, write_token_file
 from deterministic import deterministic_algorithms
 from safetensors.torch import load_file, save_file
 
@@ -279,20 +279,11 @@ def test_resume_on_cuda_matches_the_uninterrupted_gpt_run(
 
 
 def test_bpe_tokenizer_trains_and_generates(tmp_path, capsys):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
     text = (Path(__file__).read_text() + "\n") * 4
-    backend.train_from_iterator(
-        [text], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
-    (tmp_path / "tok").mkdir()
-    backend.model.save(str(tmp_path / "tok"))  # vocab.json + merges.txt, as in a GPT-2 directory
+    tokenizer_dir = bpe_files(tmp_path, text)
     (tmp_path / "data.txt").write_text(text)
     out = tmp_path / "run"
-    train(out, "--steps", "2", "--data", str(tmp_path / "data.txt"), "--tokenizer", str(tmp_path / "tok"))
+    train(out, "--steps", "2", "--data", str(tmp_path / "data.txt"), "--tokenizer", str(tokenizer_dir))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
     assert (out / "tokenizer.json").is_file()
     capsys.readouterr()
@@ -366,19 +357,11 @@ def test_export_writes_a_transformers_gpt2_with_its_tokenizer(tokenizer_kind, tr
 
 
 def bpe_files(tmp_path, text):
-    """vocab.json + merges.txt of a 300-token byte-level BPE trained on text, with GPT-2's end-of-text token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator([text], trainer)
+    """tmp_path/tok: vocab.json + merges.txt (a GPT-2 directory's layout) of a 300-token byte-level BPE
+    trained on text, with GPT-2's end-of-text token."""
     directory = tmp_path / "tok"
     directory.mkdir()
-    backend.model.save(str(directory))
+    byte_level_bpe([text], 300).model.save(str(directory))
     return directory
 
 
@@ -405,10 +388,8 @@ def test_train_and_eval_on_token_files(layout, tmp_path, capsys):
     data = tmp_path / "tokens"
     data.mkdir()
     for name, (begin, end) in TOKEN_FILE_LAYOUTS[layout].items():
-        part = torch.tensor(ids[int(begin * len(ids)) : int(end * len(ids))], dtype=torch.int32)
-        header = torch.tensor([20240520, 1, len(part)] + [0] * 253, dtype=torch.int32)  # llm.c's 256 int32
-        body = part.to(torch.uint16).numpy().tobytes()
-        (data / name).write_bytes(header.numpy().tobytes() + body if layout == "llmc-shards" else body)
+        part = ids[int(begin * len(ids)) : int(end * len(ids))]
+        write_token_file(data / name, part, llmc_header=layout == "llmc-shards")
     out = tmp_path / "run"
     state = train(out, "--steps", "3", "--data", str(data), "--tokenizer", str(tokenizer_dir))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
@@ -439,22 +420,13 @@ def test_nanogpt_shakespeare_char_workflow(tmp_path, capsys):
     and the ids in train.bin and val.bin), trains with --data DIR --tokenizer DIR; the checkpoint keeps
     the character vocabulary, so generate continues a prompt in it with no --tokenizer."""
     text = Path(__file__).read_text() * 2
-    chars = sorted(set(text))
     data = tmp_path / "shakespeare_char"
     data.mkdir()
-    with open(data / "meta.pkl", "wb") as f:
-        pickle.dump(
-            {
-                "vocab_size": len(chars),
-                "itos": dict(enumerate(chars)),
-                "stoi": {c: i for i, c in enumerate(chars)},
-            },
-            f,
-        )
-    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.int32).to(torch.uint16)
+    chars = write_nanogpt_meta(data / "meta.pkl", text)
+    ids = [chars.index(c) for c in text]
     cut = len(ids) * 9 // 10
-    (data / "train.bin").write_bytes(ids[:cut].numpy().tobytes())
-    (data / "val.bin").write_bytes(ids[cut:].numpy().tobytes())
+    write_token_file(data / "train.bin", ids[:cut])
+    write_token_file(data / "val.bin", ids[cut:])
     out = tmp_path / "out-shakespeare-char"
     train(out, "--steps", "3", "--data", str(data), "--tokenizer", str(data))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(chars)

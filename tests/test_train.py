@@ -11,11 +11,11 @@ import types
 import pytest
 import rich.console
 import torch
+from data_files import byte_level_bpe, write_nanogpt_meta, write_token_file
 
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.train import checkpoint, loop
 from fastgpt.train.data import (
-    LLMC_MAGIC,
     BatchSampler,
     ShardedTokens,
     eval_starts,
@@ -90,15 +90,7 @@ def test_stream_decoder_holds_back_split_characters():
 def bpe_dir(tmp_path_factory):
     """A tiny byte-level BPE trained here with the tokenizers package, saved both ways:
     tokenizer.json in one directory, GPT-2's vocab.json + merges.txt in another."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(stdlib_corpus(max_bytes=100_000).documents, trainer)
+    backend = byte_level_bpe(stdlib_corpus(max_bytes=100_000).documents, 400)
     root = tmp_path_factory.mktemp("bpe")
     (root / "json").mkdir()
     (root / "files").mkdir()
@@ -190,17 +182,6 @@ def test_split_windows_and_eval_starts():
         split_tokens(tokens[:100], 16)
 
 
-def write_token_file(path, ids, llmc_header=False):
-    """ids as nanoGPT's prepare.py writes them (uint16, back to back), or llm.c's (a 256 x int32 header:
-    magic, version, count)."""
-    with open(path, "wb") as f:
-        if llmc_header:
-            header = torch.zeros(256, dtype=torch.int32)
-            header[:3] = torch.tensor([LLMC_MAGIC, 1, len(ids)])
-            f.write(header.numpy().tobytes())
-        f.write(torch.tensor(ids, dtype=torch.int32).to(torch.uint16).numpy().tobytes())
-
-
 @pytest.mark.parametrize("llmc_header", [False, True], ids=["nanogpt", "llmc"])
 def test_token_files_are_read_as_the_ids_they_hold(tmp_path, llmc_header):
     """A directory with train.bin and val.bin gives those two splits; one .bin file is split as text
@@ -285,19 +266,6 @@ def test_shards_are_one_sequence_whose_windows_stay_inside_a_shard(tmp_path):
     assert torch.equal(
         eval_starts(plain, 8, 50), torch.arange(50) * ((5000 - 1 - 8) // 49)
     )  # the one-file formula
-
-
-def write_nanogpt_meta(path, text):
-    """meta.pkl as nanoGPT's data/shakespeare_char/prepare.py writes it."""
-    chars = sorted(set(text))
-    meta = {
-        "vocab_size": len(chars),
-        "itos": dict(enumerate(chars)),
-        "stoi": {c: i for i, c in enumerate(chars)},
-    }
-    with open(path, "wb") as f:
-        pickle.dump(meta, f)
-    return chars
 
 
 class RunsACommand:
