@@ -10,6 +10,10 @@ processes hits them alike, and the median of each is reported with the ratio of 
 
 - generation: greedy decoding, GPT.generate(temperature=0) and a fastgpt.patch-ed transformers model
   against GPT2LMHeadModel.generate(do_sample=False), tokens generated per second;
+- ragged generation: the same, for a batch of prompts of different lengths (RAGGED_CASE):
+  GPT.generate given the list of prompts, against transformers' left-padded batch with its attention
+  mask (a patched model runs that attention on SDPA), and against GPT.generate of one prompt at a time,
+  which is what a user without a ragged batch would do;
 - training: one step of forward (loss) + backward + AdamW (the same optimizer settings for both),
   tokens per second;
 - bandwidth: what bounds decoding at batch 1, where every token reads all the weights once (the
@@ -47,9 +51,11 @@ from fastgpt.nn import GPT, huge_pages
 # (batch, prompt length, new tokens). The last case decodes 256 tokens, so that the per-step cost of
 # the growing KV cache (transformers re-concatenates it each step) weighs more.
 GENERATION_CASES = ((1, 32, 64), (8, 128, 64), (8, 128, 256))
+# Prompt lengths of the ragged batch (8 prompts, spread over 16-128 tokens) and its new tokens.
+RAGGED_CASE = ((16, 128, 40, 96, 64, 24, 112, 80), 64)
 TRAINING_CASES = ((4, 256),)  # (batch, sequence length)
 BASELINE = "transformers sdpa"  # the provider every speedup is relative to
-TARGETS = {"generation": 2.0, "training": 1.2}
+TARGETS = {"generation": 2.0, "ragged generation": 2.0, "training": 1.2}
 
 
 def transformers_gpt2():
@@ -265,13 +271,63 @@ def bench_training(hf, gpt, rounds):
     return results
 
 
+def generate_hf_left_padded(hf, prompts, new_tokens):
+    """transformers' batch of prompts of different lengths: left-padded, with the mask marking the pads."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    out = hf.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return [torch.cat([prompt, new]) for prompt, new in zip(prompts, out[:, width:])]
+
+
+def generate_gpt_one_at_a_time(gpt, prompts, new_tokens):
+    return [gpt.generate(prompt[None], new_tokens, temperature=0)[0] for prompt in prompts]
+
+
+def bench_ragged_generation(hf, gpt, rounds):
+    lengths, new_tokens = RAGGED_CASE
+    prompts = [torch.randint(0, hf.config.vocab_size, (length,)) for length in lengths]
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    providers = {
+        "fastgpt GPT": functools.partial(generate_gpt, gpt, prompts, new_tokens),
+        "fastgpt GPT, one prompt at a time": functools.partial(
+            generate_gpt_one_at_a_time, gpt, prompts, new_tokens
+        ),
+        "transformers + fastgpt.patch": functools.partial(
+            generate_hf_left_padded, patched, prompts, new_tokens
+        ),
+        BASELINE: functools.partial(generate_hf_left_padded, hf, prompts, new_tokens),
+    }
+    with torch.inference_mode():
+        outputs = {name: run() for name, run in providers.items()}  # also the warm-up
+        reference_rows = outputs["fastgpt GPT, one prompt at a time"]
+        agreement = {
+            name: sum(torch.equal(a, b) for a, b in zip(rows, reference_rows)) / len(prompts)
+            for name, rows in outputs.items()
+        }
+        times = interleaved(providers, rounds, warmup_calls=0)
+    print(f"ragged generation: sequences whose greedy tokens equal one-at-a-time generation's: {agreement}")
+    case = {"prompt_lengths": list(lengths), "new_tokens": new_tokens}
+    return dict(report("ragged generation", case, len(prompts) * new_tokens, times), same_tokens=agreement)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
-    parser.add_argument("--only", choices=("generation", "training", "bandwidth"), default=None)
+    parser.add_argument("--only", choices=("generation", "ragged", "training", "bandwidth"), default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -291,6 +347,8 @@ def main():
     if args.only in (None, "generation"):
         generation = bench_generation(hf, gpt, args.rounds)
         results += generation
+    if args.only in (None, "ragged"):
+        results.append(bench_ragged_generation(hf, gpt, args.rounds))
     if args.only in (None, "bandwidth"):
         results.append(bench_bandwidth(gpt, generation, args.rounds))
     if args.only in (None, "training"):

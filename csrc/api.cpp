@@ -22,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -251,6 +252,56 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   p.lse = lse.data_ptr<float>();
   cpu::attention_forward(p);
   return {out, lse};
+}
+
+// The valid keys of each of `batch` sequences, from kv_len (a CPU int32/int64 tensor of 1 element, every
+// sequence's length, or `batch`, FlashAttention's cache_seqlens), each clamped to [0, capacity]. Read
+// element by element: at a decode step's size, ATen ops on it would cost more than the attention.
+std::vector<int64_t> sequence_lengths(const char* op, const at::Tensor& kv_len, int64_t batch, int64_t capacity) {
+  const bool int64 = kv_len.scalar_type() == at::kLong;
+  TORCH_CHECK_TYPE((int64 || kv_len.scalar_type() == at::kInt) && kv_len.device().is_cpu(), op,
+                   ": kv_len must be a CPU int32 or int64 tensor, got ", kv_len.scalar_type(), " on ", kv_len.device());
+  TORCH_CHECK_VALUE(kv_len.numel() == 1 || kv_len.numel() == batch, op, ": kv_len must have 1 or batch (", batch,
+                    ") elements, got ", kv_len.numel());
+  const at::Tensor flat = kv_len.reshape({-1});
+  std::vector<int64_t> lengths(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t at = flat.numel() == 1 ? 0 : b;
+    const int64_t value = int64 ? flat.const_data_ptr<int64_t>()[at * flat.stride(0)]
+                                : flat.const_data_ptr<int32_t>()[at * flat.stride(0)];
+    lengths[b] = std::clamp<int64_t>(value, 0, capacity);
+  }
+  return lengths;
+}
+
+// q (B, H, 1, D) against the first lengths[b] keys of sequence b's cache k, v (B, Hkv, capacity, D), any
+// strides -> (B, H, 1, D); 0 for a sequence of length 0. The decode kernel, reading only up to the
+// longest length (so its key splits are sized for the keys read, not the cache).
+at::Tensor attention_with_lengths(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
+                                  const at::Tensor& v_in, const std::vector<int64_t>& lengths, double softmax_scale) {
+  const int64_t longest = lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+  if (longest == 0) return at::zeros(q_in.sizes(), q_in.options());
+  const at::Tensor q = unit_inner_stride(q_in);
+  const at::Tensor k = unit_inner_stride(k_in.narrow(2, 0, longest)), v = unit_inner_stride(v_in.narrow(2, 0, longest));
+  at::Tensor out = new_output(q.sizes(), q.options());                                       // (B, H, 1, D)
+  at::Tensor lse = at::empty({q.size(0), q.size(1), 1}, q.options().dtype(at::kFloat));  // (B, H, 1)
+  AttentionParams p = attention_params(op, q, k, v, softmax_scale);
+  p.out = head_tensor(out);
+  p.lse = lse.data_ptr<float>();
+  p.kv_lens = lengths.data();
+  cpu::attention_forward(p);
+  return out;
+}
+
+// q (B, H, 1, D); k, v (B, Hkv, capacity, D) caches; kv_len: see sequence_lengths. Returns (B, H, 1, D),
+// each sequence's query attending to its cache's first kv_len keys (fastgpt.decode_attention_with_length).
+at::Tensor decode_attention_with_length_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& kv_len, double softmax_scale) {
+  const char* op = "fastgpt::decode_attention_with_length";
+  check_attention(op, q, k, v);
+  check_softmax_scale(op, softmax_scale);
+  TORCH_CHECK_VALUE(q.size(2) == 1, op, ": q must have shape (batch, heads, 1, head_dim), got ", q.sizes());
+  return attention_with_lengths(op, q, k, v, sequence_lengths(op, kv_len, q.size(0), k.size(2)), softmax_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
@@ -656,13 +707,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
 // weight, bias; ln_2 weight, bias; mlp.c_fc weight, bias; mlp.c_proj weight, bias (biases may be None).
 constexpr size_t kBlockParams = 12;
 
+// dst[b, h, positions[b]] = src[b, h, 0] for every sequence b and kv head h: src (B, Hkv, 1, D) and dst
+// (B, Hkv, max_len, D) of one dtype, both with unit last stride. One memcpy per row: as ATen copies of
+// selected rows, a decode step's B * Hkv rows per layer would cost more host time than its kernels.
+void write_rows_at(const at::Tensor& dst, const at::Tensor& src, const std::vector<int64_t>& positions) {
+  const int64_t element = dst.element_size(), row_bytes = dst.size(3) * element;
+  char* dst_base = static_cast<char*>(dst.data_ptr());
+  const char* src_base = static_cast<const char*>(src.const_data_ptr());
+  for (int64_t b = 0; b < dst.size(0); ++b) {
+    for (int64_t h = 0; h < dst.size(1); ++h) {
+      std::memcpy(dst_base + (b * dst.stride(0) + h * dst.stride(1) + positions[b] * dst.stride(2)) * element,
+                  src_base + (b * src.stride(0) + h * src.stride(1)) * element, row_bytes);
+    }
+  }
+}
+
 // x (B, T, C): the embedded new tokens at positions start .. start+T-1 -> the residual stream after
 // every block (B, T, C), writing their keys and values into each layer's cache (B, Hkv, max_len, D) at
-// those positions. The same kernels, in the same order, as fastgpt.nn.Block with the cpu backend, so
-// the result is identical; a decode step costs one call instead of some 15 Python op calls per block.
+// those positions. With `positions` (B) int64 instead (T = 1, `start` unused), sequence b's token is at
+// positions[b]: prompts of different lengths decoding together, each attending to its own first
+// positions[b] + 1 keys. The same kernels, in the same order, as fastgpt.nn.Block with the cpu backend,
+// so the result is identical; a decode step costs one call instead of some 15 Python op calls per block.
 at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params,
                              at::TensorList keys, at::TensorList values, int64_t start, int64_t heads, double eps,
-                             double softmax_scale, c10::string_view activation) {
+                             double softmax_scale, c10::string_view activation,
+                             const std::optional<at::Tensor>& positions) {
   const char* op = "fastgpt::decode_blocks";
   check_cpu_float(op, "x", x);
   check_dim(op, "x", x, 3);
@@ -677,6 +746,22 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
   check_softmax_scale(op, softmax_scale);
   parse_activation(op, activation);
   const int64_t head_dim = channels / heads;
+  // Each sequence's position, and its keys once the token's are written: start and start + T for all,
+  // unless `positions` gives them per sequence.
+  std::vector<int64_t> sequence_positions(batch, start);
+  if (positions) {
+    TORCH_CHECK_VALUE(seq == 1, op, ": positions needs one new token per sequence, got x of shape ", x.sizes());
+    TORCH_CHECK_TYPE(positions->scalar_type() == at::kLong && positions->device().is_cpu(), op,
+                     ": positions must be a CPU int64 tensor, got ", positions->scalar_type(), " on ",
+                     positions->device());
+    check_sizes(op, "positions", *positions, {batch});
+    for (int64_t b = 0; b < batch; ++b) sequence_positions[b] = positions->const_data_ptr<int64_t>()[b * positions->stride(0)];
+  }
+  const int64_t first = *std::min_element(sequence_positions.begin(), sequence_positions.end());
+  const int64_t last = *std::max_element(sequence_positions.begin(), sequence_positions.end());
+  TORCH_CHECK_VALUE(first >= 0, op, ": start and positions must be >= 0, got ", first);
+  std::vector<int64_t> lengths(batch);
+  for (int64_t b = 0; b < batch; ++b) lengths[b] = sequence_positions[b] + seq;
   auto param = [&](size_t layer, size_t index) { return params.get(kBlockParams * layer + index); };
   auto weight = [&](size_t layer, size_t index) { return *param(layer, index); };
   // Every cache and parameter, before any cache is written. Parameter shapes: (rows, cols) for the four
@@ -688,9 +773,11 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
     check_sizes(op, "values", values[layer], keys[layer].sizes());
     const int64_t kv_heads = keys[layer].size(1);
     TORCH_CHECK(keys[layer].size(0) == batch && keys[layer].size(3) == head_dim && kv_heads > 0 &&
-                    heads % kv_heads == 0 && start >= 0 && start + seq <= keys[layer].size(2),
-                op, ": each cache must have shape (", batch, ", kv_heads dividing ", heads, ", >= ", start + seq,
+                    heads % kv_heads == 0 && last + seq <= keys[layer].size(2),
+                op, ": each cache must have shape (", batch, ", kv_heads dividing ", heads, ", >= ", last + seq,
                 ", ", head_dim, "), got ", keys[layer].sizes());
+    TORCH_CHECK(!positions || (keys[layer].stride(3) == 1 && values[layer].stride(3) == 1), op,
+                ": with positions, each cache's last dimension must have stride 1");
     const int64_t qkv_features = (heads + 2 * kv_heads) * head_dim;
     const std::optional<at::Tensor> proj_weight = param(layer, 10);
     const int64_t hidden = proj_weight && proj_weight->dim() == 2 ? proj_weight->size(1) : -1;
@@ -720,10 +807,19 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
     at::Tensor qkv = linear_cpu(h, weight(layer, 2), param(layer, 3));  // (B*T, (H + 2 Hkv) D)
     at::Tensor qkv_heads = qkv.view({batch, seq, heads + 2 * kv_heads, head_dim}).transpose(1, 2);
     at::Tensor q = qkv_heads.narrow(1, 0, heads);  // (B, H, T, D)
-    keys[layer].narrow(2, start, seq).copy_(qkv_heads.narrow(1, heads, kv_heads));
-    values[layer].narrow(2, start, seq).copy_(qkv_heads.narrow(1, heads + kv_heads, kv_heads));
-    at::Tensor y = std::get<0>(attention_forward_cpu(q, keys[layer].narrow(2, 0, start + seq),
-                                                     values[layer].narrow(2, 0, start + seq), softmax_scale));
+    const at::Tensor new_keys = qkv_heads.narrow(1, heads, kv_heads);             // (B, Hkv, T, D)
+    const at::Tensor new_values = qkv_heads.narrow(1, heads + kv_heads, kv_heads);  // (B, Hkv, T, D)
+    at::Tensor y;  // (B, H, T, D)
+    if (positions) {
+      write_rows_at(keys[layer], new_keys, sequence_positions);
+      write_rows_at(values[layer], new_values, sequence_positions);
+      y = attention_with_lengths(op, q, keys[layer], values[layer], lengths, softmax_scale);
+    } else {
+      keys[layer].narrow(2, start, seq).copy_(new_keys);
+      values[layer].narrow(2, start, seq).copy_(new_values);
+      y = std::get<0>(attention_forward_cpu(q, keys[layer].narrow(2, 0, start + seq),
+                                            values[layer].narrow(2, 0, start + seq), softmax_scale));
+    }
     at::Tensor attn_out = linear_cpu(y.transpose(1, 2).reshape({batch * seq, channels}), weight(layer, 4),
                                      param(layer, 5));  // (B*T, C)
     auto [h2, residual, mean, rstd] = layer_norm_forward_cpu(attn_out, param(layer, 6), param(layer, 7), stream, eps);
@@ -752,6 +848,12 @@ c10::SymInt sym_rows(const at::Tensor& t) {
   c10::SymInt rows = 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
   return rows;
+}
+
+at::Tensor decode_attention_with_length_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& kv_len, double softmax_scale) {
+  (void)k, (void)v, (void)kv_len, (void)softmax_scale;
+  return empty_like_sizes(q, q.sym_sizes(), q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -851,6 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_met
 TORCH_LIBRARY(fastgpt, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def("decode_attention_with_length(Tensor q, Tensor k, Tensor v, Tensor kv_len, float softmax_scale) -> Tensor");
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
@@ -874,12 +977,13 @@ TORCH_LIBRARY(fastgpt, m) {
       "int ignore_index) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def(
       "decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, int start, int heads, "
-      "float eps, float softmax_scale, str activation) -> Tensor");
+      "float eps, float softmax_scale, str activation, Tensor? positions=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("linear", &fastgpt::linear_cpu);
   m.impl("attention_forward", &fastgpt::attention_forward_cpu);
+  m.impl("decode_attention_with_length", &fastgpt::decode_attention_with_length_cpu);
   m.impl("attention_backward", &fastgpt::attention_backward_cpu);
   m.impl("ffn_forward", &fastgpt::ffn_forward_cpu);
   m.impl("ffn_backward", &fastgpt::ffn_backward_cpu);
@@ -893,6 +997,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
 TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {
   m.impl("linear", &fastgpt::linear_meta);
   m.impl("attention_forward", &fastgpt::attention_forward_meta);
+  m.impl("decode_attention_with_length", &fastgpt::decode_attention_with_length_meta);
   m.impl("attention_backward", &fastgpt::attention_backward_meta);
   m.impl("ffn_forward", &fastgpt::ffn_forward_meta);
   m.impl("ffn_backward", &fastgpt::ffn_backward_meta);

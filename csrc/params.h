@@ -51,6 +51,9 @@ struct AttentionParams {
   HeadTensor v;
   HeadTensor out;
   float* lse;  // (batch, heads, q_len), natural log, contiguous
+  // CPU decode only, else null: the valid keys of each sequence's cache, (batch) values in [0, kv_len].
+  // Sequence b's query i then sees keys j <= i + kv_lens[b] - q_len (kv_len is the longest's length).
+  const int64_t* kv_lens;
 
   // Backward only (null in the forward).
   HeadTensor dout;

@@ -54,12 +54,14 @@ IMPLEMENTATIONS = {
 # The Triton one splits a long cache over the whole GPU instead of one program per head; the cpu and
 # cuda kernels handle q_len == 1 themselves.
 DECODE_KERNELS = {"triton": ("fastgpt.ops.triton_decode", "decode_attention_op")}
-# Decode over a preallocated cache whose valid length is a device tensor (GPT.generate's captured step),
-# by backend (module, function). Only Triton has such a kernel, and `auto` takes it wherever Triton
-# runs the call; every other backend, and `auto` without Triton, runs the reference's masked attention
-# over the whole cache (device ops only, so it can be captured too).
+# Decode over a preallocated cache whose valid length (one, or one per sequence) is a tensor
+# (GPT.generate's static step), by backend (module, function). Triton's kernel reads the lengths on the
+# device, and `auto` takes it wherever Triton runs the call; the cpu kernel reads them on the host (CPU
+# tensors). The cuda backend, and `auto` without Triton on CUDA, run the reference's masked attention over
+# the whole cache (device ops only, so it can be captured too).
 DEVICE_LENGTH_DECODE_KERNELS = {
     "triton": ("fastgpt.ops.triton_decode", "decode_attention_with_length_op"),
+    "cpu": ("fastgpt.ops.compiled", "decode_attention_with_length"),
     "reference": ("fastgpt.reference", "decode_attention_with_length"),
 }
 
@@ -789,16 +791,17 @@ def validate_attention(q, k, v, softmax_scale, op="causal_attention"):
 
 def validate_decode_with_length(q, k, v, kv_len, softmax_scale, op="decode_attention_with_length"):
     """Checks decode_attention_with_length's arguments (causal_attention's, one query, and an integer
-    kv_len tensor of one element on q's device, whose value is never read); returns the softmax scale."""
+    kv_len tensor of 1 or batch elements on q's device, whose values are never read); returns the softmax
+    scale."""
     scale = validate_attention(q, k, v, softmax_scale, op)
     if q.shape[2] != 1:
         raise ValueError(f"{op}: q must have shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
-    if not isinstance(kv_len, torch.Tensor):
-        raise TypeError(
-            f"{op}: kv_len must be a torch.Tensor of one int32/int64 element, got {describe(kv_len)}"
+    if not isinstance(kv_len, torch.Tensor) or kv_len.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: kv_len must be an int32/int64 torch.Tensor, got {describe(kv_len)}")
+    if kv_len.numel() not in (1, q.shape[0]):
+        raise ValueError(
+            f"{op}: kv_len must have 1 or batch ({q.shape[0]}) elements, got shape {tuple(kv_len.shape)}"
         )
-    if kv_len.dtype not in (torch.int32, torch.int64) or kv_len.numel() != 1:
-        raise TypeError(f"{op}: kv_len must be a tensor of one int32/int64 element, got {describe(kv_len)}")
     if kv_len.device != q.device:
         raise ValueError(f"{op}: kv_len must be on q's device ({q.device}), got {kv_len.device}")
     return scale

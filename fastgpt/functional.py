@@ -38,9 +38,11 @@ def decode_attention_with_length(q, k_cache, v_cache, kv_len, *, softmax_scale=N
     kv_len lives on the device: a decode step whose shapes never change, which a CUDA graph captures.
 
     q: (batch, heads, 1, head_dim); k_cache, v_cache: (batch, kv_heads, capacity, head_dim), any
-    strides; kv_len: an int32/int64 tensor of one element on q's device (clamped to capacity; never
-    read by the host). Returns (batch, heads, 1, head_dim) in q's dtype; 0 where kv_len is 0.
-    Inference only (no gradient). Backends: dispatch.device_length_decode.
+    strides; kv_len: an int32/int64 tensor on q's device, of one element (every sequence's length) or
+    batch elements (each sequence's, FlashAttention's cache_seqlens: prompts of different lengths
+    decoding together), clamped to capacity; never read by the host on CUDA. Returns (batch, heads, 1,
+    head_dim) in q's dtype; 0 where the length is 0. Inference only (no gradient). Backends:
+    dispatch.device_length_decode.
     """
     if dispatch.skip_validation(q):
         scale = dispatch.default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale

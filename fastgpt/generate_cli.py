@@ -1,6 +1,7 @@
 """`fastgpt generate PROMPT --checkpoint DIR`: sample a continuation with the KV-cache generate and print
-it as it is produced; with --num-samples N, N continuations generated as one batch, printed when done.
-DIR is a `fastgpt train` checkpoint or a local transformers GPT-2 directory."""
+it as it is produced. Several prompts (`generate A B C`, or --prompts-file with one per line) and
+--num-samples N are generated as one batch, prompts of different lengths together, and printed when
+done. DIR is a `fastgpt train` checkpoint or a local transformers GPT-2 directory."""
 
 import sys
 
@@ -16,7 +17,15 @@ SAMPLE_SEPARATOR = "-" * 15  # the line after each of several samples, as nanoGP
 
 
 def add_arguments(parser):
-    parser.add_argument("prompt", help="the text to continue ('' starts a new document)")
+    parser.add_argument(
+        "prompt",
+        nargs="*",
+        help="the text to continue ('' starts a new document); several are generated as one batch",
+    )
+    parser.add_argument(
+        "--prompts-file",
+        help="a text file of prompts, one per line, generated as one batch after any given as arguments",
+    )
     checkpoint.add_source_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, within the context"
@@ -31,7 +40,8 @@ def add_arguments(parser):
         "--num-samples",
         type=int,
         default=1,
-        help="continuations of the prompt, generated as one batch (default: 1, streamed as it is produced)",
+        help="continuations of each prompt, generated as one batch (default: 1; one prompt's one "
+        "continuation is streamed as it is produced)",
     )
     runtime.add_arguments(parser, dtypes=("auto", "float32", "bfloat16", "float16"))
 
@@ -83,21 +93,44 @@ def stream(model, tokenizer, ids, *, max_new_tokens, temperature=0.8, top_k=None
 
 
 def sample_batch(
-    model, tokenizer, ids, num_samples, *, max_new_tokens, temperature=0.8, top_k=None, top_p=None
+    model, tokenizer, prompts_ids, num_samples, *, max_new_tokens, temperature=0.8, top_k=None, top_p=None
 ):
-    """num_samples continuations of ids, generated as one batch. Returns each one's new token ids, up to
-    and including its first end-of-text token (generate repeats that token after it)."""
+    """num_samples continuations of each prompt (a list of token id lists, of any lengths), generated as one
+    batch: prompt 0's samples first. Returns each one's new token ids, up to and including its first
+    end-of-text token (generate repeats that token after it)."""
     device = next(model.parameters()).device
-    idx = torch.tensor([ids], device=device).repeat(num_samples, 1)  # (N, T)
-    result = model.generate(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id
-    )  # (N, T + new)
+    rows = [ids for ids in prompts_ids for _ in range(num_samples)]
+    if len({len(ids) for ids in rows}) == 1:  # equal lengths: the (B, T) batch
+        result = model.generate(
+            torch.tensor(rows, device=device), max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, eos_token_id=tokenizer.eot_id,
+        )  # fmt: skip
+    else:  # a list of prompts: each continues from its own length
+        result = model.generate(
+            [torch.tensor(ids, device=device) for ids in rows], max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id,
+        )  # fmt: skip
     samples = []
-    for row in result[:, len(ids) :].tolist():
-        if tokenizer.eot_id in row:
-            row = row[: row.index(tokenizer.eot_id) + 1]
-        samples.append(row)
+    for ids, row in zip(rows, result):
+        new = row[len(ids) :].tolist()
+        if tokenizer.eot_id in new:
+            new = new[: new.index(tokenizer.eot_id) + 1]
+        samples.append(new)
     return samples
+
+
+def read_prompts(args):
+    """The prompts: the arguments', then --prompts-file's lines (without their line ends)."""
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as file:
+                prompts += file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompts-file {args.prompts_file}: {error}") from None
+    if not prompts:
+        raise UserError("give a prompt to continue, or --prompts-file ('' starts a new document)")
+    return prompts
 
 
 def run(args):
@@ -109,30 +142,35 @@ def run(args):
         args.checkpoint, args.tokenizer, device=device, dtype=dtype, backend=args.backend
     )
     block_size = model.config.block_size
-    ids = encode_prompt(tokenizer, args.prompt, block_size, model.config.vocab_size)
+    prompts = read_prompts(args)
+    prompts_ids = [
+        encode_prompt(tokenizer, prompt, block_size, model.config.vocab_size) for prompt in prompts
+    ]
+    longest = max(len(ids) for ids in prompts_ids)
     if args.max_new_tokens is None:
-        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, block_size - len(ids))
-    if len(ids) + args.max_new_tokens > block_size:
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, block_size - longest)
+    if longest + args.max_new_tokens > block_size:
         raise UserError(
-            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"context window of {block_size} tokens"
+            f"the {'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) plus --max-new-tokens "
+            f"{args.max_new_tokens} exceeds the model's context window of {block_size} tokens"
         )
     try:
         check_generate_arguments(
-            torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, tokenizer.eot_id,
+            torch.zeros(1, longest, dtype=torch.long), args.max_new_tokens, args.temperature, args.top_k, args.top_p, tokenizer.eot_id,
             block_size=block_size, vocab_size=model.config.vocab_size,
         )  # fmt: skip
     except ValueError as error:  # bad --temperature, --top-k, --top-p or --max-new-tokens
         raise UserError(str(error).replace("GPT.generate: ", "")) from None
     torch.manual_seed(args.seed)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    if args.num_samples == 1:
-        sys.stdout.write(args.prompt)
-        stream(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, **sampling)
+    if args.num_samples == 1 and len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        stream(model, tokenizer, prompts_ids[0], max_new_tokens=args.max_new_tokens, **sampling)
         return 0
-    for sample in sample_batch(
-        model, tokenizer, ids, args.num_samples, max_new_tokens=args.max_new_tokens, **sampling
-    ):
-        sys.stdout.write(f"{args.prompt}{tokenizer.decode(sample)}\n{SAMPLE_SEPARATOR}\n")
+    samples = sample_batch(
+        model, tokenizer, prompts_ids, args.num_samples, max_new_tokens=args.max_new_tokens, **sampling
+    )
+    for prompt, sample in zip([p for p in prompts for _ in range(args.num_samples)], samples):
+        sys.stdout.write(f"{prompt}{tokenizer.decode(sample)}\n{SAMPLE_SEPARATOR}\n")
     sys.stdout.flush()
     return 0

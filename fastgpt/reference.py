@@ -46,24 +46,26 @@ def causal_attention(q, k, v, softmax_scale=None, return_lse=False):
 def decode_attention_with_length(q, k, v, kv_len, softmax_scale=None):
     """One query per head against a preallocated cache whose valid length is a tensor.
 
-    q: (B, H, 1, D); k, v: (B, Hkv, L, D) caches; kv_len: an integer tensor of one element, the number
-    of valid keys (at most L, clamped to it), read by the device only. Returns (B, H, 1, D) in q's
-    dtype: attention of q to keys 0 .. kv_len-1, or 0 when kv_len is 0.
+    q: (B, H, 1, D); k, v: (B, Hkv, L, D) caches; kv_len: an integer tensor of 1 element (every
+    sequence's number of valid keys) or B (each sequence's), clamped to [0, L], read by the device only.
+    Returns (B, H, 1, D) in q's dtype: attention of sequence b's query to its keys 0 .. kv_len[b]-1, or 0
+    where that length is 0.
     """
-    heads, head_dim = q.shape[1], q.shape[3]
+    batch, heads, head_dim = q.shape[0], q.shape[1], q.shape[3]
     kv_heads, capacity = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     group = heads // kv_heads
     k = k.repeat_interleave(group, dim=1)  # (B, H, L, D)
     v = v.repeat_interleave(group, dim=1)  # (B, H, L, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, 1, L)
-    invalid = torch.arange(capacity, device=q.device) >= kv_len.reshape(())  # (L,)
+    lengths = kv_len.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)  # (B, 1, 1, 1)
+    invalid = torch.arange(capacity, device=q.device) >= lengths  # (B, 1, 1, L)
     scores = scores.masked_fill(invalid, float("-inf")).to(_at_least_float32(scores.dtype))
     # Positions past the length were never written (a preallocated cache may hold NaN there), and
     # 0 * NaN is NaN: their values are zeroed, not just weighed 0.
-    v = v.masked_fill(invalid[:, None], 0.0)  # (B, H, L, D)
+    v = v.masked_fill(invalid.transpose(-2, -1), 0.0)  # (B, H, L, D)
     # Softmax with no valid key is 0/0; such rows get 0 (the kernels' value), other rows keep NaN.
-    probs = torch.softmax(scores, dim=-1).masked_fill(invalid.all(), 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(invalid.all(-1, keepdim=True), 0.0)
     return (probs.to(v.dtype) @ v).to(q.dtype)  # (B, H, 1, D)
 
 

@@ -165,8 +165,37 @@ def test_sample_batch_cuts_each_sample_after_its_first_end_of_text():
                 [[65, 66, 67, eot, eot, eot], [65, 66, 67, 68, 69, 70], [65, 66, eot, eot, eot, eot]]
             )
 
-    samples = sample_batch(FixedModel(), tokenizer, [65, 66], 3, max_new_tokens=4)
+    samples = sample_batch(FixedModel(), tokenizer, [[65, 66]], 3, max_new_tokens=4)
     assert samples == [[67, eot], [67, 68, 69, 70], [eot]]
+
+
+def test_generate_prints_each_prompt_of_one_batch_of_different_lengths(trained, capsys, tmp_path):
+    """Prompts of different lengths, as arguments and from --prompts-file (one per line), with
+    --num-samples 2: each prompt's samples in order, each the continuation that GPT.generate gives the
+    list of prompts under the seed, cut after its first end-of-text; greedy, each prompt's continuation
+    alone."""
+    out, _ = trained
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("import os\nclass \n", encoding="utf-8")
+    args = ["generate", "def ", "return self.", "--prompts-file", str(prompts_file), "--checkpoint", str(out)]
+    args += ["--max-new-tokens", "10", "--seed", "5", "--num-samples", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = checkpoint.load_model(str(out), device="cpu", dtype=torch.float32)
+    prompts = ["def ", "return self.", "import os", "class "]
+    rows = [torch.tensor(tokenizer.encode(prompt)) for prompt in prompts for _ in range(2)]
+    torch.manual_seed(5)
+    batch = model.generate(rows, 10, temperature=0.8, eos_token_id=tokenizer.eot_id)
+    expected = ""
+    for prompt, ids, row in zip([p for p in prompts for _ in range(2)], rows, batch):
+        expected += f"{prompt}{tokenizer.decode(row[len(ids) :].tolist())}\n{SAMPLE_SEPARATOR}\n"
+    assert printed == expected
+    greedy = ["generate", "def ", "return self.", "--checkpoint", str(out), "--max-new-tokens", "10"]
+    assert main([*greedy, "--temperature", "0"]) == 0
+    together = capsys.readouterr().out.split(f"\n{SAMPLE_SEPARATOR}\n")[:2]
+    for prompt, text in zip(["def ", "return self."], together):
+        assert main(["generate", prompt, *greedy[3:], "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == text + "\n"
 
 
 # A one-block GPT at test_train_step.py's shapes (its GPU tests have compiled these kernels already).
@@ -593,6 +622,21 @@ def broken_checkpoints(trained, tmp_path):
             ["generate", "x", "--checkpoint", "{run}", "--temperature", "-1"],
             r"temperature must be",
             id="temperature",
+        ),
+        pytest.param(
+            ["generate", "--checkpoint", "{run}"],
+            r"give a prompt to continue, or --prompts-file",
+            id="no-prompt",
+        ),
+        pytest.param(
+            ["generate", "--prompts-file", "{tmp}/missing.txt", "--checkpoint", "{run}"],
+            r"cannot read --prompts-file .*missing\.txt: \[Errno 2\] No such file",
+            id="prompts-file-missing",
+        ),
+        pytest.param(
+            ["generate", "x", "y" * 30, "--checkpoint", "{run}", "--max-new-tokens", "5"],
+            r"the longest prompt \(30 tokens\) plus --max-new-tokens 5 exceeds the model's context window of 32",
+            id="longest-prompt",
         ),
         pytest.param(
             ["generate", "x", "--checkpoint", "{run}", "--num-samples", "0"],

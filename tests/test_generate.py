@@ -591,12 +591,12 @@ def test_static_step_reads_nothing_on_the_host(backend, sampling):
         first_token = torch.tensor([3, eos or 4])  # (B,): sequence 1 starts finished when eos is given
         step.out[:, 5] = first_token
         model.hidden_states(prompt, step.caches, 0)
-        step.start(5, first_token)
+        step.start(5, first_token, 7)
         with HostReadRecorder() as recorder:
             for _ in range(3):
                 step.run(model)
     assert recorder.reads == []
-    assert int(step.position) == 8
+    assert step.position.tolist() == [8, 8]
 
 
 def test_on_device_sampling_draws_what_multinomial_draws_on_cpu():
@@ -667,3 +667,120 @@ def test_gpu_captured_sampling_is_reproducible_under_seed_and_eos_stops():
         stopped, model.generate(prompt[:1], 30, temperature=0, eos_token_id=eos, cuda_graph=False)
     )
     assert stopped.shape[1] <= 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts of different lengths in one batch (GPT.generate given a list)
+
+
+def ragged_prompts(lengths, device="cpu"):
+    return [torch.randint(0, 97, (length,), device=device) for length in lengths]
+
+
+RAGGED_BACKENDS = ["auto", "reference"] + (
+    ["triton"] if "triton" in fastgpt.available_backends() and not torch.cuda.is_available() else []
+)
+
+
+@pytest.mark.parametrize("backend", RAGGED_BACKENDS)
+@pytest.mark.parametrize("n_kv_head", [4, 1], ids=["mha", "mqa"])
+def test_ragged_prompts_continue_as_each_would_alone(backend, n_kv_head):
+    """Greedy: each prompt of a batch of lengths 1 to 17 gets the tokens it gets generated alone (its own
+    positions and cache length; the padding after the shorter prompts is never attended to). With eos,
+    each sequence is cut after its own first eos. On CPU the auto backend runs each step as one
+    decode_blocks call with per-sequence positions; the others run each block's decode_at."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=n_kv_head, backend=backend)).eval()
+    with torch.no_grad():  # weights large enough that the attended keys decide the greedy tokens (at
+        for parameter in model.parameters():  # GPT-2's init the current token alone mostly does)
+            torch.nn.init.normal_(parameter, std=0.1)
+    prompts = ragged_prompts([5, 17, 1, 9])
+    new_tokens = 10
+    alone = [model.generate(prompt[None], new_tokens, temperature=0)[0] for prompt in prompts]
+    together = model.generate(prompts, new_tokens, temperature=0)
+    assert isinstance(together, list) and len(together) == 4
+    for row, expected, prompt in zip(together, alone, prompts):
+        assert row.dtype == torch.long and torch.equal(row, expected)
+        assert torch.equal(row[: len(prompt)], prompt)
+    eos = int(alone[1][17 + 2])  # sequence 1's third new token
+    stopped = model.generate(prompts, new_tokens, temperature=0, eos_token_id=eos)
+    for row, expected, prompt in zip(stopped, alone, prompts):
+        hits = (expected[len(prompt) :] == eos).nonzero()
+        end = len(prompt) + int(hits[0]) + 1 if len(hits) else len(expected)
+        assert torch.equal(row, expected[:end])
+    assert len(stopped[1]) <= 17 + 3
+
+
+def test_ragged_generation_streams_each_steps_tokens_and_samples_reproducibly():
+    """The callback gets each step's new tokens (B,), element b being sequence b's; sampling under a seed
+    repeats; max_new_tokens=0 returns copies of the prompts; equal lengths in a list still give a list."""
+    model = GPT(GPTConfig(**SMALL)).eval()
+    prompts = ragged_prompts([3, 12, 7])
+    streamed = []
+    torch.manual_seed(11)
+    first = model.generate(prompts, 8, temperature=0.9, top_k=20, callback=streamed.append)
+    torch.manual_seed(11)
+    assert all(
+        torch.equal(a, b) for a, b in zip(first, model.generate(prompts, 8, temperature=0.9, top_k=20))
+    )
+    new = torch.stack(streamed, dim=1)  # (B, 8)
+    for row, prompt, tokens in zip(first, prompts, new):
+        assert torch.equal(row, torch.cat([prompt, tokens]))
+    unchanged = model.generate(prompts, 0)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(unchanged, prompts))
+    same = ragged_prompts([6, 6])
+    assert [len(row) for row in model.generate(same, 4, temperature=0)] == [10, 10]
+
+
+def test_ragged_generation_in_the_captured_step(emulated_cuda_graphs):
+    """The list path's decode steps captured (on a CUDA graph emulated on the CPU): the tokens of the
+    uncaptured run, from the call that captures and from the next, which only replays, its per-sequence
+    positions refilled."""
+    model = GPT(GPTConfig(**SMALL, backend="reference")).eval()
+    prompts = ragged_prompts([4, 13, 8])
+    expected = model.generate(prompts, 12, temperature=0)
+    padded = torch.zeros(3, 13, dtype=torch.long)
+    for row, prompt in zip(padded, prompts):
+        row[: len(prompt)] = prompt
+    lengths = torch.tensor([4, 13, 8])
+    for _ in range(2):
+        with torch.inference_mode():
+            captured = model._generate_ragged(padded, lengths, 12, 0, None, None, None, None, True)
+        assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+    graph = kept_decoder(model).graph
+    assert len(graph.recorded) == 1 and graph.replays == 2 * 11 - static_decode.WARMUP_STEPS
+
+
+@pytest.mark.parametrize(
+    "prompts, error, pattern",
+    [
+        ([], ValueError, r"idx, a list of prompts, must hold at least one, got an empty list"),
+        (
+            [torch.tensor([1, 2]), [3, 4]],
+            TypeError,
+            r"idx\[1\] must be a 1-D int64 tensor of token ids, got list",
+        ),
+        ([torch.tensor([1, 2], dtype=torch.int32)], TypeError, r"idx\[0\] must be .* got torch.int32"),
+        (
+            [torch.tensor([1]), torch.zeros(2, 2, dtype=torch.long)],
+            ValueError,
+            r"idx\[1\] must be a 1-D tensor .* got shape \(2, 2\)",
+        ),
+        (
+            [torch.tensor([], dtype=torch.long)],
+            ValueError,
+            r"idx\[0\] must be a 1-D tensor of at least one token id",
+        ),
+        (
+            [torch.tensor([1], device="meta")],
+            ValueError,
+            r"idx\[0\] must be on the model's device \(cpu\), got meta",
+        ),
+        ([torch.tensor([1]), torch.tensor([97])], ValueError, r"idx must be in \[0, 97\), got 97"),
+        ([torch.tensor([1]), torch.zeros(60, dtype=torch.long)], ValueError, r"got 60 \+ 5 = 65 > 64"),
+    ],
+    ids=["empty", "not-a-tensor", "int32", "2-d", "no-token", "device", "id-past-vocab", "too-long"],
+)
+def test_ragged_generation_rejects_bad_prompts(prompts, error, pattern):
+    model = GPT(GPTConfig(**SMALL))
+    with pytest.raises(error, match=pattern):
+        model.generate(prompts, 5)

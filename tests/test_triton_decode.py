@@ -218,6 +218,29 @@ def test_device_length_matches_reference(heads, kv_heads, dtype):
         torch.testing.assert_close(reference_out, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_device_length_per_sequence_matches_reference(dtype):
+    """One length per sequence (prompts of different lengths decoding together): each of the six
+    sequences reads its own length, among them the cases above (empty splits, a split's first key, the
+    whole cache, clamped past it) and 0 (output 0)."""
+    lengths = [1, 41, 97, 0, 200, 17]
+    batch, capacity, head_dim = len(lengths), 97, 64
+    q = torch.randn(batch, 8, 1, head_dim, dtype=dtype, device=DEVICE)
+    k_cache, v_cache = cache_views(batch, 2, capacity, head_dim, dtype, capacity=capacity)
+    kv_len = torch.tensor(lengths, device=DEVICE)
+    with torch.no_grad():
+        out = decode_attention_with_length(q, k_cache, v_cache, kv_len, backend="triton")
+    for b, length in enumerate(lengths):
+        valid = min(length, capacity)
+        if valid == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
+        k, v = k_cache[b : b + 1, :, :valid], v_cache[b : b + 1, :, :valid]
+        expected = reference.causal_attention(q[b : b + 1].double(), k.double(), v.double())
+        eager = reference.causal_attention(q[b : b + 1], k, v)
+        assert_close(f"sequence {b} at kv_len={length}", out[b : b + 1], expected, eager)
+
+
 @pytest.mark.skipif(not triton_decode.INTERPRETER, reason="sets the interpreter's block and split sizes")
 @pytest.mark.parametrize("block_n", [128, 64, 32])
 def test_gpu_split_geometry(monkeypatch, block_n):
@@ -296,22 +319,27 @@ def test_device_length_launches_one_grid_for_every_length(monkeypatch):
     (grid_1, host_1, flags_1), (grid_50, host_50, _), (_, host_int, flags_int) = launches
     assert grid_1 == grid_50 and grid_1[1] == 3 and host_1 == host_50
     assert flags_1["KV_LEN_ON_DEVICE"] and not flags_int["KV_LEN_ON_DEVICE"]
-    # (..., kv_len, KvLen, split_len, num_splits): 40-key splits of the 97-key capacity; the int path
-    # sizes its splits for its own 50 keys, with no length pointer.
-    assert host_1[-3:] == [97, 40, 3]
-    assert host_int[-4:] == [50, None, 24, 3]
+    # (..., kv_len, KvLen, stride_len, split_len, num_splits): 40-key splits of the 97-key capacity, one
+    # length for every sequence (stride 0); the int path sizes its splits for its own 50 keys, with no
+    # length pointer.
+    assert host_1[-4:] == [97, 0, 40, 3]
+    assert host_int[-5:] == [50, None, 0, 24, 3]
 
 
 @pytest.mark.parametrize(
     "change, error, pattern",
     [
-        ({"kv_len": 5}, TypeError, r"kv_len must be a torch.Tensor of one int32/int64 element, got int 5"),
+        ({"kv_len": 5}, TypeError, r"kv_len must be an int32/int64 torch.Tensor, got int 5"),
         (
             {"kv_len": torch.tensor([5.0])},
             TypeError,
-            r"kv_len must be a tensor of one int32/int64 element, got a torch.float32 tensor",
+            r"kv_len must be an int32/int64 torch.Tensor, got a torch.float32 tensor",
         ),
-        ({"kv_len": torch.tensor([5, 6])}, TypeError, r"one int32/int64 element, got .* shape \(2,\)"),
+        (
+            {"kv_len": torch.tensor([5, 6])},
+            ValueError,
+            r"kv_len must have 1 or batch \(1\) elements, got shape \(2,\)",
+        ),
         ({"kv_len": torch.tensor([5], device="meta")}, ValueError, r"kv_len must be on q's device"),
         ({"q": torch.randn(1, 4, 2, 16)}, ValueError, r"q must have shape \(batch, heads, 1, head_dim\)"),
         ({"k": torch.randn(1, 3, 40, 16)}, ValueError, r"multiple of k's kv_heads"),

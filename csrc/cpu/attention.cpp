@@ -373,7 +373,6 @@ struct DecodeShape {
   int64_t group;        // query heads per kv head
   int64_t rows;         // query rows per kv head: group * q_len, row r = (head r / q_len, query r % q_len)
   int64_t padded_dim;   // head_dim rounded up to kWidth
-  int64_t offset;       // query i sees keys j <= i + offset
   int64_t splits;       // key splits per (batch, kv head)
   int64_t split_keys;   // keys per split (the last may have fewer), a multiple of kDecodeChunk
   int64_t state_floats; // floats of one (max, sum, O) running state of `rows` rows
@@ -384,7 +383,6 @@ inline DecodeShape decode_shape(const AttentionParams& p) {
   s.group = p.heads / p.kv_heads;
   s.rows = s.group * p.q_len;
   s.padded_dim = round_up(p.head_dim, kWidth);
-  s.offset = static_cast<int64_t>(p.kv_len) - p.q_len;
   const int64_t pairs = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int64_t wanted = pairs >= kSplitTasks ? 1 : ceil_div(kSplitTasks, pairs);
   const int64_t most = p.kv_len / kMinSplitKeys;
@@ -424,9 +422,10 @@ struct DecodeScratch {
 };
 
 // Runs keys [k_begin, k_end) of one (batch, kv head) through the state, from its initial (empty) value.
+// offset: query i of this sequence sees keys j <= i + offset.
 template <typename T>
 void decode_keys(const AttentionParams& p, const DecodeShape& s, const DecodeScratch& w, const DecodeState& state,
-                 int64_t batch, int64_t kv_head, int64_t k_begin, int64_t k_end) {
+                 int64_t batch, int64_t kv_head, int64_t k_begin, int64_t k_end, int64_t offset) {
   for (int64_t r = 0; r < s.rows; ++r) {
     state.max[r] = -__builtin_inff();
     state.sum[r] = 0.0f;
@@ -444,7 +443,7 @@ void decode_keys(const AttentionParams& p, const DecodeShape& s, const DecodeScr
     for (int64_t r = 0; r < s.rows; ++r) {
       float* scores = w.scores + r * kDecodeChunk;
       row_scores(w.q + r * s.padded_dim, k_rows, k_ld, keys, round_up(keys, kWidth), s.padded_dim,
-                 r % p.q_len + s.offset - k0, scores);
+                 r % p.q_len + offset - k0, scores);
       // Online softmax over the chunk. A row that has seen no visible key yet keeps max -inf and takes
       // 0 as the reference, so that exp(-inf - reference) is 0 rather than NaN.
       Vec chunk_max = splat(-__builtin_inff());
@@ -476,7 +475,8 @@ void store_decode_rows(const AttentionParams& p, const DecodeShape& s, const Dec
   for (int64_t r = 0; r < s.rows; ++r) {
     const int64_t head = kv_head * s.group + r / p.q_len, query = r % p.q_len;
     T* out = head_pointer_mut<T>(p.out, batch, head) + query * p.out.row_stride;
-    store_row(out, state.out + r * s.padded_dim, p.head_dim, 1.0f / state.sum[r]);
+    // A row that saw no key (a sequence of length 0) has O = 0 and sum 0: its output is 0.
+    store_row(out, state.out + r * s.padded_dim, p.head_dim, state.sum[r] == 0.0f ? 0.0f : 1.0f / state.sum[r]);
     p.lse[(batch * p.heads + head) * p.q_len + query] = state.max[r] + std::log(state.sum[r]);
   }
 }
@@ -493,8 +493,9 @@ inline void merge_splits(const DecodeShape& s, float* split_states, const Decode
     for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(o + c, splat(0.0f));
     for (int64_t split = 0; split < s.splits; ++split) {
       const DecodeState part(split_states + split * s.state_floats, s);
-      // A split in which the row saw no key (max -inf, sum 0, O 0) gets weight 0.
-      const float weight = std::exp(part.max[r] - max);
+      // A split in which the row saw no key (max -inf, sum 0, O 0) gets weight 0, also when no split
+      // saw one (max -inf too).
+      const float weight = max == -__builtin_inff() ? 0.0f : std::exp(part.max[r] - max);
       sum += part.sum[r] * weight;
       const float* part_out = part.out + r * s.padded_dim;
       for (int64_t c = 0; c < s.padded_dim; c += kWidth) store(o + c, load(o + c) + load(part_out + c) * weight);
@@ -526,10 +527,11 @@ void forward_decode(const AttentionParams& p) {
         pack_rows(w.q + g * p.q_len * s.padded_dim, s.padded_dim, q, p.q.row_stride, p.q_len, p.head_dim,
                   p.softmax_scale);
       }
+      const int64_t kv_len = p.kv_lens ? p.kv_lens[batch] : p.kv_len;  // this sequence's keys
       const int64_t k_begin = split * s.split_keys;
-      const int64_t k_end = std::min<int64_t>(p.kv_len, k_begin + s.split_keys);
+      const int64_t k_end = std::min<int64_t>(kv_len, k_begin + s.split_keys);  // <= k_begin: an empty split
       const DecodeState state(s.splits > 1 ? split_states.data() + task * s.state_floats : w.state, s);
-      decode_keys<T>(p, s, w, state, batch, kv_head, k_begin, k_end);
+      decode_keys<T>(p, s, w, state, batch, kv_head, k_begin, k_end, kv_len - p.q_len);
       if (s.splits == 1) store_decode_rows<T>(p, s, state, batch, kv_head);
     }
     if (s.splits > 1) {
@@ -875,10 +877,11 @@ void backward(const AttentionParams& p) {
 }
 
 void attention_forward(const AttentionParams& p) {
+  const bool decode = use_decode(p) || p.kv_lens;  // only the decode kernel reads per-sequence lengths
   if (p.dtype == DType::kBFloat16) {
-    use_decode(p) ? forward_decode<BFloat16>(p) : forward<BFloat16>(p);
+    decode ? forward_decode<BFloat16>(p) : forward<BFloat16>(p);
   } else {
-    use_decode(p) ? forward_decode<float>(p) : forward<float>(p);
+    decode ? forward_decode<float>(p) : forward<float>(p);
   }
 }
 

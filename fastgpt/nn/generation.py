@@ -18,7 +18,9 @@ def check_generate_arguments(
     checks idx's device and token values with GPT.check_tokens)."""
     op = "GPT.generate"
     if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{op}: idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        raise TypeError(
+            f"{op}: idx must be a torch.Tensor of token ids (or a list of 1-D prompts), got {type(idx).__name__}"
+        )
     if idx.dtype != torch.int64:
         raise TypeError(f"{op}: idx must be an int64 (torch.long) tensor, got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[1] == 0:

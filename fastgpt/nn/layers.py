@@ -97,6 +97,7 @@ class KVCache:
         # Uninitialised: attention only ever reads positions that update() has written.
         self.keys = torch.empty(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
+        self.rows = torch.arange(batch, device=device)  # (B,): write_at's index of each sequence
 
     def update(self, k, v, start):
         """k, v: (B, n_kv_head, T, D) for positions start .. start+T-1. Returns (B, n_kv_head, start+T, D) views."""
@@ -105,11 +106,11 @@ class KVCache:
         self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def write_at(self, k, v, position):
-        """k, v: (B, n_kv_head, 1, D) for the position held in `position`, a (1,) int64 device tensor:
-        written in place with no host read of the position (a captured decode step)."""
-        self.keys.index_copy_(2, position, k)
-        self.values.index_copy_(2, position, v)
+    def write_at(self, k, v, positions):
+        """k, v: (B, n_kv_head, 1, D), sequence b's at positions[b] (a (B,) int64 device tensor): written
+        in place with no host read of the positions (a captured decode step)."""
+        self.keys[self.rows, :, positions] = k[:, :, 0]  # (B, n_kv_head, D) rows
+        self.values[self.rows, :, positions] = v[:, :, 0]
 
 
 class CausalSelfAttention(nn.Module):
@@ -150,10 +151,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def decode_at(self, x, cache, position, length):
-        """The static decode step: x (B, 1, C) holds the token at `position` (a (1,) int64 device
-        tensor); its k/v are written into the KVCache there, and its query attends to the first
-        `length` (a (1,) device tensor, position + 1) cached keys. Every shape is the same at every
-        position, and the host reads neither tensor. Returns (B, 1, C)."""
+        """The static decode step: x (B, 1, C) holds each sequence's token at its `position` (a (B,)
+        int64 device tensor); its k/v are written into the KVCache there, and its query attends to the
+        sequence's first `length` (a (B,) device tensor, position + 1) cached keys. Every shape is the
+        same at every position, and the host reads neither tensor. Returns (B, 1, C)."""
         qkv = self.c_attn(x)  # (B, 1, (H + 2 Hkv) D)
         batch, seq, channels = x.shape
         q, k, v = self.split_heads(qkv)  # (B, H, 1, D), (B, Hkv, 1, D), (B, Hkv, 1, D)
@@ -245,7 +246,7 @@ class Block(nn.Module):
         return self.mlp(h, residual=x)  # x + mlp(h)
 
     def decode_at(self, x, cache, position, length):
-        """The block over one token per sequence, x (B, 1, C), at a device-held position
+        """The block over one token per sequence, x (B, 1, C), at device-held positions (B,)
         (CausalSelfAttention.decode_at) -> (B, 1, C)."""
         attn_out = self.attn.decode_at(self.ln_1(x), cache, position, length)  # (B, 1, C)
         h, x = self.ln_2(attn_out, residual=x)  # h = ln_2(x + attn_out); x = x + attn_out

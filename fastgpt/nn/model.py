@@ -21,6 +21,36 @@ from fastgpt.nn.layers import Block, KVCache, LayerNorm, Linear
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's and transformers' convention)
 
 
+def pad_prompts(prompts, device):
+    """A list of prompts (1-D int64 tensors of token ids, each on `device`, of any lengths >= 1) ->
+    (idx (B, T) int64, right-padded with id 0, T the longest length; lengths (B,) int64), both on
+    device. Raises TypeError/ValueError naming the prompt that is not one."""
+    op = "GPT.generate"
+    if not prompts:
+        raise ValueError(
+            f"{op}: idx, a list of prompts, must hold at least one, got an empty {type(prompts).__name__}"
+        )
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64:
+            raise TypeError(
+                f"{op}: idx[{index}] must be a 1-D int64 tensor of token ids, got "
+                f"{prompt.dtype if isinstance(prompt, torch.Tensor) else type(prompt).__name__}"
+            )
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"{op}: idx[{index}] must be a 1-D tensor of at least one token id, got shape {tuple(prompt.shape)}"
+            )
+        if prompt.device != device:
+            raise ValueError(
+                f"{op}: idx[{index}] must be on the model's device ({device}), got {prompt.device}"
+            )
+    lengths = [prompt.numel() for prompt in prompts]
+    idx = torch.zeros(len(prompts), max(lengths), dtype=torch.int64, device=device)  # (B, T)
+    for row, prompt in zip(idx, prompts):
+        row[: prompt.numel()] = prompt
+    return idx, torch.tensor(lengths, device=device)
+
+
 class GPT(nn.Module):
     """GPT-2 architecture: token + position embeddings, n_layer pre-LN blocks, a final LayerNorm
     and an LM head (tied to the token embedding by default). State-dict names follow nanoGPT.
@@ -153,6 +183,29 @@ class GPT(nn.Module):
             self.config.backend, dispatch.device_type(x), x.dtype, self.config.head_dim, rows
         )
 
+    def decode_hidden_state(self, tokens, positions, caches, block_params):
+        """One static decode step's final hidden state: tokens (B, 1), sequence b's at positions[b] (a
+        (B,) int64 tensor on the model's device), written with their keys and values into caches at those
+        positions, each attending to its own first positions[b] + 1 keys -> (B, C) after ln_f. One fused
+        call where the cpu backend runs every op (fused_decode_step; it reads the positions on the host,
+        which is the CPU's memory there), else each block's decode_at, which no host read stalls (a CUDA
+        graph captures it). block_params: decode_block_parameters()."""
+        transformer = self.transformer
+        x = transformer.drop(transformer.wte(tokens) + transformer.wpe(positions)[:, None])  # (B, 1, C)
+        decode_step = self.fused_decode_step(x)
+        if decode_step is not None:
+            config = self.config
+            x = decode_step(
+                x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], 0,
+                config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
+                positions,
+            )  # fmt: skip
+        else:
+            lengths = positions + 1  # (B,): the keys cached once these tokens' are written
+            for block, cache in zip(transformer.h, caches):
+                x = block.decode_at(x, cache, positions, lengths)  # (B, 1, C)
+        return transformer.ln_f(x)[:, -1]  # (B, C)
+
     def decode_block_parameters(self):
         """Every block's parameters in decode_blocks' order: per block, the weight and bias (or None)
         of ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc and mlp.c_proj."""
@@ -231,8 +284,15 @@ class GPT(nn.Module):
     ):
         """Extends idx (B, T) by up to max_new_tokens tokens each and returns (B, T + new) int64.
 
-        Prompts in a batch have equal length. temperature=0 is greedy (a positive temperature is at
-        least generation.MIN_TEMPERATURE, 2**-100); otherwise tokens are drawn with torch's global
+        idx may instead be a list of prompts of any lengths (1-D int64 tensors on the model's device):
+        they are generated as one batch (right-padded; each sequence's positions, cache length and
+        attention are its own, so each continues as it would alone) and the result is a list of 1-D
+        tensors, each prompt followed by its new tokens, up to and including its first eos_token_id.
+        That batch runs the static decode step described below (eagerly, or captured with
+        cuda_graph=True), on any device.
+
+        temperature=0 is greedy (a positive temperature is at least generation.MIN_TEMPERATURE,
+        2**-100); otherwise tokens are drawn with torch's global
         generator after top-k and top-p filtering, so torch.manual_seed makes it reproducible. The
         prompt is prefilled into a preallocated KV cache per layer (B, n_kv_head, T + max_new_tokens,
         D), then each step runs causal_attention with one query against cache views. With
@@ -240,7 +300,8 @@ class GPT(nn.Module):
         generation stops early once all have, so the result may be shorter than T + max_new_tokens.
         The model runs in eval mode during the call (no dropout) and its mode is restored after.
         callback, if given, is called with each step's new tokens (B,) as soon as they are chosen
-        (to stream them). On CPU, the first call moves the parameters into one buffer of transparent
+        (to stream them; for a list of prompts, sequence b's i-th new token is element b of the i-th
+        call). On CPU, the first call moves the parameters into one buffer of transparent
         huge pages (huge_pages.move_to_huge_pages: the Parameter objects stay, their .data moves), which
         the weight reads of every decode step stream faster.
 
@@ -255,11 +316,14 @@ class GPT(nn.Module):
         length), so a near-tie may break differently; sampling draws from the same distribution.
         With eos_token_id the host checks for the end every static_decode.EOS_CHECK_INTERVAL tokens
         instead of every token, and the callback gets the tokens at those checks (the same tokens as
-        without the graph: none after the end). cuda_graph=False, the default, keeps the per-op loop (as on CPU):
-        the captured path was written without a GPU, and becomes the default once its GPU tests
+        without the graph: none after the end). cuda_graph=False, the default, keeps the per-op loop
+        (as on CPU) for a (B, T) idx: the captured path was written without a GPU, and becomes the default once its GPU tests
         (tests/test_generate.py -m gpu) pass and `fastgpt bench --ops gpt` shows it faster.
         """
         config = self.config
+        lengths = None
+        if isinstance(idx, (list, tuple)):
+            idx, lengths = pad_prompts(idx, self.transformer.wte.weight.device)  # (B, T), (B,)
         check_generate_arguments(
             idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
             block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
@@ -272,6 +336,11 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            if lengths is not None:
+                return self._generate_ragged(
+                    idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback,
+                    capture=cuda_graph and idx.is_cuda,
+                )  # fmt: skip
             if cuda_graph and idx.is_cuda:
                 return self._generate_static(
                     idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture=True
@@ -326,23 +395,69 @@ class GPT(nn.Module):
         capture=True, CUDA only; eagerly otherwise, on any device): the prefill as in _generate, then
         max_new_tokens - 1 static steps. Tokens are sampled with sample_next_token_on_device. The
         buffers and the graph are static_decode.decoder_for's, kept for the next call that fits."""
-        batch, prompt_len = idx.shape
-        total = prompt_len + max_new_tokens
+        prompt_len = idx.shape[1]
         if max_new_tokens == 0:
             return idx.to(torch.long, copy=True)
+        out, new_tokens = self._static_generation(
+            idx, None, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+        )
+        return out[:, : prompt_len + new_tokens].clone()
+
+    def _generate_ragged(
+        self, idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+    ):
+        """generate for prompts of different lengths: idx (B, T) holds prompt b in its first lengths[b]
+        columns (lengths: (B,) int64 on idx's device). Returns the list of 1-D tensors, each prompt and
+        its new tokens, cut after its first eos_token_id."""
+        if max_new_tokens == 0:
+            new_tokens, out = 0, idx
+        else:
+            out, new_tokens = self._static_generation(
+                idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+            )
+        rows = []
+        for row, length in zip(out, lengths.tolist()):
+            row = row[: length + new_tokens]  # (length + new,)
+            if eos_token_id is not None:
+                ends = (row[length:] == eos_token_id).nonzero()
+                if len(ends):
+                    row = row[: length + int(ends[0]) + 1]
+            rows.append(row.clone())
+        return rows
+
+    def _static_generation(
+        self, idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+    ):
+        """The prefill of idx (B, T) and max_new_tokens - 1 static decode steps (static_decode.decode).
+        lengths: None when every prompt fills its row, else (B,) int64, the prompts' lengths in the
+        right-padded idx: each sequence's first token is chosen from the hidden state of its last
+        prompt position, and its decode steps start there (a causal prefill lets no prompt position see
+        the padding after it, and each step overwrites the padding's cached keys before its sequence
+        reads them). Returns (out, new_tokens): the decoder's (B, T + max_new_tokens) buffer, row b
+        holding its prompt then new_tokens new tokens (refilled by the next call: copy them)."""
+        batch, prompt_len = idx.shape
         sampling = (temperature, top_k, top_p)
-        step = static_decode.decoder_for(self, batch, total, sampling, eos_token_id, idx.device)
+        step = static_decode.decoder_for(
+            self, batch, prompt_len + max_new_tokens, sampling, eos_token_id, idx.device
+        )
         out, caches = step.out, step.caches
         out[:, :prompt_len] = idx
-        hidden = self.hidden_states(idx, caches, 0)[:, -1]  # (B, C): the prompt's last position
-        next_token = sample_next_token_on_device(self.logits(hidden), temperature, top_k, top_p)  # (B,)
-        out[:, prompt_len] = next_token
-        step.start(prompt_len, next_token)
+        hidden = self.hidden_states(idx, caches, 0)  # (B, T, C)
+        if lengths is None:
+            positions = prompt_len  # every sequence's first new token is in this column
+            next_token = sample_next_token_on_device(self.logits(hidden[:, -1]), *sampling)  # (B,)
+            out[:, prompt_len] = next_token
+        else:
+            positions = lengths  # (B,): the column of each sequence's first new token
+            last_hidden = hidden[torch.arange(batch, device=idx.device), lengths - 1]  # (B, C)
+            next_token = sample_next_token_on_device(self.logits(last_hidden), *sampling)  # (B,)
+            out.scatter_(1, lengths[:, None], next_token[:, None])
+        step.start(positions, next_token, max_new_tokens)
         if callback is not None:
             callback(next_token)
         if max_new_tokens == 1 or (eos_token_id is not None and bool(step.finished.all())):
-            return out[:, : prompt_len + 1].clone()
-        return static_decode.decode(self, step, max_new_tokens - 1, callback, capture)
+            return out, 1
+        return out, static_decode.decode(self, step, max_new_tokens - 1, callback, capture)
 
     def release_decode_graph(self):
         """Frees the output buffer, KV caches and CUDA graph that generate(cuda_graph=True) keeps for

@@ -1,14 +1,15 @@
 """GPT.generate's decode loop with static shapes, captured once in a CUDA graph and replayed per token.
 
-Each decode step reads the token at a position held in a device tensor, writes its keys and values
-into the preallocated caches there (index_copy_), attends to the first position + 1 cached keys
-(fastgpt.functional.decode_attention_with_length: the Triton split-KV kernel reads that length on the
-device), samples the next token on the device, writes it into the output buffer at position + 1 and
-advances the position. No shape and no host value changes from one step to the next, so
-torch.cuda.CUDAGraph records one step and each token is one replay: the host launches one graph
-instead of ~15 ops per block.
+Each decode step reads each sequence's token at its position, held in a device tensor (B,), writes its
+keys and values into the preallocated caches there, attends to the sequence's first position + 1 cached
+keys (fastgpt.functional.decode_attention_with_length: the Triton split-KV kernel reads the lengths on
+the device), samples the next tokens on the device, writes them into the output buffer at position + 1
+and advances the positions. The positions differ when the prompts do in length (GPT.generate given a
+list of prompts): each row of the output holds its sequence from column 0. No shape and no host
+value changes from one step to the next, so torch.cuda.CUDAGraph records one step and each token is one
+replay: the host launches one graph instead of ~15 ops per block.
 
-eos: the finished flags and the output length are updated inside the step; the host reads them every
+eos: the finished flags and the result's new-token count are updated inside the step; the host reads them every
 EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps may run
 after every sequence finished; their tokens are cut off, and a streaming callback gets each step's
 tokens at the check after it, only if they come before the end.
@@ -44,58 +45,65 @@ _DECODERS = weakref.WeakKeyDictionary()
 class StaticDecodeStep:
     """The state of a static decode loop: static buffers whose contents change, never their shapes.
 
-    out: (B, total) int64, the prompt and the tokens chosen so far; caches: the model's KVCache per
-    layer, filled up to `position` by the prefill. position: (1,) int64, the position of the token fed
-    to the next step (its column in out). finished: (B,) bool. end: () int64, the length of the result
-    (total, or the column after the token at which every sequence had produced eos). graph: the
-    captured step once `decode` has recorded it, replayed by every later call. `start` readies them
-    for a call.
+    out: (B, total) int64, each row a prompt and the tokens chosen so far; caches: the model's KVCache
+    per layer, filled up to `position` by the prefill. position: (B,) int64, each sequence's position
+    of the token fed to the next step (its column in out). finished: (B,) bool. generated: () int64, the
+    new tokens in out so far. end: () int64, the new tokens of the result (max_new_tokens, or the count
+    at the step where every sequence had produced eos). max_new_tokens: the host's copy of this call's.
+    block_params: the model's decode_block_parameters(), for a decode step run as one fused call (the
+    cpu backend's; GPT.decode_hidden_state decides). graph: the captured step once `decode` has recorded it, replayed by
+    every later call. `start` readies them for a call.
     """
 
-    def __init__(self, out, caches, sampling, eos_token_id):
-        batch, total = out.shape
+    def __init__(self, out, caches, sampling, eos_token_id, block_params):
+        batch, _ = out.shape
         self.out = out
         self.caches = caches
-        self.first_position = 0  # the host's copy of this call's starting position (start sets it)
-        self.position = torch.zeros(1, dtype=torch.long, device=out.device)  # (1,)
+        self.max_new_tokens = 0  # start sets it
+        self.position = torch.zeros(batch, dtype=torch.long, device=out.device)  # (B,)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=out.device)  # (B,)
-        self.total = torch.full((), total, dtype=torch.long, device=out.device)  # ()
-        self.end = self.total.clone()  # ()
+        self.generated = torch.zeros((), dtype=torch.long, device=out.device)  # ()
+        self.end = self.generated.clone()  # ()
         self.sampling = sampling  # (temperature, top_k, top_p)
         self.eos_token_id = eos_token_id
+        self.block_params = block_params
         self.graph = None
 
-    def start(self, position, first_token):
-        """Readies the step for a call whose prefill filled the caches up to the int `position` and
-        chose first_token (B,), the token in column `position` of out: the sequences it ends (eos)
-        start finished."""
-        self.first_position = position
-        self.position.fill_(position)
+    def start(self, positions, first_token, max_new_tokens):
+        """Readies the step for a call whose prefill filled each sequence's cache up to its position
+        (`positions`: an int for all, or (B,) int64 on out's device) and chose first_token (B,), the
+        token at that column of out: the sequences it ends (eos) start finished."""
+        self.max_new_tokens = max_new_tokens
+        if isinstance(positions, int):
+            self.position.fill_(positions)
+        else:
+            self.position.copy_(positions)
         if self.eos_token_id is None:
             self.finished.zero_()
         else:
             torch.eq(first_token, self.eos_token_id, out=self.finished)
-        self.end.copy_(self.total)
+        self.generated.fill_(1)
+        self.end.fill_(max_new_tokens)
 
     def run(self, model):
         """One decode step of `model` (the GPT whose caches these are); device work only."""
-        position = self.position  # (1,)
-        length = position + 1  # (1,): the keys cached once this token's are written
-        tokens = self.out.index_select(1, position)  # (B, 1)
-        transformer = model.transformer
-        x = transformer.drop(transformer.wte(tokens) + transformer.wpe(position))  # (B, 1, C)
-        for block, cache in zip(transformer.h, self.caches):
-            x = block.decode_at(x, cache, position, length)  # (B, 1, C)
-        hidden = transformer.ln_f(x)[:, -1]  # (B, C)
+        position = self.position  # (B,)
+        tokens = self.out.gather(1, position[:, None])  # (B, 1)
+        hidden = model.decode_hidden_state(tokens, position, self.caches, self.block_params)  # (B, C)
         next_token = sample_next_token_on_device(model.logits(hidden), *self.sampling)  # (B,)
+        self.generated.add_(1)
         if self.eos_token_id is not None:
             next_token = next_token.masked_fill(self.finished, self.eos_token_id)
             self.finished |= next_token == self.eos_token_id
-            # The first step at which all have finished sets the length: the column after its token.
-            all_done_end = torch.where(self.finished.all(), position[0] + 2, self.total)  # ()
+            # The first step at which all have finished sets the result's new-token count.
+            all_done_end = torch.where(self.finished.all(), self.generated, self.end)  # ()
             torch.minimum(self.end, all_done_end, out=self.end)
-        self.out.index_copy_(1, position + 1, next_token[:, None])
+        self.out.scatter_(1, position[:, None] + 1, next_token[:, None])
         position.add_(1)
+
+    def newest_tokens(self):
+        """(B,): the tokens the last step wrote, a copy (out is refilled by the next call)."""
+        return self.out.gather(1, self.position[:, None])[:, 0]
 
 
 class StreamedTokens:
@@ -107,21 +115,22 @@ class StreamedTokens:
 
     def __init__(self, step, callback):
         self.step, self.callback = step, callback
-        self.pending = []  # (column, tokens (B,)) not yet handed over, with eos
+        self.pending = []  # (count, tokens (B,)) not yet handed over, with eos: the count-th new tokens
 
-    def add(self, column):
+    def add(self, count):
+        """Takes the tokens of the step that just ran, the count-th new tokens of each sequence."""
         if self.callback is None:
             return
-        tokens = self.step.out[:, column].clone()  # (B,): out is refilled by the next call
+        tokens = self.step.newest_tokens()  # (B,)
         if self.step.eos_token_id is None:
             self.callback(tokens)
         else:
-            self.pending.append((column, tokens))
+            self.pending.append((count, tokens))
 
     def flush(self, end):
-        """Hands over the waiting tokens of the columns before `end` (the host's copy of step.end)."""
-        for column, tokens in self.pending:
-            if column < end:
+        """Hands over the waiting tokens up to the end-th new ones (the host's copy of step.end)."""
+        for count, tokens in self.pending:
+            if count <= end:
                 self.callback(tokens)
         self.pending.clear()
 
@@ -139,7 +148,7 @@ def decoder_for(model, batch, total, sampling, eos_token_id, device):
         return kept[1]
     _DECODERS.pop(model, None)
     out, caches = model._generation_buffers(batch, total, device)
-    step = StaticDecodeStep(out, caches, sampling, eos_token_id)
+    step = StaticDecodeStep(out, caches, sampling, eos_token_id, model.decode_block_parameters())
     _DECODERS[model] = (key, step)
     return step
 
@@ -150,8 +159,9 @@ def release(model):
 
 
 def decode(model, step, steps, callback=None, capture=True):
-    """Runs `steps` decode steps from the position `step.start` set; returns the generated (B, end)
-    int64 tokens (a new tensor: out itself is refilled by the next call).
+    """Runs up to `steps` decode steps from the positions `step.start` set; returns the number of new
+    tokens each row of step.out holds after its prompt (the caller copies them out: out itself is
+    refilled by the next call).
 
     capture: replay the step's CUDA graph, recording it first after WARMUP_STEPS eager steps if no
     earlier call did (CUDA tensors only); False runs every step eagerly (any device). callback gets
@@ -160,7 +170,7 @@ def decode(model, step, steps, callback=None, capture=True):
     """
     eager_steps = min(steps, WARMUP_STEPS) if capture and step.graph is None else 0
     streamed = StreamedTokens(step, callback)
-    end = step.out.shape[1]  # the result's length: all of out unless eos ends it
+    end = step.max_new_tokens  # the result's new tokens: all unless eos ends them
     done = 0
     while done < steps:
         if done < eager_steps:
@@ -178,15 +188,15 @@ def decode(model, step, steps, callback=None, capture=True):
             step.graph.replay()
         else:
             step.run(model)
-        streamed.add(step.first_position + 1 + done)
         done += 1
+        streamed.add(1 + done)  # the prefill chose the first new tokens
         if step.eos_token_id is not None and done % EOS_CHECK_INTERVAL == 0:
             end = int(step.end)
             streamed.flush(end)
-            if end < step.out.shape[1]:
+            if end < step.max_new_tokens:
                 break
     else:  # every step ran: with eos, read the end once more for the steps since the last check
         if step.eos_token_id is not None:
             end = int(step.end)
             streamed.flush(end)
-    return step.out[:, :end].clone()
+    return end

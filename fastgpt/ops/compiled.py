@@ -58,6 +58,7 @@ HAS_SM90_ATTENTION_KERNELS = None if _SM90_FLAG is None else bool(_SM90_FLAG)
 
 # The overloads, bound once: calling an OpOverload skips the packet's overload resolution.
 _attention_forward = torch.ops.fastgpt.attention_forward.default
+_decode_attention_with_length = torch.ops.fastgpt.decode_attention_with_length.default
 _ffn_forward = torch.ops.fastgpt.ffn_forward.default
 _layer_norm_forward = torch.ops.fastgpt.layer_norm_forward.default
 _linear_cross_entropy_forward = torch.ops.fastgpt.linear_cross_entropy_forward.default
@@ -71,6 +72,12 @@ _linear = torch.ops.fastgpt.linear.default
 def causal_attention(q, k, v, softmax_scale):
     """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), any strides. Returns (B, H, Tq, D) in q's dtype."""
     return _attention_forward(q, k, v, softmax_scale)[0]
+
+
+def decode_attention_with_length(q, k_cache, v_cache, kv_len, softmax_scale):
+    """q (B, H, 1, D) against the first kv_len keys of the caches (B, Hkv, L, D); kv_len: a CPU integer
+    tensor of 1 or B elements, read on the host. Returns (B, H, 1, D) in q's dtype."""
+    return _decode_attention_with_length(q, k_cache, v_cache, kv_len, softmax_scale)
 
 
 def fused_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
@@ -95,15 +102,19 @@ def linear(x, weight, bias):
     return _linear(x, weight, bias)
 
 
-def decode_blocks(x, block_params, keys, values, start, heads, eps, softmax_scale, activation):
+def decode_blocks(
+    x, block_params, keys, values, start, heads, eps, softmax_scale, activation, positions=None
+):
     """The pre-LN GPT-2 blocks of fastgpt.nn over x (B, T, C), the new tokens at positions start ..
     start+T-1, in one call: block_params holds 12 tensors (or None for absent biases) per block (ln_1,
     attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj; weight then bias), keys and values one
-    (B, Hkv, max_len, D) cache per block, written at those positions. Returns the residual stream
-    after the last block (B, T, C), equal to running the blocks one op at a time on this backend.
-    Inference only (no autograd); 2.6 -> 0.5 ms per token of host overhead for GPT-2's 12 blocks."""
+    (B, Hkv, max_len, D) cache per block, written at those positions. positions: None, or (B,) int64
+    with T = 1: sequence b's token is at positions[b] and attends to its first positions[b] + 1 keys
+    (prompts of different lengths; `start` is then unused). Returns the residual stream after the last
+    block (B, T, C), equal to running the blocks one op at a time on this backend. Inference only (no
+    autograd); 2.6 -> 0.5 ms per token of host overhead for GPT-2's 12 blocks."""
     return torch.ops.fastgpt.decode_blocks(
-        x, block_params, keys, values, start, heads, eps, softmax_scale, activation
+        x, block_params, keys, values, start, heads, eps, softmax_scale, activation, positions
     )
 
 

@@ -122,7 +122,8 @@ def _decode_partial_kernel(
     kv_heads,  # Hkv
     group,  # H // Hkv: query heads sharing a kv head
     kv_len,  # L: the keys to attend to; with KV_LEN_ON_DEVICE, the cache's capacity (k's length)
-    KvLen,  # with KV_LEN_ON_DEVICE: pointer to an int32/int64 scalar, the valid length (<= kv_len); else None
+    KvLen,  # with KV_LEN_ON_DEVICE: pointer to int32/int64 valid lengths (clamped to kv_len); else None
+    stride_len,  # KvLen's stride between sequences: 0 when one length serves every sequence
     split_len,  # keys per split (the last may be shorter)
     num_splits,  # S
     KV_LEN_ON_DEVICE: tl.constexpr,  # read the valid length from KvLen (a captured decode step)
@@ -149,7 +150,7 @@ def _decode_partial_kernel(
     if KV_LEN_ON_DEVICE:
         # Clamped to the capacity, so a length past the cache never reads outside it; in 64 bits, so an
         # int64 length of 2**32 or more is clamped rather than wrapped to a small one.
-        kv_len = tl.minimum(tl.load(KvLen).to(tl.int64), kv_len).to(tl.int32)
+        kv_len = tl.minimum(tl.load(KvLen + batch * stride_len).to(tl.int64), kv_len).to(tl.int32)
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, kv_len)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + (key_start + offs_n)[:, None] * stride_kt
@@ -309,11 +310,12 @@ def decode_forward(q, k, v, softmax_scale):
 
 
 def decode_forward_with_length(q, k, v, kv_len, softmax_scale):
-    """q (B, H, 1, D); k, v (B, Hkv, L, D) caches; kv_len: an int32/int64 tensor of one element on q's
-    device, the number of valid keys (read by the kernel, never by the host; clamped to L) -> out
-    (B, H, 1, D) in q's dtype, attention of q to keys 0 .. kv_len-1. The splits are sized for L, so
-    every launch of a decode loop has the same grid (a CUDA graph replays it); splits past kv_len
-    contribute nothing. Output 0 for kv_len == 0."""
+    """q (B, H, 1, D); k, v (B, Hkv, L, D) caches; kv_len: an int32/int64 tensor on q's device of one
+    element (every sequence's number of valid keys) or B (each sequence's), read by the kernel, never
+    by the host, and clamped to L -> out (B, H, 1, D) in q's dtype, attention of sequence b's query to
+    its keys 0 .. kv_len[b]-1. The splits are sized for L, so every launch of a decode loop has the same
+    grid (a CUDA graph replays it); splits past a sequence's length contribute nothing. Output 0 where
+    the length is 0."""
     return _decode(q, k, v, softmax_scale, kv_len)
 
 
@@ -348,6 +350,7 @@ def _decode(q, k, v, softmax_scale, device_kv_len):
         group,
         kv_len,
         device_kv_len,
+        0 if device_kv_len is None or device_kv_len.numel() == 1 else device_kv_len.reshape(-1).stride(0),
         split_len,
         num_splits,
     )
