@@ -784,3 +784,20 @@ def test_ragged_generation_rejects_bad_prompts(prompts, error, pattern):
     model = GPT(GPTConfig(**SMALL))
     with pytest.raises(error, match=pattern):
         model.generate(prompts, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "captured"])
+def test_gpu_ragged_prompts_continue_as_each_would_alone(cuda_graph):
+    """On CUDA (Triton's decode kernel reading one length per sequence on the device, index_put_ cache
+    writes), eagerly and replayed from a CUDA graph: each prompt's greedy tokens are those of the same
+    step run for it alone (fp32: no near-tie between the two)."""
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2)).to("cuda").eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            torch.nn.init.normal_(parameter, std=0.1)
+    prompts = ragged_prompts([5, 30, 1, 17], device="cuda")
+    together = model.generate(prompts, 24, temperature=0, cuda_graph=cuda_graph)
+    for row, prompt in zip(together, prompts):
+        alone = model.generate([prompt], 24, temperature=0, cuda_graph=cuda_graph)[0]
+        assert torch.equal(row, alone)
