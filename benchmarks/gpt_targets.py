@@ -248,26 +248,58 @@ def train_step(model, optimizer, loss_fn):
     optimizer.zero_grad(set_to_none=True)
 
 
+def saved_activation_bytes(model, loss_fn):
+    """Bytes of the tensors autograd keeps for the backward of loss_fn(model), parameters left out (each
+    storage once): the activation memory of a training step."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss_fn(model)
+    return sum(storages.values())
+
+
 def bench_training(hf, gpt, rounds):
     results = []
     hf, gpt = copy.deepcopy(hf).train(), copy.deepcopy(gpt).train()
-    hf_optimizer, gpt_optimizer = (
-        torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) for model in (hf, gpt)
+    checkpointed = copy.deepcopy(gpt).set_activation_checkpointing()
+    hf_optimizer, gpt_optimizer, checkpointed_optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1) for model in (hf, gpt, checkpointed)
     )
     for batch, seq in TRAINING_CASES:
         idx = torch.randint(0, hf.config.vocab_size, (batch, seq + 1))
         inputs, targets = idx[:, :-1], idx[:, 1:]
+        gpt_loss = functools.partial(lambda m, x, y: m(x, y), x=inputs, y=targets)
+        hf_loss = functools.partial(lambda m, x: m(x, labels=x).loss, x=inputs)
+        # transformers shifts the labels inside; both run forward and backward over seq tokens
         providers = {
-            # transformers shifts the labels inside; both run forward and backward over seq tokens
-            "fastgpt GPT": functools.partial(
-                train_step, gpt, gpt_optimizer, lambda m, x=inputs, y=targets: m(x, y)
+            "fastgpt GPT": functools.partial(train_step, gpt, gpt_optimizer, gpt_loss),
+            "fastgpt GPT, activation checkpointing": functools.partial(
+                train_step, checkpointed, checkpointed_optimizer, gpt_loss
             ),
-            BASELINE: functools.partial(
-                train_step, hf, hf_optimizer, lambda m, x=inputs: m(x, labels=x).loss
-            ),
+            BASELINE: functools.partial(train_step, hf, hf_optimizer, hf_loss),
         }
         times = interleaved(providers, rounds)  # its warm-up call sets up the allocator and optimizer state
-        results.append(report("training", {"batch": batch, "seq": seq}, batch * seq, times))
+        activations = {
+            name: saved_activation_bytes(model, loss_fn)
+            for name, model, loss_fn in (
+                ("fastgpt GPT", gpt, gpt_loss),
+                ("fastgpt GPT, activation checkpointing", checkpointed, gpt_loss),
+                (BASELINE, hf, hf_loss),
+            )
+        }
+        print(
+            "saved activations: "
+            + ", ".join(f"{name} {nbytes / 2**20:,.1f} MiB" for name, nbytes in activations.items())
+        )
+        result = report("training", {"batch": batch, "seq": seq}, batch * seq, times)
+        results.append(dict(result, saved_activation_bytes=activations))
     return results
 
 

@@ -69,6 +69,12 @@ def add_arguments(parser):
     optim.add_argument(
         "--seed", type=int, default=1337, help="seed of the weights, batches and dropout (default: 1337)"
     )
+    optim.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input for the backward, which recomputes the rest: much less activation "
+        "memory (a bigger model or batch fits) for about one more forward pass",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/train", help="checkpoint directory (default: ./runs/train)")
     run.add_argument(
@@ -160,6 +166,7 @@ def train(args, env):
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=seq_len, lr=args.lr,
         min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_windows=args.eval_windows, seed=args.seed,
+        activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
     train_tokens, val_tokens, data_name = data_splits(data, tokenizer, seq_len)
     step_mode, step_reason = choose_step_mode(args.step_mode, env.device, env.world_size)
@@ -183,6 +190,7 @@ def train(args, env):
         f"{settings.steps} steps of {settings.batch_size} x {seq_len} tokens"
         + (f", resuming at step {trainer.step}" if args.resume else "")
         + f"\nstep mode: {step_mode} ({step_reason})"
+        + (", activation checkpointing" if settings.activation_checkpointing else "")
     )
     try:
         tokens_per_s = fit(trainer, args.out, console)

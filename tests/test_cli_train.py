@@ -703,3 +703,9 @@ def test_console_entry_exits_non_zero_without_traceback(tmp_path):
 def test_train_says_which_step_mode_it_runs(tmp_path, capsys, step_mode, expected):
     train(tmp_path, "--steps", "2", "--eval-every", "2", "--step-mode", step_mode)
     assert expected in capsys.readouterr().out
+
+
+def test_train_activation_checkpointing_flag_says_so_and_is_recorded(tmp_path, capsys):
+    state = train(tmp_path, "--steps", "2", "--eval-every", "2", "--activation-checkpointing")
+    assert ", activation checkpointing\n" in capsys.readouterr().out
+    assert state["settings"]["activation_checkpointing"] is True

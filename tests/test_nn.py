@@ -288,3 +288,86 @@ def test_torch_compile_before_any_eager_call(monkeypatch, fresh_dynamo):
         assert compiled(idx, idx).dim() == 0
     finally:
         dispatch.forget_choices()
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+CHECKPOINT_BACKENDS = ["auto", "reference"] + (["triton"] if "triton" in fastgpt.available_backends() else [])
+
+
+def loss_and_gradients(model, idx, targets, forward=None):
+    """The loss of forward(idx, targets) (model by default) and the gradients left in model's parameters."""
+    model.zero_grad()
+    torch.manual_seed(7)  # the dropout masks
+    loss = (model if forward is None else forward)(idx, targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def saved_activations(model, idx, targets):
+    """The tensors autograd keeps for the backward of model(idx, targets), parameters left out: a list of
+    (shape, bytes), one per storage."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = (tuple(tensor.shape), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(idx, targets)
+    return list(storages.values())
+
+
+@pytest.mark.parametrize("backend", CHECKPOINT_BACKENDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(backend, dropout):
+    """Recomputing each block in the backward gives the loss and every gradient bit for bit (the same
+    kernels on the same inputs), dropout included: its masks are drawn again from the saved state."""
+    model = random_model(n_layer=3, dropout=dropout, backend=backend).train()
+    idx, targets = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 24))
+    loss, gradients = loss_and_gradients(model, idx, targets)
+    assert model.set_activation_checkpointing() is model and model.activation_checkpointing
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, idx, targets)
+    assert torch.equal(checkpointed_loss, loss)
+    for name, gradient in gradients.items():
+        assert torch.equal(checkpointed_gradients[name], gradient), name
+    with torch.no_grad():  # no graph to keep: the plain path, and generation, as before
+        assert torch.equal(model.eval()(idx), model.set_activation_checkpointing(False)(idx))
+
+
+def test_activation_checkpointing_keeps_only_each_blocks_input():
+    """What the backward keeps: without checkpointing, every block's intermediates (its (B, T, 4C) MLP
+    hidden state among them); with it, one (B, T, C) input per block and what the final LayerNorm and the
+    loss keep, a fraction of the memory."""
+    model = random_model(n_layer=4).train()
+    idx, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    plain = saved_activations(model, idx, targets)
+    checkpointed = saved_activations(model.set_activation_checkpointing(), idx, targets)
+    hidden = (2, 32, 4 * 64)
+    assert sum(shape == hidden for shape, _ in plain) >= 4
+    assert not any(shape == hidden for shape, _ in checkpointed)
+    assert sum(shape == (2, 32, 64) for shape, _ in checkpointed) >= 4
+    plain_bytes, checkpointed_bytes = (sum(nbytes for _, nbytes in saved) for saved in (plain, checkpointed))
+    assert checkpointed_bytes < 0.4 * plain_bytes, (checkpointed_bytes, plain_bytes)
+
+
+def test_activation_checkpointing_under_torch_compile(fresh_dynamo):
+    """torch.compile(fullgraph=True) traces the checkpointed blocks (its `fastgpt train --step-mode compile`)
+    to the eager model's loss and gradients."""
+    model = random_model(n_layer=2).train()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    loss, gradients = loss_and_gradients(model, idx, targets)
+    compiled = torch.compile(model.set_activation_checkpointing(), fullgraph=True)
+    compiled_loss, compiled_gradients = loss_and_gradients(model, idx, targets, forward=compiled)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-5)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_takes_a_bool():
+    with pytest.raises(TypeError, match=r"enabled must be a bool, got 'yes'"):
+        random_model().set_activation_checkpointing("yes")

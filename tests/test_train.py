@@ -473,3 +473,34 @@ def test_fit_leaves_warm_up_steps_out_of_tokens_per_second(
     trainer = _WarmingTrainer(steps, untimed_steps, clock)
     console = rich.console.Console(file=io.StringIO())
     assert loop.fit(trainer, tmp_path, console) == pytest.approx(tokens_per_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activation_checkpointing_trains_to_the_same_losses(token_split, dtype):
+    """Settings(activation_checkpointing=True) reaches the model that computes (the bfloat16 copy under
+    mixed precision) and changes no loss of a run with dropout: the same steps, bit for bit."""
+    plain = make_trainer(token_split, dtype=dtype, dropout=0.1)
+    plain_losses = [plain.train_step() for _ in range(3)]  # before the next Trainer seeds torch again
+    checkpointed = make_trainer(token_split, dtype=dtype, dropout=0.1, activation_checkpointing=True)
+    assert checkpointed.compute_model.activation_checkpointing
+    assert not plain.compute_model.activation_checkpointing
+    assert [checkpointed.train_step() for _ in range(3)] == plain_losses
+    assert checkpointed.trainer_state()["settings"]["activation_checkpointing"] is True
+
+
+def test_activation_checkpointing_with_dropout_is_refused_in_a_captured_step(token_split):
+    """torch cannot read the CUDA random state inside a graph capture, which recomputed dropout needs:
+    refused before anything is built (a CUDA runtime is named; nothing touches the device first)."""
+    model = GPT(GPTConfig(**MODEL, dropout=0.1))
+    settings = Settings(steps=2, batch_size=8, seq_len=SEQ_LEN, activation_checkpointing=True)
+    with pytest.raises(
+        UserError, match=r"--activation-checkpointing with dropout cannot run in --step-mode cuda-graph"
+    ):
+        Trainer(
+            model, ByteTokenizer(), *token_split, settings, Runtime(torch.device("cuda"), torch.float32),
+            step_mode="cuda-graph",
+        )  # fmt: skip

@@ -9,6 +9,7 @@ import os
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastgpt import dispatch
 from fastgpt.dispatch import BACKENDS, check_index_range, check_tensor, validate_targets
@@ -94,6 +95,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for weight in self.vocab_weights():
                 weight[config.vocab_size :].zero_()  # (padded_vocab_size - vocab_size, C)
+        self.activation_checkpointing = False  # set_activation_checkpointing
 
     @staticmethod
     def _init_weights(module):
@@ -128,6 +130,19 @@ class GPT(nn.Module):
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend
+        return self
+
+    def set_activation_checkpointing(self, enabled=True):
+        """With enabled, a forward that builds a graph for backward keeps only each block's input: the
+        backward runs each block's forward again (torch.utils.checkpoint, non-reentrant) to get what its
+        own backward reads. Activation memory falls from every block's intermediates to one (B, T, C)
+        tensor per block, for about one more forward pass of compute: the trade that lets a bigger model
+        or batch train in the same memory (transformers' gradient_checkpointing_enable). Gradients are
+        unchanged; with dropout in training mode the random state is saved and restored, so each
+        block's recomputed masks are its first ones. Generation and no-grad forwards are unaffected."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"GPT.set_activation_checkpointing: enabled must be a bool, got {enabled!r}")
+        self.activation_checkpointing = enabled
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -167,6 +182,10 @@ class GPT(nn.Module):
                 x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
                 config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
             )  # fmt: skip
+        elif self.activation_checkpointing and caches is None and torch.is_grad_enabled():
+            random_blocks = self.training and self.config.dropout > 0  # only dropout draws random numbers
+            for block in self.transformer.h:
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=random_blocks)  # (B, T, C)
         else:
             for layer, block in enumerate(self.transformer.h):
                 x = block(x, None if caches is None else caches[layer], start)

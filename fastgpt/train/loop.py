@@ -51,6 +51,9 @@ class Settings:
     eval_every: int = 100
     eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
     seed: int = 1337
+    activation_checkpointing: bool = (
+        False  # recompute each block in the backward (GPT.set_activation_checkpointing)
+    )
 
     def __post_init__(self):
         if self.min_lr is None:
@@ -129,6 +132,12 @@ class Trainer:
             raise ValueError(f"step_mode 'cuda-graph' needs a CUDA device, got {runtime.device}")
         if step_mode == "cuda-graph" and runtime.distributed:
             raise UserError("--step-mode cuda-graph runs one process; use --step-mode compile under torchrun")
+        if step_mode == "cuda-graph" and settings.activation_checkpointing and model.config.dropout > 0:
+            raise UserError(
+                "--activation-checkpointing with dropout cannot run in --step-mode cuda-graph: recomputing a "
+                "block's dropout masks needs the CUDA random state saved in its forward, which torch cannot read "
+                "during a CUDA graph capture; use --step-mode compile or --dropout 0"
+            )
         per_step = runtime.world_size * settings.grad_accum
         if settings.batch_size % per_step:
             raise UserError(
@@ -144,6 +153,7 @@ class Trainer:
             model if runtime.dtype == torch.float32 else copy.deepcopy(model).to(runtime.dtype)
         )
         self.compute_model.train()
+        self.compute_model.set_activation_checkpointing(settings.activation_checkpointing)
         # what the training step calls; compiled inside DDP, as Dynamo cannot trace DDP's own forward
         # with fullgraph=True
         self.wrapped = (
