@@ -226,3 +226,14 @@ def test_cuda_graph_mode_with_dropout_trains(token_split, monkeypatch):
     assert trainer.run_step.captured
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainer.evaluate() < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step_mode", ["cuda-graph", "compile"])
+def test_activation_checkpointing_trains_like_eager_on_gpu(token_split, step_mode):
+    """Activation checkpointing inside a captured step (no dropout: nothing random to recompute) and under
+    torch.compile: the losses of the plain eager run."""
+    eager = make_trainer(token_split, "eager", CUDA)
+    checkpointed = make_trainer(token_split, step_mode, CUDA, activation_checkpointing=True)
+    eager_losses = [eager.train_step() for _ in range(5)]
+    assert [checkpointed.train_step() for _ in range(5)] == pytest.approx(eager_losses, rel=1e-4)
