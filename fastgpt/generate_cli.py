@@ -12,7 +12,9 @@ from fastgpt.train import checkpoint, runtime
 from fastgpt.train.errors import UserError
 from fastgpt.train.tokenizer import StreamDecoder
 
-DEFAULT_NEW_TOKENS = 256  # at most; fewer when the context window has less room after the prompt
+# New tokens by default; for prompts of different lengths at most what the context window has room for
+# after the longest (only a batch of equal lengths goes on past the window).
+DEFAULT_NEW_TOKENS = 256
 SAMPLE_SEPARATOR = "-" * 15  # the line after each of several samples, as nanoGPT's sample.py prints
 
 
@@ -28,7 +30,10 @@ def add_arguments(parser):
     )
     checkpoint.add_source_arguments(parser)
     parser.add_argument(
-        "--max-new-tokens", type=int, help=f"default: up to {DEFAULT_NEW_TOKENS}, within the context"
+        "--max-new-tokens",
+        type=int,
+        help=f"default: {DEFAULT_NEW_TOKENS}; past the context window each token is predicted from the last "
+        "block_size tokens, as in nanoGPT (prompts of different lengths must fit the window)",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
@@ -147,12 +152,15 @@ def run(args):
         encode_prompt(tokenizer, prompt, block_size, model.config.vocab_size) for prompt in prompts
     ]
     longest = max(len(ids) for ids in prompts_ids)
+    equal_lengths = len({len(ids) for ids in prompts_ids}) == 1
     if args.max_new_tokens is None:
-        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, block_size - longest)
-    if longest + args.max_new_tokens > block_size:
+        args.max_new_tokens = (
+            DEFAULT_NEW_TOKENS if equal_lengths else min(DEFAULT_NEW_TOKENS, block_size - longest)
+        )
+    if not equal_lengths and longest + args.max_new_tokens > block_size:
         raise UserError(
-            f"the {'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) plus --max-new-tokens "
-            f"{args.max_new_tokens} exceeds the model's context window of {block_size} tokens"
+            f"the longest prompt ({longest} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"model's context window of {block_size} tokens (only prompts of one length go on past it)"
         )
     try:
         check_generate_arguments(

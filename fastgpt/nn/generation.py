@@ -12,10 +12,12 @@ MIN_TEMPERATURE = 2.0**-100
 
 
 def check_generate_arguments(
-    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None
-):
+    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None,
+    past_the_window=True,
+):  # fmt: skip
     """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute (the model
-    checks idx's device and token values with GPT.check_tokens)."""
+    checks idx's device and token values with GPT.check_tokens). past_the_window: whether generation
+    may go on past block_size tokens (a (B, T) idx may; a list of prompts may not)."""
     op = "GPT.generate"
     if not isinstance(idx, torch.Tensor):
         raise TypeError(
@@ -30,10 +32,10 @@ def check_generate_arguments(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = idx.shape[1] + max_new_tokens
-    if total > block_size:
+    if total > block_size and not past_the_window:
         raise ValueError(
-            f"{op}: prompt_len + max_new_tokens must be <= block_size, got {idx.shape[1]} + {max_new_tokens} = {total} "
-            f"> {block_size}"
+            f"{op}: for a list of prompts, the longest prompt_len + max_new_tokens must be <= block_size (a "
+            f"(batch, prompt_len) idx may go past it), got {idx.shape[1]} + {max_new_tokens} = {total} > {block_size}"
         )
     if (
         isinstance(temperature, bool)

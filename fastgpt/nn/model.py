@@ -317,6 +317,9 @@ class GPT(nn.Module):
         D), then each step runs causal_attention with one query against cache views. With
         eos_token_id, a sequence that produced it keeps emitting eos_token_id, and
         generation stops early once all have, so the result may be shorter than T + max_new_tokens.
+        T + max_new_tokens may exceed block_size (for a (B, T) idx): then each token is predicted from
+        the last block_size tokens, as nanoGPT's generate does; past the window each token costs a
+        forward over block_size tokens, as every token does in nanoGPT (_generate_past_the_window).
         The model runs in eval mode during the call (no dropout) and its mode is restored after.
         callback, if given, is called with each step's new tokens (B,) as soon as they are chosen
         (to stream them; for a list of prompts, sequence b's i-th new token is element b of the i-th
@@ -346,6 +349,7 @@ class GPT(nn.Module):
         check_generate_arguments(
             idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
             block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
+            past_the_window=lengths is None,
         )  # fmt: skip
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"GPT.generate: cuda_graph must be a bool, got {cuda_graph!r}")
@@ -360,13 +364,60 @@ class GPT(nn.Module):
                     idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback,
                     capture=cuda_graph and idx.is_cuda,
                 )  # fmt: skip
-            if cuda_graph and idx.is_cuda:
-                return self._generate_static(
-                    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture=True
+            if idx.shape[1] + max_new_tokens > config.block_size:
+                return self._generate_past_the_window(
+                    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, cuda_graph
                 )
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback)
+            return self._generate_in_the_window(
+                idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, cuda_graph
+            )
         finally:
             self.train(was_training)
+
+    def _generate_in_the_window(
+        self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, cuda_graph
+    ):
+        """generate for idx (B, T) with T + max_new_tokens <= block_size: the cached loop, or the
+        captured static step on CUDA with cuda_graph."""
+        if cuda_graph and idx.is_cuda:
+            return self._generate_static(
+                idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture=True
+            )
+        return self._generate(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback)
+
+    def _generate_past_the_window(
+        self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, cuda_graph
+    ):
+        """generate for idx (B, T) with T + max_new_tokens > block_size, nanoGPT's way: every token is
+        predicted from the last block_size tokens, at positions 0 .. block_size-1. The tokens that fit in
+        the window come from the cached generate of the prompt's last (up to block_size) tokens; each
+        one after that runs the model over the last block_size tokens, since with learned absolute
+        positions no cached key stays valid once the window slides (nanoGPT, which keeps no cache,
+        does that for every token). Returns (B, T + new) with the whole prompt."""
+        block = self.config.block_size
+        window = idx[:, -block:]  # (B, P): the prompt as the model sees it
+        prompt_len = window.shape[1]
+        in_window = block - prompt_len  # new tokens the cached generate can give
+        out = self._generate_in_the_window(
+            window, in_window, temperature, top_k, top_p, eos_token_id, callback, cuda_graph
+        )  # (B, P + new)
+        finished = None
+        if eos_token_id is not None:
+            finished = (out[:, prompt_len:] == eos_token_id).any(dim=1)  # (B,)
+            if bool(finished.all()):  # every sequence ended inside the window
+                return torch.cat([idx[:, :-block], out], dim=1)
+        for _ in range(max_new_tokens - in_window):
+            logits = self.logits(self.hidden_states(out[:, -block:])[:, -1])  # (B, vocab_size)
+            next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
+            if finished is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            out = torch.cat([out, next_token[:, None]], dim=1)
+            if callback is not None:
+                callback(next_token)
+            if finished is not None and bool(finished.all()):
+                break
+        return torch.cat([idx[:, :-block], out], dim=1)
 
     def _generation_buffers(self, batch, total, device):
         """(out, caches) of a generate call: out (B, total) int64, uninitialised, for the prompt and the
