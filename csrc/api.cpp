@@ -282,7 +282,8 @@ at::Tensor attention_with_lengths(const char* op, const at::Tensor& q_in, const 
   const int64_t longest = lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
   if (longest == 0) return at::zeros(q_in.sizes(), q_in.options());
   const at::Tensor q = unit_inner_stride(q_in);
-  const at::Tensor k = unit_inner_stride(k_in.narrow(2, 0, longest)), v = unit_inner_stride(v_in.narrow(2, 0, longest));
+  const at::Tensor k = unit_inner_stride(k_in.narrow(2, 0, longest));
+  const at::Tensor v = unit_inner_stride(v_in.narrow(2, 0, longest));
   at::Tensor out = new_output(q.sizes(), q.options());                                       // (B, H, 1, D)
   at::Tensor lse = at::empty({q.size(0), q.size(1), 1}, q.options().dtype(at::kFloat));  // (B, H, 1)
   AttentionParams p = attention_params(op, q, k, v, softmax_scale);
@@ -755,7 +756,8 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, const c10::List<std::optional<
                      ": positions must be a CPU int64 tensor, got ", positions->scalar_type(), " on ",
                      positions->device());
     check_sizes(op, "positions", *positions, {batch});
-    for (int64_t b = 0; b < batch; ++b) sequence_positions[b] = positions->const_data_ptr<int64_t>()[b * positions->stride(0)];
+    const int64_t* given = positions->const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) sequence_positions[b] = given[b * positions->stride(0)];
   }
   const int64_t first = *std::min_element(sequence_positions.begin(), sequence_positions.end());
   const int64_t last = *std::max_element(sequence_positions.begin(), sequence_positions.end());

@@ -330,7 +330,7 @@ MODULE_CASES = [
     Case("GPT.generate", "idx-device", lambda b, d: call(on(d, GPT(small_config(b))).generate, tokens(d, 1, 3).to(other_device(d)), 2), ValueError, r": idx must", r"model's device", r"got (meta|cuda|cpu)"),
     Case("GPT.generate", "idx-list-of-lists", lambda b, d: call(on(d, GPT(small_config(b))).generate, [[1, 2]], 2), TypeError, r": idx\[0\] must", r"1-D int64 tensor", r"got list"),
     Case("GPT.generate", "idx-dict", lambda b, d: call(on(d, GPT(small_config(b))).generate, {"ids": [1, 2]}, 2), TypeError, r": idx must", r"torch.Tensor", r"got dict"),
-    Case("GPT.generate", "too-many-tokens", lambda b, d: call(on(d, GPT(small_config(b))).generate, tokens(d, 1, 10), 7), ValueError, r"prompt_len \+ max_new_tokens", r"<= block_size", r"got 10 \+ 7 = 17 > 16"),
+    Case("GPT.generate", "too-many-tokens-for-a-list", lambda b, d: call(on(d, GPT(small_config(b))).generate, [tokens(d, 1, 10)[0], tokens(d, 1, 3)[0]], 7), ValueError, r"prompt_len \+ max_new_tokens", r"<= block_size", r"got 10 \+ 7 = 17 > 16"),
     Case("GPT.generate", "temperature-nan", lambda b, d: call(on(d, GPT(small_config(b))).generate, tokens(d, 1, 3), 2, temperature=float("nan")), ValueError, r"temperature", r"float >= 0 and finite", r"got nan"),
     Case("GPT.generate", "top-p-zero", lambda b, d: call(on(d, GPT(small_config(b))).generate, tokens(d, 1, 3), 2, top_p=0.0), ValueError, r"top_p", r"float in \(0, 1\]", r"got 0.0"),
     Case("GPT.generate", "callback-not-callable", lambda b, d: call(on(d, GPT(small_config(b))).generate, tokens(d, 1, 3), 2, callback="print"), TypeError, r"callback", r"callable", r"got 'print'"),

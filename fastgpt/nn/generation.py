@@ -11,31 +11,55 @@ import torch
 MIN_TEMPERATURE = 2.0**-100
 
 
+def check_prompt_list(prompts, op="GPT.generate"):
+    """Raises TypeError/ValueError unless prompts is a non-empty list (or tuple) of 1-D int64 tensors of
+    at least one token id each, naming the one that is not; returns the longest length."""
+    if not prompts:
+        raise ValueError(
+            f"{op}: idx, a list of prompts, must hold at least one, got an empty {type(prompts).__name__}"
+        )
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64:
+            raise TypeError(
+                f"{op}: idx[{index}] must be a 1-D int64 tensor of token ids, got "
+                f"{prompt.dtype if isinstance(prompt, torch.Tensor) else type(prompt).__name__}"
+            )
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"{op}: idx[{index}] must be a 1-D tensor of at least one token id, got shape {tuple(prompt.shape)}"
+            )
+    return max(prompt.numel() for prompt in prompts)
+
+
 def check_generate_arguments(
-    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None,
-    past_the_window=True,
-):  # fmt: skip
+    idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, block_size, vocab_size, callback=None
+):
     """Raises TypeError/ValueError for bad GPT.generate arguments, before any compute (the model
-    checks idx's device and token values with GPT.check_tokens). past_the_window: whether generation
-    may go on past block_size tokens (a (B, T) idx may; a list of prompts may not)."""
+    checks idx's device and token values with GPT.check_tokens). idx: (B, T) int64, or a list of 1-D
+    prompts, which must fit the context window with max_new_tokens (a (B, T) idx may go past it)."""
     op = "GPT.generate"
-    if not isinstance(idx, torch.Tensor):
+    is_list = isinstance(idx, (list, tuple))
+    if is_list:
+        prompt_len = check_prompt_list(idx, op)
+    elif not isinstance(idx, torch.Tensor):
         raise TypeError(
             f"{op}: idx must be a torch.Tensor of token ids (or a list of 1-D prompts), got {type(idx).__name__}"
         )
-    if idx.dtype != torch.int64:
+    elif idx.dtype != torch.int64:
         raise TypeError(f"{op}: idx must be an int64 (torch.long) tensor, got dtype {idx.dtype}")
-    if idx.dim() != 2 or idx.shape[1] == 0:
+    elif idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(
             f"{op}: idx must have shape (batch, prompt_len) with prompt_len >= 1, got {tuple(idx.shape)}"
         )
+    else:
+        prompt_len = idx.shape[1]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    total = idx.shape[1] + max_new_tokens
-    if total > block_size and not past_the_window:
+    total = prompt_len + max_new_tokens
+    if total > block_size and is_list:
         raise ValueError(
             f"{op}: for a list of prompts, the longest prompt_len + max_new_tokens must be <= block_size (a "
-            f"(batch, prompt_len) idx may go past it), got {idx.shape[1]} + {max_new_tokens} = {total} > {block_size}"
+            f"(batch, prompt_len) idx may go past it), got {prompt_len} + {max_new_tokens} = {total} > {block_size}"
         )
     if (
         isinstance(temperature, bool)

@@ -23,27 +23,13 @@ IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (torch's an
 
 
 def pad_prompts(prompts, device):
-    """A list of prompts (1-D int64 tensors of token ids, each on `device`, of any lengths >= 1) ->
-    (idx (B, T) int64, right-padded with id 0, T the longest length; lengths (B,) int64), both on
-    device. Raises TypeError/ValueError naming the prompt that is not one."""
-    op = "GPT.generate"
-    if not prompts:
-        raise ValueError(
-            f"{op}: idx, a list of prompts, must hold at least one, got an empty {type(prompts).__name__}"
-        )
+    """A list of prompts (1-D int64 tensors of token ids, generation.check_prompt_list's) -> (idx (B, T)
+    int64, right-padded with id 0, T the longest length; lengths (B,) int64), both on `device`, which
+    every prompt must be on (ValueError naming the one that is not, before any copy)."""
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.int64:
-            raise TypeError(
-                f"{op}: idx[{index}] must be a 1-D int64 tensor of token ids, got "
-                f"{prompt.dtype if isinstance(prompt, torch.Tensor) else type(prompt).__name__}"
-            )
-        if prompt.dim() != 1 or prompt.numel() == 0:
-            raise ValueError(
-                f"{op}: idx[{index}] must be a 1-D tensor of at least one token id, got shape {tuple(prompt.shape)}"
-            )
         if prompt.device != device:
             raise ValueError(
-                f"{op}: idx[{index}] must be on the model's device ({device}), got {prompt.device}"
+                f"GPT.generate: idx[{index}] must be on the model's device ({device}), got {prompt.device}"
             )
     lengths = [prompt.numel() for prompt in prompts]
     idx = torch.zeros(len(prompts), max(lengths), dtype=torch.int64, device=device)  # (B, T)
@@ -343,16 +329,15 @@ class GPT(nn.Module):
         (tests/test_generate.py -m gpu) pass and `fastgpt bench --ops gpt` shows it faster.
         """
         config = self.config
-        lengths = None
-        if isinstance(idx, (list, tuple)):
-            idx, lengths = pad_prompts(idx, self.transformer.wte.weight.device)  # (B, T), (B,)
         check_generate_arguments(
             idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
             block_size=config.block_size, vocab_size=config.vocab_size, callback=callback,
-            past_the_window=lengths is None,
         )  # fmt: skip
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"GPT.generate: cuda_graph must be a bool, got {cuda_graph!r}")
+        lengths = None
+        if isinstance(idx, (list, tuple)):
+            idx, lengths = pad_prompts(idx, self.transformer.wte.weight.device)  # (B, T), (B,)
         self.check_tokens("GPT.generate", idx)
         if idx.device.type == "cpu":
             huge_pages.move_to_huge_pages(self)  # once: each decode step streams every weight from DRAM

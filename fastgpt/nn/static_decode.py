@@ -9,10 +9,10 @@ list of prompts): each row of the output holds its sequence from column 0. No sh
 value changes from one step to the next, so torch.cuda.CUDAGraph records one step and each token is one
 replay: the host launches one graph instead of ~15 ops per block.
 
-eos: the finished flags and the result's new-token count are updated inside the step; the host reads them every
-EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps may run
-after every sequence finished; their tokens are cut off, and a streaming callback gets each step's
-tokens at the check after it, only if they come before the end.
+eos: the finished flags and the result's new-token count are updated inside the step; the host reads
+them every EOS_CHECK_INTERVAL steps (one synchronisation each), so up to EOS_CHECK_INTERVAL - 1 steps
+may run after every sequence finished; their tokens are cut off, and a streaming callback gets each
+step's tokens at the check after it, only if they come before the end.
 
 The step's buffers (the output, the KV caches, the position and flags) and its captured graph stay
 with the model after the call (`decoder_for`), so the next call with the same batch, total length,
@@ -51,8 +51,8 @@ class StaticDecodeStep:
     new tokens in out so far. end: () int64, the new tokens of the result (max_new_tokens, or the count
     at the step where every sequence had produced eos). max_new_tokens: the host's copy of this call's.
     block_params: the model's decode_block_parameters(), for a decode step run as one fused call (the
-    cpu backend's; GPT.decode_hidden_state decides). graph: the captured step once `decode` has recorded it, replayed by
-    every later call. `start` readies them for a call.
+    cpu backend's; GPT.decode_hidden_state decides). graph: the captured step once `decode` has recorded
+    it, replayed by every later call. `start` readies them for a call.
     """
 
     def __init__(self, out, caches, sampling, eos_token_id, block_params):
