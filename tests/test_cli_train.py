@@ -20,6 +20,9 @@ from fastgpt.cli import main
 from fastgpt.generate_cli import SAMPLE_SEPARATOR, sample_batch, stream
 from fastgpt.nn import GPT, GPTConfig
 from fastgpt.train import checkpoint, loop
+from fastgpt.train.data import as_shards, data_splits, read_data
+from fastgpt.train.loop import evaluate
+from fastgpt.train.runtime import Runtime
 from fastgpt.train.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +81,27 @@ def test_eval_scores_the_same_held_out_windows_as_training(trained, capsys):
     loss, perplexity = map(float, re.search(r"held-out loss ([\d.]+), perplexity ([\d.]+)", printed).groups())
     assert loss == pytest.approx(state["evals"][-1]["loss"], abs=1e-4)
     assert perplexity == pytest.approx(torch.exp(torch.tensor(loss)).item(), rel=1e-3)
+
+
+def test_eval_with_a_stride_scores_every_held_out_token_once(trained, capsys):
+    """--stride 16: overlapping 32-token windows every 16 tokens, each held-out token but the first
+    scored once (with 16 or more tokens of context after the first window): evaluate's loss on
+    strided_windows, and it is lower than the non-overlapping windows' (more context per token)."""
+    out, state = trained
+    assert main(["eval", "--checkpoint", str(out), "--seq-len", "32", "--stride", "16"]) == 0
+    printed = capsys.readouterr().out
+    loss = float(re.search(r"held-out loss ([\d.]+)", printed).group(1))
+    model, tokenizer = checkpoint.load_model(str(out), device="cpu", dtype=torch.float32)
+    _, val_tokens, _ = data_splits(read_data(None), tokenizer, 32)
+    starts, first_scored = as_shards(val_tokens).strided_windows(32, 16)
+    expected = evaluate(
+        model, val_tokens, starts, 32, 8, Runtime(torch.device("cpu"), torch.float32), first_scored
+    )
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert (
+        f"{len(val_tokens) - 1:,} of {len(val_tokens):,} held-out tokens" in printed and "every 16" in printed
+    )
+    assert loss < state["evals"][-1]["loss"]
 
 
 def test_generate_prints_the_prompt_and_a_reproducible_continuation(trained, capsys):
@@ -617,6 +641,11 @@ def broken_checkpoints(trained, tmp_path):
             ["generate", "x", "--checkpoint", "{run}", "--temperature", "-1"],
             r"temperature must be",
             id="temperature",
+        ),
+        pytest.param(
+            ["eval", "--checkpoint", "{run}", "--stride", "33"],
+            r"--stride must be in \[1, 32\] \(the window\), got 33",
+            id="stride",
         ),
         pytest.param(
             ["generate", "--checkpoint", "{run}"],

@@ -504,3 +504,61 @@ def test_activation_checkpointing_with_dropout_is_refused_in_a_captured_step(tok
             model, ByteTokenizer(), *token_split, settings, Runtime(torch.device("cuda"), torch.float32),
             step_mode="cuda-graph",
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding-window evaluation
+
+
+def test_strided_windows_score_every_token_once_per_shard():
+    """Windows of seq_len + 1 tokens every stride tokens, the last ending at its shard's end; the
+    targets from first_scored on cover every token of a shard but its first, once; a shard too short
+    for a window gives none."""
+    tokens = ShardedTokens([torch.arange(20), torch.arange(7), torch.arange(3)])
+    starts, first_scored = tokens.strided_windows(4, 2)
+    assert starts.tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 15, 20, 22]
+    assert first_scored.tolist() == [0, 2, 2, 2, 2, 2, 2, 2, 3, 0, 2]
+    for seq_len, stride in ((4, 2), (4, 4), (4, 1), (6, 5)):
+        starts, first_scored = tokens.strided_windows(seq_len, stride)
+        scored = [int(s) + 1 + j for s, f in zip(starts, first_scored) for j in range(int(f), seq_len)]
+        assert sorted(scored) == scored and len(set(scored)) == len(scored)  # in order, once each
+        assert scored == [p for p in range(1, 20)] + [p for p in range(21, 27)], (seq_len, stride)
+        assert (first_scored[1:] >= 0).all() and (seq_len - first_scored >= 1).all()
+
+
+def sliding_window_loss(model, tokens, seq_len, stride):
+    """transformers' sliding-window perplexity loop written out on one sequence: windows every stride
+    tokens (the last ending at the end), each adding the negative log-likelihood of the targets no
+    earlier window scored; returns (sum, count)."""
+    total, count, scored_until, begin = 0.0, 0, 0, 0
+    with torch.no_grad():
+        while True:
+            begin = min(begin, len(tokens) - seq_len - 1)
+            window = tokens[begin : begin + seq_len + 1].long()
+            logits = model(window[None, :-1])[0].double()  # (seq_len, V)
+            nll = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
+            new = begin + seq_len - scored_until
+            total, count, scored_until = total + float(nll[-new:].sum()), count + new, begin + seq_len
+            if begin + seq_len + 1 >= len(tokens):
+                return total, count
+            begin += stride
+
+
+@pytest.mark.parametrize("stride", [SEQ_LEN, SEQ_LEN // 4, 1])
+def test_strided_evaluation_matches_the_sliding_window_loop(stride):
+    """evaluate with strided windows (batched, the targets before first_scored ignored) gives the loss of
+    the plain sliding-window loop, over two shards, in batches that mix windows of both."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL)).eval()
+    shards = [
+        torch.randint(0, 257, (150,), dtype=torch.int32),
+        torch.randint(0, 257, (61,), dtype=torch.int32),
+    ]
+    tokens = ShardedTokens(shards)
+    starts, first_scored = tokens.strided_windows(SEQ_LEN, stride)
+    loss = loop.evaluate(
+        model, tokens, starts, SEQ_LEN, 5, Runtime(torch.device("cpu"), torch.float32), first_scored
+    )
+    parts = [sliding_window_loss(model, shard, SEQ_LEN, stride) for shard in shards]
+    assert sum(count for _, count in parts) == 150 + 61 - 2
+    assert loss == pytest.approx(sum(total for total, _ in parts) / (150 + 61 - 2), rel=1e-5)

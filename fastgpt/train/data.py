@@ -75,6 +75,25 @@ class ShardedTokens:
         shard = torch.searchsorted(ends, numbers, right=True)
         return self.offsets[shard] + numbers - (ends[shard] - fits[shard])
 
+    def strided_windows(self, seq_len, stride):
+        """Overlapping windows for sliding-window evaluation (transformers' perplexity recipe): in each
+        shard, windows of seq_len + 1 tokens start every `stride` tokens, the last one ending at the
+        shard's end. Returns (starts (N,), first_scored (N,)) int64: each window's start in the whole
+        sequence, and the index of its first target that no earlier window scored. Scoring targets
+        first_scored .. seq_len - 1 of each scores every token but each shard's first exactly once,
+        each with at least seq_len - stride tokens of context (all before it in a shard's first window)."""
+        starts, first_scored = [], []
+        for offset, length in zip(self.offsets.tolist(), self.lengths.tolist()):
+            last_start = length - seq_len - 1  # the start of the window that ends at the shard's end
+            if last_start < 0:
+                continue
+            scored_until = 0  # targets up to this position in the shard are scored
+            for start in [*range(0, last_start, stride), last_start]:
+                starts.append(offset + start)
+                first_scored.append(scored_until - start)  # targets at start + 1 + j, j >= this
+                scored_until = start + seq_len
+        return torch.tensor(starts, dtype=torch.int64), torch.tensor(first_scored, dtype=torch.int64)
+
     def __getitem__(self, index):
         """The int64 ids at index (N, L): whole-sequence positions, each row inside one shard."""
         if len(self.shards) == 1:

@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from fastgpt.nn.model import IGNORE_INDEX
 from fastgpt.nn.weights import VOCAB_ROW_TENSORS, append_zero_rows, has_rows
 from fastgpt.train import checkpoint
 from fastgpt.train.data import BatchSampler, eval_starts, windows
@@ -92,16 +93,22 @@ def parameter_groups(model, weight_decay):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, starts, seq_len, batch_size, runtime):
-    """Mean next-token loss of model over the windows at `starts` (shared out over the processes)."""
+def evaluate(model, tokens, starts, seq_len, batch_size, runtime, first_scored=None):
+    """Mean next-token loss of model over the windows at `starts` (shared out over the processes).
+    first_scored: None (every target of every window), or (N,) int64, the first target of each window
+    that counts (ShardedTokens.strided_windows: overlapping windows that score each token once)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # (loss sum, token count)
-    for chunk in starts[runtime.rank :: runtime.world_size].split(batch_size):
-        inputs, targets = windows(tokens, chunk, seq_len, model.config.vocab_size)
-        loss = model(inputs.to(runtime.device), targets.to(runtime.device))
-        totals[0] += loss.double() * targets.numel()
-        totals[1] += targets.numel()
+    mine = slice(runtime.rank, None, runtime.world_size)
+    scored_from = torch.zeros_like(starts) if first_scored is None else first_scored
+    for chunk, chunk_scored_from in zip(starts[mine].split(batch_size), scored_from[mine].split(batch_size)):
+        inputs, targets = windows(tokens, chunk, seq_len, model.config.vocab_size)  # (n, seq_len) each
+        targets = targets.masked_fill(torch.arange(seq_len) < chunk_scored_from[:, None], IGNORE_INDEX)
+        scored = int((targets != IGNORE_INDEX).sum())
+        loss = model(inputs.to(runtime.device), targets.to(runtime.device))  # the mean over the scored
+        totals[0] += loss.double() * scored
+        totals[1] += scored
     if runtime.distributed:
         dist.all_reduce(totals)
     model.train(was_training)
