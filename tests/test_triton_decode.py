@@ -228,8 +228,10 @@ def test_device_length_per_sequence_matches_reference(dtype):
     q = torch.randn(batch, 8, 1, head_dim, dtype=dtype, device=DEVICE)
     k_cache, v_cache = cache_views(batch, 2, capacity, head_dim, dtype, capacity=capacity)
     kv_len = torch.tensor(lengths, device=DEVICE)
+    column = torch.stack([kv_len, kv_len + 1], dim=1)[:, 0]  # the lengths as a view of stride 2
     with torch.no_grad():
         out = decode_attention_with_length(q, k_cache, v_cache, kv_len, backend="triton")
+        assert torch.equal(decode_attention_with_length(q, k_cache, v_cache, column, backend="triton"), out)
     for b, length in enumerate(lengths):
         valid = min(length, capacity)
         if valid == 0:

@@ -329,6 +329,8 @@ def _decode(q, k, v, softmax_scale, device_kv_len):
     for name, tensor in (("k", k), ("v", v)):
         check_head_span(name, tensor)
     group = heads // kv_heads
+    if device_kv_len is not None:
+        device_kv_len = device_kv_len.reshape(-1)  # (1,) or (B,): one stride steps from sequence to sequence
     split_len = _split_len(batch * kv_heads, kv_len, q.device)
     num_splits = triton.cdiv(kv_len, split_len)  # every split holds at least one of the L keys
     partial_out = new_output((batch, heads, num_splits, head_dim), torch.float32, q.device)  # (B, H, S, D)
@@ -350,7 +352,7 @@ def _decode(q, k, v, softmax_scale, device_kv_len):
         group,
         kv_len,
         device_kv_len,
-        0 if device_kv_len is None or device_kv_len.numel() == 1 else device_kv_len.reshape(-1).stride(0),
+        0 if device_kv_len is None or device_kv_len.numel() == 1 else device_kv_len.stride(0),
         split_len,
         num_splits,
     )
