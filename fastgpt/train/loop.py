@@ -52,9 +52,8 @@ class Settings:
     eval_every: int = 100
     eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
     seed: int = 1337
-    activation_checkpointing: bool = (
-        False  # recompute each block in the backward (GPT.set_activation_checkpointing)
-    )
+    # Recompute each block in the backward instead of keeping its activations (GPT.set_activation_checkpointing).
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.min_lr is None:
