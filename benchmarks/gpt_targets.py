@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 import fastgpt
 from fastgpt import dispatch
-from fastgpt.bench.timing import measure_interleaved, single_call_plan
+from fastgpt.bench.timing import measure_interleaved, saved_for_backward, single_call_plan
 from fastgpt.nn import GPT, huge_pages
 
 # (batch, prompt length, new tokens). The last case decodes 256 tokens, so that the per-step cost of
@@ -249,20 +249,9 @@ def train_step(model, optimizer, loss_fn):
 
 
 def saved_activation_bytes(model, loss_fn):
-    """Bytes of the tensors autograd keeps for the backward of loss_fn(model), parameters left out (each
-    storage once): the activation memory of a training step."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss_fn(model)
-    return sum(storages.values())
+    """Bytes autograd keeps for the backward of loss_fn(model), parameters left out (each storage once):
+    the activation memory of a training step."""
+    return sum(nbytes for _, nbytes in saved_for_backward(lambda: loss_fn(model), model.parameters()))
 
 
 def bench_training(hf, gpt, rounds):

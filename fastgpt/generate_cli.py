@@ -106,15 +106,12 @@ def sample_batch(
     device = next(model.parameters()).device
     rows = [ids for ids in prompts_ids for _ in range(num_samples)]
     if len({len(ids) for ids in rows}) == 1:  # equal lengths: the (B, T) batch
-        result = model.generate(
-            torch.tensor(rows, device=device), max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, eos_token_id=tokenizer.eot_id,
-        )  # fmt: skip
+        idx = torch.tensor(rows, device=device)
     else:  # a list of prompts: each continues from its own length
-        result = model.generate(
-            [torch.tensor(ids, device=device) for ids in rows], max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id,
-        )  # fmt: skip
+        idx = [torch.tensor(ids, device=device) for ids in rows]
+    result = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id
+    )
     samples = []
     for ids, row in zip(rows, result):
         new = row[len(ids) :].tolist()

@@ -623,7 +623,7 @@ def test_static_step_reads_nothing_on_the_host(backend, sampling):
         first_token = torch.tensor([3, eos or 4])  # (B,): sequence 1 starts finished when eos is given
         step.out[:, 5] = first_token
         model.hidden_states(prompt, step.caches, 0)
-        step.start(5, first_token, 7)
+        step.start(torch.tensor([5, 5]), first_token, 7)
         with HostReadRecorder() as recorder:
             for _ in range(3):
                 step.run(model)

@@ -10,6 +10,7 @@ from tolerance import assert_close
 
 import fastgpt
 from fastgpt import dispatch
+from fastgpt.bench.timing import saved_for_backward
 from fastgpt.nn import GPT, PRESETS, GPTConfig, LayerNorm
 from fastgpt.reference import layer_norm as reference_layer_norm
 
@@ -306,20 +307,8 @@ def loss_and_gradients(model, idx, targets, forward=None):
 
 
 def saved_activations(model, idx, targets):
-    """The tensors autograd keeps for the backward of model(idx, targets), parameters left out: a list of
-    (shape, bytes), one per storage."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = (tuple(tensor.shape), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(idx, targets)
-    return list(storages.values())
+    """What the backward of model(idx, targets) keeps, parameters left out: (shape, bytes) per storage."""
+    return saved_for_backward(lambda: model(idx, targets), model.parameters())
 
 
 @pytest.mark.parametrize("backend", CHECKPOINT_BACKENDS)

@@ -30,6 +30,8 @@ Peak memory is the most memory allocated during one call beyond what was allocat
 - CPU: torch's profiler with `profile_memory=True`, which reports every allocation and free of the
   CPU allocator during the call (C++ extensions included); the peak of the running sum is the answer.
   Frees of tensors allocated before the call are not reported, so the figure is the call's own peak.
+
+`saved_for_backward` lists what autograd keeps between a forward and its backward (activation memory).
 """
 
 import contextlib
@@ -305,6 +307,23 @@ def peak_memory_bytes(fn, device):
         del result
         return peak
     return _cpu_peak_bytes(fn)
+
+
+def saved_for_backward(fn, parameters):
+    """The tensors autograd keeps for the backward while fn() runs, the storages of `parameters` left
+    out: a list of (shape, bytes), one per storage (a storage kept by several saves counts once)."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = (tuple(tensor.shape), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        fn()
+    return list(storages.values())
 
 
 def gpu_kernel_names(fn, device):

@@ -163,11 +163,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         decode_step = None if caches is None or block_params is None else self.fused_decode_step(x)
         if decode_step is not None:
-            config = self.config
-            x = decode_step(
-                x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
-                config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
-            )  # fmt: skip
+            x = self.run_fused_decode_step(decode_step, x, block_params, caches, start)
         elif self.activation_checkpointing and caches is None and torch.is_grad_enabled():
             random_blocks = self.training and self.config.dropout > 0  # only dropout draws random numbers
             for block in self.transformer.h:
@@ -188,6 +184,16 @@ class GPT(nn.Module):
             self.config.backend, dispatch.device_type(x), x.dtype, self.config.head_dim, rows
         )
 
+    def run_fused_decode_step(self, decode_step, x, block_params, caches, start, positions=None):
+        """decode_step (fused_decode_step's function) over x (B, T, C) with this model's attention and
+        activation settings: every block, the new keys and values written into caches at start .. start+T-1,
+        or at positions (B,) per sequence (T = 1). Returns the residual stream after the last block."""
+        config = self.config
+        return decode_step(
+            x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], start,
+            config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation, positions,
+        )  # fmt: skip
+
     def decode_hidden_state(self, tokens, positions, caches, block_params):
         """One static decode step's final hidden state: tokens (B, 1), sequence b's at positions[b] (a
         (B,) int64 tensor on the model's device), written with their keys and values into caches at those
@@ -199,12 +205,7 @@ class GPT(nn.Module):
         x = transformer.drop(transformer.wte(tokens) + transformer.wpe(positions)[:, None])  # (B, 1, C)
         decode_step = self.fused_decode_step(x)
         if decode_step is not None:
-            config = self.config
-            x = decode_step(
-                x, block_params, [cache.keys for cache in caches], [cache.values for cache in caches], 0,
-                config.n_head, config.layer_norm_eps, 1.0 / math.sqrt(config.head_dim), config.activation,
-                positions,
-            )  # fmt: skip
+            x = self.run_fused_decode_step(decode_step, x, block_params, caches, 0, positions)
         else:
             lengths = positions + 1  # (B,): the keys cached once these tokens' are written
             for block, cache in zip(transformer.h, caches):
@@ -453,8 +454,9 @@ class GPT(nn.Module):
         prompt_len = idx.shape[1]
         if max_new_tokens == 0:
             return idx.to(torch.long, copy=True)
+        lengths = torch.full((idx.shape[0],), prompt_len, device=idx.device)  # (B,): every row is a prompt
         out, new_tokens = self._static_generation(
-            idx, None, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
+            idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
         )
         return out[:, : prompt_len + new_tokens].clone()
 
@@ -484,8 +486,8 @@ class GPT(nn.Module):
         self, idx, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, callback, capture
     ):
         """The prefill of idx (B, T) and max_new_tokens - 1 static decode steps (static_decode.decode).
-        lengths: None when every prompt fills its row, else (B,) int64, the prompts' lengths in the
-        right-padded idx: each sequence's first token is chosen from the hidden state of its last
+        lengths: (B,) int64, the prompts' lengths in the right-padded idx (all T when every prompt fills
+        its row): each sequence's first token is chosen from the hidden state of its last
         prompt position, and its decode steps start there (a causal prefill lets no prompt position see
         the padding after it, and each step overwrites the padding's cached keys before its sequence
         reads them). Returns (out, new_tokens): the decoder's (B, T + max_new_tokens) buffer, row b
@@ -498,16 +500,10 @@ class GPT(nn.Module):
         out, caches = step.out, step.caches
         out[:, :prompt_len] = idx
         hidden = self.hidden_states(idx, caches, 0)  # (B, T, C)
-        if lengths is None:
-            positions = prompt_len  # every sequence's first new token is in this column
-            next_token = sample_next_token_on_device(self.logits(hidden[:, -1]), *sampling)  # (B,)
-            out[:, prompt_len] = next_token
-        else:
-            positions = lengths  # (B,): the column of each sequence's first new token
-            last_hidden = hidden[torch.arange(batch, device=idx.device), lengths - 1]  # (B, C)
-            next_token = sample_next_token_on_device(self.logits(last_hidden), *sampling)  # (B,)
-            out.scatter_(1, lengths[:, None], next_token[:, None])
-        step.start(positions, next_token, max_new_tokens)
+        last_hidden = hidden[torch.arange(batch, device=idx.device), lengths - 1]  # (B, C)
+        next_token = sample_next_token_on_device(self.logits(last_hidden), *sampling)  # (B,)
+        out.scatter_(1, lengths[:, None], next_token[:, None])  # each sequence's first new token
+        step.start(lengths, next_token, max_new_tokens)
         if callback is not None:
             callback(next_token)
         if max_new_tokens == 1 or (eos_token_id is not None and bool(step.finished.all())):

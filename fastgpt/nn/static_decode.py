@@ -71,13 +71,10 @@ class StaticDecodeStep:
 
     def start(self, positions, first_token, max_new_tokens):
         """Readies the step for a call whose prefill filled each sequence's cache up to its position
-        (`positions`: an int for all, or (B,) int64 on out's device) and chose first_token (B,), the
-        token at that column of out: the sequences it ends (eos) start finished."""
+        (`positions`: (B,) int64 on out's device) and chose first_token (B,), the token at that column
+        of out: the sequences it ends (eos) start finished."""
         self.max_new_tokens = max_new_tokens
-        if isinstance(positions, int):
-            self.position.fill_(positions)
-        else:
-            self.position.copy_(positions)
+        self.position.copy_(positions)
         if self.eos_token_id is None:
             self.finished.zero_()
         else:
